@@ -1,0 +1,318 @@
+"""CryoNuSeg (and NuInsSeg) on disk: discovery, validated reading, datalists, splits and channel statistics.
+
+The official Kaggle layout is ``tissue images/<name>.tif`` with ``label masks modify/<name>.tif`` (instance ids)
+and ``mask binary/<name>.png`` (0/255). The newer Kaggle archive nests these folders under
+``Annotator 1 (biologist)/``; both are accepted. Names look like ``Human_<Organ>_<NN>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from skimage import io as skio
+from skimage.measure import label as connected_components
+
+logger = logging.getLogger(__name__)
+
+IMAGE_DIR = "tissue images"
+INSTANCE_DIR = "label masks modify"
+BINARY_DIR = "mask binary"
+NESTED_DIR = "Annotator 1 (biologist)"
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+NAME_PATTERN = re.compile(r"^(?:Human|Mouse)_(?P<organ>[A-Za-z-]+?)_(?P<index>\d+)$")
+
+
+class DataError(ValueError):
+    """A dataset file or folder that cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    organ: str
+    image: Path
+    label: Path
+    label_kind: str  # "instance" or "binary"
+
+    def record(self, root: Path | None = None) -> dict:
+        rel = (lambda p: os.path.relpath(p, root)) if root is not None else str
+        return {"image": rel(self.image), "label": rel(self.label), "label_kind": self.label_kind,
+                "name": self.name, "organ": self.organ}
+
+
+def organ_of(name: str) -> str:
+    """``Human_AdrenalGland_01`` -> ``AdrenalGland``; names outside the convention count as their own organ."""
+    match = NAME_PATTERN.match(name)
+    return match.group("organ") if match else name
+
+
+def dataset_root(path: str | os.PathLike) -> Path:
+    """The folder holding ``tissue images``: ``path`` itself or its ``Annotator 1 (biologist)`` subfolder."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"dataset folder {path} does not exist; download CryoNuSeg with `nucleiseg download --dest {path}` "
+            "or pass --dataset_dir pointing at the folder that holds 'tissue images'"
+        )
+    for candidate in (path, path / NESTED_DIR):
+        if (candidate / IMAGE_DIR).is_dir():
+            return candidate
+    raise DataError(
+        f"{path} holds no '{IMAGE_DIR}' folder (nor '{NESTED_DIR}/{IMAGE_DIR}'); point --dataset_dir at the "
+        "unpacked CryoNuSeg folder"
+    )
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+
+
+def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
+    """Pairs every tissue image with its label map by name, preferring instance labels over binary masks."""
+    root = dataset_root(dataset_dir)
+    images = _files_by_stem(root / IMAGE_DIR)
+    if not images:
+        raise DataError(f"{root / IMAGE_DIR} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    instances = _files_by_stem(root / INSTANCE_DIR)
+    binaries = _files_by_stem(root / BINARY_DIR)
+    labels, kind = (instances, "instance") if instances else (binaries, "binary")
+    if not labels:
+        raise DataError(
+            f"{root} has neither '{INSTANCE_DIR}' nor '{BINARY_DIR}' with label files; the download is incomplete"
+        )
+    if kind == "binary":
+        logger.warning(
+            "%s has no '%s' folder: instance labels are derived from the binary masks by connected components, "
+            "so touching nuclei count as one", root, INSTANCE_DIR,
+        )
+    missing_label = sorted(set(images) - set(labels))
+    missing_image = sorted(set(labels) - set(images))
+    if missing_label:
+        raise DataError(
+            f"no label in {root / (INSTANCE_DIR if kind == 'instance' else BINARY_DIR)} for image(s) "
+            f"{', '.join(str(images[n]) for n in missing_label)}; add the label or remove the image"
+        )
+    if missing_image:
+        raise DataError(
+            f"label(s) without an image in {root / IMAGE_DIR}: "
+            f"{', '.join(str(labels[n]) for n in missing_image)}; add the image or remove the label"
+        )
+    return [Sample(n, organ_of(n), images[n], labels[n], kind) for n in sorted(images)]
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        return skio.imread(path)
+    except Exception as err:  # every decoder raises its own type; the caller needs the file name
+        raise DataError(f"cannot read {path} ({type(err).__name__}: {err}); the file is damaged: replace it") from err
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 image (H, W, 3); opaque RGBA loses its alpha, anything ambiguous is refused."""
+    path = Path(path)
+    image = _read(path)
+    if image.dtype != np.uint8:
+        raise DataError(
+            f"{path} is {image.dtype}, not 8-bit; scaling is ambiguous, so convert it to 8-bit RGB "
+            "(e.g. in QuPath or with skimage.util.img_as_ubyte) before use"
+        )
+    if image.ndim == 2:
+        raise DataError(f"{path} is grayscale; the models need H&E colour: supply the RGB image")
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise DataError(f"{path} has shape {image.shape}; expected (height, width, 3) RGB")
+    if image.shape[-1] == 4:
+        if not np.all(image[..., 3] == 255):
+            raise DataError(f"{path} is RGBA with transparent pixels; flatten it onto white and save as RGB")
+        image = image[..., :3]
+    return np.ascontiguousarray(image)
+
+
+def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.ndarray:
+    """An int32 instance map (H, W), 0 = background; binary masks become connected components."""
+    path = Path(path)
+    labels = _read(path)
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and kind == "binary":
+        labels = labels[..., 0]
+    if labels.ndim != 2:
+        raise DataError(f"{path} has shape {labels.shape}; a label map must be a single-channel (H, W) image")
+    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
+        raise DataError(f"{path} has {labels.dtype} values; label maps must hold integer ids")
+    if kind == "binary":
+        return connected_components(labels > 0, connectivity=1).astype(np.int32)
+    if labels.max() > np.iinfo(np.int32).max:
+        raise DataError(f"{path} holds ids above 2**31; relabel it with skimage.segmentation.relabel_sequential")
+    return labels.astype(np.int32)
+
+
+def check_sample(sample: Sample) -> None:
+    """Reads both files of a sample and checks they agree, so a bad file fails before training starts."""
+    image = read_image(sample.image)
+    labels = read_instance_labels(sample.label, sample.label_kind)
+    if image.shape[:2] != labels.shape:
+        raise DataError(
+            f"size mismatch: {sample.image} is {image.shape[1]}x{image.shape[0]} but {sample.label} is "
+            f"{labels.shape[1]}x{labels.shape[0]}; they must be the same tile"
+        )
+
+
+def _stable_rank(name: str, seed: int) -> str:
+    """An order that is the same on every machine and Python (unlike hash())."""
+    return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+
+def split(
+    samples: Sequence[Sample], val_fraction: float = 0.15, test_fraction: float = 0.3, seed: int = 0
+) -> dict[str, list[Sample]]:
+    """Deterministic organ-stratified train / validation / test split.
+
+    Each organ gives ``round(n * test_fraction)`` tiles to test (at least one where it has three or more);
+    validation takes ``round(N * val_fraction)`` tiles, at most one per organ in turn, never an organ's last
+    training tile: every organ stays in training.
+    """
+    by_organ: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: _stable_rank(s.name, seed)):
+        by_organ[s.organ].append(s)
+    parts: dict[str, list[Sample]] = {"training": [], "validation": [], "test": []}
+    remaining: dict[str, list[Sample]] = {}
+    for organ, group in sorted(by_organ.items()):
+        n_test = max(int(round(len(group) * test_fraction)), 1 if len(group) >= 3 else 0)
+        parts["test"] += group[:n_test]
+        remaining[organ] = group[n_test:]
+    n_val = int(round(len(samples) * val_fraction))
+    organs = sorted(remaining, key=lambda o: _stable_rank(o, seed))
+    while n_val > 0 and any(len(g) > 1 for g in remaining.values()):
+        for organ in organs:
+            if n_val > 0 and len(remaining[organ]) > 1:
+                parts["validation"].append(remaining[organ].pop(0))
+                n_val -= 1
+    for group in remaining.values():
+        parts["training"] += group
+    return {k: sorted(v, key=lambda s: s.name) for k, v in parts.items()}
+
+
+def kfold(samples: Sequence[Sample], folds: int = 5, fold: int = 0, seed: int = 0) -> dict[str, list[Sample]]:
+    """Organ-stratified k-fold: each organ's tiles are dealt round-robin over the folds."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+    by_organ: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: _stable_rank(s.name, seed)):
+        by_organ[s.organ].append(s)
+    assignment: dict[str, int] = {}
+    offset = 0  # rotate the starting fold per organ so small organs do not all land in fold 0
+    for organ in sorted(by_organ, key=lambda o: _stable_rank(o, seed)):
+        for i, s in enumerate(by_organ[organ]):
+            assignment[s.name] = (offset + i) % folds
+        offset += len(by_organ[organ])
+    held = sorted((s for s in samples if assignment[s.name] == fold), key=lambda s: s.name)
+    kept = sorted((s for s in samples if assignment[s.name] != fold), key=lambda s: s.name)
+    return {"training": kept, "validation": held}
+
+
+def channel_stats(images: Iterable[str | os.PathLike]) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation over all pixels of the given images, on the 0-255 scale."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for path in images:
+        pixels = read_image(path).reshape(-1, 3).astype(np.float64)
+        total += pixels.sum(0)
+        total_sq += (pixels**2).sum(0)
+        count += len(pixels)
+    if count == 0:
+        raise DataError("no training images to compute channel statistics from")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std]}
+
+
+def make_datalist(
+    dataset_dir: str | os.PathLike,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+) -> dict:
+    """A MONAI datalist (training / validation / test lists of dicts) plus the training set's channel stats.
+
+    Paths are stored relative to the dataset root so the file travels between machines.
+    """
+    root = dataset_root(dataset_dir)
+    samples = discover(root)
+    for sample in samples:
+        check_sample(sample)
+    if folds:
+        parts = kfold(samples, folds, fold, seed)
+        parts["test"] = []
+    else:
+        parts = split(samples, val_fraction, test_fraction, seed)
+    return {
+        "description": "CryoNuSeg organ-stratified split; paths relative to dataset_root",
+        "seed": seed,
+        "folds": folds,
+        "fold": fold if folds else None,
+        **{k: [s.record(root) for s in v] for k, v in parts.items()},
+        "channel_stats": channel_stats(s.image for s in parts["training"]),
+    }
+
+
+def resolve(datalist: dict, dataset_dir: str | os.PathLike, part: str) -> list[dict]:
+    """The records of one part of a datalist with absolute paths under ``dataset_dir``."""
+    if part not in datalist:
+        raise KeyError(f"datalist has no part {part!r}; it has {[k for k in datalist if isinstance(datalist[k], list)]}")
+    root = dataset_root(dataset_dir)
+    return [{**r, "image": str(root / r["image"]), "label": str(root / r["label"])} for r in datalist[part]]
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(
+    dataset_dir: str | os.PathLike, datalist_file: str | os.PathLike, stats_file: str | os.PathLike | None = None,
+    **split_args,
+) -> dict:
+    """Loads the datalist at ``datalist_file``, or makes and writes it (and the channel stats) on first use.
+
+    The split is made once and then read back, so training, evaluation and resumed runs all see the same tiles.
+    """
+    datalist_file = Path(datalist_file)
+    if datalist_file.is_file():
+        datalist = json.loads(datalist_file.read_text())
+    else:
+        datalist = make_datalist(dataset_dir, **split_args)
+        write_json_atomic(datalist, datalist_file)
+        logger.info("wrote datalist %s", datalist_file)
+    if stats_file is not None:
+        write_json_atomic(datalist["channel_stats"], stats_file)
+    return datalist
+
+
+def load_stats(stats_file: str | os.PathLike) -> dict[str, list[float]]:
+    path = Path(stats_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"channel statistics {path} are missing; they are written by training next to the checkpoint "
+            "(or run `nucleiseg datalist --dataset_dir DIR --output models/datalist.json --stats models/channel_stats.json`)"
+        )
+    stats = json.loads(path.read_text())
+    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}

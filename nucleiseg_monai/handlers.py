@@ -1,0 +1,119 @@
+"""Ignite handlers the bundle configs attach to MONAI's engines: atomic checkpoints, resume, a progress bar.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a run killed while saving leaves a truncated
+checkpoint; these handlers write to a temporary file and rename it, and the training state can always resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _state(objects: dict) -> dict:
+    return {name: obj.state_dict() for name, obj in objects.items()}
+
+
+class LastCheckpoint:
+    """Saves the whole training state (network, optimizer, scheduler, trainer counters) after every epoch.
+
+    A killed run therefore loses at most the epoch in progress; ``Resume`` picks the file up again. The engine it
+    is attached to is saved as "trainer" (a config cannot name the trainer inside the trainer's own handlers).
+    """
+
+    def __init__(self, path: str | os.PathLike, save_dict: dict, interval: int = 1):
+        self.path, self.save_dict, self.interval = Path(path), dict(save_dict), interval
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict["trainer"] = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        save_atomic(_state(self.save_dict), self.path)
+
+
+class BestCheckpoint:
+    """Saves the network's weights whenever the evaluator's key metric improves (the bundle's ``model.pt``)."""
+
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module):
+        self.path, self.network = Path(path), network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        # MONAI's evaluators run with the trainer's epoch and keep the epoch of the best key metric: save when it is now
+        epoch = engine.state.epoch
+        if engine.state.best_metric_epoch == epoch:
+            save_atomic(self.network.state_dict(), self.path)
+            logger.info("epoch %d: best %s %.4f, saved %s", epoch, engine.state.key_metric_name,
+                        engine.state.best_metric, self.path)
+
+
+class Resume:
+    """With ``enabled``, loads the last checkpoint into the objects before the first epoch.
+
+    Ignite then continues from the stored epoch and iteration; optimizer and scheduler continue where they were.
+    Without a checkpoint the run fails at once, naming the file, rather than silently starting again. The engine
+    it is attached to is loaded as "trainer".
+    """
+
+    def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool = True, map_location=None):
+        self.path, self.load_dict, self.enabled, self.map_location = Path(path), dict(load_dict), enabled, map_location
+
+    def attach(self, engine: Engine) -> None:
+        self.load_dict["trainer"] = engine
+        if not self.enabled:
+            if self.path.exists():
+                logger.warning("starting a new run; %s will be overwritten (pass --resume true to continue it)", self.path)
+            return
+        if not self.path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.path}; run without --resume to start training")
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = torch.load(self.path, map_location=self.map_location or "cpu", weights_only=True)
+        max_epochs = engine.state.max_epochs
+        for name, obj in self.load_dict.items():
+            obj.load_state_dict(checkpoint[name])
+        # a resumed run may be asked for more epochs than it first had
+        engine.state.max_epochs = max(max_epochs or 0, engine.state.max_epochs or 0)
+        logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+
+
+class ProgressBar:
+    """A tqdm bar over each epoch's iterations showing the running loss."""
+
+    def __init__(self, output_key: str = "loss"):
+        self.output_key = output_key
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar as IgniteProgressBar
+
+        def loss(output):
+            out = output[0] if isinstance(output, list) else output
+            value = float(out[self.output_key])
+            return {self.output_key: value if math.isfinite(value) else float("nan")}
+
+        IgniteProgressBar(persist=False).attach(engine, output_transform=loss)
