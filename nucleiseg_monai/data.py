@@ -115,10 +115,14 @@ def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
 def _read(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
-        return skio.imread(path)
+            array = tifffile.imread(path)
+        else:
+            array = skio.imread(path)
     except Exception as err:  # every decoder raises its own type; the caller needs the file name
         raise DataError(f"cannot read {path} ({type(err).__name__}: {err}); the file is damaged: replace it") from err
+    if array.size == 0:  # a TIFF cut after its header reads as an empty float64 array, not an error
+        raise DataError(f"{path} holds no pixel data; the file is damaged or truncated: replace it")
+    return array
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -179,9 +183,9 @@ def split(
 ) -> dict[str, list[Sample]]:
     """Deterministic organ-stratified train / validation / test split.
 
-    Each organ gives ``round(n * test_fraction)`` tiles to test (at least one where it has three or more);
-    validation takes ``round(N * val_fraction)`` tiles, at most one per organ in turn, never an organ's last
-    training tile: every organ stays in training.
+    Each organ gives ``round(n * test_fraction)`` tiles to test (at least one where it has three or more and
+    test_fraction > 0; never its last); validation takes ``round(N * val_fraction)`` tiles, at most one per
+    organ in turn, never an organ's last training tile: every organ stays in training.
     """
     by_organ: dict[str, list[Sample]] = defaultdict(list)
     for s in sorted(samples, key=lambda s: _stable_rank(s.name, seed)):
@@ -189,7 +193,8 @@ def split(
     parts: dict[str, list[Sample]] = {"training": [], "validation": [], "test": []}
     remaining: dict[str, list[Sample]] = {}
     for organ, group in sorted(by_organ.items()):
-        n_test = max(int(round(len(group) * test_fraction)), 1 if len(group) >= 3 else 0)
+        n_test = max(int(round(len(group) * test_fraction)), 1 if len(group) >= 3 and test_fraction > 0 else 0)
+        n_test = min(n_test, len(group) - 1)  # a large test_fraction must not take an organ's last tile
         parts["test"] += group[:n_test]
         remaining[organ] = group[n_test:]
     n_val = int(round(len(samples) * val_fraction))

@@ -57,7 +57,8 @@ class LoadTiled(MapTransform):
     """Reads an RGB tile and its instance labels (validated by `data`) into channel-first tensors.
 
     ``image`` becomes float32 (3, H, W) on the 0-255 scale; ``label`` int32 (1, H, W) instance ids. The record's
-    ``label_kind`` says whether the label file is an instance map or a binary mask.
+    ``label_kind`` says whether the label file is an instance map or a binary mask. The image's path stays under
+    ``image_path`` so reports can name and redraw the tile.
     """
 
     def __init__(self, image_key: str = "image", label_key: str | None = "label"):
@@ -66,12 +67,16 @@ class LoadTiled(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        d[f"{self.image_key}_path"] = str(d[self.image_key])
         image = read_image(d[self.image_key])
         d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
         if self.label_key and self.label_key in d:
             labels = read_instance_labels(d[self.label_key], d.get("label_kind", "instance"))
             if labels.shape != image.shape[:2]:
-                raise ValueError(f"size mismatch: {d[self.image_key]} {image.shape[:2]} vs {d[self.label_key]} {labels.shape}")
+                raise ValueError(
+                    f"size mismatch: {d[f'{self.image_key}_path']} {image.shape[:2]} vs {d[self.label_key]} "
+                    f"{labels.shape}; they must be the same tile"
+                )
             d[self.label_key] = torch.from_numpy(labels[None])
         return d
 
@@ -134,7 +139,8 @@ def train_transforms(
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score."""
     patch = tuple(int(p) for p in patch_size)
-    margin = tuple(int(round(p * 1.25)) for p in patch)
+    # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
+    margin = (int(round(max(patch) * 1.25)),) * len(patch)
     both = ["image", "label"]
     steps = [LoadTiled()] if load else []
     steps += [

@@ -1,0 +1,443 @@
+"""nucleiseg_monai.data: discovery in both Kaggle layouts, validated reading, splits, k-fold, channel statistics,
+prepare/resolve, and the error raised for every kind of bad input (each must name the offending file)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.io import imsave
+
+from nucleiseg_monai import data
+from nucleiseg_monai.data import DataError, Sample
+from nucleiseg_monai.synthetic import write_dataset
+
+ORGANS4 = ("AdrenalGland", "Larynx", "Skin", "ThyroidGland")
+
+
+def _samples(counts: dict[str, int]) -> list[Sample]:
+    """Sample records without files: ``counts[organ]`` tiles per organ, named as in CryoNuSeg."""
+    out = []
+    for organ, n in counts.items():
+        for i in range(1, n + 1):
+            name = f"Human_{organ}_{i:02d}"
+            image, label = Path(f"/img/{name}.tif"), Path(f"/lab/{name}.tif")
+            out.append(Sample(name, data.organ_of(name), image, label, "instance"))
+    return out
+
+
+def _names(samples) -> list[str]:
+    return [s.name for s in samples]
+
+
+def _write_tile(root: Path, name: str, image: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """One tile in the flat Kaggle layout (image TIFF, optional uint16 instance TIFF)."""
+    (root / data.IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(root / data.IMAGE_DIR / f"{name}.tif", image, photometric="rgb" if image.ndim == 3 else None)
+    if labels is not None:
+        (root / data.INSTANCE_DIR).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / data.INSTANCE_DIR / f"{name}.tif", labels)
+
+
+def _raises_naming(path: Path, func, *args, match: str | None = None) -> str:
+    """Calls func, expects a DataError (a ValueError) whose message names ``path``; returns the message."""
+    with pytest.raises(DataError) as info:
+        func(*args)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert str(path) in message, message
+    if match is not None:
+        assert match in message, message
+    return message
+
+
+# --- discovery ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "name, organ",
+    [
+        ("Human_AdrenalGland_01", "AdrenalGland"),
+        ("Human_ThyroidGland_10", "ThyroidGland"),
+        ("Human_Lymph-Nodes_3", "Lymph-Nodes"),
+        ("Mouse_Kidney_02", "Kidney"),
+        ("slide7_crop", "slide7_crop"),  # outside the convention: its own organ
+    ],
+)
+def test_organ_of(name, organ):
+    assert data.organ_of(name) == organ
+
+
+def test_discover_flat_layout(tmp_path):
+    write_dataset(tmp_path, n_tiles=4, size=32, organs=("Larynx", "Skin"))
+    samples = data.discover(tmp_path)
+    assert data.dataset_root(tmp_path) == tmp_path
+    assert _names(samples) == ["Human_Larynx_01", "Human_Larynx_02", "Human_Skin_01", "Human_Skin_02"]
+    assert [s.organ for s in samples] == ["Larynx", "Larynx", "Skin", "Skin"]
+    for s in samples:
+        assert s.image == tmp_path / "tissue images" / f"{s.name}.tif"
+        assert s.label == tmp_path / "label masks modify" / f"{s.name}.tif"
+        assert s.label_kind == "instance"
+
+
+def test_discover_nested_layout(tmp_path):
+    nested = tmp_path / "Annotator 1 (biologist)"
+    write_dataset(nested, n_tiles=3, size=32, organs=("Pancreas",))
+    assert data.dataset_root(tmp_path) == nested
+    samples = data.discover(tmp_path)
+    assert samples == data.discover(nested)
+    assert _names(samples) == ["Human_Pancreas_01", "Human_Pancreas_02", "Human_Pancreas_03"]
+    assert all(s.image.parent == nested / "tissue images" for s in samples)
+    assert all(s.label.parent == nested / "label masks modify" for s in samples)
+    # records are relative to the nested root, and resolve from the outer folder finds them again
+    datalist = data.make_datalist(tmp_path)
+    parts = ("training", "validation", "test")
+    records = sorted((r for k in parts for r in datalist[k]), key=lambda r: r["name"])
+    assert [r["image"] for r in records] == [f"tissue images/{s.name}.tif" for s in samples]
+    resolved = sorted((r for k in parts for r in data.resolve(datalist, tmp_path, k)), key=lambda r: r["name"])
+    assert [Path(r["image"]) for r in resolved] == [s.image for s in samples]
+    assert [Path(r["label"]) for r in resolved] == [s.label for s in samples]
+
+
+def test_pairing_by_name_not_by_listing_order(tmp_path, monkeypatch):
+    """Tile k has image value 10k and label id k; a mixed suffix (.png image) must still pair by name."""
+    names = ["Human_Skin_03", "Human_Larynx_01", "Human_Skin_01", "Human_Larynx_02"]
+    for k, name in enumerate(names, start=1):
+        _write_tile(tmp_path, name, np.full((8, 8, 3), 10 * k, np.uint8), np.full((8, 8), k, np.uint16))
+    # one image as PNG instead of TIFF
+    png_name = names[2]
+    (tmp_path / "tissue images" / f"{png_name}.tif").unlink()
+    imsave(tmp_path / "tissue images" / f"{png_name}.png", np.full((8, 8, 3), 30, np.uint8), check_contrast=False)
+
+    def check(samples):
+        assert _names(samples) == sorted(names)
+        for s in samples:
+            assert data.read_image(s.image)[0, 0, 0] == 10 * data.read_instance_labels(s.label)[0, 0]
+        assert next(s for s in samples if s.name == png_name).image.suffix == ".png"
+
+    forward = data.discover(tmp_path)
+    check(forward)
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self), reverse=True)))
+    backward = data.discover(tmp_path)
+    check(backward)
+    assert backward == forward
+
+
+def _binary_dataset(root: Path) -> np.ndarray:
+    """One tile with only a binary mask: squares A and B touch along an edge (one component), C and D only at a
+    corner (two components under 4-connectivity), E stands alone. Returns the mask."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:8, 2:8] = 255  # A
+    mask[2:8, 8:13] = 255  # B, touching A
+    mask[18:23, 18:23] = 255  # C
+    mask[23:27, 23:27] = 255  # D, diagonal neighbour of C
+    mask[26:30, 2:6] = 255  # E
+    _write_tile(root, "Human_Skin_01", np.full((32, 32, 3), 200, np.uint8))
+    (root / data.BINARY_DIR).mkdir()
+    imsave(root / data.BINARY_DIR / "Human_Skin_01.png", mask, check_contrast=False)
+    return mask
+
+
+def test_binary_only_dataset_gives_connected_components_and_warns_once(tmp_path, caplog):
+    mask = _binary_dataset(tmp_path)
+    caplog.set_level(logging.WARNING, logger="nucleiseg_monai.data")
+    [sample] = data.discover(tmp_path)
+    assert sample.label_kind == "binary"
+    assert sample.label == tmp_path / "mask binary" / "Human_Skin_01.png"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "connected components" in warnings[0].getMessage() and str(tmp_path) in warnings[0].getMessage()
+
+    labels = data.read_instance_labels(sample.label, sample.label_kind)
+    assert labels.dtype == np.int32 and labels.shape == mask.shape
+    assert np.array_equal(labels > 0, mask > 0)
+    a, c, d, e = labels[2, 2], labels[18, 18], labels[26, 26], labels[28, 3]
+    assert labels[2, 12] == a  # B merged with A: binary masks cannot separate touching nuclei
+    assert len({a, c, d, e}) == 4 and 0 not in {a, c, d, e}
+    assert len(np.unique(labels)) == 5  # background + 4 components
+
+    # a full prepare() (discover + checks + split + stats) still warns exactly once
+    caplog.clear()
+    datalist = data.prepare(tmp_path, tmp_path / "out" / "datalist.json")
+    assert [r["label_kind"] for r in datalist["training"]] == ["binary"]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_instance_folder_preferred_over_binary(tmp_path, caplog):
+    write_dataset(tmp_path, n_tiles=2, size=48, organs=("Testes",), n_nuclei=6)
+    assert (tmp_path / "mask binary").is_dir()  # both kinds are on disk
+    caplog.set_level(logging.WARNING, logger="nucleiseg_monai.data")
+    samples = data.discover(tmp_path)
+    assert not caplog.records
+    for s in samples:
+        assert s.label_kind == "instance" and s.label.parent.name == "label masks modify"
+        on_disk = tifffile.imread(s.label)
+        labels = data.read_instance_labels(s.label, s.label_kind)
+        assert labels.dtype == np.int32 and np.array_equal(labels, on_disk)
+        assert set(np.unique(labels)) == set(range(7))  # the 6 nuclei, not merged components
+
+
+def test_instance_ids_kept_as_they_are(tmp_path):
+    labels = np.zeros((16, 16), np.uint16)
+    labels[1:5, 1:5] = 7
+    labels[1:5, 5:9] = 300  # touching 7; ids not contiguous
+    labels[10:14, 10:14] = 65535
+    tifffile.imwrite(tmp_path / "l.tif", labels)
+    out = data.read_instance_labels(tmp_path / "l.tif")
+    assert out.dtype == np.int32 and np.array_equal(out, labels.astype(np.int32))
+
+
+# --- splits ------------------------------------------------------------------------------------------------------
+
+def _assert_partition(parts: dict, samples) -> None:
+    names = [n for part in parts.values() for n in _names(part)]
+    assert len(names) == len(set(names)), "parts overlap"
+    assert sorted(names) == sorted(_names(samples)), "parts do not cover all samples"
+
+
+def test_split_three_tiles_per_organ():
+    samples = _samples({o: 3 for o in ORGANS4})
+    parts = data.split(samples)  # val 0.15, test 0.3
+    _assert_partition(parts, samples)
+    # test: round(3 * 0.3) = 1 per organ; validation: round(12 * 0.15) = 2 tiles from 2 different organs
+    assert [len(parts[k]) for k in ("training", "validation", "test")] == [6, 2, 4]
+    assert Counter(s.organ for s in parts["test"]) == {o: 1 for o in ORGANS4}
+    assert len({s.organ for s in parts["validation"]}) == 2
+    assert Counter(s.organ for s in parts["training"]) == Counter(
+        {o: 3 - 1 - sum(v.organ == o for v in parts["validation"]) for o in ORGANS4}
+    )
+    assert all(_names(p) == sorted(_names(p)) for p in parts.values())
+
+
+def test_split_deterministic_and_independent_of_input_order():
+    samples = _samples({"Skin": 3, "Larynx": 3, "Pleura": 2, "Thymus": 2, "Testes": 1, "Pancreas": 5})
+    reference = data.split(samples, seed=0)
+    assert data.split(samples, seed=0) == reference
+    rng = random.Random(1)
+    for _ in range(5):
+        shuffled = samples[:]
+        rng.shuffle(shuffled)
+        assert data.split(shuffled, seed=0) == reference
+    assert data.split(samples[::-1], seed=0) == reference
+    assert data.split(samples, seed=1) != reference  # the seed matters
+
+
+@pytest.mark.parametrize("test_fraction", [0.0, 0.3, 0.5, 0.6, 0.9])
+@pytest.mark.parametrize("val_fraction", [0.0, 0.15, 0.5])
+def test_split_keeps_every_organ_in_training(val_fraction, test_fraction):
+    counts = {"Skin": 1, "Larynx": 2, "Pleura": 3, "Thymus": 5}
+    samples = _samples(counts)
+    parts = data.split(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=3)
+    _assert_partition(parts, samples)
+    assert {s.organ for s in parts["training"]} == set(counts)
+    assert len(parts["validation"]) <= round(len(samples) * val_fraction)
+    if test_fraction > 0:
+        assert Counter(s.organ for s in parts["test"])["Pleura"] >= 1  # 3-tile organs always give one to test
+    else:
+        assert parts["test"] == []
+
+
+def test_split_real_cryonuseg(cryonuseg_dir):
+    samples = data.discover(cryonuseg_dir)
+    assert len(samples) == 30 and Counter(s.organ for s in samples) == {o: 3 for o in {s.organ for s in samples}}
+    parts = data.split(samples)
+    _assert_partition(parts, samples)
+    assert [len(parts[k]) for k in ("training", "validation", "test")] == [16, 4, 10]
+    organs = {s.organ for s in samples}
+    assert len(organs) == 10
+    assert {s.organ for s in parts["training"]} == organs
+    assert Counter(s.organ for s in parts["test"]) == {o: 1 for o in organs}
+
+
+@pytest.mark.parametrize("folds", [3, 5])
+def test_kfold(folds):
+    counts = {"Skin": 3, "Larynx": 3, "Pleura": 2, "Thymus": 2, "Testes": 1, "Pancreas": 4}
+    samples = _samples(counts)
+    held_out: list[str] = []
+    per_fold = []
+    for fold in range(folds):
+        parts = data.kfold(samples, folds=folds, fold=fold, seed=0)
+        assert set(parts) == {"training", "validation"}
+        _assert_partition(parts, samples)
+        held_out += _names(parts["validation"])
+        per_fold.append(parts["validation"])
+        shuffled = samples[::-1]
+        assert data.kfold(shuffled, folds=folds, fold=fold, seed=0) == parts
+    # each sample held out exactly once; the validation folds are disjoint and cover everything
+    assert Counter(held_out) == Counter(_names(samples))
+    sizes = [len(v) for v in per_fold]
+    assert max(sizes) - min(sizes) <= 1
+    # stratified: an organ's tiles are spread evenly over the folds
+    for organ, n in counts.items():
+        in_fold = [sum(s.organ == organ for s in v) for v in per_fold]
+        assert sum(in_fold) == n and max(in_fold) - min(in_fold) <= 1, (organ, in_fold)
+
+
+def test_kfold_rejects_bad_fold():
+    with pytest.raises(ValueError, match="0..4"):
+        data.kfold(_samples({"Skin": 3}), folds=5, fold=5)
+
+
+# --- channel statistics, datalists, prepare ----------------------------------------------------------------------
+
+def test_channel_stats_by_hand(tmp_path):
+    # two pixels (0, 0, 0) and (2, 4, 6): mean (1, 2, 3), population std (1, 2, 3)
+    tifffile.imwrite(tmp_path / "two.tif", np.array([[[0, 0, 0], [2, 4, 6]]], np.uint8), photometric="rgb")
+    assert data.channel_stats([tmp_path / "two.tif"]) == {"mean": [1.0, 2.0, 3.0], "std": [1.0, 2.0, 3.0]}
+
+
+def test_channel_stats_matches_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((4, 5, 3), (3, 3, 3), (2, 7, 3))]
+    paths = []
+    for i, image in enumerate(images):
+        path = tmp_path / f"im{i}.{'png' if i == 1 else 'tif'}"
+        (imsave(path, image, check_contrast=False) if i == 1 else tifffile.imwrite(path, image, photometric="rgb"))
+        paths.append(path)
+    pixels = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float64)
+    stats = data.channel_stats(paths)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=0, atol=1e-4)
+    with pytest.raises(DataError):
+        data.channel_stats([])
+
+
+def test_prepare_writes_once_and_reads_back(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", n_tiles=12, size=32, organs=ORGANS4)
+    datalist_file, stats_file = tmp_path / "out" / "datalist.json", tmp_path / "out" / "stats.json"
+    first = data.prepare(dataset, datalist_file, stats_file)
+    assert json.loads(datalist_file.read_text()) == first
+    assert json.loads(stats_file.read_text()) == first["channel_stats"]
+    assert [len(first[k]) for k in ("training", "validation", "test")] == [6, 2, 4]
+    assert all(not Path(r["image"]).is_absolute() for k in ("training", "validation", "test") for r in first[k])
+
+    resolved = {k: data.resolve(first, dataset, k) for k in ("training", "validation", "test")}
+    for records in resolved.values():
+        for r in records:
+            for key in ("image", "label"):
+                assert Path(r[key]).is_absolute() and Path(r[key]).is_file()
+            assert Path(r["image"]).stem == r["name"] == Path(r["label"]).stem
+    # the stats are those of the training images only
+    assert first["channel_stats"] == data.channel_stats(r["image"] for r in resolved["training"])
+
+    # a tile added later does not change the stored split: the second call reads the file back
+    written = datalist_file.read_bytes()
+    for sub in ("tissue images", "label masks modify"):
+        shutil.copy(dataset / sub / "Human_Skin_01.tif", dataset / sub / "Human_Skin_04.tif")
+    second = data.prepare(dataset, datalist_file, stats_file)
+    assert second == first and datalist_file.read_bytes() == written
+    assert json.loads(stats_file.read_text()) == first["channel_stats"]
+    with pytest.raises(KeyError, match="nope"):
+        data.resolve(first, dataset, "nope")
+
+
+def test_make_datalist_kfold(tmp_path):
+    dataset = write_dataset(tmp_path, n_tiles=8, size=32, organs=ORGANS4)
+    datalist = data.make_datalist(dataset, folds=4, fold=1)
+    assert datalist["folds"] == 4 and datalist["fold"] == 1 and datalist["test"] == []
+    expected = data.kfold(data.discover(dataset), folds=4, fold=1)
+    assert [r["name"] for r in datalist["validation"]] == _names(expected["validation"])
+    assert [r["name"] for r in datalist["training"]] == _names(expected["training"])
+
+
+# --- bad inputs: each error names the file -----------------------------------------------------------------------
+
+def test_missing_dataset_folder(tmp_path):
+    _raises_naming(tmp_path / "nope", data.discover, tmp_path / "nope", match="does not exist")
+
+
+def test_folder_without_tissue_images(tmp_path):
+    (tmp_path / "label masks modify").mkdir()
+    _raises_naming(tmp_path, data.discover, tmp_path, match="tissue images")
+
+
+def test_image_without_label(tmp_path):
+    write_dataset(tmp_path, n_tiles=3, size=32, organs=("Skin",))
+    (tmp_path / "label masks modify" / "Human_Skin_02.tif").unlink()
+    _raises_naming(tmp_path / "tissue images" / "Human_Skin_02.tif", data.discover, tmp_path, match="no label")
+
+
+def test_label_without_image(tmp_path):
+    write_dataset(tmp_path, n_tiles=3, size=32, organs=("Skin",))
+    (tmp_path / "tissue images" / "Human_Skin_03.tif").unlink()
+    _raises_naming(tmp_path / "label masks modify" / "Human_Skin_03.tif", data.discover, tmp_path,
+                   match="without an image")
+
+
+def test_size_mismatch(tmp_path):
+    _write_tile(tmp_path, "Human_Skin_01", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 40), np.uint16))
+    [sample] = data.discover(tmp_path)
+    message = _raises_naming(sample.image, data.check_sample, sample, match="size mismatch")
+    assert str(sample.label) in message
+    _raises_naming(sample.label, data.make_datalist, tmp_path)  # checked before any split is made
+
+
+def test_grayscale_image_refused(tmp_path):
+    path = tmp_path / "gray.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8))
+    _raises_naming(path, data.read_image, path, match="grayscale")
+
+
+def test_rgba_transparent_refused_opaque_converted(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    opaque = tmp_path / "opaque.png"
+    imsave(opaque, rgba, check_contrast=False)
+    image = data.read_image(opaque)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and np.array_equal(image, rgba[..., :3])
+
+    rgba[3, 4, 3] = 128
+    for path in (tmp_path / "transparent.png", tmp_path / "transparent.tif"):
+        (imsave(path, rgba, check_contrast=False) if path.suffix == ".png"
+         else tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"]))
+        _raises_naming(path, data.read_image, path, match="transparent")
+
+
+def test_16bit_image_refused(tmp_path):
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, np.zeros((16, 16, 3), np.uint16), photometric="rgb")
+    _raises_naming(path, data.read_image, path, match="uint16")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.95, "header"])
+def test_truncated_tiff(tmp_path, keep):
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                     photometric="rgb")
+    content = path.read_bytes()
+    path.write_bytes(content[:8] if keep == "header" else content[: int(len(content) * keep)])
+    message = _raises_naming(path, data.read_image, path)
+    assert "damaged" in message
+
+
+def test_truncated_png_and_label(tmp_path):
+    path = tmp_path / "cut.png"
+    imsave(path, np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), check_contrast=False)
+    path.write_bytes(path.read_bytes()[:200])
+    _raises_naming(path, data.read_image, path, match="cannot read")
+    label = tmp_path / "cut_label.tif"
+    tifffile.imwrite(label, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    label.write_bytes(label.read_bytes()[:4000])
+    _raises_naming(label, data.read_instance_labels, label, match="cannot read")
+
+
+def test_label_map_with_three_dims_refused(tmp_path):
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((2, 16, 16), np.uint16))
+    _raises_naming(stack, data.read_instance_labels, stack, match="single-channel")
+    rgb = tmp_path / "rgb_label.tif"
+    tifffile.imwrite(rgb, np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    _raises_naming(rgb, data.read_instance_labels, rgb, "instance", match="single-channel")
+
+
+def test_float_label_map_refused(tmp_path):
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.float32))
+    _raises_naming(path, data.read_instance_labels, path, match="integer")
