@@ -139,3 +139,23 @@ class MixedPrecision(nn.Module):
 
 def count_parameters(network: nn.Module) -> int:
     return sum(p.numel() for p in network.parameters())
+
+
+def load_weights(network: nn.Module, path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Loads a bundle checkpoint (a plain state dict, or a training checkpoint holding one under "network").
+
+    ``weights_only=True``: a checkpoint is data, never code, even when the bundle came from someone else.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no trained weights at {path}; train the bundle first (python -m monai.bundle run training "
+            f"--config_file {path.parent.parent / 'configs' / 'train.json'}) or pass --checkpoint PATH"
+        )
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
+        state = state["network"]
+    network.load_state_dict(state)
+    return network

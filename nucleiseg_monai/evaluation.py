@@ -1,0 +1,158 @@
+"""The evaluation report: per-image, per-organ and mean metrics of a model beside the reference method and humans.
+
+``EvaluationReport`` is an ignite handler for the evaluator of a bundle's ``evaluate.json``. For each tile it scores
+the model's instances, the reference notebook's method (the same network's foreground map cut into connected
+components, so the gain from true instances shows), and each extra human annotation round of the same tile (the
+agreement a model can be set against); it writes each predicted instance map as ``<name>.tif`` and an overlay PNG
+(truth in green, prediction in yellow), and at the end ``metrics.json``, ``metrics.csv`` and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ignite.engine import Engine, Events
+from skimage import io as skio
+from skimage.segmentation import find_boundaries
+
+from .data import INSTANCE_DIR, read_image, read_instance_labels
+from .metrics import instance_metrics, summarize
+from .outputs import atomic_path, write_label_tiff
+
+logger = logging.getLogger(__name__)
+
+# Mahbod et al. 2021, Table 4: their U-Net on the CryoNuSeg test protocol (not this split; shown for orientation)
+PUBLISHED_BASELINE = {"method": "published CryoNuSeg U-Net (Mahbod 2021)", "aji": 0.525, "pq": 0.477}
+OBSERVERS = ("annotator2", "annotator1_round2")
+TABLE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "aji", "aji_plus", "pq", "dq", "sq")
+CSV_KEYS = TABLE_KEYS + ("n_true", "n_pred", "tp", "fp", "fn")
+TRUE_COLOUR = np.array([0, 220, 0], np.uint8)
+PRED_COLOUR = np.array([255, 230, 0], np.uint8)
+
+
+def overlay(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
+    """The tile with true outlines in green and predicted outlines in yellow (yellow wins where both fall)."""
+    out = np.array(image, dtype=np.uint8, copy=True)
+    if true is not None:
+        out[find_boundaries(true, mode="inner") & (true > 0)] = TRUE_COLOUR
+    out[find_boundaries(pred, mode="inner") & (pred > 0)] = PRED_COLOUR
+    return out
+
+
+def _numpy_labels(x) -> np.ndarray:
+    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return np.squeeze(array).astype(np.uint32)
+
+
+class EvaluationReport:
+    """Collects per-tile metrics on an evaluator and writes the report when it completes.
+
+    Args:
+        output_dir: where ``<name>.tif``, ``<name>_overlay.png``, ``metrics.json`` and ``metrics.csv`` go.
+        observers_dir: folder with ``<observer>/label masks modify/<name>.tif`` (CryoNuSeg's extra annotation
+            rounds); observers whose file for a tile is missing are left out of that tile. None: no human rows.
+        observers: which subfolders to score.
+        pred_key / true_key / reference_key: engine output keys of the model's instances, the truth and the
+            reference method's instances (None to skip the reference row).
+        split: recorded in the report.
+        log_dir: TensorBoard folder for the mean metrics (None: none).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        observers_dir: str | os.PathLike | None = None,
+        observers: Sequence[str] = OBSERVERS,
+        pred_key: str = "pred_inst",
+        true_key: str = "true_inst",
+        reference_key: str | None = "pred_cc",
+        split: str = "test",
+        log_dir: str | os.PathLike | None = None,
+    ):
+        self.output_dir = Path(output_dir)
+        self.observers_dir = Path(observers_dir) if observers_dir and Path(observers_dir).is_dir() else None
+        if observers_dir and self.observers_dir is None:
+            logger.warning("observer annotations not found at %s: the report has no human-agreement rows", observers_dir)
+        self.observers = tuple(observers)
+        self.pred_key, self.true_key, self.reference_key = pred_key, true_key, reference_key
+        self.split, self.log_dir = split, log_dir
+        self.rows: dict[str, list[dict]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _add(self, method: str, name: str, organ: str, pred: np.ndarray, true: np.ndarray) -> None:
+        self.rows.setdefault(method, []).append({"name": name, "organ": organ, **instance_metrics(pred, true)})
+
+    def collect(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for batch, output in zip(engine.state.batch, engine.state.output):
+            name, organ = str(batch["name"]), str(batch["organ"])
+            pred, true = _numpy_labels(output[self.pred_key]), _numpy_labels(output[self.true_key])
+            self._add("model", name, organ, pred, true)
+            if self.reference_key:
+                self._add("reference: binary map + connected components", name, organ,
+                          _numpy_labels(output[self.reference_key]), true)
+            for observer in self.observers if self.observers_dir else ():
+                path = self.observers_dir / observer / INSTANCE_DIR / f"{name}.tif"
+                if path.is_file():
+                    self._add(f"human: {observer}", name, organ, read_instance_labels(path), true)
+            write_label_tiff(self.output_dir / f"{name}.tif", pred, tile=256)
+            with atomic_path(self.output_dir / f"{name}_overlay.png") as tmp:
+                skio.imsave(tmp, overlay(read_image(batch["image_path"]), true, pred), check_contrast=False)
+
+    def write(self, engine: Engine | None = None) -> dict:
+        if not self.rows:
+            raise RuntimeError("EvaluationReport: no tiles were evaluated")
+        summaries = {method: summarize(rows) for method, rows in self.rows.items()}
+        report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "methods": summaries}
+        with atomic_path(self.output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        with atomic_path(self.output_dir / "metrics.csv") as tmp:
+            tmp.write_text(_csv(summaries))
+        logger.info("%s split, mean over tiles:\n%s", self.split, format_table(summaries))
+        logger.info("report written to %s", self.output_dir)
+        if self.log_dir is not None:
+            self._tensorboard(summaries, engine)
+        return report
+
+    def _tensorboard(self, summaries: dict, engine: Engine | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = engine.state.epoch if engine is not None else 0
+        with SummaryWriter(log_dir=str(self.log_dir)) as writer:
+            for key in TABLE_KEYS:
+                writer.add_scalar(f"{self.split}/{key}", summaries["model"]["mean"][key], step)
+
+
+def _csv(summaries: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(("method", "scope", "name", "organ", "n_images") + CSV_KEYS)
+    for method, summary in summaries.items():
+        writer.writerow([method, "mean", "", "", summary["n_images"]] + [summary["mean"].get(k, "") for k in CSV_KEYS])
+        for organ, part in summary["per_organ"].items():
+            writer.writerow([method, "organ", "", organ, part["n_images"]] + [part["mean"].get(k, "") for k in CSV_KEYS])
+        for row in summary["per_image"]:
+            writer.writerow([method, "image", row["name"], row["organ"], 1] + [row.get(k, "") for k in CSV_KEYS])
+    return buffer.getvalue()
+
+
+def format_table(summaries: dict, keys: Sequence[str] = ("dice", "count_ape", "f1", "aji", "pq")) -> str:
+    """A plain-text table of mean metrics, one row per method, with the published baseline for orientation."""
+    width = max(len(m) for m in [*summaries, PUBLISHED_BASELINE["method"]]) + 2
+    lines = ["method".ljust(width) + "".join(k.rjust(11) for k in keys)]
+    for method, summary in summaries.items():
+        lines.append(method.ljust(width) + "".join(f"{summary['mean'][k]:11.3f}" for k in keys))
+    lines.append(PUBLISHED_BASELINE["method"].ljust(width)
+                 + "".join(f"{PUBLISHED_BASELINE[k]:11.3f}" if k in PUBLISHED_BASELINE else " " * 11 for k in keys))
+    return "\n".join(lines)
