@@ -268,6 +268,8 @@ def make_datalist(
     return {
         "description": "CryoNuSeg organ-stratified split; paths relative to dataset_root",
         "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "folds": folds,
         "fold": fold if folds else None,
         **{k: [s.record(root) for s in v] for k, v in parts.items()},
@@ -298,11 +300,18 @@ def prepare(
 ) -> dict:
     """Loads the datalist at ``datalist_file``, or makes and writes it (and the channel stats) on first use.
 
-    The split is made once and then read back, so training, evaluation and resumed runs all see the same tiles.
+    The split is made once and then read back, so training, evaluation and resumed runs all see the same tiles;
+    asking for a different split (``seed``, ``folds``, ``fold``, fractions) than the file holds is an error.
     """
     datalist_file = Path(datalist_file)
     if datalist_file.is_file():
         datalist = json.loads(datalist_file.read_text())
+        stored = {k: datalist.get(k) for k in split_args}
+        if stored != split_args:
+            raise DataError(
+                f"{datalist_file} holds the split {stored}, not the requested {split_args}; delete it to make a new "
+                "split, or point datalist_file at another file"
+            )
     else:
         datalist = make_datalist(dataset_dir, **split_args)
         write_json_atomic(datalist, datalist_file)

@@ -441,3 +441,12 @@ def test_float_label_map_refused(tmp_path):
     path = tmp_path / "float.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))
     _raises_naming(path, data.read_instance_labels, path, match="integer")
+
+
+def test_prepare_refuses_a_different_split_than_the_file_holds(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", n_tiles=12, size=32, organs=ORGANS4)
+    datalist_file = tmp_path / "datalist.json"
+    data.prepare(dataset, datalist_file, folds=3, fold=0)
+    assert data.prepare(dataset, datalist_file, folds=3, fold=0)["fold"] == 0
+    with pytest.raises(data.DataError, match=r"datalist.json holds the split .*'fold': 0.*delete it"):
+        data.prepare(dataset, datalist_file, folds=3, fold=1)
