@@ -1,0 +1,217 @@
+"""Network probabilities -> uint32 nucleus instance labels.
+
+``instances_from_probs`` is the method: a marker-controlled watershed on the 3-class softmax (background,
+interior, boundary). Confident interior cores become markers; they flood the foreground, so the boundary class
+that runs between touching nuclei is split between them instead of merging them. ``instances_from_foreground``
+(threshold + connected components) is the reference that merges touching nuclei, kept to measure the gain.
+``InstancesFromProbsd`` wraps the method as a MONAI dictionary transform for bundle post-processing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple_rep
+from scipy import ndimage as ndi
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+
+# Nuclei in CryoNuSeg (40x, ~0.25 um/px) have a median area of 239 px and a 0.5th percentile of 15 px; objects
+# under 16 px (1 um^2) are specks of noise, not nuclei.
+MIN_SIZE = 16
+# Interior cores smaller than this are noise; dropping them lets their pixels join the neighbouring basin instead
+# of splitting a nucleus. On CryoNuSeg truth turned into one-hot, blurred and noisy probabilities, 2-4 px scored
+# best (mean AJI 0.992 / 0.975 / 0.935) and 8 px lost small nuclei that touch others (0.990 / 0.969 / 0.931).
+MIN_MARKER_SIZE = 4
+
+_CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, like the encoding's find_boundaries(connectivity=1)
+
+__all__ = ["MIN_MARKER_SIZE", "MIN_SIZE", "InstancesFromProbsd", "instances_from_foreground", "instances_from_probs"]
+
+
+def _float_array(x: Any) -> np.ndarray:
+    """float32 numpy from numpy or torch (any dtype incl. bfloat16, any device, MetaTensor)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _check_probs(probs: Any) -> np.ndarray:
+    p = _float_array(probs)
+    if p.ndim != 3 or p.shape[0] != 3:
+        raise ValueError(
+            f"expected probabilities of shape (3,H,W) for (background, interior, boundary), got {p.shape}; "
+            "squeeze the batch axis and apply softmax to logits first (InstancesFromProbsd(softmax=True))"
+        )
+    return p
+
+
+def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop objects under min_size pixels and renumber the rest 1..N in order of their old ids, as uint32."""
+    area = np.bincount(labels.ravel())
+    keep = area >= min_size
+    keep[0] = False
+    lut = np.zeros(area.size, dtype=np.uint32)
+    lut[keep] = np.arange(1, np.count_nonzero(keep) + 1, dtype=np.uint32)
+    return lut[labels]
+
+
+def _fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill background holes enclosed by a single object; a gap enclosed by several touching nuclei stays."""
+    # Holes = 4-connected background components off the image border (as ndi.binary_fill_holes, 3x faster).
+    background, n_bg = ndi.label(labels == 0, structure=_CROSS)
+    outside = np.zeros(n_bg + 1, dtype=bool)
+    outside[0] = True
+    outside[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True
+    if outside.all():
+        return labels
+    hole_ids = np.where(outside[background], 0, background)
+    # Smallest and largest label 4-adjacent to each hole: equal means exactly one enclosing object.
+    lo = np.full(n_bg + 1, np.iinfo(labels.dtype).max, dtype=labels.dtype)
+    hi = np.zeros(n_bg + 1, dtype=labels.dtype)
+    for a, b in (
+        (np.s_[1:, :], np.s_[:-1, :]),
+        (np.s_[:-1, :], np.s_[1:, :]),
+        (np.s_[:, 1:], np.s_[:, :-1]),
+        (np.s_[:, :-1], np.s_[:, 1:]),
+    ):
+        h, lab = hole_ids[a], labels[b]
+        edge = (h > 0) & (lab > 0)
+        np.minimum.at(lo, h[edge], lab[edge])
+        np.maximum.at(hi, h[edge], lab[edge])
+    fill = np.where(lo == hi, hi, 0)
+    fill[0] = 0
+    return np.where(hole_ids > 0, fill[hole_ids], labels)
+
+
+def _flood(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Watershed of markers over mask for about half the heap work of a plain call.
+
+    A marker pixel whose 4 neighbours all belong to the same marker can never flood anything, so only the
+    marker rims seed the watershed and the cores are pasted back afterwards (same basins up to tie order).
+    """
+    core = ndi.binary_erosion(markers > 0, structure=_CROSS)
+    labels = watershed(surface, np.where(core, 0, markers), connectivity=1, mask=mask & ~core)
+    labels[core] = markers[core]
+    return labels
+
+
+def instances_from_probs(
+    probs: Any,
+    *,
+    fg_threshold: float = 0.5,
+    marker_threshold: float = 0.7,
+    min_marker_size: int = MIN_MARKER_SIZE,
+    marker_erosion: int = 0,
+    min_size: int = MIN_SIZE,
+    fill_holes: bool = True,
+    elevation: str = "interior",
+) -> np.ndarray:
+    """Instance labels (H,W) uint32, ids 1..N, from softmax probabilities (3,H,W) by marker-controlled watershed.
+
+    - foreground mask: 1 - p_background > fg_threshold;
+    - markers: 4-connected components of p_interior > marker_threshold inside the mask, optionally eroded by a
+      disk of radius marker_erosion (separates cores joined by a thin bridge), those under min_marker_size px
+      dropped;
+    - watershed of the markers over the mask on elevation "interior" (1 - p_interior: basins meet on the
+      boundary class) or "distance" (negative distance to the background: basins meet at the narrowest neck);
+    - foreground components that no marker reached (small nuclei with no confident core) become objects of
+      their own;
+    - holes enclosed by one object are filled (fill_holes), objects under min_size px are removed.
+
+    Defaults: fg_threshold 0.5 calls a pixel nucleus when background is the less likely side; marker_threshold
+    0.7 keeps markers to confident cores (the interior probability drops between touching nuclei; 0.6 let noisy
+    cores merge in simulations, 0.8 lost faint nuclei).
+    """
+    p = _check_probs(probs)
+    if elevation not in ("interior", "distance"):
+        raise ValueError(f"elevation must be 'interior' or 'distance', got {elevation!r}")
+    mask = p[0] < 1.0 - fg_threshold
+    seeds = (p[1] > marker_threshold) & mask
+    if marker_erosion > 0:
+        seeds = ndi.binary_erosion(seeds, structure=disk(marker_erosion))
+    markers, n_markers = ndi.label(seeds, structure=_CROSS)
+    if min_marker_size > 1 and n_markers:
+        markers = _remove_small(markers, min_marker_size).astype(np.int32)
+        n_markers = int(markers.max())
+    if n_markers == 0:
+        labels = np.zeros(mask.shape, dtype=np.int32)
+    elif elevation == "interior":
+        # 8-bit levels (steps of 1/255 in probability) make the heap ~30% faster than float elevations.
+        surface = np.round((1.0 - np.clip(p[1], 0.0, 1.0)) * 255).astype(np.uint8)
+        labels = _flood(surface, markers, mask)
+    else:
+        labels = _flood(-ndi.distance_transform_edt(mask), markers, mask)
+    unseeded = mask & (labels == 0)
+    if unseeded.any():
+        extra, _ = ndi.label(unseeded, structure=_CROSS)
+        labels = np.where(extra > 0, extra + n_markers, labels)
+    if fill_holes:
+        labels = _fill_holes(labels)
+    return _remove_small(labels, min_size)
+
+
+def instances_from_foreground(mask_or_prob: Any, threshold: float = 0.5, min_size: int = MIN_SIZE) -> np.ndarray:
+    """Reference instances: 4-connected components of (map > threshold), specks under min_size removed; uint32.
+
+    Accepts a binary mask or foreground probability (H,W), or the 3-class probabilities (3,H,W) (foreground is
+    then 1 - p_background). Touching nuclei merge into one object, which is what the watershed method fixes.
+    """
+    x = _float_array(mask_or_prob)
+    if x.ndim == 3 and x.shape[0] == 3:
+        x = 1.0 - x[0]
+    if x.ndim != 2:
+        raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) probabilities, got shape {x.shape}")
+    labels, _ = ndi.label(x > threshold, structure=_CROSS)
+    return _remove_small(labels, min_size)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+class InstancesFromProbsd(MapTransform):
+    """Dictionary transform: (3,H,W) probabilities (or logits with softmax=True) -> (1,H,W) uint32 instances.
+
+    Accepts torch tensors (MetaTensor included) or numpy per item, i.e. after ``decollate_batch`` in an
+    evaluator's postprocessing. The result is written to ``output_keys`` (default: overwrite ``keys``); the
+    leading channel axis lets it batch and go through ``from_engine`` to ``metrics.InstanceMetric``.
+    ``params`` are the keyword arguments of ``instances_from_probs`` (e.g. marker_threshold, min_size), so a
+    bundle config can set them, e.g. in an evaluate config::
+
+        {"_target_": "nucleiseg_monai.postprocess.InstancesFromProbsd", "keys": "pred",
+         "output_keys": "pred_inst", "softmax": true, "min_size": 16}
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_keys: KeysCollection | None = None,
+        softmax: bool = False,
+        allow_missing_keys: bool = False,
+        **params: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = self.keys if output_keys is None else ensure_tuple_rep(output_keys, len(self.keys))
+        allowed = set(inspect.signature(instances_from_probs).parameters) - {"probs"}
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(f"InstancesFromProbsd: unknown parameters {unknown}; allowed: {sorted(allowed)}")
+        self.softmax = softmax
+        self.params = params
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            x = _float_array(d[key])
+            if self.softmax:
+                x = _softmax(x)
+            d[out_key] = instances_from_probs(x, **self.params)[None]
+        return d
