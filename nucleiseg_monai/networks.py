@@ -79,6 +79,7 @@ class UNet(nn.Module):
         if len(features) < 2:
             raise ValueError(f"features needs at least two levels (one pooling), got {features}")
         self.depth = len(features) - 1
+        self.multiple = 2**self.depth  # an int attribute: TorchScript's int ** int is a float
         self.encoders = nn.ModuleList([DoubleConv(in_channels, features[0])])
         self.encoders.extend(DoubleConv(a, b) for a, b in zip(features[:-2], features[1:-1]))
         self.bottleneck = DoubleConv(features[-2], features[-1], dropout=dropout)
@@ -89,11 +90,11 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(features[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2**self.depth
+        multiple = self.multiple
         if x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(
                 f"UNet with {self.depth} poolings needs height and width divisible by {multiple}, got "
-                f"{tuple(x.shape[-2:])}; pad the input (SlidingWindowInferer and the inference pipeline do this)"
+                f"{x.shape[-2]}x{x.shape[-1]}; pad the input (SlidingWindowInferer and the inference pipeline do this)"
             )
         skips = []
         for encoder in self.encoders:
@@ -101,8 +102,8 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for decoder, skip in zip(self.decoders, reversed(skips)):
-            x = decoder(x, skip)
+        for i, decoder in enumerate(self.decoders):
+            x = decoder(x, skips[-1 - i])
         return self.head(x)
 
 

@@ -1,0 +1,222 @@
+"""The ``nucleiseg`` console commands: argument parsing and progress only; the work is in the library modules.
+
+    nucleiseg download --dest DIR [--archive ZIP]     fetch / unpack CryoNuSeg
+    nucleiseg datalist --dataset_dir DIR --output F  organ-stratified split + channel statistics
+    nucleiseg predict --bundle DIR --input PATH --output_dir DIR   the bundle's inference.json, as a command
+    nucleiseg tune --bundle DIR                      watershed parameters on the validation split
+    nucleiseg pack / verify / unpack                 share a bundle as one checked zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("nucleiseg")
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE (a config id such as postprocess_params#min_size=20), got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = _value(value)
+    return out
+
+
+def _bundle_config(bundle: str, name: str) -> Path:
+    path = Path(bundle) / "configs" / name
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --bundle must be a bundle folder holding configs/{name}")
+    return path
+
+
+def _check_bundle(bundle: str) -> None:
+    from .packaging import check_bundle
+
+    check_bundle(bundle)
+
+
+def cmd_download(args) -> int:
+    from .download import download
+
+    download(args.dest, archive=args.archive, sha256=args.sha256, force=args.force, log=print)
+    return 0
+
+
+def cmd_datalist(args) -> int:
+    from .data import make_datalist, write_json_atomic
+
+    datalist = make_datalist(args.dataset_dir, args.val_fraction, args.test_fraction, args.seed, args.folds, args.fold)
+    write_json_atomic(datalist, args.output)
+    if args.stats:
+        write_json_atomic(datalist["channel_stats"], args.stats)
+    sizes = {k: len(datalist[k]) for k in ("training", "validation", "test")}
+    print(f"wrote {args.output}: {sizes}, channel stats {datalist['channel_stats']}")
+    return 0
+
+
+def run_bundle(config_file: Path, run_id: str, bundle: str, overrides: dict):
+    """Runs one runner id of a bundle config exactly as ``python -m monai.bundle run`` would, returning its results."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = config_file.parent
+    workflow = ConfigWorkflow(
+        config_file=str(config_file), meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"), run_id=run_id, workflow_type=None,
+        bundle_root=str(Path(bundle).resolve()), **overrides,
+    )
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return result
+
+
+def cmd_predict(args) -> int:
+    _check_bundle(args.bundle)
+    overrides = {"input": args.input, "output_dir": args.output_dir, **_overrides(args.set)}
+    if args.checkpoint:
+        overrides["checkpoint"] = args.checkpoint
+    try:
+        run_bundle(_bundle_config(args.bundle, "inference.json"), "inferring", args.bundle, overrides)
+    except RuntimeError as err:
+        # the bundle raises when any image failed; each failure was already logged with its path
+        logger.error("%s", err.__cause__ or err)
+        return 1
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    _check_bundle(args.bundle)
+    overrides = {"split": args.split, **_overrides(args.set)}
+    if args.dataset_dir:
+        overrides["dataset_dir"] = args.dataset_dir
+    run_bundle(_bundle_config(args.bundle, "evaluate.json"), "evaluating", args.bundle, overrides)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tuning import tune
+
+    _check_bundle(args.bundle)
+    overrides = {"bundle_root": str(Path(args.bundle).resolve()), **_overrides(args.set)}
+    if args.dataset_dir:
+        overrides["dataset_dir"] = args.dataset_dir
+    report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
+    report = tune(_bundle_config(args.bundle, "evaluate.json"), report_file, overrides=overrides)
+    chosen = report["chosen"]
+    print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")
+    print(f"validation figures: {chosen['validation']}")
+    print(f"all {len(report['results'])} settings: {report_file}")
+    print("set these as postprocess_params in the bundle's train.json, evaluate.json and inference.json")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .packaging import pack
+
+    print(pack(args.bundle, args.output))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .packaging import verify
+
+    problems = verify(args.bundle)
+    for problem in problems:
+        print(problem)
+    print("bundle matches its manifest" if not problems else f"{len(problems)} problem(s): do not run this bundle")
+    return 1 if problems else 0
+
+
+def cmd_unpack(args) -> int:
+    from .packaging import unpack
+
+    print(unpack(args.zip, args.dest, sha256=args.sha256))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucleiseg", description="Nuclei instance segmentation with MONAI bundles")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="fetch and unpack CryoNuSeg (Kaggle API, or a zip you downloaded)")
+    p.add_argument("--dest", required=True, help="folder to unpack into (the flat Kaggle layout)")
+    p.add_argument("--archive", help="a local copy of the Kaggle zip instead of downloading")
+    p.add_argument("--sha256", help="expected SHA-256 of the archive")
+    p.add_argument("--force", action="store_true", help="replace an incomplete or different copy at --dest")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("datalist", help="write the organ-stratified split and training channel statistics")
+    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--output", required=True, help="datalist JSON to write")
+    p.add_argument("--stats", help="also write the channel statistics JSON here")
+    p.add_argument("--val_fraction", type=float, default=0.15)
+    p.add_argument("--test_fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, help="k-fold cross-validation instead of train/validation/test")
+    p.add_argument("--fold", type=int, default=0)
+    p.set_defaults(func=cmd_datalist)
+
+    p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
+    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
+    p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, TIFF, pyramidal BigTIFF, ...)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#mpp=0.5")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="a bundle's evaluate.json: metrics, instance maps and overlays of a split")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--split", default="test", choices=("training", "validation", "test"))
+    p.add_argument("--dataset_dir")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--dataset_dir")
+    p.add_argument("--report", help="JSON report (default: BUNDLE/docs/postprocess_tuning.json)")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("pack", help="zip a bundle with a SHA-256 manifest")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--output", required=True, help="zip file to write")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("verify", help="check a bundle folder or zip against its manifest")
+    p.add_argument("--bundle", required=True, help="bundle folder or zip")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("unpack", help="verify and unpack a bundle zip (refused if any file differs)")
+    p.add_argument("--zip", required=True)
+    p.add_argument("--dest", required=True, help="new folder for the bundle")
+    p.add_argument("--sha256", help="the zip's published SHA-256, checked before anything else")
+    p.set_defaults(func=cmd_unpack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, FileExistsError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

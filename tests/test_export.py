@@ -1,0 +1,91 @@
+"""TorchScript export with MONAI's own ``ckpt_export`` as the README runs it; the .ts loads without our package."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nucleiseg_monai.networks import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORTABLE = sorted(p.parents[1] for p in (REPO / "bundles").glob("*/configs/export.json"))
+TINY = [4, 8, 16]
+
+# Runs in a fresh interpreter: only torch may be imported, so the .ts must stand on its own.
+LOAD_TS = """
+import sys, torch
+torch.set_num_threads(1)
+extra = {"metadata.json": "", "train.json": ""}
+net = torch.jit.load(sys.argv[1], map_location="cpu", _extra_files=extra)
+with torch.no_grad():
+    out = net(torch.load(sys.argv[2], weights_only=True))
+torch.save(out, sys.argv[3])
+assert not [m for m in sys.modules if m.split(".")[0] in ("nucleiseg_monai", "monai")], "the .ts needs our code"
+assert extra["metadata.json"] and extra["train.json"], "metadata or config missing from the .ts"
+"""
+
+
+def _random_checkpoint(path: Path) -> UNet:
+    """A tiny UNet with random weights and random batch-norm statistics (so eval mode is not an identity)."""
+    torch.manual_seed(0)
+    net = UNet(features=TINY)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
+@pytest.mark.parametrize("bundle", EXPORTABLE, ids=lambda p: p.name)
+def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
+    torch.set_num_threads(1)
+    root = tmp_path / bundle.name
+    shutil.copytree(bundle / "configs", root / "configs")
+    net = _random_checkpoint(root / "models" / "model.pt")
+    ts_file = root / "models" / "model.ts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    export = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export",
+        "--args_file", str(root / "configs" / "export.json"),
+        "--filepath", str(ts_file),
+        "--ckpt_file", str(root / "models" / "model.pt"),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--config_file", str(root / "configs" / "train.json"),
+        "--network_def#features", json.dumps(TINY),
+    ]  # fmt: skip
+    done = subprocess.run(export, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and ts_file.is_file(), done.stderr[-3000:]
+
+    # a shape other than the export's trace input, and not square: the .ts must generalise
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    load = [sys.executable, "-c", LOAD_TS, str(ts_file), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
+    done = subprocess.run(load, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    exported = torch.load(tmp_path / "y.pt", weights_only=True)
+    with torch.no_grad():
+        expected = net(x)
+    assert exported.shape == (2, 3, 64, 96)
+    assert (exported - expected).abs().max().item() < 1e-4
+
+
+def test_unet_scripts_and_keeps_its_shape_check():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = UNet(features=TINY).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert (scripted(x) - net(x)).abs().max().item() < 1e-5
+    with pytest.raises(Exception, match="divisible by 4,"):
+        scripted(torch.randn(1, 3, 30, 32))

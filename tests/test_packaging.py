@@ -1,0 +1,295 @@
+"""Bundles that travel: the metadata schema offline, pack / verify / unpack, and weights that cannot carry code."""
+
+import copy
+import filecmp
+import json
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import verify_metadata
+
+from nucleiseg_monai import packaging
+from nucleiseg_monai.networks import UNet, load_weights
+from nucleiseg_monai.packaging import BundleIntegrityError, check_bundle, pack, unpack, verify
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
+METADATA = sorted((REPO / "bundles").glob("*/configs/metadata.json"))
+SOURCE = REPO / "bundles" / "nuclei_unet_small"
+
+PACKED = {
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/train.json",
+    "configs/evaluate.json",
+    "docs/README.md",
+    "models/model.pt",
+    "models/channel_stats.json",
+}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any download attempt fails the test: the schema must come from schemas/, never from the URL."""
+    import monai.apps.utils
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"tried to download {args} {kwargs}")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", no_network)
+    monkeypatch.setattr(monai.apps.utils, "urlopen", no_network)
+
+
+@pytest.mark.parametrize("meta_file", METADATA, ids=lambda p: p.parents[1].name)
+def test_bundle_metadata_passes_the_schema_offline(meta_file, offline):
+    assert METADATA, "no bundles/*/configs/metadata.json found"
+    verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        (["changelog"], "'changelog' is a required property"),
+        (["required_packages_version"], "'required_packages_version' is a required property"),
+        (["network_data_format"], "'network_data_format' is a required property"),
+        (["network_data_format", "inputs", "image", "channel_def"], "'channel_def' is a required property"),
+    ],
+    ids=lambda v: "/".join(v) if isinstance(v, list) else None,
+)
+def test_metadata_missing_a_required_field_fails(path, expected, tmp_path, offline):
+    meta = json.loads((SOURCE / "configs" / "metadata.json").read_text())
+    parent = meta
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=expected):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _bundle(root: Path) -> Path:
+    """A small bundle with the real configs, a tiny checkpoint, and the outputs that a run leaves behind."""
+    (root / "configs").mkdir(parents=True)
+    for name in ("metadata.json", "train.json", "evaluate.json"):
+        shutil.copy(SOURCE / "configs" / name, root / "configs" / name)
+    (root / "models").mkdir()
+    torch.save(UNet(features=(4, 8)).state_dict(), root / "models" / "model.pt")
+    (root / "models" / "channel_stats.json").write_text(json.dumps({"mean": [1, 2, 3], "std": [4, 5, 6]}))
+    (root / "docs").mkdir()
+    (root / "docs" / "README.md").write_text("# tiny bundle\n")
+    (root / "LICENSE").write_text("Apache-2.0\n")
+    # outputs and litter: never packed, never checked
+    (root / "models" / "checkpoint_last.pt").write_bytes(b"optimizer state")
+    (root / "models" / ".model.pt.tmp").write_bytes(b"half-written")
+    (root / "runs").mkdir()
+    (root / "runs" / "events.out.tfevents.1").write_bytes(b"log")
+    (root / "eval" / "test").mkdir(parents=True)
+    (root / "eval" / "test" / "metrics.csv").write_text("aji\n0.5\n")
+    return root
+
+
+def _rewrite_zip(src: Path, dst: Path, change: dict[str, bytes | None]) -> None:
+    """Copies a zip member by member, replacing (bytes) or dropping (None) the members named in ``change``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename not in change:
+                zout.writestr(info, zin.read(info))
+            elif change[info.filename] is not None:
+                zout.writestr(info, change[info.filename])
+
+
+@pytest.fixture
+def packed(tmp_path) -> tuple[Path, Path]:
+    bundle = _bundle(tmp_path / "src" / "tiny_bundle")
+    return bundle, pack(bundle, tmp_path / "dist" / "tiny_bundle.zip")
+
+
+def test_pack_holds_the_bundle_files_and_their_hashes(packed):
+    bundle, zip_path = packed
+    assert sorted(p.name for p in zip_path.parent.iterdir()) == ["tiny_bundle.zip"]  # no temporary left over
+    assert zip_path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as any file the user writes, not private
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("tiny_bundle/manifest.json"))
+    assert names == {f"tiny_bundle/{f}" for f in PACKED | {"manifest.json"}}
+    assert set(manifest["files"]) == PACKED
+    assert manifest["bundle"] == "tiny_bundle"
+    assert manifest["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert manifest["files"]["configs/train.json"] == packaging.sha256_file(bundle / "configs" / "train.json")
+    assert not (bundle / "manifest.json").exists(), "pack must not change the bundle folder"
+    assert verify(zip_path) == []
+
+
+def test_unpack_round_trip(packed, tmp_path):
+    bundle, zip_path = packed
+    dest = unpack(zip_path, tmp_path / "installed" / "tiny", sha256=packaging.sha256_file(zip_path))
+    assert dest == tmp_path / "installed" / "tiny"
+    assert verify(dest) == []
+    check_bundle(dest)
+    for relpath in PACKED:
+        assert filecmp.cmp(bundle / relpath, dest / relpath, shallow=False), relpath
+    assert packaging.bundle_files(dest) == sorted(PACKED)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["tiny"]  # the temporary folder was renamed away
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def test_unpack_refuses_a_zip_with_a_changed_config(packed, tmp_path):
+    _, zip_path = packed
+    with zipfile.ZipFile(zip_path) as zf:
+        config = bytearray(zf.read("tiny_bundle/configs/train.json"))
+    config[10] ^= 0x01
+    tampered = tmp_path / "tampered.zip"
+    _rewrite_zip(zip_path, tampered, {"tiny_bundle/configs/train.json": bytes(config)})
+
+    assert [p.split(":")[0] for p in verify(tampered)] == ["configs/train.json"]
+    dest = tmp_path / "installed" / "tiny"
+    with pytest.raises(BundleIntegrityError, match="configs/train.json") as err:
+        unpack(tampered, dest)
+    assert [p.split(":")[0] for p in err.value.problems] == ["configs/train.json"]
+    assert not dest.exists()
+    assert list((tmp_path / "installed").iterdir()) == []  # nothing half-extracted either
+
+
+def test_unpack_refuses_a_wrong_published_digest(packed, tmp_path):
+    _, zip_path = packed
+    with pytest.raises(BundleIntegrityError, match="sha256"):
+        unpack(zip_path, tmp_path / "tiny", sha256="0" * 64)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_verify_lists_changed_added_and_missing_files_but_not_outputs(packed, tmp_path):
+    _, zip_path = packed
+    dest = unpack(zip_path, tmp_path / "tiny")
+    # what training and evaluation write does not matter
+    (dest / "models" / "checkpoint_last.pt").write_bytes(b"new optimizer state")
+    (dest / "runs").mkdir()
+    (dest / "runs" / "events").write_bytes(b"log")
+    (dest / "eval").mkdir()
+    (dest / "eval" / "report.csv").write_text("aji\n")
+    assert verify(dest) == []
+
+    train = dest / "configs" / "train.json"
+    train.write_bytes(train.read_bytes().replace(b'"epochs": 60', b'"epochs": 61'))
+    (dest / "configs" / ".hidden.json").write_text("{}")  # configs are code: even hidden files count
+    (dest / "models" / "extra.pt").write_bytes(b"unlisted weights")
+    (dest / "docs" / "README.md").unlink()
+    problems = verify(dest)
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "configs/.hidden.json",
+        "configs/train.json",
+        "docs/README.md",
+        "models/extra.pt",
+    ]
+    assert "docs/README.md: missing" in problems
+    with pytest.raises(BundleIntegrityError, match="configs/train.json"):
+        check_bundle(dest)
+
+    # a deliberate change is sealed again
+    (dest / "configs" / ".hidden.json").unlink()
+    packaging.write_manifest(dest)
+    assert verify(dest) == []
+    check_bundle(dest)
+
+
+@pytest.mark.parametrize(
+    "evil", ["../evil.json", "tiny_bundle/../../evil.json", "/tmp/evil.json", "tiny_bundle\\..\\evil"]
+)
+def test_unpack_refuses_paths_that_escape(packed, tmp_path, evil):
+    _, zip_path = packed
+    bad = tmp_path / "bad.zip"
+    shutil.copy(zip_path, bad)
+    with zipfile.ZipFile(bad, "a") as zf:
+        zf.writestr(zipfile.ZipInfo(evil), b'{"_target_": "os.system"}')
+    dest = tmp_path / "a" / "b" / "tiny"
+    with pytest.raises(BundleIntegrityError, match="unsafe path"):
+        unpack(bad, dest)
+    assert not dest.exists()
+    assert not list(tmp_path.rglob("evil*"))
+    assert any("unsafe path" in p for p in verify(bad))
+
+
+def test_unpack_refuses_a_symlink_member(packed, tmp_path):
+    _, zip_path = packed
+    bad = tmp_path / "bad.zip"
+    shutil.copy(zip_path, bad)
+    link = zipfile.ZipInfo("tiny_bundle/configs/link.json")
+    link.external_attr = (0o120777 << 16)  # S_IFLNK
+    with zipfile.ZipFile(bad, "a") as zf:
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(BundleIntegrityError, match="symbolic link"):
+        unpack(bad, tmp_path / "tiny")
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_missing_manifest_is_a_clear_error(packed, tmp_path):
+    bundle, zip_path = packed
+    stripped = tmp_path / "stripped.zip"
+    _rewrite_zip(zip_path, stripped, {"tiny_bundle/manifest.json": None})
+    with pytest.raises(FileNotFoundError, match="no tiny_bundle/manifest.json"):
+        unpack(stripped, tmp_path / "tiny")
+    assert not (tmp_path / "tiny").exists()
+    with pytest.raises(FileNotFoundError, match="no tiny_bundle/manifest.json"):
+        verify(stripped)
+    with pytest.raises(FileNotFoundError, match=r"manifest.json is missing.*write_manifest"):
+        verify(bundle)
+    check_bundle(bundle)  # a working copy without a manifest is not checked
+
+
+def test_manifest_cannot_list_paths_outside_the_bundle(packed, tmp_path):
+    _, zip_path = packed
+    with zipfile.ZipFile(zip_path) as zf:
+        manifest = json.loads(zf.read("tiny_bundle/manifest.json"))
+    evil = copy.deepcopy(manifest)
+    evil["files"]["../../outside.json"] = "0" * 64
+    forged = tmp_path / "forged.zip"
+    _rewrite_zip(zip_path, forged, {"tiny_bundle/manifest.json": json.dumps(evil).encode()})
+    with pytest.raises(ValueError, match="unsafe or malformed"):
+        unpack(forged, tmp_path / "tiny")
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_pack_needs_metadata_and_weights(tmp_path):
+    bundle = _bundle(tmp_path / "b")
+    (bundle / "models" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        pack(bundle, tmp_path / "b.zip")
+    torch.save({}, bundle / "models" / "model.pt")
+    (bundle / "configs" / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        pack(bundle, tmp_path / "b.zip")
+    assert not (tmp_path / "b.zip").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+class _Payload:
+    """Unpickling this runs code (it touches a file): what a checkpoint from an unknown source could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_load_weights_refuses_a_checkpoint_that_carries_objects(tmp_path):
+    net = UNet(features=(4, 8))
+    marker = tmp_path / "code_ran"
+    torch.save({"network": net.state_dict(), "extra": _Payload(marker)}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_weights(UNet(features=(4, 8)), tmp_path / "model.pt")
+    assert not marker.exists()
+
+    torch.save({"network": net.state_dict()}, tmp_path / "plain.pt")  # the same weights as data load fine
+    loaded = load_weights(UNet(features=(4, 8)), tmp_path / "plain.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
