@@ -1,0 +1,95 @@
+"""Smoke test of benchmarks/speed.py: the quick run finishes and its JSON holds every figure, consistently.
+
+No timing is asserted (speed depends on the machine); only that each figure is a positive number and that every
+ratio is the quotient of the figures it relates.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REL = 2e-3  # figures are rounded to 4 significant digits before ratios are taken
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def _figures_positive(node, path="") -> list[str]:
+    """Paths of rate / memory figures that are not positive numbers (skipped levers carry a reason instead)."""
+    bad = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}"
+            if key.endswith(("_per_s", "_mb")) and not isinstance(value, dict) and not _positive(value):
+                if not (value is None and node.get("skipped")):
+                    bad.append(f"{here}={value!r}")
+            bad += _figures_positive(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            bad += _figures_positive(value, f"{path}[{i}]")
+    return bad
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_figure(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--quick", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reference forward" in proc.stdout
+    r = json.loads(out.read_text())
+
+    env = r["environment"]
+    for key in ("cpu_model", "torch", "threads", "cpu_capability", "bf16_native"):
+        assert key in env
+    assert _figures_positive(r) == []
+
+    cpu = r["cpu"]
+    ref = cpu["reference"]["forward"]["mp_per_s"]
+    ref_train = cpu["reference"]["train"]["images_per_s"]
+    assert _positive(ref) and _positive(ref_train)
+    assert "nuclei_unet_small" in cpu["bundles"]
+    for name, b in cpu["bundles"].items():
+        assert b["weights"].startswith(("trained", "random init")), name
+        for kind in ("network_only", "end_to_end"):
+            assert _positive(b[kind]["mp_per_s"]), (name, kind)
+            assert b[kind]["ratio_to_reference"] == pytest.approx(b[kind]["mp_per_s"] / ref, rel=REL)
+        e2e = b["end_to_end"]
+        assert e2e["regions_processed"] == 4  # --quick: 256 px image in 128 px regions, stitching runs
+        assert set(e2e["breakdown_share"]) >= {"read", "network", "postprocess", "measure_and_outputs"}
+        assert sum(e2e["breakdown_share"].values()) == pytest.approx(1.0, abs=0.01)
+        t = b["train"]
+        plain, pipe = t["plain"]["images_per_s"], t["pipeline"]["images_per_s"]
+        assert _positive(plain) and _positive(pipe)
+        assert t["overhead_percent"] == pytest.approx((plain / pipe - 1) * 100, rel=REL, abs=0.05)
+        assert t["ratio_to_reference"] == pytest.approx(plain / ref_train, rel=REL)
+        assert 0 <= t["pipeline"]["data_wait_share"] <= 1
+        assert isinstance(t["pipeline"]["loader_starves_network"], bool)
+
+    lev = cpu["levers"]
+    rows = {row["lever"]: row for row in lev["rows"]}
+    base = rows[lev["baseline"]]["mp_per_s"]
+    assert _positive(base)
+    for name in ("float32 plain (no_grad)", "+ inference_mode", "+ channels_last", "+ bf16 autocast (bundle setting)",
+                 "bundle setting, 1 thread(s)", "bundle setting, batch 1", "bundle setting, batch 4"):
+        assert _positive(rows[name]["mp_per_s"]), name
+    assert sum(name.startswith("bundle setting, tile") for name in rows) == 3
+    for row in lev["rows"]:
+        if row["mp_per_s"] is None:
+            assert row["skipped"]
+        else:
+            assert row["gain"] == pytest.approx(row["mp_per_s"] / base, rel=REL), row["lever"]
+    for kind in ("on_network_probs", "on_ideal_probs"):
+        assert _positive(lev["postprocess"][kind]["s_per_mp"])
+        assert lev["postprocess"][kind]["s_per_mp"] == pytest.approx(1 / lev["postprocess"][kind]["mp_per_s"], rel=REL)
+
+    mem = r["memory"]
+    assert _positive(mem["peak_rss_mb"])
+    assert mem["peak_rss_mb"] >= max(mem["phase_peak_rss_mb"].values()) * 0.99
