@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from torch.optim.lr_scheduler import LRScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,15 @@ def save_atomic(obj, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save (disk full) must not leave a checkpoint-sized file behind
+        raise
     return path
 
 
@@ -54,13 +59,36 @@ class LastCheckpoint:
 
 
 class BestCheckpoint:
-    """Saves the network's weights whenever the evaluator's key metric improves (the bundle's ``model.pt``)."""
+    """Saves the network's weights whenever the evaluator's key metric improves (the bundle's ``model.pt``).
+
+    Its state (the evaluator's best metric and epoch) belongs in the training checkpoint: a resumed run then
+    replaces ``model.pt`` only when it beats the best of the run it continues, not at its first validation.
+    """
 
     def __init__(self, path: str | os.PathLike, network: torch.nn.Module):
         self.path, self.network = Path(path), network
+        self.engine: Engine | None = None
+        self._loaded: dict | None = None
 
     def attach(self, engine: Engine) -> None:
+        self.engine = engine
         engine.add_event_handler(Events.COMPLETED, self)
+        self._apply()
+
+    def state_dict(self) -> dict:
+        if self.engine is None:  # ranks > 0 of a distributed run hold no evaluator; -1 is MONAI's "none yet"
+            return dict(self._loaded or {"best_metric": -1.0, "best_metric_epoch": -1})
+        return {"best_metric": float(self.engine.state.best_metric),
+                "best_metric_epoch": int(self.engine.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded = {"best_metric": float(state["best_metric"]), "best_metric_epoch": int(state["best_metric_epoch"])}
+        self._apply()
+
+    def _apply(self) -> None:
+        if self.engine is not None and self._loaded is not None:
+            self.engine.state.best_metric = self._loaded["best_metric"]
+            self.engine.state.best_metric_epoch = self._loaded["best_metric_epoch"]
 
     def __call__(self, engine: Engine) -> None:
         # MONAI's evaluators run with the trainer's epoch and keep the epoch of the best key metric: save when it is now
@@ -74,7 +102,8 @@ class BestCheckpoint:
 class Resume:
     """With ``enabled``, loads the last checkpoint into the objects before the first epoch.
 
-    Ignite then continues from the stored epoch and iteration; optimizer and scheduler continue where they were.
+    Ignite then continues from the stored epoch and iteration; optimizer and scheduler continue where they were,
+    the schedule stretched to the new length when more epochs are asked for than the checkpoint's run had.
     Without a checkpoint the run fails at once, naming the file, rather than silently starting again. The engine
     it is attached to is loaded as "trainer".
     """
@@ -95,11 +124,40 @@ class Resume:
     def __call__(self, engine: Engine) -> None:
         checkpoint = torch.load(self.path, map_location=self.map_location or "cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
+        longer = (max_epochs or 0) > (checkpoint.get("trainer", {}).get("max_epochs") or 0)
         for name, obj in self.load_dict.items():
-            obj.load_state_dict(checkpoint[name])
+            if name not in checkpoint and isinstance(obj, BestCheckpoint):
+                # checkpoints written before the best metric was saved with them
+                logger.warning("%s holds no %r state: the first validation will replace model.pt", self.path, name)
+                continue
+            if name not in checkpoint:
+                raise KeyError(f"{self.path} holds no {name!r} state (it has {sorted(checkpoint)}); it was written "
+                               "by another configuration: resume with that one, or start anew without --resume")
+            if isinstance(obj, LRScheduler) and longer:
+                _stretch_schedule(obj, checkpoint[name])
+            else:
+                obj.load_state_dict(checkpoint[name])
         # a resumed run may be asked for more epochs than it first had
         engine.state.max_epochs = max(max_epochs or 0, engine.state.max_epochs or 0)
         logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+
+
+def _stretch_schedule(scheduler: LRScheduler, state: dict) -> None:
+    """For a run resumed with more epochs: the saved position in the schedule, the config's shape of it.
+
+    A cosine schedule's T_max is ``--epochs``; the saved T_max would cycle the learning rate back up to its maximum
+    after the first run's last epoch. Schedulers without a closed form are restored as saved. The optimizer must be
+    loaded first: it holds the learning rate set here.
+    """
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is None:
+        scheduler.load_state_dict(state)
+        return
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": state["last_epoch"],
+                               "_step_count": state.get("_step_count", state["last_epoch"] + 1)})
+    for group, lr in zip(scheduler.optimizer.param_groups, closed_form()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class ProgressBar:

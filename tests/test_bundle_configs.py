@@ -1,0 +1,391 @@
+"""The bundles' configs (the two bundles agree apart from the network; every runner id users type exists; every
+reference resolves), bundle_root's reading of --config_file, the U-Net variants, and the checkpoint handlers
+(atomic save, resume of optimizer/scheduler/best metric, weights-only loading). Nothing here trains a bundle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
+
+from nucleiseg_monai import handlers, networks
+from nucleiseg_monai.bundle import bundle_root
+from nucleiseg_monai.networks import REFERENCE_FULL, REFERENCE_SMALL, MixedPrecision, UNet, load_weights
+
+torch.set_num_threads(1)
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+SMALL, FULL = BUNDLES / "nuclei_unet_small" / "configs", BUNDLES / "nuclei_unet_full" / "configs"
+RUNNERS = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}
+# where the two bundles' metadata may differ: what describes the network
+METADATA_DIFFERENCES = {"name", "description", "changelog", "spatial_shape"}
+TINY = (8, 16, 32, 64)
+
+
+def _load(path: Path):
+    return json.loads(path.read_text())
+
+
+def _differences(a, b, path: tuple = ()) -> list[tuple]:
+    """Paths (tuples of keys) at which two parsed JSON documents differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [path + (k,) for k in a.keys() ^ b.keys()]
+        for k in a.keys() & b.keys():
+            out += _differences(a[k], b[k], path + (k,))
+        return out
+    return [] if a == b else [path]
+
+
+def _parser(*files: Path) -> ConfigParser:
+    """The configs as ``monai.bundle run`` reads them: merged in order, metadata.json beside them as ``_meta_``."""
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.read_meta(str(files[0].parent / "metadata.json"))
+    return parser
+
+
+# --- the two bundles ----------------------------------------------------------------------------------------------
+
+
+def test_bundles_hold_the_same_config_files():
+    shared = {p.name for p in SMALL.iterdir()} & {p.name for p in FULL.iterdir()}
+    assert {"train.json", "evaluate.json", "multi_gpu_train.json", "metadata.json", "logging.conf"} <= shared
+
+
+@pytest.mark.parametrize("name", sorted(
+    {p.name for p in SMALL.glob("*.json")} & {p.name for p in FULL.glob("*.json")} - {"metadata.json"}))
+def test_bundles_differ_only_in_network_def(name):
+    small, full = _load(SMALL / name), _load(FULL / name)
+    small_net, full_net = small.pop("network_def", None), full.pop("network_def", None)
+    assert _differences(small, full) == [], f"{name}: the bundles differ outside network_def"
+    if small_net is not None or full_net is not None:
+        assert small_net["features"] != full_net["features"]
+        assert len(full_net["features"]) > len(small_net["features"])  # the full bundle is deeper
+        assert {k: v for k, v in small_net.items() if k != "features"} == \
+            {k: v for k, v in full_net.items() if k != "features"}
+
+
+def test_bundles_share_logging_conf():
+    assert (SMALL / "logging.conf").read_text() == (FULL / "logging.conf").read_text()
+
+
+def test_metadata_differs_only_in_what_describes_the_network():
+    small, full = _load(SMALL / "metadata.json"), _load(FULL / "metadata.json")
+    assert small.keys() == full.keys()
+    differences = _differences(small, full)
+    assert differences, "both bundles claim the same name and network"
+    for path in differences:
+        assert METADATA_DIFFERENCES & set(path), f"metadata differs at {'/'.join(map(str, path))}"
+    # the spatial multiple states the network's depth: 2 ** poolings
+    for meta, configs in ((small, SMALL), (full, FULL)):
+        poolings = len(_load(configs / "train.json")["network_def"]["features"]) - 1
+        shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+        assert shape == [f"{2 ** poolings}*n"] * 2
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_evaluation_builds_the_network_training_built(configs):
+    train_net = _load(configs / "train.json")["network_def"]
+    assert _load(configs / "evaluate.json")["network_def"] == train_net
+    if (configs / "inference.json").is_file():
+        assert _load(configs / "inference.json")["network_def"] == train_net
+
+
+# --- every config parses, resolves and answers to its runner ids -----------------------------------------------
+
+
+def _config_sets():
+    for configs in (SMALL, FULL):
+        for name, runner in RUNNERS.items():
+            yield pytest.param([configs / name], runner, id=f"{configs.parent.name}-{name}")
+        yield pytest.param([configs / "train.json", configs / "multi_gpu_train.json"], "training",
+                           id=f"{configs.parent.name}-train+multi_gpu")
+
+
+@pytest.mark.parametrize("files, runner", list(_config_sets()))
+def test_config_parses_with_runner_ids(files, runner):
+    if not all(f.is_file() for f in files):
+        pytest.skip(f"{' + '.join(f.name for f in files)} is not in the bundle yet")
+    parser = _parser(*files)
+    parser.parse()
+    for run_id in (runner, "run"):
+        assert run_id in parser, f"{files[-1]} has no {run_id!r}: `monai.bundle run {run_id}` would fail"
+    # `monai.bundle run` without a runner id runs "run": it must do what the named runner does
+    assert parser.get("run") in (f"@{runner}", parser.get(runner))
+    # every @reference names an item that exists (a typo fails only when that item is first used)
+    missing = []
+    for id_, item in parser.ref_resolver.items.items():
+        value = item.get_config()
+        if isinstance(value, str):
+            missing += [(id_, ref) for ref in ReferenceResolver.match_refs_pattern(value) if ref not in parser]
+    assert missing == []
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_resume_restores_everything_the_checkpoint_saves(configs):
+    train = _load(configs / "train.json")
+    by_target = {h["_target_"]: h for h in train["train"]["handlers"] if isinstance(h, dict)}
+    saved = by_target["nucleiseg_monai.handlers.LastCheckpoint"]["save_dict"]
+    restored = by_target["nucleiseg_monai.handlers.Resume"]["load_dict"]
+    assert saved == restored
+    assert {"network", "optimizer", "lr_scheduler"} <= saved.keys()
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(configs):
+    # multi_gpu_train.json gives ranks > 0 train#handlers[:3]: those three, and never a writer of files
+    multi = _load(configs / "multi_gpu_train.json")
+    assert "@train#handlers[:3] if dist.get_rank() > 0" in multi["train#trainer#train_handlers"]
+    targets = [h["_target_"] for h in _load(configs / "train.json")["train"]["handlers"]]
+    assert targets[:3] == ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler", "ValidationHandler"]
+
+
+# --- bundle_root --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["monai.bundle", "run", "training", "--config_file", "a/b/configs/train.json"],
+    ["monai.bundle", "run", "training", "--config_file=a/b/configs/train.json", "--epochs", "3"],
+    ["monai.bundle", "run", "--config_file", "['a/b/configs/train.json','a/b/configs/multi_gpu_train.json']"],
+    ["monai.bundle", "run", "--config_file=['a/b/configs/train.json', 'a/b/configs/multi_gpu_train.json']"],
+], ids=["space", "equals", "list", "list-equals"])
+def test_bundle_root_is_the_folder_above_configs(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(bundle_root(argv)) == (tmp_path / "a" / "b").resolve()
+
+
+def test_bundle_root_of_an_absolute_path_ignores_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(bundle_root(["--config_file", "/srv/bundles/x/configs/train.json"])) == Path("/srv/bundles/x")
+
+
+def test_bundle_root_outside_a_configs_folder_is_the_config_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(bundle_root(["--config_file", "mine/train.json"])) == (tmp_path / "mine").resolve()
+
+
+def test_bundle_root_without_config_file_is_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(bundle_root(["monai.bundle", "run", "training"])) == tmp_path.resolve()
+
+
+def test_bundle_root_reads_sys_argv_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["monai.bundle", "run", "--config_file", "z/configs/evaluate.json"])
+    assert Path(bundle_root()) == (tmp_path / "z").resolve()
+
+
+# --- networks -----------------------------------------------------------------------------------------------------
+
+
+# exact counts, computed once with networks.count_parameters(UNet(features=...)):
+#   REFERENCE_SMALL (64, 128, 256, 512):        7_700_291
+#   REFERENCE_FULL  (64, 128, 256, 512, 1024): 31_037_763
+@pytest.mark.parametrize("features, expected", [(REFERENCE_SMALL, 7_700_291), (REFERENCE_FULL, 31_037_763)],
+                         ids=["small", "full"])
+def test_reference_variants_have_the_reference_sizes(features, expected):
+    count = networks.count_parameters(UNet(features=features))
+    assert abs(count - expected) <= 0.02 * expected
+
+
+@pytest.mark.parametrize("features, size", [(TINY, 64), ((8, 16, 32, 64, 128), 96)], ids=["3-pool", "4-pool"])
+def test_unet_output_has_the_input_size_and_three_channels(features, size):
+    net = UNet(features=features).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, size, size + 16))
+    assert out.shape == (2, 3, size, size + 16)
+
+
+def test_unet_refuses_a_size_not_divisible_by_its_poolings():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        UNet(features=TINY)(torch.randn(1, 3, 100, 100))
+
+
+def test_mixed_precision_returns_float32_close_to_the_plain_network():
+    torch.manual_seed(0)
+    net = UNet(features=TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = net(x)
+        mixed = MixedPrecision(net, "bfloat16")(x)
+    assert mixed.dtype == torch.float32 and mixed.shape == plain.shape
+    error = (mixed - plain).abs().max().item()
+    assert error <= 0.05 * plain.abs().max().item()  # bf16 keeps ~3 significant digits per layer
+    assert error > 0  # autocast was in effect: bf16 rounding shows
+    assert MixedPrecision(UNet(features=TINY)).state_dict().keys() == net.state_dict().keys()
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_interpolating_upsample_modes(mode):
+    net = UNet(features=TINY, upsample=mode).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_unknown_upsample_mode_is_refused():
+    with pytest.raises(ValueError, match="upsample"):
+        UNet(features=TINY, upsample="bicubic")
+
+
+# --- save_atomic --------------------------------------------------------------------------------------------------
+
+
+def test_save_atomic_writes_the_file_and_no_temporary(tmp_path):
+    path = handlers.save_atomic({"w": torch.arange(3)}, tmp_path / "models" / "model.pt")
+    assert path == tmp_path / "models" / "model.pt"
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    path = handlers.save_atomic({"w": torch.zeros(4)}, tmp_path / "checkpoint_last.pt")
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def killed_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half the bytes are on disk when the writer dies
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(OSError, match="No space left"):
+        handlers.save_atomic({"w": torch.ones(1000)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # nor a half file beside it
+
+
+# --- resume: optimizer, schedule and best metric continue ------------------------------------------------------
+
+
+def _toy_training(t_max: int):
+    """One parameter, AdamW and a cosine schedule over ``t_max`` epochs, stepped per epoch like LrScheduleHandler."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=1e-5)
+
+    def step(engine, batch):
+        optimizer.zero_grad()
+        (param * batch).sum().backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: schedule.step())
+    lrs: list[float] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: lrs.append(optimizer.param_groups[0]["lr"]))
+    return trainer, optimizer, schedule, lrs
+
+
+def test_resume_with_more_epochs_continues_the_schedule_of_a_run_that_had_them(tmp_path):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    fresh, _, _, fresh_lrs = _toy_training(3)
+    fresh.run(data, max_epochs=3)
+
+    first, optimizer, schedule, _ = _toy_training(1)
+    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
+    first.run(data, max_epochs=1)
+
+    second, optimizer, schedule, lrs = _toy_training(3)
+    objects = {"optimizer": optimizer, "lr_scheduler": schedule}
+    handlers.Resume(path, objects).attach(second)
+    handlers.LastCheckpoint(path, objects).attach(second)
+    second.run(data, max_epochs=3)
+
+    assert (second.state.epoch, second.state.iteration) == (3, 6)
+    assert lrs == pytest.approx(fresh_lrs[1:])  # not back up to 1e-3, as a restored T_max=1 would cycle
+    state = torch.load(path, weights_only=True)
+    assert state["lr_scheduler"]["last_epoch"] == 3 and state["lr_scheduler"]["T_max"] == 3
+    assert int(state["optimizer"]["state"][0]["step"]) == 6
+
+
+def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(tmp_path):
+    # a 2-epoch run killed after epoch 1, resumed with the config's default (here 1) epochs: it goes on to 2
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    fresh, _, _, fresh_lrs = _toy_training(2)
+    fresh.run(data, max_epochs=2)
+
+    first, optimizer, schedule, _ = _toy_training(2)
+    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    first.run(data, max_epochs=2)
+
+    second, optimizer, schedule, lrs = _toy_training(1)
+    handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(second)
+    second.run(data, max_epochs=1)
+    assert (second.state.epoch, second.state.iteration) == (2, 4)
+    assert lrs == pytest.approx(fresh_lrs[1:]) and schedule.T_max == 2
+
+
+def test_resume_without_a_checkpoint_names_the_file(tmp_path):
+    missing = tmp_path / "models" / "checkpoint_last.pt"
+    with pytest.raises(FileNotFoundError, match="checkpoint_last.pt"):
+        handlers.Resume(missing, {}).attach(Engine(lambda e, b: None))
+    handlers.Resume(missing, {}, enabled=False).attach(Engine(lambda e, b: None))  # a new run needs none
+
+
+def test_best_checkpoint_state_carries_the_best_metric_into_a_resumed_evaluator(tmp_path):
+    net = UNet(features=TINY)
+    before = Engine(lambda e, b: None)
+    before.state.best_metric, before.state.best_metric_epoch = 0.61, 4
+    saving = handlers.BestCheckpoint(tmp_path / "model.pt", net)
+    saving.attach(before)
+    state = saving.state_dict()
+    assert state == {"best_metric": 0.61, "best_metric_epoch": 4}
+
+    # Resume loads the state when the trainer starts, after the evaluator was built with its handlers
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1, -1  # as MONAI's workflows start
+    resumed = handlers.BestCheckpoint(tmp_path / "model.pt", net)
+    resumed.attach(evaluator)
+    resumed.load_state_dict(state)
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.61, 4)
+    # ranks > 0 load it without an evaluator
+    detached = handlers.BestCheckpoint(tmp_path / "model.pt", net)
+    detached.load_state_dict(state)
+    assert detached.state_dict() == state
+
+
+# --- load_weights -------------------------------------------------------------------------------------------------
+
+
+def test_load_weights_without_a_file_says_how_to_train(tmp_path):
+    missing = tmp_path / "bundle" / "models" / "model.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        load_weights(UNet(features=TINY), missing)
+    assert str(missing) in str(err.value)
+    assert "python -m monai.bundle run training" in str(err.value)
+    assert str(tmp_path / "bundle" / "configs" / "train.json") in str(err.value)
+
+
+def test_load_weights_takes_the_network_of_a_training_checkpoint(tmp_path):
+    trained = UNet(features=TINY)
+    torch.save({"network": trained.state_dict(), "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "checkpoint_last.pt")
+    loaded = load_weights(UNet(features=TINY), tmp_path / "checkpoint_last.pt")
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_load_weights_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"network": _Payload(marker)}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_weights(UNet(features=TINY), tmp_path / "model.pt")
+    assert not marker.exists()

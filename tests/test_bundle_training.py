@@ -1,0 +1,256 @@
+"""End to end through the real CLI, as users type it: ``python -m monai.bundle run training|evaluating|run``, resume,
+and two-process DDP (gloo on CPU), on a copy of the small bundle's configs with a tiny network and a synthetic
+dataset. Each run is a subprocess limited to one thread: the machine has two cores."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage.io import imread
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nucleiseg_monai.networks import UNet
+from nucleiseg_monai.synthetic import write_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "nuclei_unet_small" / "configs"
+FEATURES = [8, 16, 32, 64]
+BATCH, SAMPLES_PER_TILE = 2, 2
+TILE = 128
+
+
+def tiny_args(dataset: Path) -> list[str]:
+    # 128 px tiles: the validation/evaluation window shrinks from 512 so a tile is not padded to 16 times its area
+    return ["--dataset_dir", str(dataset), "--patch_size", "[64,64]", "--batch_size", str(BATCH),
+            "--samples_per_tile", str(SAMPLES_PER_TILE), "--num_workers", "0", "--val_interval", "1",
+            "--network_def#features", json.dumps(FEATURES), "--validate#inferer#roi_size", f"[{TILE},{TILE}]"]
+
+
+def eval_args(dataset: Path, root: Path) -> list[str]:
+    # the synthetic tiles share CryoNuSeg's names: real observer annotations must not be scored against them
+    return ["--dataset_dir", str(dataset), "--network_def#features", json.dumps(FEATURES),
+            "--evaluate#inferer#roi_size", f"[{TILE},{TILE}]", "--observers_dir", str(root / "no_observers")]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run(command: list[str], cwd: Path, timeout: int = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def bundle_run(runner: str | None, config: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "monai.bundle", "run"] + ([runner] if runner else [])
+    return run(command + ["--config_file", str(config)] + args, cwd)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def copy_bundle(root: Path, name: str = "nuclei_unet_small") -> Path:
+    """The bundle's configs alone in a new folder: a user's copy, whose models/ and runs/ start empty."""
+    shutil.copytree(CONFIGS, root / name / "configs")
+    return root / name
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def iterations_per_epoch(bundle: Path, ranks: int = 1) -> int:
+    n_train = len(json.loads((bundle / "models" / "datalist.json").read_text())["training"])
+    return math.ceil(math.ceil(n_train * SAMPLES_PER_TILE / ranks) / BATCH)
+
+
+def train_loss(bundle: Path) -> dict[int, float]:
+    """Iteration -> logged train loss over all event files of the bundle's runs/."""
+    losses: dict[int, float] = {}
+    for path in sorted((bundle / "runs").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train_loss" in events.Tags()["scalars"]:
+            for e in events.Scalars("train_loss"):
+                assert e.step not in losses, f"iteration {e.step} logged twice"
+                losses[e.step] = e.value
+    return losses
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    # 2 organs x 8 tiles: 4 test, 2 validation (one per DDP rank), 10 training tiles
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), n_tiles=16, size=TILE, organs=("Skin", "Thymus"),
+                         seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, dataset) -> tuple[Path, str]:
+    """A bundle trained one epoch with ``monai.bundle run`` and no runner id; tests copy it, never change it."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    bundle = copy_bundle(root)
+    output = ok(bundle_run(None, bundle / "configs" / "train.json", tiny_args(dataset) + ["--epochs", "1"], root))
+    return bundle, output
+
+
+def test_training_smoke(tmp_path, dataset):
+    bundle = copy_bundle(tmp_path)
+    ok(bundle_run("training", bundle / "configs" / "train.json", tiny_args(dataset) + ["--epochs", "3"], tmp_path))
+
+    assert (bundle / "models" / "checkpoint_last.pt").is_file()
+    assert list((bundle / "runs").glob("events.out.tfevents.*"))
+    n = iterations_per_epoch(bundle)
+    losses = train_loss(bundle)
+    assert sorted(losses) == list(range(1, 3 * n + 1))
+    assert all(math.isfinite(v) for v in losses.values())
+    first = np.mean([losses[i] for i in range(1, n + 1)])
+    last = np.mean([losses[i] for i in range(2 * n + 1, 3 * n + 1)])
+    assert last < first, f"train loss did not fall: epoch 1 mean {first:.4f}, epoch 3 mean {last:.4f}"
+
+    net = UNet(in_channels=3, out_channels=3, features=FEATURES)
+    net.load_state_dict(load(bundle / "models" / "model.pt"))  # a plain state dict, strict
+    assert load(bundle / "models" / "checkpoint_last.pt")["trainer"]["iteration"] == 3 * n
+
+
+def test_run_without_runner_id_trains(one_epoch):
+    bundle, _ = one_epoch
+    trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
+    assert trainer["max_epochs"] == 1
+    assert trainer["iteration"] == trainer["epoch_length"] == iterations_per_epoch(bundle)
+    UNet(features=FEATURES).load_state_dict(load(bundle / "models" / "model.pt"))
+
+
+@pytest.mark.parametrize("runner", ["evaluating", None], ids=["evaluating", "default"])
+def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)  # each evaluation writes its own eval/test
+    ok(bundle_run(runner, bundle / "configs" / "evaluate.json", eval_args(dataset, tmp_path), tmp_path))
+
+    out = bundle / "eval" / "test"
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["split"] == "test"
+    assert 0.0 <= report["methods"]["model"]["mean"]["aji"] <= 1.0
+    assert not any(m.startswith("human") for m in report["methods"])
+    assert (out / "metrics.csv").read_text().startswith("method,scope,name,organ,n_images,")
+    names = [r["name"] for r in json.loads((bundle / "models" / "datalist.json").read_text())["test"]]
+    assert len(names) == 4
+    for name in names:
+        labels = tifffile.imread(out / f"{name}.tif")
+        assert labels.dtype == np.uint32 and labels.shape == (TILE, TILE)
+        overlay = imread(out / f"{name}_overlay.png")
+        assert overlay.dtype == np.uint8 and overlay.shape == (TILE, TILE, 3)
+
+
+def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    checkpoint = bundle / "models" / "checkpoint_last.pt"
+    before = load(checkpoint)
+    model_before = (bundle / "models" / "model.pt").read_bytes()
+
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "3", "--resume", "true"], tmp_path))
+    assert f"resumed from {checkpoint} at epoch 1" in output  # so the run started at epoch 2
+
+    after = load(checkpoint)
+    n = iterations_per_epoch(bundle)
+    assert after["trainer"]["epoch_length"] == n
+    assert after["trainer"]["iteration"] == 3 * n and after["trainer"]["iteration"] // n == 3
+    assert after["trainer"]["max_epochs"] == 3
+    # TensorBoard steps go on from the first run's: 1..n from it, n+1..3n from the resumed one
+    assert sorted(train_loss(bundle)) == list(range(1, 3 * n + 1))
+    # Adam counted the first run's steps too
+    assert {int(s["step"]) for s in before["optimizer"]["state"].values()} == {n}
+    assert {int(s["step"]) for s in after["optimizer"]["state"].values()} == {3 * n}
+    # the cosine schedule continued and now spans the 3 epochs asked for (not the first run's 1)
+    assert before["lr_scheduler"]["last_epoch"] == 1
+    assert after["lr_scheduler"]["last_epoch"] == 3 and after["lr_scheduler"]["T_max"] == 3
+    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(after["lr_scheduler"]["eta_min"])
+    # model.pt stays the first run's best unless the resumed run beat it
+    best_before, best_after = before["best_model"], after["best_model"]
+    assert best_before["best_metric_epoch"] == 1
+    if best_after["best_metric_epoch"] == 1:
+        assert best_after == best_before
+        assert (bundle / "models" / "model.pt").read_bytes() == model_before
+    else:
+        assert best_after["best_metric"] > best_before["best_metric"]
+
+
+def test_resume_without_a_checkpoint_fails_naming_it(dataset, tmp_path):
+    bundle = copy_bundle(tmp_path)
+    proc = bundle_run("training", bundle / "configs" / "train.json",
+                      tiny_args(dataset) + ["--epochs", "1", "--resume", "true"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"no checkpoint at {bundle / 'models' / 'checkpoint_last.pt'}" in output
+    assert not (bundle / "models" / "checkpoint_last.pt").exists()
+
+
+# Records, in every process, which rank renamed a file into place: save_atomic's final os.replace.
+RENAME_AUDIT = textwrap.dedent("""
+    import os, sys
+
+    _log = os.environ.get("NUCLEISEG_TEST_RENAME_LOG")
+
+    def _audit(event, args):
+        if event == "os.rename" and str(args[1]).endswith(".pt"):
+            with open(_log, "a") as f:
+                f.write(f"{os.environ.get('RANK', '?')} {os.path.basename(str(args[1]))}\\n")
+
+    if _log:
+        sys.addaudithook(_audit)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_on_cpu(dataset, tmp_path):
+    bundle = copy_bundle(tmp_path)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(RENAME_AUDIT)
+    renames = tmp_path / "renames.txt"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    configs = f"['{bundle}/configs/train.json','{bundle}/configs/multi_gpu_train.json']"
+    command = launcher + ["--nproc_per_node=2", f"--master_port={free_port()}", "--tee=3",
+                          "-m", "monai.bundle", "run", "training", "--config_file", configs,
+                          *tiny_args(dataset), "--epochs", "2"]
+    pythonpath = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    output = ok(run(command, tmp_path, extra_env={"PYTHONPATH": pythonpath,
+                                                  "NUCLEISEG_TEST_RENAME_LOG": str(renames)}))
+
+    for rank in (0, 1):
+        assert any(line.startswith(f"[default{rank}]:") and "SupervisedTrainer - INFO - Engine run finished" in line
+                   for line in output.splitlines()), f"rank {rank} did not finish training"
+    writes = [line.split() for line in renames.read_text().splitlines()]
+    assert {rank for rank, _ in writes} == {"0"}, f"checkpoints written by ranks other than 0: {writes}"
+    assert ["0", "checkpoint_last.pt"] in writes and ["0", "model.pt"] in writes
+    # each rank trained on its half of the patches
+    trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
+    assert trainer["epoch_length"] == iterations_per_epoch(bundle, ranks=2) < iterations_per_epoch(bundle)
+    assert trainer["iteration"] == 2 * trainer["epoch_length"]
+    UNet(features=FEATURES).load_state_dict(load(bundle / "models" / "model.pt"))
