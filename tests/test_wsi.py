@@ -1,0 +1,196 @@
+import sys
+import tracemalloc
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+from skimage import io as skio
+
+from nucleiseg_monai.wsi import ImageError, TiffReader, choose_level, open_image, tissue_mask
+
+RNG = np.random.default_rng(0)
+
+
+def _pyramid(shape=(300, 420)) -> list[np.ndarray]:
+    base = RNG.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    return [base, base[::2, ::2].copy(), base[::4, ::4].copy()]
+
+
+def _write_subifds(path, levels, mpp=0.25):
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(levels[0], tile=(64, 64), subifds=len(levels) - 1, compression="zlib", photometric="rgb",
+                 resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        for lv in levels[1:]:
+            tw.write(lv, tile=(64, 64), subfiletype=1, compression="zlib", photometric="rgb")
+
+
+def test_pyramid_subifds_read_region_matches_crop(tmp_path):
+    levels = _pyramid()
+    path = tmp_path / "slide.tif"
+    _write_subifds(path, levels)
+    with open_image(path) as r:
+        assert isinstance(r, TiffReader)
+        assert r.n_levels == 3 and r.level == 0
+        assert r.level_shapes == [(300, 420), (150, 210), (75, 105)]
+        assert r.level_downsamples == pytest.approx([1.0, 2.0, 4.0])
+        assert r.mpp == pytest.approx(0.25)
+        for lv, img in enumerate(levels):
+            np.testing.assert_array_equal(r.read_region(10, 17, 40, 33, level=lv), img[10:50, 17:50])
+        # partly outside: the image part is exact, the rest white
+        out = r.read_region(-5, 400, 20, 30)
+        np.testing.assert_array_equal(out[5:, :20], levels[0][:15, 400:420])
+        assert (out[:5] == 255).all() and (out[:, 20:] == 255).all()
+        assert (r.read_region(1000, 1000, 8, 8) == 255).all()
+
+
+def test_series_pyramid_and_level_by_mpp(tmp_path):
+    levels = _pyramid()
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, lv in enumerate(levels):
+            res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"} if i == 0 else {}
+            tw.write(lv, tile=(32, 32), photometric="rgb", **res)
+    with open_image(path, mpp=0.5) as r:
+        assert r.n_levels == 3 and r.level == 1 and r.shape == (150, 210)
+        assert r.mpp == pytest.approx(0.5) and r.downsample == pytest.approx(2.0)
+        np.testing.assert_array_equal(r.read_region(3, 4, 20, 20), levels[1][3:23, 4:24])
+    with open_image(path, level=2) as r:
+        assert r.shape == (75, 105)
+    with pytest.raises(ValueError, match="level 5 does not exist"):
+        open_image(path, level=5)
+
+
+def test_choose_level_rule():
+    mpps = [0.25, 0.5, 1.0, 2.0]
+    assert choose_level(mpps, target_mpp=0.5) == 1
+    assert choose_level(mpps, target_mpp=0.45) == 1  # 0.5 is within 1.2x of 0.45
+    with pytest.warns(UserWarning, match="no level near 0.4"):
+        assert choose_level(mpps, target_mpp=0.4) == 0  # 0.5 would be 1.25x coarser; 0.25 is 1.6x finer
+    with pytest.warns(UserWarning, match="no level near 0.9"):
+        assert choose_level([0.25, 2.0], target_mpp=0.9) == 0  # 2.0 is too coarse, 0.25 far too fine
+    assert choose_level(mpps, target_mpp=1.9) == 3
+    assert choose_level(mpps, level=2, target_mpp=0.25) == 2
+    with pytest.warns(UserWarning, match="coarser"):
+        assert choose_level([2.0, 4.0], target_mpp=0.5) == 0
+    with pytest.warns(UserWarning, match="pixel size unknown"):
+        assert choose_level([None, None], target_mpp=0.5) == 0
+
+
+def test_reads_only_the_tiles_it_needs(tmp_path):
+    path = tmp_path / "big.tif"
+    shape = (4096, 4096, 3)
+
+    def tiles():
+        for _ in range((shape[0] // 256) * (shape[1] // 256)):
+            yield np.full((256, 256, 3), 200, np.uint8)
+
+    tifffile.imwrite(path, tiles(), shape=shape, dtype=np.uint8, tile=(256, 256), compression="zlib",
+                     photometric="rgb", bigtiff=True)
+    with open_image(path) as r:
+        tracemalloc.start()
+        patch = r.read_region(1000, 2000, 64, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert (patch == 200).all()
+    assert peak < 4 << 20, f"reading a 64 px patch of a 48 MB image allocated {peak / 2**20:.1f} MB"
+
+
+def test_mpp_sources(tmp_path):
+    img = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    inch = tmp_path / "inch.tif"
+    tifffile.imwrite(inch, img, photometric="rgb", resolution=(25400 / 0.5, 25400 / 0.5), resolutionunit="INCH")
+    assert open_image(inch).mpp == pytest.approx(0.5)
+    dpi72 = tmp_path / "dpi72.tif"
+    tifffile.imwrite(dpi72, img, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    with pytest.warns(UserWarning, match="implausible"):
+        assert open_image(dpi72).mpp is None
+    imagej = tmp_path / "imagej.tif"
+    tifffile.imwrite(imagej, img, imagej=True, resolution=(4.0, 4.0), metadata={"unit": "um"})
+    assert open_image(imagej).mpp == pytest.approx(0.25)
+    with pytest.warns(UserWarning, match="implausible"):
+        assert open_image(dpi72, slide_mpp=0.3).mpp == pytest.approx(0.3)
+
+
+def test_png_jpeg_grey_rgba_and_16bit(tmp_path):
+    rgb = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    skio.imsave(tmp_path / "a.png", rgb, check_contrast=False)
+    with open_image(tmp_path / "a.png") as r:
+        assert r.shape == (40, 50) and r.n_levels == 1 and r.mpp is None
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 50), rgb)
+    smooth = np.full((40, 50, 3), (180, 90, 160), np.uint8)
+    iio.imwrite(tmp_path / "b.jpg", smooth, quality=95)
+    assert np.abs(open_image(tmp_path / "b.jpg").read_region(0, 0, 40, 50).astype(int) - smooth).max() <= 4
+
+    grey = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+    skio.imsave(tmp_path / "g.png", grey, check_contrast=False)
+    out = open_image(tmp_path / "g.png").read_region(0, 0, 20, 30)
+    assert out.shape == (20, 30, 3) and all((out[..., c] == grey).all() for c in range(3))
+
+    rgba = np.dstack([rgb, np.full((40, 50), 128, np.uint8)])
+    skio.imsave(tmp_path / "rgba.png", rgba, check_contrast=False)
+    np.testing.assert_array_equal(open_image(tmp_path / "rgba.png").read_region(0, 0, 40, 50), rgb)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    np.testing.assert_array_equal(open_image(tmp_path / "rgba.tif").read_region(0, 0, 40, 50), rgb)
+    tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="minisblack")
+    assert (open_image(tmp_path / "grey.tif").read_region(0, 0, 20, 30)[..., 1] == grey).all()
+
+    deep = RNG.integers(0, 65535, (20, 30, 3)).astype(np.uint16)
+    iio.imwrite(tmp_path / "deep.png", deep[..., 0])
+    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb")
+    for name in ("deep.png", "deep.tif"):
+        with pytest.raises(ImageError, match=f"{name}.*uint16.*8-bit"):
+            open_image(tmp_path / name)
+
+
+def test_damaged_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage" * 10)
+    with pytest.raises(ImageError, match="bad.tif"):
+        open_image(bad)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        open_image(tmp_path / "nope.png")
+
+
+def test_openslide_format_without_openslide(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import fails as if not installed
+    slide = tmp_path / "case.svs"
+    slide.write_bytes(b"\x00" * 16)
+    with pytest.raises(ImportError, match=r"case\.svs.*pip install 'nucleiseg-monai\[openslide\]'"):
+        open_image(slide)
+
+
+def test_thumbnail_uses_small_level_and_block_means(tmp_path):
+    levels = _pyramid((256, 384))
+    path = tmp_path / "slide.tif"
+    _write_subifds(path, levels)
+    with open_image(path) as r:
+        thumb = r.thumbnail(48)  # level 2 (64 x 96) is the smallest >= 48, then 2x2 block means
+        assert thumb.shape == (32, 48, 3)
+        expected = levels[2].reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
+        assert np.abs(thumb.astype(float) - expected).max() <= 0.5 + 1e-9
+        assert r.thumbnail(10_000).shape == (256, 384, 3)
+
+
+def test_tissue_mask_finds_blob_on_white(tmp_path):
+    h, w = 400, 600
+    yy, xx = np.mgrid[:h, :w]
+    blob = (yy - 200) ** 2 / 120**2 + (xx - 250) ** 2 / 180**2 < 1
+    image = np.full((h, w, 3), 245, np.uint8)
+    image[blob] = (200, 120, 180)  # pink-purple H&E
+    image = np.clip(image + RNG.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    image[20:23, 550:553] = (90, 40, 120)  # a speck of dust
+    skio.imsave(tmp_path / "t.png", image, check_contrast=False)
+    with open_image(tmp_path / "t.png") as r:
+        mask = tissue_mask(r, max_side=200)
+    assert mask.mask.shape == (134, 200) and mask.downsample == pytest.approx((400 / 134, 3.0))
+    small_blob = blob[::3, ::3][: mask.mask.shape[0], : mask.mask.shape[1]]
+    iou = (mask.mask & small_blob).sum() / (mask.mask | small_blob).sum()
+    assert iou > 0.9
+    assert not mask.contains(0, 500, 60, 100)  # the dust is gone
+    assert mask.fraction(150, 200, 100, 100) == 1.0
+    assert mask.fraction(5000, 5000, 10, 10) == 0.0
+
+    skio.imsave(tmp_path / "white.png", np.full((64, 64, 3), 250, np.uint8), check_contrast=False)
+    with open_image(tmp_path / "white.png") as r:
+        assert not tissue_mask(r).mask.any()
