@@ -363,15 +363,12 @@ class SlidePredictor:
         i, j = ij
         cy0, cx0 = i * size, j * size
         cy1, cx1 = min(cy0 + size, height), min(cx0 + size, width)
-        wy, wx = cy0 - margin, cx0 - margin
-        wh, ww = cy1 - cy0 + 2 * margin, cx1 - cx0 + 2 * margin
+        # the window stops at the image border: there is no context beyond it, and a tile-sized image would
+        # otherwise cost the network (512 + 2 * margin)^2 pixels for 512^2 of image
+        wy, wx = max(cy0 - margin, 0), max(cx0 - margin, 0)
+        wh, ww = min(cy1 + margin, height) - wy, min(cx1 + margin, width) - wx
         rgb = reader.read_region(wy, wx, wh, ww)
         labels = self.segment(rgb)
-        # only pixels inside the image count; the white context beyond it is not part of any nucleus
-        labels[: max(0, -wy)] = 0
-        labels[max(0, height - wy):] = 0
-        labels[:, : max(0, -wx)] = 0
-        labels[:, max(0, width - wx):] = 0
         n = int(labels.max())
         if n == 0:
             return next_id
@@ -389,8 +386,13 @@ class SlidePredictor:
 
         existing = band.read(wy, wx, wh, ww)
         owned = np.bincount(ids, weights=existing.ravel()[fg] > 0, minlength=n + 1)
+        # a nucleus touching a window side inside the image may be cut there; the image's own border cuts nothing
         edge = np.zeros(n + 1, bool)
-        edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+        sides = [labels[0] if wy > 0 else None, labels[-1] if wy + wh < height else None,
+                 labels[:, 0] if wx > 0 else None, labels[:, -1] if wx + ww < width else None]
+        cut = [side for side in sides if side is not None]
+        if cut:
+            edge[np.concatenate(cut)] = True
 
         own = present & (ay >= cy0) & (ay < cy1) & (ax >= cx0) & (ax < cx1)
         gap = np.maximum(np.maximum(cy0 - ay, ay - (cy1 - 1)), np.maximum(cx0 - ax, ax - (cx1 - 1)))

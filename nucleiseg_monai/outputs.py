@@ -57,6 +57,12 @@ def manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}{MANIFEST_SUFFIX}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AtomicFile:
     """A temporary file beside ``path`` that becomes ``path`` on ``commit`` and vanishes on ``discard``.
 
@@ -67,6 +73,8 @@ class AtomicFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}")
+        # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes
+        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         self.tmp = Path(tmp)
 

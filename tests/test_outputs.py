@@ -176,3 +176,17 @@ def test_slide_outputs_failure_leaves_no_partial_files(tmp_path):
 
             out.write_labels(tiles())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    import os
+
+    from nucleiseg_monai.outputs import atomic_path
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "report.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
