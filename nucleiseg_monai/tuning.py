@@ -26,10 +26,10 @@ from .postprocess import instances_from_probs
 logger = logging.getLogger(__name__)
 
 DEFAULT_GRID: dict[str, Sequence] = {
-    "fg_threshold": (0.4, 0.5, 0.6),
-    "marker_threshold": (0.5, 0.6, 0.7, 0.8),
-    "min_marker_size": (4, 10),
-    "min_size": (10, 25),
+    "fg_threshold": (0.3, 0.4, 0.5, 0.6),
+    "marker_threshold": (0.6, 0.7, 0.8, 0.9),
+    "min_marker_size": (4, 10, 20),
+    "min_size": (10, 25, 40),
     "elevation": ("interior", "distance"),
 }
 CRITERION = ("aji", "pq")  # mean of the two, per-tile means over the validation split
@@ -76,7 +76,7 @@ def tune(
     """Grid search on the validation split; writes every setting's figures and the choice to ``report_file``."""
     cached = validation_probabilities(config_file, overrides)
     results = []
-    for params in tqdm(list(settings(grid)), desc="settings"):
+    for params in tqdm(list(settings(grid)), desc="settings", mininterval=5):
         results.append({"params": params, "validation": score(params, cached)})
     best = max(results, key=lambda r: np.mean([r["validation"][k] for k in CRITERION]))
     report = {
