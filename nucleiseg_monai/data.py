@@ -85,8 +85,12 @@ def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
     images = _files_by_stem(root / IMAGE_DIR)
     if not images:
         raise DataError(f"{root / IMAGE_DIR} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    instances = _files_by_stem(root / INSTANCE_DIR)
-    binaries = _files_by_stem(root / BINARY_DIR)
+    # the newer Kaggle archive keeps 'tissue images' at the top and each annotator's labels in a folder of its own
+    label_root = root
+    if not any((root / d).is_dir() for d in (INSTANCE_DIR, BINARY_DIR)) and (root / NESTED_DIR).is_dir():
+        label_root = root / NESTED_DIR
+    instances = _files_by_stem(label_root / INSTANCE_DIR)
+    binaries = _files_by_stem(label_root / BINARY_DIR)
     labels, kind = (instances, "instance") if instances else (binaries, "binary")
     if not labels:
         raise DataError(
@@ -101,7 +105,7 @@ def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
     missing_image = sorted(set(labels) - set(images))
     if missing_label:
         raise DataError(
-            f"no label in {root / (INSTANCE_DIR if kind == 'instance' else BINARY_DIR)} for image(s) "
+            f"no label in {label_root / (INSTANCE_DIR if kind == 'instance' else BINARY_DIR)} for image(s) "
             f"{', '.join(str(images[n]) for n in missing_label)}; add the label or remove the image"
         )
     if missing_image:

@@ -450,3 +450,15 @@ def test_prepare_refuses_a_different_split_than_the_file_holds(tmp_path):
     assert data.prepare(dataset, datalist_file, folds=3, fold=0)["fold"] == 0
     with pytest.raises(data.DataError, match=r"datalist.json holds the split .*'fold': 0.*delete it"):
         data.prepare(dataset, datalist_file, folds=3, fold=1)
+
+
+def test_labels_nested_under_annotator_1_with_images_at_the_top(tmp_path):
+    # the newer Kaggle archive: 'tissue images/' at the top, each annotator's labels in its own folder
+    dataset = write_dataset(tmp_path / "ds", n_tiles=4, size=32, organs=ORGANS4)
+    nested = dataset / data.NESTED_DIR
+    nested.mkdir()
+    for sub in (data.INSTANCE_DIR, data.BINARY_DIR):
+        shutil.move(str(dataset / sub), str(nested / sub))
+    samples = data.discover(dataset)
+    assert len(samples) == 4 and all(s.label_kind == "instance" for s in samples)
+    assert all(s.label.parent == nested / data.INSTANCE_DIR for s in samples)
