@@ -1,0 +1,56 @@
+"""Accuracy cost of the bundle's fast inference settings: the same weights in plain float32 vs as configured.
+
+Runs the bundle's inference config twice over the test split's tiles (``models/datalist.json``), once with bf16,
+channels-last and its window settings, once in float32 with 512 px windows at 0.25 overlap, and prints the test
+means of pixel Dice, AJI, PQ and count error for both and their difference (target: within 0.01).
+
+    python benchmarks/fast_vs_float32.py --bundle bundles/nuclei_unet_small --dataset_dir ../shared/datasets/cryonuseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from nucleiseg_monai.cli import run_bundle
+from nucleiseg_monai.data import resolve
+from nucleiseg_monai.metrics import instance_metrics
+
+KEYS = ("dice", "aji", "pq", "count_ape")
+FLOAT32 = {"predictor#amp": False, "predictor#channels_last": False, "predictor#roi_size": 512,
+           "predictor#overlap": 0.25, "predictor#sw_batch_size": 4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="bundles/nuclei_unet_small")
+    parser.add_argument("--dataset_dir", default="../shared/datasets/cryonuseg")
+    args = parser.parse_args()
+    bundle = Path(args.bundle)
+    records = resolve(json.loads((bundle / "models" / "datalist.json").read_text()), args.dataset_dir, "test")
+    config = bundle / "configs" / "inference.json"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp, "in")
+        inputs.mkdir()
+        for r in records:
+            (inputs / Path(r["image"]).name).symlink_to(Path(r["image"]).resolve())
+        for name, overrides in (("float32", FLOAT32), ("bundle settings", {})):
+            out = Path(tmp, name.replace(" ", "_"))
+            run_bundle(config, "inferring", str(bundle), {"input": str(inputs), "output_dir": str(out), **overrides})
+            rows = [instance_metrics(tifffile.imread(out / f"{Path(r['image']).stem}.labels.tif"),
+                                     tifffile.imread(r["label"])) for r in records]
+            results[name] = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}
+    for name, figures in results.items():
+        print(f"{name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    print("difference       " + "  ".join(
+        f"{k} {results['bundle settings'][k] - results['float32'][k]:+.4f}" for k in KEYS))
+
+
+if __name__ == "__main__":
+    main()
