@@ -175,3 +175,24 @@ class ProgressBar:
             return {self.output_key: value if math.isfinite(value) else float("nan")}
 
         IgniteProgressBar(persist=False).attach(engine, output_transform=loss)
+
+
+class LearningRateLogger:
+    """Writes each parameter group's learning rate to TensorBoard after every epoch (MONAI's handlers only print it)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike, tag: str = "learning_rate"):
+        self.optimizer, self.log_dir, self.tag = optimizer, str(log_dir), tag
+        self.writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.writer is not None and self.writer.close())
+
+    def __call__(self, engine: Engine) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is None:
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        for i, group in enumerate(self.optimizer.param_groups):
+            self.writer.add_scalar(self.tag if i == 0 else f"{self.tag}_{i}", group["lr"], engine.state.epoch)
+        self.writer.flush()

@@ -81,17 +81,21 @@ def iterations_per_epoch(bundle: Path, ranks: int = 1) -> int:
     return math.ceil(math.ceil(n_train * SAMPLES_PER_TILE / ranks) / BATCH)
 
 
-def train_loss(bundle: Path) -> dict[int, float]:
-    """Iteration -> logged train loss over all event files of the bundle's runs/."""
-    losses: dict[int, float] = {}
+def scalars(bundle: Path, tag: str = "train_loss") -> dict[int, float]:
+    """Step -> logged value of one TensorBoard scalar over all event files of the bundle's runs/."""
+    values: dict[int, float] = {}
     for path in sorted((bundle / "runs").glob("events.out.tfevents.*")):
         events = EventAccumulator(str(path), size_guidance={"scalars": 0})
         events.Reload()
-        if "train_loss" in events.Tags()["scalars"]:
-            for e in events.Scalars("train_loss"):
-                assert e.step not in losses, f"iteration {e.step} logged twice"
-                losses[e.step] = e.value
-    return losses
+        if tag in events.Tags()["scalars"]:
+            for e in events.Scalars(tag):
+                assert e.step not in values, f"{tag} at step {e.step} logged twice"
+                values[e.step] = e.value
+    return values
+
+
+def train_loss(bundle: Path) -> dict[int, float]:
+    return scalars(bundle, "train_loss")
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,8 @@ def test_training_smoke(tmp_path, dataset):
     first = np.mean([losses[i] for i in range(1, n + 1)])
     last = np.mean([losses[i] for i in range(2 * n + 1, 3 * n + 1)])
     assert last < first, f"train loss did not fall: epoch 1 mean {first:.4f}, epoch 3 mean {last:.4f}"
+    lr = scalars(bundle, "learning_rate")  # cosine decay from 1e-3 over the 3 epochs, one value per epoch
+    assert sorted(lr) == [1, 2, 3] and lr[1] > lr[2] > lr[3]
 
     net = UNet(in_channels=3, out_channels=3, features=FEATURES)
     net.load_state_dict(load(bundle / "models" / "model.pt"))  # a plain state dict, strict
