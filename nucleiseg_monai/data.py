@@ -326,11 +326,18 @@ def prepare(
 
 
 def load_stats(stats_file: str | os.PathLike) -> dict[str, list[float]]:
+    """The channel mean and std JSON written by training ({"mean": [r, g, b], "std": [r, g, b]}, 0-255 scale)."""
     path = Path(stats_file)
     if not path.is_file():
         raise FileNotFoundError(
             f"channel statistics {path} are missing; they are written by training next to the checkpoint "
             "(or run `nucleiseg datalist --dataset_dir DIR --output models/datalist.json --stats models/channel_stats.json`)"
         )
-    stats = json.loads(path.read_text())
-    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"cannot read channel statistics from {path} ({err}); expected JSON {{\"mean\": [r, g, b], "
+            "\"std\": [r, g, b]}} on the 0-255 scale, as written by training"
+        ) from err

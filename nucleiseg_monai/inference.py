@@ -26,7 +26,6 @@ Stitching rule (exact and order-independent for consistent predictions):
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
@@ -34,14 +33,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
-from .networks import MixedPrecision
+from .data import load_stats
+from .networks import MixedPrecision, load_weights
 from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, outputs_complete
 from .postprocess import instances_from_probs
 from .wsi import IMAGE_SUFFIXES, SlideReader, TissueMask, open_image, tissue_mask
@@ -171,18 +170,6 @@ class _TileBand:
             self.flushed_rows += 1
 
 
-def _load_stats(channel_stats: str | os.PathLike) -> tuple[list[float], list[float]]:
-    path = Path(channel_stats)
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-        return [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"cannot read channel statistics from {path} ({err}); expected JSON {{\"mean\": [r, g, b], "
-            "\"std\": [r, g, b]}} on the 0-255 scale, as written by training"
-        ) from err
-
-
 class SlidePredictor:
     """Segment nuclei in tiles and whole slides and write labels, GeoJSON, CSV and an overlay per image.
 
@@ -244,7 +231,8 @@ class SlidePredictor:
         progress: bool = True,
     ):
         if channel_stats is not None:
-            channel_mean, channel_std = _load_stats(channel_stats)
+            stats = load_stats(channel_stats)
+            channel_mean, channel_std = stats["mean"], stats["std"]
         if channel_mean is None or channel_std is None:
             raise ValueError("SlidePredictor needs channel_mean and channel_std, or channel_stats (a JSON file)")
         if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
@@ -253,7 +241,7 @@ class SlidePredictor:
             raise ValueError(f"region_size must be >= 1 and region_margin >= 0, got {region_size}, {region_margin}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if checkpoint is not None:
-            network.load_state_dict(_state_dict(checkpoint))
+            load_weights(network, checkpoint)
         network = network.to(self.device).eval()
         self.network = MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
             if (amp or channels_last) else network
@@ -458,15 +446,3 @@ def raise_on_failure(summary: RunSummary) -> RunSummary:
         raise RuntimeError(f"{len(summary.failed)} image(s) failed ({len(summary.done)} done, "
                            f"{len(summary.skipped)} already complete):\n{lines}")
     return summary
-
-
-def _state_dict(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """A network state dict from a file holding it directly or under a usual key."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first or point to the bundle's model.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("network", "model", "state_dict", "net"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    return state

@@ -143,7 +143,7 @@ def count_parameters(network: nn.Module) -> int:
 
 
 def load_weights(network: nn.Module, path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Loads a bundle checkpoint (a plain state dict, or a training checkpoint holding one under "network").
+    """Loads a bundle checkpoint (a plain state dict, or one held under "network", "model", "state_dict" or "net").
 
     ``weights_only=True``: a checkpoint is data, never code, even when the bundle came from someone else.
     """
@@ -156,7 +156,9 @@ def load_weights(network: nn.Module, path, map_location: str | torch.device = "c
             f"--config_file {path.parent.parent / 'configs' / 'train.json'}) or pass --checkpoint PATH"
         )
     state = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
-        state = state["network"]
+    for key in ("network", "model", "state_dict", "net"):  # training checkpoints and other tools' files
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     network.load_state_dict(state)
     return network

@@ -462,3 +462,15 @@ def test_labels_nested_under_annotator_1_with_images_at_the_top(tmp_path):
     samples = data.discover(dataset)
     assert len(samples) == 4 and all(s.label_kind == "instance" for s in samples)
     assert all(s.label.parent == nested / data.INSTANCE_DIR for s in samples)
+
+
+def test_load_stats_names_a_missing_or_malformed_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="channel_stats.json are missing"):
+        data.load_stats(tmp_path / "channel_stats.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"mean": [1, 2, 3]}')
+    with pytest.raises(data.DataError, match=r"bad.json.*expected JSON"):
+        data.load_stats(bad)
+    good = tmp_path / "good.json"
+    good.write_text('{"mean": [1, 2, 3], "std": [4, 5, 6]}')
+    assert data.load_stats(good) == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}
