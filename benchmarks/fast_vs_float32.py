@@ -1,7 +1,7 @@
 """Accuracy cost of the bundle's fast inference settings: the same weights in plain float32 vs as configured.
 
 Runs the bundle's inference config twice over the test split's tiles (``models/datalist.json``), once with bf16,
-channels-last and its window settings, once in float32 with 512 px windows at 0.25 overlap, and prints the test
+channels-last, the frozen TorchScript graph and its window settings, once in plain float32 with 512 px windows at 0.25 overlap, and prints the test
 means of pixel Dice, AJI, PQ and count error for both and their difference (target: within 0.01).
 
     python benchmarks/fast_vs_float32.py --bundle bundles/nuclei_unet_small --dataset_dir ../shared/datasets/cryonuseg
@@ -22,8 +22,8 @@ from nucleiseg_monai.data import resolve
 from nucleiseg_monai.metrics import instance_metrics
 
 KEYS = ("dice", "aji", "pq", "count_ape")
-FLOAT32 = {"predictor#amp": False, "predictor#channels_last": False, "predictor#roi_size": 512,
-           "predictor#overlap": 0.25, "predictor#sw_batch_size": 4}
+FLOAT32 = {"predictor#amp": False, "predictor#channels_last": False, "predictor#jit": False,
+           "predictor#roi_size": 512, "predictor#overlap": 0.25, "predictor#sw_batch_size": 4}
 
 
 def main() -> None:

@@ -284,3 +284,21 @@ def test_unet_checkpoint_stats_file_amp_channels_last(tmp_path):
     assert probs.shape == (3, 64, 64) and np.allclose(probs.sum(0), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="channel statistics"):
         SlidePredictor(UNet(features=(4, 8)), channel_stats=tmp_path / "model.pt")
+
+
+def test_frozen_network_predicts_as_the_eager_one(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(features=(4, 8, 16)).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, which freezing folds into the convolutions
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    rgb = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    common = dict(channel_mean=MEAN, channel_std=STD, roi_size=64, sw_batch_size=1, progress=False)
+    eager = SlidePredictor(net, amp=False, **common).predict_probs(rgb)
+    frozen_predictor = SlidePredictor(net, amp=False, jit=True, **common)
+    assert isinstance(frozen_predictor.network, torch.jit.ScriptModule)
+    np.testing.assert_allclose(frozen_predictor.predict_probs(rgb), eager, atol=1e-4)
+    fast = SlidePredictor(net, amp=True, channels_last=True, jit=True, **common).predict_probs(rgb)
+    np.testing.assert_allclose(fast, eager, atol=0.05)  # bf16 rounding, within the same network
