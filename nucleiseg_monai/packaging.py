@@ -271,8 +271,8 @@ def _verify_dir(root: Path, every_file: bool) -> list[str]:
     manifest_file = root / MANIFEST
     if not manifest_file.is_file():
         raise FileNotFoundError(
-            f"{manifest_file} is missing: {root} is not a packed bundle (make one with packaging.pack, or seal "
-            f"this folder with packaging.write_manifest)"
+            f"{manifest_file} is missing: {root} is not a packed bundle (pack it with `nucleiseg pack --bundle "
+            f"{root} --output BUNDLE.zip`, or seal this folder with packaging.write_manifest)"
         )
     expected = _read_manifest(manifest_file.read_bytes(), str(manifest_file))
     relpaths = [f for f in _all_files(root) if f != MANIFEST] if every_file else bundle_files(root)
