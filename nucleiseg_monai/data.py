@@ -22,6 +22,8 @@ import tifffile
 from skimage import io as skio
 from skimage.measure import label as connected_components
 
+from .atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 IMAGE_DIR = "tissue images"
@@ -290,12 +292,9 @@ def resolve(datalist: dict, dataset_dir: str | os.PathLike, part: str) -> list[d
 
 
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)
 
 
 def prepare(

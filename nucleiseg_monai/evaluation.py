@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from ignite.engine import Engine, Events
 from skimage import io as skio
-from skimage.segmentation import find_boundaries
 
 from .data import INSTANCE_DIR, read_image, read_instance_labels
 from .metrics import instance_metrics, summarize
-from .outputs import atomic_path, write_label_tiff
+from .atomic import atomic_path
+from .outputs import Overlay, write_label_tiff
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ PRED_COLOUR = np.array([255, 230, 0], np.uint8)
 
 def overlay(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
     """The tile with true outlines in green and predicted outlines in yellow (yellow wins where both fall)."""
-    out = np.array(image, dtype=np.uint8, copy=True)
+    drawing = Overlay(image, colour=PRED_COLOUR)
     if true is not None:
-        out[find_boundaries(true, mode="inner") & (true > 0)] = TRUE_COLOUR
-    out[find_boundaries(pred, mode="inner") & (pred > 0)] = PRED_COLOUR
-    return out
+        drawing.draw(true, colour=TRUE_COLOUR)
+    drawing.draw(pred)
+    return drawing.image
 
 
 def _numpy_labels(x) -> np.ndarray:

@@ -15,24 +15,17 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.lr_scheduler import LRScheduler
 
+from .atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save (disk full) must not leave a checkpoint-sized file behind
-        raise
-    return path
+    """torch.save through ``atomic.atomic_path``: readers never see half a checkpoint, and a failed save (disk full)
+    leaves neither a partial file nor a checkpoint-sized temporary one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def _state(objects: dict) -> dict:

@@ -15,10 +15,8 @@ import csv
 import json
 import math
 import os
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +28,8 @@ from skimage.color import hed_from_rgb
 from scipy.ndimage import find_objects
 from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
+
+from .atomic import AtomicFile, atomic_path, fsync_dir
 
 OUTPUT_SUFFIXES = {
     "labels": ".labels.tif",
@@ -55,67 +55,6 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
 
 def manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}{MANIFEST_SUFFIX}"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class AtomicFile:
-    """A temporary file beside ``path`` that becomes ``path`` on ``commit`` and vanishes on ``discard``.
-
-    The temporary name keeps the final suffix, so writers that pick the format from the name still work.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}")
-        # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes
-        os.fchmod(fd, 0o666 & ~_umask())
-        os.close(fd)
-        self.tmp = Path(tmp)
-
-    def sync(self) -> None:
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-
-    def replace(self) -> Path:
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def commit(self) -> Path:
-        self.sync()
-        self.replace()
-        _fsync_dir(self.path.parent)
-        return self.path
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it replaces ``path``, on an exception it is deleted."""
-    target = AtomicFile(path)
-    try:
-        yield target.tmp
-        target.commit()
-    except BaseException:
-        target.discard()
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- label BigTIFF
@@ -402,12 +341,13 @@ class Overlay:
         self.image = np.array(image, dtype=np.uint8, copy=True)
         self.scale, self.colour = scale, np.asarray(colour, np.uint8)
 
-    def draw(self, labels: np.ndarray, offset: tuple[int, int] = (0, 0)) -> None:
+    def draw(self, labels: np.ndarray, offset: tuple[int, int] = (0, 0), colour=None) -> None:
+        """Outlines of ``labels`` (placed at ``offset`` in level pixels) in ``colour``, by default the overlay's."""
         rows, cols = np.nonzero(find_boundaries(labels, connectivity=1, mode="inner") & (labels > 0))
         h, w = self.image.shape[:2]
         y = np.clip(((rows + offset[0] + 0.5) * self.scale[0]).astype(np.int64), 0, h - 1)
         x = np.clip(((cols + offset[1] + 0.5) * self.scale[1]).astype(np.int64), 0, w - 1)
-        self.image[y, x] = self.colour
+        self.image[y, x] = self.colour if colour is None else np.asarray(colour, np.uint8)
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -522,7 +462,7 @@ class SlideOutputs:
             file.sync()
         for file in self._files.values():
             file.replace()
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._files.clear()
         write_manifest(self.out_dir, self.name, self.paths, {"nuclei": self.count, **(info or {})})
         return dict(self.paths)

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from .atomic import atomic_path, umask
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CODE_FOLDERS = ("configs", "scripts")
@@ -50,12 +52,6 @@ class BundleIntegrityError(ValueError):
         self.problems = list(problems)
         lines = "\n  ".join(self.problems)
         super().__init__(f"{where} failed verification ({len(self.problems)} problems):\n  {lines}\n{fix}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -137,9 +133,8 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
     files = _check_packable(root)
     manifest = _manifest(root, {f: sha256_file(root / f) for f in files})
     target = root / MANIFEST
-    tmp = target.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return target
 
 
@@ -155,11 +150,9 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     zip_path = Path(zip_path)
     if zip_path.resolve().is_relative_to(root):
         raise ValueError(f"{zip_path} is inside the bundle {root}; write the zip elsewhere")
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = zip_path.with_name(f".{zip_path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(zip_path) as tmp_name:
         hashes = {}
-        with zipfile.ZipFile(tmp_name, "x", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for relpath in files:
                 digest = hashlib.sha256()
                 with open(root / relpath, "rb") as src, zf.open(f"{root.name}/{relpath}", "w", force_zip64=True) as dst:
@@ -168,10 +161,6 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
                         dst.write(chunk)
                 hashes[relpath] = digest.hexdigest()
             zf.writestr(f"{root.name}/{MANIFEST}", json.dumps(_manifest(root, hashes), indent=2) + "\n")
-        os.replace(tmp_name, zip_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return zip_path
 
 
@@ -345,7 +334,7 @@ def unpack(zip_path: str | os.PathLike, dest: str | os.PathLike, sha256: str | N
         problems = _verify_dir(tmp, every_file=True)
         if problems:
             raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was unpacked.")
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0o700 would make the bundle private to this user
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0o700 would make the bundle private to this user
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
