@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 import tifffile
-from skimage import io as skio
+from PIL import Image
 from skimage.color import hed_from_rgb
 from scipy.ndimage import find_objects
 from skimage.measure import find_contours
@@ -180,9 +180,11 @@ def outline(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> n
     with collinear vertices removed (a lossless simplification), counter-clockwise, in level-0 pixels with pixel
     (r, c) covering [c, c+1) x [r, r+1). A nucleus with holes keeps only its outer ring.
     """
-    ring = max(find_contours(np.pad(mask, 1).astype(np.float32), 0.5), key=len)[:-1]
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
+    padded[1:-1, 1:-1] = mask
+    ring = max(find_contours(padded, 0.5), key=len)[:-1]
     step = np.diff(ring, axis=0, append=ring[:1])
-    before = np.roll(step, 1, axis=0)
+    before = np.concatenate([step[-1:], step[:-1]])
     turns = (before[:, 0] * step[:, 1] - before[:, 1] * step[:, 0] != 0) | ((before * step).sum(1) <= 0)
     if turns.sum() >= 3:
         ring = ring[turns]
@@ -196,14 +198,20 @@ def outline(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> n
 def _signed_area(xy: np.ndarray) -> float:
     """Shoelace area of an open ring of (x, y) vertices; positive when counter-clockwise."""
     x, y = xy[:, 0], xy[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * float(x[:-1] @ y[1:] - x[1:] @ y[:-1] + x[-1] * y[0] - x[0] * y[-1])
 
 
-def _hull_area(xy: np.ndarray) -> float:
-    """Area of the convex hull of a few points (Andrew's monotone chain)."""
-    pts = sorted(set(map(tuple, xy.tolist())))
-    if len(pts) < 3:
+def _hull_area(ring: np.ndarray) -> float:
+    """Area of the convex hull of an open, counter-clockwise simple polygon (Andrew's monotone chain).
+
+    Reflex vertices of a simple polygon are never on its hull, so they are dropped first: about half the
+    vertices of a nucleus outline, and this runs once per nucleus.
+    """
+    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
+    convex = ring[before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] >= 0]
+    if len(convex) < 3:
         return 0.0
+    pts = convex[np.lexsort((convex[:, 1], convex[:, 0]))].tolist()
 
     def half(points: list) -> list:
         chain: list = []
@@ -253,7 +261,7 @@ def measure_nuclei(
     major, minor = half_trace + root, np.maximum(half_trace - root, 0.0)
     eccentricity = np.sqrt(np.clip(1.0 - minor / np.where(major > 0, major, 1.0), 0.0, 1.0))
     eccentricity[major <= 0] = 0.0
-    hema = np.bincount(ids, haematoxylin(rgb).ravel()[fg], n) / safe
+    hema = np.bincount(ids, haematoxylin(rgb.reshape(-1, 3)[fg]), n) / safe  # nuclei pixels only
     local = np.zeros(labels.shape, np.int32)
     local.ravel()[fg] = ids
     for k, box in enumerate(find_objects(local), start=1):
@@ -355,7 +363,8 @@ class Overlay:
         return Path(path)
 
     def _save(self, target: Path) -> None:
-        skio.imsave(target, self.image, check_contrast=False)
+        # zlib level 1: a 2048 px overlay in 0.5 s instead of 1.9 s at Pillow's default 6, for files ~10% larger
+        Image.fromarray(self.image).save(target, format="PNG", compress_level=1)
 
 
 # ---------------------------------------------------------------------------------------------- one image's outputs
