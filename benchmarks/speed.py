@@ -6,8 +6,9 @@
    also as a ratio to the reference measured in the same run;
 3. a lever table for the small bundle's network (precision, layout, graph capture, threads, tile, batch) and the
    cost of post-processing per megapixel;
-4. training images per second: a plain PyTorch loop vs the bundle's own MONAI/ignite config on the same network,
-   the pipeline's overhead and how long the trainer waits on its data loader;
+4. training images per second: the bundle's own MONAI/ignite config vs a plain PyTorch loop on the same network
+   and the same DataLoader (the pipeline's overhead), how long the trainer waits on its data loader, and a plain
+   loop on pre-made tensors (what loading and augmenting on the fly costs);
 5. peak resident memory per phase; 6. on CUDA (when present) the same figures again with CUDA events.
 
 Method: warm-up calls, then the median of ``--repeats`` timed calls (inference); training figures are images over
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -615,7 +617,8 @@ def bundle_overrides(bundle: Bundle, device: torch.device, patch: int, batch: in
 
 
 def plain_bundle_training(bundle: Bundle, device: torch.device, patch: int, batch: int, stats, args) -> dict:
-    """The bundle config's own network, loss and optimizer driven by a bare loop over pre-made tensors."""
+    """The bundle config's own network, loss and optimizer driven by a bare loop over pre-made tensors: the
+    network's ceiling, with no data loading or augmentation at all."""
     parser = bundle.parser()
     parser.update(bundle_overrides(bundle, device, patch, batch))
     network, loss_fn = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
@@ -623,6 +626,75 @@ def plain_bundle_training(bundle: Bundle, device: torch.device, patch: int, batc
     x, y = training_batch(batch, patch, stats, args.seed)
     return plain_training(network, loss_fn, optimizer, x.to(device), y.to(device), args.train_warmup,
                           args.train_steps)
+
+
+def training_parser(bundle: Bundle, device: torch.device, patch: int, batch: int, dataset_dir: Path, run_dir: Path,
+                    args):
+    """The bundle's train.json as ``monai.bundle run training`` reads it, overridden only where files go (a
+    temporary folder, never the bundle's models/), the dataset (synthetic, in the CryoNuSeg layout), the device,
+    patch and batch size, and one loader epoch long enough for warm-up, timed steps and a loader-alone check."""
+    from nucleiseg_monai.data import make_datalist
+
+    n_train = len(make_datalist(dataset_dir)["training"])  # the split train.json will make of these tiles
+    iterations = args.train_warmup + args.train_steps
+    supply_batches = min(args.train_steps, 5)
+    parser = bundle.parser()
+    parser.update({
+        **bundle_overrides(bundle, device, patch, batch),
+        "dataset_dir": str(dataset_dir),
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir / "runs"),
+        "epochs": 1,
+        "samples_per_tile": math.ceil((iterations + supply_batches + 1) * batch / n_train),
+        "train#trainer#epoch_length": iterations,
+    })
+    return parser
+
+
+@contextmanager
+def config_determinism(parser) -> Iterator[None]:
+    """Run the config's ``initialize`` (determinism, folders), then undo its global settings."""
+    from monai.utils import set_determinism
+
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        parser.get_parsed_content("initialize")
+        yield
+    finally:  # the config's set_determinism must not leak into the figures measured after this one
+        set_determinism(None)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+def plain_loader_training(bundle: Bundle, device: torch.device, patch: int, batch: int, dataset_dir: Path,
+                          workdir: Path, args) -> dict:
+    """A bare PyTorch loop on the same network and data as the pipeline: the config's own DataLoader (same
+    dataset, cache, augmentation, workers), network, loss and optimizer, with no engine, handlers or events."""
+    parser = training_parser(bundle, device, patch, batch, dataset_dir,
+                             workdir / f"plain_{bundle.name}_{device.type}", args)
+    with config_determinism(parser):
+        network, loss_fn = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+        optimizer = parser.get_parsed_content("optimizer")
+        loader = parser.get_parsed_content("train#dataloader")
+        network.train()
+        batches = iter(loader)
+        done, wait = [], 0.0
+        for i in range(args.train_warmup + args.train_steps):
+            t0 = time.perf_counter()
+            data = next(batches)
+            if i >= args.train_warmup:
+                wait += time.perf_counter() - t0
+            x, y = data["image"].to(device), data["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(network(x), y)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            done.append(time.perf_counter())
+        del batches
+    wall = done[-1] - done[args.train_warmup - 1]
+    return {"images_per_s": sig(batch * args.train_steps / wall), "steps": args.train_steps, "batch": batch,
+            "median_step_s": sig(statistics.median(np.diff(done[args.train_warmup - 1:]))),
+            "wall_s": sig(wall), "data_wait_share": sig(wait / wall, 3)}
 
 
 class IterationClock:
@@ -670,34 +742,14 @@ class IterationClock:
 
 def pipeline_training(bundle: Bundle, device: torch.device, patch: int, batch: int, dataset_dir: Path,
                       workdir: Path, args) -> dict:
-    """Images per second of the bundle's train.json as ``monai.bundle run training`` builds it.
-
-    Overrides only where files go (a temporary folder, never the bundle's models/), the dataset (synthetic, in
-    the CryoNuSeg layout), the device, patch and batch size, and one epoch of warm-up + timed iterations.
-    """
-    from monai.utils import set_determinism
-
-    from nucleiseg_monai.data import make_datalist
-
-    run_dir = workdir / f"train_{bundle.name}_{device.type}"
-    n_train = len(make_datalist(dataset_dir)["training"])  # the split train.json will make of these tiles
+    """Images per second of the bundle's train.json as ``monai.bundle run training`` builds it (see
+    ``training_parser`` for what is overridden)."""
+    parser = training_parser(bundle, device, patch, batch, dataset_dir, workdir / f"train_{bundle.name}_{device.type}",
+                             args)
     warmup, iterations = args.train_warmup, args.train_warmup + args.train_steps
     supply_batches = min(args.train_steps, 5)
-    parser = bundle.parser()
-    parser.update({
-        **bundle_overrides(bundle, device, patch, batch),
-        "dataset_dir": str(dataset_dir),
-        "ckpt_dir": str(run_dir / "models"),
-        "output_dir": str(run_dir / "runs"),
-        "epochs": 1,
-        # one loader epoch covers the iterations and the loader-alone measurement, and caches no more than that
-        "samples_per_tile": math.ceil((iterations + supply_batches + 1) * batch / n_train),
-        "train#trainer#epoch_length": iterations,
-    })
-    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     t0 = time.perf_counter()
-    try:
-        parser.get_parsed_content("initialize")  # as `monai.bundle run` does: determinism, folders, early stop
+    with config_determinism(parser):  # as `monai.bundle run` does: determinism, folders, early stop
         trainer = parser.get_parsed_content("train#trainer")
         setup = time.perf_counter() - t0
         clock = IterationClock(device)
@@ -706,9 +758,6 @@ def pipeline_training(bundle: Bundle, device: torch.device, patch: int, batch: i
         # the loader alone, with the trainer idle: the fastest it can supply batches
         batches = iter(parser.get_parsed_content("train#dataloader"))
         supply = time_calls(functools.partial(next, batches), torch.device("cpu"), 1, supply_batches)
-    finally:  # the config's set_determinism must not leak into the figures measured after this one
-        set_determinism(None)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
     if len(clock.done) < iterations:
         raise RuntimeError(f"{bundle.name}: the trainer ran {len(clock.done)} of {iterations} iterations")
     parts = clock.window(warmup, iterations - 1)
@@ -816,21 +865,28 @@ def device_section(device: torch.device, bundles: list[Bundle], args, memory: Ph
 
     def train(bundle: Bundle) -> dict:
         b_patch, b_batch = args.train_patch or bundle.patch_size, args.train_batch or bundle.batch_size
+        with memory.phase(f"{tag}:train:{bundle.name}:plain_tensors"):
+            tensors = plain_bundle_training(bundle, device, b_patch, b_batch, stats, args)
         with memory.phase(f"{tag}:train:{bundle.name}:plain"):
-            plain = plain_bundle_training(bundle, device, b_patch, b_batch, stats, args)
+            plain = plain_loader_training(bundle, device, b_patch, b_batch, dataset_dir, workdir, args)
+            gc.collect()  # the plain loop's persistent loader worker must be gone before the pipeline runs
         with memory.phase(f"{tag}:train:{bundle.name}:pipeline"):
             pipeline = pipeline_training(bundle, device, b_patch, b_batch, dataset_dir, workdir, args)
         overhead = sig((plain["images_per_s"] / pipeline["images_per_s"] - 1.0) * 100.0)
-        log(f"[{tag}] {bundle.name} training: plain {plain['images_per_s']:.3f} images/s, pipeline "
-            f"{pipeline['images_per_s']:.3f} images/s, overhead {overhead:.1f}%, waiting on data "
-            f"{100 * pipeline['data_wait_share']:.1f}% of the time")
+        data_cost = sig((tensors["images_per_s"] / pipeline["images_per_s"] - 1.0) * 100.0)
+        log(f"[{tag}] {bundle.name} training: plain loop on the same loader {plain['images_per_s']:.3f} images/s, "
+            f"pipeline {pipeline['images_per_s']:.3f} images/s, overhead {overhead:.1f}%, waiting on data "
+            f"{100 * pipeline['data_wait_share']:.1f}% of the time; plain loop on pre-made tensors "
+            f"{tensors['images_per_s']:.3f} images/s ({data_cost:.1f}% above the pipeline)")
         return {
-            "patch": b_patch, "batch": b_batch, "plain": plain, "pipeline": pipeline,
+            "patch": b_patch, "batch": b_batch, "plain": plain, "pipeline": pipeline, "plain_tensors": tensors,
+            # the MONAI/ignite engine, handlers and events over a bare loop on the same network and data
             "overhead_percent": overhead, "overhead_target_percent": OVERHEAD_TARGET_PERCENT,
             "within_target": overhead <= OVERHEAD_TARGET_PERCENT,
-            # > 1: the same step runs slower inside the trainer (decollate, loader workers sharing the cores)
+            # what loading and augmenting on the fly (in workers on the same cores) costs against no data at all
+            "pretensor_over_pipeline_percent": data_cost,
             "pipeline_step_over_plain_step": sig(pipeline["seconds"]["step"] / pipeline["steps"]
-                                                 / plain["median_step_s"], 3),
+                                                 / tensors["median_step_s"], 3),
             "ratio_to_reference": ratio(plain["images_per_s"], ref_train["images_per_s"]),
         }
 
@@ -895,12 +951,15 @@ def summary_lines(results: dict) -> list[str]:
             if "train" not in b:
                 continue
             t = b["train"]
-            row(f"{name} training, plain loop images/s",
+            row(f"{name} training, plain loop, same loader images/s",
                 t and {**t["plain"], "ratio_to_reference": t["ratio_to_reference"]}, "images_per_s")
             if t:
                 row(f"{name} training, bundle pipeline images/s", t["pipeline"], "images_per_s", None)
                 row(f"  pipeline overhead % (target <= {OVERHEAD_TARGET_PERCENT:g})", t, "overhead_percent", None)
                 row("  share of the pipeline's time waiting on data", t["pipeline"], "data_wait_share", None)
+                row(f"{name} training, plain loop, pre-made tensors images/s", t["plain_tensors"], "images_per_s",
+                    None)
+                row("  on-the-fly data over pre-made tensors %", t, "pretensor_over_pipeline_percent", None)
         lev = section.get("levers")
         if lev and "rows" in lev:
             lines.append(f"-- levers on {lev['bundle']} ({lev['weights']}); x ref = gain over {lev['baseline']}")

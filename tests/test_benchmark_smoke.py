@@ -71,6 +71,10 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         assert t["overhead_percent"] == pytest.approx((plain / pipe - 1) * 100, rel=REL, abs=0.05)
         assert t["ratio_to_reference"] == pytest.approx(plain / ref_train, rel=REL)
         assert 0 <= t["pipeline"]["data_wait_share"] <= 1
+        assert 0 <= t["plain"]["data_wait_share"] <= 1
+        tensors = t["plain_tensors"]["images_per_s"]
+        assert _positive(tensors)
+        assert t["pretensor_over_pipeline_percent"] == pytest.approx((tensors / pipe - 1) * 100, rel=REL, abs=0.05)
         assert isinstance(t["pipeline"]["loader_starves_network"], bool)
 
     lev = cpu["levers"]
