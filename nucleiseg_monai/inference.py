@@ -25,12 +25,15 @@ Stitching rule (exact and order-independent for consistent predictions):
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,6 +173,31 @@ class _TileBand:
             self.flushed_rows += 1
 
 
+def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:
+    """``map(fn, items)``, computing the next result in a background thread while the caller uses this one.
+
+    For the network on region k + 1 while region k is post-processed and written: the network's operators release
+    the GIL and use every core, the post-processing mostly one, so the two overlap. One result is held ahead, and
+    an exception from ``fn`` is raised in the caller at the item it belongs to. Close the generator (``closing``)
+    to stop early; a running call is waited for, queued ones are cancelled.
+    """
+    if not enabled:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nucleiseg-lookahead")
+    try:
+        pending: Future | None = None
+        for item in items:
+            future = pool.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def freeze(network: torch.nn.Module, shape: Sequence[int], device: torch.device) -> torch.nn.Module:
     """TorchScript trace + freeze: batch norm folded into the convolutions, casts and layouts fixed in the graph.
 
@@ -212,6 +240,8 @@ class SlidePredictor:
             still cover the whole image.
         overwrite: redo images whose outputs are complete; progress: a tqdm bar over regions per image.
         jit: run a traced, frozen copy of the network (see ``freeze``).
+        prefetch: run the network on the next region in a background thread while this one is post-processed
+            and written (see ``lookahead``); holds one more region's probabilities in memory.
     """
 
     def __init__(
@@ -242,6 +272,7 @@ class SlidePredictor:
         overwrite: bool = False,
         progress: bool = True,
         jit: bool = False,
+        prefetch: bool = True,
     ):
         if channel_stats is not None:
             stats = load_stats(channel_stats)
@@ -272,6 +303,7 @@ class SlidePredictor:
         self.level, self.mpp, self.slide_mpp = level, mpp, slide_mpp
         self.label_tile, self.overlay_max_side, self.compression = label_tile, overlay_max_side, compression
         self.max_regions, self.overwrite, self.progress = max_regions, overwrite, progress
+        self.prefetch = prefetch
 
     # ------------------------------------------------------------------------------------------ one window
 
@@ -286,9 +318,13 @@ class SlidePredictor:
             probs = torch.softmax(self.inferer(x, self._forward).float(), dim=1)[0]
             return probs.cpu().numpy()
 
+    def instances(self, probs: np.ndarray) -> np.ndarray:
+        """Instance labels (h, w) uint32, ids 1..N, from one window's probabilities."""
+        return np.asarray(instances_from_probs(probs, **self.postprocess_params), dtype=np.uint32)
+
     def segment(self, rgb: np.ndarray) -> np.ndarray:
         """Instance labels (h, w) uint32, ids 1..N, of one window, with no stitching."""
-        return np.asarray(instances_from_probs(self.predict_probs(rgb), **self.postprocess_params), dtype=np.uint32)
+        return self.instances(self.predict_probs(rgb))
 
     # ------------------------------------------------------------------------------------------ one image
 
@@ -348,30 +384,47 @@ class SlidePredictor:
         band = _TileBand((height, width), self.label_tile)
         done = ~grid  # skipped regions count as done: nothing of theirs will ever be written
         next_id = 1
-        with tqdm(total=int(grid.sum()), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
+        todo = [ij for ij in np.ndindex(*grid.shape) if grid[ij]]
+        predicted = lookahead(functools.partial(self._predict_region, reader), todo, self.prefetch)
+        with closing(predicted), \
+                tqdm(total=len(todo), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
                     if grid[i, j]:
-                        next_id = self._process_region(reader, band, out, done, (i, j), next_id, stats)
+                        next_id = self._stitch_region(band, out, done, (i, j), *next(predicted), next_id, stats)
                         done[i, j] = True
                         bar.update(1)
                 # the next row of windows starts `margin` above its cores; everything above is final
                 yield from band.flush((i + 1) * size - margin)
         yield from band.flush(height)
 
-    def _process_region(self, reader: SlideReader, band: _TileBand, out: SlideOutputs, done: np.ndarray,
-                        ij: tuple[int, int], next_id: int, stats: dict) -> int:
-        height, width = reader.shape
+    def _window(self, ij: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(y, x, h, w) of region ij's core with its margin, cut at the image border: there is no context beyond
+        it, and a tile-sized image would otherwise cost the network (512 + 2 * margin)^2 pixels for 512^2."""
+        height, width = shape
         size, margin = self.region_size, self.region_margin
+        cy0, cx0 = ij[0] * size, ij[1] * size
+        wy, wx = max(cy0 - margin, 0), max(cx0 - margin, 0)
+        return wy, wx, min(cy0 + size + margin, height) - wy, min(cx0 + size + margin, width) - wx
+
+    def _predict_region(self, reader: SlideReader, ij: tuple[int, int]
+                        ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+        """Read region ij's window and run the network on it: (window, rgb, probabilities)."""
+        window = self._window(ij, reader.shape)
+        rgb = reader.read_region(*window)
+        return window, rgb, self.predict_probs(rgb)
+
+    def _stitch_region(self, band: _TileBand, out: SlideOutputs, done: np.ndarray, ij: tuple[int, int],
+                       window: tuple[int, int, int, int], rgb: np.ndarray, probs: np.ndarray, next_id: int,
+                       stats: dict) -> int:
+        """Instances of one region's probabilities; keep those it owns (module docstring), write and measure them."""
+        height, width = band.height, band.width
+        size = self.region_size
         i, j = ij
         cy0, cx0 = i * size, j * size
         cy1, cx1 = min(cy0 + size, height), min(cx0 + size, width)
-        # the window stops at the image border: there is no context beyond it, and a tile-sized image would
-        # otherwise cost the network (512 + 2 * margin)^2 pixels for 512^2 of image
-        wy, wx = max(cy0 - margin, 0), max(cx0 - margin, 0)
-        wh, ww = min(cy1 + margin, height) - wy, min(cx1 + margin, width) - wx
-        rgb = reader.read_region(wy, wx, wh, ww)
-        labels = self.segment(rgb)
+        wy, wx, wh, ww = window
+        labels = self.instances(probs)
         n = int(labels.max())
         if n == 0:
             return next_id

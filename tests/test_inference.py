@@ -112,14 +112,15 @@ def test_regions_stitch_like_one_whole_region(seam_slide):
 class Jittery(SlidePredictor):
     """Windows disagree: each region's instances move by one pixel, in opposite directions in neighbouring
     regions, so near a seam one window puts a nucleus's anchor on one side and the next window on the other
-    (white-box: the region index is taken from ``_process_region``)."""
+    (white-box: the region index is taken from ``_stitch_region``, which calls ``instances``)."""
 
-    def _process_region(self, reader, band, out, done, ij, next_id, stats):
+    def _stitch_region(self, band, out, done, ij, *args):
         self.shift = (1 if ij[0] % 2 == 0 else -1, 1 if ij[1] % 2 == 0 else -1)
-        return super()._process_region(reader, band, out, done, ij, next_id, stats)
+        self.shifted = getattr(self, "shifted", 0) + 1
+        return super()._stitch_region(band, out, done, ij, *args)
 
-    def segment(self, rgb):
-        labels = super().segment(rgb)
+    def instances(self, probs):
+        labels = super().instances(probs)
         moved = np.zeros_like(labels)
         (dy, dx), (h, w) = self.shift, labels.shape
         moved[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
@@ -131,7 +132,9 @@ def test_inconsistent_windows_still_give_each_nucleus_once(seam_slide):
     folder, _, _, whole = seam_slide
     args = dict(channel_mean=MEAN, channel_std=STD, roi_size=128, region_size=256, region_margin=48,
                 tissue_threshold=None, label_tile=128, progress=False)
-    result = Jittery(Oracle(), **args).predict_slide(folder / "slide.tif", folder / "jittery")
+    jittery = Jittery(Oracle(), **args)
+    result = jittery.predict_slide(folder / "slide.tif", folder / "jittery")
+    assert jittery.shifted == result.regions_processed == 24
     stitched = tifffile.imread(folder / "jittery" / "slide.labels.tif")
     single = tifffile.imread(folder / "whole" / "slide.labels.tif")
     assert result.nuclei == stitched.max() == whole.nuclei
@@ -302,3 +305,47 @@ def test_frozen_network_predicts_as_the_eager_one(tmp_path):
     np.testing.assert_allclose(frozen_predictor.predict_probs(rgb), eager, atol=1e-4)
     fast = SlidePredictor(net, amp=True, channels_last=True, jit=True, **common).predict_probs(rgb)
     np.testing.assert_allclose(fast, eager, atol=0.05)  # bf16 rounding, within the same network
+
+
+def test_prefetching_the_next_region_changes_nothing(seam_slide):
+    folder, _, regions, _ = seam_slide
+    serial = _predictor(prefetch=False).predict_slide(folder / "slide.tif", folder / "serial")
+    assert serial.nuclei == regions.nuclei
+    for suffix in (".labels.tif", ".nuclei.csv", ".geojson"):
+        a, b = folder / "regions" / f"slide{suffix}", folder / "serial" / f"slide{suffix}"
+        if suffix == ".labels.tif":
+            assert np.array_equal(tifffile.imread(a), tifffile.imread(b))
+        else:
+            assert a.read_text() == b.read_text(), suffix
+
+
+def test_lookahead_keeps_order_raises_in_place_and_stops_early():
+    import threading
+    import time
+    from contextlib import closing
+
+    from nucleiseg_monai.inference import lookahead
+
+    threads, calls = set(), []
+
+    def square(x):
+        threads.add(threading.current_thread().name)
+        calls.append(x)
+        if x == 3:
+            raise ValueError("item 3")
+        return x * x
+
+    assert list(lookahead(square, range(3))) == [0, 1, 4]
+    assert all(name.startswith("nucleiseg-lookahead") for name in threads)
+    assert list(lookahead(square, range(3), enabled=False)) == [0, 1, 4]
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for value in lookahead(square, range(6)):
+            got.append(value)
+    assert got == [0, 1, 4]  # the error surfaces at its own item, after the results before it
+
+    calls.clear()
+    with closing(lookahead(lambda x: (time.sleep(0.01), calls.append(x), x)[2], range(100))) as results:
+        assert next(results) == 0
+    assert calls in ([0], [0, 1])  # at most the one queued when the caller left ran
