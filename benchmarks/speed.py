@@ -53,7 +53,8 @@ OVERHEAD_TARGET_PERCENT = 10.0
 STARVATION_SHARE = 0.05
 # SlidePredictor keywords a bundle's inference config may set; anything else there (network, paths) is not speed
 PREDICTOR_KEYS = ("roi_size", "overlap", "sw_batch_size", "padding_mode", "region_size", "region_margin",
-                  "postprocess_params", "amp", "channels_last", "tissue_threshold", "label_tile", "compression")
+                  "postprocess_params", "amp", "channels_last", "jit", "prefetch", "tissue_threshold", "label_tile",
+                  "compression")
 
 
 # ------------------------------------------------------------------------------------------------ timing, memory
@@ -341,14 +342,16 @@ def tiles(batch: int, size: int, device: torch.device) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=generator).to(device)
 
 
-def bundle_inference_network(bundle: Bundle, device: torch.device) -> torch.nn.Module:
+def bundle_inference_network(bundle: Bundle, device: torch.device, x: torch.Tensor) -> torch.nn.Module:
+    """The network as the bundle's SlidePredictor runs it (precision, layout, frozen graph) for inputs like x."""
+    from nucleiseg_monai.inference import freeze
     from nucleiseg_monai.networks import MixedPrecision
 
     p = bundle.predictor
     net = bundle.network().to(device)
     if p.get("amp") or p.get("channels_last"):
-        return MixedPrecision(net, torch.bfloat16 if p.get("amp") else None, bool(p.get("channels_last")))
-    return net
+        net = MixedPrecision(net, torch.bfloat16 if p.get("amp") else None, bool(p.get("channels_last")))
+    return freeze(net, tuple(x.shape), device) if p.get("jit") else net
 
 
 class PhaseClock:
@@ -391,7 +394,7 @@ def instrumented(predictor, clock: PhaseClock) -> Iterator[None]:
 
     inference_open, forward = inference.open_image, predictor._forward
     predictor.predict_probs = clock.wrap("network", predictor.predict_probs)
-    predictor.segment = clock.wrap("network_and_postprocess", predictor.segment)
+    predictor.instances = clock.wrap("postprocess", predictor.instances)
     predictor._forward = forward_counted
     try:
         with mock.patch.object(inference, "open_image", open_timed), \
@@ -400,7 +403,7 @@ def instrumented(predictor, clock: PhaseClock) -> Iterator[None]:
                                                                       SlideOutputs.add_nuclei)):
             yield
     finally:
-        for name in ("predict_probs", "segment", "_forward"):
+        for name in ("predict_probs", "instances", "_forward"):
             vars(predictor).pop(name, None)
 
 
@@ -420,43 +423,58 @@ def end_to_end(bundle: Bundle, device: torch.device, slide_path: Path, slide_sha
     # warm-up on one region window: the same network call shapes (incl. the last, partial sliding-window batch)
     side = min(settings["region_size"], max(slide_shape)) + 2 * settings["region_margin"]
     predictor.predict_probs(np.full((side, side, 3), 200, np.uint8))
-    times, phases, result = [], [], None
+    times, result = [], None
     for i in range(args.e2e_repeats):
-        clock = PhaseClock()
         out_dir = workdir / f"e2e_{bundle.name}_{device.type}_{i}"
-        with instrumented(predictor, clock):
-            _sync(device)
-            t0 = time.perf_counter()
-            result = predictor.predict_slide(slide_path, out_dir)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        phases.append(clock)
+        _sync(device)
+        t0 = time.perf_counter()
+        result = predictor.predict_slide(slide_path, out_dir)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
     height, width = slide_shape
     figures = rate(height * width / 1e6, times, "mp")
-    # phase shares averaged over the repeats; "network" is within "network_and_postprocess" in the clock
-    mean = {k: statistics.fmean(c.seconds.get(k, 0.0) for c in phases)
-            for k in ("read", "thumbnail", "tissue_mask", "network", "network_and_postprocess", "measure_and_outputs")}
-    total = statistics.fmean(times)
+    figures.update({"image_shape": [height, width], "nuclei": result.nuclei,
+                    "regions_processed": result.regions_processed})
+    # the phases overlap when the network runs ahead in its own thread; one serial run shows what each costs and
+    # what the overlap gains
+    prefetch, predictor.prefetch = predictor.prefetch, False
+    try:
+        figures["serial"] = serial_breakdown(predictor, device, slide_path, slide_shape,
+                                             workdir / f"e2e_{bundle.name}_{device.type}_serial")
+    finally:
+        predictor.prefetch = prefetch
+    figures["prefetch_gain"] = ratio(figures["mp_per_s"], figures["serial"]["mp_per_s"])
+    figures["settings"] = {k: settings[k] for k in sorted(settings)}
+    return figures
+
+
+def serial_breakdown(predictor, device: torch.device, slide_path: Path, slide_shape, out_dir: Path) -> dict:
+    """One instrumented run with no prefetching: megapixels per second and where the time goes."""
+    clock = PhaseClock()
+    with instrumented(predictor, clock):
+        _sync(device)
+        t0 = time.perf_counter()
+        predictor.predict_slide(slide_path, out_dir)
+        _sync(device)
+        total = time.perf_counter() - t0
+    height, width = slide_shape
+    seconds = clock.seconds
     breakdown = {
-        "read_s": mean["read"] + mean["thumbnail"],
-        "tissue_mask_s": mean["tissue_mask"],
-        "network_s": mean["network"],
-        "postprocess_s": mean["network_and_postprocess"] - mean["network"],
-        "measure_and_outputs_s": mean["measure_and_outputs"],
+        "read_s": seconds["read"] + seconds["thumbnail"],
+        "tissue_mask_s": seconds["tissue_mask"],
+        "network_s": seconds["network"],
+        "postprocess_s": seconds["postprocess"],
+        "measure_and_outputs_s": seconds["measure_and_outputs"],
     }
     breakdown["stitch_label_tiff_and_rest_s"] = total - sum(breakdown.values())
-    figures.update({
-        "image_shape": [height, width],
-        "nuclei": result.nuclei,
-        "regions_processed": result.regions_processed,
-        "network_pixels_per_image_pixel": sig(phases[0].network_pixels / (height * width)),
-        "breakdown_mean_s": {k: sig(v) for k, v in breakdown.items()},
+    return {
+        "mp_per_s": sig(height * width / 1e6 / total), "seconds": sig(total),
+        "network_pixels_per_image_pixel": sig(clock.network_pixels / (height * width)),
+        "breakdown_s": {k: sig(v) for k, v in breakdown.items()},
         "breakdown_share": {k.removesuffix("_s"): sig(v / total, 3) for k, v in breakdown.items()},
         "postprocess_mp_per_s": sig(height * width / 1e6 / breakdown["postprocess_s"])
         if breakdown["postprocess_s"] > 0 else None,
-        "settings": {k: settings[k] for k in sorted(settings)},
-    })
-    return figures
+    }
 
 
 # ------------------------------------------------------------------------------------------------ levers
@@ -809,7 +827,7 @@ def device_section(device: torch.device, bundles: list[Bundle], args, memory: Ph
     log(f"[{tag}] reference forward: {ref_mp:.3f} MP/s")
 
     def network_only(bundle: Bundle) -> dict:
-        net = bundle_inference_network(bundle, device)
+        net = bundle_inference_network(bundle, device, x)
         figures = {"parameters": sum(p.numel() for p in net.parameters()), **forward_rate(net, x, args),
                    "tile": args.tile, "batch": args.batch, "grad_mode": "inference_mode"}
         figures["ratio_to_reference"] = ratio(figures["mp_per_s"], ref_mp)
@@ -822,7 +840,7 @@ def device_section(device: torch.device, bundles: list[Bundle], args, memory: Ph
         figures["ratio_to_reference"] = ratio(figures["mp_per_s"], ref_mp)
         log(f"[{tag}] {bundle.name} end to end: {figures['mp_per_s']:.3f} MP/s "
             f"({figures['ratio_to_reference']:.2f}x reference), {figures['nuclei']} nuclei, "
-            f"shares {figures['breakdown_share']}")
+            f"no-prefetch run {figures['serial']['mp_per_s']:.3f} MP/s with shares {figures['serial']['breakdown_share']}")
         return figures
 
     for bundle in bundles:
@@ -945,6 +963,8 @@ def summary_lines(results: dict) -> list[str]:
             row(f"{name} network only MP/s", b.get("network_only"), "mp_per_s")
             if "end_to_end" in b:
                 row(f"{name} end to end MP/s", b["end_to_end"], "mp_per_s")
+                if b["end_to_end"]:
+                    row("  same, no prefetch (serial phases) MP/s", b["end_to_end"]["serial"], "mp_per_s", None)
         if "train" in ref:
             row("reference training (fp32) images/s", {**ref["train"], "r": 1.0}, "images_per_s", "r")
         for name, b in section["bundles"].items():
