@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SMALL, FULL = BUNDLES / "nuclei_unet_small" / "configs", BUNDLES / "nuclei_unet_full" / "configs"
 RUNNERS = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}
-# where the two bundles' metadata may differ: what describes the network
-METADATA_DIFFERENCES = {"name", "description", "changelog", "spatial_shape"}
+# where the two bundles' metadata may differ: what describes the network, and each bundle's own version history
+METADATA_DIFFERENCES = {"name", "description", "changelog", "version", "spatial_shape"}
 TINY = (8, 16, 32, 64)
 
 
