@@ -5,7 +5,8 @@ Each core is read with ``region_margin`` pixels of context on every side (white 
 runs over that window with MONAI's gaussian-blended ``SlidingWindowInferer``, and ``postprocess.
 instances_from_probs`` turns the softmax into instances. Which window's instances are kept is decided by the
 stitching rule below; kept nuclei are written whole into a band of label tiles, finished tile rows are streamed to
-the BigTIFF writer, so memory is bounded by region size x slide width, never by slide area.
+the BigTIFF writer, so memory is bounded by region size x slide width, never by slide area. With ``prefetch`` the
+network already runs on the next region (in a second thread) while this one is post-processed and written.
 
 Stitching rule (exact and order-independent for consistent predictions):
   * anchor of an instance = integer floor of its centroid, computed with integer sums of global coordinates, so
