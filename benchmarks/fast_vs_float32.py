@@ -1,8 +1,10 @@
 """Accuracy cost of the bundle's fast inference settings: the same weights in plain float32 vs as configured.
 
 Runs the bundle's inference config twice over the test split's tiles (``models/datalist.json``), once with bf16,
-channels-last, the frozen TorchScript graph and its window settings, once in plain float32 with 512 px windows at 0.25 overlap, and prints the test
-means of pixel Dice, AJI, PQ and count error for both and their difference (target: within 0.01).
+channels-last, the frozen TorchScript graph and its window settings, once in plain float32 with 512 px windows at
+0.25 overlap, and prints the test means of pixel Dice, AJI, PQ and count error for both and their difference
+(target: Dice, AJI and PQ within 0.01), and writes them to a JSON file (default
+``benchmarks/results/fast_vs_float32_<bundle>.json``).
 
     python benchmarks/fast_vs_float32.py --bundle bundles/nuclei_unet_small --dataset_dir ../shared/datasets/cryonuseg
 """
@@ -17,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from nucleiseg_monai.atomic import atomic_path
 from nucleiseg_monai.cli import run_bundle
 from nucleiseg_monai.data import resolve
 from nucleiseg_monai.metrics import instance_metrics
 
+REPO = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "aji", "pq", "count_ape")
+TARGET = 0.01  # largest allowed loss of Dice, AJI and PQ
 FLOAT32 = {"predictor#amp": False, "predictor#channels_last": False, "predictor#jit": False,
            "predictor#roi_size": 512, "predictor#overlap": 0.25, "predictor#sw_batch_size": 4}
 
@@ -30,8 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="bundles/nuclei_unet_small")
     parser.add_argument("--dataset_dir", default="../shared/datasets/cryonuseg")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON results (default: benchmarks/results/fast_vs_float32_<bundle>.json)")
     args = parser.parse_args()
     bundle = Path(args.bundle)
+    output = args.output or REPO / "benchmarks" / "results" / f"fast_vs_float32_{bundle.resolve().name}.json"
     records = resolve(json.loads((bundle / "models" / "datalist.json").read_text()), args.dataset_dir, "test")
     config = bundle / "configs" / "inference.json"
     results = {}
@@ -46,10 +54,17 @@ def main() -> None:
             rows = [instance_metrics(tifffile.imread(out / f"{Path(r['image']).stem}.labels.tif"),
                                      tifffile.imread(r["label"])) for r in records]
             results[name] = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}
+    difference = {k: results["bundle settings"][k] - results["float32"][k] for k in KEYS}
     for name, figures in results.items():
         print(f"{name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
-    print("difference       " + "  ".join(
-        f"{k} {results['bundle settings'][k] - results['float32'][k]:+.4f}" for k in KEYS))
+    print("difference       " + "  ".join(f"{k} {v:+.4f}" for k, v in difference.items()))
+    within = all(abs(difference[k]) <= TARGET for k in ("dice", "aji", "pq"))
+    print(f"Dice, AJI and PQ within {TARGET} of float32: {'yes' if within else 'NO'}")
+    report = {"bundle": str(bundle), "split": "test", "tiles": len(records), "float32_overrides": FLOAT32,
+              "means": results, "difference": difference, "target": TARGET, "within_target": within}
+    with atomic_path(output) as tmp_out:
+        tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {output}")
 
 
 if __name__ == "__main__":
