@@ -843,7 +843,8 @@ def device_section(device: torch.device, bundles: list[Bundle], args, memory: Ph
 
     def network_only(bundle: Bundle) -> dict:
         net = bundle_inference_network(bundle, device, x)
-        figures = {"parameters": sum(p.numel() for p in net.parameters()), **forward_rate(net, x, args),
+        # counted on a fresh copy: a frozen graph holds its weights as constants, not parameters
+        figures = {"parameters": sum(p.numel() for p in bundle.network().parameters()), **forward_rate(net, x, args),
                    "tile": args.tile, "batch": args.batch, "grad_mode": "inference_mode"}
         figures["ratio_to_reference"] = ratio(figures["mp_per_s"], ref_mp)
         log(f"[{tag}] {bundle.name} network only: {figures['mp_per_s']:.3f} MP/s "
