@@ -128,6 +128,19 @@ class Jittery(SlidePredictor):
         return moved
 
 
+def test_a_vendor_slide_through_openslide_gives_the_same_labels(seam_slide):
+    """The same pixels as an .svs (read by OpenSlide, region by region) and as a .tif (tifffile's zarr store)."""
+    pytest.importorskip("openslide", exc_type=ImportError)
+    folder, _, regions, _ = seam_slide
+    svs = folder / "vendor" / "slide.svs"
+    svs.parent.mkdir()
+    svs.write_bytes((folder / "slide.tif").read_bytes())
+    result = _predictor().predict_slide(svs, folder / "vendor_out")
+    assert result.mpp == pytest.approx(0.25) and result.nuclei == regions.nuclei
+    np.testing.assert_array_equal(tifffile.imread(folder / "vendor_out" / "slide.labels.tif"),
+                                  tifffile.imread(folder / "regions" / "slide.labels.tif"))
+
+
 def test_inconsistent_windows_still_give_each_nucleus_once(seam_slide):
     folder, _, _, whole = seam_slide
     args = dict(channel_mean=MEAN, channel_std=STD, roi_size=128, region_size=256, region_margin=48,

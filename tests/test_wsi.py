@@ -194,3 +194,30 @@ def test_tissue_mask_finds_blob_on_white(tmp_path):
     skio.imsave(tmp_path / "white.png", np.full((64, 64, 3), 250, np.uint8), check_contrast=False)
     with open_image(tmp_path / "white.png") as r:
         assert not tissue_mask(r).mask.any()
+
+
+def test_openslide_reader_matches_the_tiff_reader(tmp_path):
+    """A tiled pyramid named .svs goes through OpenSlide (its generic-TIFF driver): same levels, pixel size and
+    pixels as tifffile's reader of the same bytes, at every level and across the image border."""
+    pytest.importorskip("openslide", exc_type=ImportError)  # the C library may be missing even with the package
+    levels = _pyramid()
+    tif = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(tif, bigtiff=True) as tw:
+        for i, lv in enumerate(levels):
+            # OpenSlide takes a page as a pyramid level only when it is marked reduced-resolution
+            res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"} if i == 0 \
+                else {"subfiletype": 1}
+            tw.write(lv, tile=(32, 32), photometric="rgb", compression="zlib", **res)
+    svs = tmp_path / "case.svs"
+    svs.write_bytes(tif.read_bytes())
+    with open_image(svs) as o, open_image(tif) as t:
+        assert type(o).__name__ == "OpenSlideReader"
+        assert o.level_shapes == t.level_shapes == [(300, 420), (150, 210), (75, 105)]
+        assert o.level_downsamples == pytest.approx(t.level_downsamples)
+        assert o.mpp == pytest.approx(0.25)
+        for lv in range(3):
+            np.testing.assert_array_equal(o.read_region(10, 17, 40, 33, level=lv), levels[lv][10:50, 17:50])
+        np.testing.assert_array_equal(o.read_region(-5, 400, 20, 30), t.read_region(-5, 400, 20, 30))
+    with open_image(svs, mpp=0.5) as o:
+        assert o.level == 1 and o.shape == (150, 210)
+        np.testing.assert_array_equal(o.read_region(3, 4, 20, 20), levels[1][3:23, 4:24])
