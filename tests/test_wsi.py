@@ -25,6 +25,17 @@ def _write_subifds(path, levels, mpp=0.25):
             tw.write(lv, tile=(64, 64), subfiletype=1, compression="zlib", photometric="rgb")
 
 
+def _write_pages(path, levels, mpp=0.25, reduced=False):
+    """One top-level page per pyramid level; ``reduced`` marks levels below 0 as reduced-resolution."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, lv in enumerate(levels):
+            if i == 0:
+                extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+            else:
+                extra = {"subfiletype": 1} if reduced else {}
+            tw.write(lv, tile=(32, 32), photometric="rgb", **extra)
+
+
 def test_pyramid_subifds_read_region_matches_crop(tmp_path):
     levels = _pyramid()
     path = tmp_path / "slide.tif"
@@ -47,10 +58,7 @@ def test_pyramid_subifds_read_region_matches_crop(tmp_path):
 def test_series_pyramid_and_level_by_mpp(tmp_path):
     levels = _pyramid()
     path = tmp_path / "pages.tif"
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i, lv in enumerate(levels):
-            res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"} if i == 0 else {}
-            tw.write(lv, tile=(32, 32), photometric="rgb", **res)
+    _write_pages(path, levels)
     with open_image(path, mpp=0.5) as r:
         assert r.n_levels == 3 and r.level == 1 and r.shape == (150, 210)
         assert r.mpp == pytest.approx(0.5) and r.downsample == pytest.approx(2.0)
@@ -202,12 +210,7 @@ def test_openslide_reader_matches_the_tiff_reader(tmp_path):
     pytest.importorskip("openslide", exc_type=ImportError)  # the C library may be missing even with the package
     levels = _pyramid()
     tif = tmp_path / "pages.tif"
-    with tifffile.TiffWriter(tif, bigtiff=True) as tw:
-        for i, lv in enumerate(levels):
-            # OpenSlide takes a page as a pyramid level only when it is marked reduced-resolution
-            res = {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"} if i == 0 \
-                else {"subfiletype": 1}
-            tw.write(lv, tile=(32, 32), photometric="rgb", compression="zlib", **res)
+    _write_pages(tif, levels, reduced=True)  # OpenSlide takes only pages marked reduced-resolution as levels
     svs = tmp_path / "case.svs"
     svs.write_bytes(tif.read_bytes())
     with open_image(svs) as o, open_image(tif) as t:
