@@ -1,5 +1,7 @@
 """Per-image outputs, each written atomically: label BigTIFF, QuPath GeoJSON, CSV table, overlay PNG, manifest.
 
+What goes into the GeoJSON and the CSV is measured by ``measurements.measure_nuclei``; this module only writes.
+
 Every file is written to a hidden temporary file in its destination folder, fsynced and moved into place with
 ``os.replace``, so a crash or an exception never leaves a partial file under the final name. A ``<name>.done.json``
 manifest is written last; ``outputs_complete`` trusts only images whose manifest lists files that are all present.
@@ -11,25 +13,21 @@ array-index convention of ``skimage.measure.regionprops`` (pixel centres at inte
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import tifffile
 from PIL import Image
-from skimage.color import hed_from_rgb
-from scipy.ndimage import find_objects
-from skimage.measure import find_contours
 from skimage.segmentation import find_boundaries
 
 from .atomic import AtomicFile, atomic_path, fsync_dir
+from .measurements import Nuclei, measure_nuclei
 
 OUTPUT_SUFFIXES = {
     "labels": ".labels.tif",
@@ -38,9 +36,11 @@ OUTPUT_SUFFIXES = {
     "overlay": ".overlay.png",
 }
 MANIFEST_SUFFIX = ".done.json"
+# Units in the names: centroids in level-0 px; areas and perimeters in px of the analysed level (the label map's);
+# eccentricity and solidity have none; haematoxylin is an optical density (skimage.color.rgb2hed's channel 0).
 CSV_COLUMNS = (
-    "id", "centroid_x", "centroid_y", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
-    "mean_haematoxylin",
+    "id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
+    "mean_haematoxylin_od",
 )
 OVERLAY_COLOUR = (0, 255, 0)
 # Namespace for the GeoJSON feature UUIDs QuPath expects: same image name and nucleus id -> same UUID.
@@ -113,224 +113,95 @@ def write_label_tiff(
     return Path(path)
 
 
-# ---------------------------------------------------------------------------------------------- measurements
-
-
-def haematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """Channel 0 of ``skimage.color.rgb2hed`` (haematoxylin optical density), in float32 and nothing else.
-
-    rgb2hed would compute all three stains in float64; a slide region needs only this one.
-    """
-    rgb = np.maximum(rgb.astype(np.float32) / 255.0, 1e-6)
-    log_adjust = np.float32(np.log(1e-6))
-    od = np.log(rgb) / log_adjust
-    return np.maximum(od @ hed_from_rgb[:, 0].astype(np.float32), 0.0)
-
-
-@dataclass
-class Nucleus:
-    """One nucleus: measurements and its outline (level-0 pixels, QuPath convention, closed ring of (x, y))."""
-
-    id: int
-    centroid_x: float
-    centroid_y: float
-    area_px: int
-    area_um2: float | None
-    perimeter_px: float
-    eccentricity: float
-    solidity: float
-    mean_haematoxylin: float
-    polygon: np.ndarray
-
-    def row(self) -> list[str]:
-        return [
-            str(self.id), f"{self.centroid_x:.2f}", f"{self.centroid_y:.2f}", str(self.area_px),
-            "" if self.area_um2 is None else f"{self.area_um2:.3f}", f"{self.perimeter_px:.2f}",
-            f"{self.eccentricity:.4f}", f"{self.solidity:.4f}", f"{self.mean_haematoxylin:.5f}",
-        ]
-
-    def feature(self, image_name: str = "") -> dict:
-        measurements = {
-            "nucleus_id": self.id, "area_px": self.area_px, "perimeter_px": round(self.perimeter_px, 2),
-            "eccentricity": round(self.eccentricity, 4), "solidity": round(self.solidity, 4),
-            "mean_haematoxylin": round(self.mean_haematoxylin, 5),
-        }
-        if self.area_um2 is not None:
-            measurements["area_um2"] = round(self.area_um2, 3)
-        return {
-            "type": "Feature",
-            "id": str(uuid.uuid5(_UUID_NAMESPACE, f"{image_name}/{self.id}")),
-            "geometry": {"type": "Polygon", "coordinates": [self.polygon.round(3).tolist()]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": "Nucleus"},
-                "measurements": {k: v for k, v in measurements.items() if _finite(v)},
-            },
-        }
-
-
-def _finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def outline(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> np.ndarray:
-    """Closed (x, y) ring around a binary crop whose top-left pixel is (top, left) at the analysed level.
-
-    The ring runs through the edge midpoints of the boundary pixels (find_contours at 0.5 on the padded crop),
-    with collinear vertices removed (a lossless simplification), counter-clockwise, in level-0 pixels with pixel
-    (r, c) covering [c, c+1) x [r, r+1). A nucleus with holes keeps only its outer ring.
-    """
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
-    padded[1:-1, 1:-1] = mask
-    ring = max(find_contours(padded, 0.5), key=len)[:-1]
-    step = np.diff(ring, axis=0, append=ring[:1])
-    before = np.concatenate([step[-1:], step[:-1]])
-    turns = (before[:, 0] * step[:, 1] - before[:, 1] * step[:, 0] != 0) | ((before * step).sum(1) <= 0)
-    if turns.sum() >= 3:
-        ring = ring[turns]
-    # padded index -> crop index (-1) -> image index (+top/left) -> pixel-edge coordinates (+0.5) -> level 0
-    xy = np.stack([(ring[:, 1] - 0.5 + left) * downsample, (ring[:, 0] - 0.5 + top) * downsample], axis=1)
-    if _signed_area(xy) < 0:  # counter-clockwise, as RFC 7946 asks of exterior rings
-        xy = xy[::-1]
-    return np.concatenate([xy, xy[:1]])
-
-
-def _signed_area(xy: np.ndarray) -> float:
-    """Shoelace area of an open ring of (x, y) vertices; positive when counter-clockwise."""
-    x, y = xy[:, 0], xy[:, 1]
-    return 0.5 * float(x[:-1] @ y[1:] - x[1:] @ y[:-1] + x[-1] * y[0] - x[0] * y[-1])
-
-
-def _hull_area(ring: np.ndarray) -> float:
-    """Area of the convex hull of an open, counter-clockwise simple polygon (Andrew's monotone chain).
-
-    Reflex vertices of a simple polygon are never on its hull, so they are dropped first: about half the
-    vertices of a nucleus outline, and this runs once per nucleus.
-    """
-    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
-    convex = ring[before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] >= 0]
-    if len(convex) < 3:
-        return 0.0
-    pts = convex[np.lexsort((convex[:, 1], convex[:, 0]))].tolist()
-
-    def half(points: list) -> list:
-        chain: list = []
-        for p in points:
-            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
-                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain[:-1]
-
-    hull = np.asarray(half(pts) + half(pts[::-1]), dtype=np.float64)
-    return abs(_signed_area(hull)) if len(hull) >= 3 else 0.0
-
-
-def measure_nuclei(
-    labels: np.ndarray,
-    rgb: np.ndarray,
-    offset: tuple[int, int] = (0, 0),
-    downsample: float = 1.0,
-    mpp: float | None = None,
-) -> Iterator[Nucleus]:
-    """Measure every id of a label window whose top-left sits at ``offset`` (y, x) in the analysed level.
-
-    Area (pixel count), centroid, eccentricity (of the second moments, as regionprops) and mean haematoxylin
-    come from one pass of bincounts over the window; only the outline is per nucleus. Areas are in pixels of the
-    analysed level (the label map's); ``mpp`` is that level's microns per pixel. Perimeter and solidity are
-    those of the outline polygon (its length; its area over its convex hull's, as QuPath measures them), in
-    analysed-level pixels. Centroids and outlines are mapped to level 0 with ``downsample``.
-    """
-    oy, ox = offset
-    fg = np.flatnonzero(labels)
-    if fg.size == 0:
-        return
-    ids = labels.ravel()[fg].astype(np.int64)
-    first = int(ids.min())
-    ids -= first - 1  # local ids 1..n, whatever range the global ids live in
-    n = int(ids.max()) + 1
-    width = labels.shape[1]
-    y, x = (fg // width).astype(np.float64), (fg % width).astype(np.float64)
-    count = np.bincount(ids, minlength=n)
-    safe = np.maximum(count, 1)
-    cy, cx = np.bincount(ids, y, n) / safe, np.bincount(ids, x, n) / safe
-    dy, dx = y - cy[ids], x - cx[ids]  # two passes: central moments without cancellation
-    vy, vx, cov = (np.bincount(ids, dy * dy, n) / safe, np.bincount(ids, dx * dx, n) / safe,
-                   np.bincount(ids, dy * dx, n) / safe)
-    half_trace, root = (vy + vx) / 2, np.sqrt(((vy - vx) / 2) ** 2 + cov * cov)
-    major, minor = half_trace + root, np.maximum(half_trace - root, 0.0)
-    eccentricity = np.sqrt(np.clip(1.0 - minor / np.where(major > 0, major, 1.0), 0.0, 1.0))
-    eccentricity[major <= 0] = 0.0
-    hema = np.bincount(ids, haematoxylin(rgb.reshape(-1, 3)[fg]), n) / safe  # nuclei pixels only
-    local = np.zeros(labels.shape, np.int32)
-    local.ravel()[fg] = ids
-    for k, box in enumerate(find_objects(local), start=1):
-        if box is None:
-            continue
-        ring = outline(local[box] == k, box[0].start + oy, box[1].start + ox, downsample)
-        px = ring / downsample  # back to analysed-level pixels for the shape measures
-        area_poly = _signed_area(px[:-1])
-        hull = _hull_area(px[:-1])
-        area = int(count[k])
-        yield Nucleus(
-            id=k + first - 1,
-            centroid_x=(cx[k] + ox + 0.5) * downsample - 0.5,
-            centroid_y=(cy[k] + oy + 0.5) * downsample - 0.5,
-            area_px=area,
-            area_um2=None if mpp is None else area * mpp * mpp,
-            perimeter_px=float(np.hypot(*np.diff(px, axis=0).T).sum()),
-            eccentricity=float(eccentricity[k]),
-            solidity=area_poly / hull if hull > 0 else 1.0,
-            mean_haematoxylin=float(hema[k]),
-            polygon=ring,
-        )
-
-
 # ---------------------------------------------------------------------------------------------- streaming writers
 
 
+def _features(nuclei: Nuclei, image_name: str) -> list[str]:
+    """One GeoJSON Feature text per nucleus, built from the columns with the json module's number format (the
+    shortest repr), so encoding costs a few string operations per vertex instead of a dict per nucleus."""
+    coords = list(map(repr, np.round(nuclei.vertices, 3).ravel().tolist()))
+    points = ["[%s,%s]" % xy for xy in zip(coords[0::2], coords[1::2])]
+    starts = nuclei.starts.tolist()
+    fragments = [[f'"{name}":{v!r}' if math.isfinite(v) else "" for v in values]
+                 for name, values in _measurement_columns(nuclei)]
+    measurements = [",".join(filter(None, parts)) for parts in zip(*fragments)]
+    features = []
+    for i, k in enumerate(nuclei.id.tolist()):
+        ring = points[starts[i]:starts[i + 1]]
+        features.append(
+            '{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[%s,%s]]},"properties":'
+            '{"objectType":"detection","classification":{"name":"Nucleus"},"measurements":{%s}}}'
+            % (uuid.uuid5(_UUID_NAMESPACE, f"{image_name}/{k}"), ",".join(ring), ring[0], measurements[i])
+        )
+    return features
+
+
+def _measurement_columns(nuclei: Nuclei) -> list[tuple[str, list]]:
+    """(QuPath measurement name, values) of each GeoJSON measurement, rounded; area_um2 when known."""
+    columns = [("nucleus_id", nuclei.id, None), ("area_px", nuclei.area_px, None),
+               ("perimeter_px", nuclei.perimeter_px, 2), ("eccentricity", nuclei.eccentricity, 4),
+               ("solidity", nuclei.solidity, 4), ("mean_haematoxylin", nuclei.mean_haematoxylin, 5)]
+    if nuclei.area_um2 is not None:
+        columns.append(("area_um2", nuclei.area_um2, 3))
+    # Python's round, not numpy's: numpy's scales by 10^digits and can land one float away from it
+    return [(name, column.tolist() if digits is None else [round(v, digits) for v in column.tolist()])
+            for name, column, digits in columns]
+
+
+def _csv_rows(nuclei: Nuclei) -> str:
+    area_um2 = [""] * len(nuclei) if nuclei.area_um2 is None else ["%.3f" % v for v in nuclei.area_um2.tolist()]
+    columns = (nuclei.id, nuclei.centroid_x, nuclei.centroid_y, nuclei.area_px, nuclei.perimeter_px,
+               nuclei.eccentricity, nuclei.solidity, nuclei.mean_haematoxylin)
+    rows = zip(*(c.tolist() for c in columns), area_um2)
+    return "".join("%d,%.2f,%.2f,%d,%s,%.2f,%.4f,%.4f,%.5f\n" % (k, x, y, a, um2, p, e, s, h)
+                   for k, x, y, a, p, e, s, h, um2 in rows)
+
+
 class GeoJSONStream:
-    """A FeatureCollection written one feature at a time, so a million nuclei never sit in a list."""
+    """A FeatureCollection written one batch of nuclei at a time, so a million nuclei never sit in memory."""
 
     def __init__(self, handle: IO[str], image_name: str = ""):
         self.handle, self.image_name, self.count = handle, image_name, 0
         handle.write('{"type": "FeatureCollection", "features": [\n')
 
-    def write(self, nucleus: Nucleus) -> None:
+    def write(self, nuclei: Nuclei) -> None:
+        if not len(nuclei):
+            return
         if self.count:
             self.handle.write(",\n")
-        self.handle.write(json.dumps(nucleus.feature(self.image_name), separators=(",", ":")))
-        self.count += 1
+        self.handle.write(",\n".join(_features(nuclei, self.image_name)))
+        self.count += len(nuclei)
 
     def close(self) -> None:
         self.handle.write("\n]}\n")
 
 
 class CSVStream:
+    """The per-nucleus table, one batch of nuclei at a time; the header states each column's unit."""
+
     def __init__(self, handle: IO[str]):
-        self.writer = csv.writer(handle, lineterminator="\n")
-        self.writer.writerow(CSV_COLUMNS)
-        self.count = 0
+        self.handle, self.count = handle, 0
+        handle.write(",".join(CSV_COLUMNS) + "\n")
 
-    def write(self, nucleus: Nucleus) -> None:
-        self.writer.writerow(nucleus.row())
-        self.count += 1
+    def write(self, nuclei: Nuclei) -> None:
+        self.handle.write(_csv_rows(nuclei))
+        self.count += len(nuclei)
 
 
-def write_geojson(path: str | os.PathLike, nuclei: Iterable[Nucleus], image_name: str = "") -> Path:
+def write_geojson(path: str | os.PathLike, nuclei: Iterable[Nuclei], image_name: str = "") -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         stream = GeoJSONStream(handle, image_name)
-        for nucleus in nuclei:
-            stream.write(nucleus)
+        for batch in nuclei:
+            stream.write(batch)
         stream.close()
     return Path(path)
 
 
-def write_csv(path: str | os.PathLike, nuclei: Iterable[Nucleus]) -> Path:
+def write_csv(path: str | os.PathLike, nuclei: Iterable[Nuclei]) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         stream = CSVStream(handle)
-        for nucleus in nuclei:
-            stream.write(nucleus)
+        for batch in nuclei:
+            stream.write(batch)
     return Path(path)
 
 
@@ -443,11 +314,10 @@ class SlideOutputs:
 
     def add_nuclei(self, labels: np.ndarray, rgb: np.ndarray, offset: tuple[int, int]) -> int:
         """Measure and record the final pixels of some nuclei (ids already global) in a window at ``offset``."""
-        added = 0
-        for nucleus in measure_nuclei(labels, rgb, offset, self.downsample, self.mpp):
-            self._geojson.write(nucleus)
-            self._csv.write(nucleus)
-            added += 1
+        nuclei = measure_nuclei(labels, rgb, offset, self.downsample, self.mpp)
+        self._geojson.write(nuclei)
+        self._csv.write(nuclei)
+        added = len(nuclei)
         if self.overlay is not None and added:
             self.overlay.draw(labels, offset)
         self.count += added

@@ -1,26 +1,26 @@
 import csv
 import json
+import math
+import uuid
 
 import numpy as np
 import pytest
 import tifffile
 from skimage import io as skio
-from skimage.color import rgb2hed
-from skimage.measure import regionprops
 
+from nucleiseg_monai.measurements import measure_nuclei
 from nucleiseg_monai.outputs import (
+    CSV_COLUMNS,
     Overlay,
     SlideOutputs,
-    haematoxylin,
     iter_tiles,
-    measure_nuclei,
-    outline,
     output_paths,
     outputs_complete,
     write_csv,
     write_geojson,
     write_label_tiff,
 )
+from nucleiseg_monai.synthetic import make_tile
 
 RNG = np.random.default_rng(1)
 
@@ -67,54 +67,11 @@ def test_label_tiff_failure_leaves_nothing(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_haematoxylin_equals_rgb2hed_channel0():
-    rgb = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(haematoxylin(rgb), rgb2hed(rgb)[..., 0], rtol=1e-4, atol=1e-5)
-
-
-def test_measurements_match_regionprops():
-    labels = _labels()
-    rgb = RNG.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
-    hed = rgb2hed(rgb)[..., 0]
-    nuclei = {n.id: n for n in measure_nuclei(labels, rgb, offset=(100, 200), downsample=1.0, mpp=0.5)}
-    assert sorted(nuclei) == [3, 7, 10, 12]
-    for prop in regionprops(labels.astype(np.int64), intensity_image=hed):
-        n = nuclei[prop.label]
-        assert n.area_px == prop.area == np.bincount(labels.ravel())[prop.label]
-        assert n.area_um2 == pytest.approx(prop.area * 0.25)
-        assert n.centroid_y == pytest.approx(prop.centroid[0] + 100)
-        assert n.centroid_x == pytest.approx(prop.centroid[1] + 200)
-        assert n.eccentricity == pytest.approx(prop.eccentricity, abs=1e-9)
-        assert n.mean_haematoxylin == pytest.approx(prop.intensity_mean, rel=1e-4)
-        # the outline lies inside the pixel-edge bounding box, in level-0 coordinates
-        r0, c0, r1, c1 = prop.bbox
-        assert n.polygon[:, 0].min() >= c0 + 200 and n.polygon[:, 0].max() <= c1 + 200
-        assert n.polygon[:, 1].min() >= r0 + 100 and n.polygon[:, 1].max() <= r1 + 100
-        assert (n.polygon[0] == n.polygon[-1]).all() and len(n.polygon) >= 4
-    assert nuclei[3].solidity == pytest.approx(1.0)
-    assert nuclei[7].solidity < 0.75  # an L is far from convex
-    assert nuclei[3].perimeter_px == pytest.approx(2 * (10 + 20) - 4 * (1 - np.sqrt(0.5)))  # corners cut at 45 deg
-    assert nuclei[3].polygon.shape == (9, 2)  # collinear points removed: 4 sides + 4 cut corners, closed
-
-
-def test_outline_of_one_pixel_and_downsample():
-    mask = np.ones((1, 1), bool)
-    ring = outline(mask, top=4, left=6)
-    # the diamond through the pixel's edge midpoints; pixel (4, 6) covers [6, 7) x [4, 5)
-    assert {tuple(p) for p in ring[:-1].tolist()} == {(6.5, 4.0), (7.0, 4.5), (6.5, 5.0), (6.0, 4.5)}
-    assert len(ring) == 5 and (ring[0] == ring[-1]).all()
-    x, y = ring[:-1, 0], ring[:-1, 1]
-    assert np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y) > 0  # counter-clockwise (x, y)
-    # at a level with downsample 4, pixel (4, 6) covers level-0 [24, 28) x [16, 20)
-    ring4 = outline(mask, top=4, left=6, downsample=4.0)
-    assert ring4[:, 0].min() >= 24 and ring4[:, 0].max() <= 28 and ring4[:, 1].min() >= 16 and ring4[:, 1].max() <= 20
-
-
 def test_geojson_and_csv_streams(tmp_path):
     labels = _labels()
     rgb = RNG.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
-    geo = write_geojson(tmp_path / "n.geojson", measure_nuclei(labels, rgb), image_name="n")
-    table = write_csv(tmp_path / "n.csv", measure_nuclei(labels, rgb))
+    geo = write_geojson(tmp_path / "n.geojson", [measure_nuclei(labels, rgb)], image_name="n")
+    table = write_csv(tmp_path / "n.csv", [measure_nuclei(labels, rgb)])
     data = json.loads(geo.read_text())
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 4
     feature = data["features"][0]
@@ -128,6 +85,47 @@ def test_geojson_and_csv_streams(tmp_path):
     assert [int(r["id"]) for r in rows] == [3, 7, 10, 12]
     assert [int(r["area_px"]) for r in rows] == [int(np.bincount(labels.ravel())[i]) for i in (3, 7, 10, 12)]
     assert rows[0]["area_um2"] == ""
+    assert list(rows[0]) == ["id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px",
+                             "eccentricity", "solidity", "mean_haematoxylin_od"]  # units in the header
+
+
+def _reference_feature(nuclei, i, image_name):
+    """The Feature the per-nucleus writer built and gave to json.dumps, from the same measurements."""
+    measurements = {
+        "nucleus_id": int(nuclei.id[i]), "area_px": int(nuclei.area_px[i]),
+        "perimeter_px": round(float(nuclei.perimeter_px[i]), 2), "eccentricity": round(float(nuclei.eccentricity[i]), 4),
+        "solidity": round(float(nuclei.solidity[i]), 4), "mean_haematoxylin": round(float(nuclei.mean_haematoxylin[i]), 5),
+    }
+    if nuclei.area_um2 is not None:
+        measurements["area_um2"] = round(float(nuclei.area_um2[i]), 3)
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid5(uuid.UUID("9a4e2a63-0a5c-4c1e-9d7e-2f4b8f0c6d11"), f"{image_name}/{nuclei.id[i]}")),
+        "geometry": {"type": "Polygon", "coordinates": [nuclei.polygon(i).round(3).tolist()]},
+        "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
+                       "measurements": {k: v for k, v in measurements.items() if math.isfinite(v)}},
+    }
+
+
+@pytest.mark.parametrize("mpp", [0.25, None])
+def test_geojson_text_equals_json_dumps_and_csv_equals_formatted_rows(tmp_path, mpp):
+    rgb, labels = make_tile(256, seed=5)
+    batches = [measure_nuclei(labels[:128], rgb[:128], (0, 0), 2.0, mpp),
+               measure_nuclei(labels[128:], rgb[128:], (128, 0), 2.0, mpp)]
+    text = write_geojson(tmp_path / "t.geojson", batches, image_name="t").read_text()
+    features = [_reference_feature(b, i, "t") for b in batches for i in range(len(b))]
+    expected = ",\n".join(json.dumps(f, separators=(",", ":")) for f in features)  # byte for byte
+    assert text == '{"type": "FeatureCollection", "features": [\n' + expected + "\n]}\n"
+    assert len(json.loads(text)["features"]) == sum(len(b) for b in batches)
+    rows = write_csv(tmp_path / "t.csv", batches).read_text().splitlines()
+    assert rows[0] == ",".join(CSV_COLUMNS)
+    expected_rows = [
+        [str(b.id[i]), f"{b.centroid_x[i]:.2f}", f"{b.centroid_y[i]:.2f}", str(b.area_px[i]),
+         "" if mpp is None else f"{b.area_um2[i]:.3f}", f"{b.perimeter_px[i]:.2f}", f"{b.eccentricity[i]:.4f}",
+         f"{b.solidity[i]:.4f}", f"{b.mean_haematoxylin[i]:.5f}"]
+        for b in batches for i in range(len(b))
+    ]
+    assert [r.split(",") for r in rows[1:]] == expected_rows
 
 
 def test_overlay_draws_outlines(tmp_path):
