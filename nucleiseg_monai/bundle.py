@@ -4,14 +4,27 @@
 path, and model-zoo bundles assume the working directory is the bundle. Here ``bundle_root`` is read from the
 ``--config_file`` argument (the folder above ``configs/``), so outputs land in the bundle wherever it is run from.
 ``--bundle_root DIR`` on the command line overrides it, as in every MONAI bundle.
+
+``guard`` is the first expression of each config's ``initialize`` list. MONAI evaluates ``initialize`` (and, just
+before it, every ``$import``) when the workflow is created, before any other config expression, and only then, in
+``ConfigWorkflow.run``, puts the bundle folder on ``sys.path`` ahead of the installed packages. The guard refuses a
+sealed bundle whose files changed since it was packed, and keeps every bundle folder off ``sys.path`` for the rest
+of the process, so nothing in a bundle can shadow an installed module. (Entries of an ``imports`` list that are not
+``$import`` statements are never evaluated by MONAI, so the guard cannot live there.) A config edited to drop the
+guard is not checked by it: ``nucleiseg predict`` / ``evaluate`` / ``tune`` verify the bundle before reading any
+config. Run bundles from outside their folder: a folder that is the working directory is importable before any
+config is read.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.abc
 import os
 import sys
 from pathlib import Path
+
+from .packaging import MANIFEST, is_bundle_folder, refusal, verify
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -33,3 +46,59 @@ def bundle_root(argv: list[str] | None = None) -> str:
         config_dir = Path(files[0]).expanduser().resolve().parent
         return str(config_dir.parent if config_dir.name == "configs" else config_dir)
     return os.getcwd()
+
+
+class _BundleFoldersOffPath(importlib.abc.MetaPathFinder):
+    """First on ``sys.meta_path``: before each import looks at ``sys.path``, takes bundle folders off it."""
+
+    def __init__(self):
+        self.folders: set[str] = set()  # config folders named on the command line, as absolute paths
+
+    def is_bundle(self, entry: str) -> bool:
+        return os.path.abspath(entry) in self.folders or is_bundle_folder(entry or ".")
+
+    def clean(self) -> None:
+        sys.path[:] = [entry for entry in sys.path if not self.is_bundle(entry)]
+
+    def find_spec(self, fullname, path=None, target=None):
+        self.clean()
+        return None  # the import itself is left to the finders after this one
+
+
+def _finder() -> _BundleFoldersOffPath:
+    for finder in sys.meta_path:
+        if isinstance(finder, _BundleFoldersOffPath):
+            return finder
+    finder = _BundleFoldersOffPath()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+def guard(argv: list[str] | None = None) -> list[str]:
+    """Keeps bundle folders off ``sys.path`` from now on and refuses (SystemExit, one line) a sealed bundle that
+    no longer matches its manifest; returns the bundle folders it verified.
+
+    The bundles are those of the ``--config_file`` arguments (not ``@bundle_root``, which ``--bundle_root`` moves
+    to where outputs go, nor the working directory): the folders the configs are read from. A folder without a
+    manifest is a working copy and is not verified. Without ``--config_file`` (``nucleiseg predict`` runs the
+    workflow in-process), the caller has verified the bundle before reading its configs.
+    """
+    finder = _finder()
+    files = _config_files(sys.argv if argv is None else argv)
+    config_dirs = {Path(os.path.abspath(os.path.expanduser(f))).parent for f in files}
+    roots = sorted({d.parent if d.name == "configs" else d for d in config_dirs})
+    finder.folders |= {str(d) for d in config_dirs | set(roots)}
+    finder.clean()
+    verified = []
+    for root in roots:
+        if not (root / MANIFEST).is_file():
+            continue
+        try:
+            problems = verify(root)
+        except ValueError as e:  # an unreadable manifest
+            problems = [str(e)]
+        if problems:
+            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            raise SystemExit(f"{root} does not match its {MANIFEST} ({len(problems)} problem(s): {shown}). {refusal(root)}")
+        verified.append(str(root))
+    return verified

@@ -1,25 +1,34 @@
-"""Bundles that travel: pack a bundle folder into one zip with a sha256 manifest, verify it, unpack it safely.
+"""Bundles that travel: pack a bundle folder into one zip with a manifest, verify it, unpack it safely.
 
 A bundle config is a program: its ``$`` expressions and ``_target_`` entries run arbitrary Python (``$import os``,
 ``$os.system(...)``) as soon as MONAI parses them. A bundle from an unknown source is therefore code, to be read
 before it is run, like any script. The manifest proves that the files are the ones the packer sealed (nothing was
 corrupted, cut off or edited on the way, nothing was added); it does not prove who the packer was. To trust a
-bundle, compare the sha256 of the zip (``sha256_file``) with one published by its author through another channel
-and pass it to ``unpack(..., sha256=...)``. Weights are data: ``networks.load_weights`` loads them with
-``torch.load(weights_only=True)``, which refuses pickled objects.
+bundle, compare the sha256 of the zip (``sha256_file``, printed by ``nucleiseg pack``) with one published by its
+author through another channel and pass it to ``unpack(..., sha256=...)``. Weights are data:
+``networks.load_weights`` loads them with ``torch.load(weights_only=True)``, which refuses pickled objects.
 
-What a bundle holds (``bundle_files``), and so what the manifest lists and ``verify`` checks:
+A bundle holds no Python. MONAI puts the bundle folder on ``sys.path`` when it runs a config, so a module in it
+(``imageio/__init__.py``) would shadow the installed one; ``bundle.guard`` takes the folder off again, and here
+every entry of a bundle folder is classified:
 
-- everything under ``configs/`` and ``scripts/``: they are code, so even hidden files count (only ``__pycache__``,
-  which Python writes itself when a bundle's scripts are imported, is skipped everywhere);
-- under ``models/``, ``docs/`` and the bundle's top folder: every file except hidden names (``.*``), editor and
-  temporary files (``*.tmp``, ``*.part``, ``*.swp``, ``*~``) and training state (``models/checkpoint_*``, such as
-  ``checkpoint_last.pt``);
-- no other top-level folder: ``runs/``, ``eval/`` and any other output folder are never packed nor checked, so
-  training and evaluating inside an unpacked bundle leave it verifiable until they change a packed file.
+- bundle files, which the manifest lists with their sha256 and size: everything under ``configs/`` (configs are code,
+  so even hidden files count); under ``models/``, ``docs/`` and the top folder every file except hidden names
+  (``.*``), editor and temporary files (``*.tmp``, ``*.part``, ``*.swp``, ``*~``) and training state
+  (``models/checkpoint_*``);
+- outputs, never packed nor checked: the folders ``runs/``, ``eval/`` and ``predictions/`` that training,
+  evaluation and inference write into, and the hidden, temporary and checkpoint files above;
+- anything else is refused by ``pack`` and ``verify``, naming it: any other folder (``imageio/``), Python source,
+  bytecode or extension modules anywhere (``*.py``, ``__pycache__/``, ``*.so``), symbolic links.
 
-``verify`` reports, for those files, any that is missing, not in the manifest, or different from it. A bundle
-changed on purpose (for example ``models/model.pt`` retrained) is sealed again with ``write_manifest``.
+``verify`` reports, for a folder or a zip, any bundle file that is missing, not in the manifest or different from
+it, and every refused entry. A bundle changed on purpose (``models/model.pt`` retrained) is sealed again with
+``write_manifest``.
+
+A zip is checked before anything is written: every member must be listed with the size the zip declares, the listed
+sizes may not add up to more than ``MAX_UNPACKED_BYTES``, no large member may compress better than ``MAX_RATIO``:1
+(weights barely compress; zip bombs compress a thousandfold), and each member is streamed out only up to its listed
+size and hashed on the way. The bundle appears under its final name only once every file matched.
 """
 
 from __future__ import annotations
@@ -31,18 +40,29 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, NamedTuple
 
 from .atomic import atomic_path, umask
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-CODE_FOLDERS = ("configs", "scripts")
+MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
+CODE_FOLDERS = ("configs",)
 DATA_FOLDERS = ("models", "docs")
+OUTPUT_FOLDERS = ("runs", "eval", "predictions")
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".swp", "~")
+# what Python imports from a folder on sys.path (extension modules end in .so or .pyd)
+IMPORTABLE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".so", ".pyd")
+MAX_UNPACKED_BYTES = 2 << 30
+MAX_RATIO = 100
+RATIO_FLOOR = 1 << 20  # smaller members may compress well (configs); they cannot fill a disk
+MAX_MANIFEST_BYTES = 4 << 20
 _CHUNK = 1 << 20
+_UNPACKING = ".{name}.unpack-"  # temporary folder prefix, then the unpacking process id
 
 
 class BundleIntegrityError(ValueError):
@@ -62,30 +82,64 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _packed(relpath: PurePosixPath) -> bool:
-    """Whether a file at ``relpath`` (relative to the bundle root) belongs to the bundle; see the module docstring."""
+def _kind(relpath: PurePosixPath) -> str:
+    """'bundle', 'output' or 'foreign' for a file at ``relpath`` below the bundle root; see the module docstring."""
     parts = relpath.parts
-    if parts == (MANIFEST,) or "__pycache__" in parts:
-        return False
+    if len(parts) > 1 and parts[0] in OUTPUT_FOLDERS:
+        return "output"
+    if "__pycache__" in parts or relpath.suffix in IMPORTABLE_SUFFIXES:
+        return "foreign"
     if parts[0] in CODE_FOLDERS:
-        return True
-    if len(parts) > 1 and parts[0] not in DATA_FOLDERS:
-        return False
+        return "bundle"
     if any(p.startswith(".") for p in parts) or relpath.name.endswith(TEMPORARY_SUFFIXES):
-        return False
-    return not (parts[0] == "models" and relpath.name.startswith("checkpoint_"))
+        return "output"
+    if len(parts) > 1 and parts[0] not in DATA_FOLDERS:
+        return "foreign"
+    if parts[0] == "models" and relpath.name.startswith("checkpoint_"):
+        return "output"
+    return "bundle"
+
+
+def _packed(relpath: PurePosixPath) -> bool:
+    return relpath.parts != (MANIFEST,) and _kind(relpath) == "bundle"
+
+
+def _scan(root: Path) -> tuple[list[str], list[str]]:
+    """The bundle files below ``root`` (sorted POSIX paths) and one line per refused entry (folder, code, link)."""
+    files, problems = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        for name in sorted(dirnames):
+            rel = here / name
+            top_level = len(rel.parts) == 1
+            if (top_level and name in OUTPUT_FOLDERS) or (name.startswith(".") and rel.parts[0] not in CODE_FOLDERS):
+                dirnames.remove(name)  # outputs and hidden folders (which Python cannot import) are not looked into
+            elif top_level and name not in CODE_FOLDERS + DATA_FOLDERS:
+                dirnames.remove(name)
+                problems.append(f"{rel}/: folder not in {MANIFEST} (a bundle holds no code: remove it)")
+            elif name == "__pycache__":
+                dirnames.remove(name)
+                problems.append(f"{rel}/: Python bytecode (a bundle holds no code: remove it)")
+            elif (root / rel).is_symlink():
+                dirnames.remove(name)
+                problems.append(f"{rel}/: symbolic link")
+        for name in filenames:
+            rel = here / name
+            kind = _kind(rel)
+            if rel.parts == (MANIFEST,) or kind == "output":
+                continue
+            if kind == "foreign":
+                problems.append(f"{rel}: not a bundle file (a bundle holds no code: remove it)")
+            elif (root / rel).is_symlink():
+                problems.append(f"{rel}: symbolic link")
+            else:
+                files.append(str(rel))
+    return sorted(files), sorted(problems)
 
 
 def bundle_files(bundle_dir: str | os.PathLike) -> list[str]:
     """The bundle's files as sorted POSIX paths relative to ``bundle_dir`` (the manifest's keys)."""
-    root = Path(bundle_dir)
-    found = []
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            relpath = PurePosixPath(Path(dirpath, name).relative_to(root).as_posix())
-            if _packed(relpath):
-                found.append(str(relpath))
-    return sorted(found)
+    return _scan(Path(bundle_dir))[0]
 
 
 def _metadata_version(bundle_dir: Path) -> str:
@@ -101,29 +155,46 @@ def _metadata_version(bundle_dir: Path) -> str:
     return version
 
 
-def _manifest(bundle_dir: Path, files: dict[str, str]) -> dict:
+def _check_weights(bundle_dir: Path) -> None:
+    if not (bundle_dir / "models" / "model.pt").is_file():
+        raise FileNotFoundError(
+            f"{bundle_dir / 'models' / 'model.pt'} is missing: a bundle ships its trained weights; train it first"
+        )
+
+
+def _manifest(bundle_dir: Path, files: dict[str, tuple[str, int]]) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "bundle": bundle_dir.name,
         "version": _metadata_version(bundle_dir),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "algorithm": "sha256",
-        "files": dict(sorted(files.items())),
+        "files": {f: {"sha256": digest, "size": size} for f, (digest, size) in sorted(files.items())},
     }
+
+
+def working_copy_problems(bundle_dir: str | os.PathLike) -> list[str]:
+    """What ``pack`` would refuse in ``bundle_dir``, one line each: structure only, nothing is hashed."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no bundle folder at {root}")
+    problems = []
+    for check in (_metadata_version, _check_weights):
+        try:
+            check(root)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+    return problems + _scan(root)[1]
 
 
 def _check_packable(bundle_dir: Path) -> list[str]:
     if not bundle_dir.is_dir():
         raise FileNotFoundError(f"no bundle folder at {bundle_dir}")
     _metadata_version(bundle_dir)
-    if not (bundle_dir / "models" / "model.pt").is_file():
-        raise FileNotFoundError(
-            f"{bundle_dir / 'models' / 'model.pt'} is missing: a bundle ships its trained weights; train it first"
-        )
-    files = bundle_files(bundle_dir)
-    links = [f for f in files if (bundle_dir / f).is_symlink()]
-    if links:
-        raise ValueError(f"{bundle_dir} holds symbolic links {links}; replace them with the files they point to")
+    _check_weights(bundle_dir)
+    files, problems = _scan(bundle_dir)
+    if problems:
+        raise ValueError(f"{bundle_dir} holds what a bundle may not: {'; '.join(problems)}")
     return files
 
 
@@ -131,7 +202,7 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
     """Seals the bundle's current files into ``bundle_dir/manifest.json`` (after a deliberate change: retraining)."""
     root = Path(bundle_dir)
     files = _check_packable(root)
-    manifest = _manifest(root, {f: sha256_file(root / f) for f in files})
+    manifest = _manifest(root, {f: (sha256_file(root / f), (root / f).stat().st_size) for f in files})
     target = root / MANIFEST
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -141,9 +212,9 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     """Writes ``zip_path`` holding ``<name>/...`` (the bundle's files) and ``<name>/manifest.json``.
 
-    Each file is hashed from the very bytes written into the zip, so a file replaced meanwhile (a training run
-    saving ``model.pt``) cannot make the manifest disagree with the zip. The zip appears only when complete.
-    The bundle folder itself is not changed.
+    Each file is hashed and measured from the very bytes written into the zip, so a file replaced meanwhile (a
+    training run saving ``model.pt``) cannot make the manifest disagree with the zip. The zip appears only when
+    complete. The bundle folder itself is not changed.
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
@@ -151,16 +222,17 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     if zip_path.resolve().is_relative_to(root):
         raise ValueError(f"{zip_path} is inside the bundle {root}; write the zip elsewhere")
     with atomic_path(zip_path) as tmp_name:
-        hashes = {}
+        entries = {}
         with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for relpath in files:
-                digest = hashlib.sha256()
+                digest, size = hashlib.sha256(), 0
                 with open(root / relpath, "rb") as src, zf.open(f"{root.name}/{relpath}", "w", force_zip64=True) as dst:
                     while chunk := src.read(_CHUNK):
                         digest.update(chunk)
+                        size += len(chunk)
                         dst.write(chunk)
-                hashes[relpath] = digest.hexdigest()
-            zf.writestr(f"{root.name}/{MANIFEST}", json.dumps(_manifest(root, hashes), indent=2) + "\n")
+                entries[relpath] = (digest.hexdigest(), size)
+            zf.writestr(f"{root.name}/{MANIFEST}", json.dumps(_manifest(root, entries), indent=2) + "\n")
     return zip_path
 
 
@@ -173,37 +245,64 @@ def _safe_relpath(name: str) -> PurePosixPath | None:
     return PurePosixPath(name)
 
 
-def _read_manifest(text: str | bytes, where: str) -> dict[str, str]:
-    """The manifest's ``files`` mapping, after checking its structure; ValueError naming ``where`` otherwise."""
+def _entry(value) -> tuple[str, int] | None:
+    """A manifest entry as (sha256, size), or None when it is not ``{"sha256": 64 hex digits, "size": int >= 0}``."""
+    if not isinstance(value, dict):
+        return None
+    digest, size = value.get("sha256"), value.get("size")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    return digest, size
+
+
+def _read_manifest(text: str | bytes, where: str) -> dict[str, tuple[str, int]]:
+    """The manifest's files as {path: (sha256, size)}, after checking its structure; ValueError naming ``where``."""
     try:
         manifest = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{where} is not valid JSON ({e}); re-pack the bundle") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{where} has no \"files\" mapping; re-pack the bundle")
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("algorithm") != "sha256":
         raise ValueError(f"{where} is not a format-{MANIFEST_FORMAT} sha256 manifest; re-pack with this version")
-    files = manifest["files"]
-    # only what pack would pack may be listed, so a manifest cannot vouch for (or demand) outputs such as runs/
-    bad = [
-        k
-        for k, v in files.items()
-        if _safe_relpath(k) is None or not _packed(PurePosixPath(k)) or not isinstance(v, str)
-    ]
+    files = {k: _entry(v) for k, v in manifest["files"].items()}
+    # only what pack would pack may be listed, so a manifest cannot vouch for (or demand) code or outputs
+    bad = [k for k, v in files.items() if _safe_relpath(k) is None or not _packed(PurePosixPath(k)) or v is None]
     if bad:
         raise ValueError(f"{where} lists unsafe or malformed entries {bad}; refusing the bundle")
     return files
 
 
-def _compare(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+def _compare(expected: dict[str, tuple[str, int]], actual: dict[str, tuple[str, int]]) -> list[str]:
     problems = [f"{f}: missing" for f in sorted(expected.keys() - actual.keys())]
     problems += [f"{f}: not in {MANIFEST}" for f in sorted(actual.keys() - expected.keys())]
-    problems += [
-        f"{f}: sha256 {actual[f][:12]}... differs from {MANIFEST} {expected[f][:12]}..."
-        for f in sorted(expected.keys() & actual.keys())
-        if actual[f] != expected[f]
-    ]
+    for f in sorted(expected.keys() & actual.keys()):
+        (want, want_size), (got, got_size) = expected[f], actual[f]
+        if got_size != want_size:
+            problems.append(f"{f}: {got_size} bytes, {MANIFEST} says {want_size}")
+        elif got != want:
+            problems.append(f"{f}: sha256 {got[:12]}... differs from {MANIFEST} {want[:12]}...")
     return problems
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def _copy_limited(src: BinaryIO, dst: BinaryIO | None, limit: int) -> tuple[str, int]:
+    """Streams ``src`` into ``dst`` (None: hash only), returning (sha256, size); at most ``limit`` bytes are written,
+    and a stream that holds more raises _TooLong."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(min(_CHUNK, limit - size) or 1):
+        if size + len(chunk) > limit:
+            raise _TooLong(f"holds more than the {limit} bytes {MANIFEST} lists")
+        digest.update(chunk)
+        size += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return digest.hexdigest(), size
 
 
 def _zip_entries(zf: zipfile.ZipFile, where: str) -> tuple[str, dict[str, zipfile.ZipInfo], list[str]]:
@@ -227,36 +326,80 @@ def _zip_entries(zf: zipfile.ZipFile, where: str) -> tuple[str, dict[str, zipfil
         if relpath in entries:
             problems.append(f"{info.filename}: appears twice")
         entries[relpath] = info
-    if len(tops) != 1:
+    if len(tops) != 1 or next(iter(tops)).startswith("."):
         raise BundleIntegrityError(
             where, problems + [f"zip holds {sorted(tops)}, not one bundle folder"], "Refusing it: re-pack the bundle."
         )
     return tops.pop(), entries, problems
 
 
-def _verify_zip(zip_path: Path) -> list[str]:
-    with zipfile.ZipFile(zip_path) as zf:
-        top, entries, problems = _zip_entries(zf, str(zip_path))
-        if MANIFEST not in entries:
-            raise FileNotFoundError(f"{zip_path} has no {top}/{MANIFEST}: it was not made by packaging.pack")
-        expected = _read_manifest(zf.read(entries.pop(MANIFEST)), f"{zip_path}:{top}/{MANIFEST}")
-        actual = {}
-        for relpath, info in entries.items():
-            digest = hashlib.sha256()
+class _Inspected(NamedTuple):
+    top: str  # the bundle folder in the zip
+    members: dict[str, zipfile.ZipInfo]  # below it, those without a problem
+    expected: dict[str, tuple[str, int]]  # the manifest's (sha256, size) per file
+    manifest: bytes
+    problems: list[str]
+
+
+def _inspect_zip(zf: zipfile.ZipFile, where: str, max_bytes: int) -> _Inspected:
+    """Everything that can be refused without decompressing more than the manifest."""
+    top, entries, problems = _zip_entries(zf, where)
+    manifest_info = entries.pop(MANIFEST, None)
+    if manifest_info is None:
+        raise FileNotFoundError(f"{where} has no {top}/{MANIFEST}: it was not made by packaging.pack")
+    with zf.open(manifest_info) as f:
+        text = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise BundleIntegrityError(where, [f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES} bytes"], "Refusing it.")
+    expected = _read_manifest(text, f"{where}:{top}/{MANIFEST}")
+    problems += [f"{f}: missing" for f in sorted(expected.keys() - entries.keys())]
+    problems += [f"{f}: not in {MANIFEST}" for f in sorted(entries.keys() - expected.keys())]
+    sound = {}
+    for relpath in sorted(entries.keys() & expected.keys()):
+        info, size = entries[relpath], expected[relpath][1]
+        if info.flag_bits & 0x1:
+            problems.append(f"{relpath}: encrypted")
+        elif info.file_size != size:
+            problems.append(f"{relpath}: {info.file_size} bytes in the zip, {MANIFEST} says {size}")
+        elif size > RATIO_FLOOR and size > MAX_RATIO * info.compress_size:
+            ratio = size / max(info.compress_size, 1)
+            problems.append(f"{relpath}: compressed {ratio:.0f}:1, more than {MAX_RATIO}:1 (a zip bomb)")
+        else:
+            sound[relpath] = info
+    total = sum(size for _, size in expected.values())
+    if total > max_bytes:
+        problems.append(
+            f"{MANIFEST} lists {total / 2**20:.0f} MiB in all, more than the cap of {max_bytes / 2**20:.0f} MiB "
+            "(raise it, e.g. `nucleiseg unpack --max_size_mb`, only for a bundle you trust)"
+        )
+    return _Inspected(top, sound, expected, text, problems)
+
+
+@contextmanager
+def _readable_zip(zip_path: Path) -> Iterator[zipfile.ZipFile]:
+    """Opens ``zip_path``; a corrupt or unsupported zip, wherever it shows, becomes one BundleIntegrityError."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            yield zf
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise BundleIntegrityError(zip_path, [f"corrupt or unsupported zip: {e}"], "Refusing it: fetch it again.") from e
+
+
+def _verify_zip(zip_path: Path, max_bytes: int) -> list[str]:
+    with _readable_zip(zip_path) as zf:
+        _, members, expected, _, problems = _inspect_zip(zf, str(zip_path), max_bytes)
+        for relpath, info in members.items():
             with zf.open(info) as member:
-                while chunk := member.read(_CHUNK):
-                    digest.update(chunk)
-            actual[relpath] = digest.hexdigest()
-    return problems + _compare(expected, actual)
+                try:
+                    actual = _copy_limited(member, None, expected[relpath][1])
+                except _TooLong as e:
+                    problems.append(f"{relpath}: {e}")
+                    continue
+            problems += _compare({relpath: expected[relpath]}, {relpath: actual})
+    return problems
 
 
-def _all_files(root: Path) -> Iterator[str]:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            yield Path(dirpath, name).relative_to(root).as_posix()
-
-
-def _verify_dir(root: Path, every_file: bool) -> list[str]:
+def _verify_dir(root: Path) -> list[str]:
     manifest_file = root / MANIFEST
     if not manifest_file.is_file():
         raise FileNotFoundError(
@@ -264,23 +407,23 @@ def _verify_dir(root: Path, every_file: bool) -> list[str]:
             f"{root} --output BUNDLE.zip`, or seal this folder with packaging.write_manifest)"
         )
     expected = _read_manifest(manifest_file.read_bytes(), str(manifest_file))
-    relpaths = [f for f in _all_files(root) if f != MANIFEST] if every_file else bundle_files(root)
-    links = [f for f in relpaths if (root / f).is_symlink()]
-    actual = {f: sha256_file(root / f) for f in relpaths if f not in links}
-    return [f"{f}: symbolic link" for f in links] + _compare(expected, actual)
+    files, problems = _scan(root)
+    actual = {f: (sha256_file(root / f), (root / f).stat().st_size) for f in files}
+    return problems + _compare(expected, actual)
 
 
-def verify(bundle: str | os.PathLike) -> list[str]:
-    """Problems of a bundle folder or bundle zip against its manifest, one line per file; [] when it matches.
+def verify(bundle: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> list[str]:
+    """Problems of a bundle folder or bundle zip against its manifest, one line per entry; [] when it matches.
 
-    A folder is checked on its bundle files (outputs such as ``runs/``, ``eval/`` and ``models/checkpoint_*`` are
-    ignored, see the module docstring); a zip on every member. No manifest: FileNotFoundError.
+    A folder is checked on every entry (outputs such as ``runs/``, ``eval/`` and ``models/checkpoint_*`` excepted,
+    see the module docstring); a zip on every member, with the unpacking limits. No manifest: FileNotFoundError
+    (``working_copy_problems`` checks a folder without one).
     """
     path = Path(bundle)
     if path.is_dir():
-        return _verify_dir(path, every_file=False)
+        return _verify_dir(path)
     if zipfile.is_zipfile(path):
-        return _verify_zip(path)
+        return _verify_zip(path, max_bytes)
     raise FileNotFoundError(f"{path} is neither a bundle folder nor a zip file")
 
 
@@ -295,48 +438,116 @@ def check_bundle(bundle_dir: str | os.PathLike) -> None:
         return
     problems = verify(root)
     if problems:
-        raise BundleIntegrityError(
-            root,
-            problems,
-            "Refusing to run it. Unpack a fresh copy; or, if you changed these files yourself (e.g. retrained), "
-            f"seal the folder again with nucleiseg_monai.packaging.write_manifest('{root}').",
-        )
+        raise BundleIntegrityError(root, problems, refusal(root))
 
 
-def unpack(zip_path: str | os.PathLike, dest: str | os.PathLike, sha256: str | None = None) -> Path:
-    """Extracts a bundle zip into the new folder ``dest`` and returns it, verified, or leaves nothing.
+def refusal(root: str | os.PathLike) -> str:
+    """What to do about a sealed bundle that no longer matches its manifest."""
+    return (
+        "Refusing to run it. Unpack a fresh copy; or, if you changed these files yourself (e.g. retrained), "
+        f"seal the folder again with nucleiseg_monai.packaging.write_manifest('{root}')."
+    )
 
-    Refuses member paths that could escape (absolute, '..', links); extracts into a temporary folder beside
-    ``dest``; checks every file against the manifest before anything is read as a config; then renames the
-    folder into place. ``sha256``: the zip's digest as published by its author, checked first.
+
+def is_bundle_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / "configs" / "metadata.json").is_file()
+
+
+def _target(dest: Path, top: str, overwrite: bool, into: bool) -> Path:
+    """Where the bundle goes: a folder ``top`` in ``dest`` when ``into`` or ``dest`` is a folder but not a bundle
+    folder; else ``dest`` itself."""
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is a file; --dest must be a folder (new, or one to unpack into)")
+    target = dest / top if (into or dest.is_dir()) and not is_bundle_folder(dest) else dest
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists; unpack elsewhere, or replace it with --overwrite")
+        if not is_bundle_folder(target) and any(target.iterdir()):
+            raise FileExistsError(f"{target} is not a bundle folder (no configs/metadata.json); refusing to replace it")
+    return target
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Deletes the temporary folders of unpacks into ``parent/name`` whose process died (kill -9) before cleaning up."""
+    if os.name != "posix":  # os.kill(pid, 0) is not a liveness test elsewhere
+        return
+    prefix = _UNPACKING.format(name=name)
+    for leftover in parent.iterdir():
+        pid = leftover.name[len(prefix):].split("-")[0]
+        if leftover.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = tmp.with_name(tmp.name + "-replaced")  # same prefix: a kill between the renames leaves it to _remove_stale
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # what stays behind is removed by a later unpack (_remove_stale)
+
+
+def unpack(
+    zip_path: str | os.PathLike,
+    dest: str | os.PathLike,
+    sha256: str | None = None,
+    overwrite: bool = False,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+) -> Path:
+    """Extracts a bundle zip and returns the bundle folder, verified, or leaves nothing.
+
+    ``dest``: a new folder becomes the bundle folder; an existing folder, or one written with a trailing separator
+    (``bundles/``), receives ``<bundle name>/`` (the zip's top folder), unless it is a bundle folder itself. An existing bundle folder is refused, or replaced with
+    ``overwrite`` (outputs such as ``runs/`` included). ``sha256``: the zip's digest as published by its author,
+    checked first. Member names, sizes and compression ratios are checked against the manifest and the caps before
+    anything is written (see the module docstring); members are then streamed into a temporary folder beside the
+    target, each hashed on the way, and the folder is renamed into place only when every file matched.
     """
+    into = str(dest).endswith(("/", os.sep))  # Path() drops the separator that says "a folder to unpack into"
     zip_path, dest = Path(zip_path), Path(dest)
     if not zip_path.is_file():
         raise FileNotFoundError(f"no bundle zip at {zip_path}")
     if sha256 is not None and (actual := sha256_file(zip_path)) != sha256.lower():
         raise BundleIntegrityError(zip_path, [f"zip sha256 {actual} != expected {sha256}"], "Refusing it.")
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists; unpack into a new folder or remove it first")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpack-"))
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            top, entries, problems = _zip_entries(zf, str(zip_path))
-            if problems:
-                raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was extracted.")
-            if MANIFEST not in entries:
-                raise FileNotFoundError(f"{zip_path} has no {top}/{MANIFEST}: it was not made by packaging.pack")
-            for relpath, info in entries.items():
-                target = tmp.joinpath(*PurePosixPath(relpath).parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "xb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-        problems = _verify_dir(tmp, every_file=True)
+    with _readable_zip(zip_path) as zf:
+        top, members, expected, manifest, problems = _inspect_zip(zf, str(zip_path), max_bytes)
         if problems:
-            raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was unpacked.")
-        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0o700 would make the bundle private to this user
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+            raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was extracted.")
+        target = _target(dest, top, overwrite, into)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(target.parent, target.name)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_UNPACKING.format(name=target.name)}{os.getpid()}-"))
+        try:
+            for relpath, info in members.items():
+                out = tmp.joinpath(*PurePosixPath(relpath).parts)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(out, "xb") as dst:
+                    try:
+                        actual = _copy_limited(src, dst, expected[relpath][1])
+                    except _TooLong as e:
+                        raise BundleIntegrityError(zip_path, [f"{relpath}: {e}"], "Refusing it: nothing was unpacked.")
+                problems = _compare({relpath: expected[relpath]}, {relpath: actual})
+                if problems:
+                    raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was unpacked.")
+            (tmp / MANIFEST).write_bytes(manifest)
+            tmp.chmod(0o777 & ~umask())  # mkdtemp's 0o700 would make the bundle private to this user
+            _into_place(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target

@@ -126,7 +126,8 @@ def test_pack_holds_the_bundle_files_and_their_hashes(packed):
     assert set(manifest["files"]) == PACKED
     assert manifest["bundle"] == "tiny_bundle"
     assert manifest["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
-    assert manifest["files"]["configs/train.json"] == packaging.sha256_file(bundle / "configs" / "train.json")
+    train = bundle / "configs" / "train.json"
+    assert manifest["files"]["configs/train.json"] == {"sha256": packaging.sha256_file(train), "size": train.stat().st_size}
     assert not (bundle / "manifest.json").exists(), "pack must not change the bundle folder"
     assert verify(zip_path) == []
 
@@ -180,7 +181,7 @@ def test_verify_lists_changed_added_and_missing_files_but_not_outputs(packed, tm
     assert verify(dest) == []
 
     train = dest / "configs" / "train.json"
-    train.write_bytes(train.read_bytes().replace(b'"epochs": 60', b'"epochs": 61'))
+    train.write_bytes(train.read_bytes().replace(b" ", b"\t", 1))  # same size, other content
     (dest / "configs" / ".hidden.json").write_text("{}")  # configs are code: even hidden files count
     (dest / "models" / "extra.pt").write_bytes(b"unlisted weights")
     (dest / "docs" / "README.md").unlink()
