@@ -124,16 +124,33 @@ def cmd_tune(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from .packaging import pack
+    from .packaging import pack, sha256_file
 
-    print(pack(args.bundle, args.output))
+    zip_path = pack(args.bundle, args.output)
+    digest = sha256_file(zip_path)
+    print(f"wrote {zip_path}\nsha256 {digest}")
+    print(f"publish the sha256 with the zip; receivers run: nucleiseg unpack --zip {zip_path.name} --dest DIR --sha256 {digest}")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .packaging import verify
+    from .packaging import MANIFEST, bundle_files, verify, working_copy_problems
 
-    problems = verify(args.bundle)
+    path = Path(args.bundle)
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        problems = working_copy_problems(path)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print(f"{len(problems)} problem(s): fix them before packing this working copy")
+            return 1
+        print(
+            f"no {MANIFEST}: {path} is a working copy, so its structure was checked ({len(bundle_files(path))} bundle "
+            "files, metadata version, weights, no code, no links) but not its contents; pack it to share it: "
+            f"nucleiseg pack --bundle {path} --output {path.resolve().name}.zip"
+        )
+        return 0
+    problems = verify(args.bundle, max_bytes=args.max_size_mb << 20)
     for problem in problems:
         print(problem)
     print("bundle matches its manifest" if not problems else f"{len(problems)} problem(s): do not run this bundle")
@@ -143,7 +160,8 @@ def cmd_verify(args) -> int:
 def cmd_unpack(args) -> int:
     from .packaging import unpack
 
-    print(unpack(args.zip, args.dest, sha256=args.sha256))
+    dest = unpack(args.zip, args.dest, sha256=args.sha256, overwrite=args.overwrite, max_bytes=args.max_size_mb << 20)
+    print(f"unpacked and verified: {dest}")
     return 0
 
 
@@ -191,19 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="ID=VALUE")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("pack", help="zip a bundle with a SHA-256 manifest")
-    p.add_argument("--bundle", required=True)
+    p = sub.add_parser("pack", help="zip a bundle with a manifest (SHA-256 and size of each file); prints the zip's SHA-256")
+    p.add_argument("--bundle", required=True, help="bundle folder to pack")
     p.add_argument("--output", required=True, help="zip file to write")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("verify", help="check a bundle folder or zip against its manifest")
+    from .packaging import MAX_UNPACKED_BYTES
+
+    max_size = dict(type=int, default=MAX_UNPACKED_BYTES >> 20, metavar="MB",
+                    help="refuse a zip whose files add up to more (default %(default)s; zip-bomb guard)")
+    p = sub.add_parser("verify", help="check a bundle folder or zip against its manifest "
+                       "(a folder without one, a working copy: its structure only)")
     p.add_argument("--bundle", required=True, help="bundle folder or zip")
+    p.add_argument("--max_size_mb", **max_size)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("unpack", help="verify and unpack a bundle zip (refused if any file differs)")
-    p.add_argument("--zip", required=True)
-    p.add_argument("--dest", required=True, help="new folder for the bundle")
-    p.add_argument("--sha256", help="the zip's published SHA-256, checked before anything else")
+    p.add_argument("--zip", required=True, help="the bundle zip")
+    p.add_argument("--dest", required=True, help="a new folder for the bundle; or a folder to unpack BUNDLE_NAME/ "
+                   "into: one that exists or ends in / (e.g. bundles/)")
+    p.add_argument("--sha256", help="the zip's published SHA-256 (printed by pack), checked before anything else")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle folder of that name, with everything in it (runs/, eval/ too)")
+    p.add_argument("--max_size_mb", **max_size)
     p.set_defaults(func=cmd_unpack)
     return parser
 

@@ -294,3 +294,91 @@ def test_load_weights_refuses_a_checkpoint_that_carries_objects(tmp_path):
     torch.save({"network": net.state_dict()}, tmp_path / "plain.pt")  # the same weights as data load fine
     loaded = load_weights(UNet(features=(4, 8)), tmp_path / "plain.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
+def test_unpack_into_an_existing_folder_creates_the_bundle_folder_in_it(packed, tmp_path):
+    _, zip_path = packed
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    dest = unpack(zip_path, bundles)
+    assert dest == bundles / "tiny_bundle" and verify(dest) == []
+    (dest / "runs").mkdir()
+    (dest / "runs" / "old_run").write_text("log")
+
+    with pytest.raises(FileExistsError, match=r"tiny_bundle already exists.*--overwrite"):
+        unpack(zip_path, bundles)
+    assert unpack(zip_path, bundles, overwrite=True) == dest
+    assert verify(dest) == [] and not (dest / "runs").exists()  # replaced whole
+    assert unpack(zip_path, dest, overwrite=True) == dest  # a bundle folder as --dest is the target, not a parent
+    assert sorted(p.name for p in bundles.iterdir()) == ["tiny_bundle"]
+    assert unpack(zip_path, f"{tmp_path / 'new'}/") == tmp_path / "new" / "tiny_bundle"  # "into", said by the "/"
+
+    other = tmp_path / "home"
+    (other / "tiny_bundle").mkdir(parents=True)
+    (other / "tiny_bundle" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a bundle folder"):
+        unpack(zip_path, other, overwrite=True)  # --overwrite replaces bundles only
+    assert (other / "tiny_bundle" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_pack_prints_the_sha256_that_unpack_takes(packed, tmp_path, capsys):
+    from nucleiseg_monai.cli import main
+
+    bundle, _ = packed
+    zip_path = tmp_path / "out" / "tiny.zip"
+    assert main(["pack", "--bundle", str(bundle), "--output", str(zip_path)]) == 0
+    printed = capsys.readouterr().out
+    digest = packaging.sha256_file(zip_path)
+    assert f"sha256 {digest}" in printed and f"--sha256 {digest}" in printed
+    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", digest]) == 0
+    assert capsys.readouterr().out.strip() == f"unpacked and verified: {tmp_path / 'tiny_bundle'}"
+    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "b"), "--sha256", "0" * 64]) == 2
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_verify_of_a_working_copy_says_what_it_checked(tmp_path, capsys):
+    from nucleiseg_monai.cli import main
+
+    bundle = _bundle(tmp_path / "tiny_bundle")
+    assert main(["verify", "--bundle", str(bundle)]) == 0
+    printed = capsys.readouterr().out
+    assert "no manifest.json" in printed and "working copy" in printed
+    assert f"nucleiseg pack --bundle {bundle} --output tiny_bundle.zip" in printed
+
+    (bundle / "imageio").mkdir()
+    (bundle / "imageio" / "__init__.py").write_text("")
+    (bundle / "models" / "model.pt").unlink()
+    assert main(["verify", "--bundle", str(bundle)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("model.pt is missing: a bundle ships its trained weights; train it first")
+    assert lines[1].startswith("imageio/: folder not in manifest.json")
+    assert lines[2] == "2 problem(s): fix them before packing this working copy"
+
+
+def test_share_commands_have_help_text():
+    from nucleiseg_monai.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    for name in ("pack", "verify", "unpack"):
+        assert helps[name], name
+        assert all(a.help for a in sub.choices[name]._actions), name
+
+
+def test_readme_sharing_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every `nucleiseg` line of the README's "Sharing a bundle" block, in order, on a copy of the small bundle."""
+    import shlex
+
+    from nucleiseg_monai.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Sharing a bundle", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("nucleiseg ")]
+    assert [c.split()[1] for c in commands][:2] == ["pack", "unpack"]
+    shutil.copytree(SOURCE, tmp_path / "bundles" / SOURCE.name, ignore=shutil.ignore_patterns(
+        *packaging.OUTPUT_FOLDERS, "__pycache__", "checkpoint_*", ".*"))
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+    assert "working copy" in capsys.readouterr().out
+    assert verify(tmp_path / "received" / SOURCE.name) == []
