@@ -2,13 +2,19 @@
 
 Every writer of the project (checkpoints, datalists, label maps, reports, bundle zips) goes through here, so a crash
 or an exception never leaves a partial file under the final name, and results get the permissions of any file this
-user writes.
+user writes. A process killed mid-write (kill -9, power loss) does leave its temporary file behind; the temporary
+names carry the writer's process id and machine, so ``remove_stale`` can later delete the ones no live writer holds.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import socket
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +29,17 @@ def umask() -> int:
 class AtomicFile:
     """A temporary file beside ``path`` that becomes ``path`` on ``commit`` and vanishes on ``discard``.
 
-    The temporary name keeps the final suffix, so writers that pick the format from the name still work.
+    The temporary name, ``.<name>.pid<writer pid>@<host>-<random>.tmp<suffix>``, keeps the final suffix, so writers
+    that pick the format from the name still work, and names its writer for ``remove_stale``.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=f".tmp{self.path.suffix}")
+        writer = f"pid{os.getpid()}@{_host()}"
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.{writer}-", suffix=f".tmp{self.path.suffix}"
+        )
         # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes
         os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
@@ -73,3 +83,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         target.discard()
         raise
+
+
+# .<name>.pid<pid>@<host>-<random>.tmp<suffix>; the writer part is absent in names made before it was added
+TEMPORARY_NAME = re.compile(r"^\..+\.(?:pid(?P<pid>\d+)@(?P<host>\w*)-)?[A-Za-z0-9_]{8}\.tmp(?:\.[^.]*)?$")
+
+
+def _host() -> str:
+    return re.sub(r"\W", "_", socket.gethostname().split(".")[0])
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of this module's temporary file names."""
+    return TEMPORARY_NAME.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> list[Path]:
+    """Deletes the temporary files of writers that died in ``folder`` (not below it) and returns their paths.
+
+    A temporary file is stale when the process named in it is gone (a writer on this machine), or when it has not
+    been written for ``older_than_s`` (a writer on another machine sharing the folder, or a name without a
+    writer). Only files of this user with this module's names are touched; a missing folder holds nothing stale.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, host, removed = time.time(), _host(), []
+    for path in folder.iterdir():
+        match = TEMPORARY_NAME.match(path.name)
+        if match is None:
+            continue
+        try:
+            info = path.lstat()
+        except FileNotFoundError:  # its writer renamed or discarded it meanwhile
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        writer_gone = match["pid"] is not None and match["host"] == host and not _alive(int(match["pid"]))
+        if writer_gone or now - info.st_mtime > older_than_s:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
