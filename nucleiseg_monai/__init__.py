@@ -1,3 +1,8 @@
 """Nuclei instance segmentation of H&E histology with MONAI."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("nucleiseg-monai")  # one version, pyproject.toml's
+except PackageNotFoundError:  # a source tree used without `pip install -e .`
+    __version__ = "0+unknown"

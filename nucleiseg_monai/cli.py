@@ -2,6 +2,8 @@
 
     nucleiseg download --dest DIR [--archive ZIP]     fetch / unpack CryoNuSeg
     nucleiseg datalist --dataset_dir DIR --output F  organ-stratified split + channel statistics
+    nucleiseg train --bundle DIR [--KEY VALUE ...]    the bundle's training workflow, settings checked first
+    nucleiseg evaluate --bundle DIR [--KEY VALUE ...] its evaluating workflow (metrics, maps, overlays of a split)
     nucleiseg predict --bundle DIR --input PATH --output_dir DIR   the bundle's inference.json, as a command
     nucleiseg tune --bundle DIR                      watershed parameters on the validation split
     nucleiseg pack / verify / unpack                 share a bundle as one checked zip
@@ -10,35 +12,34 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
+import tempfile
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
+
+from . import __version__
 
 logger = logging.getLogger("nucleiseg")
 
 
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _overrides(pairs: list[str]) -> dict:
+    from .overrides import parse_value
+
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise SystemExit(f"--set expects KEY=VALUE (a config id such as postprocess_params#min_size=20), got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = _value(value)
+        out[key] = parse_value(value)
     return out
 
 
 def _bundle_config(bundle: str, name: str) -> Path:
     path = Path(bundle) / "configs" / name
     if not path.is_file():
-        raise SystemExit(f"{path} not found: --bundle must be a bundle folder holding configs/{name}")
+        raise FileNotFoundError(f"{path} not found: --bundle must be a bundle folder holding configs/{name}")
     return path
 
 
@@ -67,20 +68,33 @@ def cmd_datalist(args) -> int:
     return 0
 
 
-def run_bundle(config_file: Path, run_id: str, bundle: str, overrides: dict):
-    """Runs one runner id of a bundle config exactly as ``python -m monai.bundle run`` would, returning its results."""
+def bundle_workflow(config_files: Path | list[Path], run_id: str, bundle: str, overrides: dict):
+    """The ConfigWorkflow of one runner id, built as ``python -m monai.bundle run`` builds it: the config files
+    merged in order, the bundle's metadata and logging, then the overrides (after ``bundle_root``, so one given
+    explicitly wins)."""
     from monai.bundle import ConfigWorkflow
 
-    configs = config_file.parent
+    files = [config_files] if isinstance(config_files, (str, Path)) else list(config_files)
+    configs = Path(files[0]).parent
     workflow = ConfigWorkflow(
-        config_file=str(config_file), meta_file=str(configs / "metadata.json"),
+        config_file=[str(f) for f in files], meta_file=str(configs / "metadata.json"),
         logging_file=str(configs / "logging.conf"), run_id=run_id, workflow_type=None,
-        bundle_root=str(Path(bundle).resolve()), **overrides,
     )
+    # not as keyword arguments: a setting named like one of ConfigWorkflow's own (tracking, run_id) stays a setting
+    workflow.parser.update({"bundle_root": str(Path(bundle).resolve()), **overrides})
+    return workflow
+
+
+def run_workflow(workflow):
     workflow.initialize()
     result = workflow.run()
     workflow.finalize()
     return result
+
+
+def run_bundle(config_files: Path | list[Path], run_id: str, bundle: str, overrides: dict):
+    """Runs one runner id of a bundle config exactly as ``python -m monai.bundle run`` would, returning its results."""
+    return run_workflow(bundle_workflow(config_files, run_id, bundle, overrides))
 
 
 def cmd_predict(args) -> int:
@@ -97,13 +111,83 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+# the settings naming the folders each workflow writes, created and checked before anything runs
+OUTPUT_SETTINGS = {"training": ("ckpt_dir", "output_dir"), "evaluating": ("output_dir",)}
+
+
+def evaluate_configs(bundle: str) -> list[Path]:
+    """evaluate.json alone where it is a whole config, else as an overlay over train.json: a config without
+    "imports" relies on train.json's (run as ``--config_file "['configs/train.json','configs/evaluate.json']"``)."""
+    from .overrides import read_config
+
+    evaluate = _bundle_config(bundle, "evaluate.json")
+    if "imports" in read_config(evaluate):
+        return [evaluate]
+    return [_bundle_config(bundle, "train.json"), evaluate]
+
+
+def prepare_output_folders(parser, ids: tuple[str, ...]) -> dict[str, Path]:
+    """Creates the folders the settings ``ids`` name and checks that they take files, so a run that could not keep
+    its results stops before it reads any data. The settings must be plain path expressions (they are evaluated
+    here and again by the run)."""
+    from .overrides import SettingError
+
+    folders = {}
+    for setting in ids:
+        value = parser.get_parsed_content(setting) if setting in parser else None
+        if not isinstance(value, str):  # absent, or None for "write nothing"
+            continue
+        folder = Path(value)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise SettingError(
+                f"cannot create the output folder {folder} (setting {setting!r}): {err.strerror or err}; "
+                f"choose one you can write to with --{setting} DIR or --bundle_root DIR"
+            ) from err
+        folders[setting] = folder
+    return folders
+
+
+def _run_checked(args, run_id: str) -> None:
+    from .atomic import remove_stale
+    from .overrides import check, load_config, parse_pairs
+
     _check_bundle(args.bundle)
-    overrides = {"split": args.split, **_overrides(args.set)}
-    if args.dataset_dir:
-        overrides["dataset_dir"] = args.dataset_dir
-    run_bundle(_bundle_config(args.bundle, "evaluate.json"), "evaluating", args.bundle, overrides)
+    files = [_bundle_config(args.bundle, "train.json")] if run_id == "training" else evaluate_configs(args.bundle)
+    settings = check(parse_pairs(args.settings), load_config(files))
+    workflow = bundle_workflow(files, run_id, args.bundle, settings)
+    folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id])
+    if run_id == "training" and "ckpt_dir" in folders:
+        for path in remove_stale(folders["ckpt_dir"]):
+            logger.info("removed %s, left by an interrupted checkpoint write", path)
+    run_workflow(workflow)
+
+
+def _bundle_command(args, run_id: str) -> int:
+    """train / evaluate: any error ends in one line on stderr (``--debug``: after the full traceback), exit code 2."""
+    from .errors import one_line, tracebacks_out_of_logs
+
+    try:
+        with nullcontext() if args.debug else tracebacks_out_of_logs():
+            _run_checked(args, run_id)
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nucleiseg {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def cmd_train(args) -> int:
+    return _bundle_command(args, "training")
+
+
+def cmd_evaluate(args) -> int:
+    if args.split:
+        args.settings = ["--split", args.split, *args.settings]
+    return _bundle_command(args, "evaluating")
 
 
 def cmd_tune(args) -> int:
@@ -165,9 +249,26 @@ def cmd_unpack(args) -> int:
     return 0
 
 
+def _workflow_parser(sub, name: str, description: str, func, example: str, same_as: str, extra_usage: str = ""):
+    """A sub-command that runs a bundle workflow and takes any setting of its config as --KEY VALUE."""
+    p = sub.add_parser(
+        name, help=description, description=description, allow_abbrev=False,
+        usage=f"%(prog)s --bundle DIR{extra_usage} [--debug] [--KEY VALUE ...]",
+        epilog=f"Any setting of the config can follow as --KEY VALUE, e.g. {example}; nested ones as "
+        '--network_def#features "[16,32,64,128]". Values are Python literals, checked against the config before '
+        f"anything runs: unknown keys and wrong types are refused. The same as python -m monai.bundle {same_as} "
+        "--KEY VALUE ...",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback too")
+    p.set_defaults(func=func, settings=[])
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleiseg", description="Nuclei instance segmentation with MONAI bundles")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("download", help="fetch and unpack CryoNuSeg (Kaggle API, or a zip you downloaded)")
     p.add_argument("--dest", required=True, help="folder to unpack into (the flat Kaggle layout)")
@@ -177,36 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("datalist", help="write the organ-stratified split and training channel statistics")
-    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--dataset_dir", required=True, help="the CryoNuSeg folder (as unpacked by download)")
     p.add_argument("--output", required=True, help="datalist JSON to write")
     p.add_argument("--stats", help="also write the channel statistics JSON here")
-    p.add_argument("--val_fraction", type=float, default=0.15)
-    p.add_argument("--test_fraction", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val_fraction", type=float, default=0.15, help="share of the tiles for validation (0.15)")
+    p.add_argument("--test_fraction", type=float, default=0.3, help="share of the tiles for the test split (0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, so it can be made again (0)")
     p.add_argument("--folds", type=int, help="k-fold cross-validation instead of train/validation/test")
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--fold", type=int, default=0, help="with --folds: which fold validates, from 0")
     p.set_defaults(func=cmd_datalist)
 
     p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, TIFF, pyramidal BigTIFF, ...)")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#mpp=0.5")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="a bundle's evaluate.json: metrics, instance maps and overlays of a split")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--split", default="test", choices=("training", "validation", "test"))
-    p.add_argument("--dataset_dir")
-    p.add_argument("--set", nargs="*", metavar="ID=VALUE")
-    p.set_defaults(func=cmd_evaluate)
+    _workflow_parser(
+        sub, "train", "train a bundle: its configs/train.json training workflow", cmd_train,
+        example='--epochs 20 --resume true --patch_size "[256,256]"',
+        same_as="run training --config_file BUNDLE/configs/train.json",
+    )
+
+    p = _workflow_parser(
+        sub, "evaluate", "a bundle's evaluating workflow: metrics, instance maps and overlays of a split", cmd_evaluate,
+        example="--checkpoint other/model.pt --output_dir eval/", extra_usage=" [--split SPLIT]",
+        same_as="run evaluating --config_file BUNDLE/configs/evaluate.json (train.json first where evaluate.json "
+        "is an overlay of it)",
+    )
+    p.add_argument("--split", choices=("training", "validation", "test"),
+                   help="the split to score (default: the config's, test)")
 
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--dataset_dir")
+    p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
+    p.add_argument("--dataset_dir", help="the CryoNuSeg folder (default: the config's)")
     p.add_argument("--report", help="JSON report (default: BUNDLE/docs/postprocess_tuning.json)")
-    p.add_argument("--set", nargs="*", metavar="ID=VALUE")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. device=cpu")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("pack", help="zip a bundle with a manifest (SHA-256 and size of each file); prints the zip's SHA-256")
@@ -238,7 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, settings = parser.parse_known_args(argv)
+    if hasattr(args, "settings"):  # train and evaluate take the config's settings as --KEY VALUE
+        args.settings = settings
+    elif settings:
+        parser.error(f"unrecognized arguments: {' '.join(settings)}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, FileExistsError) as err:

@@ -1,0 +1,440 @@
+"""The nucleiseg command: settings checked before a run, one line per error, help and version, stale temporaries.
+
+Bundles here are tiny hand-written configs in tmp_path (no network, no data), so what is tested is the command, not
+the real bundles.
+"""
+
+import errno
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from nucleiseg_monai import atomic, cli, errors, overrides
+from nucleiseg_monai.data import DataError
+from nucleiseg_monai.overrides import SettingError
+
+CONFIG = {
+    "imports": ["$import os"],
+    "bundle_root": ".",
+    "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
+    "epochs": 60,
+    "learning_rate": 0.001,
+    "resume": False,
+    "amp_dtype": "bfloat16",
+    "patch_size": [256, 256],
+    "source_mix": None,
+    "network_def": {"_target_": "UNet", "features": [16, 32, 64, 128], "upsample": "transpose"},
+    "postprocess_params": {"min_size": 25, "fg_threshold": 0.5},
+    "train": {"handlers": [{"_target_": "Resume", "enabled": "@resume"}]},
+}
+
+
+def checked(*args: str, config: dict = CONFIG) -> dict:
+    return overrides.check(overrides.parse_pairs(list(args)), config)
+
+
+# --- settings: parsed, then checked against the config ------------------------------------------------------------
+
+
+def test_pairs_in_both_spellings_keep_their_text():
+    assert overrides.parse_pairs(["--epochs", "2", "--device=cpu", "--lr", "-1"]) == {
+        "epochs": "2", "device": "cpu", "lr": "-1"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs"], "--epochs needs a value"),
+    (["--epochs", "--resume", "true"], "--epochs needs a value"),
+    (["epochs", "2"], "unexpected argument 'epochs'"),
+])
+def test_malformed_pairs_are_refused(args, message):
+    with pytest.raises(SettingError, match=re.escape(message)):
+        overrides.parse_pairs(args)
+
+
+def test_values_take_the_type_of_the_config_default():
+    settings = checked("--epochs", "2", "--learning_rate", "1e-4", "--resume", "false", "--patch_size", "[128,64]",
+                       "--amp_dtype", "16", "--source_mix", "{'a': 2}", "--postprocess_params#min_size", "30")
+    assert settings == {"epochs": 2, "learning_rate": 1e-4, "resume": False, "patch_size": [128, 64],
+                        "amp_dtype": "16", "source_mix": {"a": 2}, "postprocess_params#min_size": 30}
+    assert settings["resume"] is False
+
+
+@pytest.mark.parametrize("word, expected", [("false", False), ("False", False), ("no", False), ("0", False),
+                                            ("true", True), ("True", True), ("1", True)])
+def test_booleans_given_as_words_are_parsed(word, expected):
+    assert checked("--resume", word)["resume"] is expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epoch", "2"], "unknown setting 'epoch'; did you mean 'epochs'?"),
+    (["--learning_rat", "0.1"], "unknown setting 'learning_rat'; did you mean 'learning_rate'?"),
+    (["--network_deff#features", "[8,16]"], "unknown setting 'network_deff#features'; did you mean 'network_def'?"),
+    (["--train#handler#0#enabled", "true"],
+     "unknown setting 'train#handler#0#enabled'; did you mean 'train#handlers'?"),
+    (["--train#handlers#3#enabled", "true"], "unknown setting 'train#handlers#3#enabled'"),
+    (["--epochs", "abc"], "--epochs expects an integer, got 'abc'"),
+    (["--epochs", "2.5"], "--epochs expects an integer, got '2.5'"),
+    (["--epochs", "True"], "--epochs expects an integer, got 'True'"),
+    (["--learning_rate", "fast"], "--learning_rate expects a number, got 'fast'"),
+    (["--resume", "maybe"], "--resume 'maybe' is not a boolean; use --resume true or --resume false"),
+    (["--patch_size", "256"], "--patch_size expects a list such as [256, 256], got '256'"),
+    (["--patch_size", "[256.0,256]"], "--patch_size expects a list of integers such as [256, 256]"),
+    (["--postprocess_params", "25"], "--postprocess_params expects a dict"),
+    (["--postprocess_params#min_size", "big"], "--postprocess_params#min_size expects an integer, got 'big'"),
+])
+def test_settings_the_config_cannot_take_are_refused_in_one_line(args, message):
+    with pytest.raises(SettingError, match=re.escape(message)) as refused:
+        checked(*args)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_unknown_key_without_a_near_one_lists_the_keys():
+    with pytest.raises(SettingError, match=r"unknown setting 'zzz'; the config has amp_dtype, bundle_root, ckpt_dir"):
+        checked("--zzz", "1")
+
+
+def test_new_arguments_of_a_component_and_code_values_pass_unchecked():
+    settings = checked("--network_def#dropout", "0.1", "--epochs", "$2 * 3", "--ckpt_dir", "/tmp/x",
+                       "--network_def::upsample", "'nearest'")
+    assert settings == {"network_def#dropout": 0.1, "epochs": "$2 * 3", "ckpt_dir": "/tmp/x",
+                        "network_def#upsample": "nearest"}
+
+
+def test_patch_size_must_be_a_multiple_of_two_to_the_poolings():
+    assert checked("--patch_size", "[64,208]")["patch_size"] == [64, 208]  # CONFIG's network pools 3 times
+    with pytest.raises(SettingError, match=re.escape(
+            '--patch_size [64, 204]: each side must be a positive multiple of 8 (the network pools 3 times), '
+            'e.g. --patch_size "[64, 200]" or "[64, 208]"')):
+        checked("--patch_size", "[64,204]")
+    with pytest.raises(SettingError, match="multiple of 8"):
+        checked("--patch_size", "[0,64]")
+
+
+def test_patch_size_is_checked_against_the_network_given_with_it():
+    with pytest.raises(SettingError, match=r"multiple of 16 \(the network pools 4 times\)"):
+        checked("--network_def#features", "[16,32,64,128,256]", "--patch_size", "[248,248]")
+    # a deeper network makes the config's own patch size invalid too
+    with pytest.raises(SettingError, match=re.escape("--patch_size [256, 256]: each side must be a positive multiple "
+                                                     "of 512 (the network pools 9 times)")):
+        checked("--network_def", str({**CONFIG["network_def"], "features": [8] * 10}))
+
+
+def test_patch_size_of_a_network_given_by_expression_holds_16():
+    config = {**CONFIG, "network_def": "$make_network()"}
+    assert checked("--patch_size", "[272,272]", config=config)["patch_size"] == [272, 272]
+    with pytest.raises(SettingError, match="multiple of 16"):
+        checked("--patch_size", "[264,264]", config=config)
+
+
+def test_a_config_that_is_not_json_is_named(tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text('{"epochs": 2,,}')
+    with pytest.raises(SettingError, match=re.escape(f"{bad} is not a valid config")):
+        overrides.load_config([bad])
+
+
+def test_config_files_merge_as_monai_merges_them(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"x": 1, "y": {"k": 1}, "z": {"k": 1, "l": 2}}))
+    (tmp_path / "b.json").write_text(json.dumps({"y": {"j": 2}, "z#k": 3}))  # an overlay sets one entry by its id
+    assert overrides.load_config([tmp_path / "a.json", tmp_path / "b.json"]) == {
+        "x": 1, "y": {"j": 2}, "z": {"k": 3, "l": 2}}
+
+
+# --- one line per error --------------------------------------------------------------------------------------------
+
+
+def _raised_through_monai(exc: Exception) -> Exception:
+    """What MONAI raises when ``exc`` comes from an expression two references deep in a config."""
+
+    def fail():
+        raise exc
+
+    parser = ConfigParser({"datalist": "$fail()", "train": {"records": "$@datalist[0]"}, "run": ["$len(@train)"]},
+                          globals={"fail": fail})
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content("run")
+    return raised.value
+
+
+def test_the_cause_is_found_under_monais_wrappers():
+    wrapped = _raised_through_monai(DataError("tiles/a.png: 4 channels; save it as RGB"))
+    assert str(wrapped).startswith("Failed to evaluate")
+    assert isinstance(errors.root_cause(wrapped), DataError)
+    assert errors.one_line(wrapped) == "tiles/a.png: 4 channels; save it as RGB"
+
+
+def test_our_message_wins_over_the_exception_it_was_raised_from():
+    try:
+        try:
+            raise KeyError("width")
+        except KeyError as err:
+            raise DataError("a.tif: no width tag; re-save it with tifffile") from err
+    except DataError as err:
+        assert errors.one_line(err) == "a.tif: no width tag; re-save it with tifffile"
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENOSPC, "free space on that disk or write elsewhere"),
+    (errno.EACCES, "choose a place you can write to, or change its permissions"),
+    (errno.ENOENT, "check the path (or the setting that names it)"),
+])
+def test_os_errors_name_the_path_and_the_fix(code, fix):
+    wrapped = _raised_through_monai(OSError(code, os.strerror(code), "/out/models/model.pt"))
+    assert errors.one_line(wrapped) == f"/out/models/model.pt: {os.strerror(code)}; {fix}"
+
+
+def test_an_unexpected_error_says_its_type_and_where_in_the_config():
+    line = errors.one_line(_raised_through_monai(TypeError("'NoneType' object is not subscriptable")))
+    assert line == ("TypeError: 'NoneType' object is not subscriptable (in '$fail()'); "
+                    "--debug shows the full traceback")
+
+
+def test_logged_tracebacks_are_dropped_only_inside_the_block():
+    stream = io.StringIO()
+    log = logging.getLogger("test_cli.tracebacks")
+    log.addHandler(logging.StreamHandler(stream))
+    log.propagate = False
+    try:
+        with errors.tracebacks_out_of_logs():
+            try:
+                raise OSError("disk full")
+            except OSError:
+                log.exception("Exception: disk full")
+        assert stream.getvalue() == "Exception: disk full\n"
+        try:
+            raise OSError("disk full")
+        except OSError:
+            log.exception("again")
+        assert "Traceback" in stream.getvalue()
+    finally:
+        log.handlers.clear()
+
+
+# --- the commands, on a tiny bundle --------------------------------------------------------------------------------
+
+
+def tiny_bundle(root: Path, evaluate: dict | None = None, **settings) -> Path:
+    """A bundle whose training records its settings in output_dir/ran.json after reading data.json."""
+    train = {
+        "imports": ["$import os", "$import json"],
+        "bundle_root": ".",
+        "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
+        "output_dir": "$os.path.join(@bundle_root, 'runs')",
+        "data": "$json.load(open(os.path.join(@bundle_root, 'data.json')))",
+        "epochs": 3,
+        "resume": False,
+        "patch_size": [64, 64],
+        "network_def": {"_target_": "torch.nn.Identity", "features": [8, 16, 32]},
+        "split": "test",
+        "record": "$lambda name: open(os.path.join(@output_dir, name), 'w').write(json.dumps("
+                  "{'epochs': @epochs, 'resume': @resume, 'patch_size': @patch_size, 'split': @split, 'data': @data}))",
+        "training": ["$@record('ran.json')"],
+        **settings,
+    }
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "train.json").write_text(json.dumps(train))
+    (root / "configs" / "metadata.json").write_text("{}")
+    if evaluate is not None:
+        (root / "configs" / "evaluate.json").write_text(json.dumps(evaluate))
+    (root / "data.json").write_text("[1, 2]")
+    return root
+
+
+def test_train_runs_the_bundle_with_checked_settings(tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    assert cli.main(["train", "--bundle", str(bundle), "--epochs", "5", "--resume", "false",
+                     "--patch_size", "[32,48]"]) == 0
+    assert json.loads((bundle / "runs" / "ran.json").read_text()) == {
+        "epochs": 5, "resume": False, "patch_size": [32, 48], "split": "test", "data": [1, 2]}
+
+
+def test_a_refused_setting_stops_before_anything_runs(tmp_path, capsys):
+    bundle = tiny_bundle(tmp_path / "b")
+    assert cli.main(["train", "--bundle", str(bundle), "--epoch", "2"]) == 2
+    assert capsys.readouterr().err == "nucleiseg train: error: unknown setting 'epoch'; did you mean 'epochs'?\n"
+    assert not (bundle / "runs").exists()
+
+
+def test_an_error_in_the_run_is_one_line_naming_the_file(tmp_path, capsys):
+    bundle = tiny_bundle(tmp_path / "b")
+    (bundle / "data.json").unlink()
+    assert cli.main(["train", "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nucleiseg train: error: {bundle.resolve() / 'data.json'}: No such file or directory; "
+                   "check the path (or the setting that names it)\n")
+
+
+def test_an_output_folder_that_cannot_be_made_is_reported_before_the_run(tmp_path, capsys):
+    bundle = tiny_bundle(tmp_path / "b")
+    (tmp_path / "a_file").write_text("")
+    (bundle / "data.json").unlink()  # the run would fail on it: the folder must be reported first
+    assert cli.main(["train", "--bundle", str(bundle), "--output_dir", str(tmp_path / "a_file" / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nucleiseg train: error: cannot create the output folder {tmp_path / 'a_file' / 'runs'} "
+                   "(setting 'output_dir'): Not a directory; choose one you can write to with --output_dir DIR "
+                   "or --bundle_root DIR\n")
+
+
+def test_train_removes_the_temporaries_of_dead_writers_from_models(tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    models = bundle / "models"
+    models.mkdir()
+    stale = _temporary_of_a_killed_writer(models / "checkpoint_last.pt")
+    live = atomic.AtomicFile(models / "model.pt").tmp  # this process is writing it
+    assert cli.main(["train", "--bundle", str(bundle)]) == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_evaluate_runs_a_whole_evaluate_json_alone(tmp_path):
+    evaluate = {"imports": ["$import os"], "bundle_root": ".", "output_dir": "$os.path.join(@bundle_root, 'eval')",
+                "evaluating": ["$open(os.path.join(@output_dir, 'done'), 'w').write('alone')"]}
+    bundle = tiny_bundle(tmp_path / "b", evaluate=evaluate)
+    assert cli.evaluate_configs(str(bundle)) == [bundle / "configs" / "evaluate.json"]
+    assert cli.main(["evaluate", "--bundle", str(bundle)]) == 0
+    assert (bundle / "eval" / "done").read_text() == "alone"
+
+
+def test_evaluate_runs_an_overlay_over_train_json(tmp_path, capsys):
+    overlay = {"output_dir": "$os.path.join(@bundle_root, 'eval', @split)", "evaluating": ["$@record('scored.json')"],
+               "network_def#features": [8, 16, 32, 64]}
+    bundle = tiny_bundle(tmp_path / "b", evaluate=overlay)
+    configs = bundle / "configs"
+    assert cli.evaluate_configs(str(bundle)) == [configs / "train.json", configs / "evaluate.json"]
+    assert cli.main(["evaluate", "--bundle", str(bundle), "--split", "validation"]) == 0
+    assert json.loads((bundle / "eval" / "validation" / "scored.json").read_text())["split"] == "validation"
+    assert cli.main(["evaluate", "--bundle", str(bundle), "--epochs", "x"]) == 2
+    assert capsys.readouterr().err == "nucleiseg evaluate: error: --epochs expects an integer, got 'x'\n"
+    # the overlay's network pools 3 times, train.json's twice: 36 is checked against the overlay's
+    assert cli.main(["evaluate", "--bundle", str(bundle), "--patch_size", "[36,36]"]) == 2
+    assert "multiple of 8 (the network pools 3 times)" in capsys.readouterr().err
+
+
+def test_other_commands_refuse_settings(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["verify", "--bundle", "x", "--epochs", "2"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --epochs 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_installed_command_ends_an_error_in_one_line(tmp_path):
+    """End to end through the console script: no traceback, no "Failed to evaluate", exit code 2; --debug adds
+    the traceback and keeps the line."""
+    bundle = tiny_bundle(tmp_path / "b")
+    (bundle / "data.json").unlink()
+    command = [str(Path(sys.executable).with_name("nucleiseg")), "train", "--bundle", str(bundle)]
+    line = (f"nucleiseg train: error: {bundle.resolve() / 'data.json'}: No such file or directory; "
+            "check the path (or the setting that names it)")
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines()[-1] == line
+    assert "Traceback" not in quiet.stdout + quiet.stderr
+    assert "Failed to evaluate" not in quiet.stdout + quiet.stderr
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 2
+    assert debug.stderr.splitlines()[-1] == line
+    assert "Traceback" in debug.stderr and "Failed to evaluate" in debug.stderr
+
+
+# --- help and version ----------------------------------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"nucleiseg {version('nucleiseg-monai')}\n"
+
+
+def _option_descriptions(help_text: str) -> dict[str, str]:
+    """Each option of an argparse help text and its description (on its line, or on the next, indented)."""
+    lines = help_text.split("options:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    options = {}
+    for i, line in enumerate(lines):
+        if re.match(r"  -", line):
+            name, _, description = line.strip().partition("  ")
+            if not description.strip() and i + 1 < len(lines) and re.match(r" {6,}\S", lines[i + 1]):
+                description = lines[i + 1]
+            options[name] = description.strip()
+    return options
+
+
+def _help(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_command_and_option_has_help(capsys):
+    top = _help(capsys)
+    commands = dict(re.findall(r"^    (\w+) +(.*)$", top, flags=re.MULTILINE))
+    assert {"train", "evaluate", "predict", "tune", "pack", "unpack", "verify"} <= set(commands)
+    assert all(commands.values()), commands
+    assert _option_descriptions(top) == {"-h, --help": "show this help message and exit",
+                                         "--version": "show program's version number and exit"}
+    for command in commands:
+        options = _option_descriptions(_help(capsys, command))
+        assert "-h, --help" in options
+        missing = [name for name, description in options.items() if not description]
+        assert not missing, f"nucleiseg {command}: no help for {missing}"
+
+
+def test_the_help_reader_sees_a_missing_description():
+    text = "usage: x\n\noptions:\n  -h, --help  show this\n  --bare\n  --long LONG\n                 described\n"
+    assert _option_descriptions(text) == {"-h, --help": "show this", "--bare": "", "--long LONG": "described"}
+
+
+# --- stale temporary files -----------------------------------------------------------------------------------------
+
+
+def _temporary_of_a_killed_writer(path: Path) -> Path:
+    """The temporary file a process killed mid-write leaves beside ``path``."""
+    code = ("import os, sys; from nucleiseg_monai.atomic import AtomicFile; "
+            "f = AtomicFile(sys.argv[1]); f.tmp.write_bytes(b'half'); print(f.tmp, flush=True); "
+            "os.kill(os.getpid(), 9)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9
+    return Path(done.stdout.strip())
+
+
+def test_temporary_names_carry_the_writer_and_keep_the_suffix(tmp_path):
+    target = atomic.AtomicFile(tmp_path / "model.pt")
+    assert target.tmp.name.startswith(f".model.pt.pid{os.getpid()}@")
+    assert target.tmp.suffix == ".pt"
+    assert atomic.is_temporary(target.tmp.name)
+    assert atomic.is_temporary(".model.pt.k2j4_9ab.tmp.pt")  # written before names carried the writer
+    assert not atomic.is_temporary("model.pt") and not atomic.is_temporary(".model.pt.tmp")
+
+
+def test_remove_stale_deletes_what_dead_or_long_idle_writers_left(tmp_path):
+    dead = _temporary_of_a_killed_writer(tmp_path / "checkpoint_last.pt")
+    live = atomic.AtomicFile(tmp_path / "model.pt").tmp
+    idle = atomic.AtomicFile(tmp_path / "metrics.json").tmp
+    old = time.time() - 7200
+    os.utime(idle, (old, old))
+    elsewhere = tmp_path / ".a.tif.pid1@another_host-abcd1234.tmp.tif"  # pid 1 lives there, maybe not here
+    elsewhere.write_bytes(b"")
+    unnamed = tmp_path / ".a.csv.abcd1234.tmp.csv"
+    unnamed.write_bytes(b"")
+    others = [tmp_path / "model.pt.tmp", tmp_path / "notes.txt"]
+    for path in others:
+        path.write_bytes(b"")
+    assert sorted(atomic.remove_stale(tmp_path)) == sorted([dead, idle])
+    assert live.exists() and elsewhere.exists() and unnamed.exists() and all(p.exists() for p in others)
+    assert sorted(atomic.remove_stale(tmp_path, older_than_s=-1)) == sorted([live, elsewhere, unnamed])
+    assert all(p.exists() for p in others)
+
+
+def test_remove_stale_of_a_missing_folder_removes_nothing(tmp_path):
+    assert atomic.remove_stale(tmp_path / "none") == []
