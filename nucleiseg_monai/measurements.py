@@ -302,9 +302,7 @@ def _outlines(local: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.nd
     traced = np.zeros(int(present[-1]) + 1, bool)
     traced[ring_ids] = True
     others = present[~traced[present]]
-    if others.size == 0:
-        order = np.argsort(ring_ids, kind="stable")
-    else:  # a hole or several pieces: the longest ring, as ``outline`` has always chosen
+    if others.size:  # a hole or several pieces: the longest ring, as ``outline`` has always chosen
         boxes = find_objects(local)
         extra = [outline(local[boxes[k - 1]] == k, boxes[k - 1][0].start, boxes[k - 1][1].start)[:-1]
                  for k in others]
@@ -312,8 +310,8 @@ def _outlines(local: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.nd
         ring_y = np.concatenate([ring_y] + [r[:, 1] for r in extra])
         starts = np.concatenate([starts, starts[-1] + np.cumsum([len(r) for r in extra])])
         ring_ids = np.concatenate([ring_ids, others])
-        order = np.argsort(ring_ids, kind="stable")
-    # reorder the ragged array: ring order[j] becomes ring j
+    # reorder the ragged array by id: ring order[j] becomes ring j
+    order = np.argsort(ring_ids, kind="stable")
     lengths = np.diff(starts)[order]
     new_starts = np.concatenate([[0], np.cumsum(lengths)])
     pick = np.repeat(starts[:-1][order] - new_starts[:-1], lengths) + np.arange(ring_x.size)
