@@ -1,0 +1,316 @@
+"""Cohorts on a Dask cluster: one task per slide, a predictor built once per worker, one run table.
+
+``predict_cohort`` reads the cohort (a folder, a glob, or a CSV/TSV slide list), starts a ``LocalCluster`` of N
+worker processes or joins a running scheduler, and submits one task per slide. Each worker builds its predictor
+from the bundle once (``BundlePredictor``) and keeps it for the slides that follow; it runs one slide at a time, so
+its memory stays that of one ``SlidePredictor.predict_slide``, and its torch threads are its share of the cores.
+Workers write the outputs themselves, atomically, into the output folder (a folder every worker sees). A task
+that raises, or whose worker dies, is retried ``retries`` times, then its slide is recorded as failed while the
+others finish. Slides whose outputs are complete and were made with the same weights and settings (their
+completion record) are skipped, so re-running the same command resumes a run that was killed at any point: only
+the slides in flight are redone.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import importlib.util
+import json
+import logging
+import os
+import resource
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+from distributed import Client, LocalCluster, as_completed, get_worker
+from tqdm.auto import tqdm
+
+from .inference import SlidePredictor, find_images
+from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path, outputs_complete
+from .run_table import FINISHED, RunTable, figures, tissue_area_mm2
+from .wsi import open_image
+
+logger = logging.getLogger(__name__)
+
+SLIDE_LIST_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+RUN_TABLE = "run_table.csv"
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One slide of a cohort: its file, output name and, optionally, the level-0 microns per pixel to use when the
+    file states none (the predictor's ``input_mpp`` for this slide)."""
+
+    path: str
+    name: str
+    input_mpp: float | None = None
+
+
+def is_slide_list(source: str | os.PathLike) -> bool:
+    path = Path(source)
+    return path.suffix.lower() in SLIDE_LIST_SUFFIXES and path.is_file()
+
+
+def read_slide_list(path: str | os.PathLike) -> list[Slide]:
+    """A CSV (.csv) or TSV (.tsv) with a header: ``path`` (relative paths are relative to the list), optional
+    ``slide`` (the output name; default the file stem) and ``input_mpp`` (level-0 microns per pixel for a file
+    that states none). Other columns are ignored, so a run table is itself a slide list."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, delimiter=SLIDE_LIST_SUFFIXES[path.suffix.lower()])
+        if "path" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: a slide list needs a header with a 'path' column (optional: 'slide', "
+                             f"'input_mpp'); found {reader.fieldnames}")
+        slides = []
+        for line, row in enumerate(reader, start=2):
+            if not (row["path"] or "").strip():
+                raise ValueError(f"{path}, line {line}: empty path")
+            file = Path(row["path"].strip()).expanduser()
+            file = file if file.is_absolute() else path.parent / file
+            mpp = (row.get("input_mpp") or "").strip()
+            try:
+                input_mpp = float(mpp) if mpp else None
+            except ValueError:
+                raise ValueError(f"{path}, line {line}: input_mpp {mpp!r} is not a number (microns per pixel)")
+            slides.append(Slide(str(file.resolve()), (row.get("slide") or "").strip() or file.stem, input_mpp))
+    if not slides:
+        raise ValueError(f"{path} lists no slides")
+    return slides
+
+
+def read_cohort(source: str | os.PathLike) -> list[Slide]:
+    """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inference.find_images``)."""
+    if is_slide_list(source):
+        return read_slide_list(source)
+    return [Slide(str(p.resolve()), p.stem) for p in find_images(source)]
+
+
+# ---------------------------------------------------------------------------------------------- on the workers
+
+
+@dataclass(frozen=True)
+class BundlePredictor:
+    """Builds the ``predictor`` of a bundle's configs/inference.json (with config overrides such as
+    ``predictor#mpp``), as ``nucleiseg predict`` and ``monai.bundle run inferring`` do; sent to every worker."""
+
+    bundle: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def __call__(self) -> SlidePredictor:
+        from monai.bundle import ConfigParser
+
+        configs = Path(self.bundle) / "configs"
+        parser = ConfigParser()
+        parser.read_config(str(configs / "inference.json"))
+        if (configs / "metadata.json").is_file():
+            parser.read_meta(str(configs / "metadata.json"))
+        parser["bundle_root"] = str(Path(self.bundle).resolve())
+        # one region bar per worker process would garble the terminal; the cohort has one bar over slides
+        parser.update({"predictor#progress": False, **dict(self.overrides)})
+        if "imports" in parser:
+            parser.get_parsed_content("imports")
+        return parser.get_parsed_content("predictor")
+
+
+_cache: tuple[Callable[[], SlidePredictor], SlidePredictor] | None = None
+_cache_lock = threading.Lock()
+
+
+def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int | None) -> SlidePredictor:
+    """This process's predictor for ``factory``, built on first use (network, weights, frozen graph)."""
+    global _cache
+    with _cache_lock:
+        if _cache is None or _cache[0] != factory:
+            if torch_threads:
+                import torch
+
+                torch.set_num_threads(torch_threads)
+            _cache = None  # the old network goes before the new one is built
+            _cache = (factory, factory())
+        return _cache[1]
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike, name: str) -> None:
+    """Delete the hidden temporary files a killed attempt at slide ``name`` left (``atomic.AtomicFile`` names)."""
+    for suffix in (*OUTPUT_SUFFIXES.values(), MANIFEST_SUFFIX):
+        for stale in glob.glob(os.path.join(glob.escape(str(output_dir)), glob.escape(f".{name}{suffix}.") + "*.tmp*")):
+            Path(stale).unlink(missing_ok=True)
+
+
+def finished(predictor: SlidePredictor, output_dir: str | os.PathLike, name: str) -> bool:
+    """True when slide ``name`` has complete outputs made with ``predictor``'s weights and settings (its completion
+    record); FileExistsError when they were made with others, which only ``overwrite`` replaces."""
+    if not outputs_complete(output_dir, name):
+        return False
+    if _manifest(output_dir, name).get("settings") != predictor.settings():
+        raise FileExistsError(f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with "
+                              "other weights or settings; pass --overwrite to replace them, or choose another "
+                              "output_dir")
+    return True
+
+
+def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
+    return json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
+
+
+def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
+                  torch_threads: int | None = None, overwrite: bool = False, previous: dict | None = None) -> dict:
+    """One task: segment a slide, or find its outputs finished, and return its run-table row.
+
+    ``previous``: the slide's row in the last run table; when it holds the figures of the finished outputs they are
+    reused (a resumed cohort of thousands does not read thousands of thumbnails again).
+    """
+    predictor = worker_predictor(factory, torch_threads)
+    if slide.input_mpp is not None:
+        predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
+        predictor.input_mpp = slide.input_mpp
+    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
+    if not (overwrite or predictor.overwrite) and finished(predictor, output_dir, slide.name):
+        if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
+            return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
+        row.update(status="skipped", seconds=None)
+    else:
+        remove_stale_temporaries(output_dir, slide.name)
+        result = predictor.predict_slide(slide.path, output_dir, slide.name)
+        row.update(status="done", seconds=result.seconds)
+    manifest = _manifest(output_dir, slide.name)
+    # the tissue mask of the predictor's thumbnail of the level it read, so the area is the one it skipped by
+    with open_image(slide.path, level=manifest["level"]) as reader:
+        tissue = tissue_area_mm2(reader, manifest["mpp"], reader.thumbnail(predictor.overlay_max_side))
+    row.update(figures(output_dir, slide.name, manifest["nuclei"], manifest["mpp"], tissue))
+    return {**row, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- on the client
+
+
+@dataclass
+class CohortSummary:
+    """The run table's rows (cohort order), where it was written, and the peak resident memory (MB) of each
+    worker process that ran a slide, by worker address."""
+
+    table: Path
+    rows: list[dict] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(row["status"] == status for row in self.rows)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.rows if row["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def dask_client(workers: int | None = None, scheduler: str | None = None, retries: int = 2,
+                dashboard_address: str | None = ":8787") -> Iterator[tuple[object, int | None]]:
+    """(client, torch threads per worker): a new ``LocalCluster`` of ``workers`` processes with one task slot each
+    and the cores shared out between them, or the running scheduler at ``scheduler`` (its workers keep their own
+    thread settings: Dask's nanny starts them with OMP_NUM_THREADS=1).
+
+    ``retries`` also sets how many worker deaths a local cluster forgives a task (``allowed-failures``) before
+    the slide counts as failed; a remote scheduler uses its own setting.
+    """
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client, None
+        return
+    workers = workers or 1
+    with dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                         dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
+        yield client, max(1, cpu_count() // workers)
+
+
+def _dashboard(client) -> str:
+    """The dashboard's address, with the fix when this environment cannot serve it (Dask needs bokeh for it)."""
+    if importlib.util.find_spec("bokeh") is None:
+        return f"{client.dashboard_link} once bokeh is installed (pip install nucleiseg-monai[cluster])"
+    return client.dashboard_link
+
+
+def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
+               factory: Callable[[], SlidePredictor], table: str | os.PathLike | None = None,
+               retries: int = 2, torch_threads: int | None = None, overwrite: bool = False,
+               progress: bool = True) -> CohortSummary:
+    """Segment ``slides`` on the cluster of ``client``, one task per slide, recording each in the run table
+    (default ``output_dir/run_table.csv``) as it finishes. Slides with finished outputs of the same weights and
+    settings are skipped (unless ``overwrite``), their figures kept from the previous run table."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table_path = Path(table) if table else output_dir / RUN_TABLE
+    previous = RunTable.read(table_path)
+    rows, futures, names = [], {}, {}
+    for i, slide in enumerate(slides):
+        row = {"slide": slide.name, "path": slide.path, "status": "pending"}
+        if slide.name in names:
+            row.update(status="failed", error=f"same output name {slide.name!r} as {names[slide.name]}; give one "
+                                              "of them another name (the 'slide' column of a slide list)")
+        else:
+            names[slide.name] = slide.path
+            futures[client.submit(process_slide, factory, slide, str(output_dir), torch_threads, overwrite,
+                                  previous.get(slide.name), key=f"slide-{slide.name}-{uuid.uuid4().hex[:8]}",
+                                  retries=retries, pure=False)] = i
+        rows.append(row)
+    run_table = RunTable(table_path, rows)
+    run_table.flush()
+
+    logger.info("%d slides on %d workers; dashboard %s", len(futures), len(client.scheduler_info()["workers"]),
+                _dashboard(client))
+    summary = CohortSummary(table_path)
+    with tqdm(total=len(slides), initial=len(slides) - len(futures), unit="slide", disable=not progress) as bar:
+        for future in as_completed(futures):
+            i = futures.pop(future)
+            slide = slides[i]
+            if future.status != "finished":
+                err = future.exception() if future.status == "error" else f"the task was {future.status}"
+                error = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else err
+                row = {**rows[i], "status": "failed", "error": error}
+                logger.error("failed on %s: %s", slide.path, error)
+            else:
+                row = future.result()
+                worker, peak = row.pop("worker"), row.pop("peak_rss_mb")
+                summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
+                if row["status"] == "done":
+                    logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
+                else:
+                    logger.info("%s: outputs complete, skipped", slide.path)
+            future.release()
+            run_table.update(i, row)
+            bar.update(1)
+    run_table.flush()
+    summary.rows = run_table.rows
+    return summary
+
+
+def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, factory: Callable[[], SlidePredictor],
+                   workers: int | None = None, scheduler: str | None = None, retries: int = 2,
+                   table: str | os.PathLike | None = None, overwrite: bool = False,
+                   dashboard_address: str | None = ":8787", progress: bool = True) -> CohortSummary:
+    """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``."""
+    slides = read_cohort(source)
+    with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
+        summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress)
+    logger.info("run table %s: %d done, %d skipped, %d failed", summary.table, summary.count("done"),
+                summary.count("skipped"), summary.count("failed"))
+    return summary

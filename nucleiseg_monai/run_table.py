@@ -1,0 +1,96 @@
+"""A cohort's run table: one CSV row per slide, rewritten atomically as slides finish.
+
+Columns: slide (the output name), path, status (pending, done, skipped = outputs already complete, failed), error,
+seconds (this run's time on the slide), mpp (microns per pixel of the analysed level), tissue_mm2 (low-resolution
+tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue) and
+median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure, an image without a
+pixel size) are empty cells, never zeros.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .outputs import output_paths
+from .wsi import SlideReader, tissue_mask
+
+COLUMNS = ("slide", "path", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei", "nuclei_per_mm2",
+           "median_nucleus_um2")
+FINISHED = ("done", "skipped")
+
+
+def tissue_area_mm2(reader: SlideReader, mpp: float | None, thumbnail: np.ndarray) -> float | None:
+    """Tissue area in mm^2 of the reader's level at ``mpp`` microns per pixel (None without a pixel size), from
+    the predictor's tissue mask."""
+    if mpp is None:
+        return None
+    height, width = reader.shape
+    return tissue_mask(reader, thumbnail=thumbnail).fraction(0, 0, height, width) * height * width * mpp**2 / 1e6
+
+
+def median_nucleus_area(output_dir: str | os.PathLike, name: str) -> float | None:
+    """Median ``area_um2`` of the slide's per-nucleus CSV; None when it has no nuclei or no pixel size."""
+    with open(output_paths(output_dir, name)["csv"], newline="", encoding="utf-8") as handle:
+        areas = [float(row["area_um2"]) for row in csv.DictReader(handle) if row["area_um2"]]
+    return float(np.median(areas)) if areas else None
+
+
+def figures(output_dir: str | os.PathLike, name: str, nuclei: int, mpp: float | None, tissue_mm2: float | None
+            ) -> dict:
+    """The figure columns of a slide whose outputs are complete."""
+    return {
+        "mpp": mpp, "tissue_mm2": tissue_mm2, "nuclei": nuclei,
+        "nuclei_per_mm2": nuclei / tissue_mm2 if tissue_mm2 else None,
+        "median_nucleus_um2": median_nucleus_area(output_dir, name),
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class RunTable:
+    """One row per slide in cohort order; ``update`` rewrites the file at most every ``min_interval`` seconds (a
+    cohort of thousands would otherwise rewrite megabytes per slide), ``flush`` writes it now.
+
+    A run killed between writes loses only rows of slides whose outputs are complete on disk; the re-run finds
+    those outputs complete and recovers the rows from them.
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: list[dict], min_interval: float = 2.0):
+        self.path = Path(path)
+        self.rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
+        self.min_interval = min_interval
+        self._written = -float("inf")
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict[str, dict]:
+        """A previous run's rows by slide name; empty when there is no table yet."""
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                return {row["slide"]: row for row in csv.DictReader(handle)}
+        except FileNotFoundError:
+            return {}
+
+    def update(self, index: int, row: dict) -> None:
+        self.rows[index] = {c: row.get(c) for c in COLUMNS}
+        if time.monotonic() - self._written >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> Path:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            writer.writerows([_cell(row[c]) for c in COLUMNS] for row in self.rows)
+        self._written = time.monotonic()
+        return self.path

@@ -1,0 +1,218 @@
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from nucleiseg_monai.cli import main
+from nucleiseg_monai.cohort import (BundlePredictor, Slide, dask_client, read_cohort, read_slide_list,
+                                    remove_stale_temporaries, run_cohort)
+from nucleiseg_monai.outputs import SlideOutputs
+from nucleiseg_monai.run_table import COLUMNS, RunTable
+from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
+
+torch.set_num_threads(1)  # as each of the 2 workers on these 2 cores, so the serial run computes the same sums
+
+MEAN, STD = [200.0, 150.0, 180.0], [40.0, 50.0, 45.0]
+OUTPUTS = (".labels.tif", ".geojson", ".nuclei.csv", ".overlay.png", ".done.json")
+
+
+def _colour_classifier() -> dict:
+    """Weights of a 1x1 convolution that is the nearest-class-mean rule on colour: background vs nucleus means of
+    a synthetic tile; the boundary class is never predicted. logit_k = (2 x.mu_k - |mu_k|^2) / T on raw RGB x,
+    rewritten for the z-scored input the predictor feeds."""
+    rgb, labels = make_tile(256, seed=0)
+    means = np.stack([rgb[labels == 0].mean(0), rgb[labels > 0].mean(0)])
+    mean, std, temperature = np.asarray(MEAN), np.asarray(STD), 400.0
+    weight = np.zeros((3, 3, 1, 1), np.float32)
+    bias = np.full(3, -1e3, np.float32)
+    for k, mu in enumerate(means):
+        weight[k, :, 0, 0] = 2 * mu * std / temperature
+        bias[k] = (2 * mu @ mean - mu @ mu) / temperature
+    return {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
+
+
+def _bundle(root: Path) -> Path:
+    """A bundle folder whose network is the colour classifier: no trained weights needed."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    torch.save(_colour_classifier(), root / "models" / "model.pt")
+    (root / "models" / "channel_stats.json").write_text(json.dumps({"mean": MEAN, "std": STD}))
+    config = {
+        "imports": ["$import nucleiseg_monai", "$import nucleiseg_monai.networks"],
+        "bundle_root": ".",
+        "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 3, "kernel_size": 1},
+        "predictor": {
+            "_target_": "nucleiseg_monai.inference.SlidePredictor",
+            "network": "$nucleiseg_monai.networks.load_weights(@network_def, @bundle_root + '/models/model.pt')",
+            "channel_stats": "$@bundle_root + '/models/channel_stats.json'",
+            "device": "cpu", "roi_size": 128, "sw_batch_size": 2, "region_size": 256, "region_margin": 32,
+            "label_tile": 128, "overlay_max_side": 256, "mpp": 0.25, "prefetch": False,
+        },
+        "input": None, "output_dir": None,
+        "inferring": ["$nucleiseg_monai.inference.raise_on_failure(@predictor.run(@input, @output_dir))"],
+    }
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three 384 x 640 px slides (tissue blob on glass, separate nuclei), their serial outputs, a slide list that
+    also names a broken file."""
+    root = tmp_path_factory.mktemp("cohort")
+    bundle = _bundle(root / "bundle")
+    slides = root / "slides"
+    slides.mkdir()
+    for i in range(3):
+        write_slide(make_slide((384, 640), seed=10 + i, tissue=True, touching=0.0), slides / f"slide{i}.tif",
+                    tile=128)
+    serial = BundlePredictor(str(bundle))().run(slides, root / "serial")
+    assert serial.ok and len(serial.done) == 3 and min(r.nuclei for r in serial.done) > 20
+    (root / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    with open(root / "cohort.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "slide"])
+        writer.writerows([[f"slides/slide{i}.tif", ""] for i in range(3)] + [["broken.tif", "broken"]])
+    return root, bundle, {r.name: r for r in serial.done}
+
+
+def _assert_same_outputs(out: Path, serial: Path, names) -> None:
+    for name in names:
+        for suffix in OUTPUTS:
+            assert (out / f"{name}{suffix}").read_bytes() == (serial / f"{name}{suffix}").read_bytes(), name + suffix
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries left behind
+
+
+def _table(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == COLUMNS
+    return {row["slide"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_cli_cohort_matches_serial_records_the_broken_slide_and_resumes(cohort):
+    root, bundle, serial = cohort
+    out = root / "cli_out"
+    args = ["predict", "--bundle", str(bundle), "--input", str(root / "cohort.csv"), "--output_dir", str(out),
+            "--workers", "2", "--retries", "1"]
+    assert main(args) == 1  # the broken slide fails the run, after the others finished
+    _assert_same_outputs(out, root / "serial", serial)
+
+    table = _table(out / "run_table.csv")
+    assert list(table) == ["slide0", "slide1", "slide2", "broken"]
+    assert table["broken"]["status"] == "failed" and "broken.tif" in table["broken"]["error"]
+    assert table["broken"]["nuclei"] == ""
+    for name, result in serial.items():
+        row = table[name]
+        assert row["status"] == "done" and row["error"] == "" and float(row["seconds"]) > 0
+        assert int(row["nuclei"]) == result.nuclei and float(row["mpp"]) == pytest.approx(0.25)
+        labels = tifffile.imread(out / f"{name}.labels.tif")
+        areas = np.bincount(labels.ravel())[1:] * 0.25**2  # um^2 per nucleus
+        assert float(row["median_nucleus_um2"]) == pytest.approx(np.median(areas), rel=1e-4)
+        # the tissue blob covers part of the glass, and holds every nucleus found
+        tissue = float(row["tissue_mm2"])
+        assert 0.1 * 384 * 640 * 0.25**2 / 1e6 < tissue < 384 * 640 * 0.25**2 / 1e6
+        assert float(row["nuclei_per_mm2"]) == pytest.approx(result.nuclei / tissue, rel=1e-4)
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(args) == 1  # a re-run sends only the failed slide out again
+    again = _table(out / "run_table.csv")
+    assert [again[n]["status"] for n in serial] == ["skipped"] * 3 and again["broken"]["status"] == "failed"
+    assert all(again[n]["nuclei"] == table[n]["nuclei"] for n in serial)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.iterdir() if p.name != "run_table.csv")
+
+
+@dataclass(frozen=True)
+class CrashOnce:
+    """The bundle's predictor, except that the first slide to reach its second region, in the whole cluster,
+    kills its worker process there (its temporary outputs half written) and names itself in ``marker``."""
+
+    factory: BundlePredictor
+    marker: str
+
+    def __call__(self):
+        predictor = self.factory()
+        stitch = predictor._stitch_region
+        regions = {}
+
+        def crash_on_second_region(*args):
+            name = next(a.name for a in args if isinstance(a, SlideOutputs))
+            regions[name] = regions.get(name, 0) + 1
+            if regions[name] == 2:
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return stitch(*args)
+                os.write(fd, name.encode())
+                os.close(fd)
+                os._exit(1)
+            return stitch(*args)
+
+        predictor._stitch_region = crash_on_second_region
+        return predictor
+
+
+@pytest.mark.slow
+def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resumes(cohort):
+    root, bundle, serial = cohort
+    marker = root / "crashed"
+    factory = CrashOnce(BundlePredictor(str(bundle)), str(marker))
+    slides = read_cohort(root / "slides")
+    with dask_client(workers=2, retries=1, dashboard_address=None) as (client, threads):
+        summary = run_cohort(client, slides, root / "retried", factory, retries=1, torch_threads=threads,
+                             progress=False)
+        # without the run table, the workers find complete outputs and recompute their figures from them
+        first = {row["slide"]: row for row in summary.rows}
+        (root / "retried" / "run_table.csv").unlink()
+        (root / "retried" / "slide1.geojson").unlink()  # an incomplete slide is redone
+        resumed = run_cohort(client, slides, root / "retried", factory, torch_threads=threads, progress=False)
+        # finished outputs of other settings are neither kept as if they were these nor replaced unasked
+        other = BundlePredictor(str(bundle), (("predictor#postprocess_params", {"min_size": 30}),))
+        refused = run_cohort(client, slides, root / "retried", other, retries=0, progress=False)
+    crashed = marker.read_text()
+    assert crashed in serial and threads == max(1, (os.cpu_count() or 1) // 2)
+    assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
+    _assert_same_outputs(root / "retried", root / "serial", serial)
+    assert [row["status"] for row in resumed.rows] == ["skipped", "done", "skipped"]
+    assert all(row[c] == pytest.approx(first[row["slide"]][c]) for row in resumed.rows
+               for c in ("nuclei", "mpp", "tissue_mm2", "nuclei_per_mm2", "median_nucleus_um2"))
+    assert all(row["status"] == "failed" and "other weights or settings" in row["error"] for row in refused.rows)
+    assert all(100 < mb < 4000 for mb in summary.peak_rss_mb.values())  # per worker process, as in benchmarks
+
+
+def test_slide_list_columns_relative_paths_and_errors(tmp_path):
+    (tmp_path / "list.tsv").write_text("path\tslide\tinput_mpp\tnotes\nimgs/a.tif\t\t\tx\n/abs/b.svs\tcase 7\t0.5\t\n")
+    a, b = read_slide_list(tmp_path / "list.tsv")
+    assert a == Slide(str(tmp_path / "imgs" / "a.tif"), "a", None)
+    assert b == Slide("/abs/b.svs", "case 7", 0.5)
+    assert read_cohort(tmp_path / "list.tsv") == [a, b]
+
+    (tmp_path / "bad.csv").write_text("file,slide\nx.tif,x\n")
+    with pytest.raises(ValueError, match=r"bad\.csv.*'path' column"):
+        read_slide_list(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text("path,input_mpp\nx.tif,0.25um\n")
+    with pytest.raises(ValueError, match=r"bad\.csv, line 2: input_mpp '0.25um'"):
+        read_slide_list(tmp_path / "bad.csv")
+
+
+def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
+    table = RunTable(tmp_path / "run.csv", [{"slide": "s1", "path": str(tmp_path / "s1.tif"), "status": "pending"}])
+    table.update(0, {"slide": "s1", "path": str(tmp_path / "s1.tif"), "status": "done", "seconds": 1.5,
+                     "mpp": 0.25, "nuclei": 3, "nuclei_per_mm2": None, "peak_rss_mb": 9})
+    row = RunTable.read(tmp_path / "run.csv")["s1"]
+    assert row["status"] == "done" and row["nuclei"] == "3" and row["nuclei_per_mm2"] == "" and "peak_rss_mb" not in row
+    assert read_slide_list(tmp_path / "run.csv") == [Slide(str(tmp_path / "s1.tif"), "s1")]
+
+    stale = [".s1.labels.tif.ab12.tmp.tif", ".s1.done.json.cd34.tmp.json", ".s1.geojson.x.tmp.geojson"]
+    kept = [".s1.x.labels.tif.ab12.tmp.tif", "s1.labels.tif", ".s10.geojson.y.tmp.geojson"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"")
+    remove_stale_temporaries(tmp_path, "s1")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".csv") == sorted(kept)
