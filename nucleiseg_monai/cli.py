@@ -102,6 +102,10 @@ def cmd_predict(args) -> int:
     overrides = {"input": args.input, "output_dir": args.output_dir, **_overrides(args.set)}
     if args.checkpoint:
         overrides["checkpoint"] = args.checkpoint
+    from .cohort import is_slide_list
+
+    if args.workers or args.scheduler or is_slide_list(args.input):
+        return _predict_cohort(args, overrides)
     try:
         run_bundle(_bundle_config(args.bundle, "inference.json"), "inferring", args.bundle, overrides)
     except RuntimeError as err:
@@ -182,6 +186,18 @@ def _bundle_command(args, run_id: str) -> int:
 
 def cmd_train(args) -> int:
     return _bundle_command(args, "training")
+
+
+def _predict_cohort(args, overrides: dict) -> int:
+    """The cohort on a Dask cluster: one task per slide, a run table, exit code 1 when any slide failed."""
+    from .cohort import BundlePredictor, predict_cohort
+
+    settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
+    factory = BundlePredictor(str(Path(args.bundle).resolve()), tuple(settings.items()))
+    summary = predict_cohort(args.input, args.output_dir, factory, workers=args.workers, scheduler=args.scheduler,
+                             retries=args.retries, table=args.run_table,
+                             overwrite=bool(settings.get("predictor#overwrite", False)))
+    return 0 if summary.ok else 1
 
 
 def cmd_evaluate(args) -> int:
@@ -290,10 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
-    p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, TIFF, pyramidal BigTIFF, ...)")
+    p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, TIFF, pyramidal BigTIFF, "
+                   "...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#mpp=0.5")
+    p.add_argument("--workers", type=int, help="run on a local Dask cluster of this many worker processes (the "
+                   "cores are shared out between them); the default for a .csv/.tsv slide list is 1")
+    p.add_argument("--scheduler", help="run on the running Dask cluster at this address (tcp://host:8786)")
+    p.add_argument("--retries", type=int, default=2, help="cluster runs: attempts after a slide's first fails "
+                   "or its worker dies, before it is recorded as failed")
+    p.add_argument("--run_table", help="cluster runs: the run table CSV (default OUTPUT_DIR/run_table.csv)")
     p.set_defaults(func=cmd_predict)
 
     _workflow_parser(
