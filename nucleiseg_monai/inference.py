@@ -1,12 +1,24 @@
 """Tile and whole-slide inference: regions with margins, sliding-window network, seam-exact stitching, streaming.
 
-A slide is cut into square *cores* of ``region_size`` pixels (at the analysed pyramid level) that partition it.
-Each core is read with ``region_margin`` pixels of context on every side (white beyond the image), the network
-runs over that window with MONAI's gaussian-blended ``SlidingWindowInferer``, and ``postprocess.
-instances_from_probs`` turns the softmax into instances. Which window's instances are kept is decided by the
-stitching rule below; kept nuclei are written whole into a band of label tiles, finished tile rows are streamed to
-the BigTIFF writer, so memory is bounded by region size x slide width, never by slide area. With ``prefetch`` the
-network already runs on the next region (in a second thread) while this one is post-processed and written.
+A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
+context on every side (white beyond the image), the network runs over that window with MONAI's gaussian-blended
+``SlidingWindowInferer``, and ``postprocess.instances_from_probs`` turns the softmax into instances. Which window's
+instances are kept is decided by the stitching rule below; kept nuclei are written whole into a band of label
+tiles, finished tile rows are streamed to the BigTIFF writer, so memory is bounded by region size x slide width,
+never by slide area. With ``prefetch`` the network already runs on the next region (in a second thread) while this
+one is post-processed and written.
+
+One physical scale: the network and the watershed work at the model's pixel size (``mpp``, the *working* scale).
+The level closest to it is read; when its pixel size differs by more than ``SCALE_TOLERANCE``, each whole window
+(core and margin) is resampled to the working scale (bilinear, anti-aliased), analysed there, and its instance
+labels are mapped back (nearest: each read pixel takes the working pixel under its centre) before stitching, which
+then runs exactly as below on the read level's grid. So the label map, GeoJSON, CSV and overlay are all on the
+input's own grid, with its own pixel size. ``region_size`` and ``region_margin`` are working pixels, converted to
+read pixels per image, so a region costs the same whatever the file's scale and the margin still covers the
+largest nucleus. Seams stay exact: the scale is taken as a fraction p / q (the smallest denominator within
+``SCALE_TOLERANCE`` of the true ratio: 1 for 0.245-0.255 um/px, 2 for a 20x level, 6/5 for 0.3 um/px) and cores
+and margins are multiples of q read pixels, so every window starts on a whole working pixel and resamples exactly as
+the same pixels of the whole image would (``to_working_scale``, ``to_read_grid``).
 
 Stitching rule (exact and order-independent for consistent predictions):
   * anchor of an instance = integer floor of its centroid, computed with integer sums of global coordinates, so
@@ -28,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
+import json
 import logging
 import math
 import os
@@ -36,18 +50,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from .data import load_stats
 from .networks import MixedPrecision, load_weights
-from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, outputs_complete
+from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import instances_from_probs
-from .wsi import IMAGE_SUFFIXES, SlideReader, TissueMask, open_image, tissue_mask
+from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, TissueMask, open_image, tissue_mask
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +71,18 @@ logger = logging.getLogger(__name__)
 RESCUE_PX = 8
 # A candidate overlapping written nuclei on at least this share of its pixels is the same nucleus again.
 DUPLICATE_FRACTION = 0.5
+# Resampling scales are fractions within this relative distance of the true ratio (one with a denominator of at
+# most 64 is always within 0.8%, so cores and margins grow by less than 64 read pixels). A read level this close to
+# the working pixel size is analysed as read: no resampling, so the common 40x case costs nothing extra and gives
+# exactly what it gave before resampling existed.
+SCALE_TOLERANCE = 0.02
 
 
 @dataclass
 class SlideResult:
-    """What one image produced."""
+    """What one image produced. ``mpp``: microns per pixel of the read level (None when unknown), from
+    ``mpp_source`` ("file", "input_mpp", "assumed" or "unknown"); ``scale``: working pixels per read pixel
+    (1.0: analysed as read)."""
 
     path: str
     name: str
@@ -68,6 +91,8 @@ class SlideResult:
     shape: tuple[int, int]
     level: int
     mpp: float | None
+    mpp_source: str
+    scale: float
     regions: int
     regions_processed: int
     truncated: int
@@ -210,6 +235,79 @@ def freeze(network: torch.nn.Module, shape: Sequence[int], device: torch.device)
         return torch.jit.freeze(torch.jit.trace(network.eval(), example, check_trace=False))
 
 
+@dataclass(frozen=True)
+class _Scan:
+    """One image as the predictor walks it: its reader, working pixels per read pixel (``scale``), and the core
+    side and margin in read pixels."""
+
+    reader: SlideReader
+    scale: Fraction
+    size: int
+    margin: int
+
+
+def lattice_scale(ratio: float) -> Fraction:
+    """``ratio`` as the fraction with the smallest denominator within ``SCALE_TOLERANCE`` of it: windows starting at
+    multiples of the denominator start on whole working pixels."""
+    candidates = [Fraction(max(1, round(ratio * q)), q) for q in range(1, 65)]
+    error = [abs(ratio / float(f) - 1.0) for f in candidates]
+    return next((f for f, e in zip(candidates, error) if e <= SCALE_TOLERANCE), candidates[int(np.argmin(error))])
+
+
+def to_working_scale(x: torch.Tensor, scale: Fraction) -> torch.Tensor:
+    """(N, C, h, w) float image -> (N, C, floor(h * scale), floor(w * scale)), bilinear, anti-aliased when shrinking.
+
+    The sample lattice is ``scale`` itself, not the ratio of the rounded sizes, so a window whose origin falls on a
+    whole working pixel is resampled exactly as the same pixels of the whole image.
+    """
+    if scale == 1:
+        return x
+    return F.interpolate(x, scale_factor=float(scale), mode="bilinear", antialias=True, align_corners=False,
+                         recompute_scale_factor=False)
+
+
+def to_read_grid(labels: np.ndarray, shape: tuple[int, int], scale: Fraction) -> np.ndarray:
+    """Working-scale labels -> labels of ``shape`` read pixels: each read pixel takes the working pixel under its
+    centre (nearest; ids are carried, never blended), in integer arithmetic so every window agrees on it."""
+    if scale == 1:
+        return labels
+    p, q = scale.numerator, scale.denominator
+    rows, cols = (np.minimum((2 * np.arange(n, dtype=np.int64) + 1) * p // (2 * q), m - 1)
+                  for n, m in zip(shape, labels.shape))
+    return labels[np.ix_(rows, cols)]
+
+
+def weights_sha256(network: torch.nn.Module) -> str:
+    """SHA-256 over a network's state dict (names, dtypes, shapes, values): names the weights that made outputs,
+    however they were loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _recorded_settings(output_dir: Path, name: str) -> dict | None:
+    """The settings in an image's completion record, None when it records none (outputs of an older version)."""
+    try:
+        settings = json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def _make_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the output folder {output_dir} ({err.strerror or err}); "
+                      "choose another output_dir (nucleiseg predict --output_dir)") from err
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise OSError(f"the output folder {output_dir} is not writable; choose another output_dir "
+                      "(nucleiseg predict --output_dir) or fix its permissions")
+
+
 class SlidePredictor:
     """Segment nuclei in tiles and whole slides and write labels, GeoJSON, CSV and an overlay per image.
 
@@ -226,20 +324,27 @@ class SlidePredictor:
         checkpoint: optional state-dict file to load into ``network`` (raw, or under "network"/"model"/...).
         roi_size, overlap, sw_batch_size, padding_mode: the ``SlidingWindowInferer`` inside each region
             (gaussian blending). ``roi_size`` must suit the network (multiple of 2**depth for the U-Net).
-        region_size: core side in pixels; memory grows with region_size**2 and with region_size x slide width.
-        region_margin: context on each side of a core; must exceed the largest nucleus radius plus the width
-            over which the network's output depends on the window border.
+        region_size: core side in working pixels; memory grows with region_size**2 and with region_size x slide
+            width.
+        region_margin: context on each side of a core, in working pixels; must exceed the largest nucleus radius
+            plus the width over which the network's output depends on the window border.
         postprocess_params: keyword arguments of ``postprocess.instances_from_probs``.
         device: torch device; CUDA when available by default.
         amp: bf16 autocast (CPU or CUDA); channels_last: channels-last memory layout.
         tissue_threshold: regions whose core has at most this tissue share (low-resolution saturation mask) are
             skipped; None processes every region. Images that fit in one region are never skipped.
-        level, mpp, slide_mpp: pyramid level, or target microns per pixel, and the level-0 pixel size when the
-            file lacks it (see ``wsi.open_image``).
+        mpp: the working pixel size (microns per pixel; the bundle's ``microns_per_pixel``): the pyramid level
+            closest to it is read and each region resampled to it (module docstring). None analyses images as read.
+        level: read this pyramid level instead (still resampled to ``mpp``).
+        input_mpp: level-0 pixel size of files that state none (``nucleiseg predict --mpp``); without it such
+            files are assumed to be at ``mpp``. A size the file states wins. Each image logs which applied.
         label_tile: tile side of the label BigTIFF; overlay_max_side: longer side of the overlay PNG.
         max_regions: process at most this many tissue regions per image (previews, benchmarks); the outputs
             still cover the whole image.
-        overwrite: redo images whose outputs are complete; progress: a tqdm bar over regions per image.
+        overwrite: redo images whose outputs are complete. Without it, finished outputs are kept when their
+            completion record names these weights and settings (``settings``), and a run whose output folder holds
+            finished outputs of other weights or settings is refused before any image is read.
+        progress: a tqdm bar over regions per image.
         jit: run a traced, frozen copy of the network (see ``freeze``).
         prefetch: run the network on the next region in a background thread while this one is post-processed
             and written (see ``lookahead``); holds one more region's probabilities in memory.
@@ -265,7 +370,7 @@ class SlidePredictor:
         tissue_threshold: float | None = 0.0,
         level: int | None = None,
         mpp: float | None = None,
-        slide_mpp: float | None = None,
+        input_mpp: float | None = None,
         label_tile: int = 512,
         overlay_max_side: int = 2048,
         compression: str = "zlib",
@@ -287,6 +392,7 @@ class SlidePredictor:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if checkpoint is not None:
             load_weights(network, checkpoint)
+        self.weights_sha256 = weights_sha256(network)
         network = network.to(self.device).eval()
         self.network = MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
             if (amp or channels_last) else network
@@ -298,24 +404,41 @@ class SlidePredictor:
             roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
             padding_mode=padding_mode, sw_device=self.device, device=self.device, progress=False,
         )
+        self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
         self.region_size, self.region_margin = int(region_size), int(region_margin)
         self.postprocess_params = dict(postprocess_params or {})
         self.tissue_threshold = tissue_threshold
-        self.level, self.mpp, self.slide_mpp = level, mpp, slide_mpp
+        self.level = level
+        self.mpp = None if mpp is None else float(mpp)
+        self.input_mpp = None if input_mpp is None else float(input_mpp)
         self.label_tile, self.overlay_max_side, self.compression = label_tile, overlay_max_side, compression
         self.max_regions, self.overwrite, self.progress = max_regions, overwrite, progress
         self.prefetch = prefetch
+
+    def settings(self) -> dict:
+        """What decides an image's outputs besides the image: written into its completion record, and compared
+        with the record of finished outputs before they are kept (``run``)."""
+        record = {
+            "weights_sha256": self.weights_sha256, "channel_mean": self.mean.flatten().tolist(),
+            "channel_std": self.std.flatten().tolist(), "postprocess_params": self.postprocess_params,
+            "working_mpp": self.mpp, "input_mpp": self.input_mpp, "level": self.level, "roi_size": self.roi_size,
+            "overlap": self.overlap, "amp": self.amp, "region_size": self.region_size,
+            "region_margin": self.region_margin, "tissue_threshold": self.tissue_threshold,
+            "max_regions": self.max_regions,
+        }
+        return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
     # ------------------------------------------------------------------------------------------ one window
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x).float()
 
-    def predict_probs(self, rgb: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (3, h, w) float32 for an RGB uint8 window (h, w, 3)."""
+    def predict_probs(self, rgb: np.ndarray, scale: Fraction = Fraction(1)) -> np.ndarray:
+        """Softmax probabilities (3, floor(h * scale), floor(w * scale)) float32 of an RGB uint8 window (h, w, 3),
+        resampled by ``scale`` first (``to_working_scale``)."""
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
-            x = (x - self.mean) / self.std
+            x = (to_working_scale(x, scale) - self.mean) / self.std
             probs = torch.softmax(self.inferer(x, self._forward).float(), dim=1)[0]
             return probs.cpu().numpy()
 
@@ -324,7 +447,7 @@ class SlidePredictor:
         return np.asarray(instances_from_probs(probs, **self.postprocess_params), dtype=np.uint32)
 
     def segment(self, rgb: np.ndarray) -> np.ndarray:
-        """Instance labels (h, w) uint32, ids 1..N, of one window, with no stitching."""
+        """Instance labels (h, w) uint32, ids 1..N, of one window at the working scale, with no stitching."""
         return self.instances(self.predict_probs(rgb))
 
     # ------------------------------------------------------------------------------------------ one image
@@ -335,22 +458,32 @@ class SlidePredictor:
         path = Path(path)
         name = name or path.stem
         start = time.perf_counter()
-        with open_image(path, level=self.level, mpp=self.mpp, slide_mpp=self.slide_mpp) as reader:
+        fallback_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
+        with open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp) as reader:
+            if reader.greyscale:
+                raise ImageError(f"{path} is a greyscale image; the model segments H&E colour (RGB) images. "
+                                 "Export the image in colour and retry.")
+            if reader.conversion:
+                logger.info("%s: %s", path, reader.conversion)
+            scan, source = self._scan(reader)
             thumb = reader.thumbnail(self.overlay_max_side)
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
-            grid = self._plan(reader, thumb)
-            logger.info("%s: %dx%d px at level %d (%s um/px), %d of %d regions to process", path, height, width,
-                        reader.level, f"{reader.mpp:.4g}" if reader.mpp else "unknown", int(grid.sum()), grid.size)
+            grid = self._plan(scan, thumb)
+            self._log_scale(path, scan, source, f"{int(grid.sum())} of {grid.size} regions to process")
             stats = {"truncated": 0}
-            with SlideOutputs(output_dir, name, reader.shape, reader.mpp, reader.downsample, overlay,
+            # an assumed pixel size is not written into the outputs as if it were measured
+            out_mpp = reader.mpp if source != "assumed" else None
+            with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
                               self.label_tile, self.compression) as out:
-                out.write_labels(self._label_tiles(reader, grid, out, stats, name))
+                out.write_labels(self._label_tiles(scan, grid, out, stats, name))
                 info = {
-                    "source": str(path), "level": reader.level, "mpp": reader.mpp, "shape": [height, width],
+                    "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": source,
+                    "working_mpp": self.mpp, "scale": float(scan.scale), "shape": [height, width],
                     "downsample": reader.downsample, "regions": int(grid.size),
                     "regions_processed": int(grid.sum()), "truncated": stats["truncated"],
                     "region_size": self.region_size, "region_margin": self.region_margin,
+                    "settings": self.settings(),
                 }
                 paths = out.commit(info)
             if stats["truncated"]:
@@ -358,17 +491,55 @@ class SlidePredictor:
                                path, stats["truncated"], self.region_margin)
             return SlideResult(
                 str(path), name, out.count, round(time.perf_counter() - start, 3), (height, width), reader.level,
-                reader.mpp, int(grid.size), int(grid.sum()), stats["truncated"],
+                reader.mpp, source, float(scan.scale), int(grid.size), int(grid.sum()), stats["truncated"],
                 {k: str(p) for k, p in paths.items()},
             )
 
-    def _plan(self, reader: SlideReader, thumb: np.ndarray) -> np.ndarray:
+    def _scan(self, reader: SlideReader) -> tuple[_Scan, str]:
+        """The image's scale against the working pixel size and its region grid in read pixels; and where its
+        pixel size came from: "file", "input_mpp", "assumed" or "unknown"."""
+        if reader.stated_mpp is not None:
+            source = "file"
+        elif reader.base_mpp is None:
+            source = "unknown"
+        else:
+            source = "input_mpp" if self.input_mpp is not None else "assumed"
+        scale = Fraction(1)
+        if self.mpp is not None and reader.mpp is not None:
+            scale = lattice_scale(reader.mpp / self.mpp)
+        # in read pixels, multiples of q: every window starts on a whole working pixel
+        p, q = scale.numerator, scale.denominator
+        size = q * max(1, round(self.region_size / p))
+        return _Scan(reader, scale, size, q * math.ceil(self.region_margin / p)), source
+
+    def _log_scale(self, path: Path, scan: _Scan, source: str, plan: str) -> None:
+        """The one line per image that says which pixel size was used, where it came from, and the scale."""
+        reader = scan.reader
+        head = f"{path}: {reader.shape[0]}x{reader.shape[1]} px at level {reader.level}"
+        if source == "unknown":
+            logger.info("%s, pixel size unknown, analysed as read; %s", head, plan)
+            return
+        if scan.scale == 1:
+            how = "analysed as read" if self.mpp is None else f"analysed as read (model: {self.mpp:g} um/px)"
+        else:
+            how = f"resampled x{float(scan.scale):.4g} ({scan.scale}) to the model's {self.mpp:g} um/px"
+        if source == "assumed":
+            logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
+                           "(input_mpp) if it differs; %s, %s", head, reader.mpp, how, plan)
+            return
+        origin = "stated in the file" if source == "file" else "from --mpp (input_mpp)"
+        if source == "file" and self.input_mpp is not None and \
+                abs(reader.stated_mpp / self.input_mpp - 1.0) > SCALE_TOLERANCE:
+            origin += f"; --mpp {self.input_mpp:g} applies only to files that state none"
+        logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, plan)
+
+    def _plan(self, scan: _Scan, thumb: np.ndarray) -> np.ndarray:
         """Bool grid of the regions to process: tissue present (for multi-region images), at most max_regions."""
-        height, width = reader.shape
-        size = self.region_size
+        height, width = scan.reader.shape
+        size = scan.size
         grid = np.ones((math.ceil(height / size), math.ceil(width / size)), bool)
         if self.tissue_threshold is not None and grid.size > 1:
-            mask: TissueMask = tissue_mask(reader, thumbnail=thumb)
+            mask: TissueMask = tissue_mask(scan.reader, thumbnail=thumb)
             for i, j in np.ndindex(*grid.shape):
                 grid[i, j] = mask.fraction(i * size, j * size, size, size) > self.tissue_threshold
         if self.max_regions is not None:
@@ -377,55 +548,57 @@ class SlidePredictor:
             grid.ravel()[keep] = True
         return grid
 
-    def _label_tiles(self, reader: SlideReader, grid: np.ndarray, out: SlideOutputs, stats: dict, name: str
+    def _label_tiles(self, scan: _Scan, grid: np.ndarray, out: SlideOutputs, stats: dict, name: str
                      ) -> Iterator[np.ndarray]:
         """Process regions row by row and yield the label map's tiles as soon as their rows are final."""
-        height, width = reader.shape
-        size, margin = self.region_size, self.region_margin
+        height, width = scan.reader.shape
         band = _TileBand((height, width), self.label_tile)
         done = ~grid  # skipped regions count as done: nothing of theirs will ever be written
         next_id = 1
         todo = [ij for ij in np.ndindex(*grid.shape) if grid[ij]]
-        predicted = lookahead(functools.partial(self._predict_region, reader), todo, self.prefetch)
+        predicted = lookahead(functools.partial(self._predict_region, scan), todo, self.prefetch)
         with closing(predicted), \
                 tqdm(total=len(todo), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
                     if grid[i, j]:
-                        next_id = self._stitch_region(band, out, done, (i, j), *next(predicted), next_id, stats)
+                        next_id = self._stitch_region(scan, band, out, done, (i, j), *next(predicted), next_id,
+                                                      stats)
                         done[i, j] = True
                         bar.update(1)
                 # the next row of windows starts `margin` above its cores; everything above is final
-                yield from band.flush((i + 1) * size - margin)
+                yield from band.flush((i + 1) * scan.size - scan.margin)
         yield from band.flush(height)
 
-    def _window(self, ij: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
-        """(y, x, h, w) of region ij's core with its margin, cut at the image border: there is no context beyond
-        it, and a tile-sized image would otherwise cost the network (512 + 2 * margin)^2 pixels for 512^2."""
-        height, width = shape
-        size, margin = self.region_size, self.region_margin
+    def _window(self, ij: tuple[int, int], scan: _Scan) -> tuple[int, int, int, int]:
+        """(y, x, h, w) of region ij's core with its margin, in read pixels, cut at the image border: there is no
+        context beyond it, and a tile-sized image would otherwise cost the network (512 + 2 * margin)^2 pixels
+        for 512^2."""
+        height, width = scan.reader.shape
+        size, margin = scan.size, scan.margin
         cy0, cx0 = ij[0] * size, ij[1] * size
         wy, wx = max(cy0 - margin, 0), max(cx0 - margin, 0)
         return wy, wx, min(cy0 + size + margin, height) - wy, min(cx0 + size + margin, width) - wx
 
-    def _predict_region(self, reader: SlideReader, ij: tuple[int, int]
+    def _predict_region(self, scan: _Scan, ij: tuple[int, int]
                         ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
-        """Read region ij's window and run the network on it: (window, rgb, probabilities)."""
-        window = self._window(ij, reader.shape)
-        rgb = reader.read_region(*window)
-        return window, rgb, self.predict_probs(rgb)
+        """Read region ij's window and run the network on it at the working scale: (window, rgb, probabilities)."""
+        window = self._window(ij, scan)
+        rgb = scan.reader.read_region(*window)
+        return window, rgb, self.predict_probs(rgb, scan.scale)
 
-    def _stitch_region(self, band: _TileBand, out: SlideOutputs, done: np.ndarray, ij: tuple[int, int],
-                       window: tuple[int, int, int, int], rgb: np.ndarray, probs: np.ndarray, next_id: int,
-                       stats: dict) -> int:
-        """Instances of one region's probabilities; keep those it owns (module docstring), write and measure them."""
+    def _stitch_region(self, scan: _Scan, band: _TileBand, out: SlideOutputs, done: np.ndarray,
+                       ij: tuple[int, int], window: tuple[int, int, int, int], rgb: np.ndarray, probs: np.ndarray,
+                       next_id: int, stats: dict) -> int:
+        """Instances of one region's probabilities, mapped back to the read grid; keep those it owns (module
+        docstring), write and measure them."""
         height, width = band.height, band.width
-        size = self.region_size
+        size = scan.size
         i, j = ij
         cy0, cx0 = i * size, j * size
         cy1, cx1 = min(cy0 + size, height), min(cx0 + size, width)
         wy, wx, wh, ww = window
-        labels = self.instances(probs)
+        labels = to_read_grid(self.instances(probs), (wh, ww), scan.scale)
         n = int(labels.max())
         if n == 0:
             return next_id
@@ -475,13 +648,20 @@ class SlidePredictor:
     def run(self, input: str | os.PathLike, output_dir: str | os.PathLike) -> RunSummary:
         """Segment every image of ``input`` (a file, folder or glob) into ``output_dir``.
 
-        Images whose outputs are complete are skipped (unless ``overwrite``); an image that fails is logged with
-        its path and error and the others go on. ``summary.failed`` lists failures, so a caller can exit non-zero.
+        Before any image is read, the output folder is created (or the run refused, once) and finished outputs
+        there are checked against this predictor's ``settings``: outputs of other weights or settings refuse the
+        run unless ``overwrite``. Images whose outputs are complete are then skipped (unless ``overwrite``); an
+        image that fails is logged with its path and error and the others go on. ``summary.failed`` lists
+        failures, so a caller can exit non-zero.
         """
         output_dir = Path(output_dir)
+        images = find_images(input)
+        _make_output_dir(output_dir)
+        if not self.overwrite:
+            self._refuse_other_settings(images, output_dir)
         summary = RunSummary()
         seen: dict[str, Path] = {}
-        for path in find_images(input):
+        for path in images:
             name = path.stem
             if name in seen:
                 message = f"same output name {name!r} as {seen[name]}; rename one of them"
@@ -503,6 +683,29 @@ class SlidePredictor:
             logger.info("%s: %d nuclei in %.1f s", path, result.nuclei, result.seconds)
             summary.done.append(result)
         return summary
+
+    def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
+        """FileExistsError naming the images whose finished outputs record other weights or settings."""
+        settings = self.settings()
+        differing: dict[str, list[str]] = {}
+        for path in images:
+            if not outputs_complete(output_dir, path.stem):
+                continue
+            recorded = _recorded_settings(output_dir, path.stem)
+            if recorded is None:
+                differing[path.stem] = ["not recorded (an older version's outputs)"]
+            elif recorded != settings:
+                differing[path.stem] = sorted(k for k in settings.keys() | recorded.keys()
+                                              if settings.get(k) != recorded.get(k))
+        if differing:
+            names = list(differing)
+            keys = sorted({k for ks in differing.values() for k in ks})
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise FileExistsError(
+                f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
+                f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
+                "another output_dir"
+            )
 
 
 def raise_on_failure(summary: RunSummary) -> RunSummary:

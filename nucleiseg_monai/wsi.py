@@ -6,7 +6,8 @@ one 512 px patch of a 20k px slide); the zarr store takes 0.04 s and 52 MB. Vend
 ...) go through OpenSlide, an optional extra. PNG / JPEG tiles are small and are loaded whole.
 
 All readers return RGB uint8 at one chosen pyramid level; pixels outside the image read as white (255), which is
-background in H&E, so context padding never invents dark tissue.
+background in H&E, so context padding never invents dark tissue. What a reader had to convert to get there (16-bit
+samples scaled to 8 bit, grey repeated into three channels) is stated by its ``conversion``, so callers can say so.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class SlideReader:
 
     Subclasses implement ``_read_level(level, y0, y1, x0, x1)`` for boxes inside the level, returning RGB uint8.
     Use as a context manager (or call ``close``) to release the file.
+
+    ``base_mpp`` is the level-0 pixel size in use, ``stated_mpp`` the one the file itself states (None when it
+    states none; ``open_image`` may then fill ``base_mpp`` in). ``source_dtype`` and ``source_channels`` describe the
+    stored samples before conversion to 8-bit RGB.
     """
 
     path: Path
@@ -55,13 +60,30 @@ class SlideReader:
     base_mpp: float | None
 
     def __init__(self, path: Path, level_shapes: list[tuple[int, int]], base_mpp: float | None,
-                 level_downsamples: list[float] | None = None):
+                 level_downsamples: list[float] | None = None, source_dtype: np.dtype = np.dtype(np.uint8),
+                 source_channels: int = 3):
         self.path = path
         self.level_shapes = level_shapes
         h0, w0 = level_shapes[0]
         self.level_downsamples = level_downsamples or [(h0 / h + w0 / w) / 2 for h, w in level_shapes]
-        self.base_mpp = base_mpp
+        self.base_mpp = self.stated_mpp = base_mpp
+        self.source_dtype, self.source_channels = np.dtype(source_dtype), source_channels
         self.level = 0
+
+    @property
+    def greyscale(self) -> bool:
+        """The file stores one grey channel (with or without alpha), repeated into RGB on reading."""
+        return self.source_channels in (1, 2)
+
+    @property
+    def conversion(self) -> str | None:
+        """What reading does to the stored samples to give RGB uint8, in words; None when nothing."""
+        steps = []
+        if self.source_dtype != np.uint8:
+            steps.append(f"{8 * self.source_dtype.itemsize}-bit samples scaled to 8 bit (value / 256)")
+        if self.greyscale:
+            steps.append("greyscale repeated into three channels")
+        return ", ".join(steps) or None
 
     @property
     def n_levels(self) -> int:
@@ -140,7 +162,10 @@ def _block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
-    """(h, w), (h, w, 1|2|3|4) -> (h, w, 3): grey is repeated, alpha dropped."""
+    """(h, w), (h, w, 1|2|3|4) of uint8 or uint16 -> (h, w, 3) uint8: grey is repeated, alpha dropped, 16-bit
+    samples keep their top 8 bits (the full 0-65535 range maps onto 0-255, as skimage's img_as_ubyte does)."""
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     channels = pixels.shape[-1]
@@ -152,11 +177,16 @@ def _to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _check_dtype(dtype: np.dtype, path: Path) -> None:
-    if np.dtype(dtype) != np.uint8:
+    if np.dtype(dtype) not in (np.uint8, np.uint16):
         raise ImageError(
-            f"{path} holds {np.dtype(dtype)} pixels (e.g. 16-bit); only 8-bit RGB / grey images are supported. "
+            f"{path} holds {np.dtype(dtype)} pixels; only 8- or 16-bit unsigned RGB / grey images are supported. "
             "Convert it to 8-bit RGB (e.g. with QuPath, bfconvert or skimage.util.img_as_ubyte) and retry."
         )
+
+
+def _channels(shape: tuple[int, ...], axes: str) -> int:
+    """Samples per pixel of an array with the given axes (1 when it has no sample axis)."""
+    return math.prod(n for a, n in zip(axes, shape) if a in "SC")
 
 
 class ArrayReader(SlideReader):
@@ -167,7 +197,8 @@ class ArrayReader(SlideReader):
         if pixels.ndim not in (2, 3):
             raise ImageError(f"{path} has shape {pixels.shape}; expected a 2-D grey or colour image")
         self.pixels = _to_rgb(pixels, path)
-        super().__init__(path, [self.pixels.shape[:2]], base_mpp)
+        super().__init__(path, [self.pixels.shape[:2]], base_mpp, source_dtype=pixels.dtype,
+                         source_channels=1 if pixels.ndim == 2 else pixels.shape[-1])
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return self.pixels[y0:y1, x0:x1]
@@ -185,9 +216,11 @@ class TiffReader(SlideReader):
         try:
             self._levels = self._find_levels(path)
             self._arrays: dict[int, Any] = {}
-            _check_dtype(self._level(0).dtype, path)
+            base = self._level(0)
+            _check_dtype(base.dtype, path)
             shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
-            super().__init__(path, shapes, _tiff_mpp(self._tif, path))
+            super().__init__(path, shapes, _tiff_mpp(self._tif, path), source_dtype=base.dtype,
+                             source_channels=_channels(base.shape, base.axes))
         except BaseException:
             self._tif.close()
             raise
@@ -335,8 +368,10 @@ def _import_openslide(path: Path) -> Any:
 def choose_level(
     level_mpps: list[float | None], level: int | None = None, target_mpp: float | None = None, path: Path | str = ""
 ) -> int:
-    """The pyramid level to analyse: ``level`` if given, else the one closest to ``target_mpp`` (in log scale)
-    among those at most 1.2x coarser than it; level 0 when the pixel size is unknown or all levels are coarser.
+    """The pyramid level to read: ``level`` if given, else the one closest to ``target_mpp`` (in log scale) among
+    those at most 1.2x coarser than it; level 0 when the pixel size is unknown or all levels are coarser. Inference
+    resamples the level read to ``target_mpp``, so a level far from it costs time (reading a finer one) or detail
+    (a coarser level 0, as a 20x scan), not correctness.
     """
     if level is not None:
         if not 0 <= level < len(level_mpps):
@@ -347,27 +382,17 @@ def choose_level(
     if level_mpps[0] is None:
         warnings.warn(
             f"{path}: pixel size unknown, so target mpp {target_mpp} cannot pick a level; using level 0. "
-            "Pass the slide's mpp (slide_mpp=...) if it is known.", stacklevel=2,
+            "Pass the slide's mpp (input_mpp=..., nucleiseg predict --mpp) if it is known.", stacklevel=2,
         )
         return 0
     fine_enough = [lv for lv, m in enumerate(level_mpps) if m <= target_mpp * COARSER_TOLERANCE]
     if not fine_enough:
-        warnings.warn(
-            f"{path}: level 0 is {level_mpps[0]:.3g} um/px, coarser than the requested {target_mpp} um/px; "
-            "using level 0", stacklevel=2,
-        )
         return 0
-    best = min(fine_enough, key=lambda lv: abs(math.log(level_mpps[lv] / target_mpp)))
-    if level_mpps[best] * COARSER_TOLERANCE < target_mpp:
-        warnings.warn(
-            f"{path}: no level near {target_mpp} um/px; analysing level {best} at {level_mpps[best]:.3g} um/px, "
-            "where nuclei look larger than the model expects", stacklevel=2,
-        )
-    return best
+    return min(fine_enough, key=lambda lv: abs(math.log(level_mpps[lv] / target_mpp)))
 
 
 def open_image(
-    path: str | os.PathLike, level: int | None = None, mpp: float | None = None, slide_mpp: float | None = None
+    path: str | os.PathLike, level: int | None = None, mpp: float | None = None, input_mpp: float | None = None
 ) -> SlideReader:
     """Open a tile or slide for lazy RGB reads at one pyramid level.
 
@@ -375,7 +400,8 @@ def open_image(
         path: PNG / JPEG (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an OpenSlide format.
         level: explicit pyramid level (0 = full resolution).
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
-        slide_mpp: level-0 microns per pixel to use when the file does not record it (or records it wrongly).
+        input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;
+            ``reader.stated_mpp`` tells which applied).
     """
     path = Path(path)
     if not path.is_file():
@@ -396,8 +422,8 @@ def open_image(
         except Exception as err:  # imageio / PIL raise assorted types; name the file
             raise ImageError(f"cannot read {path} ({type(err).__name__}: {err}); is the file damaged?") from err
         reader = ArrayReader(path, np.asarray(pixels))
-    if slide_mpp is not None:
-        reader.base_mpp = float(slide_mpp)
+    if reader.base_mpp is None and input_mpp is not None:
+        reader.base_mpp = float(input_mpp)
     try:
         reader.level = choose_level(reader.level_mpps(), level, mpp, path)
     except BaseException:

@@ -1,5 +1,6 @@
 import sys
 import tracemalloc
+import warnings
 
 import imageio.v3 as iio
 import numpy as np
@@ -71,16 +72,15 @@ def test_series_pyramid_and_level_by_mpp(tmp_path):
 
 def test_choose_level_rule():
     mpps = [0.25, 0.5, 1.0, 2.0]
-    assert choose_level(mpps, target_mpp=0.5) == 1
-    assert choose_level(mpps, target_mpp=0.45) == 1  # 0.5 is within 1.2x of 0.45
-    with pytest.warns(UserWarning, match="no level near 0.4"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every case below is normal now that inference resamples the level read
+        assert choose_level(mpps, target_mpp=0.5) == 1
+        assert choose_level(mpps, target_mpp=0.45) == 1  # 0.5 is within 1.2x of 0.45
         assert choose_level(mpps, target_mpp=0.4) == 0  # 0.5 would be 1.25x coarser; 0.25 is 1.6x finer
-    with pytest.warns(UserWarning, match="no level near 0.9"):
         assert choose_level([0.25, 2.0], target_mpp=0.9) == 0  # 2.0 is too coarse, 0.25 far too fine
-    assert choose_level(mpps, target_mpp=1.9) == 3
-    assert choose_level(mpps, level=2, target_mpp=0.25) == 2
-    with pytest.warns(UserWarning, match="coarser"):
-        assert choose_level([2.0, 4.0], target_mpp=0.5) == 0
+        assert choose_level(mpps, target_mpp=1.9) == 3
+        assert choose_level(mpps, level=2, target_mpp=0.25) == 2
+        assert choose_level([0.5, 1.0], target_mpp=0.25) == 0  # a 20x scan: all levels coarser
     with pytest.warns(UserWarning, match="pixel size unknown"):
         assert choose_level([None, None], target_mpp=0.5) == 0
 
@@ -117,7 +117,12 @@ def test_mpp_sources(tmp_path):
     tifffile.imwrite(imagej, img, imagej=True, resolution=(4.0, 4.0), metadata={"unit": "um"})
     assert open_image(imagej).mpp == pytest.approx(0.25)
     with pytest.warns(UserWarning, match="implausible"):
-        assert open_image(dpi72, slide_mpp=0.3).mpp == pytest.approx(0.3)
+        assert open_image(dpi72, input_mpp=0.3).mpp == pytest.approx(0.3)
+    # a size the file states wins over the fallback; the reader says which applied
+    with open_image(inch, input_mpp=0.3) as r:
+        assert r.mpp == pytest.approx(0.5) and r.stated_mpp == pytest.approx(0.5)
+    with pytest.warns(UserWarning, match="implausible"), open_image(dpi72, input_mpp=0.3) as r:
+        assert r.stated_mpp is None and r.base_mpp == 0.3
 
 
 def test_png_jpeg_grey_rgba_and_16bit(tmp_path):
@@ -143,12 +148,26 @@ def test_png_jpeg_grey_rgba_and_16bit(tmp_path):
     tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="minisblack")
     assert (open_image(tmp_path / "grey.tif").read_region(0, 0, 20, 30)[..., 1] == grey).all()
 
-    deep = RNG.integers(0, 65535, (20, 30, 3)).astype(np.uint16)
-    iio.imwrite(tmp_path / "deep.png", deep[..., 0])
-    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb")
-    for name in ("deep.png", "deep.tif"):
-        with pytest.raises(ImageError, match=f"{name}.*uint16.*8-bit"):
-            open_image(tmp_path / name)
+    with open_image(tmp_path / "a.png") as r, open_image(tmp_path / "g.png") as g:
+        assert r.conversion is None and not r.greyscale
+        assert g.greyscale and g.conversion == "greyscale repeated into three channels"
+
+    # 16-bit samples keep their top byte: 256 k + r reads back as k (and 257 k, the 16-bit copy of k, too)
+    deep = rgb.astype(np.uint16) * 256 + RNG.integers(0, 256, rgb.shape).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb", tile=(16, 16))
+    with open_image(tmp_path / "deep.tif") as r:
+        assert r.conversion == "16-bit samples scaled to 8 bit (value / 256)" and not r.greyscale
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 50), rgb)
+        np.testing.assert_array_equal(r.thumbnail(50), rgb)
+    iio.imwrite(tmp_path / "deep_grey.png", deep[..., 0])  # Pillow writes 16-bit PNGs in grey only
+    tifffile.imwrite(tmp_path / "deep_grey.tif", deep[..., 0], photometric="minisblack")
+    for name in ("deep_grey.png", "deep_grey.tif"):
+        with open_image(tmp_path / name) as r:
+            assert r.greyscale and r.conversion.startswith("16-bit")
+            assert (r.read_region(0, 0, 40, 50)[..., 2] == rgb[..., 0]).all()
+    tifffile.imwrite(tmp_path / "float.tif", rgb.astype(np.float32), photometric="rgb")
+    with pytest.raises(ImageError, match="float.tif.*float32.*8-bit RGB"):
+        open_image(tmp_path / "float.tif")
 
 
 def test_damaged_and_missing_files(tmp_path):
