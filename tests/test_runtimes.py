@@ -1,0 +1,134 @@
+"""prepare_for_inference: every runtime gives eager float32's classes on a real tile, and warns about nothing.
+
+The network is the small bundle's trained one (its widths read from the checkpoint, so a retrained bundle with
+other widths still loads), on a synthetic H&E tile normalised with the bundle's channel statistics: a random
+network's classes would be nearly constant and prove nothing. Tolerances (share of pixels whose argmax class
+differs from eager float32) are a few times what benchmarks/results/runtimes.json measured on such tiles:
+float32 runtimes differ only by summation order; bf16 rounds activations to 8 bits of mantissa; int8 more.
+"""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nucleiseg_monai import networks
+from nucleiseg_monai.data import load_stats
+from nucleiseg_monai.networks import CastNetwork, UNet, load_weights, prepare_for_inference
+from nucleiseg_monai.synthetic import make_tile
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei_unet_small"
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-3, "int8": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def trained_network() -> UNet:
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    depth = sum(1 for key in state if key.startswith("encoders.") and key.endswith(".0.weight"))
+    features = [state[f"encoders.{i}.0.weight"].shape[0] for i in range(depth)] + [state["bottleneck.0.weight"].shape[0]]
+    torch.manual_seed(0)
+    return load_weights(UNet(3, 3, features=features), BUNDLE / "models" / "model.pt").eval()
+
+
+def normalised_tile(seed: int, size: int = 256) -> torch.Tensor:
+    stats = load_stats(BUNDLE / "models" / "channel_stats.json")
+    rgb, _ = make_tile(size, seed=seed)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    return (x - torch.tensor(stats["mean"]).view(1, 3, 1, 1)) / torch.tensor(stats["std"]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def tile_and_classes(trained_network):
+    x = normalised_tile(seed=7)
+    with torch.inference_mode():
+        classes = trained_network(x).argmax(1)
+    shares = torch.bincount(classes.flatten(), minlength=3).float() / classes.numel()
+    # the check means something only when the tile holds all three classes in some quantity
+    assert (shares > 0.02).all(), f"class shares {shares.tolist()}"
+    return x, classes
+
+
+def differing_share(runner, x: torch.Tensor, classes: torch.Tensor) -> float:
+    with torch.inference_mode():
+        out = runner(x)
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], 3, *x.shape[2:])
+    return float((out.argmax(1) != classes).float().mean())
+
+
+@pytest.mark.parametrize("runtime, dtype", [("eager", torch.bfloat16), ("torch", torch.float32),
+                                            ("torch", torch.bfloat16)])
+def test_torch_runtimes_keep_the_classes(trained_network, tile_and_classes, runtime, dtype):
+    x, classes = tile_and_classes
+    assert differing_share(prepare_for_inference(trained_network, runtime, dtype), x, classes) <= TOLERANCE[dtype]
+
+
+def test_torch_runtime_leaves_the_network_alone(trained_network):
+    before = {k: v.clone() for k, v in trained_network.state_dict().items()}
+    prepared = prepare_for_inference(trained_network, "torch", torch.bfloat16)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())  # folded in the copy
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained_network.modules()) > 0
+    after = trained_network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and after["head.weight"].dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
+def test_openvino_keeps_the_classes(trained_network, tile_and_classes, dtype):
+    pytest.importorskip("openvino")
+    if dtype == "int8":
+        pytest.importorskip("nncf")
+    x, classes = tile_and_classes
+    calibration = [normalised_tile(seed) for seed in (100, 101, 102, 103)]  # not the tile checked
+    prepared = prepare_for_inference(trained_network, "openvino", dtype, calibration=calibration, threads=1)
+    assert differing_share(prepared, x, classes) <= TOLERANCE[dtype]
+    # the exported graph takes other batch sizes and window sizes (multiples of 2**depth) too
+    other = torch.cat([normalised_tile(seed=8, size=128)[..., :96], normalised_tile(seed=9, size=128)[..., :96]])
+    with torch.inference_mode():
+        other_classes = trained_network(other).argmax(1)
+    assert differing_share(prepared, other, other_classes) <= TOLERANCE[dtype]
+
+
+def _no_warnings(runtime: str, network: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = prepare_for_inference(network, runtime, torch.bfloat16)
+        with torch.inference_mode():
+            prepared(x)
+            prepared(x)
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_the_check_sees_tracer_warnings(trained_network, tile_and_classes):
+    """Control: the predictor's former path (torch.jit trace) warns, so an empty list below means something."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(trained_network, tile_and_classes[0], check_trace=False)
+    assert any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+
+
+def test_torch_runtime_warns_about_nothing(trained_network, tile_and_classes):
+    assert _no_warnings("torch", trained_network, tile_and_classes[0]) == []
+
+
+@pytest.mark.slow
+def test_recommended_runtime_warns_about_nothing(trained_network, tile_and_classes):
+    assert _no_warnings("auto", trained_network, tile_and_classes[0]) == []
+
+
+def test_auto_falls_back_to_torch_without_openvino(trained_network, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(networks.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    assert isinstance(prepare_for_inference(trained_network, "auto"), CastNetwork)
+    with pytest.raises(ImportError, match=r"cpu-runtimes"):
+        prepare_for_inference(trained_network, "openvino")
+
+
+def test_int8_refuses_without_calibration_or_openvino(trained_network):
+    with pytest.raises(ValueError, match="needs runtime 'openvino'"):
+        prepare_for_inference(trained_network, "torch", "int8")
+    if importlib.util.find_spec("openvino") is not None:
+        with pytest.raises(ValueError, match="needs calibration"):
+            prepare_for_inference(trained_network, "openvino", "int8")
