@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
-from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed import Client, LocalCluster, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
 from .inference import SlidePredictor, find_images
@@ -123,15 +123,23 @@ _cache: tuple[Callable[[], SlidePredictor], SlidePredictor] | None = None
 _cache_lock = threading.Lock()
 
 
+def host_share() -> int:
+    """This worker's share of its machine's cores (its CPU affinity, so a SLURM allocation's): the cores over the
+    task slots of all workers on the same host, so they do not oversubscribe it."""
+    worker = get_worker()
+    slots = sum(w["nthreads"] for w in get_client().scheduler_info()["workers"].values() if w["host"] == worker.ip)
+    return max(1, cpu_count() // max(1, slots))
+
+
 def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int | None) -> SlidePredictor:
-    """This process's predictor for ``factory``, built on first use (network, weights, frozen graph)."""
+    """This process's predictor for ``factory``, built on first use (network, weights, frozen graph), with
+    ``torch_threads`` intra-op threads (default ``host_share()``)."""
     global _cache
     with _cache_lock:
         if _cache is None or _cache[0] != factory:
-            if torch_threads:
-                import torch
+            import torch
 
-                torch.set_num_threads(torch_threads)
+            torch.set_num_threads(torch_threads or host_share())
             _cache = None  # the old network goes before the new one is built
             _cache = (factory, factory())
         return _cache[1]
@@ -225,8 +233,8 @@ def cpu_count() -> int:
 def dask_client(workers: int | None = None, scheduler: str | None = None, retries: int = 2,
                 dashboard_address: str | None = ":8787") -> Iterator[tuple[object, int | None]]:
     """(client, torch threads per worker): a new ``LocalCluster`` of ``workers`` processes with one task slot each
-    and the cores shared out between them, or the running scheduler at ``scheduler`` (its workers keep their own
-    thread settings: Dask's nanny starts them with OMP_NUM_THREADS=1).
+    and the cores shared out between them, or the running scheduler at ``scheduler`` (None: each worker takes its
+    ``host_share``; start such workers with ``--nthreads 1``, one slide at a time each).
 
     ``retries`` also sets how many worker deaths a local cluster forgives a task (``allowed-failures``) before
     the slide counts as failed; a remote scheduler uses its own setting.
