@@ -102,6 +102,10 @@ def cmd_predict(args) -> int:
     overrides = {"input": args.input, "output_dir": args.output_dir, **_overrides(args.set)}
     if args.checkpoint:
         overrides["checkpoint"] = args.checkpoint
+    if args.mpp is not None:
+        overrides["predictor#input_mpp"] = args.mpp
+    if args.overwrite:
+        overrides["predictor#overwrite"] = True
     from .cohort import is_slide_list
 
     if args.workers or args.scheduler or is_slide_list(args.input):
@@ -310,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
-    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#mpp=0.5")
+    p.add_argument("--mpp", type=float, help="pixel size (um/px) of input files that state none; a size the file "
+                   "states wins (default: the model's own size is assumed, with a warning)")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
+                   "also those made with other weights or settings (a run meeting those stops otherwise)")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#region_size=1024")
     p.add_argument("--workers", type=int, help="run on a local Dask cluster of this many worker processes (the "
                    "cores are shared out between them); the default for a .csv/.tsv slide list is 1")
     p.add_argument("--scheduler", help="run on the running Dask cluster at this address (tcp://host:8786)")

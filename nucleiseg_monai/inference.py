@@ -519,14 +519,15 @@ class SlidePredictor:
         if source == "unknown":
             logger.info("%s, pixel size unknown, analysed as read; %s", head, plan)
             return
+        if source == "assumed":
+            logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
+                           "(input_mpp) if it differs; %s", head, reader.mpp, plan)
+            return
         if scan.scale == 1:
             how = "analysed as read" if self.mpp is None else f"analysed as read (model: {self.mpp:g} um/px)"
         else:
-            how = f"resampled x{float(scan.scale):.4g} ({scan.scale}) to the model's {self.mpp:g} um/px"
-        if source == "assumed":
-            logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
-                           "(input_mpp) if it differs; %s, %s", head, reader.mpp, how, plan)
-            return
+            fraction = f" ({scan.scale})" if scan.scale.denominator > 1 else ""
+            how = f"resampled x{float(scan.scale):.4g}{fraction} to the model's {self.mpp:g} um/px"
         origin = "stated in the file" if source == "file" else "from --mpp (input_mpp)"
         if source == "file" and self.input_mpp is not None and \
                 abs(reader.stated_mpp / self.input_mpp - 1.0) > SCALE_TOLERANCE:

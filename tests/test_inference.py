@@ -587,3 +587,26 @@ def test_16_bit_rgb_is_scaled_to_8_bit_and_greyscale_refused(tmp_path, caplog):
     assert said == [f"{tmp_path / 'in' / 'deep.tif'}: 16-bit samples scaled to 8 bit (value / 256)"]
     [(path, error)] = summary.failed
     assert path.endswith("grey.png") and "grey.png is a greyscale image" in error and "colour" in error
+
+
+@pytest.mark.slow
+def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
+    """The shipped small bundle through ``nucleiseg predict``: --mpp sets an untagged tile's pixel size, a re-run
+    with other settings stops with one line naming what differs, --overwrite redoes it."""
+    from nucleiseg_monai.cli import main
+
+    bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
+    rgb, _ = make_tile(256, seed=1)
+    skio.imsave(tmp_path / "tile.png", downscale_local_mean(rgb, (2, 2, 1)).round().astype(np.uint8),
+                check_contrast=False)
+    args = ["predict", "--bundle", bundle, "--input", str(tmp_path / "tile.png"), "--output_dir", str(tmp_path / "o")]
+    assert main(args + ["--mpp", "0.5"]) == 0
+    record = json.loads((tmp_path / "o" / "tile.done.json").read_text())
+    assert (record["mpp_source"], record["scale"], record["shape"]) == ("input_mpp", 2.0, [128, 128])
+    assert record["settings"]["input_mpp"] == 0.5 and record["nuclei"] > 0
+    capfd.readouterr()
+    assert main(args) == 1
+    said = "".join(capfd.readouterr())  # the bundle's logging.conf logs to the console
+    assert "made with other weights or settings (differing: input_mpp); pass --overwrite" in said
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "o" / "tile.done.json").read_text())["mpp_source"] == "assumed"
