@@ -1,0 +1,329 @@
+"""Training sources, each described once: where it lives, its layout, pixel size, organs, split, license.
+
+The registry is a JSON file (``sources.json`` beside this module by default; a bundle config may name another)
+mapping a source name to::
+
+    root            folder under the data root (or an absolute path)
+    layout          "kaggle" (``tissue images/`` + ``label masks modify/``, CryoNuSeg and NuInsSeg's official
+                    release) or "generic" (``images/`` + ``labels/``)
+    mpp             microns per pixel: a number, or "file" (read from each image's TIFF tags)
+    organs          how a tile's organ is known: "name" (``Human_<Organ>_<NN>``), "tcga" (the tissue source
+                    site code of a TCGA barcode) or a CSV file in the root (``stem,organ,...``)
+    split           "organ_stratified" (fractions, per organ), "per_organ" (n validation tiles per organ, no test)
+                    or "groups" (whole organ groups held out for validation and test: their tiles share a slide)
+    sparse_labels   true where unannotated nuclei may sit in the background (training ignores far background)
+    license, commercial_use, citation: what travels with weights trained on it
+
+One combined datalist holds every source's split; each record names its source, organ and pixel size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tifffile
+
+from .data import (
+    DataError,
+    Sample,
+    _files_by_stem,
+    _stable_rank,
+    channel_stats,
+    check_sample,
+    discover,
+    split,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+REGISTRY = Path(__file__).with_name("sources.json")
+DATA_ROOT_ENV = "NUCLEISEG_DATA"
+GENERIC_IMAGES, GENERIC_LABELS = "images", "labels"
+
+# TCGA tissue source sites of the MoNuSeg 2018 training tiles -> organ. MoNuSeg's release calls the LUSC/LUAD
+# tiles (sites 18, 21, 38, 49, 50) "liver"; their TCGA projects are lung, so they are named lung here.
+TCGA_SITES = {
+    "18": "lung", "21": "lung", "38": "lung", "49": "lung", "50": "lung",
+    "A7": "breast", "AR": "breast", "E2": "breast", "AN": "breast",
+    "B0": "kidney", "HE": "kidney",
+    "CH": "prostate", "G9": "prostate",
+    "DK": "bladder", "G2": "bladder",
+    "AY": "colon", "NH": "colon",
+    "KB": "stomach", "RD": "stomach",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    root: str
+    layout: str
+    mpp: float | str
+    organs: str
+    split: dict
+    sparse_labels: bool = False
+    license: str = ""
+    commercial_use: bool = True
+    citation: str = ""
+    mpp_note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def folder(self, data_root: str | os.PathLike) -> Path:
+        return Path(data_root).expanduser() / self.root
+
+
+def load_sources(registry: str | os.PathLike | None = None, names: list[str] | None = None) -> dict[str, Source]:
+    """The sources of a registry file (all, or those in ``names``, in that order)."""
+    path = Path(registry) if registry else REGISTRY
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read the source registry {path} ({err}); fix the JSON or name another file") from err
+    names = list(entries) if names is None else list(names)
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise DataError(f"source(s) {unknown} are not in {path}; it lists {list(entries)}")
+    known = set(Source.__dataclass_fields__) - {"name", "extra"}
+    sources = {}
+    for name in names:
+        entry = dict(entries[name])
+        extra = {k: entry.pop(k) for k in list(entry) if k not in known}
+        sources[name] = Source(name=name, extra=extra, **entry)
+    return sources
+
+
+def default_data_root(bundle_root: str | os.PathLike) -> str:
+    """``$NUCLEISEG_DATA``, else ``shared/datasets`` beside the checkout that holds the bundle (or this package)."""
+    if os.environ.get(DATA_ROOT_ENV):
+        return os.environ[DATA_ROOT_ENV]
+    # bundles/<name> in a checkout, then the checkout this package was installed from (editable installs)
+    candidates = [p.parents[2] for p in (Path(bundle_root).resolve(), Path(__file__).resolve()) if len(p.parents) > 2]
+    for checkout_parent in candidates:
+        if (checkout_parent / "shared" / "datasets").is_dir():
+            return str(checkout_parent / "shared" / "datasets")
+    return str(Path(bundle_root).resolve().parent / "shared" / "datasets")
+
+
+def _discover_generic(root: Path) -> list[tuple[str, Path, Path]]:
+    images = _files_by_stem(root / GENERIC_IMAGES)
+    labels = _files_by_stem(root / GENERIC_LABELS)
+    if not images:
+        raise DataError(f"{root / GENERIC_IMAGES} holds no images; a 'generic' source needs images/ and labels/")
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise DataError(f"no label in {root / GENERIC_LABELS} for {', '.join(str(images[n]) for n in missing)}")
+    return [(n, images[n], labels[n]) for n in sorted(images)]
+
+
+def _organ_rule(source: Source, folder: Path):
+    if source.organs == "name":
+        from .data import organ_of
+
+        return organ_of
+    if source.organs == "tcga":
+        def tcga(stem: str) -> str:
+            parts = stem.split("-")
+            if len(parts) < 2 or parts[1] not in TCGA_SITES:
+                raise DataError(f"{stem}: unknown TCGA tissue source site; add it to TCGA_SITES in {__file__}")
+            return TCGA_SITES[parts[1]]
+        return tcga
+    table = folder / source.organs
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = {r["stem"]: r.get("organ") or r["organ_group"] for r in csv.DictReader(f)}
+    except (OSError, KeyError) as err:
+        raise DataError(f"cannot read organs from {table} ({err}); it needs 'stem' and 'organ' (or 'organ_group') columns") from err
+
+    def from_table(stem: str) -> str:
+        if stem not in rows:
+            raise DataError(f"{stem} is not listed in {table}; add its organ group there")
+        return rows[stem]
+    return from_table
+
+
+def tile_mpp(source: Source, image: Path) -> float:
+    if source.mpp != "file":
+        return float(source.mpp)
+    from .wsi import _tiff_mpp
+
+    with tifffile.TiffFile(image) as tif:
+        mpp = _tiff_mpp(tif, image)
+    if mpp is None:
+        raise DataError(f"{image} states no pixel size, but source {source.name!r} says 'file'; give its mpp")
+    return round(mpp, 4)
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    sample: Sample
+    source: str
+    mpp: float
+    sparse: bool
+
+    def record(self, root: Path) -> dict:
+        return {**self.sample.record(root), "source": self.source, "mpp": self.mpp, "sparse": self.sparse}
+
+
+def discover_source(source: Source, data_root: str | os.PathLike) -> list[SourceSample]:
+    folder = source.folder(data_root)
+    if not folder.is_dir():
+        raise DataError(
+            f"source {source.name!r}: folder {folder} does not exist; set {DATA_ROOT_ENV} (or --data_root) to the "
+            f"folder that holds {source.root}/, or fix 'root' in the source registry"
+        )
+    if source.layout == "kaggle":
+        samples = discover(folder)
+    elif source.layout == "generic":
+        organ = _organ_rule(source, folder)
+        samples = [Sample(n, organ(n), img, lab, "instance") for n, img, lab in _discover_generic(folder)]
+    else:
+        raise DataError(f"source {source.name!r}: layout must be 'kaggle' or 'generic', not {source.layout!r}")
+    if source.layout == "kaggle" and source.organs != "name":
+        organ = _organ_rule(source, folder)
+        samples = [Sample(s.name, organ(s.name), s.image, s.label, s.label_kind) for s in samples]
+    return [SourceSample(s, source.name, tile_mpp(source, s.image), source.sparse_labels) for s in samples]
+
+
+def split_source(source: Source, samples: list[SourceSample]) -> dict[str, list[SourceSample]]:
+    spec = dict(source.split)
+    kind = spec.pop("kind")
+    by_name = {s.sample.name: s for s in samples}
+    if kind == "organ_stratified":
+        parts = split([s.sample for s in samples], **spec)
+        return {k: [by_name[s.name] for s in v] for k, v in parts.items()}
+    parts: dict[str, list[SourceSample]] = {"training": [], "validation": [], "test": []}
+    if kind == "per_organ":
+        by_organ: dict[str, list[SourceSample]] = defaultdict(list)
+        for s in sorted(samples, key=lambda s: _stable_rank(s.sample.name, spec.get("seed", 0))):
+            by_organ[s.sample.organ].append(s)
+        for group in by_organ.values():
+            n_val = min(int(spec.get("validation_per_organ", 1)), len(group) - 1)
+            parts["validation"] += group[:n_val]
+            parts["training"] += group[n_val:]
+    elif kind == "groups":
+        held = {g: part for part in ("validation", "test") for g in spec.get(part, [])}
+        organs = {s.sample.organ for s in samples}
+        missing = sorted(set(held) - organs)
+        if missing:
+            raise DataError(f"source {source.name!r}: held-out organ group(s) {missing} have no tiles")
+        for s in samples:
+            parts[held.get(s.sample.organ, "training")].append(s)
+    else:
+        raise DataError(f"source {source.name!r}: split kind must be organ_stratified, per_organ or groups, not {kind!r}")
+    return {k: sorted(v, key=lambda s: s.sample.name) for k, v in parts.items()}
+
+
+def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, check: bool = True) -> dict:
+    """One datalist over all sources: training / validation / test records (paths relative to each source's
+    folder) with each source's split specification, plus the training tiles' channel statistics."""
+    datalist: dict = {"description": "multi-source split; paths relative to each source's folder under the data root",
+                      "sources": {}, "training": [], "validation": [], "test": []}
+    train_images = []
+    for source in sources.values():
+        samples = discover_source(source, data_root)
+        if check:
+            for s in samples:
+                check_sample(s.sample)
+        folder = source.folder(data_root)
+        parts = split_source(source, samples)
+        datalist["sources"][source.name] = {"root": source.root, "split": source.split}
+        for part, items in parts.items():
+            datalist[part] += [s.record(folder) for s in items]
+        train_images += [s.sample.image for s in parts["training"]]
+    datalist["channel_stats"] = channel_stats(train_images)
+    return datalist
+
+
+def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
+            sources: dict[str, Source] | None = None) -> dict:
+    """Loads the datalist at ``datalist_file``, or makes and writes it on first use.
+
+    The split is made once and read back, so training, evaluation and resumed runs see the same tiles; a registry
+    whose sources or split specifications differ from the file's is an error, never a silent re-split.
+    """
+    sources = load_sources() if sources is None else sources
+    wanted = {s.name: {"root": s.root, "split": s.split} for s in sources.values()}
+    datalist_file = Path(datalist_file)
+    if datalist_file.is_file():
+        datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
+        if datalist.get("sources") != wanted:
+            raise DataError(
+                f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}; delete it to make "
+                "a new split, or point datalist_file at another file"
+            )
+        return datalist
+    datalist = make_datalist(sources, data_root)
+    write_json_atomic(datalist, datalist_file)
+    logger.info("wrote datalist %s (%s)", datalist_file,
+                ", ".join(f"{p}: {len(datalist[p])}" for p in ("training", "validation", "test")))
+    return datalist
+
+
+def resolve(datalist: dict, data_root: str | os.PathLike, part: str, working_mpp: float,
+            sources: list[str] | None = None) -> list[dict]:
+    """Records of one part with absolute paths and ``scale`` (tile mpp / working mpp), optionally of some sources."""
+    if part not in datalist:
+        raise KeyError(f"datalist has no part {part!r}; it has {[k for k in datalist if isinstance(datalist[k], list)]}")
+    roots = {name: Path(data_root).expanduser() / spec["root"] for name, spec in datalist["sources"].items()}
+    records = []
+    for r in datalist[part]:
+        if sources is not None and r["source"] not in sources:
+            continue
+        root = roots[r["source"]]
+        records.append({**r, "image": str(root / r["image"]), "label": str(root / r["label"]),
+                        "scale": round(float(r["mpp"]) / float(working_mpp), 4)})
+    return records
+
+
+def sampling_weights(records: list[dict], mix: dict[str, float] | None = None) -> list[float]:
+    """Per-record weights so that each source gives its share of ``mix`` (equal shares by default) of the
+    samples, whatever its tile count."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[r["source"]] += 1
+    mix = mix or {s: 1.0 for s in counts}
+    total = sum(mix.get(s, 0.0) for s in counts)
+    return [mix.get(r["source"], 0.0) / total / counts[r["source"]] for r in records]
+
+
+def licenses(sources: dict[str, Source]) -> list[dict]:
+    """What travels with weights trained on these sources (for metadata and LICENSE files)."""
+    return [{"source": s.name, "license": s.license, "commercial_use": s.commercial_use, "citation": s.citation}
+            for s in sources.values()]
+
+
+def estimate_mpp(source: Source, data_root: str | os.PathLike, reference_mpp: float, reference_area: float) -> float:
+    """A pixel size for a source that states none, from its median nucleus area against a reference's."""
+    import numpy as np
+    from .data import read_instance_labels
+
+    areas = []
+    for s in discover_source(source, data_root)[:: 4]:
+        labels = read_instance_labels(s.sample.label)
+        counts = np.bincount(labels.ravel())[1:]
+        areas += counts[counts > 0].tolist()
+    return reference_mpp / float(np.sqrt(np.median(areas) / reference_area))
+
+
+def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str, working_mpp: float,
+                       rescans: dict[str, float] | None = None) -> list[dict]:
+    """The tiles an evaluation reports: each source's ``split`` part, or its validation part where the source
+    holds no such part (MoNuSeg has no test tiles here), plus copies of some sources' tiles as a scanner at
+    another pixel size would give them (``rescans``: source -> microns per pixel, e.g. CryoNuSeg at 20x)."""
+    records = []
+    for name in datalist["sources"]:
+        part = split if any(r["source"] == name for r in datalist.get(split, [])) else "validation"
+        records += [{**r, "part": part} for r in resolve(datalist, data_root, part, working_mpp, [name])]
+    for name, mpp in (rescans or {}).items():
+        for r in [r for r in records if r["source"] == name]:
+            records.append({**r, "source": f"{name}@{mpp:g}um", "mpp": mpp,
+                            "rescan_scale": round(float(r["mpp"]) / mpp, 4),
+                            "scale": round(mpp / float(working_mpp), 4)})
+    return records

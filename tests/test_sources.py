@@ -1,0 +1,223 @@
+"""The multi-source data layer: registry, per-source splits, pixel sizes, sampling weights, and the transforms that
+bring every source to one working pixel size (resampling, ignored far background, the masked loss)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.losses import DiceCELoss
+
+from nucleiseg_monai import sources as S
+from nucleiseg_monai.data import DataError
+from nucleiseg_monai.losses import MaskedDiceCELoss
+from nucleiseg_monai.metrics import InstanceMetric
+from nucleiseg_monai.synthetic import make_tile, write_dataset
+from nucleiseg_monai.transforms import (
+    IGNORE,
+    LoadTiled,
+    ResampleLabelsd,
+    ThreeClassTargetd,
+    far_background,
+    resample_labels,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def write_generic(root: Path, stems: list[str], size: int = 64, mpp: float | None = None, organs_csv: dict | None = None):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i, stem in enumerate(stems):
+        image, labels = make_tile(size, 6, seed=i)
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+        tifffile.imwrite(root / "images" / f"{stem}.tif", image, photometric="rgb", **kwargs)
+        tifffile.imwrite(root / "labels" / f"{stem}.tif", labels.astype(np.uint16))
+    if organs_csv:
+        lines = ["stem,organ_group,nuclei"] + [f"{s},{o},1" for s, o in organs_csv.items()]
+        (root / "organs.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path) -> tuple[Path, Path]:
+    data = tmp_path / "data"
+    write_dataset(data / "kaggle", n_tiles=9, size=64, organs=("Skin", "Thymus", "Lung"), seed=0)
+    tcga = ["TCGA-A7-0001", "TCGA-AR-0002", "TCGA-B0-0003", "TCGA-HE-0004", "TCGA-HE-0005"]
+    write_generic(data / "tcga", tcga, mpp=0.5)
+    groups = {f"mouse_heart_{i}": "mouse_heart" for i in range(3)} | {f"human_liver_{i}": "human_liver" for i in range(3)}
+    groups |= {f"human_brain_{i}": "human_brain" for i in range(2)}
+    write_generic(data / "groups", list(groups), organs_csv=groups)
+    entries = {
+        "kaggle": {"root": "kaggle", "layout": "kaggle", "mpp": 0.25, "organs": "name",
+                   "split": {"kind": "organ_stratified", "val_fraction": 0.15, "test_fraction": 0.3, "seed": 0},
+                   "license": "CC BY-NC-SA 4.0", "commercial_use": False},
+        "tcga": {"root": "tcga", "layout": "generic", "mpp": "file", "organs": "tcga",
+                 "split": {"kind": "per_organ", "validation_per_organ": 1, "seed": 0}},
+        "groups": {"root": "groups", "layout": "generic", "mpp": 0.125, "organs": "organs.csv", "sparse_labels": True,
+                   "split": {"kind": "groups", "validation": ["human_brain"], "test": ["mouse_heart"]}},
+    }
+    path = tmp_path / "sources.json"
+    path.write_text(json.dumps(entries))
+    return path, data
+
+
+def test_the_shipped_registry_describes_every_source_once():
+    sources = S.load_sources()
+    assert list(sources) == ["cryonuseg", "monuseg2018_train", "nuinsseg"]
+    for s in sources.values():
+        assert s.license and s.citation and s.mpp_note
+    assert not sources["cryonuseg"].commercial_use and sources["nuinsseg"].commercial_use
+    assert sources["nuinsseg"].sparse_labels and not sources["monuseg2018_train"].sparse_labels
+
+
+def test_each_source_is_split_its_own_way(registry):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    by_part = {p: Counter(r["source"] for r in datalist[p]) for p in ("training", "validation", "test")}
+    # kaggle: the organ-stratified split (1 test tile per organ of 3); tcga: one validation tile per organ, no test
+    assert by_part["test"]["kaggle"] == 3 and by_part["test"]["tcga"] == 0
+    assert by_part["validation"]["tcga"] == 2  # breast and kidney: two organs
+    organs = {r["organ"] for r in datalist["validation"] if r["source"] == "tcga"}
+    assert organs == {"breast", "kidney"}
+    # groups: whole organ groups held out, so no group has tiles on both sides
+    held = {p: {r["organ"] for r in datalist[p] if r["source"] == "groups"} for p in ("training", "validation", "test")}
+    assert held == {"training": {"human_liver"}, "validation": {"human_brain"}, "test": {"mouse_heart"}}
+    # pixel sizes: stated, read from the TIFF tags, and the sparse flag of the source
+    mpps = {r["source"]: r["mpp"] for p in ("training", "validation") for r in datalist[p]}
+    assert mpps == {"kaggle": 0.25, "tcga": 0.5, "groups": 0.125}
+    assert all(r["sparse"] == (r["source"] == "groups") for r in datalist["training"])
+
+
+def test_prepare_reads_back_the_split_and_refuses_a_changed_registry(registry, tmp_path):
+    path, data = registry
+    sources = S.load_sources(path)
+    first = S.prepare(data, tmp_path / "datalist.json", sources)
+    assert S.prepare(data, tmp_path / "datalist.json", sources) == first
+    changed = json.loads(path.read_text())
+    changed["groups"]["split"]["test"] = ["human_liver"]
+    path.write_text(json.dumps(changed))
+    with pytest.raises(DataError, match="delete it to make a new split"):
+        S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
+
+
+def test_resolve_gives_absolute_paths_and_the_scale_to_the_working_pixel_size(registry):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    records = S.resolve(datalist, data, "training", working_mpp=0.25)
+    scales = {r["source"]: r["scale"] for r in records}
+    assert scales == {"kaggle": 1.0, "tcga": 2.0, "groups": 0.5}
+    assert all(Path(r["image"]).is_file() and Path(r["label"]).is_file() for r in records)
+
+
+def test_sampling_weights_give_each_source_its_share(registry):
+    path, data = registry
+    records = S.resolve(S.make_datalist(S.load_sources(path), data), data, "training", 0.25)
+    weights = S.sampling_weights(records)
+    share = Counter()
+    for r, w in zip(records, weights):
+        share[r["source"]] += w
+    assert all(v == pytest.approx(1 / 3) for v in share.values())
+    weights = S.sampling_weights(records, {"kaggle": 2, "tcga": 1, "groups": 1})
+    assert sum(w for r, w in zip(records, weights) if r["source"] == "kaggle") == pytest.approx(0.5)
+
+
+def test_unknown_source_and_missing_folder_name_the_fix(registry, tmp_path):
+    path, data = registry
+    with pytest.raises(DataError, match="not in"):
+        S.load_sources(path, ["nope"])
+    with pytest.raises(DataError, match="NUCLEISEG_DATA"):
+        S.make_datalist(S.load_sources(path), tmp_path / "elsewhere")
+
+
+def test_evaluation_records_add_a_rescanned_copy_and_use_validation_where_a_source_has_no_test(registry):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    records = S.evaluation_records(datalist, data, "test", 0.25, {"kaggle": 0.5})
+    parts = {r["source"]: r["part"] for r in records}
+    assert parts["tcga"] == "validation" and parts["kaggle"] == "test" and parts["groups"] == "test"
+    copies = [r for r in records if r["source"] == "kaggle@0.5um"]
+    assert len(copies) == 3 and all(r["rescan_scale"] == 0.5 and r["scale"] == 2.0 for r in copies)
+
+
+def test_load_resamples_to_the_working_scale_and_keeps_the_native_labels(registry):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    record = S.resolve(datalist, data, "training", 0.25, ["tcga"])[0]
+    item = LoadTiled(keep_native=True)(record)
+    assert item["image"].shape == (3, 128, 128) and item["label"].shape == (1, 128, 128)
+    assert item["label_native"].shape == (1, 64, 64)
+    # nearest resampling carries ids: the same set of nuclei, none blended into a new id
+    assert set(np.unique(item["label"])) == set(np.unique(item["label_native"]))
+    back = ResampleLabelsd("pred", like="label_native")({"pred": item["label"], "label_native": item["label_native"]})
+    assert torch.equal(back["pred"], item["label_native"])
+
+
+def test_a_rescanned_copy_is_what_the_model_sees_and_is_scored_against(registry):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    record = S.evaluation_records(datalist, data, "test", 0.25, {"kaggle": 0.5})[-1]
+    item = LoadTiled(keep_native=True)(record)
+    assert item["label_native"].shape == (1, 32, 32)  # the 0.5 um/px copy's own grid
+    assert item["image"].shape == (3, 64, 64)  # back at the working 0.25 um/px
+
+
+def test_sparse_tiles_ignore_background_far_from_every_nucleus():
+    labels = np.zeros((1, 64, 64), np.int32)
+    labels[0, 10:16, 10:16] = 1
+    d = ThreeClassTargetd("label", ignore_beyond=8)({"label": torch.from_numpy(labels), "sparse": True})
+    target = d["label"][0].numpy()
+    assert target[12, 12] == 1 and target[20, 12] == 0  # near background is still background
+    assert target[60, 60] == IGNORE
+    dense = ThreeClassTargetd("label", ignore_beyond=8)({"label": torch.from_numpy(labels), "sparse": False})
+    assert not (dense["label"] == IGNORE).any()
+    assert far_background(np.zeros((4, 4), bool), 3).all()
+
+
+def test_masked_loss_equals_dice_ce_without_ignored_pixels_and_ignores_them_otherwise():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+    assert MaskedDiceCELoss()(logits, target) == pytest.approx(expected.item(), abs=1e-6)
+    ignored = target.clone()
+    ignored[..., 8:] = IGNORE
+    changed = logits.clone()
+    changed[..., 8:] = torch.randn(2, 3, 16, 8) * 10  # what the network says there must not matter
+    assert MaskedDiceCELoss()(logits, ignored) == pytest.approx(MaskedDiceCELoss()(changed, ignored).item(), abs=1e-5)
+
+
+def test_grouped_instance_metric_is_the_mean_of_the_sources_means():
+    truth = np.zeros((1, 8, 8), np.int32)
+    truth[0, 2:6, 2:6] = 1
+    empty = np.zeros_like(truth)
+    metric = InstanceMetric("aji", groups=["a", "b"])
+    metric.reset()
+    # source a: three perfect tiles (AJI 1); source b: one tile with nothing found (AJI 0)
+    metric.update(([truth, truth, truth], [truth, truth, truth], ["a", "a", "a"]))
+    metric.update(([empty], [truth], ["b"]))
+    assert metric.compute() == pytest.approx(0.5)  # not 0.75, the mean over tiles
+
+
+def test_resample_labels_is_nearest():
+    labels = torch.tensor([[[1, 2], [3, 4]]], dtype=torch.int32)
+    up = resample_labels(labels, (4, 4))
+    assert up.dtype == torch.int32 and torch.equal(up[0, ::2, ::2], labels[0])
+
+
+@pytest.mark.skipif(not (SHARED / "nuinsseg").is_dir(), reason="shared datasets absent")
+def test_real_sources_keep_cryonuseg_test_split_and_hold_out_nuinsseg_groups():
+    sources = S.load_sources()
+    datalist = json.loads((REPO / "bundles" / "nuclei_unet_small" / "models" / "datalist.json").read_text())
+    assert datalist["sources"] == {s.name: {"root": s.root, "split": s.split} for s in sources.values()}
+    cryo_test = sorted(r["name"] for r in datalist["test"] if r["source"] == "cryonuseg")
+    assert len(cryo_test) == 10 and cryo_test[:2] == ["Human_AdrenalGland_03", "Human_Larynx_02"]
+    train_groups = {r["organ"] for r in datalist["training"] if r["source"] == "nuinsseg"}
+    held = set(sources["nuinsseg"].split["validation"]) | set(sources["nuinsseg"].split["test"])
+    assert not train_groups & held
