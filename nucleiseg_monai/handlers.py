@@ -20,6 +20,24 @@ from .atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "none", "")
+
+
+def parse_bool(value: bool | int | str | None, setting: str) -> bool:
+    """A boolean setting that may arrive as a string from the command line (``--resume false`` is 'false',
+    which Python would call true)."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"--{setting} {value!r} is not a boolean; use --{setting} true or --{setting} false")
+
+
 def save_atomic(obj, path: str | os.PathLike) -> Path:
     """torch.save through ``atomic.atomic_path``: readers never see half a checkpoint, and a failed save (disk full)
     leaves neither a partial file nor a checkpoint-sized temporary one."""
@@ -101,8 +119,9 @@ class Resume:
     it is attached to is loaded as "trainer".
     """
 
-    def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool = True, map_location=None):
-        self.path, self.load_dict, self.enabled, self.map_location = Path(path), dict(load_dict), enabled, map_location
+    def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool | str = True, map_location=None):
+        self.path, self.load_dict, self.map_location = Path(path), dict(load_dict), map_location
+        self.enabled = parse_bool(enabled, "resume")
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine

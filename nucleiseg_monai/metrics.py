@@ -453,30 +453,44 @@ class InstanceMetric(Metric):
         output_transform: Callable[[Any], Any] = lambda x: x,
         device: str | torch.device = "cpu",
         skip_unrolling: bool = False,
+        groups: Sequence[str] | None = None,
     ) -> None:
         if name not in METRIC_NAMES:
             raise ValueError(f"InstanceMetric: unknown metric {name!r}; choose one of {METRIC_NAMES}")
         self.name = name
+        # with groups (e.g. data sources) each output carries a third item naming the image's group, and the
+        # result is the mean of the groups' means, so a source with many tiles does not outvote the others
+        self.groups = list(groups) if groups else None
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=skip_unrolling)
 
     @reinit__is_reduced
     def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._num = 0
+        n = len(self.groups) if self.groups else 1
+        self._sum = torch.zeros(n, dtype=torch.float64, device=self._device)
+        self._num = torch.zeros(n, dtype=torch.float64, device=self._device)
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
         preds, trues = _images(output[0]), _images(output[1])
         if len(preds) != len(trues):
             raise ValueError(f"InstanceMetric: {len(preds)} predicted maps but {len(trues)} true maps in a batch")
-        for p, t in zip(preds, trues):
+        if self.groups:
+            names = output[2]
+            names = [names] if isinstance(names, str) else list(names)
+            if len(names) != len(preds):
+                raise ValueError(f"InstanceMetric: {len(preds)} maps but {len(names)} group names in a batch")
+            index = [self.groups.index(str(n)) for n in names]
+        else:
+            index = [0] * len(preds)
+        for p, t, i in zip(preds, trues, index):
             value = float(instance_metrics(p, t)[self.name])
             if not math.isnan(value):
-                self._sum += value
-                self._num += 1
+                self._sum[i] += value
+                self._num[i] += 1
 
     @sync_all_reduce("_sum", "_num")
     def compute(self) -> float:
-        if self._num == 0:
+        seen = self._num > 0
+        if not bool(seen.any()):
             raise NotComputableError(f"InstanceMetric({self.name!r}) needs at least one image with a defined value")
-        return float(self._sum.item() / self._num)
+        return float((self._sum[seen] / self._num[seen]).mean().item())

@@ -29,12 +29,14 @@ from monai.transforms import (
     RandSpatialCropd,
     SpatialPadd,
 )
+from scipy.ndimage import distance_transform_edt
 from skimage.color import rgb_from_hed
 from skimage.segmentation import find_boundaries
 
 from .data import read_image, read_instance_labels
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
 
 # Stain matrix of Ruifrok & Johnston as scikit-image ships it (rows: haematoxylin, eosin, DAB optical densities).
 _RGB_FROM_HED = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
@@ -53,48 +55,127 @@ def encode_three_class(labels: np.ndarray) -> np.ndarray:
     return classes
 
 
+def resample_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(C, H, W) float image to ``size`` with anti-aliasing (bilinear, area-weighted when shrinking)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return torch.nn.functional.interpolate(image[None].float(), size=tuple(size), mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
+
+
+def resample_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(C, H, W) instance ids to ``size`` by nearest neighbour (ids are carried, never blended)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    # float64 holds any int32 id exactly
+    out = torch.nn.functional.interpolate(labels[None].double(), size=tuple(size), mode="nearest-exact")[0]
+    return out.to(labels.dtype)
+
+
+def scaled_size(shape: Sequence[int], scale: float) -> tuple[int, int]:
+    return tuple(max(1, int(round(n * scale))) for n in shape[-2:])
+
+
 class LoadTiled(MapTransform):
     """Reads an RGB tile and its instance labels (validated by `data`) into channel-first tensors.
 
     ``image`` becomes float32 (3, H, W) on the 0-255 scale; ``label`` int32 (1, H, W) instance ids. The record's
     ``label_kind`` says whether the label file is an instance map or a binary mask. The image's path stays under
-    ``image_path`` so reports can name and redraw the tile.
+    ``image_path`` so reports can name and redraw the tile. A record's ``scale`` (its pixel size over the
+    bundle's working pixel size) resamples both to the working scale; with ``keep_native`` the labels as read
+    stay under ``label_native`` so evaluation can score predictions on the file's own pixel grid.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str | None = "label"):
+    def __init__(self, image_key: str = "image", label_key: str | None = "label", keep_native: bool = False):
         super().__init__([k for k in (image_key, label_key) if k], allow_missing_keys=True)
         self.image_key, self.label_key = image_key, label_key
+        self.keep_native = keep_native
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         d[f"{self.image_key}_path"] = str(d[self.image_key])
         image = read_image(d[self.image_key])
         d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
+        rescan = d.get("rescan_scale")
+        if rescan:
+            # a copy of the tile as a scanner at another pixel size would have made it: image and labels are
+            # resampled first, and that copy (not the original) is what the model sees and is scored against
+            image = rescan_image(image, float(rescan))
         if self.label_key and self.label_key in d:
             labels = read_instance_labels(d[self.label_key], d.get("label_kind", "instance"))
+            if rescan:
+                labels = resample_labels(torch.from_numpy(labels[None]), image.shape[:2])[0].numpy()
             if labels.shape != image.shape[:2]:
                 raise ValueError(
                     f"size mismatch: {d[f'{self.image_key}_path']} {image.shape[:2]} vs {d[self.label_key]} "
                     f"{labels.shape}; they must be the same tile"
                 )
             d[self.label_key] = torch.from_numpy(labels[None])
+        if rescan:
+            d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
+        scale = float(d.get("scale", 1.0))
+        if self.keep_native and self.label_key in d:
+            d[f"{self.label_key}_native"] = d[self.label_key]
+        if scale != 1.0:
+            size = scaled_size(image.shape[:2], scale)
+            d[self.image_key] = resample_image(d[self.image_key], size)
+            if self.label_key and self.label_key in d:
+                d[self.label_key] = resample_labels(d[self.label_key], size)
+        return d
+
+
+def rescan_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """An (H, W, 3) uint8 tile resampled by ``scale`` with anti-aliasing, rounded back to uint8 as a file holds it."""
+    tensor = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
+    out = resample_image(tensor, scaled_size(image.shape[:2], scale))
+    return out.round().clamp(0, 255).to(torch.uint8).numpy().transpose(1, 2, 0)
+
+
+class ResampleLabelsd(MapTransform):
+    """Instance maps predicted at the working scale back onto the grid of ``like`` (the labels as read)."""
+
+    def __init__(self, keys: KeysCollection, like: str = "label_native", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.like = like
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        size = tuple(torch.as_tensor(d[self.like]).shape[-2:])
+        for key in self.key_iterator(d):
+            d[key] = resample_labels(torch.as_tensor(d[key]), size)
         return d
 
 
 class ThreeClassTargetd(MapTransform):
-    """Keeps the instance ids under ``instance_key`` and turns ``keys`` into the 3-class training target."""
+    """Keeps the instance ids under ``instance_key`` and turns ``keys`` into the 3-class training target.
 
-    def __init__(self, keys: KeysCollection = "label", instance_key: str = "label_inst"):
+    In records marked ``sparse`` (sources whose annotators left some nuclei out), background farther than
+    ``ignore_beyond`` pixels from every annotated nucleus becomes ``IGNORE``: the loss neither rewards nor punishes
+    the network there, so an unannotated pale nucleus is not taught as background.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", instance_key: str = "label_inst", ignore_beyond: float = 0):
         super().__init__(keys)
         self.instance_key = instance_key
+        self.ignore_beyond = float(ignore_beyond)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             labels = torch.as_tensor(d[key]).round().to(torch.int32)
             d[self.instance_key] = labels
-            d[key] = torch.from_numpy(encode_three_class(labels[0].numpy())[None]).long()
+            classes = encode_three_class(labels[0].numpy())
+            if self.ignore_beyond > 0 and bool(d.get("sparse", False)):
+                classes[far_background(classes > 0, self.ignore_beyond)] = IGNORE
+            d[key] = torch.from_numpy(classes[None]).long()
         return d
+
+
+def far_background(foreground: np.ndarray, distance: float) -> np.ndarray:
+    """Background pixels more than ``distance`` pixels from any foreground pixel (all of it when none)."""
+    if not foreground.any():
+        return np.ones_like(foreground, dtype=bool)
+    return distance_transform_edt(~foreground) > distance
 
 
 class RandHEDJitterd(RandomizableTransform, MapTransform):
@@ -134,7 +215,8 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
 
 
 def train_transforms(
-    mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True
+    mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
+    ignore_beyond: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score."""
@@ -158,7 +240,7 @@ def train_transforms(
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),
         RandShiftIntensityd("image", prob=0.3, offsets=10.0),
-        ThreeClassTargetd("label"),
+        ThreeClassTargetd("label", ignore_beyond=ignore_beyond),
         NormalizeIntensityd("image", subtrahend=mean, divisor=std, channel_wise=True),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped(["label", "label_inst"], track_meta=False),
@@ -166,9 +248,11 @@ def train_transforms(
     return Compose(steps)
 
 
-def eval_transforms(mean: Sequence[float], std: Sequence[float], with_label: bool = True) -> Compose:
-    """Whole tiles, no randomness: load, target (when labelled), z-score."""
-    steps = [LoadTiled(label_key="label" if with_label else None)]
+def eval_transforms(
+    mean: Sequence[float], std: Sequence[float], with_label: bool = True, keep_native: bool = False
+) -> Compose:
+    """Whole tiles, no randomness: load (resampled to the working scale), target (when labelled), z-score."""
+    steps = [LoadTiled(label_key="label" if with_label else None, keep_native=keep_native)]
     if with_label:
         steps.append(ThreeClassTargetd("label"))
     steps += [
