@@ -9,6 +9,7 @@ names carry the writer's process id and machine, so ``remove_stale`` can later d
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import socket
@@ -83,6 +84,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         target.discard()
         raise
+
+
+def write_json_atomic(data, path: str | os.PathLike, indent: int = 2, default=None) -> Path:
+    """``data`` as indented JSON with a final newline at ``path``, atomically; ``default`` as for ``json.dumps``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, default=default) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 # .<name>.pid<pid>@<host>-<random>.tmp<suffix>; the writer part is absent in names made before it was added

@@ -22,7 +22,7 @@ import tifffile
 from skimage import io as skio
 from skimage.measure import label as connected_components
 
-from .atomic import atomic_path
+from .atomic import write_json_atomic  # also reached as data.write_json_atomic by bundle configs and cli
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +289,6 @@ def resolve(datalist: dict, dataset_dir: str | os.PathLike, part: str) -> list[d
         raise KeyError(f"datalist has no part {part!r}; it has {[k for k in datalist if isinstance(datalist[k], list)]}")
     root = dataset_root(dataset_dir)
     return [{**r, "image": str(root / r["image"]), "label": str(root / r["label"])} for r in datalist[part]]
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return Path(path)
 
 
 def prepare(

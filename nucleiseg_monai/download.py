@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .atomic import write_json_atomic
 from .data import BINARY_DIR, IMAGE_DIR
 from .data import INSTANCE_DIR as LABEL_DIR
 from .data import NESTED_DIR as GROUND_TRUTH_ANNOTATOR
@@ -126,14 +126,14 @@ def unpack_archive(
         if missing:
             raise ValueError(f"{archive} is incomplete: {len(missing)} files missing, e.g. {missing[:3]}; "
                              "download the archive again")
-        (out / MANIFEST).write_text(json.dumps({
+        write_json_atomic({
             "dataset": KAGGLE_DATASET,
             "archive": archive.name,
             "sha256": digest,
             "images_from": images.relative_to(raw).as_posix(),
             "labels_from": labels.relative_to(raw).as_posix(),
             "images": _count_images(out),
-        }, indent=2) + "\n")
+        }, out / MANIFEST)
         _swap_in(out, dest, staging, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

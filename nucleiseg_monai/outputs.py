@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from .atomic import AtomicFile, atomic_path, fsync_dir
+from .atomic import AtomicFile, atomic_path, fsync_dir, write_json_atomic
 from .measurements import Nuclei, measure_nuclei
 
 OUTPUT_SUFFIXES = {
@@ -260,10 +260,7 @@ def write_manifest(out_dir: str | os.PathLike, name: str, files: dict[str, Path]
         "files": {kind: {"path": p.name, "bytes": p.stat().st_size} for kind, p in files.items()},
         **(info or {}),
     }
-    path = manifest_path(out_dir, name)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_json_atomic(manifest, manifest_path(out_dir, name))
 
 
 class SlideOutputs:

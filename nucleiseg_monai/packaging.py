@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NamedTuple
 
-from .atomic import atomic_path, umask
+from .atomic import atomic_path, umask, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
@@ -203,10 +203,7 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
     root = Path(bundle_dir)
     files = _check_packable(root)
     manifest = _manifest(root, {f: (sha256_file(root / f), (root / f).stat().st_size) for f in files})
-    target = root / MANIFEST
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    return target
+    return write_json_atomic(manifest, root / MANIFEST)
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import tifffile
 
+from .atomic import write_json_atomic
 from .data import (
     DataError,
     Sample,
@@ -38,7 +39,6 @@ from .data import (
     check_sample,
     discover,
     split,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
