@@ -4,11 +4,13 @@ Every writer of the project (checkpoints, datalists, label maps, reports, bundle
 or an exception never leaves a partial file under the final name, and results get the permissions of any file this
 user writes. A process killed mid-write (kill -9, power loss) does leave its temporary file behind; the temporary
 names carry the writer's process id and machine, so ``remove_stale`` can later delete the ones no live writer holds.
+The SHA-256 of a stream (``copy_hashed``, ``sha256_file``) is here too: copies are hashed from the bytes written.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -19,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def umask() -> int:
@@ -91,6 +94,35 @@ def write_json_atomic(data, path: str | os.PathLike, indent: int = 2, default=No
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=indent, default=default) + "\n", encoding="utf-8")
     return Path(path)
+
+
+_CHUNK = 1 << 20
+
+
+class StreamTooLong(ValueError):
+    """A stream held more bytes than ``copy_hashed`` was allowed to write."""
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO | None = None, limit: int | None = None) -> tuple[str, int]:
+    """Streams ``src`` into ``dst`` (None: hash only) and returns its SHA-256 hex digest and its size in bytes.
+
+    With ``limit``, at most ``limit`` bytes are written and a longer stream raises StreamTooLong, so a zip member
+    whose header understates its size cannot fill the disk.
+    """
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(_CHUNK if limit is None else min(_CHUNK, limit - size) or 1):
+        if limit is not None and size + len(chunk) > limit:
+            raise StreamTooLong(f"holds more than {limit} bytes")
+        digest.update(chunk)
+        size += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return copy_hashed(f)[0]
 
 
 # .<name>.pid<pid>@<host>-<random>.tmp<suffix>; the writer part is absent in names made before it was added

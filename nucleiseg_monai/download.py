@@ -13,7 +13,6 @@ dest and renamed into place, so a failure leaves dest as it was.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -25,7 +24,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .atomic import write_json_atomic
+from .atomic import sha256_file, write_json_atomic
 from .data import BINARY_DIR, IMAGE_DIR
 from .data import INSTANCE_DIR as LABEL_DIR
 from .data import NESTED_DIR as GROUND_TRUTH_ANNOTATOR
@@ -150,7 +149,7 @@ def verify_archive(archive: str | Path, sha256: str | None = None) -> str:
     archive = Path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"archive {archive} not found; download it from {KAGGLE_URL}")
-    digest = _sha256(archive)
+    digest = sha256_file(archive)
     if sha256 is not None and digest != sha256.strip().lower():
         raise ValueError(f"{archive} has SHA-256 {digest}, expected {sha256.strip().lower()}; "
                          "the file is damaged or a different version: download it again")
@@ -288,14 +287,6 @@ def _check_space(archive: Path, folder: Path) -> None:
     free = shutil.disk_usage(folder).free
     if need * 1.05 > free:
         raise OSError(f"unpacking {archive} needs {need / 1e6:.0f} MB but {folder} has {free / 1e6:.0f} MB free")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _count_images(root: Path) -> int:

@@ -33,7 +33,6 @@ size and hashed on the way. The bundle appears under its final name only once ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,9 +44,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
-from .atomic import atomic_path, umask, write_json_atomic
+from .atomic import StreamTooLong, atomic_path, copy_hashed, sha256_file, umask, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
@@ -61,7 +60,6 @@ MAX_UNPACKED_BYTES = 2 << 30
 MAX_RATIO = 100
 RATIO_FLOOR = 1 << 20  # smaller members may compress well (configs); they cannot fill a disk
 MAX_MANIFEST_BYTES = 4 << 20
-_CHUNK = 1 << 20
 _UNPACKING = ".{name}.unpack-"  # temporary folder prefix, then the unpacking process id
 
 
@@ -72,14 +70,6 @@ class BundleIntegrityError(ValueError):
         self.problems = list(problems)
         lines = "\n  ".join(self.problems)
         super().__init__(f"{where} failed verification ({len(self.problems)} problems):\n  {lines}\n{fix}")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _kind(relpath: PurePosixPath) -> str:
@@ -222,13 +212,8 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
         entries = {}
         with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for relpath in files:
-                digest, size = hashlib.sha256(), 0
                 with open(root / relpath, "rb") as src, zf.open(f"{root.name}/{relpath}", "w", force_zip64=True) as dst:
-                    while chunk := src.read(_CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        dst.write(chunk)
-                entries[relpath] = (digest.hexdigest(), size)
+                    entries[relpath] = copy_hashed(src, dst)
             zf.writestr(f"{root.name}/{MANIFEST}", json.dumps(_manifest(root, entries), indent=2) + "\n")
     return zip_path
 
@@ -282,24 +267,6 @@ def _compare(expected: dict[str, tuple[str, int]], actual: dict[str, tuple[str, 
         elif got != want:
             problems.append(f"{f}: sha256 {got[:12]}... differs from {MANIFEST} {want[:12]}...")
     return problems
-
-
-class _TooLong(ValueError):
-    pass
-
-
-def _copy_limited(src: BinaryIO, dst: BinaryIO | None, limit: int) -> tuple[str, int]:
-    """Streams ``src`` into ``dst`` (None: hash only), returning (sha256, size); at most ``limit`` bytes are written,
-    and a stream that holds more raises _TooLong."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := src.read(min(_CHUNK, limit - size) or 1):
-        if size + len(chunk) > limit:
-            raise _TooLong(f"holds more than the {limit} bytes {MANIFEST} lists")
-        digest.update(chunk)
-        size += len(chunk)
-        if dst is not None:
-            dst.write(chunk)
-    return digest.hexdigest(), size
 
 
 def _zip_entries(zf: zipfile.ZipFile, where: str) -> tuple[str, dict[str, zipfile.ZipInfo], list[str]]:
@@ -388,9 +355,9 @@ def _verify_zip(zip_path: Path, max_bytes: int) -> list[str]:
         for relpath, info in members.items():
             with zf.open(info) as member:
                 try:
-                    actual = _copy_limited(member, None, expected[relpath][1])
-                except _TooLong as e:
-                    problems.append(f"{relpath}: {e}")
+                    actual = copy_hashed(member, None, expected[relpath][1])
+                except StreamTooLong as e:
+                    problems.append(f"{relpath}: {e}, the size {MANIFEST} lists")
                     continue
             problems += _compare({relpath: expected[relpath]}, {relpath: actual})
     return problems
@@ -535,9 +502,11 @@ def unpack(
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(out, "xb") as dst:
                     try:
-                        actual = _copy_limited(src, dst, expected[relpath][1])
-                    except _TooLong as e:
-                        raise BundleIntegrityError(zip_path, [f"{relpath}: {e}"], "Refusing it: nothing was unpacked.")
+                        actual = copy_hashed(src, dst, expected[relpath][1])
+                    except StreamTooLong as e:
+                        raise BundleIntegrityError(
+                            zip_path, [f"{relpath}: {e}, the size {MANIFEST} lists"], "Refusing it: nothing was unpacked."
+                        ) from e
                 problems = _compare({relpath: expected[relpath]}, {relpath: actual})
                 if problems:
                     raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was unpacked.")

@@ -1,3 +1,5 @@
+import hashlib
+import io
 import json
 
 import numpy as np
@@ -15,3 +17,18 @@ def test_json_is_written_whole_or_not_at_all(tmp_path):
         atomic.write_json_atomic({"aji": object()}, path)
     assert json.loads(path.read_text()) == {"aji": 0.5, "n": 3}
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_streamed_copies_are_hashed_and_stop_at_the_limit(tmp_path):
+    src, dst = io.BytesIO(b"x" * 10), io.BytesIO()
+    with pytest.raises(atomic.StreamTooLong, match="more than 4 bytes"):
+        atomic.copy_hashed(src, dst, 4)
+    assert dst.getvalue() == b"xxxx"
+    assert atomic.copy_hashed(io.BytesIO(b"abcd"), None, 4) == (hashlib.sha256(b"abcd").hexdigest(), 4)
+
+    data = bytes(range(256)) * 5000  # more than one read
+    dst = io.BytesIO()
+    assert atomic.copy_hashed(io.BytesIO(data), dst) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert dst.getvalue() == data
+    (tmp_path / "f").write_bytes(data)
+    assert atomic.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()

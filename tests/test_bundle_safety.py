@@ -1,7 +1,7 @@
 """A bundle holds no Python and cannot shadow installed modules; a sealed bundle is verified before its configs run;
 hostile zips (bombs, lying sizes) are refused before anything is written."""
 
-import io
+import hashlib
 import json
 import os
 import subprocess
@@ -87,7 +87,7 @@ def test_pack_refuses_code_and_a_manifest_cannot_list_it(tmp_path):
     with zipfile.ZipFile(zip_path) as zin, zipfile.ZipFile(forged, "w") as zout:
         manifest = json.loads(zin.read("tiny/manifest.json"))
         for name in ("imageio/__init__.py", "tifffile.py"):
-            manifest["files"][name] = {"sha256": packaging.hashlib.sha256(code).hexdigest(), "size": len(code)}
+            manifest["files"][name] = {"sha256": hashlib.sha256(code).hexdigest(), "size": len(code)}
             zout.writestr(f"tiny/{name}", code)
         for info in zin.infolist():
             data = json.dumps(manifest).encode() if info.filename == "tiny/manifest.json" else zin.read(info)
@@ -250,7 +250,7 @@ def test_unpack_stops_at_the_declared_size_when_the_zip_lies(tmp_path):
     bundle = _bundle(tmp_path / "tiny", weights=os.urandom(2 << 20))
     manifest = json.loads(write_manifest(bundle).read_text())
     head = (bundle / "models" / "model.pt").read_bytes()[:1000]
-    manifest["files"]["models/model.pt"] = {"sha256": packaging.hashlib.sha256(head).hexdigest(), "size": 1000}
+    manifest["files"]["models/model.pt"] = {"sha256": hashlib.sha256(head).hexdigest(), "size": 1000}
     liar = tmp_path / "liar.zip"
     with zipfile.ZipFile(liar, "w", zipfile.ZIP_DEFLATED) as zf:
         for relpath in packaging.bundle_files(bundle):
@@ -270,20 +270,12 @@ def test_unpack_stops_at_the_declared_size_when_the_zip_lies(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["liar.zip", "tiny"]
 
 
-def test_streamed_copies_stop_at_the_limit():
-    src, dst = io.BytesIO(b"x" * 10), io.BytesIO()
-    with pytest.raises(packaging._TooLong):
-        packaging._copy_limited(src, dst, 4)
-    assert dst.getvalue() == b"xxxx"
-    assert packaging._copy_limited(io.BytesIO(b"abcd"), None, 4) == (packaging.hashlib.sha256(b"abcd").hexdigest(), 4)
-
-
 def test_an_interrupted_unpack_leaves_nothing(tmp_path, monkeypatch):
     zip_path = pack(_bundle(tmp_path / "tiny"), tmp_path / "tiny.zip")
     parent = tmp_path / "bundles"
     parent.mkdir()
     copies = []
-    real_copy = packaging._copy_limited
+    real_copy = packaging.copy_hashed
 
     def interrupted(src, dst, limit):
         copies.append(limit)
@@ -292,7 +284,7 @@ def test_an_interrupted_unpack_leaves_nothing(tmp_path, monkeypatch):
         return real_copy(src, dst, limit)
 
     with monkeypatch.context() as m:
-        m.setattr(packaging, "_copy_limited", interrupted)
+        m.setattr(packaging, "copy_hashed", interrupted)
         with pytest.raises(KeyboardInterrupt):
             unpack(zip_path, parent)
     assert list(parent.iterdir()) == []

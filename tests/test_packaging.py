@@ -14,6 +14,7 @@ import torch
 from monai.bundle import verify_metadata
 
 from nucleiseg_monai import packaging
+from nucleiseg_monai.atomic import sha256_file
 from nucleiseg_monai.networks import UNet, load_weights
 from nucleiseg_monai.packaging import BundleIntegrityError, check_bundle, pack, unpack, verify
 
@@ -127,14 +128,14 @@ def test_pack_holds_the_bundle_files_and_their_hashes(packed):
     assert manifest["bundle"] == "tiny_bundle"
     assert manifest["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
     train = bundle / "configs" / "train.json"
-    assert manifest["files"]["configs/train.json"] == {"sha256": packaging.sha256_file(train), "size": train.stat().st_size}
+    assert manifest["files"]["configs/train.json"] == {"sha256": sha256_file(train), "size": train.stat().st_size}
     assert not (bundle / "manifest.json").exists(), "pack must not change the bundle folder"
     assert verify(zip_path) == []
 
 
 def test_unpack_round_trip(packed, tmp_path):
     bundle, zip_path = packed
-    dest = unpack(zip_path, tmp_path / "installed" / "tiny", sha256=packaging.sha256_file(zip_path))
+    dest = unpack(zip_path, tmp_path / "installed" / "tiny", sha256=sha256_file(zip_path))
     assert dest == tmp_path / "installed" / "tiny"
     assert verify(dest) == []
     check_bundle(dest)
@@ -328,7 +329,7 @@ def test_cli_pack_prints_the_sha256_that_unpack_takes(packed, tmp_path, capsys):
     zip_path = tmp_path / "out" / "tiny.zip"
     assert main(["pack", "--bundle", str(bundle), "--output", str(zip_path)]) == 0
     printed = capsys.readouterr().out
-    digest = packaging.sha256_file(zip_path)
+    digest = sha256_file(zip_path)
     assert f"sha256 {digest}" in printed and f"--sha256 {digest}" in printed
     assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", digest]) == 0
     assert capsys.readouterr().out.strip() == f"unpacked and verified: {tmp_path / 'tiny_bundle'}"
