@@ -17,17 +17,17 @@ import importlib.util
 import logging
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from .atomic import sha256_file, write_json_atomic
 from .data import BINARY_DIR, IMAGE_DIR
 from .data import INSTANCE_DIR as LABEL_DIR
 from .data import NESTED_DIR as GROUND_TRUTH_ANNOTATOR
+from .packaging import zip_member_problem
 
 KAGGLE_DATASET = "ipateam/segmentation-of-nuclei-in-cryosectioned-he-images"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
@@ -156,9 +156,9 @@ def verify_archive(archive: str | Path, sha256: str | None = None) -> str:
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
-                problem = _unsafe_member(info)
+                problem = zip_member_problem(info)
                 if problem:
-                    raise ValueError(f"{archive}: refusing to unpack member {info.filename!r} ({problem})")
+                    raise ValueError(f"{archive}: refusing to unpack member {info.filename!r}: {problem}")
             bad = zf.testzip()
     except zipfile.BadZipFile as err:
         raise ValueError(f"{archive} is not a readable zip archive ({err}); download it again") from err
@@ -219,18 +219,6 @@ def _kaggle_installed() -> bool:
     if "kaggle" in sys.modules:  # find_spec would fail on a module without a spec
         return sys.modules["kaggle"] is not None
     return importlib.util.find_spec("kaggle") is not None
-
-
-def _unsafe_member(info: zipfile.ZipInfo) -> str | None:
-    name = info.filename
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
-        return "absolute path"
-    if ".." in parts:
-        return "path traversal"
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "symbolic link"
-    return None
 
 
 def _locate(raw: Path, archive: Path) -> tuple[Path, Path]:

@@ -227,6 +227,15 @@ def _safe_relpath(name: str) -> PurePosixPath | None:
     return PurePosixPath(name)
 
 
+def zip_member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member may not be unpacked, or None: the one rule for bundle zips and dataset archives alike."""
+    if _safe_relpath(info.filename) is None:
+        return "unsafe path (absolute, '..' or odd characters)"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symbolic link"
+    return None
+
+
 def _entry(value) -> tuple[str, int] | None:
     """A manifest entry as (sha256, size), or None when it is not ``{"sha256": 64 hex digits, "size": int >= 0}``."""
     if not isinstance(value, dict):
@@ -273,13 +282,10 @@ def _zip_entries(zf: zipfile.ZipFile, where: str) -> tuple[str, dict[str, zipfil
     """The zip's single top folder, its files by path below that folder, and the problems with its member names."""
     problems, tops, entries = [], set(), {}
     for info in zf.infolist():
+        if problem := zip_member_problem(info):
+            problems.append(f"{info.filename!r}: {problem}")
+            continue
         path = _safe_relpath(info.filename)
-        if path is None:
-            problems.append(f"{info.filename!r}: unsafe path (absolute, '..' or odd characters)")
-            continue
-        if stat.S_ISLNK(info.external_attr >> 16):
-            problems.append(f"{info.filename}: symbolic link")
-            continue
         tops.add(path.parts[0])
         if info.is_dir():
             continue

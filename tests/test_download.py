@@ -141,7 +141,9 @@ def test_missing_archive(tmp_path):
         dl.download(tmp_path / "dest", archive=tmp_path / "nope.zip")
 
 
-@pytest.mark.parametrize("name", ["../evil.tif", "tissue images/../../evil.tif", "/etc/evil", "C:\\evil.tif"])
+@pytest.mark.parametrize(
+    "name", ["../evil.tif", "tissue images/../../evil.tif", "/etc/evil", "C:\\evil.tif", "tissue images\\..\\..\\evil.tif"]
+)
 def test_path_traversal_refused(tmp_path, source, name):
     members = {**_files(source, "tissue images"), **_files(source, "mask binary"), name: b"evil"}
     archive = _zip(tmp_path / "evil.zip", members)
