@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 IMAGE_DIR = "tissue images"
 INSTANCE_DIR = "label masks modify"
 BINARY_DIR = "mask binary"
-NESTED_DIR = "Annotator 1 (biologist)"
+NESTED_DIR = "Annotator 1 (biologist)"  # newer archives: the first annotation round, the published ground truth
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 NAME_PATTERN = re.compile(r"^(?:Human|Mouse)_(?P<organ>[A-Za-z-]+?)_(?P<index>\d+)$")
 

@@ -24,9 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import sha256_file, write_json_atomic
-from .data import BINARY_DIR, IMAGE_DIR
-from .data import INSTANCE_DIR as LABEL_DIR
-from .data import NESTED_DIR as GROUND_TRUTH_ANNOTATOR
+from .data import BINARY_DIR, IMAGE_DIR, INSTANCE_DIR, NESTED_DIR
 from .packaging import zip_member_problem
 
 KAGGLE_DATASET = "ipateam/segmentation-of-nuclei-in-cryosectioned-he-images"
@@ -119,8 +117,8 @@ def unpack_archive(
         out.mkdir()
         os.replace(images, out / IMAGE_DIR)
         os.replace(labels / BINARY_DIR, out / BINARY_DIR)
-        if (labels / LABEL_DIR).is_dir():
-            os.replace(labels / LABEL_DIR, out / LABEL_DIR)
+        if (labels / INSTANCE_DIR).is_dir():
+            os.replace(labels / INSTANCE_DIR, out / INSTANCE_DIR)
         missing = missing_files(out)
         if missing:
             raise ValueError(f"{archive} is incomplete: {len(missing)} files missing, e.g. {missing[:3]}; "
@@ -136,7 +134,7 @@ def unpack_archive(
         _swap_in(out, dest, staging, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    labels_note = "instance labels and binary masks" if (dest / LABEL_DIR).is_dir() else "binary masks only"
+    labels_note = "instance labels and binary masks" if (dest / INSTANCE_DIR).is_dir() else "binary masks only"
     say(f"CryoNuSeg unpacked to {dest}: {_count_images(dest)} images, {labels_note}")
     return dest
 
@@ -178,8 +176,8 @@ def missing_files(root: str | Path) -> list[str]:
     root = Path(root)
     stems = sorted(p.stem for p in (root / IMAGE_DIR).glob("*.tif"))
     missing = [f"{BINARY_DIR}/{s}.png" for s in stems if not (root / BINARY_DIR / f"{s}.png").is_file()]
-    if (root / LABEL_DIR).is_dir():
-        missing += [f"{LABEL_DIR}/{s}.tif" for s in stems if not (root / LABEL_DIR / f"{s}.tif").is_file()]
+    if (root / INSTANCE_DIR).is_dir():
+        missing += [f"{INSTANCE_DIR}/{s}.tif" for s in stems if not (root / INSTANCE_DIR / f"{s}.tif").is_file()]
     return missing
 
 
@@ -230,11 +228,11 @@ def _locate(raw: Path, archive: Path) -> tuple[Path, Path]:
         raise ValueError(f"{archive} has no '{IMAGE_DIR}' folder with .tif images; is it the CryoNuSeg archive "
                          f"from {KAGGLE_URL}?")
     candidates = [p for p in folders if (p / BINARY_DIR).is_dir()]
-    preferred = [p for p in candidates if GROUND_TRUTH_ANNOTATOR in p.relative_to(raw).parts]
+    preferred = [p for p in candidates if NESTED_DIR in p.relative_to(raw).parts]
     preferred += [p for p in candidates if p == images.parent]
     if not preferred:
         found = [p.relative_to(raw).as_posix() for p in candidates] or "none"
-        raise ValueError(f"{archive} has no '{BINARY_DIR}' folder of '{GROUND_TRUTH_ANNOTATOR}' or beside "
+        raise ValueError(f"{archive} has no '{BINARY_DIR}' folder of '{NESTED_DIR}' or beside "
                          f"'{IMAGE_DIR}' (folders with masks: {found}); is it the CryoNuSeg archive?")
     return images, preferred[0]
 

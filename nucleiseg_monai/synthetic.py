@@ -28,13 +28,12 @@ import tifffile
 from scipy import ndimage
 from skimage.color import rgb_from_hed
 
+from .data import BINARY_DIR, IMAGE_DIR, INSTANCE_DIR
+
 ORGANS: tuple[str, ...] = (
     "AdrenalGland", "Larynx", "LymphNodes", "Mediastinum", "Pancreas",
     "Pleura", "Skin", "Testes", "Thymus", "ThyroidGland",
 )  # spelled as in the CryoNuSeg file names (Human_<Organ>_<NN>.tif)
-IMAGE_DIR = "tissue images"
-LABEL_DIR = "label masks modify"
-BINARY_DIR = "mask binary"
 MPP = 0.25  # um per pixel: CryoNuSeg's 40x scans, which the nucleus sizes here imitate
 
 DEFAULT_DENSITY = 240.0  # nuclei per 512x512 px of tissue (CryoNuSeg averages ~250)
@@ -244,7 +243,7 @@ def write_dataset(
     if n_tiles < 1 or not organs:
         raise ValueError(f"write_dataset needs n_tiles >= 1 and at least one organ (got {n_tiles}, {organs})")
     root = Path(root)
-    dirs = [root / IMAGE_DIR, root / BINARY_DIR] + ([root / LABEL_DIR] if with_instances else [])
+    dirs = [root / IMAGE_DIR, root / BINARY_DIR] + ([root / INSTANCE_DIR] if with_instances else [])
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     tile_seeds = np.random.SeedSequence(seed).generate_state(n_tiles)
@@ -253,7 +252,7 @@ def write_dataset(
         image, labels = make_tile(size, n_nuclei, int(tile_seeds[i]))
         tifffile.imwrite(root / IMAGE_DIR / f"{name}.tif", image, photometric="rgb")
         if with_instances:
-            tifffile.imwrite(root / LABEL_DIR / f"{name}.tif", labels.astype(np.uint16), photometric="minisblack")
+            tifffile.imwrite(root / INSTANCE_DIR / f"{name}.tif", labels.astype(np.uint16), photometric="minisblack")
         imsave(root / BINARY_DIR / f"{name}.png", np.where(labels > 0, 255, 0).astype(np.uint8),
                check_contrast=False)
     return root
