@@ -21,16 +21,22 @@ import numpy as np
 from ignite.engine import Engine, Events
 from skimage import io as skio
 
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
 from .data import INSTANCE_DIR, read_image, read_instance_labels
 from .metrics import instance_metrics, summarize
 from .atomic import atomic_path
 from .outputs import Overlay, write_label_tiff
+from .postprocess import instances_from_foreground
+from .transforms import rescan_image
 
 logger = logging.getLogger(__name__)
 
 # Mahbod et al. 2021, Table 4: their U-Net on the CryoNuSeg test protocol (not this split; shown for orientation)
 PUBLISHED_BASELINE = {"method": "published CryoNuSeg U-Net (Mahbod 2021)", "aji": 0.525, "pq": 0.477}
 OBSERVERS = ("annotator2", "annotator1_round2")
+REFERENCE = "reference: binary map + connected components"
 TABLE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "aji", "aji_plus", "pq", "dq", "sq")
 CSV_KEYS = TABLE_KEYS + ("n_true", "n_pred", "tp", "fp", "fn")
 TRUE_COLOUR = np.array([0, 220, 0], np.uint8)
@@ -51,18 +57,36 @@ def _numpy_labels(x) -> np.ndarray:
     return np.squeeze(array).astype(np.uint32)
 
 
+class ReferenceInstancesd(MapTransform):
+    """The reference notebook's method on the same network's output: foreground map cut into connected components."""
+
+    def __init__(self, keys: KeysCollection = "pred", output_key: str = "pred_cc"):
+        super().__init__(keys)
+        self.output_key = output_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = instances_from_foreground(d[key])[None]
+        return d
+
+
 class EvaluationReport:
-    """Collects per-tile metrics on an evaluator and writes the report when it completes.
+    """Collects per-tile metrics on an evaluator and writes the report, one section per data source.
 
     Args:
-        output_dir: where ``<name>.tif``, ``<name>_overlay.png``, ``metrics.json`` and ``metrics.csv`` go.
+        output_dir: where ``<source>/<name>.tif``, ``<source>/<name>_overlay.png``, ``metrics.json`` and
+            ``metrics.csv`` go.
         observers_dir: folder with ``<observer>/label masks modify/<name>.tif`` (CryoNuSeg's extra annotation
-            rounds); observers whose file for a tile is missing are left out of that tile. None: no human rows.
+            rounds), scored only for tiles of ``observers_source``; observers whose file for a tile is missing are
+            left out of that tile. None: no human rows.
         observers: which subfolders to score.
         pred_key / true_key / reference_key: engine output keys of the model's instances, the truth and the
             reference method's instances (None to skip the reference row).
         split: recorded in the report.
         log_dir: TensorBoard folder for the mean metrics (None: none).
+        pooled_sources: the sources whose tiles make the pooled line (default: all but derived copies, whose
+            names hold an '@').
     """
 
     def __init__(
@@ -75,63 +99,82 @@ class EvaluationReport:
         reference_key: str | None = "pred_cc",
         split: str = "test",
         log_dir: str | os.PathLike | None = None,
+        observers_source: str = "cryonuseg",
     ):
         self.output_dir = Path(output_dir)
         self.observers_dir = Path(observers_dir) if observers_dir and Path(observers_dir).is_dir() else None
         if observers_dir and self.observers_dir is None:
             logger.warning("observer annotations not found at %s: the report has no human-agreement rows", observers_dir)
         self.observers = tuple(observers)
+        self.observers_source = observers_source
         self.pred_key, self.true_key, self.reference_key = pred_key, true_key, reference_key
         self.split, self.log_dir = split, log_dir
-        self.rows: dict[str, list[dict]] = {}
+        self.rows: dict[str, dict[str, list[dict]]] = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
-    def _add(self, method: str, name: str, organ: str, pred: np.ndarray, true: np.ndarray) -> None:
-        self.rows.setdefault(method, []).append({"name": name, "organ": organ, **instance_metrics(pred, true)})
+    def _add(self, source: str, method: str, name: str, organ: str, pred: np.ndarray, true: np.ndarray) -> None:
+        row = {"name": name, "organ": organ, **instance_metrics(pred, true)}
+        self.rows.setdefault(source, {}).setdefault(method, []).append(row)
 
     def collect(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         for batch, output in zip(engine.state.batch, engine.state.output):
-            name, organ = str(batch["name"]), str(batch["organ"])
+            name, organ, source = str(batch["name"]), str(batch["organ"]), str(batch.get("source", "tiles"))
             pred, true = _numpy_labels(output[self.pred_key]), _numpy_labels(output[self.true_key])
-            self._add("model", name, organ, pred, true)
+            self._add(source, "model", name, organ, pred, true)
             if self.reference_key:
-                self._add("reference: binary map + connected components", name, organ,
-                          _numpy_labels(output[self.reference_key]), true)
-            for observer in self.observers if self.observers_dir else ():
-                path = self.observers_dir / observer / INSTANCE_DIR / f"{name}.tif"
-                if path.is_file():
-                    self._add(f"human: {observer}", name, organ, read_instance_labels(path), true)
-            write_label_tiff(self.output_dir / f"{name}.tif", pred, tile=256)
-            with atomic_path(self.output_dir / f"{name}_overlay.png") as tmp:
-                skio.imsave(tmp, overlay(read_image(batch["image_path"]), true, pred), check_contrast=False)
+                self._add(source, REFERENCE, name, organ, _numpy_labels(output[self.reference_key]), true)
+            if self.observers_dir and source == self.observers_source:
+                for observer in self.observers:
+                    path = self.observers_dir / observer / INSTANCE_DIR / f"{name}.tif"
+                    if path.is_file():
+                        self._add(source, f"human: {observer}", name, organ, read_instance_labels(path), true)
+            folder = self.output_dir / source.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            write_label_tiff(folder / f"{name}.tif", pred, tile=256)
+            image = read_image(batch["image_path"])
+            if image.shape[:2] != pred.shape:  # a rescanned copy: draw on the copy's grid
+                image = rescan_image(image, pred.shape[0] / image.shape[0])
+            with atomic_path(folder / f"{name}_overlay.png") as tmp:
+                skio.imsave(tmp, overlay(image, true, pred), check_contrast=False)
 
     def write(self, engine: Engine | None = None) -> dict:
         if not self.rows:
             raise RuntimeError("EvaluationReport: no tiles were evaluated")
-        summaries = {method: summarize(rows) for method, rows in self.rows.items()}
-        report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "methods": summaries}
+        sources = {src: {m: summarize(rows) for m, rows in methods.items()} for src, methods in self.rows.items()}
+        pooled_rows: dict[str, list[dict]] = {}
+        for src, methods in self.rows.items():
+            if "@" in src:
+                continue
+            for method in ("model", REFERENCE):
+                pooled_rows.setdefault(method, []).extend(methods.get(method, []))
+        pooled = {m: summarize(rows) for m, rows in pooled_rows.items() if rows}
+        report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled}
         with atomic_path(self.output_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
-            tmp.write_text(_csv(summaries))
-        logger.info("%s split, mean over tiles:\n%s", self.split, format_table(summaries))
+            tmp.write_text(_csv({**{f"{src} | {m}": v for src, ms in sources.items() for m, v in ms.items()},
+                                 **{f"pooled | {m}": v for m, v in pooled.items()}}))
+        for src, summaries in sources.items():
+            logger.info("%s (%s), mean over tiles:\n%s", src, self.split, format_table(summaries, baseline=src == self.observers_source))
+        logger.info("pooled over %s, mean over tiles:\n%s", [s for s in sources if "@" not in s],
+                    format_table(pooled, baseline=False))
         logger.info("report written to %s", self.output_dir)
         if self.log_dir is not None:
-            self._tensorboard(summaries, engine)
+            self._tensorboard(sources, engine)
         return report
 
-    def _tensorboard(self, summaries: dict, engine: Engine | None) -> None:
+    def _tensorboard(self, sources: dict, engine: Engine | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         step = engine.state.epoch if engine is not None else 0
         with SummaryWriter(log_dir=str(self.log_dir)) as writer:
-            for key in TABLE_KEYS:
-                writer.add_scalar(f"{self.split}/{key}", summaries["model"]["mean"][key], step)
+            for src, summaries in sources.items():
+                for key in TABLE_KEYS:
+                    writer.add_scalar(f"{self.split}/{src}/{key}", summaries["model"]["mean"][key], step)
 
 
 def _csv(summaries: dict) -> str:
@@ -147,12 +190,14 @@ def _csv(summaries: dict) -> str:
     return buffer.getvalue()
 
 
-def format_table(summaries: dict, keys: Sequence[str] = ("dice", "count_ape", "f1", "aji", "pq")) -> str:
-    """A plain-text table of mean metrics, one row per method, with the published baseline for orientation."""
+def format_table(summaries: dict, keys: Sequence[str] = ("dice", "count_ape", "recall", "f1", "aji", "pq"),
+                 baseline: bool = True) -> str:
+    """A plain-text table of mean metrics, one row per method (with CryoNuSeg's published baseline for orientation)."""
     width = max(len(m) for m in [*summaries, PUBLISHED_BASELINE["method"]]) + 2
     lines = ["method".ljust(width) + "".join(k.rjust(11) for k in keys)]
     for method, summary in summaries.items():
         lines.append(method.ljust(width) + "".join(f"{summary['mean'][k]:11.3f}" for k in keys))
-    lines.append(PUBLISHED_BASELINE["method"].ljust(width)
-                 + "".join(f"{PUBLISHED_BASELINE[k]:11.3f}" if k in PUBLISHED_BASELINE else " " * 11 for k in keys))
+    if baseline:
+        lines.append(PUBLISHED_BASELINE["method"].ljust(width)
+                     + "".join(f"{PUBLISHED_BASELINE[k]:11.3f}" if k in PUBLISHED_BASELINE else " " * 11 for k in keys))
     return "\n".join(lines)

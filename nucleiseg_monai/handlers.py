@@ -208,3 +208,20 @@ class LearningRateLogger:
         for i, group in enumerate(self.optimizer.param_groups):
             self.writer.add_scalar(self.tag if i == 0 else f"{self.tag}_{i}", group["lr"], engine.state.epoch)
         self.writer.flush()
+
+
+def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str) -> None:
+    """Refuses a new training run whose folder already holds trained weights, before anything is trained.
+
+    A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
+    replace the weights it ships with.
+    """
+    resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
+    if resume or overwrite:
+        return
+    existing = [p for p in (Path(ckpt_dir) / "model.pt", Path(ckpt_dir) / "checkpoint_last.pt") if p.exists()]
+    if existing:
+        raise FileExistsError(
+            f"{existing[0]} holds trained weights from an earlier run; train into a folder of its own with "
+            "--bundle_root runs/NAME, continue that run with --resume true, or replace it with --overwrite true"
+        )

@@ -196,9 +196,12 @@ class InstancesFromProbsd(MapTransform):
         output_keys: KeysCollection | None = None,
         softmax: bool = False,
         allow_missing_keys: bool = False,
-        **params: Any,
+        params: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        # a config names its one postprocess_params dict ("params": "@postprocess_params") instead of splatting it
+        params = {**(params or {}), **kwargs}
         self.output_keys = self.keys if output_keys is None else ensure_tuple_rep(output_keys, len(self.keys))
         allowed = set(inspect.signature(instances_from_probs).parameters) - {"probs"}
         unknown = sorted(set(params) - allowed)

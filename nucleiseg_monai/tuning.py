@@ -8,18 +8,23 @@ bundle configs can be checked and redone.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
+from .atomic import atomic_path
 from .data import write_json_atomic
 from .metrics import instance_metrics, summarize
+from .networks import MixedPrecision, load_weights
 from .postprocess import instances_from_probs
+from .transforms import resample_labels
 
 logger = logging.getLogger(__name__)
 
@@ -40,46 +45,61 @@ def settings(grid: Mapping[str, Sequence]) -> Iterable[dict]:
 
 
 def score(params: dict, cached: Sequence[tuple[dict, np.ndarray, np.ndarray]]) -> dict:
-    rows = [{"name": r["name"], "organ": r["organ"], **instance_metrics(instances_from_probs(p, **params), t)}
-            for r, p, t in cached]
-    mean = summarize(rows)["mean"]
-    return {k: mean[k] for k in ("aji", "pq", "dice", "f1", "count_ape")}
+    """Validation figures of one setting: per-tile means within each source, then the mean over sources (so a
+    source with many tiles does not outvote the others); per-source figures alongside."""
+    by_source: dict[str, list[dict]] = {}
+    for r, p, t in cached:
+        pred = instances_from_probs(p, **params)
+        if pred.shape != t.shape:  # analysed at the working pixel size, scored on the file's grid
+            pred = resample_labels(torch.from_numpy(pred[None].astype(np.int64)), t.shape)[0].numpy()
+        by_source.setdefault(r.get("source", "tiles"), []).append(
+            {"name": r["name"], "organ": r["organ"], **instance_metrics(pred, t)})
+    keys = ("aji", "pq", "dice", "f1", "recall", "count_ape")
+    sources = {src: {k: summarize(rows)["mean"][k] for k in keys} for src, rows in by_source.items()}
+    return {**{k: float(np.mean([s[k] for s in sources.values()])) for k in keys}, "sources": sources}
 
 
-def validation_probabilities(config_file: str | os.PathLike, overrides: Mapping | None = None):
-    """Runs the bundle's evaluate config's network over its validation split once: (record, probs, truth) per tile."""
+def validation_probabilities(config_files: Sequence[str | os.PathLike], overrides: Mapping | None = None):
+    """Runs the bundle's network over the validation split of every source once: (record, probs, truth) per tile.
+
+    ``config_files`` are those of the bundle's evaluation (train.json, then the evaluate.json overlay); the
+    weights are its checkpoint, the truth the labels on each file's own pixel grid.
+    """
+    files = [str(f) for f in config_files]
     parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.update({"split": "validation", **(overrides or {})})
-    network = parser.get_parsed_content("network")
-    network.eval()
-    records = parser.get_parsed_content("evaluate#records")
-    transform = parser.get_parsed_content("evaluate#preprocessing")
-    inferer = parser.get_parsed_content("evaluate#inferer")
+    parser.read_config(files)
+    parser.read_meta(str(Path(files[0]).parent / "metadata.json"))
+    parser.update({"split": "validation", "rescans": {}, **(overrides or {})})
     device = parser.get_parsed_content("device")
+    network = load_weights(parser.get_parsed_content("network_def"), parser.get_parsed_content("checkpoint"))
+    network = MixedPrecision(network.to(device), parser.get_parsed_content("amp_dtype")).eval()
+    records = parser.get_parsed_content("validate#records")
+    transform = parser.get_parsed_content("validate#preprocessing")
+    inferer = parser.get_parsed_content("validate#inferer")
     cached = []
     with torch.inference_mode():
         for record in tqdm(records, desc="validation tiles"):
             item = transform(record)
             logits = inferer(item["image"][None].to(device), network)
             probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-            cached.append((record, probs, np.asarray(item["label_inst"][0])))
+            cached.append((record, probs, np.asarray(item["label_native"][0])))
     return cached
 
 
 def tune(
-    config_file: str | os.PathLike, report_file: str | os.PathLike, grid: Mapping[str, Sequence] = DEFAULT_GRID,
-    overrides: Mapping | None = None,
+    config_files: Sequence[str | os.PathLike], report_file: str | os.PathLike,
+    grid: Mapping[str, Sequence] = DEFAULT_GRID, overrides: Mapping | None = None,
 ) -> dict:
     """Grid search on the validation split; writes every setting's figures and the choice to ``report_file``."""
-    cached = validation_probabilities(config_file, overrides)
+    cached = validation_probabilities(config_files, overrides)
     results = []
     for params in tqdm(list(settings(grid)), desc="settings", mininterval=5):
         results.append({"params": params, "validation": score(params, cached)})
     best = max(results, key=lambda r: np.mean([r["validation"][k] for k in CRITERION]))
     report = {
-        "criterion": f"mean of validation {' and '.join(CRITERION)} (per-tile means)",
-        "validation_tiles": [r["name"] for r, _, _ in cached],
+        "criterion": f"mean of validation {' and '.join(CRITERION)} (per-tile means within each source, then the "
+                     "mean over sources)",
+        "validation_tiles": [f"{r.get('source', '')}/{r['name']}" for r, _, _ in cached],
         "chosen": best,
         "grid": {k: list(v) for k, v in grid.items()},
         "results": sorted(results, key=lambda r: -np.mean([r["validation"][k] for k in CRITERION])),
@@ -87,3 +107,15 @@ def tune(
     write_json_atomic(report, report_file)
     logger.info("chose %s: validation %s", best["params"], best["validation"])
     return report
+
+
+def apply(train_config: str | os.PathLike, params: Mapping) -> None:
+    """Writes ``params`` as the bundle's one ``postprocess_params`` (in train.json; evaluation and inference
+    read it from there)."""
+    path = Path(train_config)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "postprocess_params" not in config:
+        raise KeyError(f"{path} has no postprocess_params to replace; is it a bundle's train.json?")
+    config["postprocess_params"] = dict(params)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")

@@ -68,7 +68,7 @@ def test_bundles_differ_only_in_network_def(name):
     assert _differences(small, full) == [], f"{name}: the bundles differ outside network_def and postprocess_params"
     if small_net is not None or full_net is not None:
         assert small_net["features"] != full_net["features"]
-        assert len(full_net["features"]) > len(small_net["features"])  # the full bundle is deeper
+        assert sum(full_net["features"]) > sum(small_net["features"])  # the full bundle is wider
         assert {k: v for k, v in small_net.items() if k != "features"} == \
             {k: v for k, v in full_net.items() if k != "features"}
 
@@ -91,12 +91,32 @@ def test_metadata_differs_only_in_what_describes_the_network():
         assert shape == [f"{2 ** poolings}*n"] * 2
 
 
+# each fact once: the overlays set only what their workflow changes
+FACTS = ("network_def", "postprocess_params", "data_root", "sources", "working_mpp", "stats_file", "imports")
+
+
+@pytest.mark.parametrize("name", ["evaluate.json", "inference.json", "multi_gpu_train.json"])
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
-def test_evaluation_builds_the_network_training_built(configs):
-    train_net = _load(configs / "train.json")["network_def"]
-    assert _load(configs / "evaluate.json")["network_def"] == train_net
-    if (configs / "inference.json").is_file():
-        assert _load(configs / "inference.json")["network_def"] == train_net
+def test_overlays_restate_no_fact_of_train_json(configs, name):
+    overlay = _load(configs / name)
+    assert not set(FACTS) & set(overlay), f"{name} restates {set(FACTS) & set(overlay)}"
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_every_config_verifies_the_bundle_before_anything_else(configs):
+    for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
+        assert _load(configs / name)["initialize"][0] == "$nucleiseg_monai.bundle.guard()", name
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_workflows_have_the_properties_monai_requires(configs, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    for files, run_id, kind in (([configs / "train.json"], "training", "train"),
+                                ([configs / "train.json", configs / "evaluate.json"], "evaluating", "infer")):
+        workflow = ConfigWorkflow(config_file=[str(f) for f in files], meta_file=str(configs / "metadata.json"),
+                                  run_id=run_id, workflow_type=kind, bundle_root=str(tmp_path))
+        assert workflow.check_properties() in (None, []), f"{run_id}: {workflow.check_properties()}"
 
 
 # --- every config parses, resolves and answers to its runner ids -----------------------------------------------
@@ -105,7 +125,8 @@ def test_evaluation_builds_the_network_training_built(configs):
 def _config_sets():
     for configs in (SMALL, FULL):
         for name, runner in RUNNERS.items():
-            yield pytest.param([configs / name], runner, id=f"{configs.parent.name}-{name}")
+            files = [configs / name] if name == "train.json" else [configs / "train.json", configs / name]
+            yield pytest.param(files, runner, id=f"{configs.parent.name}-{name}")
         yield pytest.param([configs / "train.json", configs / "multi_gpu_train.json"], "training",
                            id=f"{configs.parent.name}-train+multi_gpu")
 
@@ -141,11 +162,14 @@ def test_resume_restores_everything_the_checkpoint_saves(configs):
 
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
 def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(configs):
-    # multi_gpu_train.json gives ranks > 0 train#handlers[:3]: those three, and never a writer of files
+    # ranks > 0 get train#handlers only; every handler that writes a file is in train#rank0_handlers
     multi = _load(configs / "multi_gpu_train.json")
-    assert "@train#handlers[:3] if dist.get_rank() > 0" in multi["train#trainer#train_handlers"]
-    targets = [h["_target_"] for h in _load(configs / "train.json")["train"]["handlers"]]
-    assert targets[:3] == ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler", "ValidationHandler"]
+    assert multi["train#trainer#train_handlers"] == \
+        "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
+    train = _load(configs / "train.json")["train"]
+    assert [h["_target_"] for h in train["handlers"]] == \
+        ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler", "ValidationHandler"]
+    assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
 
 
 # --- bundle_root --------------------------------------------------------------------------------------------------
@@ -394,6 +418,28 @@ def test_load_weights_refuses_a_checkpoint_that_would_run_code(tmp_path):
 
 
 @pytest.mark.parametrize("bundle", [SMALL, FULL], ids=lambda p: p.parent.name)
-def test_each_bundle_uses_one_set_of_watershed_parameters(bundle):
-    params = [_load(bundle / f)["postprocess_params"] for f in ("train.json", "evaluate.json", "inference.json")]
-    assert params[0] == params[1] == params[2]
+def test_tune_apply_writes_the_one_set_of_watershed_parameters(bundle, tmp_path):
+    from nucleiseg_monai.tuning import apply
+
+    train = tmp_path / "train.json"
+    train.write_text((bundle / "train.json").read_text())
+    chosen = {"fg_threshold": 0.45, "marker_threshold": 0.7, "min_marker_size": 6, "min_size": 20,
+              "elevation": "interior"}
+    apply(train, chosen)
+    config = _load(train)
+    assert config["postprocess_params"] == chosen
+    del config["postprocess_params"]
+    original = _load(bundle / "train.json")
+    del original["postprocess_params"]
+    assert config == original  # nothing else touched
+
+
+def test_a_new_run_never_replaces_trained_weights(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="--bundle_root runs/NAME.*--resume true.*--overwrite true"):
+        handlers.check_new_run(tmp_path, "false", "false")  # as strings, the way the command line gives them
+    handlers.check_new_run(tmp_path, "true", False)
+    handlers.check_new_run(tmp_path, False, "true")
+    handlers.check_new_run(tmp_path / "empty", False, False)
+    with pytest.raises(ValueError, match="--resume 'maybe' is not a boolean"):
+        handlers.check_new_run(tmp_path, "maybe", False)

@@ -29,21 +29,31 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "nuclei_unet_small" / "configs"
 FEATURES = [8, 16, 32, 64]
-BATCH, SAMPLES_PER_TILE = 2, 2
+BATCH, EPOCH_LENGTH = 2, 5
 TILE = 128
+
+
+def data_args(dataset: Path) -> list[str]:
+    return ["--data_root", str(dataset.parent), "--sources_file", str(dataset.parent / "sources.json")]
 
 
 def tiny_args(dataset: Path) -> list[str]:
     # 128 px tiles: the validation/evaluation window shrinks from 512 so a tile is not padded to 16 times its area
-    return ["--dataset_dir", str(dataset), "--patch_size", "[64,64]", "--batch_size", str(BATCH),
-            "--samples_per_tile", str(SAMPLES_PER_TILE), "--num_workers", "0", "--val_interval", "1",
-            "--network_def#features", json.dumps(FEATURES), "--validate#inferer#roi_size", f"[{TILE},{TILE}]"]
+    return data_args(dataset) + [
+        "--patch_size", "[64,64]", "--batch_size", str(BATCH), "--epoch_length", str(EPOCH_LENGTH),
+        "--num_workers", "0", "--val_interval", "1", "--network_def#features", json.dumps(FEATURES),
+        "--validate#inferer#roi_size", f"[{TILE},{TILE}]"]
 
 
 def eval_args(dataset: Path, root: Path) -> list[str]:
     # the synthetic tiles share CryoNuSeg's names: real observer annotations must not be scored against them
-    return ["--dataset_dir", str(dataset), "--network_def#features", json.dumps(FEATURES),
-            "--evaluate#inferer#roi_size", f"[{TILE},{TILE}]", "--observers_dir", str(root / "no_observers")]
+    return data_args(dataset) + ["--network_def#features", json.dumps(FEATURES),
+                                 "--validate#inferer#roi_size", f"[{TILE},{TILE}]",
+                                 "--observers_dir", str(root / "no_observers")]
+
+
+def overlay(bundle: Path, name: str) -> str:
+    return f"['{bundle}/configs/train.json','{bundle}/configs/{name}']"
 
 
 def env() -> dict:
@@ -55,7 +65,7 @@ def run(command: list[str], cwd: Path, timeout: int = 300, extra_env: dict | Non
                           timeout=timeout)
 
 
-def bundle_run(runner: str | None, config: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def bundle_run(runner: str | None, config: Path | str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "monai.bundle", "run"] + ([runner] if runner else [])
     return run(command + ["--config_file", str(config)] + args, cwd)
 
@@ -77,8 +87,7 @@ def load(path: Path) -> dict:
 
 
 def iterations_per_epoch(bundle: Path, ranks: int = 1) -> int:
-    n_train = len(json.loads((bundle / "models" / "datalist.json").read_text())["training"])
-    return math.ceil(math.ceil(n_train * SAMPLES_PER_TILE / ranks) / BATCH)
+    return math.ceil(EPOCH_LENGTH * BATCH // ranks / BATCH)
 
 
 def scalars(bundle: Path, tag: str = "train_loss") -> dict[int, float]:
@@ -100,9 +109,12 @@ def train_loss(bundle: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    # 2 organs x 8 tiles: 4 test, 2 validation (one per DDP rank), 10 training tiles
-    return write_dataset(tmp_path_factory.mktemp("synthetic"), n_tiles=16, size=TILE, organs=("Skin", "Thymus"),
-                         seed=1)
+    # 2 organs x 8 tiles: 4 test, 2 validation (one per DDP rank), 10 training tiles; one source of the registry
+    root = tmp_path_factory.mktemp("data")
+    (root / "sources.json").write_text(json.dumps({"synthetic": {
+        "root": "synthetic", "layout": "kaggle", "mpp": 0.25, "organs": "name",
+        "split": {"kind": "organ_stratified", "val_fraction": 0.15, "test_fraction": 0.3, "seed": 0}}}))
+    return write_dataset(root / "synthetic", n_tiles=16, size=TILE, organs=("Skin", "Thymus"), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -148,21 +160,29 @@ def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
     trained, _ = one_epoch
     bundle = tmp_path / trained.name
     shutil.copytree(trained, bundle)  # each evaluation writes its own eval/test
-    ok(bundle_run(runner, bundle / "configs" / "evaluate.json", eval_args(dataset, tmp_path), tmp_path))
+    models_before = {p.name: p.read_bytes() for p in (bundle / "models").iterdir()}
+    ok(bundle_run(runner, overlay(bundle, "evaluate.json"),
+                  eval_args(dataset, tmp_path) + ["--rescans", "{'synthetic': 0.5}"], tmp_path))
 
     out = bundle / "eval" / "test"
     report = json.loads((out / "metrics.json").read_text())
     assert report["split"] == "test"
-    assert 0.0 <= report["methods"]["model"]["mean"]["aji"] <= 1.0
-    assert not any(m.startswith("human") for m in report["methods"])
+    assert set(report["sources"]) == {"synthetic", "synthetic@0.5um"}
+    methods = report["sources"]["synthetic"]
+    assert 0.0 <= methods["model"]["mean"]["aji"] <= 1.0
+    assert not any(m.startswith("human") for m in methods)
+    assert report["pooled"]["model"]["n_images"] == 4  # the rescanned copy is a row of its own, not pooled
     assert (out / "metrics.csv").read_text().startswith("method,scope,name,organ,n_images,")
     names = [r["name"] for r in json.loads((bundle / "models" / "datalist.json").read_text())["test"]]
     assert len(names) == 4
-    for name in names:
-        labels = tifffile.imread(out / f"{name}.tif")
-        assert labels.dtype == np.uint32 and labels.shape == (TILE, TILE)
-        overlay = imread(out / f"{name}_overlay.png")
-        assert overlay.dtype == np.uint8 and overlay.shape == (TILE, TILE, 3)
+    for source, size in (("synthetic", TILE), ("synthetic@0.5um", TILE // 2)):
+        for name in names:
+            labels = tifffile.imread(out / source / f"{name}.tif")
+            assert labels.dtype == np.uint32 and labels.shape == (size, size)  # on the scored file's own grid
+            drawn = imread(out / source / f"{name}_overlay.png")
+            assert drawn.dtype == np.uint8 and drawn.shape == (size, size, 3)
+    # evaluation reads models/, never writes it
+    assert {p.name: p.read_bytes() for p in (bundle / "models").iterdir()} == models_before
 
 
 def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
@@ -241,7 +261,7 @@ def test_ddp_two_processes_on_cpu(dataset, tmp_path):
     renames = tmp_path / "renames.txt"
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    configs = f"['{bundle}/configs/train.json','{bundle}/configs/multi_gpu_train.json']"
+    configs = overlay(bundle, "multi_gpu_train.json")
     command = launcher + ["--nproc_per_node=2", f"--master_port={free_port()}", "--tee=3",
                           "-m", "monai.bundle", "run", "training", "--config_file", configs,
                           *tiny_args(dataset), "--epochs", "2"]

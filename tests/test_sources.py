@@ -221,3 +221,14 @@ def test_real_sources_keep_cryonuseg_test_split_and_hold_out_nuinsseg_groups():
     train_groups = {r["organ"] for r in datalist["training"] if r["source"] == "nuinsseg"}
     held = set(sources["nuinsseg"].split["validation"]) | set(sources["nuinsseg"].split["test"])
     assert not train_groups & held
+
+
+@pytest.mark.parametrize("bundle", ["nuclei_unet_small", "nuclei_unet_full"])
+def test_licenses_travel_with_the_weights(bundle):
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    license_text = (REPO / "bundles" / bundle / "LICENSE").read_text()
+    for source in S.load_sources().values():
+        assert source.license in meta["data_license"] and source.license in license_text
+        assert source.citation.split(",")[0] in license_text or source.citation.split(" et al")[0] in license_text
+    if any(not s.commercial_use for s in S.load_sources().values()):
+        assert "NON-COMMERCIAL" in license_text and "non-commercial" in meta["data_license"]
