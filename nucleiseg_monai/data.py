@@ -30,7 +30,8 @@ IMAGE_DIR = "tissue images"
 INSTANCE_DIR = "label masks modify"
 BINARY_DIR = "mask binary"
 NESTED_DIR = "Annotator 1 (biologist)"  # newer archives: the first annotation round, the published ground truth
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# files a dataset folder holds as tiles and label maps (any other file there, notes or thumbnails, is passed over)
+DATASET_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 NAME_PATTERN = re.compile(r"^(?:Human|Mouse)_(?P<organ>[A-Za-z-]+?)_(?P<index>\d+)$")
 
 
@@ -78,7 +79,7 @@ def dataset_root(path: str | os.PathLike) -> Path:
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in DATASET_IMAGE_SUFFIXES and p.is_file()}
 
 
 def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
@@ -86,7 +87,7 @@ def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
     root = dataset_root(dataset_dir)
     images = _files_by_stem(root / IMAGE_DIR)
     if not images:
-        raise DataError(f"{root / IMAGE_DIR} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{root / IMAGE_DIR} holds no images ({', '.join(DATASET_IMAGE_SUFFIXES)})")
     # the newer Kaggle archive keeps 'tissue images' at the top and each annotator's labels in a folder of its own
     label_root = root
     if not any((root / d).is_dir() for d in (INSTANCE_DIR, BINARY_DIR)) and (root / NESTED_DIR).is_dir():
