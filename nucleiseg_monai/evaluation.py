@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,10 +22,11 @@ from skimage import io as skio
 
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 
 from .data import INSTANCE_DIR, read_image, read_instance_labels
 from .metrics import instance_metrics, summarize
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json_atomic
 from .outputs import Overlay, write_label_tiff
 from .postprocess import instances_from_foreground
 from .transforms import rescan_image
@@ -53,8 +53,7 @@ def overlay(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray) -> np.
 
 
 def _numpy_labels(x) -> np.ndarray:
-    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-    return np.squeeze(array).astype(np.uint32)
+    return np.squeeze(convert_to_numpy(x)).astype(np.uint32)
 
 
 class ReferenceInstancesd(MapTransform):
@@ -153,8 +152,7 @@ class EvaluationReport:
                 pooled_rows.setdefault(method, []).extend(methods.get(method, []))
         pooled = {m: summarize(rows) for m, rows in pooled_rows.items() if rows}
         report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled}
-        with atomic_path(self.output_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        write_json_atomic(report, self.output_dir / "metrics.json", default=float)
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
             tmp.write_text(_csv({**{f"{src} | {m}": v for src, ms in sources.items() for m, v in ms.items()},
                                  **{f"pooled | {m}": v for m, v in pooled.items()}}))
