@@ -138,7 +138,8 @@ def is_temporary(name: str) -> bool:
     return TEMPORARY_NAME.match(name) is not None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (anyone's)."""
     try:
         os.kill(pid, 0)
     except OSError as err:
@@ -167,7 +168,7 @@ def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> lis
             continue
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             continue
-        writer_gone = match["pid"] is not None and match["host"] == host and not _alive(int(match["pid"]))
+        writer_gone = match["pid"] is not None and match["host"] == host and not process_alive(int(match["pid"]))
         if writer_gone or now - info.st_mtime > older_than_s:
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from .atomic import StreamTooLong, atomic_path, copy_hashed, sha256_file, umask, write_json_atomic
+from .atomic import StreamTooLong, atomic_path, copy_hashed, process_alive, sha256_file, umask, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
@@ -437,16 +437,6 @@ def _target(dest: Path, top: str, overwrite: bool, into: bool) -> Path:
     return target
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def _remove_stale(parent: Path, name: str) -> None:
     """Deletes the temporary folders of unpacks into ``parent/name`` whose process died (kill -9) before cleaning up."""
     if os.name != "posix":  # os.kill(pid, 0) is not a liveness test elsewhere
@@ -454,7 +444,7 @@ def _remove_stale(parent: Path, name: str) -> None:
     prefix = _UNPACKING.format(name=name)
     for leftover in parent.iterdir():
         pid = leftover.name[len(prefix):].split("-")[0]
-        if leftover.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        if leftover.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
