@@ -23,6 +23,7 @@ from skimage import io as skio
 from skimage.measure import label as connected_components
 
 from .atomic import write_json_atomic  # also reached as data.write_json_atomic by bundle configs and cli
+from .wsi import ImageError, rgb_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +134,13 @@ def _read(path: Path) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 image (H, W, 3); opaque RGBA loses its alpha, anything ambiguous is refused."""
+    """An RGB uint8 image (H, W, 3) under the reader policy's training rules (``wsi.rgb_uint8``): opaque RGBA loses
+    its alpha, 16-bit, grey and transparent images are refused."""
     path = Path(path)
-    image = _read(path)
-    if image.dtype != np.uint8:
-        raise DataError(
-            f"{path} is {image.dtype}, not 8-bit; scaling is ambiguous, so convert it to 8-bit RGB "
-            "(e.g. in QuPath or with skimage.util.img_as_ubyte) before use"
-        )
-    if image.ndim == 2:
-        raise DataError(f"{path} is grayscale; the models need H&E colour: supply the RGB image")
-    if image.ndim != 3 or image.shape[-1] not in (3, 4):
-        raise DataError(f"{path} has shape {image.shape}; expected (height, width, 3) RGB")
-    if image.shape[-1] == 4:
-        if not np.all(image[..., 3] == 255):
-            raise DataError(f"{path} is RGBA with transparent pixels; flatten it onto white and save as RGB")
-        image = image[..., :3]
-    return np.ascontiguousarray(image)
+    try:
+        return rgb_uint8(_read(path), path, training=True)
+    except ImageError as err:
+        raise DataError(str(err)) from err
 
 
 def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.ndarray:

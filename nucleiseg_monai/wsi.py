@@ -162,19 +162,36 @@ def _block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3), dtype=np.float32).round().astype(np.uint8)
 
 
-def _to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
-    """(h, w), (h, w, 1|2|3|4) of uint8 or uint16 -> (h, w, 3) uint8: grey is repeated, alpha dropped, 16-bit
-    samples keep their top 8 bits (the full 0-65535 range maps onto 0-255, as skimage's img_as_ubyte does)."""
-    if pixels.dtype == np.uint16:
-        pixels = (pixels >> 8).astype(np.uint8)
+def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False) -> np.ndarray:
+    """The one reader policy: (h, w) or (h, w, 1|2|3|4) pixels of uint8 or uint16 as (h, w, 3) uint8.
+
+    Inference (the readers here) takes images as scanners and viewers write them and states each conversion in
+    ``SlideReader.conversion`` for its log: 16-bit samples keep their top 8 bits (the full 0-65535 range maps onto
+    0-255, as skimage's img_as_ubyte does), grey (with or without alpha) is repeated into three channels so that
+    the predictor can refuse it by name (``SlideReader.greyscale``: the networks need H&E colour), alpha is dropped.
+    Training (``data.read_image``, ``training=True``) refuses 16-bit, grey and RGBA with any transparent pixel
+    instead, and drops only an alpha that is opaque everywhere: a tile read wrong would silently teach the network
+    and shift the channel statistics, and a training set can be converted once by hand where a cohort cannot.
+    """
+    _check_dtype(pixels.dtype, path)
+    if training and pixels.dtype != np.uint8:
+        raise ImageError(f"{path} is {pixels.dtype}, not 8-bit; scaling is ambiguous, so convert it to 8-bit RGB "
+                         "(e.g. in QuPath or with skimage.util.img_as_ubyte) before training on it")
     if pixels.ndim == 2:
         pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 2, 3, 4):
+        raise ImageError(f"{path} has shape {pixels.shape}; expected a grey, RGB or RGBA image (height, width[, "
+                         "channels])")
     channels = pixels.shape[-1]
-    if channels in (1, 2):
+    if training and channels < 3:
+        raise ImageError(f"{path} is greyscale; the models need H&E colour: supply the RGB image")
+    if training and channels == 4 and not np.all(pixels[..., 3] == 255):
+        raise ImageError(f"{path} is RGBA with transparent pixels; flatten it onto white and save it as RGB")
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    if channels < 3:
         return np.repeat(pixels[..., :1], 3, axis=-1)
-    if channels in (3, 4):
-        return np.ascontiguousarray(pixels[..., :3])
-    raise ImageError(f"{path} has {channels} channels per pixel; expected grey, RGB or RGBA")
+    return np.ascontiguousarray(pixels[..., :3])
 
 
 def _check_dtype(dtype: np.dtype, path: Path) -> None:
@@ -194,10 +211,7 @@ class ArrayReader(SlideReader):
     """A small image held in memory (PNG, JPEG): one level."""
 
     def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None):
-        _check_dtype(pixels.dtype, path)
-        if pixels.ndim not in (2, 3):
-            raise ImageError(f"{path} has shape {pixels.shape}; expected a 2-D grey or colour image")
-        self.pixels = _to_rgb(pixels, path)
+        self.pixels = rgb_uint8(pixels, path)
         super().__init__(path, [self.pixels.shape[:2]], base_mpp, source_dtype=pixels.dtype,
                          source_channels=1 if pixels.ndim == 2 else pixels.shape[-1])
 
@@ -277,7 +291,7 @@ class TiffReader(SlideReader):
         kept = [a for a in axes if a in "YXSC"]
         pixels = np.asarray(self._array(level)[index])
         order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "SC"]
-        return _to_rgb(pixels.transpose(order), self.path)
+        return rgb_uint8(pixels.transpose(order), self.path)
 
     def close(self) -> None:
         self._arrays.clear()

@@ -382,7 +382,7 @@ def test_size_mismatch(tmp_path):
 def test_grayscale_image_refused(tmp_path):
     path = tmp_path / "gray.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.uint8))
-    _raises_naming(path, data.read_image, path, match="grayscale")
+    _raises_naming(path, data.read_image, path, match="greyscale")
 
 
 def test_rgba_transparent_refused_opaque_converted(tmp_path):

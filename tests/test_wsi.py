@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from nucleiseg_monai.wsi import ImageError, TiffReader, choose_level, open_image, tissue_mask
+from nucleiseg_monai.wsi import ImageError, TiffReader, choose_level, open_image, rgb_uint8, tissue_mask
 
 RNG = np.random.default_rng(0)
 
@@ -243,3 +243,26 @@ def test_openslide_reader_matches_the_tiff_reader(tmp_path):
     with open_image(svs, mpp=0.5) as o:
         assert o.level == 1 and o.shape == (150, 210)
         np.testing.assert_array_equal(o.read_region(3, 4, 20, 20), levels[1][3:23, 4:24])
+
+
+def test_one_reader_policy_converts_at_inference_what_training_refuses(tmp_path):
+    path = tmp_path / "tile.tif"
+    rgb = RNG.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    opaque = np.dstack([rgb, np.full((6, 7), 255, np.uint8)])
+    for training in (False, True):  # plain and opaque RGBA read the same under both rules
+        np.testing.assert_array_equal(rgb_uint8(rgb, path, training), rgb)
+        np.testing.assert_array_equal(rgb_uint8(opaque, path, training), rgb)
+
+    transparent = opaque.copy()
+    transparent[2, 3, 3] = 0
+    deep = rgb.astype(np.uint16) * 257
+    grey = rgb[..., 0]
+    np.testing.assert_array_equal(rgb_uint8(transparent, path), rgb)
+    np.testing.assert_array_equal(rgb_uint8(deep, path), rgb)
+    np.testing.assert_array_equal(rgb_uint8(grey, path), np.repeat(grey[..., None], 3, axis=-1))
+    for pixels, problem in ((transparent, "transparent"), (deep, "uint16, not 8-bit"), (grey, "greyscale")):
+        with pytest.raises(ImageError, match=problem) as info:
+            rgb_uint8(pixels, path, training=True)
+        assert str(path) in str(info.value)
+    with pytest.raises(ImageError, match="float32"):  # neither reads what is not 8- or 16-bit
+        rgb_uint8(rgb.astype(np.float32), path)
