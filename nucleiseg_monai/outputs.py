@@ -228,12 +228,7 @@ class Overlay:
         x = np.clip(((cols + offset[1] + 0.5) * self.scale[1]).astype(np.int64), 0, w - 1)
         self.image[y, x] = self.colour if colour is None else np.asarray(colour, np.uint8)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        with atomic_path(path) as tmp:
-            self._save(tmp)
-        return Path(path)
-
-    def _save(self, target: Path) -> None:
+    def write_png(self, target: Path) -> None:
         # zlib level 1: a 2048 px overlay in 0.5 s instead of 1.9 s at Pillow's default 6, for files ~10% larger
         Image.fromarray(self.image).save(target, format="PNG", compress_level=1)
 
@@ -333,7 +328,7 @@ class SlideOutputs:
             handle.close()
         self._handles.clear()
         if self.overlay is not None:
-            self.overlay._save(self._files["overlay"].tmp)
+            self.overlay.write_png(self._files["overlay"].tmp)
         for file in self._files.values():
             file.sync()
         for file in self._files.values():
