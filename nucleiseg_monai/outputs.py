@@ -188,23 +188,6 @@ class CSVStream:
         self.count += len(nuclei)
 
 
-def write_geojson(path: str | os.PathLike, nuclei: Iterable[Nuclei], image_name: str = "") -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        stream = GeoJSONStream(handle, image_name)
-        for batch in nuclei:
-            stream.write(batch)
-        stream.close()
-    return Path(path)
-
-
-def write_csv(path: str | os.PathLike, nuclei: Iterable[Nuclei]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        stream = CSVStream(handle)
-        for batch in nuclei:
-            stream.write(batch)
-    return Path(path)
-
-
 # ---------------------------------------------------------------------------------------------- overlay
 
 

@@ -1,4 +1,5 @@
 import csv
+import io
 import json
 import math
 import uuid
@@ -11,13 +12,13 @@ from skimage import io as skio
 from nucleiseg_monai.measurements import measure_nuclei
 from nucleiseg_monai.outputs import (
     CSV_COLUMNS,
+    CSVStream,
+    GeoJSONStream,
     Overlay,
     SlideOutputs,
     iter_tiles,
     output_paths,
     outputs_complete,
-    write_csv,
-    write_geojson,
     write_label_tiff,
 )
 from nucleiseg_monai.synthetic import make_tile
@@ -67,12 +68,22 @@ def test_label_tiff_failure_leaves_nothing(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_geojson_and_csv_streams(tmp_path):
+def _streamed(batches, image_name: str = "") -> tuple[str, str]:
+    """The GeoJSON and CSV texts the streams write for ``batches`` of nuclei."""
+    geo, table = io.StringIO(), io.StringIO()
+    features, rows = GeoJSONStream(geo, image_name), CSVStream(table)
+    for batch in batches:
+        features.write(batch)
+        rows.write(batch)
+    features.close()
+    return geo.getvalue(), table.getvalue()
+
+
+def test_geojson_and_csv_streams():
     labels = _labels()
     rgb = RNG.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
-    geo = write_geojson(tmp_path / "n.geojson", [measure_nuclei(labels, rgb)], image_name="n")
-    table = write_csv(tmp_path / "n.csv", [measure_nuclei(labels, rgb)])
-    data = json.loads(geo.read_text())
+    geo, table = _streamed([measure_nuclei(labels, rgb)], image_name="n")
+    data = json.loads(geo)
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 4
     feature = data["features"][0]
     assert feature["geometry"]["type"] == "Polygon"
@@ -81,7 +92,7 @@ def test_geojson_and_csv_streams(tmp_path):
     assert feature["properties"]["measurements"]["nucleus_id"] == 3
     assert "area_um2" not in feature["properties"]["measurements"]  # unknown mpp: left out, not NaN
     assert len({f["id"] for f in data["features"]}) == 4
-    rows = list(csv.DictReader(table.open()))
+    rows = list(csv.DictReader(io.StringIO(table)))
     assert [int(r["id"]) for r in rows] == [3, 7, 10, 12]
     assert [int(r["area_px"]) for r in rows] == [int(np.bincount(labels.ravel())[i]) for i in (3, 7, 10, 12)]
     assert rows[0]["area_um2"] == ""
@@ -110,16 +121,16 @@ def _reference_feature(nuclei, i, image_name):
 
 
 @pytest.mark.parametrize("mpp", [0.25, None])
-def test_geojson_text_equals_json_dumps_and_csv_equals_formatted_rows(tmp_path, mpp):
+def test_geojson_text_equals_json_dumps_and_csv_equals_formatted_rows(mpp):
     rgb, labels = make_tile(256, seed=5)
     batches = [measure_nuclei(labels[:128], rgb[:128], (0, 0), 2.0, mpp),
                measure_nuclei(labels[128:], rgb[128:], (128, 0), 2.0, mpp)]
-    text = write_geojson(tmp_path / "t.geojson", batches, image_name="t").read_text()
+    text, table = _streamed(batches, image_name="t")
     features = [_reference_feature(b, i, "t") for b in batches for i in range(len(b))]
     expected = ",\n".join(json.dumps(f, separators=(",", ":")) for f in features)  # byte for byte
     assert text == '{"type": "FeatureCollection", "features": [\n' + expected + "\n]}\n"
     assert len(json.loads(text)["features"]) == sum(len(b) for b in batches)
-    rows = write_csv(tmp_path / "t.csv", batches).read_text().splitlines()
+    rows = table.splitlines()
     assert rows[0] == ",".join(CSV_COLUMNS)
     expected_rows = [
         [str(b.id[i]), f"{b.centroid_x[i]:.2f}", f"{b.centroid_y[i]:.2f}", str(b.area_px[i]),
