@@ -18,20 +18,10 @@ import numpy as np
 
 from .atomic import atomic_path
 from .outputs import output_paths
-from .wsi import SlideReader, tissue_mask
 
 COLUMNS = ("slide", "path", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei", "nuclei_per_mm2",
            "median_nucleus_um2")
 FINISHED = ("done", "skipped")
-
-
-def tissue_area_mm2(reader: SlideReader, mpp: float | None, thumbnail: np.ndarray) -> float | None:
-    """Tissue area in mm^2 of the reader's level at ``mpp`` microns per pixel (None without a pixel size), from
-    the predictor's tissue mask."""
-    if mpp is None:
-        return None
-    height, width = reader.shape
-    return tissue_mask(reader, thumbnail=thumbnail).fraction(0, 0, height, width) * height * width * mpp**2 / 1e6
 
 
 def median_nucleus_area(output_dir: str | os.PathLike, name: str) -> float | None:
