@@ -133,11 +133,6 @@ def _host() -> str:
     return re.sub(r"\W", "_", socket.gethostname().split(".")[0])
 
 
-def is_temporary(name: str) -> bool:
-    """Whether ``name`` is one of this module's temporary file names."""
-    return TEMPORARY_NAME.match(name) is not None
-
-
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this machine (anyone's)."""
     try:

@@ -412,9 +412,9 @@ def test_temporary_names_carry_the_writer_and_keep_the_suffix(tmp_path):
     target = atomic.AtomicFile(tmp_path / "model.pt")
     assert target.tmp.name.startswith(f".model.pt.pid{os.getpid()}@")
     assert target.tmp.suffix == ".pt"
-    assert atomic.is_temporary(target.tmp.name)
-    assert atomic.is_temporary(".model.pt.k2j4_9ab.tmp.pt")  # written before names carried the writer
-    assert not atomic.is_temporary("model.pt") and not atomic.is_temporary(".model.pt.tmp")
+    assert atomic.TEMPORARY_NAME.match(target.tmp.name)
+    assert atomic.TEMPORARY_NAME.match(".model.pt.k2j4_9ab.tmp.pt")  # written before names carried the writer
+    assert not atomic.TEMPORARY_NAME.match("model.pt") and not atomic.TEMPORARY_NAME.match(".model.pt.tmp")
 
 
 def test_remove_stale_deletes_what_dead_or_long_idle_writers_left(tmp_path):
