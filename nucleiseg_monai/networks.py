@@ -1,7 +1,7 @@
 """The U-Net of the reference notebooks, made configurable, and a wrapper for fast mixed-precision forwards.
 
-The reference had two networks: "small" (3 poolings, 64-128-256-512 features, 7.8M parameters) and "full"
-(Ronneberger's 4 poolings, 64-1024 features, 31.4M). Both are ``UNet(features=...)``: the number of poolings is
+The reference had two networks: "small" (3 poolings, 64-128-256-512 features) and "full" (Ronneberger's 4
+poolings, 64-1024 features). Both are ``UNet(features=...)``: the number of poolings is
 ``len(features) - 1``. Bundles pick narrower widths where measurement showed the speed was worth more than the
 capacity (see each bundle's docs/README.md).
 """

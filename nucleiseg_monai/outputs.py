@@ -212,7 +212,8 @@ class Overlay:
         self.image[y, x] = self.colour if colour is None else np.asarray(colour, np.uint8)
 
     def write_png(self, target: Path) -> None:
-        # zlib level 1: a 2048 px overlay in 0.5 s instead of 1.9 s at Pillow's default 6, for files ~10% larger
+        # zlib level 1: the overlay is a preview, so writing it several times faster beats Pillow's default 6's
+        # slightly smaller file
         Image.fromarray(self.image).save(target, format="PNG", compress_level=1)
 
 

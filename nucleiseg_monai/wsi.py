@@ -1,9 +1,9 @@
 """Lazy readers for tiles and whole-slide images, and a low-resolution tissue mask.
 
 TIFF / BigTIFF (tiled, pyramidal or not) is read through tifffile's zarr store, which decodes only the chunks a
-region touches. MONAI's TiffFileWSIReader decodes the whole pyramid level per patch (measured: 3 s and 2.7 GB for
-one 512 px patch of a 20k px slide); the zarr store takes 0.04 s and 52 MB. Vendor formats (.svs, .ndpi, .mrxs,
-...) go through OpenSlide, an optional extra. PNG / JPEG tiles are small and are loaded whole.
+region touches; MONAI's TiffFileWSIReader decodes the whole pyramid level for every patch, so one patch of a large
+slide costs seconds and gigabytes. Vendor formats (.svs, .ndpi, .mrxs, ...) go through OpenSlide, an optional
+extra. PNG / JPEG tiles are small and are loaded whole.
 
 All readers return RGB uint8 at one chosen pyramid level; pixels outside the image read as white (255), which is
 background in H&E, so context padding never invents dark tissue. What a reader had to convert to get there (16-bit
