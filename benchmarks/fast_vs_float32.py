@@ -1,8 +1,8 @@
 """Accuracy cost of the bundle's fast inference settings: the same weights in plain float32 vs as configured.
 
-Runs the bundle's inference config twice over the test split's tiles (``models/datalist.json``), once with bf16,
-channels-last, the frozen TorchScript graph and its window settings, once in plain float32 with 512 px windows at
-0.25 overlap, and prints the test means of pixel Dice, AJI, PQ and count error for both and their difference
+Runs the bundle's predictor (``SlidePredictor.from_bundle``) twice over the test split's tiles
+(``models/datalist.json``), once with bf16, channels-last, its inference runtime (``predictor#runtime``) and window
+settings, once in plain float32 with 512 px windows at 0.25 overlap, and prints the test means of pixel Dice, AJI, PQ and count error for both and their difference
 (target: Dice, AJI and PQ within 0.01), and writes them to a JSON file (default
 ``benchmarks/results/fast_vs_float32_<bundle>.json``).
 
@@ -20,15 +20,15 @@ import numpy as np
 import tifffile
 
 from nucleiseg_monai.atomic import atomic_path
-from nucleiseg_monai.cli import run_bundle
 from nucleiseg_monai.data import resolve
+from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.metrics import instance_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "aji", "pq", "count_ape")
 TARGET = 0.01  # largest allowed loss of Dice, AJI and PQ
-FLOAT32 = {"predictor#amp": False, "predictor#channels_last": False, "predictor#jit": False,
-           "predictor#roi_size": 512, "predictor#overlap": 0.25, "predictor#sw_batch_size": 4}
+FLOAT32 = {"amp": False, "channels_last": False, "runtime": "eager", "roi_size": 512, "overlap": 0.25,
+           "sw_batch_size": 4}
 
 
 def main() -> None:
@@ -41,7 +41,6 @@ def main() -> None:
     bundle = Path(args.bundle)
     output = args.output or REPO / "benchmarks" / "results" / f"fast_vs_float32_{bundle.resolve().name}.json"
     records = resolve(json.loads((bundle / "models" / "datalist.json").read_text()), args.dataset_dir, "test")
-    config = bundle / "configs" / "inference.json"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp, "in")
@@ -50,7 +49,9 @@ def main() -> None:
             (inputs / Path(r["image"]).name).symlink_to(Path(r["image"]).resolve())
         for name, overrides in (("float32", FLOAT32), ("bundle settings", {})):
             out = Path(tmp, name.replace(" ", "_"))
-            run_bundle(config, "inferring", str(bundle), {"input": str(inputs), "output_dir": str(out), **overrides})
+            summary = SlidePredictor.from_bundle(bundle, progress=False, **overrides).run(inputs, out)
+            if not summary.ok:
+                raise SystemExit(f"{len(summary.failed)} tile(s) failed: {summary.failed[:3]}")
             rows = [instance_metrics(tifffile.imread(out / f"{Path(r['image']).stem}.labels.tif"),
                                      tifffile.imread(r["label"])) for r in records]
             results[name] = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}

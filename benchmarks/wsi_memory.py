@@ -125,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
     result = predictor.predict_slide(args.slide, args.out)
     print("RESULT " + json.dumps({"nuclei": result.nuclei, "regions": result.regions,
                                   "regions_processed": result.regions_processed, "seconds": result.seconds,
-                                  "truncated": result.truncated}), flush=True)
+                                  "truncated": result.truncated, "timings": result.timings}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

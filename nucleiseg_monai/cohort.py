@@ -33,9 +33,8 @@ from distributed import Client, LocalCluster, as_completed, get_client, get_work
 from tqdm.auto import tqdm
 
 from .inference import SlidePredictor, find_images
-from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path, outputs_complete
-from .run_table import FINISHED, RunTable, figures, tissue_area_mm2
-from .wsi import open_image
+from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
+from .run_table import FINISHED, RunTable, figures
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +96,15 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
 
 @dataclass(frozen=True)
 class BundlePredictor:
-    """Builds the ``predictor`` of a bundle's configs/inference.json (with config overrides such as
-    ``predictor#mpp``), as ``nucleiseg predict`` and ``monai.bundle run inferring`` do; sent to every worker."""
+    """Builds a bundle's predictor with ``SlidePredictor.from_bundle`` (with config overrides such as
+    ``predictor#mpp``), as ``nucleiseg predict`` does; sent to every worker."""
 
     bundle: str
     overrides: tuple[tuple[str, object], ...] = ()
 
     def __call__(self) -> SlidePredictor:
-        from monai.bundle import ConfigParser
-
-        configs = Path(self.bundle) / "configs"
-        parser = ConfigParser()
-        parser.read_config(str(configs / "inference.json"))
-        if (configs / "metadata.json").is_file():
-            parser.read_meta(str(configs / "metadata.json"))
-        parser["bundle_root"] = str(Path(self.bundle).resolve())
         # one region bar per worker process would garble the terminal; the cohort has one bar over slides
-        parser.update({"predictor#progress": False, **dict(self.overrides)})
-        if "imports" in parser:
-            parser.get_parsed_content("imports")
-        return parser.get_parsed_content("predictor")
+        return SlidePredictor.from_bundle(self.bundle, **{"progress": False, **dict(self.overrides)})
 
 
 _cache: tuple[Callable[[], SlidePredictor], SlidePredictor] | None = None
@@ -132,7 +120,7 @@ def host_share() -> int:
 
 
 def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int | None) -> SlidePredictor:
-    """This process's predictor for ``factory``, built on first use (network, weights, frozen graph), with
+    """This process's predictor for ``factory``, built on first use (network, weights, inference runtime), with
     ``torch_threads`` intra-op threads (default ``host_share()``)."""
     global _cache
     with _cache_lock:
@@ -152,18 +140,6 @@ def remove_stale_temporaries(output_dir: str | os.PathLike, name: str) -> None:
             Path(stale).unlink(missing_ok=True)
 
 
-def finished(predictor: SlidePredictor, output_dir: str | os.PathLike, name: str) -> bool:
-    """True when slide ``name`` has complete outputs made with ``predictor``'s weights and settings (its completion
-    record); FileExistsError when they were made with others, which only ``overwrite`` replaces."""
-    if not outputs_complete(output_dir, name):
-        return False
-    if _manifest(output_dir, name).get("settings") != predictor.settings():
-        raise FileExistsError(f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with "
-                              "other weights or settings; pass --overwrite to replace them, or choose another "
-                              "output_dir")
-    return True
-
-
 def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
     return json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
 
@@ -180,7 +156,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
         predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
         predictor.input_mpp = slide.input_mpp
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
-    if not (overwrite or predictor.overwrite) and finished(predictor, output_dir, slide.name):
+    if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name):
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
             return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)
@@ -189,11 +165,18 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
         result = predictor.predict_slide(slide.path, output_dir, slide.name)
         row.update(status="done", seconds=result.seconds)
     manifest = _manifest(output_dir, slide.name)
-    # the tissue mask of the predictor's thumbnail of the level it read, so the area is the one it skipped by
-    with open_image(slide.path, level=manifest["level"]) as reader:
-        tissue = tissue_area_mm2(reader, manifest["mpp"], reader.thumbnail(predictor.overlay_max_side))
-    row.update(figures(output_dir, slide.name, manifest["nuclei"], manifest["mpp"], tissue))
+    row.update(figures(output_dir, slide.name, manifest["nuclei"], manifest["mpp"], _tissue_mm2(manifest)))
     return {**row, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _tissue_mm2(manifest: dict) -> float | None:
+    """Tissue area of a slide from its completion record: the share the predictor's tissue mask covered (the mask
+    it skipped background by) of the level it read; None without a pixel size or in an older version's record."""
+    fraction, mpp = manifest.get("tissue_fraction"), manifest.get("mpp")
+    if fraction is None or mpp is None:
+        return None
+    height, width = manifest["shape"]
+    return fraction * height * width * mpp**2 / 1e6
 
 
 def _peak_rss_mb() -> float:

@@ -1,39 +1,28 @@
-"""Tile and whole-slide inference: regions with margins, sliding-window network, seam-exact stitching, streaming.
+"""Tile and whole-slide inference: the predictor's loop over regions, with its parts: the network made ready for
+inference (``InferenceNetwork``), the regions planned (``RegionPlanner``), the windows stitched
+(``stitching.RegionStitcher``) and the outputs written (``outputs.SlideOutputs``).
 
 A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
 context on every side (white beyond the image), the network runs over that window with MONAI's gaussian-blended
-``SlidingWindowInferer``, and ``postprocess.instances_from_probs`` turns the softmax into instances. Which window's
-instances are kept is decided by the stitching rule below; kept nuclei are written whole into a band of label
-tiles, finished tile rows are streamed to the BigTIFF writer, so memory is bounded by region size x slide width,
-never by slide area. With ``prefetch`` the network already runs on the next region (in a second thread) while this
-one is post-processed and written.
+``SlidingWindowInferer``, and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
+decides which window keeps each nucleus (exact at seams; see ``stitching``); kept nuclei are measured and written
+whole, and finished tile rows of the label map are streamed to the BigTIFF writer, so memory is bounded by region
+size x slide width, never by slide area. With ``prefetch`` the network already runs on the next region (in a second
+thread) while this one is post-processed and written.
 
 One physical scale: the network and the watershed work at the model's pixel size (``mpp``, the *working* scale).
 The level closest to it is read; when its pixel size differs by more than ``SCALE_TOLERANCE``, each whole window
 (core and margin) is resampled to the working scale (bilinear, anti-aliased), analysed there, and its instance
 labels are mapped back (nearest: each read pixel takes the working pixel under its centre) before stitching, which
-then runs exactly as below on the read level's grid. So the label map, GeoJSON, CSV and overlay are all on the
-input's own grid, with its own pixel size. ``region_size`` and ``region_margin`` are working pixels, converted to
-read pixels per image, so a region costs the same whatever the file's scale and the margin still covers the
-largest nucleus. Seams stay exact: the scale is taken as a fraction p / q (the smallest denominator within
+then runs exactly as at the working scale on the read level's grid. So the label map, GeoJSON, CSV and overlay are
+all on the input's own grid, with its own pixel size. ``region_size`` and ``region_margin`` are working pixels,
+converted to read pixels per image, so a region costs the same whatever the file's scale and the margin still covers
+the largest nucleus. Seams stay exact: the scale is taken as a fraction p / q (the smallest denominator within
 ``SCALE_TOLERANCE`` of the true ratio: 1 for 0.245-0.255 um/px, 2 for a 20x level, 6/5 for 0.3 um/px) and cores
 and margins are multiples of q read pixels, so every window starts on a whole working pixel and resamples exactly as
 the same pixels of the whole image would (``to_working_scale``, ``to_read_grid``).
 
-Stitching rule (exact and order-independent for consistent predictions):
-  * anchor of an instance = integer floor of its centroid, computed with integer sums of global coordinates, so
-    the same pixel set gives the same anchor in every window (no float rounding near a seam). Cores partition the
-    image, so exactly one core contains each anchor: that region keeps the nucleus, whole, even where it extends
-    into neighbouring cores; every other window that sees it drops it.
-  * with ``region_margin`` larger than the largest nucleus radius plus the network's border effects, each
-    window sees the nuclei it keeps whole and with full context, so they match a whole-image run.
-  * safety nets for predictions that differ slightly between overlapping windows (real networks near seams):
-    a candidate of which at least half the pixels are already owned by written nuclei is a duplicate and is
-    dropped; a candidate whose anchor fell into a core already processed (or skipped as empty), within
-    ``RESCUE_PX`` of this core, that nobody wrote and that is not cut by the window, is kept (its owner's
-    version had its anchor on this side of the seam). Pixels claimed twice stay with the nucleus written first
-    (raster order of regions), so each nucleus's final pixel set is known when it is written and its
-    measurements are exact for the label map on disk.
+Each slide's result holds the seconds spent per phase (``PHASES``), measured by the predictor itself.
 """
 
 from __future__ import annotations
@@ -41,6 +30,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -48,8 +38,8 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -60,29 +50,34 @@ from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from .data import load_stats
-from .networks import MixedPrecision, load_weights
+from .networks import MixedPrecision, load_weights, prepare_for_inference
 from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import instances_from_probs
-from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, TissueMask, open_image, tissue_mask
+from .stitching import RegionGrid, RegionStitcher
+from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
 
 logger = logging.getLogger(__name__)
 
-# A nucleus whose anchor is this close to the core but on an already processed side may be rescued (see above).
-RESCUE_PX = 8
-# A candidate overlapping written nuclei on at least this share of its pixels is the same nucleus again.
-DUPLICATE_FRACTION = 0.5
 # Resampling scales are fractions within this relative distance of the true ratio (one with a denominator of at
 # most 64 is always within 0.8%, so cores and margins grow by less than 64 read pixels). A read level this close to
 # the working pixel size is analysed as read: no resampling, so the common 40x case costs nothing extra and gives
 # exactly what it gave before resampling existed.
 SCALE_TOLERANCE = 0.02
+# The phases whose seconds each slide's result records: "watershed" is the instance step, "measurements" the
+# per-nucleus measurements with their GeoJSON / CSV lines and overlay drawing, "writing" the label BigTIFF and the
+# final moves into place.
+PHASES = ("read", "tissue_mask", "network", "watershed", "stitching", "measurements", "writing")
+# Runtimes of ``networks.prepare_for_inference``; "eager" runs the network as trained (``MixedPrecision``).
+RUNTIMES = ("auto", "openvino", "torch", "eager")
 
 
 @dataclass
 class SlideResult:
     """What one image produced. ``mpp``: microns per pixel of the read level (None when unknown), from
     ``mpp_source`` ("file", "input_mpp", "assumed" or "unknown"); ``scale``: working pixels per read pixel
-    (1.0: analysed as read)."""
+    (1.0: analysed as read); ``tissue_fraction``: the share of the image the low-resolution tissue mask covers;
+    ``timings``: seconds per phase (``PHASES``). With ``prefetch``, read and network run beside the other phases,
+    so the phases can sum to more than ``seconds``."""
 
     path: str
     name: str
@@ -96,7 +91,9 @@ class SlideResult:
     regions: int
     regions_processed: int
     truncated: int
+    tissue_fraction: float
     outputs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,10 +107,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-    def as_dict(self) -> dict:
-        return {"done": [asdict(r) for r in self.done], "skipped": self.skipped,
-                "failed": [{"path": p, "error": e} for p, e in self.failed]}
 
 
 def find_images(source: str | os.PathLike) -> list[Path]:
@@ -144,61 +137,6 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     return images
 
 
-class _TileBand:
-    """The label map's rows still open for writing, as a sparse dict of (tile, tile) uint32 blocks.
-
-    Only tiles that received a nucleus are allocated, so empty background costs nothing; finished tile rows are
-    popped in order for the TIFF writer.
-    """
-
-    def __init__(self, shape: tuple[int, int], tile: int):
-        self.height, self.width = shape
-        self.tile = tile
-        self.n_cols = math.ceil(self.width / tile)
-        self.tiles: dict[tuple[int, int], np.ndarray] = {}
-        self.flushed_rows = 0  # tile rows already handed to the writer
-        self._zeros = np.zeros((tile, tile), np.uint32)
-        self._zeros.flags.writeable = False
-
-    def _blocks(self, y: int, x: int, h: int, w: int) -> Iterator[tuple[tuple[int, int], tuple[slice, slice],
-                                                                        tuple[slice, slice]]]:
-        t = self.tile
-        y0, y1, x0, x1 = max(y, 0), min(y + h, self.height), max(x, 0), min(x + w, self.width)
-        for tr in range(y0 // t, (y1 - 1) // t + 1 if y1 > y0 else 0):
-            for tc in range(x0 // t, (x1 - 1) // t + 1 if x1 > x0 else 0):
-                ya, yb = max(y0, tr * t), min(y1, (tr + 1) * t)
-                xa, xb = max(x0, tc * t), min(x1, (tc + 1) * t)
-                yield ((tr, tc), (slice(ya - tr * t, yb - tr * t), slice(xa - tc * t, xb - tc * t)),
-                       (slice(ya - y, yb - y), slice(xa - x, xb - x)))
-
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        out = np.zeros((h, w), np.uint32)
-        for key, in_tile, in_window in self._blocks(y, x, h, w):
-            block = self.tiles.get(key)
-            if block is not None:
-                out[in_window] = block[in_tile]
-        return out
-
-    def write(self, y: int, x: int, values: np.ndarray) -> None:
-        """Copy the non-zero pixels of ``values`` (a window at (y, x)) into the band."""
-        if y < self.flushed_rows * self.tile and values[: self.flushed_rows * self.tile - y].any():
-            raise RuntimeError("internal error: a nucleus reaches label rows already written to disk")
-        for key, in_tile, in_window in self._blocks(y, x, *values.shape):
-            part = values[in_window]
-            if part.any():
-                block = self.tiles.setdefault(key, np.zeros((self.tile, self.tile), np.uint32))
-                np.copyto(block[in_tile], part, where=part > 0)
-
-    def flush(self, final_rows: int) -> Iterator[np.ndarray]:
-        """Yield, row-major, every tile of the tile rows lying entirely above ``final_rows`` not yet flushed."""
-        while self.flushed_rows * self.tile < self.height and (
-            (self.flushed_rows + 1) * self.tile <= final_rows or final_rows >= self.height
-        ):
-            for tc in range(self.n_cols):
-                yield self.tiles.pop((self.flushed_rows, tc), self._zeros)
-            self.flushed_rows += 1
-
-
 def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:
     """``map(fn, items)``, computing the next result in a background thread while the caller uses this one.
 
@@ -222,28 +160,6 @@ def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:
             yield pending.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def freeze(network: torch.nn.Module, shape: Sequence[int], device: torch.device) -> torch.nn.Module:
-    """TorchScript trace + freeze: batch norm folded into the convolutions, casts and layouts fixed in the graph.
-
-    Measured +27% megapixels per second for the small bundle's network under bf16 autocast on 2 CPU cores
-    (benchmarks/speed.py, lever table). The trace records the autocast casts, so it runs in bf16 by itself.
-    """
-    example = torch.zeros(*shape, device=device)
-    with torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(network.eval(), example, check_trace=False))
-
-
-@dataclass(frozen=True)
-class _Scan:
-    """One image as the predictor walks it: its reader, working pixels per read pixel (``scale``), and the core
-    side and margin in read pixels."""
-
-    reader: SlideReader
-    scale: Fraction
-    size: int
-    margin: int
 
 
 def lattice_scale(ratio: float) -> Fraction:
@@ -308,14 +224,133 @@ def _make_output_dir(output_dir: Path) -> None:
                       "(nucleiseg predict --output_dir) or fix its permissions")
 
 
+_prepared: tuple[tuple, torch.nn.Module] | None = None  # the last network prepare_for_inference made (see below)
+
+
+def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_last: bool,
+                    example_shape: tuple[int, int, int, int], weights: str, device: torch.device) -> torch.nn.Module:
+    """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
+    ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32.
+
+    OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
+    by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
+    shape, ``device`` and thread count (a cohort worker, a benchmark, a test module); it is only ever run, never
+    changed. A new process pays the set-up again.
+    """
+    global _prepared
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r} (predictor#runtime)")
+    if runtime == "eager":
+        return MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
+            if (amp or channels_last) else network
+    key = (weights, runtime, amp, example_shape, str(device), torch.get_num_threads())
+    if _prepared is None or _prepared[0] != key:
+        _prepared = None  # the old copy goes before the new one is built
+        _prepared = (key, prepare_for_inference(network, runtime, torch.bfloat16 if amp else torch.float32,
+                                                example_shape=example_shape))
+    return _prepared[1]
+
+
+class InferenceNetwork:
+    """A network made ready for inference, with the channel statistics it was trained with and MONAI's
+    gaussian-blended ``SlidingWindowInferer``: an RGB window in, softmax probabilities at the working scale out."""
+
+    def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float], channel_std: Sequence[float],
+                 roi_size: int = 512, overlap: float = 0.25, sw_batch_size: int = 4, padding_mode: str = "constant",
+                 device: str | torch.device | None = None, amp: bool = False, channels_last: bool = False,
+                 runtime: str = "eager"):
+        if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
+            raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.weights_sha256 = weights_sha256(network)
+        self.runtime = runtime
+        self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
+                                       (sw_batch_size, 3, roi_size, roi_size), self.weights_sha256, self.device)
+        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.inferer = SlidingWindowInferer(
+            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+            padding_mode=padding_mode, sw_device=self.device, device=self.device, progress=False,
+        )
+        self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x).float()
+
+    def probs(self, rgb: np.ndarray, scale: Fraction = Fraction(1)) -> np.ndarray:
+        """Softmax probabilities (3, floor(h * scale), floor(w * scale)) float32 of an RGB uint8 window (h, w, 3),
+        resampled by ``scale`` first (``to_working_scale``)."""
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
+            x = (to_working_scale(x, scale) - self.mean) / self.std
+            probs = torch.softmax(self.inferer(x, self._forward).float(), dim=1)[0]
+            return probs.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One image as the predictor walks it: its reader, working pixels per read pixel (``scale``), the region grid
+    in read pixels, the regions to process (``todo``), the share of the image that is tissue, and where the pixel
+    size came from ("file", "input_mpp", "assumed" or "unknown")."""
+
+    reader: SlideReader
+    scale: Fraction
+    grid: RegionGrid
+    todo: np.ndarray
+    tissue_fraction: float
+    mpp_source: str
+
+
+class RegionPlanner:
+    """Which regions of an image to analyse, and at which scale.
+
+    ``region_size`` and ``region_margin`` are working pixels (at ``mpp``); ``tissue_threshold``: regions whose core
+    has at most this tissue share are skipped (None: none is); ``max_regions``: at most this many regions per image.
+    """
+
+    def __init__(self, region_size: int = 2048, region_margin: int = 128, mpp: float | None = None,
+                 tissue_threshold: float | None = 0.0, max_regions: int | None = None):
+        if region_size < 1 or region_margin < 0:
+            raise ValueError(f"region_size must be >= 1 and region_margin >= 0, got {region_size}, {region_margin}")
+        self.region_size, self.region_margin = int(region_size), int(region_margin)
+        self.mpp = None if mpp is None else float(mpp)
+        self.tissue_threshold, self.max_regions = tissue_threshold, max_regions
+
+    def plan(self, reader: SlideReader, thumbnail: np.ndarray, input_mpp: float | None) -> Plan:
+        """The image's scale against the working pixel size, its region grid in read pixels (multiples of the
+        scale's denominator: every window starts on a whole working pixel) and the regions to process: tissue
+        present (for multi-region images; the mask is built from ``thumbnail``), at most ``max_regions``."""
+        if reader.stated_mpp is not None:
+            source = "file"
+        elif reader.base_mpp is None:
+            source = "unknown"
+        else:
+            source = "input_mpp" if input_mpp is not None else "assumed"
+        scale = Fraction(1)
+        if self.mpp is not None and reader.mpp is not None:
+            scale = lattice_scale(reader.mpp / self.mpp)
+        p, q = scale.numerator, scale.denominator
+        size = q * max(1, round(self.region_size / p))
+        grid = RegionGrid(reader.shape, size, q * math.ceil(self.region_margin / p))
+        mask = tissue_mask(reader, thumbnail=thumbnail)
+        todo = np.ones(grid.rows_cols, bool)
+        if self.tissue_threshold is not None and todo.size > 1:
+            for i, j in np.ndindex(*todo.shape):
+                todo[i, j] = mask.fraction(i * size, j * size, size, size) > self.tissue_threshold
+        if self.max_regions is not None:
+            keep = np.flatnonzero(todo.ravel())[: self.max_regions]
+            todo = np.zeros_like(todo)
+            todo.ravel()[keep] = True
+        return Plan(reader, scale, grid, todo, mask.fraction(0, 0, *reader.shape), source)
+
+
 class SlidePredictor:
     """Segment nuclei in tiles and whole slides and write labels, GeoJSON, CSV and an overlay per image.
 
-    A MONAI bundle config can build it with ``_target_`` and call ``run``::
-
-        "predictor": {"_target_": "nucleiseg_monai.inference.SlidePredictor", "network": "@network",
-                      "channel_stats": "$@bundle_root + '/models/channel_stats.json'", "mpp": 0.25},
-        "run": "$@predictor.run(@input, @output_dir)"
+    Build it from a bundle with ``SlidePredictor.from_bundle(path, **overrides)``. The keyword arguments below are
+    the ``predictor`` section of the bundle's configs/inference.json; they are handed to the predictor's parts
+    (``InferenceNetwork``, ``RegionPlanner``, the outputs), and the predictor keeps the loop: plan, read, network,
+    instances, stitching, measurements, writing, with the seconds of each phase in each slide's result.
 
     Args:
         network: torch module, z-scored float (N, 3, H, W) -> (N, 3, H, W) logits (background, interior,
@@ -330,7 +365,12 @@ class SlidePredictor:
             plus the width over which the network's output depends on the window border.
         postprocess_params: keyword arguments of ``postprocess.instances_from_probs``.
         device: torch device; CUDA when available by default.
-        amp: bf16 autocast (CPU or CUDA); channels_last: channels-last memory layout.
+        amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
+            channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
+        runtime: "eager" (the network as trained), or a fast inference copy from
+            ``networks.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
+            "auto" (OpenVINO on a CPU where it is installed, else "torch"). ``jit``: its former name, true meaning
+            "auto" and false "eager", taken only when ``runtime`` is not given.
         tissue_threshold: regions whose core has at most this tissue share (low-resolution saturation mask) are
             skipped; None processes every region. Images that fit in one region are never skipped.
         mpp: the working pixel size (microns per pixel; the bundle's ``microns_per_pixel``): the pyramid level
@@ -345,7 +385,6 @@ class SlidePredictor:
             completion record names these weights and settings (``settings``), and a run whose output folder holds
             finished outputs of other weights or settings is refused before any image is read.
         progress: a tqdm bar over regions per image.
-        jit: run a traced, frozen copy of the network (see ``freeze``).
         prefetch: run the network on the next region in a background thread while this one is post-processed
             and written (see ``lookahead``); holds one more region's probabilities in memory.
     """
@@ -367,6 +406,7 @@ class SlidePredictor:
         device: str | torch.device | None = None,
         amp: bool = False,
         channels_last: bool = False,
+        runtime: str | None = None,
         tissue_threshold: float | None = 0.0,
         level: int | None = None,
         mpp: float | None = None,
@@ -377,78 +417,114 @@ class SlidePredictor:
         max_regions: int | None = None,
         overwrite: bool = False,
         progress: bool = True,
-        jit: bool = False,
         prefetch: bool = True,
+        jit: bool | None = None,
     ):
         if channel_stats is not None:
             stats = load_stats(channel_stats)
             channel_mean, channel_std = stats["mean"], stats["std"]
         if channel_mean is None or channel_std is None:
             raise ValueError("SlidePredictor needs channel_mean and channel_std, or channel_stats (a JSON file)")
-        if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
-            raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
-        if region_size < 1 or region_margin < 0:
-            raise ValueError(f"region_size must be >= 1 and region_margin >= 0, got {region_size}, {region_margin}")
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if checkpoint is not None:
             load_weights(network, checkpoint)
-        self.weights_sha256 = weights_sha256(network)
-        network = network.to(self.device).eval()
-        self.network = MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
-            if (amp or channels_last) else network
-        if jit:
-            self.network = freeze(self.network, (sw_batch_size, 3, roi_size, roi_size), self.device)
-        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.inferer = SlidingWindowInferer(
-            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
-            padding_mode=padding_mode, sw_device=self.device, device=self.device, progress=False,
-        )
-        self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
-        self.region_size, self.region_margin = int(region_size), int(region_margin)
+        if runtime is None:
+            runtime = "auto" if jit else "eager"
+        self.planner = RegionPlanner(region_size, region_margin, mpp, tissue_threshold, max_regions)
+        self.network = InferenceNetwork(network, channel_mean, channel_std, roi_size, overlap, sw_batch_size,
+                                        padding_mode, device, amp, channels_last, runtime)
         self.postprocess_params = dict(postprocess_params or {})
-        self.tissue_threshold = tissue_threshold
         self.level = level
-        self.mpp = None if mpp is None else float(mpp)
         self.input_mpp = None if input_mpp is None else float(input_mpp)
         self.label_tile, self.overlay_max_side, self.compression = label_tile, overlay_max_side, compression
-        self.max_regions, self.overwrite, self.progress = max_regions, overwrite, progress
-        self.prefetch = prefetch
+        self.overwrite, self.progress, self.prefetch = overwrite, progress, prefetch
+        self.timings: dict[str, float] = {}  # the last slide's seconds per phase
+
+    @classmethod
+    def from_bundle(cls, bundle: str | os.PathLike, **overrides) -> SlidePredictor:
+        """The ``predictor`` of a bundle's configs/inference.json (alone where it has "imports", else as an overlay
+        over configs/train.json, as ``--config_file "['configs/train.json','configs/inference.json']"`` runs it).
+
+        ``overrides``: config ids (a top-level id such as ``checkpoint`` or ``device``, or a path such as
+        ``postprocess_params#min_size``; pass those with ``**{...}``), or this class's keyword arguments, which set
+        ``predictor#<name>`` (``region_size=1024``, ``progress=False``).
+        """
+        from monai.bundle import ConfigParser
+
+        from .overrides import load_config
+
+        files = inference_configs(bundle)
+        config = load_config(files)
+        parameters = inspect.signature(cls).parameters
+        settings = {}
+        for key, value in overrides.items():
+            if "#" in key or key in config:
+                settings[key] = value
+            elif key in parameters:
+                settings[f"predictor#{key}"] = value
+            else:
+                raise TypeError(f"{key!r} is neither a setting of {', '.join(map(str, files))} nor an argument of "
+                                f"SlidePredictor ({', '.join(parameters)})")
+        parser = ConfigParser(config)
+        meta = Path(files[0]).parent / "metadata.json"
+        if meta.is_file():
+            parser.read_meta(str(meta))
+        parser.update({"bundle_root": str(Path(bundle).resolve()), **settings})
+        if "imports" in parser:
+            parser.get_parsed_content("imports")
+        predictor = parser.get_parsed_content("predictor")
+        if not isinstance(predictor, cls):
+            raise TypeError(f"'predictor' of {files[-1]} builds a {type(predictor).__name__}, not a {cls.__name__}")
+        return predictor
+
+    @property
+    def mpp(self) -> float | None:
+        return self.planner.mpp
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.network.weights_sha256
 
     def settings(self) -> dict:
         """What decides an image's outputs besides the image: written into its completion record, and compared
-        with the record of finished outputs before they are kept (``run``)."""
+        with the record of finished outputs before they are kept (``finished``)."""
+        net, plan = self.network, self.planner
         record = {
-            "weights_sha256": self.weights_sha256, "channel_mean": self.mean.flatten().tolist(),
-            "channel_std": self.std.flatten().tolist(), "postprocess_params": self.postprocess_params,
-            "working_mpp": self.mpp, "input_mpp": self.input_mpp, "level": self.level, "roi_size": self.roi_size,
-            "overlap": self.overlap, "amp": self.amp, "region_size": self.region_size,
-            "region_margin": self.region_margin, "tissue_threshold": self.tissue_threshold,
-            "max_regions": self.max_regions,
+            "weights_sha256": net.weights_sha256, "channel_mean": net.mean.flatten().tolist(),
+            "channel_std": net.std.flatten().tolist(), "postprocess_params": self.postprocess_params,
+            "working_mpp": plan.mpp, "input_mpp": self.input_mpp, "level": self.level, "roi_size": net.roi_size,
+            "overlap": net.overlap, "amp": net.amp, "region_size": plan.region_size,
+            "region_margin": plan.region_margin, "tissue_threshold": plan.tissue_threshold,
+            "max_regions": plan.max_regions,
         }
         return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
+    def finished(self, output_dir: str | os.PathLike, name: str) -> bool:
+        """True when image ``name`` has complete outputs in ``output_dir`` made with this predictor's weights and
+        settings (its completion record); False when they are missing or incomplete; FileExistsError naming the
+        settings that differ when they were made otherwise (only ``overwrite`` replaces them)."""
+        if not outputs_complete(output_dir, name):
+            return False
+        differing = self._differing(output_dir, name)
+        if differing:
+            raise FileExistsError(
+                f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with other weights or "
+                f"settings (differing: {', '.join(differing)}); pass --overwrite (overwrite=true) to replace them, "
+                "or choose another output_dir"
+            )
+        return True
+
+    def _differing(self, output_dir: str | os.PathLike, name: str) -> list[str]:
+        """The settings in which the completion record of ``name`` differs from this predictor's."""
+        settings, recorded = self.settings(), _recorded_settings(Path(output_dir), name)
+        if recorded is None:
+            return ["not recorded (an older version's outputs)"]
+        return sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+
     # ------------------------------------------------------------------------------------------ one window
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x).float()
-
-    def predict_probs(self, rgb: np.ndarray, scale: Fraction = Fraction(1)) -> np.ndarray:
-        """Softmax probabilities (3, floor(h * scale), floor(w * scale)) float32 of an RGB uint8 window (h, w, 3),
-        resampled by ``scale`` first (``to_working_scale``)."""
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
-            x = (to_working_scale(x, scale) - self.mean) / self.std
-            probs = torch.softmax(self.inferer(x, self._forward).float(), dim=1)[0]
-            return probs.cpu().numpy()
 
     def instances(self, probs: np.ndarray) -> np.ndarray:
         """Instance labels (h, w) uint32, ids 1..N, from one window's probabilities."""
         return np.asarray(instances_from_probs(probs, **self.postprocess_params), dtype=np.uint32)
-
-    def segment(self, rgb: np.ndarray) -> np.ndarray:
-        """Instance labels (h, w) uint32, ids 1..N, of one window at the working scale, with no stitching."""
-        return self.instances(self.predict_probs(rgb))
 
     # ------------------------------------------------------------------------------------------ one image
 
@@ -458,191 +534,105 @@ class SlidePredictor:
         path = Path(path)
         name = name or path.stem
         start = time.perf_counter()
+        timings = dict.fromkeys(PHASES, 0.0)
+        clock = functools.partial(_timed, timings)
         fallback_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
-        with open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp) as reader:
+        with clock("read"):
+            reader = open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp)
+        with reader:
             if reader.greyscale:
                 raise ImageError(f"{path} is a greyscale image; the model segments H&E colour (RGB) images. "
                                  "Export the image in colour and retry.")
             if reader.conversion:
                 logger.info("%s: %s", path, reader.conversion)
-            scan, source = self._scan(reader)
-            thumb = reader.thumbnail(self.overlay_max_side)
+            with clock("read"):
+                thumb = reader.thumbnail(self.overlay_max_side)
+            with clock("tissue_mask"):
+                plan = self.planner.plan(reader, thumb, self.input_mpp)
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
-            grid = self._plan(scan, thumb)
-            self._log_scale(path, scan, source, f"{int(grid.sum())} of {grid.size} regions to process")
-            stats = {"truncated": 0}
+            self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
             # an assumed pixel size is not written into the outputs as if it were measured
-            out_mpp = reader.mpp if source != "assumed" else None
+            out_mpp = reader.mpp if plan.mpp_source != "assumed" else None
             with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
                               self.label_tile, self.compression) as out:
-                out.write_labels(self._label_tiles(scan, grid, out, stats, name))
+                stitcher = RegionStitcher(plan.grid, plan.todo, self.label_tile)
+                out.write_labels(self._label_tiles(plan, stitcher, out, name, timings))
                 info = {
-                    "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": source,
-                    "working_mpp": self.mpp, "scale": float(scan.scale), "shape": [height, width],
-                    "downsample": reader.downsample, "regions": int(grid.size),
-                    "regions_processed": int(grid.sum()), "truncated": stats["truncated"],
-                    "region_size": self.region_size, "region_margin": self.region_margin,
-                    "settings": self.settings(),
+                    "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
+                    "working_mpp": self.mpp, "scale": float(plan.scale), "shape": [height, width],
+                    "downsample": reader.downsample, "regions": int(plan.todo.size),
+                    "regions_processed": int(plan.todo.sum()), "truncated": stitcher.truncated,
+                    "tissue_fraction": plan.tissue_fraction, "region_size": self.planner.region_size,
+                    "region_margin": self.planner.region_margin, "settings": self.settings(),
                 }
-                paths = out.commit(info)
-            if stats["truncated"]:
-                logger.warning("%s: %d nuclei were cut by a region window; increase region_margin (now %d)",
-                               path, stats["truncated"], self.region_margin)
-            return SlideResult(
-                str(path), name, out.count, round(time.perf_counter() - start, 3), (height, width), reader.level,
-                reader.mpp, source, float(scan.scale), int(grid.size), int(grid.sum()), stats["truncated"],
-                {k: str(p) for k, p in paths.items()},
-            )
+                with clock("writing"):
+                    paths = out.commit(info)
+        if stitcher.truncated:
+            logger.warning("%s: %d nuclei were cut by a region window; increase region_margin (now %d)",
+                           path, stitcher.truncated, self.planner.region_margin)
+        self.timings = {k: round(v, 4) for k, v in timings.items()}
+        return SlideResult(
+            str(path), name, out.count, round(time.perf_counter() - start, 3), (height, width), reader.level,
+            reader.mpp, plan.mpp_source, float(plan.scale), int(plan.todo.size), int(plan.todo.sum()),
+            stitcher.truncated, plan.tissue_fraction, {k: str(p) for k, p in paths.items()}, dict(self.timings),
+        )
 
-    def _scan(self, reader: SlideReader) -> tuple[_Scan, str]:
-        """The image's scale against the working pixel size and its region grid in read pixels; and where its
-        pixel size came from: "file", "input_mpp", "assumed" or "unknown"."""
-        if reader.stated_mpp is not None:
-            source = "file"
-        elif reader.base_mpp is None:
-            source = "unknown"
-        else:
-            source = "input_mpp" if self.input_mpp is not None else "assumed"
-        scale = Fraction(1)
-        if self.mpp is not None and reader.mpp is not None:
-            scale = lattice_scale(reader.mpp / self.mpp)
-        # in read pixels, multiples of q: every window starts on a whole working pixel
-        p, q = scale.numerator, scale.denominator
-        size = q * max(1, round(self.region_size / p))
-        return _Scan(reader, scale, size, q * math.ceil(self.region_margin / p)), source
-
-    def _log_scale(self, path: Path, scan: _Scan, source: str, plan: str) -> None:
+    def _log_scale(self, path: Path, plan: Plan, message: str) -> None:
         """The one line per image that says which pixel size was used, where it came from, and the scale."""
-        reader = scan.reader
+        reader, source, mpp = plan.reader, plan.mpp_source, self.mpp
         head = f"{path}: {reader.shape[0]}x{reader.shape[1]} px at level {reader.level}"
         if source == "unknown":
-            logger.info("%s, pixel size unknown, analysed as read; %s", head, plan)
+            logger.info("%s, pixel size unknown, analysed as read; %s", head, message)
             return
         if source == "assumed":
             logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
-                           "(input_mpp) if it differs; %s", head, reader.mpp, plan)
+                           "(input_mpp) if it differs; %s", head, reader.mpp, message)
             return
-        if scan.scale == 1:
-            how = "analysed as read" if self.mpp is None else f"analysed as read (model: {self.mpp:g} um/px)"
+        if plan.scale == 1:
+            how = "analysed as read" if mpp is None else f"analysed as read (model: {mpp:g} um/px)"
         else:
-            fraction = f" ({scan.scale})" if scan.scale.denominator > 1 else ""
-            how = f"resampled x{float(scan.scale):.4g}{fraction} to the model's {self.mpp:g} um/px"
+            fraction = f" ({plan.scale})" if plan.scale.denominator > 1 else ""
+            how = f"resampled x{float(plan.scale):.4g}{fraction} to the model's {mpp:g} um/px"
         origin = "stated in the file" if source == "file" else "from --mpp (input_mpp)"
         if source == "file" and self.input_mpp is not None and \
                 abs(reader.stated_mpp / self.input_mpp - 1.0) > SCALE_TOLERANCE:
             origin += f"; --mpp {self.input_mpp:g} applies only to files that state none"
-        logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, plan)
+        logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
 
-    def _plan(self, scan: _Scan, thumb: np.ndarray) -> np.ndarray:
-        """Bool grid of the regions to process: tissue present (for multi-region images), at most max_regions."""
-        height, width = scan.reader.shape
-        size = scan.size
-        grid = np.ones((math.ceil(height / size), math.ceil(width / size)), bool)
-        if self.tissue_threshold is not None and grid.size > 1:
-            mask: TissueMask = tissue_mask(scan.reader, thumbnail=thumb)
-            for i, j in np.ndindex(*grid.shape):
-                grid[i, j] = mask.fraction(i * size, j * size, size, size) > self.tissue_threshold
-        if self.max_regions is not None:
-            keep = np.flatnonzero(grid.ravel())[: self.max_regions]
-            grid = np.zeros_like(grid)
-            grid.ravel()[keep] = True
-        return grid
-
-    def _label_tiles(self, scan: _Scan, grid: np.ndarray, out: SlideOutputs, stats: dict, name: str
-                     ) -> Iterator[np.ndarray]:
-        """Process regions row by row and yield the label map's tiles as soon as their rows are final."""
-        height, width = scan.reader.shape
-        band = _TileBand((height, width), self.label_tile)
-        done = ~grid  # skipped regions count as done: nothing of theirs will ever be written
-        next_id = 1
-        todo = [ij for ij in np.ndindex(*grid.shape) if grid[ij]]
-        predicted = lookahead(functools.partial(self._predict_region, scan), todo, self.prefetch)
+    def _label_tiles(self, plan: Plan, stitcher: RegionStitcher, out: SlideOutputs, name: str,
+                     timings: dict[str, float]) -> Iterator[np.ndarray]:
+        """Process regions in raster order and yield the label map's tiles as soon as their rows are final; the
+        time the writer takes between tiles counts as "writing"."""
+        clock = functools.partial(_timed, timings)
+        todo = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
+        predicted = lookahead(functools.partial(self._predict_region, plan, timings), todo, self.prefetch)
         with closing(predicted), \
                 tqdm(total=len(todo), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
-            for i in range(grid.shape[0]):
-                for j in range(grid.shape[1]):
-                    if grid[i, j]:
-                        next_id = self._stitch_region(scan, band, out, done, (i, j), *next(predicted), next_id,
-                                                      stats)
-                        done[i, j] = True
-                        bar.update(1)
-                # the next row of windows starts `margin` above its cores; everything above is final
-                yield from band.flush((i + 1) * scan.size - scan.margin)
-        yield from band.flush(height)
+            for ij in [*todo, None]:
+                if ij is not None:
+                    (wy, wx, wh, ww), rgb, probs = next(predicted)
+                    with clock("watershed"):
+                        labels = to_read_grid(self.instances(probs), (wh, ww), plan.scale)
+                    with clock("stitching"):
+                        kept = stitcher.add(ij, labels)
+                    if kept is not None:
+                        with clock("measurements"):
+                            out.add_nuclei(kept, rgb, (wy, wx))
+                    bar.update(1)
+                for tile in stitcher.tiles():
+                    with clock("writing"):
+                        yield tile
 
-    def _window(self, ij: tuple[int, int], scan: _Scan) -> tuple[int, int, int, int]:
-        """(y, x, h, w) of region ij's core with its margin, in read pixels, cut at the image border: there is no
-        context beyond it, and a tile-sized image would otherwise cost the network (512 + 2 * margin)^2 pixels
-        for 512^2."""
-        height, width = scan.reader.shape
-        size, margin = scan.size, scan.margin
-        cy0, cx0 = ij[0] * size, ij[1] * size
-        wy, wx = max(cy0 - margin, 0), max(cx0 - margin, 0)
-        return wy, wx, min(cy0 + size + margin, height) - wy, min(cx0 + size + margin, width) - wx
-
-    def _predict_region(self, scan: _Scan, ij: tuple[int, int]
+    def _predict_region(self, plan: Plan, timings: dict[str, float], ij: tuple[int, int]
                         ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
-        """Read region ij's window and run the network on it at the working scale: (window, rgb, probabilities)."""
-        window = self._window(ij, scan)
-        rgb = scan.reader.read_region(*window)
-        return window, rgb, self.predict_probs(rgb, scan.scale)
-
-    def _stitch_region(self, scan: _Scan, band: _TileBand, out: SlideOutputs, done: np.ndarray,
-                       ij: tuple[int, int], window: tuple[int, int, int, int], rgb: np.ndarray, probs: np.ndarray,
-                       next_id: int, stats: dict) -> int:
-        """Instances of one region's probabilities, mapped back to the read grid; keep those it owns (module
-        docstring), write and measure them."""
-        height, width = band.height, band.width
-        size = scan.size
-        i, j = ij
-        cy0, cx0 = i * size, j * size
-        cy1, cx1 = min(cy0 + size, height), min(cx0 + size, width)
-        wy, wx, wh, ww = window
-        labels = to_read_grid(self.instances(probs), (wh, ww), scan.scale)
-        n = int(labels.max())
-        if n == 0:
-            return next_id
-
-        flat = labels.ravel()
-        fg = np.flatnonzero(flat)
-        ids = flat[fg]
-        count = np.bincount(ids, minlength=n + 1).astype(np.int64)
-        present = count > 0
-        safe = np.maximum(count, 1)
-        # integer sums of global coordinates: the anchor is the same pixel in every window that sees the nucleus
-        sum_y = np.bincount(ids, weights=fg // ww, minlength=n + 1).astype(np.int64) + count * wy
-        sum_x = np.bincount(ids, weights=fg % ww, minlength=n + 1).astype(np.int64) + count * wx
-        ay, ax = sum_y // safe, sum_x // safe
-
-        existing = band.read(wy, wx, wh, ww)
-        owned = np.bincount(ids, weights=existing.ravel()[fg] > 0, minlength=n + 1)
-        # a nucleus touching a window side inside the image may be cut there; the image's own border cuts nothing
-        edge = np.zeros(n + 1, bool)
-        sides = [labels[0] if wy > 0 else None, labels[-1] if wy + wh < height else None,
-                 labels[:, 0] if wx > 0 else None, labels[:, -1] if wx + ww < width else None]
-        cut = [side for side in sides if side is not None]
-        if cut:
-            edge[np.concatenate(cut)] = True
-
-        own = present & (ay >= cy0) & (ay < cy1) & (ax >= cx0) & (ax < cx1)
-        gap = np.maximum(np.maximum(cy0 - ay, ay - (cy1 - 1)), np.maximum(cx0 - ax, ax - (cx1 - 1)))
-        anchor_done = done[np.clip(ay // size, 0, done.shape[0] - 1), np.clip(ax // size, 0, done.shape[1] - 1)]
-        rescue = present & ~own & anchor_done & (gap <= RESCUE_PX) & ~edge
-        keep = (own | rescue) & (owned < DUPLICATE_FRACTION * count)
-        keep[0] = False
-        kept = int(keep.sum())
-        if kept == 0:
-            return next_id
-        stats["truncated"] += int((keep & edge).sum())
-
-        global_id = np.zeros(n + 1, np.uint32)
-        global_id[keep] = np.arange(next_id, next_id + kept, dtype=np.uint32)
-        final = global_id[labels]
-        final[existing > 0] = 0  # first written keeps contested pixels
-        band.write(wy, wx, final)
-        out.add_nuclei(final, rgb, (wy, wx))
-        return next_id + kept
+        """Read region ij's window and run the network on it at the working scale: (window, rgb, probabilities).
+        Runs in the prefetch thread: it records only its own phases."""
+        window = plan.grid.window(ij)
+        with _timed(timings, "read"):
+            rgb = plan.reader.read_region(*window)
+        with _timed(timings, "network"):
+            return window, rgb, self.network.probs(rgb, plan.scale)
 
     # ------------------------------------------------------------------------------------------ many images
 
@@ -670,7 +660,7 @@ class SlidePredictor:
                 summary.failed.append((str(path), message))
                 continue
             seen[name] = path
-            if not self.overwrite and outputs_complete(output_dir, name):
+            if not self.overwrite and self.finished(output_dir, name):
                 logger.info("%s: outputs complete in %s, skipped", path, output_dir)
                 summary.skipped.append(str(path))
                 continue
@@ -686,18 +676,11 @@ class SlidePredictor:
         return summary
 
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
-        """FileExistsError naming the images whose finished outputs record other weights or settings."""
-        settings = self.settings()
-        differing: dict[str, list[str]] = {}
-        for path in images:
-            if not outputs_complete(output_dir, path.stem):
-                continue
-            recorded = _recorded_settings(output_dir, path.stem)
-            if recorded is None:
-                differing[path.stem] = ["not recorded (an older version's outputs)"]
-            elif recorded != settings:
-                differing[path.stem] = sorted(k for k in settings.keys() | recorded.keys()
-                                              if settings.get(k) != recorded.get(k))
+        """FileExistsError naming the images whose finished outputs record other weights or settings, all of them
+        at once (``finished`` names one)."""
+        differing = {path.stem: self._differing(output_dir, path.stem) for path in images
+                     if outputs_complete(output_dir, path.stem)}
+        differing = {name: keys for name, keys in differing.items() if keys}
         if differing:
             names = list(differing)
             keys = sorted({k for ks in differing.values() for k in ks})
@@ -708,6 +691,31 @@ class SlidePredictor:
                 "another output_dir"
             )
 
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] += time.perf_counter() - start
+
+
+def inference_configs(bundle: str | os.PathLike) -> list[Path]:
+    """configs/inference.json alone where it is a whole config (it has "imports"), else as an overlay over
+    configs/train.json, the way ``nucleiseg evaluate`` runs evaluate.json."""
+    from .overrides import read_config
+
+    configs = Path(bundle) / "configs"
+    inference = configs / "inference.json"
+    if not inference.is_file():
+        raise FileNotFoundError(f"{inference} not found: the bundle must be a folder holding configs/inference.json")
+    if "imports" in read_config(inference):
+        return [inference]
+    train = configs / "train.json"
+    if not train.is_file():
+        raise FileNotFoundError(f"{inference} is an overlay (it has no \"imports\") but {train} is missing")
+    return [train, inference]
 
 def raise_on_failure(summary: RunSummary) -> RunSummary:
     """The summary unchanged when every image succeeded, else a RuntimeError listing the failures.

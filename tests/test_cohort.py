@@ -12,7 +12,6 @@ import torch
 from nucleiseg_monai.cli import main
 from nucleiseg_monai.cohort import (BundlePredictor, Slide, cpu_count, dask_client, host_share, read_cohort,
                                     read_slide_list, remove_stale_temporaries, run_cohort)
-from nucleiseg_monai.outputs import SlideOutputs
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
 
@@ -119,6 +118,8 @@ def test_cli_cohort_matches_serial_records_the_broken_slide_and_resumes(cohort):
         # the tissue blob covers part of the glass, and holds every nucleus found
         tissue = float(row["tissue_mm2"])
         assert 0.1 * 384 * 640 * 0.25**2 / 1e6 < tissue < 384 * 640 * 0.25**2 / 1e6
+        # the share the predictor's own tissue mask found, taken from its completion record (6 digits in the table)
+        assert tissue == pytest.approx(result.tissue_fraction * 384 * 640 * 0.25**2 / 1e6, rel=1e-5)
         assert float(row["nuclei_per_mm2"]) == pytest.approx(result.nuclei / tissue, rel=1e-4)
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -139,23 +140,26 @@ class CrashOnce:
 
     def __call__(self):
         predictor = self.factory()
-        stitch = predictor._stitch_region
-        regions = {}
+        predict_slide, instances = predictor.predict_slide, predictor.instances
+        current = {}
 
-        def crash_on_second_region(*args):
-            name = next(a.name for a in args if isinstance(a, SlideOutputs))
-            regions[name] = regions.get(name, 0) + 1
-            if regions[name] == 2:
+        def predict_slide_named(path, output_dir, name=None):
+            current.update(name=name or Path(path).stem, regions=0)
+            return predict_slide(path, output_dir, name)
+
+        def crash_on_second_region(probs):
+            current["regions"] += 1
+            if current["regions"] == 2:
                 try:
                     fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 except FileExistsError:
-                    return stitch(*args)
-                os.write(fd, name.encode())
+                    return instances(probs)
+                os.write(fd, current["name"].encode())
                 os.close(fd)
                 os._exit(1)
-            return stitch(*args)
+            return instances(probs)
 
-        predictor._stitch_region = crash_on_second_region
+        predictor.predict_slide, predictor.instances = predict_slide_named, crash_on_second_region
         return predictor
 
 
