@@ -92,11 +92,6 @@ def run_workflow(workflow):
     return result
 
 
-def run_bundle(config_files: Path | list[Path], run_id: str, bundle: str, overrides: dict):
-    """Runs one runner id of a bundle config exactly as ``python -m monai.bundle run`` would, returning its results."""
-    return run_workflow(bundle_workflow(config_files, run_id, bundle, overrides))
-
-
 def cmd_predict(args) -> int:
     _check_bundle(args.bundle)
     overrides = {"input": args.input, "output_dir": args.output_dir, **_overrides(args.set)}
@@ -110,13 +105,14 @@ def cmd_predict(args) -> int:
 
     if args.workers or args.scheduler or is_slide_list(args.input):
         return _predict_cohort(args, overrides)
-    try:
-        run_bundle(_bundle_config(args.bundle, "inference.json"), "inferring", args.bundle, overrides)
-    except RuntimeError as err:
-        # the bundle raises when any image failed; each failure was already logged with its path
-        logger.error("%s", err.__cause__ or err)
-        return 1
-    return 0
+    from .inference import SlidePredictor
+
+    settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
+    summary = SlidePredictor.from_bundle(args.bundle, **settings).run(args.input, args.output_dir)
+    if not summary.ok:  # each failure was already logged with its path
+        logger.error("%d image(s) failed (%d done, %d already complete)", len(summary.failed), len(summary.done),
+                     len(summary.skipped))
+    return 0 if summary.ok else 1
 
 
 # the settings naming the folders each workflow writes, created and checked before anything runs
