@@ -1,4 +1,5 @@
-"""CryoNuSeg (and NuInsSeg) on disk: discovery, validated reading, datalists, splits and channel statistics.
+"""Tiles on disk: Kaggle-layout discovery (CryoNuSeg, NuInsSeg), validated reading, the organ-stratified split and
+channel statistics (sources.py combines several sources into one datalist).
 
 The official Kaggle layout is ``tissue images/<name>.tif`` with ``label masks modify/<name>.tif`` (instance ids)
 and ``mask binary/<name>.png`` (0/255). The newer Kaggle archive nests these folders under
@@ -22,7 +23,6 @@ import tifffile
 from skimage import io as skio
 from skimage.measure import label as connected_components
 
-from .atomic import write_json_atomic  # also reached as data.write_json_atomic by bundle configs and cli
 from .wsi import ImageError, rgb_uint8
 
 logger = logging.getLogger(__name__)
@@ -207,24 +207,6 @@ def split(
     return {k: sorted(v, key=lambda s: s.name) for k, v in parts.items()}
 
 
-def kfold(samples: Sequence[Sample], folds: int = 5, fold: int = 0, seed: int = 0) -> dict[str, list[Sample]]:
-    """Organ-stratified k-fold: each organ's tiles are dealt round-robin over the folds."""
-    if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
-    by_organ: dict[str, list[Sample]] = defaultdict(list)
-    for s in sorted(samples, key=lambda s: _stable_rank(s.name, seed)):
-        by_organ[s.organ].append(s)
-    assignment: dict[str, int] = {}
-    offset = 0  # rotate the starting fold per organ so small organs do not all land in fold 0
-    for organ in sorted(by_organ, key=lambda o: _stable_rank(o, seed)):
-        for i, s in enumerate(by_organ[organ]):
-            assignment[s.name] = (offset + i) % folds
-        offset += len(by_organ[organ])
-    held = sorted((s for s in samples if assignment[s.name] == fold), key=lambda s: s.name)
-    kept = sorted((s for s in samples if assignment[s.name] != fold), key=lambda s: s.name)
-    return {"training": kept, "validation": held}
-
-
 def channel_stats(images: Iterable[str | os.PathLike]) -> dict[str, list[float]]:
     """Per-channel mean and standard deviation over all pixels of the given images, on the 0-255 scale."""
     total = np.zeros(3)
@@ -242,81 +224,13 @@ def channel_stats(images: Iterable[str | os.PathLike]) -> dict[str, list[float]]
     return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std]}
 
 
-def make_datalist(
-    dataset_dir: str | os.PathLike,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.3,
-    seed: int = 0,
-    folds: int | None = None,
-    fold: int = 0,
-) -> dict:
-    """A MONAI datalist (training / validation / test lists of dicts) plus the training set's channel stats.
-
-    Paths are stored relative to the dataset root so the file travels between machines.
-    """
-    root = dataset_root(dataset_dir)
-    samples = discover(root)
-    for sample in samples:
-        check_sample(sample)
-    if folds:
-        parts = kfold(samples, folds, fold, seed)
-        parts["test"] = []
-    else:
-        parts = split(samples, val_fraction, test_fraction, seed)
-    return {
-        "description": "CryoNuSeg organ-stratified split; paths relative to dataset_root",
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "folds": folds,
-        "fold": fold if folds else None,
-        **{k: [s.record(root) for s in v] for k, v in parts.items()},
-        "channel_stats": channel_stats(s.image for s in parts["training"]),
-    }
-
-
-def resolve(datalist: dict, dataset_dir: str | os.PathLike, part: str) -> list[dict]:
-    """The records of one part of a datalist with absolute paths under ``dataset_dir``."""
-    if part not in datalist:
-        raise KeyError(f"datalist has no part {part!r}; it has {[k for k in datalist if isinstance(datalist[k], list)]}")
-    root = dataset_root(dataset_dir)
-    return [{**r, "image": str(root / r["image"]), "label": str(root / r["label"])} for r in datalist[part]]
-
-
-def prepare(
-    dataset_dir: str | os.PathLike, datalist_file: str | os.PathLike, stats_file: str | os.PathLike | None = None,
-    **split_args,
-) -> dict:
-    """Loads the datalist at ``datalist_file``, or makes and writes it (and the channel stats) on first use.
-
-    The split is made once and then read back, so training, evaluation and resumed runs all see the same tiles;
-    asking for a different split (``seed``, ``folds``, ``fold``, fractions) than the file holds is an error.
-    """
-    datalist_file = Path(datalist_file)
-    if datalist_file.is_file():
-        datalist = json.loads(datalist_file.read_text())
-        stored = {k: datalist.get(k) for k in split_args}
-        if stored != split_args:
-            raise DataError(
-                f"{datalist_file} holds the split {stored}, not the requested {split_args}; delete it to make a new "
-                "split, or point datalist_file at another file"
-            )
-    else:
-        datalist = make_datalist(dataset_dir, **split_args)
-        write_json_atomic(datalist, datalist_file)
-        logger.info("wrote datalist %s", datalist_file)
-    if stats_file is not None:
-        write_json_atomic(datalist["channel_stats"], stats_file)
-    return datalist
-
-
 def load_stats(stats_file: str | os.PathLike) -> dict[str, list[float]]:
     """The channel mean and std JSON written by training ({"mean": [r, g, b], "std": [r, g, b]}, 0-255 scale)."""
     path = Path(stats_file)
     if not path.is_file():
         raise FileNotFoundError(
             f"channel statistics {path} are missing; they are written by training next to the checkpoint "
-            "(or run `nucleiseg datalist --dataset_dir DIR --output models/datalist.json --stats models/channel_stats.json`)"
+            "(or run `nucleiseg datalist --data_root DIR --output models/datalist.json --stats models/channel_stats.json`)"
         )
     try:
         stats = json.loads(path.read_text(encoding="utf-8"))

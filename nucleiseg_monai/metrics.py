@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.exceptions import NotComputableError
+from monai.utils import convert_to_numpy
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from scipy.optimize import linear_sum_assignment
@@ -68,9 +69,7 @@ __all__ = [
 
 def _label_map(x: Any, what: str) -> np.ndarray:
     """A 2-D non-negative integer numpy array from a numpy/torch label map (leading singleton axes dropped)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+    a = convert_to_numpy(x)
     while a.ndim > 2 and a.shape[0] == 1:
         a = a[0]
     if a.ndim != 2:

@@ -293,23 +293,36 @@ def sampling_weights(records: list[dict], mix: dict[str, float] | None = None) -
     return [mix.get(r["source"], 0.0) / total / counts[r["source"]] for r in records]
 
 
-def licenses(sources: dict[str, Source]) -> list[dict]:
-    """What travels with weights trained on these sources (for metadata and LICENSE files)."""
-    return [{"source": s.name, "license": s.license, "commercial_use": s.commercial_use, "citation": s.citation}
-            for s in sources.values()]
+def estimate_mpp(source: Source, data_root: str | os.PathLike, reference: dict[str, float]) -> float:
+    """A pixel size for a source that states none: the reference sources' pixel size scaled by the square root of
+    the ratio of median nucleus areas (every fourth tile of the source is enough).
 
-
-def estimate_mpp(source: Source, data_root: str | os.PathLike, reference_mpp: float, reference_area: float) -> float:
-    """A pixel size for a source that states none, from its median nucleus area against a reference's."""
+    ``reference``: {"mpp": microns per pixel of the reference sources, "median_area_px": their median nucleus area}.
+    """
     import numpy as np
+
     from .data import read_instance_labels
 
     areas = []
-    for s in discover_source(source, data_root)[:: 4]:
-        labels = read_instance_labels(s.sample.label)
-        counts = np.bincount(labels.ravel())[1:]
+    for s in discover_source(source, data_root)[::4]:
+        counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
         areas += counts[counts > 0].tolist()
-    return reference_mpp / float(np.sqrt(np.median(areas) / reference_area))
+    if not areas:
+        raise DataError(f"source {source.name!r} has no annotated nuclei to estimate its pixel size from")
+    return float(reference["mpp"]) / float(np.sqrt(np.median(areas) / float(reference["median_area_px"])))
+
+
+def median_nucleus_area(sources: list[Source], data_root: str | os.PathLike) -> float:
+    import numpy as np
+
+    from .data import read_instance_labels
+
+    areas = []
+    for source in sources:
+        for s in discover_source(source, data_root)[::4]:
+            counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
+            areas += counts[counts > 0].tolist()
+    return float(np.median(areas))
 
 
 def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str, working_mpp: float,
@@ -327,3 +340,28 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
                             "rescan_scale": round(float(r["mpp"]) / mpp, 4),
                             "scale": round(mpp / float(working_mpp), 4)})
     return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nucleiseg_monai.sources --estimate_mpp nuinsseg --data_root DIR``: the pixel size a source with
+    none stated would have, from its nuclei against the sources that state theirs (how sources.json's NuInsSeg
+    entry was set)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nucleiseg_monai.sources", description=main.__doc__)
+    parser.add_argument("--estimate_mpp", required=True, help="name of the source to estimate")
+    parser.add_argument("--data_root", required=True, help="folder holding the sources' folders")
+    parser.add_argument("--sources_file", help="source registry (default: the shipped one)")
+    args = parser.parse_args(argv)
+    sources = load_sources(args.sources_file)
+    references = [s for n, s in sources.items() if n != args.estimate_mpp]
+    stated = {tile_mpp(s, discover_source(s, args.data_root)[0].sample.image) for s in references}
+    if len(stated) != 1:
+        raise SystemExit(f"the reference sources state different pixel sizes {sorted(stated)}; pass a registry with one")
+    reference = {"mpp": stated.pop(), "median_area_px": median_nucleus_area(references, args.data_root)}
+    mpp = estimate_mpp(sources[args.estimate_mpp], args.data_root, reference)
+    print(f"{args.estimate_mpp}: {mpp:.3f} um/px (reference: {[s.name for s in references]}, {reference})")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,8 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
-from .atomic import atomic_path
-from .data import write_json_atomic
+from .atomic import write_json_atomic
 from .metrics import instance_metrics, summarize
 from .networks import MixedPrecision, load_weights
 from .postprocess import instances_from_probs
@@ -117,5 +116,4 @@ def apply(train_config: str | os.PathLike, params: Mapping) -> None:
     if "postprocess_params" not in config:
         raise KeyError(f"{path} has no postprocess_params to replace; is it a bundle's train.json?")
     config["postprocess_params"] = dict(params)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+    write_json_atomic(config, path, indent=4)

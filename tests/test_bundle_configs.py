@@ -108,17 +108,6 @@ def test_every_config_verifies_the_bundle_before_anything_else(configs):
         assert _load(configs / name)["initialize"][0] == "$nucleiseg_monai.bundle.guard()", name
 
 
-@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
-def test_workflows_have_the_properties_monai_requires(configs, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    for files, run_id, kind in (([configs / "train.json"], "training", "train"),
-                                ([configs / "train.json", configs / "evaluate.json"], "evaluating", "infer")):
-        workflow = ConfigWorkflow(config_file=[str(f) for f in files], meta_file=str(configs / "metadata.json"),
-                                  run_id=run_id, workflow_type=kind, bundle_root=str(tmp_path))
-        assert workflow.check_properties() in (None, []), f"{run_id}: {workflow.check_properties()}"
-
-
 # --- every config parses, resolves and answers to its runner ids -----------------------------------------------
 
 

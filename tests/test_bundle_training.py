@@ -280,3 +280,22 @@ def test_ddp_two_processes_on_cpu(dataset, tmp_path):
     assert trainer["epoch_length"] == iterations_per_epoch(bundle, ranks=2) < iterations_per_epoch(bundle)
     assert trainer["iteration"] == 2 * trainer["epoch_length"]
     UNet(features=FEATURES).load_state_dict(load(bundle / "models" / "model.pt"))
+
+
+@pytest.mark.parametrize("files, run_id, kind", [(["train.json"], "training", "train"),
+                                                 (["train.json", "evaluate.json"], "evaluating", "infer")])
+def test_workflows_have_the_properties_monai_requires(files, run_id, kind, one_epoch, dataset, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from nucleiseg_monai.overrides import parse_value
+
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    workflow = ConfigWorkflow(config_file=[str(bundle / "configs" / f) for f in files],
+                              meta_file=str(bundle / "configs" / "metadata.json"), run_id=run_id, workflow_type=kind)
+    args = tiny_args(dataset) if run_id == "training" else eval_args(dataset, tmp_path)
+    workflow.parser.update({"bundle_root": str(bundle), "resume": True,
+                            **{k.lstrip("-"): parse_value(v) for k, v in zip(args[::2], args[1::2])}})
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])

@@ -1,5 +1,6 @@
-"""nucleiseg_monai.data: discovery in both Kaggle layouts, validated reading, splits, k-fold, channel statistics,
-prepare/resolve, and the error raised for every kind of bad input (each must name the offending file)."""
+"""nucleiseg_monai.data: discovery in both Kaggle layouts, validated reading, splits, channel statistics, a Kaggle
+source through the datalist of nucleiseg_monai.sources, and the error raised for every kind of bad input (each must
+name the offending file)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,19 @@ import tifffile
 from skimage.io import imsave
 
 from nucleiseg_monai import data
+from nucleiseg_monai import sources as S
 from nucleiseg_monai.data import DataError, Sample
 from nucleiseg_monai.synthetic import write_dataset
 
 ORGANS4 = ("AdrenalGland", "Larynx", "Skin", "ThyroidGland")
 
+
+
+def kaggle_datalist(folder: Path) -> dict:
+    """The datalist of one Kaggle-layout source at ``folder``, split as CryoNuSeg is."""
+    source = S.Source(name="t", root=folder.name, layout="kaggle", mpp=0.25, organs="name",
+                      split={"kind": "organ_stratified", "val_fraction": 0.15, "test_fraction": 0.3, "seed": 0})
+    return S.make_datalist({"t": source}, folder.parent)
 
 def _samples(counts: dict[str, int]) -> list[Sample]:
     """Sample records without files: ``counts[organ]`` tiles per organ, named as in CryoNuSeg."""
@@ -96,11 +105,12 @@ def test_discover_nested_layout(tmp_path):
     assert all(s.image.parent == nested / "tissue images" for s in samples)
     assert all(s.label.parent == nested / "label masks modify" for s in samples)
     # records are relative to the nested root, and resolve from the outer folder finds them again
-    datalist = data.make_datalist(tmp_path)
+    datalist = kaggle_datalist(tmp_path)
     parts = ("training", "validation", "test")
     records = sorted((r for k in parts for r in datalist[k]), key=lambda r: r["name"])
-    assert [r["image"] for r in records] == [f"tissue images/{s.name}.tif" for s in samples]
-    resolved = sorted((r for k in parts for r in data.resolve(datalist, tmp_path, k)), key=lambda r: r["name"])
+    assert [r["image"] for r in records] == [f"Annotator 1 (biologist)/tissue images/{s.name}.tif" for s in samples]
+    resolved = sorted((r for k in parts for r in S.resolve(datalist, tmp_path.parent, k, 0.25)),
+                      key=lambda r: r["name"])
     assert [Path(r["image"]) for r in resolved] == [s.image for s in samples]
     assert [Path(r["label"]) for r in resolved] == [s.label for s in samples]
 
@@ -163,9 +173,9 @@ def test_binary_only_dataset_gives_connected_components_and_warns_once(tmp_path,
     assert len({a, c, d, e}) == 4 and 0 not in {a, c, d, e}
     assert len(np.unique(labels)) == 5  # background + 4 components
 
-    # a full prepare() (discover + checks + split + stats) still warns exactly once
+    # a whole datalist (discover + checks + split + stats) still warns exactly once
     caplog.clear()
-    datalist = data.prepare(tmp_path, tmp_path / "out" / "datalist.json")
+    datalist = kaggle_datalist(tmp_path)
     assert [r["label_kind"] for r in datalist["training"]] == ["binary"]
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -256,36 +266,7 @@ def test_split_real_cryonuseg(cryonuseg_dir):
     assert Counter(s.organ for s in parts["test"]) == {o: 1 for o in organs}
 
 
-@pytest.mark.parametrize("folds", [3, 5])
-def test_kfold(folds):
-    counts = {"Skin": 3, "Larynx": 3, "Pleura": 2, "Thymus": 2, "Testes": 1, "Pancreas": 4}
-    samples = _samples(counts)
-    held_out: list[str] = []
-    per_fold = []
-    for fold in range(folds):
-        parts = data.kfold(samples, folds=folds, fold=fold, seed=0)
-        assert set(parts) == {"training", "validation"}
-        _assert_partition(parts, samples)
-        held_out += _names(parts["validation"])
-        per_fold.append(parts["validation"])
-        shuffled = samples[::-1]
-        assert data.kfold(shuffled, folds=folds, fold=fold, seed=0) == parts
-    # each sample held out exactly once; the validation folds are disjoint and cover everything
-    assert Counter(held_out) == Counter(_names(samples))
-    sizes = [len(v) for v in per_fold]
-    assert max(sizes) - min(sizes) <= 1
-    # stratified: an organ's tiles are spread evenly over the folds
-    for organ, n in counts.items():
-        in_fold = [sum(s.organ == organ for s in v) for v in per_fold]
-        assert sum(in_fold) == n and max(in_fold) - min(in_fold) <= 1, (organ, in_fold)
-
-
-def test_kfold_rejects_bad_fold():
-    with pytest.raises(ValueError, match="0..4"):
-        data.kfold(_samples({"Skin": 3}), folds=5, fold=5)
-
-
-# --- channel statistics, datalists, prepare ----------------------------------------------------------------------
+# --- channel statistics -------------------------------------------------------------------------------------------
 
 def test_channel_stats_by_hand(tmp_path):
     # two pixels (0, 0, 0) and (2, 4, 6): mean (1, 2, 3), population std (1, 2, 3)
@@ -307,44 +288,6 @@ def test_channel_stats_matches_numpy(tmp_path):
     np.testing.assert_allclose(stats["std"], pixels.std(0), rtol=0, atol=1e-4)
     with pytest.raises(DataError):
         data.channel_stats([])
-
-
-def test_prepare_writes_once_and_reads_back(tmp_path):
-    dataset = write_dataset(tmp_path / "ds", n_tiles=12, size=32, organs=ORGANS4)
-    datalist_file, stats_file = tmp_path / "out" / "datalist.json", tmp_path / "out" / "stats.json"
-    first = data.prepare(dataset, datalist_file, stats_file)
-    assert json.loads(datalist_file.read_text()) == first
-    assert json.loads(stats_file.read_text()) == first["channel_stats"]
-    assert [len(first[k]) for k in ("training", "validation", "test")] == [6, 2, 4]
-    assert all(not Path(r["image"]).is_absolute() for k in ("training", "validation", "test") for r in first[k])
-
-    resolved = {k: data.resolve(first, dataset, k) for k in ("training", "validation", "test")}
-    for records in resolved.values():
-        for r in records:
-            for key in ("image", "label"):
-                assert Path(r[key]).is_absolute() and Path(r[key]).is_file()
-            assert Path(r["image"]).stem == r["name"] == Path(r["label"]).stem
-    # the stats are those of the training images only
-    assert first["channel_stats"] == data.channel_stats(r["image"] for r in resolved["training"])
-
-    # a tile added later does not change the stored split: the second call reads the file back
-    written = datalist_file.read_bytes()
-    for sub in ("tissue images", "label masks modify"):
-        shutil.copy(dataset / sub / "Human_Skin_01.tif", dataset / sub / "Human_Skin_04.tif")
-    second = data.prepare(dataset, datalist_file, stats_file)
-    assert second == first and datalist_file.read_bytes() == written
-    assert json.loads(stats_file.read_text()) == first["channel_stats"]
-    with pytest.raises(KeyError, match="nope"):
-        data.resolve(first, dataset, "nope")
-
-
-def test_make_datalist_kfold(tmp_path):
-    dataset = write_dataset(tmp_path, n_tiles=8, size=32, organs=ORGANS4)
-    datalist = data.make_datalist(dataset, folds=4, fold=1)
-    assert datalist["folds"] == 4 and datalist["fold"] == 1 and datalist["test"] == []
-    expected = data.kfold(data.discover(dataset), folds=4, fold=1)
-    assert [r["name"] for r in datalist["validation"]] == _names(expected["validation"])
-    assert [r["name"] for r in datalist["training"]] == _names(expected["training"])
 
 
 # --- bad inputs: each error names the file -----------------------------------------------------------------------
@@ -376,7 +319,7 @@ def test_size_mismatch(tmp_path):
     [sample] = data.discover(tmp_path)
     message = _raises_naming(sample.image, data.check_sample, sample, match="size mismatch")
     assert str(sample.label) in message
-    _raises_naming(sample.label, data.make_datalist, tmp_path)  # checked before any split is made
+    _raises_naming(sample.label, kaggle_datalist, tmp_path)  # checked before any split is made
 
 
 def test_grayscale_image_refused(tmp_path):
@@ -441,15 +384,6 @@ def test_float_label_map_refused(tmp_path):
     path = tmp_path / "float.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))
     _raises_naming(path, data.read_instance_labels, path, match="integer")
-
-
-def test_prepare_refuses_a_different_split_than_the_file_holds(tmp_path):
-    dataset = write_dataset(tmp_path / "ds", n_tiles=12, size=32, organs=ORGANS4)
-    datalist_file = tmp_path / "datalist.json"
-    data.prepare(dataset, datalist_file, folds=3, fold=0)
-    assert data.prepare(dataset, datalist_file, folds=3, fold=0)["fold"] == 0
-    with pytest.raises(data.DataError, match=r"datalist.json holds the split .*'fold': 0.*delete it"):
-        data.prepare(dataset, datalist_file, folds=3, fold=1)
 
 
 def test_labels_nested_under_annotator_1_with_images_at_the_top(tmp_path):

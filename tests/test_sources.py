@@ -232,3 +232,26 @@ def test_licenses_travel_with_the_weights(bundle):
         assert source.citation.split(",")[0] in license_text or source.citation.split(" et al")[0] in license_text
     if any(not s.commercial_use for s in S.load_sources().values()):
         assert "NON-COMMERCIAL" in license_text and "non-commercial" in meta["data_license"]
+
+
+def test_a_source_without_pixel_size_gets_one_from_its_nuclei(tmp_path, capsys):
+    from skimage.transform import rescale
+
+    data = tmp_path / "data"
+    write_generic(data / "ref", [f"TCGA-A7-{i:04d}" for i in range(4)], size=96, mpp=0.25)
+    # the same kind of tiles scanned at twice the resolution: nuclei twice as large in linear size
+    (data / "big" / "images").mkdir(parents=True)
+    (data / "big" / "labels").mkdir()
+    for i in range(4):
+        image, labels = make_tile(96, 6, seed=i)
+        tifffile.imwrite(data / "big" / "images" / f"t{i}.tif", (rescale(image, 2, channel_axis=-1) * 255).astype(np.uint8))
+        tifffile.imwrite(data / "big" / "labels" / f"t{i}.tif", np.kron(labels, np.ones((2, 2), labels.dtype)).astype(np.uint16))
+    (data / "big" / "organs.csv").write_text("stem,organ\n" + "".join(f"t{i},x\n" for i in range(4)))
+    registry = tmp_path / "sources.json"
+    registry.write_text(json.dumps({
+        "ref": {"root": "ref", "layout": "generic", "mpp": "file", "organs": "tcga", "split": {"kind": "per_organ"}},
+        "big": {"root": "big", "layout": "generic", "mpp": 0.1, "organs": "organs.csv", "split": {"kind": "per_organ"}},
+    }))
+    S.main(["--estimate_mpp", "big", "--data_root", str(data), "--sources_file", str(registry)])
+    estimate = float(capsys.readouterr().out.split(":")[1].split()[0])
+    assert estimate == pytest.approx(0.125, abs=0.01)
