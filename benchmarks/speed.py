@@ -36,12 +36,10 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -56,7 +54,7 @@ STARVATION_SHARE = 0.05
 VARIANT_FEATURES = ((24, 48, 96, 192), (32, 64, 128, 256), (8, 16, 32, 64), (16, 32, 64, 128), (16, 32, 64))
 # SlidePredictor keywords a bundle's inference config may set; anything else there (network, paths) is not speed
 PREDICTOR_KEYS = ("roi_size", "overlap", "sw_batch_size", "padding_mode", "region_size", "region_margin",
-                  "postprocess_params", "amp", "channels_last", "jit", "prefetch", "tissue_threshold", "label_tile",
+                  "postprocess_params", "amp", "channels_last", "runtime", "jit", "prefetch", "tissue_threshold", "label_tile",
                   "compression")
 
 
@@ -235,6 +233,7 @@ class Bundle:
 
         parser = ConfigParser()
         parser.read_config(str(self.train_config))
+        parser.read_meta(str(self.train_config.parent / "metadata.json"))
         return parser
 
     def network(self) -> torch.nn.Module:
@@ -276,6 +275,7 @@ def load_bundle(bundles_dir: Path, name: str) -> Bundle | str:
         return f"{train_config} does not exist (bundle not created yet)"
     parser = ConfigParser()
     parser.read_config(str(train_config))
+    parser.read_meta(str(train_config.parent / "metadata.json"))
     network_def = parser.get("network_def")
     weights = root / "models" / "model.pt"
     shown = weights.relative_to(REPO) if weights.is_relative_to(REPO) else weights
@@ -303,8 +303,12 @@ def load_bundle(bundles_dir: Path, name: str) -> Bundle | str:
         source += "; postprocess_params from train.json"
     inference_config = root / "configs" / "inference.json"
     if inference_config.is_file():
-        inference = ConfigParser()
-        inference.read_config(str(inference_config))
+        from nucleiseg_monai.inference import inference_configs
+        from nucleiseg_monai.overrides import load_config
+
+        # alone, or as the overlay over train.json that SlidePredictor.from_bundle reads
+        inference = ConfigParser(load_config(inference_configs(root)))
+        inference.read_meta(str(root / "configs" / "metadata.json"))
         target = _find_target(inference.get(), "SlidePredictor")
         if target is not None:
             for key in PREDICTOR_KEYS:
@@ -346,68 +350,14 @@ def tiles(batch: int, size: int, device: torch.device) -> torch.Tensor:
 
 
 def bundle_inference_network(bundle: Bundle, device: torch.device, x: torch.Tensor) -> torch.nn.Module:
-    """The network as the bundle's SlidePredictor runs it (precision, layout, frozen graph) for inputs like x."""
-    from nucleiseg_monai.inference import freeze
-    from nucleiseg_monai.networks import MixedPrecision
+    """The network as the bundle's SlidePredictor runs it (runtime, precision, layout) for inputs like x."""
+    from nucleiseg_monai.inference import prepare_network, weights_sha256
 
     p = bundle.predictor
-    net = bundle.network().to(device)
-    if p.get("amp") or p.get("channels_last"):
-        net = MixedPrecision(net, torch.bfloat16 if p.get("amp") else None, bool(p.get("channels_last")))
-    return freeze(net, tuple(x.shape), device) if p.get("jit") else net
-
-
-class PhaseClock:
-    """Adds up the wall time spent inside wrapped callables, by phase name."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.network_pixels = 0
-
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.seconds[name] += time.perf_counter() - t0
-        return timed
-
-
-@contextmanager
-def instrumented(predictor, clock: PhaseClock) -> Iterator[None]:
-    """Times reading, network, post-processing, tissue mask and measuring/writing inside ``predict_slide``.
-
-    Only this process's objects are wrapped and everything is restored on exit; what is left of the total
-    (stitching, label BigTIFF encoding, commit) is reported as the remainder.
-    """
-    import nucleiseg_monai.inference as inference
-    from nucleiseg_monai.outputs import SlideOutputs
-
-    def open_timed(*a, **k):
-        reader = inference_open(*a, **k)
-        reader.read_region = clock.wrap("read", reader.read_region)
-        reader.thumbnail = clock.wrap("thumbnail", reader.thumbnail)
-        return reader
-
-    def forward_counted(x):
-        clock.network_pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
-        return forward(x)
-
-    inference_open, forward = inference.open_image, predictor._forward
-    predictor.predict_probs = clock.wrap("network", predictor.predict_probs)
-    predictor.instances = clock.wrap("postprocess", predictor.instances)
-    predictor._forward = forward_counted
-    try:
-        with mock.patch.object(inference, "open_image", open_timed), \
-             mock.patch.object(inference, "tissue_mask", clock.wrap("tissue_mask", inference.tissue_mask)), \
-             mock.patch.object(SlideOutputs, "add_nuclei", clock.wrap("measure_and_outputs",
-                                                                      SlideOutputs.add_nuclei)):
-            yield
-    finally:
-        for name in ("predict_probs", "instances", "_forward"):
-            vars(predictor).pop(name, None)
+    net = bundle.network().to(device).eval()
+    runtime = p.get("runtime") or ("auto" if p.get("jit") else "eager")
+    return prepare_network(net, runtime, bool(p.get("amp")), bool(p.get("channels_last")), tuple(x.shape),
+                           weights_sha256(net), device)
 
 
 def make_predictor(bundle: Bundle, device: torch.device, overrides: dict, stats):
@@ -425,7 +375,7 @@ def end_to_end(bundle: Bundle, device: torch.device, slide_path: Path, slide_sha
     predictor, settings = make_predictor(bundle, device, overrides, stats)
     # warm-up on one region window: the same network call shapes (incl. the last, partial sliding-window batch)
     side = min(settings["region_size"], max(slide_shape)) + 2 * settings["region_margin"]
-    predictor.predict_probs(np.full((side, side, 3), 200, np.uint8))
+    predictor.network.probs(np.full((side, side, 3), 200, np.uint8))
     times, result = [], None
     for i in range(args.e2e_repeats):
         out_dir = workdir / f"e2e_{bundle.name}_{device.type}_{i}"
@@ -452,31 +402,22 @@ def end_to_end(bundle: Bundle, device: torch.device, slide_path: Path, slide_sha
 
 
 def serial_breakdown(predictor, device: torch.device, slide_path: Path, slide_shape, out_dir: Path) -> dict:
-    """One instrumented run with no prefetching: megapixels per second and where the time goes."""
-    clock = PhaseClock()
-    with instrumented(predictor, clock):
-        _sync(device)
-        t0 = time.perf_counter()
-        predictor.predict_slide(slide_path, out_dir)
-        _sync(device)
-        total = time.perf_counter() - t0
+    """One run with no prefetching: megapixels per second and where the time goes, from the seconds per phase the
+    predictor records (``SlideResult.timings``); "other" is what no phase holds (opening outputs, the bar)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    result = predictor.predict_slide(slide_path, out_dir)
+    _sync(device)
+    total = time.perf_counter() - t0
     height, width = slide_shape
-    seconds = clock.seconds
-    breakdown = {
-        "read_s": seconds["read"] + seconds["thumbnail"],
-        "tissue_mask_s": seconds["tissue_mask"],
-        "network_s": seconds["network"],
-        "postprocess_s": seconds["postprocess"],
-        "measure_and_outputs_s": seconds["measure_and_outputs"],
-    }
-    breakdown["stitch_label_tiff_and_rest_s"] = total - sum(breakdown.values())
+    breakdown = {f"{phase}_s": seconds for phase, seconds in result.timings.items()}
+    breakdown["other_s"] = max(0.0, total - sum(breakdown.values()))
     return {
         "mp_per_s": sig(height * width / 1e6 / total), "seconds": sig(total),
-        "network_pixels_per_image_pixel": sig(clock.network_pixels / (height * width)),
         "breakdown_s": {k: sig(v) for k, v in breakdown.items()},
         "breakdown_share": {k.removesuffix("_s"): sig(v / total, 3) for k, v in breakdown.items()},
-        "postprocess_mp_per_s": sig(height * width / 1e6 / breakdown["postprocess_s"])
-        if breakdown["postprocess_s"] > 0 else None,
+        "postprocess_mp_per_s": sig(height * width / 1e6 / breakdown["watershed_s"])
+        if breakdown["watershed_s"] > 0 else None,
     }
 
 
@@ -484,7 +425,7 @@ def serial_breakdown(predictor, device: torch.device, slide_path: Path, slide_sh
 
 def levers(bundle: Bundle, device: torch.device, args, stats) -> dict:
     """Each inference lever's megapixels per second and gain over the plain float32 forward."""
-    from nucleiseg_monai.networks import MixedPrecision
+    from nucleiseg_monai.networks import MixedPrecision, prepare_for_inference
 
     base_net = bundle.network().to(device)
     x = tiles(args.batch, args.tile, device)
@@ -514,18 +455,12 @@ def levers(bundle: Bundle, device: torch.device, args, stats) -> dict:
     add("+ bf16 autocast (bundle setting)", bundle_setting())
     add("bf16 autocast without channels_last", MixedPrecision(copy.deepcopy(base_net), torch.bfloat16, False))
 
-    frozen = copy.deepcopy(cl).requires_grad_(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the U-Net's shape check is a Python branch; the trace fixes the shape
+    for runtime in ("torch", "openvino"):  # the fast inference copies a predictor's runtime option makes
         try:
-            with torch.no_grad():
-                traced = torch.jit.freeze(torch.jit.trace(frozen, x_cl))
-            add("jit trace+freeze, float32 channels_last", traced, x_cl)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-                traced_bf16 = torch.jit.freeze(torch.jit.trace(frozen, x_cl))
-            add("jit trace+freeze under bf16 autocast, channels_last", traced_bf16, x_cl)
-        except Exception as err:  # TorchScript is deprecated upstream; record why if it breaks
-            add("jit trace+freeze", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
+            fast = prepare_for_inference(copy.deepcopy(base_net), runtime, torch.bfloat16, tuple(x.shape))
+            add(f"runtime {runtime}, bf16", fast)
+        except (ImportError, ValueError) as err:  # OpenVINO not installed, or not on this device
+            add(f"runtime {runtime}, bf16", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
 
     if args.compile:
         t0 = time.perf_counter()
@@ -587,9 +522,9 @@ def postprocess_cost(bundle: Bundle, device: torch.device, args, stats) -> dict:
     rgb, truth = make_tile(size, seed=args.seed + 1)
     params = bundle.predictor.get("postprocess_params", {})
     predictor, _ = make_predictor(bundle, device, {"roi_size": args.tile}, stats)
-    cpu = torch.device("cpu")  # predict_probs returns numpy and post-processing is numpy: host clock for both
-    network_times = time_calls(lambda: predictor.predict_probs(rgb), cpu, args.warmup, args.repeats)
-    probs_net = predictor.predict_probs(rgb)
+    cpu = torch.device("cpu")  # network.probs returns numpy and post-processing is numpy: host clock for both
+    network_times = time_calls(lambda: predictor.network.probs(rgb), cpu, args.warmup, args.repeats)
+    probs_net = predictor.network.probs(rgb)
     ideal = np.eye(3, dtype=np.float32)[encode_three_class(truth)].transpose(2, 0, 1).copy()
     mp = size * size / 1e6
     out = {"tile": size, "params": params, "synthetic_nuclei": int(truth.max()),

@@ -64,7 +64,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         e2e = b["end_to_end"]
         assert e2e["regions_processed"] == 4  # --quick: 256 px image in 128 px regions, stitching runs
         serial = e2e["serial"]
-        assert set(serial["breakdown_share"]) >= {"read", "network", "postprocess", "measure_and_outputs"}
+        # the phases the predictor records, and what none holds
+        assert set(serial["breakdown_share"]) == {"read", "tissue_mask", "network", "watershed", "stitching",
+                                                  "measurements", "writing", "other"}
         assert sum(serial["breakdown_share"].values()) == pytest.approx(1.0, abs=0.01)
         assert e2e["prefetch_gain"] == pytest.approx(e2e["mp_per_s"] / serial["mp_per_s"], rel=REL)
         t = b["train"]
