@@ -108,7 +108,11 @@ def cmd_predict(args) -> int:
     from .inference import SlidePredictor
 
     settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
-    summary = SlidePredictor.from_bundle(args.bundle, **settings).run(args.input, args.output_dir)
+    try:
+        summary = SlidePredictor.from_bundle(args.bundle, **settings).run(args.input, args.output_dir)
+    except FileExistsError as err:  # finished outputs of other settings: refused before any image was read
+        print(f"nucleiseg predict: error: {err}", file=sys.stderr)
+        return 1
     if not summary.ok:  # each failure was already logged with its path
         logger.error("%d image(s) failed (%d done, %d already complete)", len(summary.failed), len(summary.done),
                      len(summary.skipped))
