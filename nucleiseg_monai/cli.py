@@ -1,7 +1,7 @@
 """The ``nucleiseg`` console commands: argument parsing and progress only; the work is in the library modules.
 
     nucleiseg download --dest DIR [--archive ZIP]     fetch / unpack CryoNuSeg
-    nucleiseg datalist --dataset_dir DIR --output F  organ-stratified split + channel statistics
+    nucleiseg datalist --data_root DIR --output F    every source's split + channel statistics
     nucleiseg train --bundle DIR [--KEY VALUE ...]    the bundle's training workflow, settings checked first
     nucleiseg evaluate --bundle DIR [--KEY VALUE ...] its evaluating workflow (metrics, maps, overlays of a split)
     nucleiseg predict --bundle DIR --input PATH --output_dir DIR   the bundle's inference.json, as a command
@@ -57,9 +57,10 @@ def cmd_download(args) -> int:
 
 
 def cmd_datalist(args) -> int:
-    from .data import make_datalist, write_json_atomic
+    from .atomic import write_json_atomic
+    from .sources import load_sources, make_datalist
 
-    datalist = make_datalist(args.dataset_dir, args.val_fraction, args.test_fraction, args.seed, args.folds, args.fold)
+    datalist = make_datalist(load_sources(args.sources_file, args.sources), args.data_root)
     write_json_atomic(datalist, args.output)
     if args.stats:
         write_json_atomic(datalist["channel_stats"], args.stats)
@@ -211,19 +212,24 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tuning import tune
+    from .tuning import apply, tune
 
     _check_bundle(args.bundle)
     overrides = {"bundle_root": str(Path(args.bundle).resolve()), **_overrides(args.set)}
-    if args.dataset_dir:
-        overrides["dataset_dir"] = args.dataset_dir
+    if args.data_root:
+        overrides["data_root"] = args.data_root
     report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
-    report = tune(_bundle_config(args.bundle, "evaluate.json"), report_file, overrides=overrides)
+    report = tune(evaluate_configs(args.bundle), report_file, overrides=overrides)
     chosen = report["chosen"]
     print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")
-    print(f"validation figures: {chosen['validation']}")
+    print(f"validation figures (mean over sources): {chosen['validation']}")
     print(f"all {len(report['results'])} settings: {report_file}")
-    print("set these as postprocess_params in the bundle's train.json, evaluate.json and inference.json")
+    train = _bundle_config(args.bundle, "train.json")
+    if args.apply:
+        apply(train, chosen["params"])
+        print(f"wrote them as postprocess_params in {train}")
+    else:
+        print(f"to use them: nucleiseg tune --bundle {args.bundle} --apply (writes postprocess_params in {train})")
     return 0
 
 
@@ -297,15 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an incomplete or different copy at --dest")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("datalist", help="write the organ-stratified split and training channel statistics")
-    p.add_argument("--dataset_dir", required=True, help="the CryoNuSeg folder (as unpacked by download)")
+    p = sub.add_parser("datalist", help="write the combined split of every training source and the channel statistics")
+    p.add_argument("--data_root", required=True, help="folder holding each source's folder (e.g. ../shared/datasets)")
     p.add_argument("--output", required=True, help="datalist JSON to write")
     p.add_argument("--stats", help="also write the channel statistics JSON here")
-    p.add_argument("--val_fraction", type=float, default=0.15, help="share of the tiles for validation (0.15)")
-    p.add_argument("--test_fraction", type=float, default=0.3, help="share of the tiles for the test split (0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, so it can be made again (0)")
-    p.add_argument("--folds", type=int, help="k-fold cross-validation instead of train/validation/test")
-    p.add_argument("--fold", type=int, default=0, help="with --folds: which fold validates, from 0")
+    p.add_argument("--sources_file", help="source registry JSON (default: the one shipped in nucleiseg_monai)")
+    p.add_argument("--sources", nargs="*", help="use only these sources of the registry")
     p.set_defaults(func=cmd_datalist)
 
     p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
@@ -344,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
-    p.add_argument("--dataset_dir", help="the CryoNuSeg folder (default: the config's)")
+    p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
     p.add_argument("--report", help="JSON report (default: BUNDLE/docs/postprocess_tuning.json)")
+    p.add_argument("--apply", action="store_true",
+                   help="write the chosen parameters as postprocess_params in the bundle's train.json (its one place)")
     p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. device=cpu")
     p.set_defaults(func=cmd_tune)
 
