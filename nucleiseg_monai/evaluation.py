@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from ignite.engine import Engine, Events
-from skimage import io as skio
 
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
@@ -27,7 +26,7 @@ from monai.utils import convert_to_numpy
 from .data import INSTANCE_DIR, read_image, read_instance_labels
 from .metrics import instance_metrics, summarize
 from .atomic import atomic_path, write_json_atomic
-from .outputs import Overlay, write_label_tiff
+from .outputs import PREDICTION_COLOUR, TRUTH_COLOUR, Overlay, write_label_tiff
 from .postprocess import instances_from_foreground
 from .transforms import rescan_image
 
@@ -39,17 +38,16 @@ OBSERVERS = ("annotator2", "annotator1_round2")
 REFERENCE = "reference: binary map + connected components"
 TABLE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "aji", "aji_plus", "pq", "dq", "sq")
 CSV_KEYS = TABLE_KEYS + ("n_true", "n_pred", "tp", "fp", "fn")
-TRUE_COLOUR = np.array([0, 220, 0], np.uint8)
-PRED_COLOUR = np.array([255, 230, 0], np.uint8)
 
 
-def overlay(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
+def overlay(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray) -> Overlay:
     """The tile with true outlines in green and predicted outlines in yellow (yellow wins where both fall)."""
-    drawing = Overlay(image, colour=PRED_COLOUR)
+    legend = (("truth", TRUTH_COLOUR),) if true is not None else ()
+    drawing = Overlay(image, legend=legend + (("prediction", PREDICTION_COLOUR),))
     if true is not None:
-        drawing.draw(true, colour=TRUE_COLOUR)
+        drawing.draw(true, colour=TRUTH_COLOUR)
     drawing.draw(pred)
-    return drawing.image
+    return drawing
 
 
 def _numpy_labels(x) -> np.ndarray:
@@ -138,7 +136,7 @@ class EvaluationReport:
             if image.shape[:2] != pred.shape:  # a rescanned copy: draw on the copy's grid
                 image = rescan_image(image, pred.shape[0] / image.shape[0])
             with atomic_path(folder / f"{name}_overlay.png") as tmp:
-                skio.imsave(tmp, overlay(image, true, pred), check_contrast=False)
+                overlay(image, true, pred).write_png(tmp)
 
     def write(self, engine: Engine | None = None) -> dict:
         if not self.rows:

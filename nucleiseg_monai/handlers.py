@@ -225,3 +225,67 @@ def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bo
             f"{existing[0]} holds trained weights from an earlier run; train into a folder of its own with "
             "--bundle_root runs/NAME, continue that run with --resume true, or replace it with --overwrite true"
         )
+
+
+class ValidateAtEnd:
+    """Validates once more when training completes on an epoch that the validation interval skipped, so the last
+    weights are always scored (and kept as model.pt if they are the best)."""
+
+    def __init__(self, validator, interval: int):
+        self.validator, self.interval = validator, int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval:
+            self.validator.run(engine.state.epoch)
+
+
+class ValidationImages:
+    """TensorBoard pictures of the first validation tile each time the evaluator runs: the H&E input as it looks
+    (the z-score undone), the true classes and the predicted classes, under readable tags.
+
+    Classes are drawn as everywhere else in this project: truth green, prediction yellow, nucleus rims white.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, mean, std, tag: str = "validation"):
+        self.log_dir, self.tag = str(log_dir), tag
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+        self._writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self._remember)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _remember(self, engine: Engine) -> None:
+        item, out = engine.state.batch[0], engine.state.output[0]
+        self._image = (torch.as_tensor(item["image"]).float().cpu() * self.std + self.mean).clamp(0, 255) / 255
+        self._truth = torch.as_tensor(item["label"]).cpu()[0]
+        self._pred = torch.as_tensor(out["pred"]).float().cpu().argmax(0)
+
+    @staticmethod
+    def _classes(classes: torch.Tensor, colour) -> torch.Tensor:
+        picture = torch.zeros(3, *classes.shape)
+        for channel, value in enumerate(colour):
+            picture[channel][classes == 1] = value / 255
+        picture[:, classes == 2] = 1.0
+        return picture
+
+    def __call__(self, engine: Engine) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from .outputs import PREDICTION_COLOUR, TRUTH_COLOUR
+
+        if not hasattr(self, "_image"):
+            return
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        step = engine.state.epoch
+        self._writer.add_image(f"{self.tag}/H&E input", self._image, step)
+        self._writer.add_image(f"{self.tag}/true classes (green: nucleus, white: rim)",
+                               self._classes(self._truth, TRUTH_COLOUR), step)
+        self._writer.add_image(f"{self.tag}/predicted classes (yellow: nucleus, white: rim)",
+                               self._classes(self._pred, PREDICTION_COLOUR), step)
+        self._writer.flush()

@@ -42,7 +42,9 @@ CSV_COLUMNS = (
     "id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
     "mean_haematoxylin_od",
 )
-OVERLAY_COLOUR = (0, 255, 0)
+# one meaning everywhere (inference overlays, evaluation overlays, TensorBoard): prediction yellow, truth green
+PREDICTION_COLOUR = (255, 230, 0)
+TRUTH_COLOUR = (0, 200, 0)
 # Namespace for the GeoJSON feature UUIDs QuPath expects: same image name and nucleus id -> same UUID.
 _UUID_NAMESPACE = uuid.UUID("9a4e2a63-0a5c-4c1e-9d7e-2f4b8f0c6d11")
 
@@ -199,9 +201,11 @@ class Overlay:
     overlay, so at small scales a nucleus shrinks to a dot.
     """
 
-    def __init__(self, image: np.ndarray, scale: tuple[float, float] = (1.0, 1.0), colour=OVERLAY_COLOUR):
+    def __init__(self, image: np.ndarray, scale: tuple[float, float] = (1.0, 1.0), colour=PREDICTION_COLOUR,
+                 legend: tuple[tuple[str, tuple[int, int, int]], ...] = (("predicted nuclei", PREDICTION_COLOUR),)):
         self.image = np.array(image, dtype=np.uint8, copy=True)
         self.scale, self.colour = scale, np.asarray(colour, np.uint8)
+        self.legend = legend
 
     def draw(self, labels: np.ndarray, offset: tuple[int, int] = (0, 0), colour=None) -> None:
         """Outlines of ``labels`` (placed at ``offset`` in level pixels) in ``colour``, by default the overlay's."""
@@ -211,10 +215,25 @@ class Overlay:
         x = np.clip(((cols + offset[1] + 0.5) * self.scale[1]).astype(np.int64), 0, w - 1)
         self.image[y, x] = self.colour if colour is None else np.asarray(colour, np.uint8)
 
+    def with_legend(self) -> Image.Image:
+        """The drawing with a legend strip below it: each colour and what it marks."""
+        from PIL import ImageDraw
+
+        picture = Image.fromarray(self.image)
+        row = 14
+        canvas = Image.new("RGB", (picture.width, picture.height + row * len(self.legend) + 4), (255, 255, 255))
+        canvas.paste(picture, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, (text, colour) in enumerate(self.legend):
+            y = picture.height + 2 + i * row
+            draw.rectangle((4, y + 2, 14, y + 11), fill=tuple(colour), outline=(0, 0, 0))
+            draw.text((20, y), text, fill=(0, 0, 0))
+        return canvas
+
     def write_png(self, target: Path) -> None:
         # zlib level 1: the overlay is a preview, so writing it several times faster beats Pillow's default 6's
         # slightly smaller file
-        Image.fromarray(self.image).save(target, format="PNG", compress_level=1)
+        self.with_legend().save(target, format="PNG", compress_level=1)
 
 
 # ---------------------------------------------------------------------------------------------- one image's outputs

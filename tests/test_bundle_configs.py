@@ -142,7 +142,8 @@ def test_config_parses_with_runner_ids(files, runner):
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
 def test_resume_restores_everything_the_checkpoint_saves(configs):
     train = _load(configs / "train.json")
-    by_target = {h["_target_"]: h for h in train["train"]["handlers"] if isinstance(h, dict)}
+    by_target = {h["_target_"]: h for h in train["train"]["handlers"] + train["train"]["rank0_handlers"]
+                 if isinstance(h, dict)}
     saved = by_target["nucleiseg_monai.handlers.LastCheckpoint"]["save_dict"]
     restored = by_target["nucleiseg_monai.handlers.Resume"]["load_dict"]
     assert saved == restored
@@ -156,8 +157,8 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
     assert multi["train#trainer#train_handlers"] == \
         "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
     train = _load(configs / "train.json")["train"]
-    assert [h["_target_"] for h in train["handlers"]] == \
-        ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler", "ValidationHandler"]
+    assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler",
+                                                          "ValidationHandler", "nucleiseg_monai.handlers.ValidateAtEnd"]
     assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
 
 
@@ -432,3 +433,19 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
     handlers.check_new_run(tmp_path / "empty", False, False)
     with pytest.raises(ValueError, match="--resume 'maybe' is not a boolean"):
         handlers.check_new_run(tmp_path, "maybe", False)
+
+
+@pytest.mark.parametrize("epochs, interval, validated", [(5, 2, [2, 4, 5]), (4, 2, [2, 4]), (3, 1, [1, 2, 3])])
+def test_the_last_epoch_is_always_validated(epochs, interval, validated):
+    runs = []
+
+    class Validator:
+        def run(self, epoch):
+            runs.append(epoch)
+
+    trainer = Engine(lambda engine, batch: None)
+    # as MONAI's ValidationHandler does at interval; ValidateAtEnd adds the last epoch where the interval skipped it
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=interval), lambda e: runs.append(e.state.epoch))
+    handlers.ValidateAtEnd(Validator(), interval).attach(trainer)
+    trainer.run([0], max_epochs=epochs)
+    assert runs == validated

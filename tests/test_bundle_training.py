@@ -141,6 +141,13 @@ def test_training_smoke(tmp_path, dataset):
     assert last < first, f"train loss did not fall: epoch 1 mean {first:.4f}, epoch 3 mean {last:.4f}"
     lr = scalars(bundle, "learning_rate")  # cosine decay from 1e-3 over the 3 epochs, one value per epoch
     assert sorted(lr) == [1, 2, 3] and lr[1] > lr[2] > lr[3]
+    images = set()
+    for path in (bundle / "runs").glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path), size_guidance={"images": 0})
+        events.Reload()
+        images |= set(events.Tags()["images"])
+    assert {"validation/H&E input", "validation/true classes (green: nucleus, white: rim)",
+            "validation/predicted classes (yellow: nucleus, white: rim)"} <= images
 
     net = UNet(in_channels=3, out_channels=3, features=FEATURES)
     net.load_state_dict(load(bundle / "models" / "model.pt"))  # a plain state dict, strict
@@ -180,7 +187,7 @@ def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
             labels = tifffile.imread(out / source / f"{name}.tif")
             assert labels.dtype == np.uint32 and labels.shape == (size, size)  # on the scored file's own grid
             drawn = imread(out / source / f"{name}_overlay.png")
-            assert drawn.dtype == np.uint8 and drawn.shape == (size, size, 3)
+            assert drawn.dtype == np.uint8 and drawn.shape[1:] == (size, 3) and drawn.shape[0] > size  # + legend
     # evaluation reads models/, never writes it
     assert {p.name: p.read_bytes() for p in (bundle / "models").iterdir()} == models_before
 

@@ -197,7 +197,8 @@ def test_outputs_are_readable_and_consistent(seam_slide):
         assert bbox[k, 1] <= ring[:, 0].min() and ring[:, 0].max() <= bbox[k, 3]
         assert bbox[k, 0] <= ring[:, 1].min() and ring[:, 1].max() <= bbox[k, 2]
 
-    assert skio.imread(out / "slide.overlay.png").shape == (*truth.shape, 3)
+    drawn = skio.imread(out / "slide.overlay.png")  # the image, then its legend strip
+    assert drawn.shape[1:] == (truth.shape[1], 3) and drawn.shape[0] > truth.shape[0]
     manifest = json.loads((out / "slide.done.json").read_text())
     assert manifest["nuclei"] == n and set(manifest["files"]) == {"labels", "geojson", "csv", "overlay"}
 

@@ -11,6 +11,7 @@ from skimage import io as skio
 
 from nucleiseg_monai.measurements import measure_nuclei
 from nucleiseg_monai.outputs import (
+    PREDICTION_COLOUR,
     CSV_COLUMNS,
     CSVStream,
     GeoJSONStream,
@@ -146,13 +147,17 @@ def test_overlay_draws_outlines(tmp_path):
     image = np.full((*labels.shape, 3), 230, np.uint8)
     full = Overlay(image)
     full.draw(labels)
-    green = (full.image == (0, 255, 0)).all(-1)
-    assert green[5, 10] and green[14, 29] and not green[10, 20] and not green[0, 0]
+    yellow = (full.image == PREDICTION_COLOUR).all(-1)  # predictions are yellow in every overlay
+    assert yellow[5, 10] and yellow[14, 29] and not yellow[10, 20] and not yellow[0, 0]
     half = Overlay(image[::2, ::2], scale=(0.5, 0.5))
     half.draw(labels[20:], offset=(20, 0))
-    assert (half.image == (0, 255, 0)).all(-1)[15, 3]  # pixel (30, 6) of the L, halved
+    assert (half.image == PREDICTION_COLOUR).all(-1)[15, 3]  # pixel (30, 6) of the L, halved
     full.write_png(tmp_path / "o.png")
-    np.testing.assert_array_equal(skio.imread(tmp_path / "o.png"), full.image)
+    written = skio.imread(tmp_path / "o.png")
+    # the drawing, then a legend strip below it whose swatch has the outline colour
+    np.testing.assert_array_equal(written[: labels.shape[0]], full.image)
+    legend = written[labels.shape[0]:]
+    assert legend.shape[0] >= 10 and (legend == PREDICTION_COLOUR).all(-1).sum() >= 50
 
 
 def test_slide_outputs_commit_manifest_and_rerun_check(tmp_path):
