@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/speed.py: the quick run finishes and its JSON holds every figure, consistently.
+"""Smoke test of the speed benchmark (python -m benchmarks.speed): the quick run finishes and its JSON holds every
+figure, consistently.
 
 No timing is asserted (speed depends on the machine); only that each figure is a positive number and that every
 ratio is the quotient of the figures it relates.
@@ -39,7 +40,7 @@ def _figures_positive(node, path="") -> list[str]:
 def test_quick_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--quick", "--output", str(out)],
+        [sys.executable, "-m", "benchmarks.speed", "--quick", "--output", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,6 +52,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         assert key in env
     assert _figures_positive(r) == []
 
+    # a tile of real tissue beside the synthetic one wherever CryoNuSeg is present
+    end_to_end = ["end_to_end"] + ([] if "skipped" in r["setup"]["cryonuseg_tile"] else ["end_to_end_cryonuseg"])
+
     cpu = r["cpu"]
     ref = cpu["reference"]["forward"]["mp_per_s"]
     ref_train = cpu["reference"]["train"]["images_per_s"]
@@ -58,18 +62,22 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert "nuclei_unet_small" in cpu["bundles"]
     for name, b in cpu["bundles"].items():
         assert b["weights"].startswith(("trained", "random init")), name
-        for kind in ("network_only", "end_to_end"):
+        for kind in ("network_only", *end_to_end):
             assert _positive(b[kind]["mp_per_s"]), (name, kind)
             assert b[kind]["ratio_to_reference"] == pytest.approx(b[kind]["mp_per_s"] / ref, rel=REL)
-        e2e = b["end_to_end"]
-        assert e2e["regions_processed"] == 4  # --quick: 256 px image in 128 px regions, stitching runs
-        serial = e2e["serial"]
-        # the phases the predictor records, and what none holds
-        assert set(serial["breakdown_share"]) == {"read", "tissue_mask", "network", "watershed", "stitching",
-                                                  "measurements", "writing", "other"}
-        assert sum(serial["breakdown_share"].values()) == pytest.approx(1.0, abs=0.01)
-        assert e2e["prefetch_gain"] == pytest.approx(e2e["mp_per_s"] / serial["mp_per_s"], rel=REL)
+        for kind in end_to_end:
+            e2e = b[kind]
+            assert e2e["regions_processed"] == 4  # --quick: 256 px image in 128 px regions, stitching runs
+            assert e2e["nuclei"] > 0, kind
+            serial = e2e["serial"]
+            # the phases the predictor records, and what none holds
+            assert set(serial["breakdown_share"]) == {"read", "tissue_mask", "network", "watershed", "stitching",
+                                                      "measurements", "writing", "other"}
+            assert sum(serial["breakdown_share"].values()) == pytest.approx(1.0, abs=0.01)
+            assert e2e["prefetch_gain"] == pytest.approx(e2e["mp_per_s"] / serial["mp_per_s"], rel=REL)
         t = b["train"]
+        # --quick: at most 6 training tiles of each source the registry (or the synthetic one) names
+        assert t["tiles"] and all(1 <= n <= 6 for n in t["tiles"].values()), t["tiles"]
         plain, pipe = t["plain"]["images_per_s"], t["pipeline"]["images_per_s"]
         assert _positive(plain) and _positive(pipe)
         assert t["overhead_percent"] == pytest.approx((plain / pipe - 1) * 100, rel=REL, abs=0.05)
