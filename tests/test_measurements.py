@@ -10,6 +10,7 @@ from skimage.measure import regionprops
 
 from nucleiseg_monai.measurements import haematoxylin, measure_nuclei, outline, trace_outlines
 from nucleiseg_monai.synthetic import make_tile
+from conftest import hand_built_labels
 
 RNG = np.random.default_rng(1)
 COLUMNS = ("centroid_x", "centroid_y", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
@@ -17,15 +18,7 @@ COLUMNS = ("centroid_x", "centroid_y", "area_px", "area_um2", "perimeter_px", "e
 
 
 def _labels() -> np.ndarray:
-    """Hand-built map: a rectangle (id 3), an L (id 7), a disk (id 10), a single pixel (id 12)."""
-    lab = np.zeros((60, 80), np.uint32)
-    lab[5:15, 10:30] = 3
-    lab[30:50, 5:10] = 7
-    lab[45:50, 5:25] = 7
-    yy, xx = np.mgrid[:60, :80]
-    lab[(yy - 30) ** 2 + (xx - 55) ** 2 <= 64] = 10
-    lab[2, 70] = 12
-    return lab
+    return hand_built_labels()
 
 
 def _awkward_labels(seed: int) -> np.ndarray:

@@ -23,20 +23,13 @@ from nucleiseg_monai.outputs import (
     write_label_tiff,
 )
 from nucleiseg_monai.synthetic import make_tile
+from conftest import hand_built_labels
 
 RNG = np.random.default_rng(1)
 
 
 def _labels() -> np.ndarray:
-    """Hand-built map: a rectangle (id 3), an L (id 7), a disk (id 10), a single pixel (id 12)."""
-    lab = np.zeros((60, 80), np.uint32)
-    lab[5:15, 10:30] = 3
-    lab[30:50, 5:10] = 7
-    lab[45:50, 5:25] = 7
-    yy, xx = np.mgrid[:60, :80]
-    lab[(yy - 30) ** 2 + (xx - 55) ** 2 <= 64] = 10
-    lab[2, 70] = 12
-    return lab
+    return hand_built_labels()
 
 
 def _leftovers(folder):
