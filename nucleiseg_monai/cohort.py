@@ -8,7 +8,9 @@ Workers write the outputs themselves, atomically, into the output folder (a fold
 that raises, or whose worker dies, is retried ``retries`` times, then its slide is recorded as failed while the
 others finish. Slides whose outputs are complete and were made with the same weights and settings (their
 completion record) are skipped, so re-running the same command resumes a run that was killed at any point: only
-the slides in flight are redone.
+the slides in flight are redone. A slide above ``split_above_mpx`` megapixels is split into region tasks whose
+labels one merge task stitches exactly as the whole-slide run does (``region_tasks``), so one huge slide can use
+the whole cluster. ``run_bundle_cohort`` is the same run for a bundle config's runner.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import resource
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,11 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
-from distributed import Client, LocalCluster, as_completed, get_client, get_worker
+import numpy as np
+from distributed import Client, LocalCluster, Variable, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
 from .inference import SlidePredictor, find_images
 from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
+from .region_tasks import FetchedLabels, band_labels, bands
 from .run_table import FINISHED, RunTable, figures
 
 logger = logging.getLogger(__name__)
@@ -144,28 +149,66 @@ def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
     return json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
 
 
-def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
-                  torch_threads: int | None = None, overwrite: bool = False, previous: dict | None = None) -> dict:
-    """One task: segment a slide, or find its outputs finished, and return its run-table row.
-
-    ``previous``: the slide's row in the last run table; when it holds the figures of the finished outputs they are
-    reused (a resumed cohort of thousands does not read thousands of thumbnails again).
-    """
+def slide_predictor(factory: Callable[[], SlidePredictor], slide: Slide, torch_threads: int | None
+                    ) -> SlidePredictor:
+    """This worker's predictor, with the slide's own ``input_mpp`` where the slide list gives one."""
     predictor = worker_predictor(factory, torch_threads)
     if slide.input_mpp is not None:
         predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
         predictor.input_mpp = slide.input_mpp
+    return predictor
+
+
+def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
+                  torch_threads: int | None = None, overwrite: bool = False, previous: dict | None = None,
+                  split_above_mpx: float | None = None) -> dict:
+    """One task: segment a slide, or find its outputs finished, and return its run-table row.
+
+    ``previous``: the slide's row in the last run table; when it holds the figures of the finished outputs they are
+    reused (a resumed cohort of thousands does not read thousands of thumbnails again). A slide of more than
+    ``split_above_mpx`` megapixels (at the level read) with more than one region to process is not segmented
+    here: the row has status "split" and its ``regions``, for the client to send out as region tasks.
+    """
+    predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
     if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name):
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
             return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)
-    else:
-        remove_stale_temporaries(output_dir, slide.name)
-        result = predictor.predict_slide(slide.path, output_dir, slide.name)
-        row.update(status="done", seconds=result.seconds)
-    manifest = _manifest(output_dir, slide.name)
-    row.update(figures(output_dir, slide.name, manifest["nuclei"], manifest["mpp"], _tissue_mm2(manifest)))
+        return _finished_row(row, output_dir, slide.name)
+    if split_above_mpx is not None:
+        with predictor.planned(slide.path) as (plan, _):
+            height, width = plan.grid.shape
+            regions = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
+        if height * width > split_above_mpx * 1e6 and len(regions) > 1:
+            return {**row, "status": "split", "regions": regions, "megapixels": height * width / 1e6}
+    remove_stale_temporaries(output_dir, slide.name)
+    result = predictor.predict_slide(slide.path, output_dir, slide.name)
+    row.update(status="done", seconds=result.seconds)
+    return _finished_row(row, output_dir, slide.name)
+
+
+def region_band(factory: Callable[[], SlidePredictor], slide: Slide, torch_threads: int | None,
+                regions: list[tuple[int, int]]) -> list:
+    """One region task of a split slide: its regions' packed instance labels (``region_tasks.band_labels``)."""
+    return band_labels(slide_predictor(factory, slide, torch_threads), slide.path, regions)
+
+
+def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
+                labels: FetchedLabels) -> dict:
+    """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row)."""
+    predictor = slide_predictor(factory, slide, torch_threads)
+    remove_stale_temporaries(output_dir, slide.name)
+    result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels)
+    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address,
+           "status": "done", "seconds": result.seconds}
+    return _finished_row(row, output_dir, slide.name)
+
+
+def _finished_row(row: dict, output_dir: str, name: str) -> dict:
+    """``row`` with the figures of the slide's finished outputs and this worker's peak memory."""
+    manifest = _manifest(output_dir, name)
+    row.update(figures(output_dir, name, manifest["nuclei"], manifest["mpp"], _tissue_mm2(manifest)))
     return {**row, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -189,12 +232,13 @@ def _peak_rss_mb() -> float:
 
 @dataclass
 class CohortSummary:
-    """The run table's rows (cohort order), where it was written, and the peak resident memory (MB) of each
-    worker process that ran a slide, by worker address."""
+    """The run table's rows (cohort order), where it was written, the peak resident memory (MB) of each worker
+    process that ran a slide, by worker address, and the region tasks of each split slide, by slide name."""
 
     table: Path
     rows: list[dict] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    region_tasks: dict[str, int] = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(row["status"] == status for row in self.rows)
@@ -243,10 +287,14 @@ def _dashboard(client) -> str:
 def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                factory: Callable[[], SlidePredictor], table: str | os.PathLike | None = None,
                retries: int = 2, torch_threads: int | None = None, overwrite: bool = False,
-               progress: bool = True) -> CohortSummary:
+               progress: bool = True, split_above_mpx: float | None = None) -> CohortSummary:
     """Segment ``slides`` on the cluster of ``client``, one task per slide, recording each in the run table
     (default ``output_dir/run_table.csv``) as it finishes. Slides with finished outputs of the same weights and
-    settings are skipped (unless ``overwrite``), their figures kept from the previous run table."""
+    settings are skipped (unless ``overwrite``), their figures kept from the previous run table.
+
+    A slide of more than ``split_above_mpx`` megapixels (None: never) becomes two region tasks per worker thread
+    (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
+    """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     table_path = Path(table) if table else output_dir / RUN_TABLE
@@ -260,7 +308,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
         else:
             names[slide.name] = slide.path
             futures[client.submit(process_slide, factory, slide, str(output_dir), torch_threads, overwrite,
-                                  previous.get(slide.name), key=f"slide-{slide.name}-{uuid.uuid4().hex[:8]}",
+                                  previous.get(slide.name), split_above_mpx, key=_key("slide", slide.name),
                                   retries=retries, pure=False)] = i
         rows.append(row)
     run_table = RunTable(table_path, rows)
@@ -269,8 +317,10 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     logger.info("%d slides on %d workers; dashboard %s", len(futures), len(client.scheduler_info()["workers"]),
                 _dashboard(client))
     summary = CohortSummary(table_path)
+    split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
+    pending = as_completed(futures)
     with tqdm(total=len(slides), initial=len(slides) - len(futures), unit="slide", disable=not progress) as bar:
-        for future in as_completed(futures):
+        for future in pending:
             i = futures.pop(future)
             slide = slides[i]
             if future.status != "finished":
@@ -280,13 +330,28 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 logger.error("failed on %s: %s", slide.path, error)
             else:
                 row = future.result()
-                worker, peak = row.pop("worker"), row.pop("peak_rss_mb")
+                worker, peak = row.pop("worker"), row.pop("peak_rss_mb", None)
+                if row["status"] == "split":
+                    merge, handed = _submit_regions(client, factory, slide, str(output_dir), torch_threads,
+                                                    row["regions"], retries)
+                    logger.info("%s: %.1f megapixels, above split_above_mpx=%g: %d regions in %d region tasks",
+                                slide.path, row["megapixels"], split_above_mpx, len(row["regions"]), len(handed))
+                    summary.region_tasks[slide.name] = len(handed)
+                    split[i] = (time.perf_counter(), handed)
+                    futures[merge] = i
+                    pending.add(merge)
+                    future.release()
+                    continue
                 summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
+                if i in split:  # its time from the split to its outputs, the region tasks included
+                    row["seconds"] = round(time.perf_counter() - split[i][0], 3)
                 if row["status"] == "done":
                     logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
                 else:
                     logger.info("%s: outputs complete, skipped", slide.path)
             future.release()
+            for variable in split.pop(i, (0.0, []))[1]:  # the region tasks' results go with their variables
+                variable.delete()
             run_table.update(i, row)
             bar.update(1)
     run_table.flush()
@@ -294,14 +359,65 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     return summary
 
 
+def _key(kind: str, name: str) -> str:
+    return f"{kind}-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def _submit_regions(client, factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
+                    torch_threads: int | None, regions: list, retries: int):
+    """The region tasks of a split slide, two per worker thread so the merge starts early, and its merge task:
+    (merge future, the ``Variable`` holding each region task's future for the merge)."""
+    parts = bands(regions, 2 * max(1, sum(client.nthreads().values())))
+    handed = []
+    for part in parts:
+        future = client.submit(region_band, factory, slide, torch_threads, part, key=_key("regions", slide.name),
+                               retries=retries, pure=False)
+        variable = Variable(f"nucleiseg-{future.key}", client=client)
+        variable.set(future)
+        handed.append(variable)
+    labels = FetchedLabels(tuple(v.name for v in handed), tuple(tuple(map(tuple, part)) for part in parts))
+    merge = client.submit(merge_slide, factory, slide, output_dir, torch_threads, labels,
+                          key=_key("merge", slide.name), retries=retries, pure=False)
+    return merge, handed
+
+
 def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, factory: Callable[[], SlidePredictor],
                    workers: int | None = None, scheduler: str | None = None, retries: int = 2,
                    table: str | os.PathLike | None = None, overwrite: bool = False,
-                   dashboard_address: str | None = ":8787", progress: bool = True) -> CohortSummary:
+                   dashboard_address: str | None = ":8787", progress: bool = True,
+                   split_above_mpx: float | None = None) -> CohortSummary:
     """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``."""
     slides = read_cohort(source)
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
-        summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress)
+        summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
+                             split_above_mpx)
     logger.info("run table %s: %d done, %d skipped, %d failed", summary.table, summary.count("done"),
                 summary.count("skipped"), summary.count("failed"))
+    return summary
+
+
+def run_bundle_cohort(bundle: str | os.PathLike, input: str | os.PathLike, output_dir: str | os.PathLike,
+                      workers: int | None = None, scheduler: str | None = None, retries: int = 2,
+                      split_above_mpx: float | None = None, overrides: dict | None = None,
+                      table: str | os.PathLike | None = None) -> CohortSummary:
+    """``nucleiseg predict --workers / --scheduler`` as one call, for a bundle config's runner: the cohort
+    ``input`` (folder, glob or slide list) segmented by the bundle's predictor on every worker.
+
+    The workers build the predictor from the bundle's files, so settings given to the running config reach them
+    only through ``overrides`` (config ids such as ``{"predictor#device": "cpu"}``, as ``from_bundle`` takes them).
+    """
+    overrides = dict(overrides or {})
+    factory = BundlePredictor(str(Path(bundle).resolve()), tuple(overrides.items()))
+    return predict_cohort(input, output_dir, factory, workers=workers, scheduler=scheduler, retries=retries,
+                          table=table, overwrite=bool(overrides.get("predictor#overwrite", False)),
+                          split_above_mpx=split_above_mpx)
+
+
+def raise_on_failure(summary: CohortSummary) -> CohortSummary:
+    """The summary unchanged when no slide failed, else a RuntimeError naming the failed slides and the run table
+    (so a bundle runner exits non-zero after every slide was tried)."""
+    if summary.failed:
+        lines = "\n".join(f"  {row['path']}: {row['error']}" for row in summary.failed)
+        raise RuntimeError(f"{len(summary.failed)} slide(s) failed ({summary.count('done')} done, "
+                           f"{summary.count('skipped')} already complete; run table {summary.table}):\n{lines}")
     return summary

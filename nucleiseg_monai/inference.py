@@ -528,14 +528,12 @@ class SlidePredictor:
 
     # ------------------------------------------------------------------------------------------ one image
 
-    def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None
-                      ) -> SlideResult:
-        """Segment one image and write its outputs under ``output_dir`` (named after the file stem)."""
-        path = Path(path)
-        name = name or path.stem
-        start = time.perf_counter()
-        timings = dict.fromkeys(PHASES, 0.0)
-        clock = functools.partial(_timed, timings)
+    @contextmanager
+    def planned(self, path: str | os.PathLike, timings: dict[str, float] | None = None
+                ) -> Iterator[tuple[Plan, np.ndarray]]:
+        """Image ``path`` opened and planned as ``predict_slide`` walks it: (plan, thumbnail), the reader closed on
+        exit; for region tasks that compute ``region_labels`` of one image elsewhere."""
+        clock = functools.partial(_timed, dict.fromkeys(PHASES, 0.0) if timings is None else timings)
         fallback_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
         with clock("read"):
             reader = open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp)
@@ -549,6 +547,29 @@ class SlidePredictor:
                 thumb = reader.thumbnail(self.overlay_max_side)
             with clock("tissue_mask"):
                 plan = self.planner.plan(reader, thumb, self.input_mpp)
+            yield plan, thumb
+
+    def region_labels(self, plan: Plan, ij: tuple[int, int]) -> np.ndarray:
+        """Instance labels (ids 1..n) of region ij's window on the read grid, as ``predict_slide`` hands them to the
+        stitcher."""
+        window, _, probs = self._predict_region(plan, dict.fromkeys(PHASES, 0.0), ij)
+        return to_read_grid(self.instances(probs), window[2:], plan.scale)
+
+    def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None,
+                      labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None
+                      ) -> SlideResult:
+        """Segment one image and write its outputs under ``output_dir`` (named after the file stem).
+
+        ``labels_from(plan, regions)``: each region's ``region_labels``, in the order given, computed elsewhere (a
+        cohort's region tasks) instead of here; the windows of nuclei kept are read again for their measurements.
+        """
+        path = Path(path)
+        name = name or path.stem
+        start = time.perf_counter()
+        timings = dict.fromkeys(PHASES, 0.0)
+        clock = functools.partial(_timed, timings)
+        with self.planned(path, timings) as (plan, thumb):
+            reader = plan.reader
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
@@ -557,7 +578,7 @@ class SlidePredictor:
             with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
                               self.label_tile, self.compression) as out:
                 stitcher = RegionStitcher(plan.grid, plan.todo, self.label_tile)
-                out.write_labels(self._label_tiles(plan, stitcher, out, name, timings))
+                out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from))
                 info = {
                     "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
                     "working_mpp": self.mpp, "scale": float(plan.scale), "shape": [height, width],
@@ -601,28 +622,41 @@ class SlidePredictor:
         logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
 
     def _label_tiles(self, plan: Plan, stitcher: RegionStitcher, out: SlideOutputs, name: str,
-                     timings: dict[str, float]) -> Iterator[np.ndarray]:
+                     timings: dict[str, float], labels_from: Callable | None = None) -> Iterator[np.ndarray]:
         """Process regions in raster order and yield the label map's tiles as soon as their rows are final; the
         time the writer takes between tiles counts as "writing"."""
         clock = functools.partial(_timed, timings)
         todo = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
-        predicted = lookahead(functools.partial(self._predict_region, plan, timings), todo, self.prefetch)
-        with closing(predicted), \
+        regions = self._regions(plan, todo, timings) if labels_from is None else \
+            _windows_of(plan, todo, labels_from(plan, todo))
+        with closing(regions), \
                 tqdm(total=len(todo), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
             for ij in [*todo, None]:
                 if ij is not None:
-                    (wy, wx, wh, ww), rgb, probs = next(predicted)
-                    with clock("watershed"):
-                        labels = to_read_grid(self.instances(probs), (wh, ww), plan.scale)
+                    (wy, wx, wh, ww), rgb, labels = next(regions)
                     with clock("stitching"):
                         kept = stitcher.add(ij, labels)
                     if kept is not None:
+                        if rgb is None:
+                            with clock("read"):
+                                rgb = plan.reader.read_region(wy, wx, wh, ww)
                         with clock("measurements"):
                             out.add_nuclei(kept, rgb, (wy, wx))
                     bar.update(1)
                 for tile in stitcher.tiles():
                     with clock("writing"):
                         yield tile
+
+    def _regions(self, plan: Plan, todo: list[tuple[int, int]], timings: dict[str, float]
+                 ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+        """(window, rgb, instance labels on the read grid) of each region in ``todo``; with ``prefetch`` the
+        network already runs on the next region while the caller stitches and measures this one."""
+        predicted = lookahead(functools.partial(self._predict_region, plan, timings), todo, self.prefetch)
+        with closing(predicted):
+            for (wy, wx, wh, ww), rgb, probs in predicted:
+                with _timed(timings, "watershed"):
+                    labels = to_read_grid(self.instances(probs), (wh, ww), plan.scale)
+                yield (wy, wx, wh, ww), rgb, labels
 
     def _predict_region(self, plan: Plan, timings: dict[str, float], ij: tuple[int, int]
                         ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
@@ -690,6 +724,17 @@ class SlidePredictor:
                 f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
                 "another output_dir"
             )
+
+
+def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.ndarray]
+                ) -> Iterator[tuple[tuple[int, int, int, int], None, np.ndarray]]:
+    """(window, None, labels) of each region in ``todo``, its labels made elsewhere (its pixels not read yet)."""
+    try:
+        for ij in todo:
+            yield plan.grid.window(ij), None, next(labels)
+    finally:
+        if hasattr(labels, "close"):  # a generator fetching them stops when the slide stops early
+            labels.close()
 
 
 @contextmanager

@@ -1,6 +1,10 @@
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +14,10 @@ import tifffile
 import torch
 
 from nucleiseg_monai.cli import main
-from nucleiseg_monai.cohort import (BundlePredictor, Slide, cpu_count, dask_client, host_share, read_cohort,
-                                    read_slide_list, remove_stale_temporaries, run_cohort)
+from nucleiseg_monai.cohort import (BundlePredictor, CohortSummary, Slide, cpu_count, dask_client, host_share,
+                                    raise_on_failure, read_cohort, read_slide_list, remove_stale_temporaries,
+                                    run_bundle_cohort, run_cohort)
+from nucleiseg_monai.region_tasks import bands, pack, unpack
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
 
@@ -86,6 +92,28 @@ def _assert_same_outputs(out: Path, serial: Path, names) -> None:
         for suffix in OUTPUTS:
             assert (out / f"{name}{suffix}").read_bytes() == (serial / f"{name}{suffix}").read_bytes(), name + suffix
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries left behind
+
+
+def _assert_same_nuclei(out: Path, serial: Path, name: str) -> None:
+    """The same nuclei whatever their ids: label maps equal up to a one-to-one renaming of ids, GeoJSON features
+    and CSV rows equal, ids left out, once sorted by position."""
+    a, b = (tifffile.imread(folder / f"{name}.labels.tif") for folder in (out, serial))
+    assert np.array_equal(a > 0, b > 0)
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)  # (id here, id there) of every labelled pixel
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == b.max()
+
+    def features(folder):
+        items = json.loads((folder / f"{name}.geojson").read_text())["features"]
+        for item in items:
+            del item["id"], item["properties"]["measurements"]["nucleus_id"]
+        return sorted(items, key=lambda item: json.dumps(item["geometry"]))
+
+    def rows(folder):
+        with open(folder / f"{name}.nuclei.csv", newline="") as handle:
+            table = [{k: v for k, v in row.items() if k != "id"} for row in csv.DictReader(handle)]
+        return sorted(table, key=lambda row: (float(row["centroid_y_px"]), float(row["centroid_x_px"])))
+
+    assert features(out) == features(serial) and rows(out) == rows(serial)
 
 
 def _table(path: Path) -> dict[str, dict]:
@@ -223,3 +251,127 @@ def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
         (tmp_path / name).write_bytes(b"")
     remove_stale_temporaries(tmp_path, "s1")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".csv") == sorted(kept)
+
+
+@pytest.mark.slow
+def test_slides_split_into_region_tasks_give_the_nuclei_of_the_whole_slide_run(cohort):
+    root, bundle, serial = cohort
+    with dask_client(workers=2, dashboard_address=None) as (client, threads):
+        # 384 x 640 px slides are 0.25 megapixels: above 0.2 each goes out as region tasks (256 px cores)
+        summary = run_cohort(client, read_cohort(root / "slides"), root / "split", BundlePredictor(str(bundle)),
+                             torch_threads=threads, progress=False, split_above_mpx=0.2)
+    assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
+    # two region tasks per worker, fewer where a slide has fewer tissue regions
+    assert summary.region_tasks == {name: min(4, result.regions_processed) for name, result in serial.items()}
+    assert all(result.regions_processed > 1 for result in serial.values())
+    for name in serial:
+        _assert_same_nuclei(root / "split", root / "serial", name)
+    # the merge feeds the regions to one stitcher in the whole-slide run's order, so even the ids are the same
+    _assert_same_outputs(root / "split", root / "serial", serial)
+
+
+def test_region_bands_are_contiguous_and_labels_travel_exactly():
+    regions = [(i, j) for i in range(3) for j in range(3)]
+    parts = bands(regions, 4)
+    assert [len(part) for part in parts] == [2, 2, 3, 2] and sum(parts, []) == regions
+    assert bands(regions[:2], 4) == [[(0, 0)], [(0, 1)]]
+    small = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    large = small + 2**16
+    assert pack(small)[1] == np.dtype(np.uint16).str and pack(large)[1] == np.dtype(np.uint32).str
+    for labels in (small, large):
+        back = unpack(pack(labels))
+        assert back.dtype == np.uint32 and np.array_equal(back, labels)
+
+
+@pytest.mark.slow
+def test_a_client_killed_mid_cohort_resumes_where_it_stopped(cohort, tmp_path):
+    """kill -9 of the client and its workers once the run table shows a finished slide; the same command again
+    skips the finished slides, completes the others, leaves no temporaries, matches a serial run byte for byte."""
+    root, bundle, serial = cohort
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(3):
+        os.link(root / "slides" / f"slide{i}.tif", slides / f"slide{i}.tif")
+    for i in (3, 4):
+        write_slide(make_slide((384, 640), seed=10 + i, tissue=True, touching=0.0), slides / f"slide{i}.tif",
+                    tile=128)
+    more = BundlePredictor(str(bundle))().run(str(slides / "slide[34].tif"), tmp_path / "serial")
+    assert more.ok and len(more.done) == 2
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "nucleiseg_monai.cli", "predict", "--bundle", str(bundle), "--input",
+               str(slides), "--output_dir", str(out), "--workers", "2"]
+    # two cores as here, so each worker takes one torch thread like the serial runs above
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    client = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    try:
+        deadline = time.monotonic() + 600
+        while not any(row["status"] == "done" for row in _rows(out / "run_table.csv")):
+            assert client.poll() is None and time.monotonic() < deadline, "the cohort ended before it was killed"
+            time.sleep(0.05)
+        os.kill(client.pid, signal.SIGKILL)
+    finally:
+        _kill_group(client)
+    killed = {row["slide"]: row["status"] for row in _rows(out / "run_table.csv")}
+    finished = {p.name.split(".")[0] for p in out.glob("*.done.json")}
+    assert finished and len(finished) < 5, "the kill must come while slides are left"
+
+    again = subprocess.run(command, preexec_fn=lambda: os.sched_setaffinity(0, cores), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    table = _table(out / "run_table.csv")
+    assert {name for name, row in table.items() if row["status"] == "skipped"} == finished
+    assert {name for name, row in table.items() if row["status"] == "done"} == {f"slide{i}" for i in range(5)} - finished
+    assert {name for name, status in killed.items() if status == "done"} <= finished
+    _assert_same_outputs(out, root / "serial", serial)  # also: no temporaries left
+    _assert_same_outputs(out, tmp_path / "serial", ["slide3", "slide4"])
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return []
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``process`` (its Dask nannies and workers) and wait until none is left."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, "worker processes of the killed cohort survived"
+        time.sleep(0.1)
+
+
+def test_run_bundle_cohort_is_the_cohort_for_a_bundle_runner(tmp_path, monkeypatch):
+    import nucleiseg_monai.cohort as cohort_module
+
+    calls = []
+
+    def predict_cohort(source, output_dir, factory, **options):
+        calls.append((source, output_dir, factory, options))
+        return CohortSummary(tmp_path / "run_table.csv", [{"slide": "a", "path": "/a.tif", "status": "failed",
+                                                          "error": "ImageError: not an image"},
+                                                         {"slide": "b", "path": "/b.tif", "status": "done"}])
+
+    monkeypatch.setattr(cohort_module, "predict_cohort", predict_cohort)
+    summary = run_bundle_cohort("bundle", "cohort.csv", "out", workers=2, split_above_mpx=500,
+                                overrides={"predictor#overwrite": True})
+    (source, output_dir, factory, options), = calls
+    assert (source, output_dir) == ("cohort.csv", "out")
+    assert factory == BundlePredictor(str(Path("bundle").resolve()), (("predictor#overwrite", True),))
+    assert options == {"workers": 2, "scheduler": None, "retries": 2, "table": None, "overwrite": True,
+                       "split_above_mpx": 500}
+    with pytest.raises(RuntimeError, match=r"1 slide\(s\) failed \(1 done.*\n  /a.tif: ImageError: not an image"):
+        raise_on_failure(summary)
+    summary.rows.pop(0)
+    assert raise_on_failure(summary) is summary

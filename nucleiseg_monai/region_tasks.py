@@ -1,0 +1,77 @@
+"""One slide as many cluster tasks: contiguous bands of its regions computed anywhere, stitched in one place.
+
+A cohort splits a slide above ``split_above_mpx`` megapixels (``cohort.run_cohort``) so that one huge slide can use
+every worker. Its regions to process, in the raster order ``SlidePredictor.predict_slide`` walks them, are cut into
+contiguous ``bands``; each band is one task that returns its regions' instance labels (``band_labels``, the
+``SlidePredictor.region_labels`` the stitcher takes, compressed). One merge task then runs ``predict_slide`` with
+``labels_from=FetchedLabels(...)``: it fetches the bands in order and feeds every region to one ``RegionStitcher``
+exactly as the whole-slide run does, so the label map, GeoJSON, CSV and overlay are the same, nucleus ids included,
+and they are written once, atomically, by the merge.
+
+Memory: a band's result stays on the worker that computed it (Dask spills it to disk beyond its memory limit)
+until the merge has consumed it; the merge holds one band's compressed labels at a time besides what one
+``predict_slide`` holds, and reads the windows of kept nuclei again for their measurements.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from distributed import Variable, worker_client
+
+from .inference import Plan, SlidePredictor
+
+Region = tuple[int, int]
+Packed = tuple[tuple[int, int], str, bytes]
+
+
+def bands(regions: list[Region], count: int) -> list[list[Region]]:
+    """``regions`` cut into at most ``count`` contiguous runs of near-equal length, none empty."""
+    count = max(1, min(count, len(regions)))
+    bounds = np.linspace(0, len(regions), count + 1).round().astype(int)
+    return [list(regions[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pack(labels: np.ndarray) -> Packed:
+    """Instance labels as (shape, dtype, zlib bytes): uint16 when the ids fit, which halves them before zlib."""
+    dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
+    return labels.shape, np.dtype(dtype).str, zlib.compress(np.ascontiguousarray(labels, dtype).tobytes(), 1)
+
+
+def unpack(packed: Packed) -> np.ndarray:
+    shape, dtype, data = packed
+    return np.frombuffer(zlib.decompress(data), dtype).reshape(shape).astype(np.uint32)
+
+
+def band_labels(predictor: SlidePredictor, path: str, regions: list[Region]) -> list[tuple[Region, Packed]]:
+    """The packed ``region_labels`` of ``regions`` of the image at ``path``, planned as ``predict_slide`` plans it."""
+    with predictor.planned(path) as (plan, _):
+        return [(ij, pack(predictor.region_labels(plan, ij))) for ij in regions]
+
+
+@dataclass(frozen=True)
+class FetchedLabels:
+    """``labels_from`` for ``predict_slide`` on a worker: the results of the band tasks (of ``regions``, band by
+    band), fetched one band at a time in order. The client hands each band's future over in a Dask ``Variable``
+    named in ``variables``: a future rebuilt from its key alone is not tracked by the scheduler and never resolves.
+    """
+
+    variables: tuple[str, ...]
+    regions: tuple[tuple[Region, ...], ...]
+
+    def __call__(self, plan: Plan, todo: list[Region]):
+        planned = [tuple(ij) for band in self.regions for ij in band]
+        if planned != [tuple(ij) for ij in todo]:
+            raise RuntimeError(f"{plan.reader.path}: its regions to process differ from those its region tasks "
+                               "computed (the file changed during the run?); run the cohort again")
+        # seceded from the worker's task slots while waiting, so the bands can run on this worker too
+        with worker_client() as client:
+            for name, regions in zip(self.variables, self.regions):
+                band = Variable(name, client=client).get().result()
+                if [tuple(ij) for ij, _ in band] != [tuple(ij) for ij in regions]:
+                    raise RuntimeError(f"internal error: region task {name} returned other regions than asked")
+                for _, packed in band:
+                    yield unpack(packed)
+                del band
