@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from monai.bundle import ConfigParser
 
 from nucleiseg_monai.cli import main
 from nucleiseg_monai.cohort import (BundlePredictor, CohortSummary, Slide, cpu_count, dask_client, host_share,
@@ -362,14 +364,26 @@ def test_run_bundle_cohort_is_the_cohort_for_a_bundle_runner(tmp_path, monkeypat
                                                          {"slide": "b", "path": "/b.tif", "status": "done"}])
 
     monkeypatch.setattr(cohort_module, "predict_cohort", predict_cohort)
-    summary = run_bundle_cohort("bundle", "cohort.csv", "out", workers=2, split_above_mpx=500,
-                                overrides={"predictor#overwrite": True})
+    # the runner a bundle's inference.json holds, with the ids it reads
+    config = {
+        "imports": ["$import nucleiseg_monai"], "bundle_root": "bundle", "input": "cohort.csv", "output_dir": "out",
+        "workers": 2, "scheduler": None, "split_above_mpx": 500, "cohort_overrides": {"predictor#overwrite": True},
+        "cohort": [
+            "$import nucleiseg_monai.cohort",
+            "$nucleiseg_monai.cohort.raise_on_failure(nucleiseg_monai.cohort.run_bundle_cohort(@bundle_root, @input, "
+            "@output_dir, workers=@workers, scheduler=@scheduler, split_above_mpx=@split_above_mpx, "
+            "overrides=@cohort_overrides))",
+        ],
+    }
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as failed:  # MONAI's, raised from ours
+        ConfigParser(config).get_parsed_content("cohort")
+    assert re.match(r"1 slide\(s\) failed \(1 done.*\n  /a.tif: ImageError: not an image$",
+                    str(failed.value.__cause__), re.S)
     (source, output_dir, factory, options), = calls
     assert (source, output_dir) == ("cohort.csv", "out")
     assert factory == BundlePredictor(str(Path("bundle").resolve()), (("predictor#overwrite", True),))
     assert options == {"workers": 2, "scheduler": None, "retries": 2, "table": None, "overwrite": True,
                        "split_above_mpx": 500}
-    with pytest.raises(RuntimeError, match=r"1 slide\(s\) failed \(1 done.*\n  /a.tif: ImageError: not an image"):
-        raise_on_failure(summary)
+    summary = run_bundle_cohort("bundle", "cohort.csv", "out")
     summary.rows.pop(0)
     assert raise_on_failure(summary) is summary
