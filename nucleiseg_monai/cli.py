@@ -200,7 +200,7 @@ def _predict_cohort(args, overrides: dict) -> int:
     settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
     factory = BundlePredictor(str(Path(args.bundle).resolve()), tuple(settings.items()))
     summary = predict_cohort(args.input, args.output_dir, factory, workers=args.workers, scheduler=args.scheduler,
-                             retries=args.retries, table=args.run_table,
+                             retries=args.retries, table=args.run_table, split_above_mpx=args.split_above_mpx,
                              overwrite=bool(settings.get("predictor#overwrite", False)))
     return 0 if summary.ok else 1
 
@@ -328,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="cluster runs: attempts after a slide's first fails "
                    "or its worker dies, before it is recorded as failed")
     p.add_argument("--run_table", help="cluster runs: the run table CSV (default OUTPUT_DIR/run_table.csv)")
+    p.add_argument("--split_above_mpx", type=float,
+                   help="cluster runs: split slides larger than this many megapixels into region tasks (default: never)")
     p.set_defaults(func=cmd_predict)
 
     _workflow_parser(
