@@ -219,7 +219,11 @@ def cmd_tune(args) -> int:
     if args.data_root:
         overrides["data_root"] = args.data_root
     report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
-    report = tune(evaluate_configs(args.bundle), report_file, overrides=overrides)
+    from .overrides import parse_value
+    from .tuning import DEFAULT_GRID
+
+    grid = {**DEFAULT_GRID, **(parse_value(args.grid) if args.grid else {})}
+    report = tune(evaluate_configs(args.bundle), report_file, grid=grid, overrides=overrides)
     chosen = report["chosen"]
     print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")
     print(f"validation figures (mean over sources): {chosen['validation']}")
@@ -351,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
     p.add_argument("--report", help="JSON report (default: BUNDLE/docs/postprocess_tuning.json)")
+    p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "
+                   "\"{'elevation': ['interior'], 'min_size': [15, 25]}\"")
     p.add_argument("--apply", action="store_true",
                    help="write the chosen parameters as postprocess_params in the bundle's train.json (its one place)")
     p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. device=cpu")
