@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
+from .atomic import remove_stale
 from .data import load_stats
 from .networks import MixedPrecision, load_weights, prepare_for_inference
 from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
@@ -682,6 +683,8 @@ class SlidePredictor:
         output_dir = Path(output_dir)
         images = find_images(input)
         _make_output_dir(output_dir)
+        for path in remove_stale(output_dir):
+            logger.info("removed %s, left by an interrupted earlier run", path)
         if not self.overwrite:
             self._refuse_other_settings(images, output_dir)
         summary = RunSummary()

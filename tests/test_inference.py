@@ -609,3 +609,19 @@ def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
     assert "made with other weights or settings (differing: input_mpp); pass --overwrite" in said
     assert main(args + ["--overwrite"]) == 0
     assert json.loads((tmp_path / "o" / "tile.done.json").read_text())["mpp_source"] == "assumed"
+
+
+def test_a_run_removes_temporaries_left_by_a_killed_one(tmp_path, monkeypatch):
+    from nucleiseg_monai import inference
+    from nucleiseg_monai.atomic import _host
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a temporary named by atomic.py's rule for a writer process that no longer exists on this machine
+    stale = out / f".slide.labels.tif.pid999999999@{_host()}-abcdefgh.tmp.tif"
+    stale.write_bytes(b"half a file")
+    monkeypatch.setattr(inference, "find_images", lambda _: [])
+    predictor = inference.SlidePredictor.__new__(inference.SlidePredictor)
+    predictor.overwrite = True
+    predictor.run(tmp_path / "nothing", out)
+    assert not stale.exists()
