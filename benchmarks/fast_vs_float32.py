@@ -1,12 +1,13 @@
 """Accuracy cost of the bundle's fast inference settings: the same weights in plain float32 vs as configured.
 
-Runs the bundle's predictor (``SlidePredictor.from_bundle``) twice over the test split's tiles
-(``models/datalist.json``), once with bf16, channels-last, its inference runtime (``predictor#runtime``) and window
-settings, once in plain float32 with 512 px windows at 0.25 overlap, and prints the test means of pixel Dice, AJI, PQ and count error for both and their difference
-(target: Dice, AJI and PQ within 0.01), and writes them to a JSON file (default
-``benchmarks/results/fast_vs_float32_<bundle>.json``).
+Runs the bundle's predictor (``SlidePredictor.from_bundle``) twice over every source's held-out tiles (CryoNuSeg
+test, MoNuSeg validation, NuInsSeg's test organ groups, as ``models/datalist.json`` holds them), once with bf16,
+channels-last, its inference runtime (``predictor#runtime``) and window settings, once in plain float32 with 512 px
+windows at 0.25 overlap, each file at its source's pixel size; prints each source's means of pixel Dice, AJI, PQ and
+count error for both and their difference (target: Dice, AJI and PQ within 0.01 on every source), and writes them to
+a JSON file (default ``benchmarks/results/fast_vs_float32_<bundle>.json``).
 
-    python benchmarks/fast_vs_float32.py --bundle bundles/nuclei_unet_small --dataset_dir ../shared/datasets/cryonuseg
+    python benchmarks/fast_vs_float32.py --bundle bundles/nuclei_unet_small [--data_root ../shared/datasets]
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from nucleiseg_monai.atomic import atomic_path
-from nucleiseg_monai.data import resolve
+from nucleiseg_monai.atomic import write_json_atomic
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.metrics import instance_metrics
+from nucleiseg_monai.sources import default_data_root, evaluation_records
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "aji", "pq", "count_ape")
@@ -34,39 +35,46 @@ FLOAT32 = {"amp": False, "channels_last": False, "runtime": "eager", "roi_size":
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="bundles/nuclei_unet_small")
-    parser.add_argument("--dataset_dir", default="../shared/datasets/cryonuseg")
+    parser.add_argument("--data_root", default=None, help="folder holding the sources (default: as the bundle's)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON results (default: benchmarks/results/fast_vs_float32_<bundle>.json)")
     args = parser.parse_args()
     bundle = Path(args.bundle)
     output = args.output or REPO / "benchmarks" / "results" / f"fast_vs_float32_{bundle.resolve().name}.json"
-    records = resolve(json.loads((bundle / "models" / "datalist.json").read_text()), args.dataset_dir, "test")
-    results = {}
+    working = json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"]
+    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
+    records = evaluation_records(datalist, args.data_root or default_data_root(bundle), "test", working)
+    sources = sorted({r["source"] for r in records})
+    results: dict[str, dict] = {name: {} for name in ("float32", "bundle settings")}
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp, "in")
-        inputs.mkdir()
-        for r in records:
-            (inputs / Path(r["image"]).name).symlink_to(Path(r["image"]).resolve())
-        for name, overrides in (("float32", FLOAT32), ("bundle settings", {})):
-            out = Path(tmp, name.replace(" ", "_"))
-            summary = SlidePredictor.from_bundle(bundle, progress=False, **overrides).run(inputs, out)
-            if not summary.ok:
-                raise SystemExit(f"{len(summary.failed)} tile(s) failed: {summary.failed[:3]}")
-            rows = [instance_metrics(tifffile.imread(out / f"{Path(r['image']).stem}.labels.tif"),
-                                     tifffile.imread(r["label"])) for r in records]
-            results[name] = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}
-    difference = {k: results["bundle settings"][k] - results["float32"][k] for k in KEYS}
-    for name, figures in results.items():
-        print(f"{name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
-    print("difference       " + "  ".join(f"{k} {v:+.4f}" for k, v in difference.items()))
-    within = all(abs(difference[k]) <= TARGET for k in ("dice", "aji", "pq"))
-    print(f"Dice, AJI and PQ within {TARGET} of float32: {'yes' if within else 'NO'}")
-    report = {"bundle": str(bundle), "split": "test", "tiles": len(records), "float32_overrides": FLOAT32,
-              "means": results, "difference": difference, "target": TARGET, "within_target": within}
-    with atomic_path(output) as tmp_out:
-        tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+        for source in sources:
+            mine = [r for r in records if r["source"] == source]
+            inputs = Path(tmp, source)
+            inputs.mkdir()
+            for r in mine:
+                (inputs / Path(r["image"]).name).symlink_to(Path(r["image"]).resolve())
+            for name, overrides in (("float32", FLOAT32), ("bundle settings", {})):
+                out = Path(tmp, f"{source}_{name.replace(' ', '_')}")
+                # files that state no pixel size are read at their source's (a file's own tags win)
+                predictor = SlidePredictor.from_bundle(bundle, progress=False, input_mpp=mine[0]["mpp"], **overrides)
+                summary = predictor.run(inputs, out)
+                if not summary.ok:
+                    raise SystemExit(f"{len(summary.failed)} tile(s) failed: {summary.failed[:3]}")
+                rows = [instance_metrics(tifffile.imread(out / f"{Path(r['image']).stem}.labels.tif"),
+                                         tifffile.imread(r["label"])) for r in mine]
+                results[name][source] = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}
+    difference = {s: {k: results["bundle settings"][s][k] - results["float32"][s][k] for k in KEYS} for s in sources}
+    for source in sources:
+        for name in results:
+            print(f"{source:18s} {name:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in results[name][source].items()))
+        print(f"{source:18s} difference       " + "  ".join(f"{k} {v:+.4f}" for k, v in difference[source].items()))
+    within = all(abs(difference[s][k]) <= TARGET for s in sources for k in ("dice", "aji", "pq"))
+    print(f"Dice, AJI and PQ within {TARGET} of float32 on every source: {'yes' if within else 'NO'}")
+    report = {"bundle": str(bundle), "tiles": {s: sum(r["source"] == s for r in records) for s in sources},
+              "float32_overrides": FLOAT32, "means": results, "difference": difference, "target": TARGET,
+              "within_target": within}
+    write_json_atomic(report, output)
     print(f"results written to {output}")
-
 
 if __name__ == "__main__":
     main()
