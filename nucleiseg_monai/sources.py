@@ -293,36 +293,32 @@ def sampling_weights(records: list[dict], mix: dict[str, float] | None = None) -
     return [mix.get(r["source"], 0.0) / total / counts[r["source"]] for r in records]
 
 
+def nucleus_areas(sources: list[Source], data_root: str | os.PathLike) -> list[int]:
+    """Pixel areas of the annotated nuclei of every fourth tile of ``sources`` (enough for a median)."""
+    import numpy as np
+
+    from .data import read_instance_labels
+
+    areas: list[int] = []
+    for source in sources:
+        for s in discover_source(source, data_root)[::4]:
+            counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
+            areas += counts[counts > 0].tolist()
+    return areas
+
+
 def estimate_mpp(source: Source, data_root: str | os.PathLike, reference: dict[str, float]) -> float:
     """A pixel size for a source that states none: the reference sources' pixel size scaled by the square root of
-    the ratio of median nucleus areas (every fourth tile of the source is enough).
+    the ratio of median nucleus areas.
 
     ``reference``: {"mpp": microns per pixel of the reference sources, "median_area_px": their median nucleus area}.
     """
     import numpy as np
 
-    from .data import read_instance_labels
-
-    areas = []
-    for s in discover_source(source, data_root)[::4]:
-        counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
-        areas += counts[counts > 0].tolist()
+    areas = nucleus_areas([source], data_root)
     if not areas:
         raise DataError(f"source {source.name!r} has no annotated nuclei to estimate its pixel size from")
     return float(reference["mpp"]) / float(np.sqrt(np.median(areas) / float(reference["median_area_px"])))
-
-
-def median_nucleus_area(sources: list[Source], data_root: str | os.PathLike) -> float:
-    import numpy as np
-
-    from .data import read_instance_labels
-
-    areas = []
-    for source in sources:
-        for s in discover_source(source, data_root)[::4]:
-            counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
-            areas += counts[counts > 0].tolist()
-    return float(np.median(areas))
 
 
 def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str, working_mpp: float,
@@ -348,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     entry was set)."""
     import argparse
 
+    import numpy as np
+
     parser = argparse.ArgumentParser(prog="python -m nucleiseg_monai.sources", description=main.__doc__)
     parser.add_argument("--estimate_mpp", required=True, help="name of the source to estimate")
     parser.add_argument("--data_root", required=True, help="folder holding the sources' folders")
@@ -358,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     stated = {tile_mpp(s, discover_source(s, args.data_root)[0].sample.image) for s in references}
     if len(stated) != 1:
         raise SystemExit(f"the reference sources state different pixel sizes {sorted(stated)}; pass a registry with one")
-    reference = {"mpp": stated.pop(), "median_area_px": median_nucleus_area(references, args.data_root)}
+    reference = {"mpp": stated.pop(), "median_area_px": float(np.median(nucleus_areas(references, args.data_root)))}
     mpp = estimate_mpp(sources[args.estimate_mpp], args.data_root, reference)
     print(f"{args.estimate_mpp}: {mpp:.3f} um/px (reference: {[s.name for s in references]}, {reference})")
 

@@ -95,7 +95,6 @@ class LoadTiled(MapTransform):
         d = dict(data)
         d[f"{self.image_key}_path"] = str(d[self.image_key])
         image = read_image(d[self.image_key])
-        d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
         rescan = d.get("rescan_scale")
         if rescan:
             # a copy of the tile as a scanner at another pixel size would have made it: image and labels are
@@ -111,8 +110,7 @@ class LoadTiled(MapTransform):
                     f"{labels.shape}; they must be the same tile"
                 )
             d[self.label_key] = torch.from_numpy(labels[None])
-        if rescan:
-            d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
+        d[self.image_key] = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
         scale = float(d.get("scale", 1.0))
         if self.keep_native and self.label_key in d:
             d[f"{self.label_key}_native"] = d[self.label_key]
