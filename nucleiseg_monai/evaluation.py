@@ -82,8 +82,10 @@ class EvaluationReport:
             reference method's instances (None to skip the reference row).
         split: recorded in the report.
         log_dir: TensorBoard folder for the mean metrics (None: none).
-        pooled_sources: the sources whose tiles make the pooled line (default: all but derived copies, whose
-            names hold an '@').
+        observers_source: the source whose tiles the observers annotated.
+
+    The pooled line holds the tiles of every source but derived copies (``sources.evaluation_records`` names a
+    rescanned copy ``<source>@<mpp>um``), which are rows of their own.
     """
 
     def __init__(
@@ -142,12 +144,11 @@ class EvaluationReport:
         if not self.rows:
             raise RuntimeError("EvaluationReport: no tiles were evaluated")
         sources = {src: {m: summarize(rows) for m, rows in methods.items()} for src, methods in self.rows.items()}
+        originals = [src for src in self.rows if "@" not in src]
         pooled_rows: dict[str, list[dict]] = {}
-        for src, methods in self.rows.items():
-            if "@" in src:
-                continue
+        for src in originals:
             for method in ("model", REFERENCE):
-                pooled_rows.setdefault(method, []).extend(methods.get(method, []))
+                pooled_rows.setdefault(method, []).extend(self.rows[src].get(method, []))
         pooled = {m: summarize(rows) for m, rows in pooled_rows.items() if rows}
         report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled}
         write_json_atomic(report, self.output_dir / "metrics.json", default=float)
@@ -156,8 +157,7 @@ class EvaluationReport:
                                  **{f"pooled | {m}": v for m, v in pooled.items()}}))
         for src, summaries in sources.items():
             logger.info("%s (%s), mean over tiles:\n%s", src, self.split, format_table(summaries, baseline=src == self.observers_source))
-        logger.info("pooled over %s, mean over tiles:\n%s", [s for s in sources if "@" not in s],
-                    format_table(pooled, baseline=False))
+        logger.info("pooled over %s, mean over tiles:\n%s", originals, format_table(pooled, baseline=False))
         logger.info("report written to %s", self.output_dir)
         if self.log_dir is not None:
             self._tensorboard(sources, engine)
