@@ -3,8 +3,8 @@ inference (``InferenceNetwork``), the regions planned (``RegionPlanner``), the w
 (``stitching.RegionStitcher``) and the outputs written (``outputs.SlideOutputs``).
 
 A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
-context on every side (white beyond the image), the network runs over that window with MONAI's gaussian-blended
-``SlidingWindowInferer``, and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
+context on every side (white beyond the image), the network runs over that window (in one pass, or in MONAI's
+gaussian-blended sliding windows: ``inferers``), and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
 decides which window keeps each nucleus (exact at seams; see ``stitching``); kept nuclei are measured and written
 whole, and finished tile rows of the label map are streamed to the BigTIFF writer, so memory is bounded by region
 size x slide width, never by slide area. With ``prefetch`` the network already runs on the next region (in a second
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -46,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
 from .atomic import remove_stale
 from .data import load_stats
+from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference
 from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import instances_from_probs
@@ -70,6 +71,11 @@ SCALE_TOLERANCE = 0.02
 PHASES = ("read", "tissue_mask", "network", "watershed", "stitching", "measurements", "writing")
 # Runtimes of ``networks.prepare_for_inference``; "eager" runs the network as trained (``MixedPrecision``).
 RUNTIMES = ("auto", "openvino", "torch", "eager")
+# the input side a fast runtime is prepared with when windows are whole regions (its graph takes any multiple of 16)
+EXAMPLE_SIDE = 256
+# int8 ranges come from this many synthetic tiles of EXAMPLE_SIDE px, seeds from INT8_CALIBRATION_SEED
+INT8_CALIBRATION_TILES = 8
+INT8_CALIBRATION_SEED = 2000
 
 
 @dataclass
@@ -229,9 +235,11 @@ _prepared: tuple[tuple, torch.nn.Module] | None = None  # the last network prepa
 
 
 def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_last: bool,
-                    example_shape: tuple[int, int, int, int], weights: str, device: torch.device) -> torch.nn.Module:
+                    example_shape: tuple[int, int, int, int], weights: str, device: torch.device,
+                    int8_calibration: Callable[[], list[torch.Tensor]] | None = None) -> torch.nn.Module:
     """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
-    ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32.
+    ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32, or
+    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only).
 
     OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
     by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
@@ -241,39 +249,67 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     global _prepared
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r} (predictor#runtime)")
+    int8 = int8_calibration is not None
+    if int8 and runtime not in ("auto", "openvino"):
+        raise ValueError(f"int8 runs on OpenVINO: set predictor#runtime to 'auto' or 'openvino' (got {runtime!r}), "
+                         "or int8 to false")
     if runtime == "eager":
         return MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
             if (amp or channels_last) else network
-    key = (weights, runtime, amp, example_shape, str(device), torch.get_num_threads())
+    dtype = "int8" if int8 else torch.bfloat16 if amp else torch.float32
+    key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads())
     if _prepared is None or _prepared[0] != key:
         _prepared = None  # the old copy goes before the new one is built
-        _prepared = (key, prepare_for_inference(network, runtime, torch.bfloat16 if amp else torch.float32,
-                                                example_shape=example_shape))
+        _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
+                                                example_shape=example_shape,
+                                                calibration=int8_calibration() if int8 else None))
     return _prepared[1]
 
 
+def int8_available(device: torch.device) -> bool:
+    """Whether runtime "auto" can run int8 here: a CPU, with OpenVINO and NNCF installed."""
+    return device.type == "cpu" and all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+
+
+def synthetic_calibration(mean: torch.Tensor, std: torch.Tensor, tiles: int = INT8_CALIBRATION_TILES,
+                          side: int = EXAMPLE_SIDE) -> list[torch.Tensor]:
+    """Network inputs to set int8 ranges on: synthetic H&E tiles (``synthetic.make_tile``, fixed seeds), z-scored
+    with the bundle's statistics. Fixed, so that every run of a bundle quantises the same way, whatever slide
+    comes first."""
+    from .synthetic import make_tile
+
+    return [((torch.from_numpy(make_tile(side, seed=seed)[0]).permute(2, 0, 1)[None].float() - mean.cpu()) / std.cpu())
+            for seed in range(INT8_CALIBRATION_SEED, INT8_CALIBRATION_SEED + tiles)]
+
+
 class InferenceNetwork:
-    """A network made ready for inference, with the channel statistics it was trained with and MONAI's
-    gaussian-blended ``SlidingWindowInferer``: an RGB window in, softmax probabilities at the working scale out."""
+    """A network made ready for inference, with the channel statistics it was trained with and its inferer
+    (``inferers.window_inferer``: the whole window in one pass when ``roi_size`` is None, else MONAI's
+    gaussian-blended sliding window): an RGB window in, softmax probabilities at the working scale out."""
 
     def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float], channel_std: Sequence[float],
-                 roi_size: int = 512, overlap: float = 0.25, sw_batch_size: int = 4, padding_mode: str = "constant",
+                 roi_size: int | None = 512, overlap: float = 0.25, sw_batch_size: int = 4, padding_mode: str = "constant",
                  device: str | torch.device | None = None, amp: bool = False, channels_last: bool = False,
-                 runtime: str = "eager"):
+                 runtime: str = "eager", int8: bool = False):
         if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
             raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights_sha256 = weights_sha256(network)
         self.runtime = runtime
-        self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
-                                       (sw_batch_size, 3, roi_size, roi_size), self.weights_sha256, self.device)
         self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.inferer = SlidingWindowInferer(
-            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
-            padding_mode=padding_mode, sw_device=self.device, device=self.device, progress=False,
-        )
-        self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
+        example = roi_size or EXAMPLE_SIDE
+        if int8 and runtime == "auto" and not int8_available(self.device):
+            logger.info("int8 needs OpenVINO and NNCF on a CPU (pip install 'nucleiseg-monai[cpu-runtimes]'); "
+                        "running %s instead", "bf16" if amp else "float32")
+            int8 = False
+        calibration = functools.partial(synthetic_calibration, self.mean, self.std) if int8 else None
+        self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
+                                       (sw_batch_size, 3, example, example), self.weights_sha256, self.device,
+                                       calibration)
+        self.inferer = window_inferer(roi_size, overlap, getattr(network, "multiple", 1), sw_batch_size,
+                                      padding_mode, self.device)
+        self.roi_size, self.overlap, self.amp, self.int8 = roi_size, overlap, amp, int8
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x).float()
@@ -358,8 +394,9 @@ class SlidePredictor:
             boundary); put in eval mode here.
         channel_mean, channel_std: per-channel statistics on the 0-255 scale; or ``channel_stats``, a JSON file.
         checkpoint: optional state-dict file to load into ``network`` (raw, or under "network"/"model"/...).
-        roi_size, overlap, sw_batch_size, padding_mode: the ``SlidingWindowInferer`` inside each region
-            (gaussian blending). ``roi_size`` must suit the network (multiple of 2**depth for the U-Net).
+        roi_size, overlap, sw_batch_size, padding_mode: the network's windows inside each region
+            (``inferers.window_inferer``): None runs each region in one pass (padded to the network's multiple),
+            else gaussian-blended windows of ``roi_size`` px (a multiple of 2**depth for the U-Net).
         region_size: core side in working pixels; memory grows with region_size**2 and with region_size x slide
             width.
         region_margin: context on each side of a core, in working pixels; must exceed the largest nucleus radius
@@ -368,6 +405,10 @@ class SlidePredictor:
         device: torch device; CUDA when available by default.
         amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
             channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
+        int8: OpenVINO with int8 weights and activations (NNCF post-training quantisation, its ranges set on fixed
+            synthetic tiles: ``synthetic_calibration``). With runtime "auto" it applies where OpenVINO and NNCF
+            are installed and the device is a CPU (else ``amp`` decides, and one log line says so); "openvino"
+            requires NNCF; the other runtimes refuse it.
         runtime: "eager" (the network as trained), or a fast inference copy from
             ``networks.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
             "auto" (OpenVINO on a CPU where it is installed, else "torch"). ``jit``: its former name, true meaning
@@ -406,6 +447,7 @@ class SlidePredictor:
         postprocess_params: dict | None = None,
         device: str | torch.device | None = None,
         amp: bool = False,
+        int8: bool = False,
         channels_last: bool = False,
         runtime: str | None = None,
         tissue_threshold: float | None = 0.0,
@@ -432,7 +474,7 @@ class SlidePredictor:
             runtime = "auto" if jit else "eager"
         self.planner = RegionPlanner(region_size, region_margin, mpp, tissue_threshold, max_regions)
         self.network = InferenceNetwork(network, channel_mean, channel_std, roi_size, overlap, sw_batch_size,
-                                        padding_mode, device, amp, channels_last, runtime)
+                                        padding_mode, device, amp, channels_last, runtime, int8)
         self.postprocess_params = dict(postprocess_params or {})
         self.level = level
         self.input_mpp = None if input_mpp is None else float(input_mpp)
@@ -493,7 +535,7 @@ class SlidePredictor:
             "weights_sha256": net.weights_sha256, "channel_mean": net.mean.flatten().tolist(),
             "channel_std": net.std.flatten().tolist(), "postprocess_params": self.postprocess_params,
             "working_mpp": plan.mpp, "input_mpp": self.input_mpp, "level": self.level, "roi_size": net.roi_size,
-            "overlap": net.overlap, "amp": net.amp, "region_size": plan.region_size,
+            "overlap": net.overlap, "amp": net.amp, "int8": net.int8, "region_size": plan.region_size,
             "region_margin": plan.region_margin, "tissue_threshold": plan.tissue_threshold,
             "max_regions": plan.max_regions,
         }
@@ -651,13 +693,15 @@ class SlidePredictor:
     def _regions(self, plan: Plan, todo: list[tuple[int, int]], timings: dict[str, float]
                  ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
         """(window, rgb, instance labels on the read grid) of each region in ``todo``; with ``prefetch`` the
-        network already runs on the next region while the caller stitches and measures this one."""
+        network already runs on the next region while the caller stitches and measures this one. The watershed
+        stays in this thread: moved to the network's, it ran slower end to end (the network's threads and the
+        watershed then queue on the same core while this thread idles)."""
         predicted = lookahead(functools.partial(self._predict_region, plan, timings), todo, self.prefetch)
         with closing(predicted):
-            for (wy, wx, wh, ww), rgb, probs in predicted:
+            for window, rgb, probs in predicted:
                 with _timed(timings, "watershed"):
-                    labels = to_read_grid(self.instances(probs), (wh, ww), plan.scale)
-                yield (wy, wx, wh, ww), rgb, labels
+                    labels = to_read_grid(self.instances(probs), window[2:], plan.scale)
+                yield window, rgb, labels
 
     def _predict_region(self, plan: Plan, timings: dict[str, float], ij: tuple[int, int]
                         ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:

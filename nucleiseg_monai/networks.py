@@ -8,8 +8,10 @@ capacity (see each bundle's docs/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -223,7 +225,8 @@ def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
         import nncf
 
         samples = [np.asarray(t, dtype=np.float32) for t in calibration]
-        model = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars for a few seconds' work
+            model = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
     config = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),

@@ -136,9 +136,9 @@ def test_int8_refuses_without_calibration_or_openvino(trained_network):
 
 @pytest.mark.slow
 def test_the_shipped_fast_path_gives_the_instances_of_plain_float32(tmp_path):
-    """The bundle's predictor as shipped (runtime auto, bf16, 256 px windows at 0.125 overlap) against the same
-    weights run plainly (eager float32, 512 px windows at 0.25 overlap) on synthetic tiles with known nuclei:
-    nearly every nucleus found the same way, so a future speed change cannot trade accuracy unnoticed."""
+    """The bundle's predictor as shipped (runtime auto: OpenVINO int8 where NNCF is installed, else bf16) against
+    the same weights run plainly (eager float32), both with the bundle's windows, on synthetic tiles with known
+    nuclei: nearly every nucleus found the same way, so a future speed change cannot trade accuracy unnoticed."""
     import tifffile
 
     from nucleiseg_monai.inference import SlidePredictor
@@ -149,8 +149,8 @@ def test_the_shipped_fast_path_gives_the_instances_of_plain_float32(tmp_path):
         tifffile.imwrite(tmp_path / f"t{seed}.tif", rgb, photometric="rgb", resolution=(4e4, 4e4),
                          resolutionunit="CENTIMETER")
     fast = SlidePredictor.from_bundle(BUNDLE, progress=False)
-    plain = SlidePredictor.from_bundle(BUNDLE, progress=False, runtime="eager", amp=False, channels_last=False,
-                                       roi_size=512, overlap=0.25)
+    plain = SlidePredictor.from_bundle(BUNDLE, progress=False, runtime="eager", amp=False, int8=False,
+                                       channels_last=False)
     assert fast.run(tmp_path, tmp_path / "fast").ok and plain.run(tmp_path, tmp_path / "plain").ok
     for seed in (3, 4):
         a = tifffile.imread(tmp_path / "fast" / f"t{seed}.labels.tif")
@@ -159,3 +159,19 @@ def test_the_shipped_fast_path_gives_the_instances_of_plain_float32(tmp_path):
         assert agreement["n_true"] > 50, "the tile must hold enough nuclei to mean something"
         # stated tolerance: at least 97% of the nuclei matched (IoU > 0.5) and AJI >= 0.95 between the two paths
         assert agreement["f1"] >= 0.97 and agreement["aji"] >= 0.95, agreement
+
+
+def test_int8_under_auto_gives_way_where_it_cannot_run(trained_network, monkeypatch, caplog):
+    """The shipped ``int8: true`` must not break a machine without NNCF: "auto" then runs bf16 and says so, while
+    an explicit "eager" refuses int8 outright."""
+    from nucleiseg_monai import inference
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(inference.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nncf" else real_find_spec(name, *a))
+    with caplog.at_level("INFO", logger="nucleiseg_monai.inference"):
+        net = inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, None, runtime="auto", amp=True,
+                                         int8=True)
+    assert net.int8 is False and "int8 needs OpenVINO and NNCF" in caplog.text
+    with pytest.raises(ValueError, match="int8 runs on OpenVINO"):
+        inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, None, runtime="eager", int8=True)
