@@ -10,6 +10,7 @@ regions; reading still goes through the full-size slide and all outputs (label B
 are written at full size, so the memory figure covers everything that scales with the slide.
 
     python benchmarks/wsi_memory.py --size 20000 --max-regions 4 --out /tmp/wsi_bench
+    python benchmarks/wsi_memory.py --out /tmp/wsi_bench --bundle bundles/nuclei_unet_small   # as shipped
 """
 
 from __future__ import annotations
@@ -116,14 +117,19 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    network = BenchmarkNet(UNet(features=tuple(int(f) for f in args.features.split(","))))
-    predictor = SlidePredictor(
-        network, channel_mean=MEAN, channel_std=STD, roi_size=args.roi_size,
-        sw_batch_size=args.sw_batch_size, region_size=args.region_size, region_margin=args.region_margin,
-        amp=args.amp, channels_last=args.amp, max_regions=args.max_regions, progress=True, overwrite=True,
-    )
+    if args.bundle is not None:
+        predictor = SlidePredictor.from_bundle(args.bundle, max_regions=args.max_regions, progress=True,
+                                               overwrite=True, **json.loads(args.overrides))
+    else:
+        network = BenchmarkNet(UNet(features=tuple(int(f) for f in args.features.split(","))))
+        predictor = SlidePredictor(
+            network, channel_mean=MEAN, channel_std=STD, roi_size=args.roi_size,
+            sw_batch_size=args.sw_batch_size, region_size=args.region_size, region_margin=args.region_margin,
+            amp=args.amp, channels_last=args.amp, max_regions=args.max_regions, progress=True, overwrite=True,
+        )
     result = predictor.predict_slide(args.slide, args.out)
-    print("RESULT " + json.dumps({"nuclei": result.nuclei, "regions": result.regions,
+    settings = {k: v for k, v in predictor.settings().items() if k not in ("channel_mean", "channel_std")}
+    print("RESULT " + json.dumps({"settings": settings, "nuclei": result.nuclei, "regions": result.regions,
                                   "regions_processed": result.regions_processed, "seconds": result.seconds,
                                   "truncated": result.truncated, "timings": result.timings}), flush=True)
 
@@ -139,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", default="16,32,64,128", help="U-Net widths (random weights)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast + channels-last")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="run this bundle's own predictor with its trained weights and inference settings instead "
+                             "(the region, window and precision options above are then the bundle's)")
+    parser.add_argument("--overrides", default="{}",
+                        help="with --bundle: predictor keywords as JSON, e.g. '{\"roi_size\": 256, \"int8\": false}'")
     parser.add_argument("--out", type=Path, default=None, help="folder for the slide and outputs (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures (default: OUT)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -165,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.amp:
         command.append("--amp")
+    if args.bundle is not None:
+        command += ["--bundle", str(args.bundle), "--overrides", args.overrides]
     start = time.perf_counter()
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - start
@@ -174,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
     figures = {
         "slide": str(slide), "size_px": args.size, "slide_write_s": round(write_s, 1),
-        "region_size": args.region_size, "region_margin": args.region_margin, "max_regions": args.max_regions,
-        "roi_size": args.roi_size, "features": args.features, "amp": args.amp, "threads": args.threads,
+        "max_regions": args.max_regions, "threads": args.threads,
+        **({"bundle": str(args.bundle), "overrides": json.loads(args.overrides)} if args.bundle else
+           {"features": args.features}),
         "peak_rss_mb": round(peak_mb, 1), "wall_s": round(wall, 1), **result,
         "label_tiff_mb": round((out / "outputs" / f"{slide.stem}.labels.tif").stat().st_size / 2**20, 2),
     }

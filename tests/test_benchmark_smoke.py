@@ -75,6 +75,13 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
                                                       "measurements", "writing", "other"}
             assert sum(serial["breakdown_share"].values()) == pytest.approx(1.0, abs=0.01)
             assert e2e["prefetch_gain"] == pytest.approx(e2e["mp_per_s"] / serial["mp_per_s"], rel=REL)
+    small = cpu["bundles"]["nuclei_unet_small"]
+    shipped = small[end_to_end[-1]]["mp_per_s"]
+    assert len(small["end_to_end_levers"]) == 3
+    for row in small["end_to_end_levers"]:  # each lever changed, against the shipped figure of the same image
+        assert _positive(row["mp_per_s"]) and row["overrides"], row
+        assert row["shipped_gain"] == pytest.approx(shipped / row["mp_per_s"], rel=REL)
+    for name, b in cpu["bundles"].items():
         t = b["train"]
         # --quick: at most 6 training tiles of each source the registry (or the synthetic one) names
         assert t["tiles"] and all(1 <= n <= 6 for n in t["tiles"].values()), t["tiles"]
@@ -96,10 +103,10 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     rows = {row["lever"]: row for row in lev["rows"]}
     base = rows[lev["baseline"]]["mp_per_s"]
     assert _positive(base)
-    for name in ("float32 plain (no_grad)", "+ inference_mode", "+ channels_last", "+ bf16 autocast (bundle setting)",
-                 "bundle setting, 1 thread(s)", "bundle setting, batch 1", "bundle setting, batch 4"):
+    for name in ("float32 plain (no_grad)", "+ inference_mode", "+ channels_last", "+ bf16 autocast (as in training)",
+                 "bf16 autocast, 1 thread(s)", "bf16 autocast, batch 1", "bf16 autocast, batch 4"):
         assert _positive(rows[name]["mp_per_s"]), name
-    assert sum(name.startswith("bundle setting, tile") for name in rows) == 3
+    assert sum(name.startswith("bf16 autocast, tile") for name in rows) == 3
     for row in lev["rows"]:
         if row["mp_per_s"] is None:
             assert row["skipped"]

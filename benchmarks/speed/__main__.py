@@ -14,7 +14,7 @@ import torch
 from . import __doc__ as PACKAGE_DOC
 from .bundles import Bundle, load_bundle
 from .common import REPO, Phases, attempt, environment, log, ratio, sig, tiles
-from .end_to_end import end_to_end
+from .end_to_end import end_to_end, end_to_end_levers
 from .inputs import Image, cryonuseg_image, synthetic_image
 from .levers import levers
 from .network import network_only
@@ -59,6 +59,13 @@ def device_section(device: torch.device, bundles: list[Bundle], args, memory: Ph
             with memory.phase(f"{tag}:{bundle.name}:{key}"):
                 entry[key] = attempt(errors, f"{tag} {bundle.name} {key}", lambda: against_reference(
                     end_to_end(bundle, device, image, args, workdir), f"{bundle.name} end to end on {image.name}"))
+        if not args.skip_levers and bundle.name == args.lever_bundle and images and entry.get(key):
+            image = images[-1]  # real tissue where the sources are present
+            log(f"[{tag}] end-to-end levers of {bundle.name} on {image.name}")
+            with memory.phase(f"{tag}:{bundle.name}:end_to_end_levers"):
+                entry["end_to_end_levers"] = attempt(errors, f"{tag} {bundle.name} end-to-end levers", lambda: [
+                    {**row, "ratio_to_reference": ratio(row["mp_per_s"], ref_mp)} for row in end_to_end_levers(
+                        bundle, device, image, args, workdir, entry[key]["mp_per_s"])])
 
     if not args.skip_levers:
         lever_bundle = next((b for b in bundles if b.name == args.lever_bundle), None)

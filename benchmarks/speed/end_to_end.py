@@ -47,6 +47,37 @@ def end_to_end(bundle: Bundle, device: torch.device, image: Image, args, workdir
     return figures
 
 
+# the shipped settings with one end-to-end lever changed at a time, to say what each is worth on the whole pipeline
+# rather than on the network alone; the last is not shipped (it costs a region's activations at once in memory)
+E2E_LEVERS = {
+    "without int8 (OpenVINO bf16)": {"int8": False},
+    "without prefetching": {"prefetch": False},
+    "each region in one pass instead of 256 px windows (not shipped: memory)": {"roi_size": None},
+}
+
+
+def end_to_end_levers(bundle: Bundle, device: torch.device, image: Image, args, workdir: Path,
+                      shipped_mp_per_s: float) -> list[dict]:
+    """Megapixels per second end to end with each of ``E2E_LEVERS`` applied, and the shipped figure's gain over
+    it (best of ``--e2e-repeats`` runs after a warm-up run, so set-up costs stay out)."""
+    rows = []
+    for name, overrides in E2E_LEVERS.items():
+        predictor = bundle.predictor(device, **{**args.predictor_overrides, **overrides})
+        out_dir = workdir / f"e2e_lever_{bundle.name}_{image.name}"
+        predictor.predict_slide(image.path, out_dir)
+        times = []
+        for _ in range(args.e2e_repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            predictor.predict_slide(image.path, out_dir)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        figures = rate(image.shape[0] * image.shape[1] / 1e6, times, "mp")
+        rows.append({"lever": name, "overrides": overrides, **figures,
+                     "shipped_gain": ratio(shipped_mp_per_s, figures["mp_per_s"])})
+    return rows
+
+
 def serial_breakdown(predictor, device: torch.device, image: Image, out_dir: Path) -> dict:
     """One run with no prefetching: megapixels per second and the predictor's own seconds per phase; "other" is
     what no phase holds (opening the outputs, the completion record)."""

@@ -41,7 +41,7 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
         rows.append(row)
         log(f"  lever {name:<48s} " + (f"{row['mp_per_s']:8.3f} MP/s" if row["mp_per_s"] else f"skipped: {skipped}"))
 
-    def bundle_setting() -> torch.nn.Module:
+    def bf16_autocast() -> torch.nn.Module:
         return MixedPrecision(copy.deepcopy(base_net), torch.bfloat16, channels_last=True)
 
     cl = copy.deepcopy(base_net).to(memory_format=torch.channels_last)
@@ -49,7 +49,7 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
     add("float32 plain (no_grad)", base_net, grad_mode="no_grad")
     add("+ inference_mode", base_net)
     add("+ channels_last", cl, x_cl)
-    add("+ bf16 autocast (bundle setting)", bundle_setting())
+    add("+ bf16 autocast (as in training)", bf16_autocast())
     add("bf16 autocast without channels_last", MixedPrecision(copy.deepcopy(base_net), torch.bfloat16, False))
 
     for runtime in ("torch", "openvino"):  # the fast inference copies a predictor's runtime option makes
@@ -59,10 +59,20 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
         except (ImportError, ValueError) as err:  # OpenVINO not installed, or not on this device
             add(f"runtime {runtime}, bf16", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
 
+    try:  # the shipped precision: int8 ranges from the predictor's own synthetic calibration tiles
+        from nucleiseg_monai.inference import synthetic_calibration
+
+        mean, std = bundle.stats or ([128.0] * 3, [40.0] * 3)
+        calibration = synthetic_calibration(torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
+        add("runtime openvino, int8 (bundle setting)", prepare_for_inference(
+            copy.deepcopy(base_net), "openvino", "int8", tuple(x.shape), calibration=calibration))
+    except (ImportError, ValueError) as err:
+        add("runtime openvino, int8 (bundle setting)", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
+
     if args.compile:
         t0 = time.perf_counter()
         try:
-            compiled = torch.compile(bundle_setting())
+            compiled = torch.compile(bf16_autocast())
             with torch.inference_mode():
                 compiled(x)  # compilation happens here, not in the timed calls
             add("torch.compile (bf16 autocast, channels_last)", compiled, compile_s=sig(time.perf_counter() - t0))
@@ -79,15 +89,15 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
                 continue
             torch.set_num_threads(threads)
             try:
-                add(f"bundle setting, {threads} thread(s)", bundle_setting(), threads=threads)
+                add(f"bf16 autocast, {threads} thread(s)", bf16_autocast(), threads=threads)
             finally:
                 torch.set_num_threads(args.threads)
 
-    net = bundle_setting()
+    net = bf16_autocast()
     for size in (args.tile // 2, args.tile, args.tile * 2):
-        add(f"bundle setting, tile {size}", net, tiles(args.batch, size, device))
+        add(f"bf16 autocast, tile {size}", net, tiles(args.batch, size, device))
     for batch in sorted({1, 4, args.batch}):
-        add(f"bundle setting, batch {batch}", net, tiles(batch, args.tile, device))
+        add(f"bf16 autocast, batch {batch}", net, tiles(batch, args.tile, device))
 
     # narrower, wider and shallower variants of the bundle's network (untrained: speed does not depend on the
     # weights; their accuracy comes from training them, see the model cards)
@@ -96,7 +106,7 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
             continue
         variant = bundle.parser({"network_def#features": list(features)}).get_parsed_content(
             "network_def", lazy=False).to(device).eval()
-        add(f"bundle setting, features {'-'.join(map(str, features))}",
+        add(f"bf16 autocast, features {'-'.join(map(str, features))}",
             MixedPrecision(variant, torch.bfloat16, channels_last=True),
             parameters=sum(p.numel() for p in variant.parameters()))
 

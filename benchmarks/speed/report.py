@@ -37,6 +37,9 @@ def summary_lines(results: dict) -> list[str]:
                     row(f"{name} end to end, {what}, MP/s", b[key], "mp_per_s")
                     if b[key]:
                         row("  same, no prefetch (serial phases) MP/s", b[key]["serial"], "mp_per_s", None)
+        for name, b in section["bundles"].items():
+            for r in b.get("end_to_end_levers") or []:
+                row(f"{name} end to end {r['lever']} MP/s (shipped gain {r['shipped_gain']:.2f}x)", r, "mp_per_s")
         if "train" in ref:
             row("reference training (fp32) images/s", {**ref["train"], "r": 1.0}, "images_per_s", "r")
         for name, b in section["bundles"].items():
