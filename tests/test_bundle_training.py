@@ -38,17 +38,17 @@ def data_args(dataset: Path) -> list[str]:
 
 
 def tiny_args(dataset: Path) -> list[str]:
-    # 128 px tiles: the validation/evaluation window shrinks from 512 so a tile is not padded to 16 times its area
+    # 128 px tiles: the validation/evaluation window shrinks from 256 so a tile is not padded to 4 times its area
     return data_args(dataset) + [
         "--patch_size", "[64,64]", "--batch_size", str(BATCH), "--epoch_length", str(EPOCH_LENGTH),
         "--num_workers", "0", "--val_interval", "1", "--network_def#features", json.dumps(FEATURES),
-        "--validate#inferer#roi_size", f"[{TILE},{TILE}]"]
+        "--window", str(TILE)]
 
 
 def eval_args(dataset: Path, root: Path) -> list[str]:
     # the synthetic tiles share CryoNuSeg's names: real observer annotations must not be scored against them
     return data_args(dataset) + ["--network_def#features", json.dumps(FEATURES),
-                                 "--validate#inferer#roi_size", f"[{TILE},{TILE}]",
+                                 "--window", str(TILE),
                                  "--observers_dir", str(root / "no_observers")]
 
 
