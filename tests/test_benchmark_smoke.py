@@ -77,7 +77,7 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
             assert e2e["prefetch_gain"] == pytest.approx(e2e["mp_per_s"] / serial["mp_per_s"], rel=REL)
     small = cpu["bundles"]["nuclei_unet_small"]
     shipped = small[end_to_end[-1]]["mp_per_s"]
-    assert len(small["end_to_end_levers"]) == 3
+    assert len(small["end_to_end_levers"]) == 4
     for row in small["end_to_end_levers"]:  # each lever changed, against the shipped figure of the same image
         assert _positive(row["mp_per_s"]) and row["overrides"], row
         assert row["shipped_gain"] == pytest.approx(shipped / row["mp_per_s"], rel=REL)

@@ -52,6 +52,7 @@ def end_to_end(bundle: Bundle, device: torch.device, image: Image, args, workdir
 E2E_LEVERS = {
     "without int8 (OpenVINO bf16)": {"int8": False},
     "without prefetching": {"prefetch": False},
+    "windows one at a time instead of 4 per call": {"sw_batch_size": 1},
     "each region in one pass instead of 256 px windows (not shipped: memory)": {"roi_size": None},
 }
 
