@@ -60,7 +60,7 @@ E2E_LEVERS = {
 def end_to_end_levers(bundle: Bundle, device: torch.device, image: Image, args, workdir: Path,
                       shipped_mp_per_s: float) -> list[dict]:
     """Megapixels per second end to end with each of ``E2E_LEVERS`` applied, and the shipped figure's gain over
-    it (best of ``--e2e-repeats`` runs after a warm-up run, so set-up costs stay out)."""
+    it (median of ``--e2e-repeats`` runs after a warm-up run, so set-up costs stay out)."""
     rows = []
     for name, overrides in E2E_LEVERS.items():
         predictor = bundle.predictor(device, **{**args.predictor_overrides, **overrides})
