@@ -49,10 +49,10 @@ sys.path.insert(0, str(REPO))
 from speed import environment, sig  # noqa: E402  (benchmarks/speed.py, next to this file)
 
 from nucleiseg_monai.data import load_stats  # noqa: E402
+from nucleiseg_monai.inference import synthetic_inputs  # noqa: E402
 from nucleiseg_monai.networks import (  # noqa: E402
     CastNetwork, MixedPrecision, UNet, count_parameters, load_weights, prepare_for_inference,
 )
-from nucleiseg_monai.synthetic import make_tile  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "nuclei_unet_small"
 DEFAULT_FEATURES = ((16, 32, 64, 128, 256), (16, 32, 64, 128))
@@ -62,13 +62,8 @@ TODAY = "torch.jit trace+freeze, bf16 autocast, channels-last"
 
 
 def normalised_tiles(seeds, size: int, stats: dict) -> list[torch.Tensor]:
-    mean = torch.tensor(stats["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(stats["std"]).view(1, 3, 1, 1)
-    tiles = []
-    for seed in seeds:
-        rgb, _ = make_tile(size, seed=int(seed))
-        tiles.append(((torch.from_numpy(rgb).permute(2, 0, 1)[None].float() - mean) / std).contiguous())
-    return tiles
+    return synthetic_inputs(torch.tensor(stats["mean"]).view(1, 3, 1, 1), torch.tensor(stats["std"]).view(1, 3, 1, 1),
+                            seeds, size)
 
 
 def onnx_file(network: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:

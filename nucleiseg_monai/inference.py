@@ -73,9 +73,8 @@ PHASES = ("read", "tissue_mask", "network", "watershed", "stitching", "measureme
 RUNTIMES = ("auto", "openvino", "torch", "eager")
 # the input side a fast runtime is prepared with when windows are whole regions (its graph takes any multiple of 16)
 EXAMPLE_SIDE = 256
-# int8 ranges come from this many synthetic tiles of EXAMPLE_SIDE px, seeds from INT8_CALIBRATION_SEED
-INT8_CALIBRATION_TILES = 8
-INT8_CALIBRATION_SEED = 2000
+# int8 ranges come from the synthetic tiles of these seeds, EXAMPLE_SIDE px each
+INT8_CALIBRATION_SEEDS = range(2000, 2008)
 
 
 @dataclass
@@ -271,15 +270,15 @@ def int8_available(device: torch.device) -> bool:
     return device.type == "cpu" and all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
 
 
-def synthetic_calibration(mean: torch.Tensor, std: torch.Tensor, tiles: int = INT8_CALIBRATION_TILES,
-                          side: int = EXAMPLE_SIDE) -> list[torch.Tensor]:
-    """Network inputs to set int8 ranges on: synthetic H&E tiles (``synthetic.make_tile``, fixed seeds), z-scored
-    with the bundle's statistics. Fixed, so that every run of a bundle quantises the same way, whatever slide
-    comes first."""
+def synthetic_inputs(mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int] = INT8_CALIBRATION_SEEDS,
+                     side: int = EXAMPLE_SIDE) -> list[torch.Tensor]:
+    """Network inputs made of synthetic H&E tiles (``synthetic.make_tile``, one per seed), z-scored with ``mean``
+    and ``std`` ((1, 3, 1, 1)). By default the inputs int8 ranges are set on: fixed, so that every run of a bundle
+    quantises the same way, whatever slide comes first."""
     from .synthetic import make_tile
 
-    return [((torch.from_numpy(make_tile(side, seed=seed)[0]).permute(2, 0, 1)[None].float() - mean.cpu()) / std.cpu())
-            for seed in range(INT8_CALIBRATION_SEED, INT8_CALIBRATION_SEED + tiles)]
+    return [((torch.from_numpy(make_tile(side, seed=int(seed))[0]).permute(2, 0, 1)[None].float() - mean.cpu())
+             / std.cpu()).contiguous() for seed in seeds]
 
 
 class InferenceNetwork:
@@ -303,7 +302,7 @@ class InferenceNetwork:
             logger.info("int8 needs OpenVINO and NNCF on a CPU (pip install 'nucleiseg-monai[cpu-runtimes]'); "
                         "running %s instead", "bf16" if amp else "float32")
             int8 = False
-        calibration = functools.partial(synthetic_calibration, self.mean, self.std) if int8 else None
+        calibration = functools.partial(synthetic_inputs, self.mean, self.std) if int8 else None
         self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
                                        (sw_batch_size, 3, example, example), self.weights_sha256, self.device,
                                        calibration)
@@ -406,7 +405,7 @@ class SlidePredictor:
         amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
             channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
         int8: OpenVINO with int8 weights and activations (NNCF post-training quantisation, its ranges set on fixed
-            synthetic tiles: ``synthetic_calibration``). With runtime "auto" it applies where OpenVINO and NNCF
+            synthetic tiles: ``synthetic_inputs``). With runtime "auto" it applies where OpenVINO and NNCF
             are installed and the device is a CPU (else ``amp`` decides, and one log line says so); "openvino"
             requires NNCF; the other runtimes refuse it.
         runtime: "eager" (the network as trained), or a fast inference copy from

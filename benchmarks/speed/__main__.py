@@ -13,7 +13,7 @@ import torch
 
 from . import __doc__ as PACKAGE_DOC
 from .bundles import Bundle, load_bundle
-from .common import REPO, Phases, attempt, environment, log, ratio, sig, tiles
+from .common import DEFAULT_STATS, REPO, Phases, attempt, environment, log, ratio, sig, tiles
 from .end_to_end import end_to_end, end_to_end_levers
 from .inputs import Image, cryonuseg_image, synthetic_image
 from .levers import levers
@@ -25,7 +25,6 @@ from .training import training
 from .training_data import TrainingData, training_data
 
 DEFAULT_BUNDLES = ("nuclei_unet_small", "nuclei_unet_full")
-DEFAULT_STATS = ([180.0, 120.0, 170.0], [40.0, 45.0, 35.0])  # z-scoring when no bundle or datalist has any
 
 
 def device_section(device: torch.device, bundles: list[Bundle], args, memory: Phases, workdir: Path,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-
+DEFAULT_STATS = ([180.0, 120.0, 170.0], [40.0, 45.0, 35.0])  # z-scoring when no bundle or datalist has any
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

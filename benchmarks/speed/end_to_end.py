@@ -24,13 +24,7 @@ def end_to_end(bundle: Bundle, device: torch.device, image: Image, args, workdir
     side = min(planner.region_size, max(image.shape)) + 2 * planner.region_margin
     predictor.network.probs(np.full((side, side, 3), 200, np.uint8))
     out_dir = workdir / f"e2e_{bundle.name}_{device.type}_{image.name}"
-    times, result = [], None
-    for _ in range(args.e2e_repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        result = predictor.predict_slide(image.path, out_dir)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times, result = timed_runs(predictor, device, image, out_dir, args.e2e_repeats)
     height, width = image.shape
     figures = rate(height * width / 1e6, times, "mp")
     figures.update({"image": image.name, "image_shape": [height, width], "nuclei": result.nuclei,
@@ -66,17 +60,24 @@ def end_to_end_levers(bundle: Bundle, device: torch.device, image: Image, args, 
         predictor = bundle.predictor(device, **{**args.predictor_overrides, **overrides})
         out_dir = workdir / f"e2e_lever_{bundle.name}_{image.name}"
         predictor.predict_slide(image.path, out_dir)
-        times = []
-        for _ in range(args.e2e_repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            predictor.predict_slide(image.path, out_dir)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        times, _ = timed_runs(predictor, device, image, out_dir, args.e2e_repeats)
         figures = rate(image.shape[0] * image.shape[1] / 1e6, times, "mp")
         rows.append({"lever": name, "overrides": overrides, **figures,
                      "shipped_gain": ratio(shipped_mp_per_s, figures["mp_per_s"])})
     return rows
+
+
+def timed_runs(predictor, device: torch.device, image: Image, out_dir: Path, repeats: int) -> tuple[list[float], object]:
+    """Wall seconds of ``repeats`` runs of ``predict_slide`` over ``image`` (the device synchronised around each),
+    and the last run's result."""
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        result = predictor.predict_slide(image.path, out_dir)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, result
 
 
 def serial_breakdown(predictor, device: torch.device, image: Image, out_dir: Path) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .bundles import Bundle
-from .common import forward_rate, log, rate, ratio, sig, tiles, time_calls
+from .common import DEFAULT_STATS, forward_rate, log, rate, ratio, sig, tiles, time_calls
 
 # network widths compared with the bundle's own (which is skipped): 0.2.0's small bundle (16-128), 0.1.0's
 # (24-192), double and half of 0.2.0's, and a 2-pooling variant
@@ -60,10 +60,10 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
             add(f"runtime {runtime}, bf16", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
 
     try:  # the shipped precision: int8 ranges from the predictor's own synthetic calibration tiles
-        from nucleiseg_monai.inference import synthetic_calibration
+        from nucleiseg_monai.inference import synthetic_inputs
 
-        mean, std = bundle.stats or ([128.0] * 3, [40.0] * 3)
-        calibration = synthetic_calibration(torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
+        mean, std = bundle.stats or DEFAULT_STATS
+        calibration = synthetic_inputs(torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
         add("runtime openvino, int8 (bundle setting)", prepare_for_inference(
             copy.deepcopy(base_net), "openvino", "int8", tuple(x.shape), calibration=calibration))
     except (ImportError, ValueError) as err:
