@@ -75,5 +75,6 @@ def main() -> None:
     write_json_atomic(report, output)
     print(f"results written to {output}")
 
+
 if __name__ == "__main__":
     main()
