@@ -220,9 +220,8 @@ def cmd_tune(args) -> int:
         overrides["data_root"] = args.data_root
     report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
     from .overrides import parse_value
-    from .tuning import DEFAULT_GRID
 
-    grid = {**DEFAULT_GRID, **(parse_value(args.grid) if args.grid else {})}
+    grid = parse_value(args.grid) if args.grid else None
     report = tune(evaluate_configs(args.bundle), report_file, grid=grid, overrides=overrides)
     chosen = report["chosen"]
     print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")

@@ -154,6 +154,48 @@ class Resume:
         logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
 
 
+class InitialWeights:
+    """Starts a new run from another model's weights (``path``; None: from scratch).
+
+    Tensors whose shapes differ (a head widened from 3 to 4 outputs) keep the new network's values where the
+    checkpoint has none and take the checkpoint's where it has them, so a 3-class model starts a 4-output one
+    with its classes intact and a fresh distance channel. A resumed run ignores it: the run's own checkpoint
+    already holds the network.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, network: torch.nn.Module, resume: bool | str = False):
+        self.path = None if path in (None, "", "None", "none", "null") else Path(path)
+        self.network, self.resume = network, parse_bool(resume, "resume")
+
+    def attach(self, engine: Engine) -> None:
+        if self.path is None or self.resume:
+            return
+        if not self.path.is_file():
+            raise FileNotFoundError(f"--pretrained: no weights at {self.path}; give a model.pt or leave it null")
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = self.network.state_dict()
+        unknown = sorted(set(loaded) - set(state))
+        if unknown:
+            raise KeyError(f"{self.path} is not weights of this network: it has {unknown[:3]}... that it lacks")
+        widened = []
+        for name, value in loaded.items():
+            mine = state[name]
+            if value.shape != mine.shape:
+                if value.ndim != mine.ndim or any(a > b for a, b in zip(value.shape, mine.shape)):
+                    raise ValueError(f"{self.path}: {name} is {tuple(value.shape)}, cannot start "
+                                     f"{tuple(mine.shape)} from it")
+                widened.append(name)
+                grown = mine.clone()
+                grown[tuple(slice(0, n) for n in value.shape)] = value
+                value = grown
+            state[name] = value
+        self.network.load_state_dict(state)
+        logger.info("started from %s (%d tensors; widened: %s)", self.path, len(loaded), widened or "none")
+
+
 def _stretch_schedule(scheduler: LRScheduler, state: dict) -> None:
     """For a run resumed with more epochs: the saved position in the schedule, the config's shape of it.
 

@@ -54,7 +54,7 @@ from .data import load_stats
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference
 from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
-from .postprocess import instances_from_probs
+from .postprocess import activate, instances_from_probs
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
 
@@ -314,12 +314,12 @@ class InferenceNetwork:
         return self.network(x).float()
 
     def probs(self, rgb: np.ndarray, scale: Fraction = Fraction(1)) -> np.ndarray:
-        """Softmax probabilities (3, floor(h * scale), floor(w * scale)) float32 of an RGB uint8 window (h, w, 3),
-        resampled by ``scale`` first (``to_working_scale``)."""
+        """Probabilities (``postprocess.activate``: 3 or 4, floor(h * scale), floor(w * scale)) float32 of an RGB
+        uint8 window (h, w, 3), resampled by ``scale`` first (``to_working_scale``)."""
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
             x = (to_working_scale(x, scale) - self.mean) / self.std
-            probs = torch.softmax(self.inferer(x, self._forward).float(), dim=1)[0]
+            probs = activate(self.inferer(x, self._forward))[0]
             return probs.cpu().numpy()
 
 

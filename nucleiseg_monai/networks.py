@@ -88,6 +88,7 @@ class UNet(nn.Module):
             raise ValueError(f"features needs at least two levels (one pooling), got {features}")
         self.depth = len(features) - 1
         self.multiple = 2**self.depth  # an int attribute: TorchScript's int ** int is a float
+        self.out_channels = int(out_channels)
         self.encoders = nn.ModuleList([DoubleConv(in_channels, features[0])])
         self.encoders.extend(DoubleConv(a, b) for a, b in zip(features[:-2], features[1:-1]))
         self.bottleneck = DoubleConv(features[-2], features[-1], dropout=dropout)

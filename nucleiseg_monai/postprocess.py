@@ -2,7 +2,10 @@
 
 ``instances_from_probs`` is the method: a marker-controlled watershed on the 3-class softmax (background,
 interior, boundary). Confident interior cores become markers; they flood the foreground, so the boundary class
-that runs between touching nuclei is split between them instead of merging them. ``instances_from_foreground``
+that runs between touching nuclei is split between them instead of merging them. A network with a fourth output
+also predicts each nucleus's distance map (``transforms.distance_map``: 1 at its centre, falling to 0 at its rim);
+its peaks part touching nuclei whose interiors run together, and ``markers="distance_map"`` uses them.
+``activate`` turns network outputs into these probabilities, for every caller. ``instances_from_foreground``
 (threshold + connected components) is the reference that merges touching nuclei, kept to measure the gain.
 ``InstancesFromProbsd`` wraps the method as a MONAI dictionary transform for bundle post-processing.
 """
@@ -32,7 +35,9 @@ MIN_MARKER_SIZE = 4
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, like the encoding's find_boundaries(connectivity=1)
 
-__all__ = ["MIN_MARKER_SIZE", "MIN_SIZE", "InstancesFromProbsd", "instances_from_foreground", "instances_from_probs"]
+__all__ = [
+    "MIN_MARKER_SIZE", "MIN_SIZE", "InstancesFromProbsd", "activate", "instances_from_foreground", "instances_from_probs",
+]
 
 
 def _float_array(x: Any) -> np.ndarray:
@@ -42,12 +47,21 @@ def _float_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def activate(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Network outputs -> probabilities: softmax over the 3 classes, a sigmoid for the distance map when there is
+    a fourth channel; float32."""
+    logits = logits.float()
+    classes, rest = logits.split([3, logits.shape[dim] - 3], dim=dim)
+    return torch.cat([torch.softmax(classes, dim=dim), torch.sigmoid(rest)], dim=dim)
+
+
 def _check_probs(probs: Any) -> np.ndarray:
     p = _float_array(probs)
-    if p.ndim != 3 or p.shape[0] != 3:
+    if p.ndim != 3 or p.shape[0] not in (3, 4):
         raise ValueError(
-            f"expected probabilities of shape (3,H,W) for (background, interior, boundary), got {p.shape}; "
-            "squeeze the batch axis and apply softmax to logits first (InstancesFromProbsd(softmax=True))"
+            f"expected probabilities of shape (3,H,W) for (background, interior, boundary), or (4,H,W) with the "
+            f"distance map, got {p.shape}; squeeze the batch axis and activate logits first "
+            "(postprocess.activate, or InstancesFromProbsd(softmax=True))"
         )
     return p
 
@@ -112,15 +126,18 @@ def instances_from_probs(
     min_size: int = MIN_SIZE,
     fill_holes: bool = True,
     elevation: str = "interior",
+    markers: str = "interior",
 ) -> np.ndarray:
     """Instance labels (H,W) uint32, ids 1..N, from softmax probabilities (3,H,W) by marker-controlled watershed.
 
     - foreground mask: 1 - p_background > fg_threshold;
-    - markers: 4-connected components of p_interior > marker_threshold inside the mask, optionally eroded by a
-      disk of radius marker_erosion (separates cores joined by a thin bridge), those under min_marker_size px
-      dropped;
+    - markers: 4-connected components of the marker map > marker_threshold inside the mask, optionally eroded by
+      a disk of radius marker_erosion (separates cores joined by a thin bridge), those under min_marker_size px
+      dropped; the marker map is p_interior (markers "interior") or the predicted distance map ("distance_map",
+      4-channel probabilities only);
     - watershed of the markers over the mask on elevation "interior" (1 - p_interior: basins meet on the
-      boundary class) or "distance" (negative distance to the background: basins meet at the narrowest neck);
+      boundary class), "distance" (negative distance to the background: basins meet at the narrowest neck) or
+      "distance_map" (1 - the predicted distance map: basins meet where two nuclei's maps fall to their rims);
     - foreground components that no marker reached (small nuclei with no confident core) become objects of
       their own;
     - holes enclosed by one object are filled (fill_holes), objects under min_size px are removed.
@@ -130,24 +147,30 @@ def instances_from_probs(
     cores merge in simulations, 0.8 lost faint nuclei).
     """
     p = _check_probs(probs)
-    if elevation not in ("interior", "distance"):
-        raise ValueError(f"elevation must be 'interior' or 'distance', got {elevation!r}")
+    maps = {"interior": 1, "distance_map": 3}
+    if elevation not in ("interior", "distance", "distance_map"):
+        raise ValueError(f"elevation must be 'interior', 'distance' or 'distance_map', got {elevation!r}")
+    if markers not in maps:
+        raise ValueError(f"markers must be 'interior' or 'distance_map', got {markers!r}")
+    if "distance_map" in (elevation, markers) and p.shape[0] != 4:
+        raise ValueError(f"{elevation=!r}, {markers=!r} need a network with a distance map (4 outputs); "
+                         f"these probabilities have {p.shape[0]} channels: use 'interior'")
     mask = p[0] < 1.0 - fg_threshold
-    seeds = (p[1] > marker_threshold) & mask
+    seeds = (p[maps[markers]] > marker_threshold) & mask
     if marker_erosion > 0:
         seeds = ndi.binary_erosion(seeds, structure=disk(marker_erosion))
-    markers, n_markers = ndi.label(seeds, structure=_CROSS)
+    marker_ids, n_markers = ndi.label(seeds, structure=_CROSS)
     if min_marker_size > 1 and n_markers:
-        markers = _remove_small(markers, min_marker_size).astype(np.int32)
-        n_markers = int(markers.max())
+        marker_ids = _remove_small(marker_ids, min_marker_size).astype(np.int32)
+        n_markers = int(marker_ids.max())
     if n_markers == 0:
         labels = np.zeros(mask.shape, dtype=np.int32)
-    elif elevation == "interior":
+    elif elevation in maps:
         # 8-bit levels (steps of 1/255 in probability) make the heap ~30% faster than float elevations.
-        surface = np.round((1.0 - np.clip(p[1], 0.0, 1.0)) * 255).astype(np.uint8)
-        labels = _flood(surface, markers, mask)
+        surface = np.round((1.0 - np.clip(p[maps[elevation]], 0.0, 1.0)) * 255).astype(np.uint8)
+        labels = _flood(surface, marker_ids, mask)
     else:
-        labels = _flood(-ndi.distance_transform_edt(mask), markers, mask)
+        labels = _flood(-ndi.distance_transform_edt(mask), marker_ids, mask)
     unseeded = mask & (labels == 0)
     if unseeded.any():
         extra, _ = ndi.label(unseeded, structure=_CROSS)
@@ -164,21 +187,17 @@ def instances_from_foreground(mask_or_prob: Any, threshold: float = 0.5, min_siz
     then 1 - p_background). Touching nuclei merge into one object, which is what the watershed method fixes.
     """
     x = _float_array(mask_or_prob)
-    if x.ndim == 3 and x.shape[0] == 3:
+    if x.ndim == 3 and x.shape[0] in (3, 4):
         x = 1.0 - x[0]
     if x.ndim != 2:
-        raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) probabilities, got shape {x.shape}")
+        raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) / (4,H,W) probabilities, got shape {x.shape}")
     labels, _ = ndi.label(x > threshold, structure=_CROSS)
     return _remove_small(labels, min_size)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
 class InstancesFromProbsd(MapTransform):
-    """Dictionary transform: (3,H,W) probabilities (or logits with softmax=True) -> (1,H,W) uint32 instances.
+    """Dictionary transform: (3,H,W) or (4,H,W) probabilities (or logits with softmax=True, which runs
+    ``activate``) -> (1,H,W) uint32 instances.
 
     Accepts torch tensors (MetaTensor included) or numpy per item, i.e. after ``decollate_batch`` in an
     evaluator's postprocessing. The result is written to ``output_keys`` (default: overwrite ``keys``); the
@@ -213,8 +232,9 @@ class InstancesFromProbsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key, out_key in self.key_iterator(d, self.output_keys):
-            x = _float_array(d[key])
+            x = d[key]
             if self.softmax:
-                x = _softmax(x)
+                x = activate(torch.as_tensor(_float_array(x)), dim=0)
+            x = _float_array(x)
             d[out_key] = instances_from_probs(x, **self.params)[None]
         return d

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .atomic import write_json_atomic
 from .metrics import instance_metrics, summarize
 from .networks import MixedPrecision, load_weights
-from .postprocess import instances_from_probs
+from .postprocess import activate, instances_from_probs
 from .transforms import resample_labels
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,21 @@ DEFAULT_GRID: dict[str, Sequence] = {
     "min_size": (10, 25, 40),
     "elevation": ("interior", "distance"),
 }
+# A network with a distance map (4 outputs): markers from its peaks, whose height (1 at every centre) asks for
+# lower thresholds than the interior's confidence.
+DISTANCE_GRID: dict[str, Sequence] = {
+    "fg_threshold": (0.4, 0.5, 0.6, 0.7),
+    "marker_threshold": (0.3, 0.4, 0.5, 0.6),
+    "min_marker_size": (4, 10, 20),
+    "min_size": (25, 40, 60),
+    "markers": ("distance_map",),
+    "elevation": ("distance_map", "interior"),
+}
+
+
+def default_grid(channels: int) -> dict[str, Sequence]:
+    """The grid searched unless the user names values: by the network's outputs (3 classes, or a distance map)."""
+    return dict(DISTANCE_GRID if channels > 3 else DEFAULT_GRID)
 CRITERION = ("aji", "pq")  # mean of the two, per-tile means over the validation split
 
 
@@ -80,17 +95,20 @@ def validation_probabilities(config_files: Sequence[str | os.PathLike], override
         for record in tqdm(records, desc="validation tiles"):
             item = transform(record)
             logits = inferer(item["image"][None].to(device), network)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+            probs = activate(logits)[0].cpu().numpy()
             cached.append((record, probs, np.asarray(item["label_native"][0])))
     return cached
 
 
 def tune(
     config_files: Sequence[str | os.PathLike], report_file: str | os.PathLike,
-    grid: Mapping[str, Sequence] = DEFAULT_GRID, overrides: Mapping | None = None,
+    grid: Mapping[str, Sequence] | None = None, overrides: Mapping | None = None,
 ) -> dict:
-    """Grid search on the validation split; writes every setting's figures and the choice to ``report_file``."""
+    """Grid search on the validation split; writes every setting's figures and the choice to ``report_file``.
+
+    ``grid`` names the values to try for some parameters; the others keep ``default_grid``'s for the network."""
     cached = validation_probabilities(config_files, overrides)
+    grid = {**default_grid(cached[0][1].shape[0]), **(grid or {})}
     results = []
     for params in tqdm(list(settings(grid)), desc="settings", mininterval=5):
         results.append({"params": params, "validation": score(params, cached)})

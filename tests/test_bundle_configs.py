@@ -69,8 +69,11 @@ def test_bundles_differ_only_in_network_def(name):
     if small_net is not None or full_net is not None:
         assert small_net["features"] != full_net["features"]
         assert sum(full_net["features"]) > sum(small_net["features"])  # the full bundle is wider
-        assert {k: v for k, v in small_net.items() if k != "features"} == \
-            {k: v for k, v in full_net.items() if k != "features"}
+        # a network may add the distance map to the 3 classes (out_channels, and its description)
+        network = {"features", "out_channels", "_desc_"}
+        assert {k: v for k, v in small_net.items() if k not in network} == \
+            {k: v for k, v in full_net.items() if k not in network}
+        assert {small_net["out_channels"], full_net["out_channels"]} <= {3, 4}
 
 
 def test_bundles_share_logging_conf():
@@ -157,7 +160,8 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
     assert multi["train#trainer#train_handlers"] == \
         "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
     train = _load(configs / "train.json")["train"]
-    assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.Resume", "LrScheduleHandler",
+    assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
+                                                          "nucleiseg_monai.handlers.Resume", "LrScheduleHandler",
                                                           "ValidationHandler", "nucleiseg_monai.handlers.ValidateAtEnd"]
     assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
 
