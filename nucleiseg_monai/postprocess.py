@@ -36,7 +36,7 @@ MIN_MARKER_SIZE = 4
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, like the encoding's find_boundaries(connectivity=1)
 
 __all__ = [
-    "MIN_MARKER_SIZE", "MIN_SIZE", "InstancesFromProbsd", "activate", "instances_from_foreground", "instances_from_probs",
+    "MIN_MARKER_SIZE", "MIN_SIZE", "Activated", "InstancesFromProbsd", "activate", "instances_from_foreground", "instances_from_probs",
 ]
 
 
@@ -193,6 +193,17 @@ def instances_from_foreground(mask_or_prob: Any, threshold: float = 0.5, min_siz
         raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) / (4,H,W) probabilities, got shape {x.shape}")
     labels, _ = ndi.label(x > threshold, structure=_CROSS)
     return _remove_small(labels, min_size)
+
+
+class Activated(MapTransform):
+    """Dictionary transform: each item's logits (C,H,W) -> ``activate``'s probabilities, in place of MONAI's
+    ``Activationsd(softmax=True)``, which would also softmax a distance map into the classes."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = activate(torch.as_tensor(d[key]), dim=0)
+        return d
 
 
 class InstancesFromProbsd(MapTransform):

@@ -9,7 +9,7 @@ from nucleiseg_monai.handlers import InitialWeights
 from nucleiseg_monai.losses import MaskedDiceCELoss
 from nucleiseg_monai.metrics import iou_matrix
 from nucleiseg_monai.networks import UNet
-from nucleiseg_monai.postprocess import InstancesFromProbsd, activate, instances_from_probs
+from nucleiseg_monai.postprocess import Activated, InstancesFromProbsd, activate, instances_from_probs
 from nucleiseg_monai.transforms import IGNORE, ThreeClassTargetd, distance_map, encode_three_class
 
 torch.set_num_threads(1)
@@ -80,6 +80,9 @@ def test_activate_is_softmax_over_the_classes_and_a_sigmoid_for_the_map():
     assert torch.allclose(p[:, :3], torch.softmax(logits[:, :3], 1))
     assert torch.allclose(p[:, 3], torch.sigmoid(logits[:, 3]))
     assert torch.allclose(activate(logits[:, :3]), torch.softmax(logits[:, :3], 1))
+    # the evaluators' transform, per item (C,H,W): MONAI's Activationsd(softmax=True) would mix the map in
+    item = Activated("pred")({"pred": logits[0], "other": 1})
+    assert torch.allclose(item["pred"], p[0]) and item["other"] == 1
 
 
 def merged_interior_probs(labels):
