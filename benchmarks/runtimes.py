@@ -109,7 +109,7 @@ def ort_int8(path: Path, out: Path, calibration: list[torch.Tensor]) -> Path:
 
 
 def jit_frozen(network: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
-    """What ``SlidePredictor(jit=True)`` ran until now: a TorchScript trace of MixedPrecision, frozen."""
+    """What the predictor's former ``jit=True`` ran: a TorchScript trace of MixedPrecision, frozen."""
     with torch.no_grad():
         return torch.jit.freeze(torch.jit.trace(MixedPrecision(copy.deepcopy(network)).eval(), example,
                                                 check_trace=False))

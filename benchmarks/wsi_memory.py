@@ -94,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
     """Runs in the subprocess: build the predictor, segment the slide, print the result as JSON."""
     import torch
 
-    from nucleiseg_monai.inference import SlidePredictor
+    from nucleiseg_monai.inference import InferenceNetwork, RegionPlanner, SlidePredictor
     from nucleiseg_monai.networks import UNet
 
     class BenchmarkNet(torch.nn.Module):
@@ -123,9 +123,10 @@ def child(args: argparse.Namespace) -> None:
     else:
         network = BenchmarkNet(UNet(features=tuple(int(f) for f in args.features.split(","))))
         predictor = SlidePredictor(
-            network, channel_mean=MEAN, channel_std=STD, roi_size=args.roi_size,
-            sw_batch_size=args.sw_batch_size, region_size=args.region_size, region_margin=args.region_margin,
-            amp=args.amp, channels_last=args.amp, max_regions=args.max_regions, progress=True, overwrite=True,
+            InferenceNetwork(network, MEAN, STD, roi_size=args.roi_size, sw_batch_size=args.sw_batch_size,
+                             amp=args.amp, channels_last=args.amp),
+            RegionPlanner(args.region_size, args.region_margin, max_regions=args.max_regions),
+            progress=True, overwrite=True,
         )
     result = predictor.predict_slide(args.slide, args.out)
     settings = {k: v for k, v in predictor.settings().items() if k not in ("channel_mean", "channel_std")}
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run this bundle's own predictor with its trained weights and inference settings instead "
                              "(the region, window and precision options above are then the bundle's)")
     parser.add_argument("--overrides", default="{}",
-                        help="with --bundle: predictor keywords as JSON, e.g. '{\"roi_size\": 256, \"int8\": false}'")
+                        help="with --bundle: keywords of the predictor or its parts as JSON, "
+                             "e.g. '{\"roi_size\": 256, \"int8\": false}'")
     parser.add_argument("--out", type=Path, default=None, help="folder for the slide and outputs (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures (default: OUT)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

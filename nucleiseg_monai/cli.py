@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "states wins (default: the model's own size is assumed, with a warning)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
-    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#region_size=1024")
+    p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#planner#region_size=1024 "
+                   "(the flat predictor#region_size of earlier configs is taken too)")
     p.add_argument("--workers", type=int, help="run on a local Dask cluster of this many worker processes (the "
                    "cores are shared out between them); the default for a .csv/.tsv slide list is 1")
     p.add_argument("--scheduler", help="run on the running Dask cluster at this address (tcp://host:8786)")

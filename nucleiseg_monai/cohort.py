@@ -102,7 +102,7 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
 @dataclass(frozen=True)
 class BundlePredictor:
     """Builds a bundle's predictor with ``SlidePredictor.from_bundle`` (with config overrides such as
-    ``predictor#mpp``), as ``nucleiseg predict`` does; sent to every worker."""
+    ``predictor#planner#mpp``), as ``nucleiseg predict`` does; sent to every worker."""
 
     bundle: str
     overrides: tuple[tuple[str, object], ...] = ()
@@ -404,7 +404,8 @@ def run_bundle_cohort(bundle: str | os.PathLike, input: str | os.PathLike, outpu
     ``input`` (folder, glob or slide list) segmented by the bundle's predictor on every worker.
 
     The workers build the predictor from the bundle's files, so settings given to the running config reach them
-    only through ``overrides`` (config ids such as ``{"predictor#device": "cpu"}``, as ``from_bundle`` takes them).
+    only through ``overrides`` (config ids such as ``{"predictor#network#device": "cpu"}``, as ``from_bundle``
+    takes them).
     """
     overrides = dict(overrides or {})
     factory = BundlePredictor(str(Path(bundle).resolve()), tuple(overrides.items()))

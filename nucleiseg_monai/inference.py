@@ -1,6 +1,8 @@
-"""Tile and whole-slide inference: the predictor's loop over regions, with its parts: the network made ready for
-inference (``InferenceNetwork``), the regions planned (``RegionPlanner``), the windows stitched
-(``stitching.RegionStitcher``) and the outputs written (``outputs.SlideOutputs``).
+"""Tile and whole-slide inference: the predictor's loop over regions, and the parts it is given: the network made
+ready for inference (``InferenceNetwork``), the regions planned (``RegionPlanner``) and how the outputs are written
+(``outputs.OutputOptions``); within the loop the windows are stitched (``stitching.RegionStitcher``) and the
+outputs written (``outputs.SlideOutputs``). A bundle's configs/inference.json builds the parts (``predictor#network``,
+``predictor#planner``, ``predictor#outputs``), and ``SlidePredictor.from_bundle`` builds a predictor from it.
 
 A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
 context on every side (white beyond the image), the network runs over that window (in one pass, or in MONAI's
@@ -53,7 +55,7 @@ from .atomic import remove_stale
 from .data import load_stats
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference
-from .outputs import OUTPUT_SUFFIXES, Overlay, SlideOutputs, manifest_path, outputs_complete
+from .outputs import OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import activate, instances_from_probs
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
@@ -247,11 +249,11 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     """
     global _prepared
     if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r} (predictor#runtime)")
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r} (predictor#network#runtime)")
     int8 = int8_calibration is not None
     if int8 and runtime not in ("auto", "openvino"):
-        raise ValueError(f"int8 runs on OpenVINO: set predictor#runtime to 'auto' or 'openvino' (got {runtime!r}), "
-                         "or int8 to false")
+        raise ValueError(f"int8 runs on OpenVINO: set predictor#network#runtime to 'auto' or 'openvino' "
+                         f"(got {runtime!r}), or int8 to false")
     if runtime == "eager":
         return MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
             if (amp or channels_last) else network
@@ -283,15 +285,42 @@ def synthetic_inputs(mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int]
 
 class InferenceNetwork:
     """A network made ready for inference, with the channel statistics it was trained with and its inferer
-    (``inferers.window_inferer``: the whole window in one pass when ``roi_size`` is None, else MONAI's
-    gaussian-blended sliding window): an RGB window in, softmax probabilities at the working scale out."""
+    (``inferers.window_inferer``): an RGB window in, probabilities at the working scale out.
 
-    def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float], channel_std: Sequence[float],
-                 roi_size: int | None = 512, overlap: float = 0.25, sw_batch_size: int = 4, padding_mode: str = "constant",
-                 device: str | torch.device | None = None, amp: bool = False, channels_last: bool = False,
-                 runtime: str = "eager", int8: bool = False):
+    Args:
+        network: torch module, z-scored float (N, 3, H, W) -> (N, 3 or 4, H, W) logits (background, interior,
+            boundary, and optionally the distance map: ``postprocess.activate``); put in eval mode here.
+        channel_mean, channel_std: per-channel statistics on the 0-255 scale; or ``channel_stats``, a JSON file.
+        checkpoint: optional state-dict file to load into ``network`` (raw, or under "network"/"model"/...).
+        roi_size, overlap, sw_batch_size, padding_mode: the network's windows inside each region: None runs each
+            region in one pass (padded to the network's multiple), else gaussian-blended windows of ``roi_size`` px
+            (a multiple of 2**depth for the U-Net).
+        device: torch device; CUDA when available by default.
+        amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
+            channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
+        runtime: "eager" (the network as trained), or a fast inference copy from
+            ``networks.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
+            "auto" (OpenVINO on a CPU where it is installed, else "torch").
+        int8: OpenVINO with int8 weights and activations (NNCF post-training quantisation, its ranges set on fixed
+            synthetic tiles: ``synthetic_inputs``). With runtime "auto" it applies where OpenVINO and NNCF
+            are installed and the device is a CPU (else ``amp`` decides, and one log line says so); "openvino"
+            requires NNCF; the other runtimes refuse it.
+    """
+
+    def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float] | None = None,
+                 channel_std: Sequence[float] | None = None, channel_stats: str | os.PathLike | None = None,
+                 checkpoint: str | os.PathLike | None = None, roi_size: int | None = 512, overlap: float = 0.25,
+                 sw_batch_size: int = 4, padding_mode: str = "constant", device: str | torch.device | None = None,
+                 amp: bool = False, channels_last: bool = False, runtime: str = "eager", int8: bool = False):
+        if channel_stats is not None:
+            stats = load_stats(channel_stats)
+            channel_mean, channel_std = stats["mean"], stats["std"]
+        if channel_mean is None or channel_std is None:
+            raise ValueError("InferenceNetwork needs channel_mean and channel_std, or channel_stats (a JSON file)")
         if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
             raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
+        if checkpoint is not None:
+            load_weights(network, checkpoint)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights_sha256 = weights_sha256(network)
         self.runtime = runtime
@@ -340,8 +369,17 @@ class Plan:
 class RegionPlanner:
     """Which regions of an image to analyse, and at which scale.
 
-    ``region_size`` and ``region_margin`` are working pixels (at ``mpp``); ``tissue_threshold``: regions whose core
-    has at most this tissue share are skipped (None: none is); ``max_regions``: at most this many regions per image.
+    Args:
+        region_size: core side in working pixels; memory grows with region_size**2 and with region_size x slide
+            width.
+        region_margin: context on each side of a core, in working pixels; must exceed the largest nucleus radius
+            plus the width over which the network's output depends on the window border.
+        mpp: the working pixel size (microns per pixel; the bundle's ``microns_per_pixel``): the pyramid level
+            closest to it is read and each region resampled to it (module docstring). None analyses images as read.
+        tissue_threshold: regions whose core has at most this tissue share (low-resolution saturation mask) are
+            skipped; None processes every region. Images that fit in one region are never skipped.
+        max_regions: process at most this many tissue regions per image (previews, benchmarks); the outputs
+            still cover the whole image.
     """
 
     def __init__(self, region_size: int = 2048, region_margin: int = 128, mpp: float | None = None,
@@ -383,45 +421,20 @@ class RegionPlanner:
 class SlidePredictor:
     """Segment nuclei in tiles and whole slides and write labels, GeoJSON, CSV and an overlay per image.
 
-    Build it from a bundle with ``SlidePredictor.from_bundle(path, **overrides)``. The keyword arguments below are
-    the ``predictor`` section of the bundle's configs/inference.json; they are handed to the predictor's parts
-    (``InferenceNetwork``, ``RegionPlanner``, the outputs), and the predictor keeps the loop: plan, read, network,
+    Build it from a bundle with ``SlidePredictor.from_bundle(path, **overrides)``: the ``predictor`` section of the
+    bundle's configs/inference.json builds its parts, and the predictor keeps the loop: plan, read, network,
     instances, stitching, measurements, writing, with the seconds of each phase in each slide's result.
 
     Args:
-        network: torch module, z-scored float (N, 3, H, W) -> (N, 3, H, W) logits (background, interior,
-            boundary); put in eval mode here.
-        channel_mean, channel_std: per-channel statistics on the 0-255 scale; or ``channel_stats``, a JSON file.
-        checkpoint: optional state-dict file to load into ``network`` (raw, or under "network"/"model"/...).
-        roi_size, overlap, sw_batch_size, padding_mode: the network's windows inside each region
-            (``inferers.window_inferer``): None runs each region in one pass (padded to the network's multiple),
-            else gaussian-blended windows of ``roi_size`` px (a multiple of 2**depth for the U-Net).
-        region_size: core side in working pixels; memory grows with region_size**2 and with region_size x slide
-            width.
-        region_margin: context on each side of a core, in working pixels; must exceed the largest nucleus radius
-            plus the width over which the network's output depends on the window border.
+        network: the network with its statistics, runtime and windows (``InferenceNetwork``).
+        planner: the regions to analyse and the working pixel size (``RegionPlanner``).
+        outputs: how the outputs are written (``outputs.OutputOptions``).
         postprocess_params: keyword arguments of ``postprocess.instances_from_probs``.
-        device: torch device; CUDA when available by default.
-        amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
-            channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
-        int8: OpenVINO with int8 weights and activations (NNCF post-training quantisation, its ranges set on fixed
-            synthetic tiles: ``synthetic_inputs``). With runtime "auto" it applies where OpenVINO and NNCF
-            are installed and the device is a CPU (else ``amp`` decides, and one log line says so); "openvino"
-            requires NNCF; the other runtimes refuse it.
-        runtime: "eager" (the network as trained), or a fast inference copy from
-            ``networks.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
-            "auto" (OpenVINO on a CPU where it is installed, else "torch"). ``jit``: its former name, true meaning
-            "auto" and false "eager", taken only when ``runtime`` is not given.
-        tissue_threshold: regions whose core has at most this tissue share (low-resolution saturation mask) are
-            skipped; None processes every region. Images that fit in one region are never skipped.
-        mpp: the working pixel size (microns per pixel; the bundle's ``microns_per_pixel``): the pyramid level
-            closest to it is read and each region resampled to it (module docstring). None analyses images as read.
-        level: read this pyramid level instead (still resampled to ``mpp``).
+        level: read this pyramid level instead of the one closest to the working pixel size (still resampled to
+            it).
         input_mpp: level-0 pixel size of files that state none (``nucleiseg predict --mpp``); without it such
-            files are assumed to be at ``mpp``. A size the file states wins. Each image logs which applied.
-        label_tile: tile side of the label BigTIFF; overlay_max_side: longer side of the overlay PNG.
-        max_regions: process at most this many tissue regions per image (previews, benchmarks); the outputs
-            still cover the whole image.
+            files are assumed to be at the working pixel size. A size the file states wins. Each image logs which
+            applied.
         overwrite: redo images whose outputs are complete. Without it, finished outputs are kept when their
             completion record names these weights and settings (``settings``), and a run whose output folder holds
             finished outputs of other weights or settings is refused before any image is read.
@@ -432,52 +445,20 @@ class SlidePredictor:
 
     def __init__(
         self,
-        network: torch.nn.Module,
-        channel_mean: Sequence[float] | None = None,
-        channel_std: Sequence[float] | None = None,
-        channel_stats: str | os.PathLike | None = None,
-        checkpoint: str | os.PathLike | None = None,
-        roi_size: int = 512,
-        overlap: float = 0.25,
-        sw_batch_size: int = 4,
-        padding_mode: str = "constant",
-        region_size: int = 2048,
-        region_margin: int = 128,
+        network: InferenceNetwork,
+        planner: RegionPlanner,
+        outputs: OutputOptions = OutputOptions(),
         postprocess_params: dict | None = None,
-        device: str | torch.device | None = None,
-        amp: bool = False,
-        int8: bool = False,
-        channels_last: bool = False,
-        runtime: str | None = None,
-        tissue_threshold: float | None = 0.0,
         level: int | None = None,
-        mpp: float | None = None,
         input_mpp: float | None = None,
-        label_tile: int = 512,
-        overlay_max_side: int = 2048,
-        compression: str = "zlib",
-        max_regions: int | None = None,
         overwrite: bool = False,
         progress: bool = True,
         prefetch: bool = True,
-        jit: bool | None = None,
     ):
-        if channel_stats is not None:
-            stats = load_stats(channel_stats)
-            channel_mean, channel_std = stats["mean"], stats["std"]
-        if channel_mean is None or channel_std is None:
-            raise ValueError("SlidePredictor needs channel_mean and channel_std, or channel_stats (a JSON file)")
-        if checkpoint is not None:
-            load_weights(network, checkpoint)
-        if runtime is None:
-            runtime = "auto" if jit else "eager"
-        self.planner = RegionPlanner(region_size, region_margin, mpp, tissue_threshold, max_regions)
-        self.network = InferenceNetwork(network, channel_mean, channel_std, roi_size, overlap, sw_batch_size,
-                                        padding_mode, device, amp, channels_last, runtime, int8)
+        self.network, self.planner, self.outputs = network, planner, outputs
         self.postprocess_params = dict(postprocess_params or {})
         self.level = level
         self.input_mpp = None if input_mpp is None else float(input_mpp)
-        self.label_tile, self.overlay_max_side, self.compression = label_tile, overlay_max_side, compression
         self.overwrite, self.progress, self.prefetch = overwrite, progress, prefetch
         self.timings: dict[str, float] = {}  # the last slide's seconds per phase
 
@@ -487,8 +468,10 @@ class SlidePredictor:
         over configs/train.json, as ``--config_file "['configs/train.json','configs/inference.json']"`` runs it).
 
         ``overrides``: config ids (a top-level id such as ``checkpoint`` or ``device``, or a path such as
-        ``postprocess_params#min_size``; pass those with ``**{...}``), or this class's keyword arguments, which set
-        ``predictor#<name>`` (``region_size=1024``, ``progress=False``).
+        ``predictor#planner#region_size``; pass those with ``**{...}``), or keyword arguments of this class or of
+        its parts, which set them where the config builds them (``region_size=1024``, ``progress=False``:
+        ``predictor_ids``). A flat ``predictor#<name>`` id of earlier configs is taken as the part's
+        (``config_id``).
         """
         from monai.bundle import ConfigParser
 
@@ -496,16 +479,16 @@ class SlidePredictor:
 
         files = inference_configs(bundle)
         config = load_config(files)
-        parameters = inspect.signature(cls).parameters
+        keywords = predictor_ids()
         settings = {}
         for key, value in overrides.items():
-            if "#" in key or key in config:
-                settings[key] = value
-            elif key in parameters:
-                settings[f"predictor#{key}"] = value
+            if "#" in key or "::" in key or key in config:
+                settings[config_id(key)] = value
+            elif key in keywords:
+                settings[keywords[key]] = value
             else:
                 raise TypeError(f"{key!r} is neither a setting of {', '.join(map(str, files))} nor an argument of "
-                                f"SlidePredictor ({', '.join(parameters)})")
+                                f"SlidePredictor or its parts ({', '.join(sorted(keywords))})")
         parser = ConfigParser(config)
         meta = Path(files[0]).parent / "metadata.json"
         if meta.is_file():
@@ -586,7 +569,7 @@ class SlidePredictor:
             if reader.conversion:
                 logger.info("%s: %s", path, reader.conversion)
             with clock("read"):
-                thumb = reader.thumbnail(self.overlay_max_side)
+                thumb = reader.thumbnail(self.outputs.overlay_max_side)
             with clock("tissue_mask"):
                 plan = self.planner.plan(reader, thumb, self.input_mpp)
             yield plan, thumb
@@ -618,8 +601,8 @@ class SlidePredictor:
             # an assumed pixel size is not written into the outputs as if it were measured
             out_mpp = reader.mpp if plan.mpp_source != "assumed" else None
             with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
-                              self.label_tile, self.compression) as out:
-                stitcher = RegionStitcher(plan.grid, plan.todo, self.label_tile)
+                              self.outputs.label_tile, self.outputs.compression) as out:
+                stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
                 out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from))
                 info = {
                     "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
@@ -790,6 +773,31 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         yield
     finally:
         timings[phase] += time.perf_counter() - start
+
+
+# the parts of a predictor, each under its name in the ``predictor`` section of a bundle's inference.json
+PARTS = {"network": InferenceNetwork, "planner": RegionPlanner, "outputs": OutputOptions}
+
+
+def predictor_ids() -> dict[str, str]:
+    """Each keyword argument of ``SlidePredictor`` and of its parts -> its id in a bundle's config
+    (``prefetch`` -> ``predictor#prefetch``, ``region_size`` -> ``predictor#planner#region_size``). The predictor's
+    own win over a part's of the same name: ``network`` is the part, not the torch module it is given."""
+    ids = {name: f"predictor#{part}#{name}"
+           for part, cls in PARTS.items() for name in inspect.signature(cls).parameters}
+    return {**ids, **{name: f"predictor#{name}" for name in inspect.signature(SlidePredictor).parameters}}
+
+
+def config_id(key: str) -> str:
+    """A config id as this version's configs hold it: a flat ``predictor#<name>`` of the configs before the
+    predictor had parts, as users still type it (``nucleiseg predict --set predictor#region_size=1024``), moves to
+    the part that takes ``name`` (``predictor#planner#region_size``); any other id is unchanged."""
+    head, _, rest = key.replace("::", "#").partition("#")
+    name, _, deeper = rest.partition("#")
+    ids = predictor_ids()
+    if head != "predictor" or name not in ids:
+        return key
+    return "#".join([ids[name], deeper]) if deeper else ids[name]
 
 
 def inference_configs(bundle: str | os.PathLike) -> list[Path]:

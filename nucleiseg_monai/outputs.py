@@ -18,6 +18,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -259,6 +260,17 @@ def write_manifest(out_dir: str | os.PathLike, name: str, files: dict[str, Path]
         **(info or {}),
     }
     return write_json_atomic(manifest, manifest_path(out_dir, name))
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a predictor writes each image's outputs: ``label_tile``, the tile side of the label BigTIFF (a multiple
+    of 16); ``overlay_max_side``, the longer side of the overlay PNG; ``compression``, the label BigTIFF's codec
+    (``write_label_tiff``)."""
+
+    label_tile: int = 512
+    overlay_max_side: int = 2048
+    compression: str = "zlib"
 
 
 class SlideOutputs:

@@ -14,9 +14,11 @@ from skimage.measure import label as connected_components
 from skimage.transform import downscale_local_mean, rescale
 
 from nucleiseg_monai import inference
-from nucleiseg_monai.inference import (SlidePredictor, find_images, lattice_scale, raise_on_failure,
-                                       to_read_grid, to_working_scale, weights_sha256)
+from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
+                                       lattice_scale, predictor_ids, raise_on_failure, to_read_grid,
+                                       to_working_scale, weights_sha256)
 from nucleiseg_monai.networks import UNet
+from nucleiseg_monai.outputs import OutputOptions
 from nucleiseg_monai.synthetic import make_slide, make_tile
 from nucleiseg_monai.transforms import encode_three_class
 
@@ -45,11 +47,15 @@ class Oracle(torch.nn.Module):
         return -((raw[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(2) / 100.0
 
 
-def _predictor(network=None, **kw) -> SlidePredictor:
-    args = dict(channel_mean=MEAN, channel_std=STD, roi_size=128, overlap=0.25, sw_batch_size=4,
-                region_size=256, region_margin=48, tissue_threshold=None, label_tile=128, progress=False, mpp=0.25)
-    args.update(kw)
-    return SlidePredictor(Oracle() if network is None else network, **args)
+def _predictor(network=None, region_size=256, tissue_threshold=None, max_regions=None, mpp=0.25, **kw
+               ) -> SlidePredictor:
+    """The oracle's predictor (or ``network``'s), in 128 px windows and regions of ``region_size``; ``kw`` are the
+    predictor's own keyword arguments."""
+    return SlidePredictor(
+        InferenceNetwork(Oracle() if network is None else network, MEAN, STD, roi_size=128, overlap=0.25,
+                         sw_batch_size=4),
+        RegionPlanner(region_size, 48, mpp, tissue_threshold, max_regions), OutputOptions(label_tile=128),
+        progress=False, **kw)
 
 
 def _oracle_image(labels: np.ndarray) -> np.ndarray:
@@ -298,16 +304,18 @@ def test_unet_checkpoint_stats_file_amp_channels_last(tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"mean": MEAN, "std": STD}))
     _write_tiles(tmp_path / "in", n=1, size=64)
     fresh = UNet(features=(4, 8))
-    predictor = SlidePredictor(fresh, channel_stats=tmp_path / "stats.json", checkpoint=tmp_path / "model.pt",
-                               roi_size=64, region_size=64, region_margin=16, amp=True, channels_last=True,
-                               progress=False)
+    network = InferenceNetwork(fresh, channel_stats=tmp_path / "stats.json", checkpoint=tmp_path / "model.pt",
+                               roi_size=64, amp=True, channels_last=True)
+    predictor = SlidePredictor(network, RegionPlanner(region_size=64, region_margin=16), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
     summary = predictor.run(tmp_path / "in", tmp_path / "out")
     assert summary.ok and summary.done[0].shape == (64, 64)
     probs = predictor.network.probs(np.full((64, 64, 3), 200, np.uint8))
     assert probs.shape == (3, 64, 64) and np.allclose(probs.sum(0), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="channel statistics"):
-        SlidePredictor(UNet(features=(4, 8)), channel_stats=tmp_path / "model.pt")
+        InferenceNetwork(UNet(features=(4, 8)), channel_stats=tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="needs channel_mean and channel_std, or channel_stats"):
+        InferenceNetwork(UNet(features=(4, 8)), channel_mean=MEAN)
 
 
 @pytest.mark.parametrize("runtime", ["torch", pytest.param("openvino", marks=pytest.mark.slow)])
@@ -322,25 +330,24 @@ def test_fast_runtimes_predict_as_the_eager_network(runtime):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     rgb = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
-    common = dict(channel_mean=MEAN, channel_std=STD, roi_size=64, sw_batch_size=1, progress=False)
-    eager = SlidePredictor(net, amp=False, **common).network.probs(rgb)
-    fast = SlidePredictor(net, amp=False, runtime=runtime, **common)
-    assert not isinstance(fast.network.network, torch.jit.ScriptModule)
-    np.testing.assert_allclose(fast.network.probs(rgb), eager, atol=1e-4)
-    bf16 = SlidePredictor(net, amp=True, runtime=runtime, **common)
-    np.testing.assert_allclose(bf16.network.probs(rgb), eager, atol=0.05)  # bf16 rounding, same network
+    common = dict(channel_mean=MEAN, channel_std=STD, roi_size=64, sw_batch_size=1)
+    eager = InferenceNetwork(net, amp=False, **common).probs(rgb)
+    fast = InferenceNetwork(net, amp=False, runtime=runtime, **common)
+    assert not isinstance(fast.network, torch.jit.ScriptModule)
+    np.testing.assert_allclose(fast.probs(rgb), eager, atol=1e-4)
+    bf16 = InferenceNetwork(net, amp=True, runtime=runtime, **common)
+    np.testing.assert_allclose(bf16.probs(rgb), eager, atol=0.05)  # bf16 rounding, same network
     # the prepared copy is shared by a later predictor of the same weights and settings, not built again
-    assert SlidePredictor(net, amp=True, runtime=runtime, **common).network.network is bf16.network.network
-    assert bf16.settings() == SlidePredictor(net, amp=True, **common).settings()  # the same outputs' settings
+    assert InferenceNetwork(net, amp=True, runtime=runtime, **common).network is bf16.network
+    # the same outputs' settings
+    assert SlidePredictor(bf16, RegionPlanner()).settings() == \
+        SlidePredictor(InferenceNetwork(net, amp=True, **common), RegionPlanner()).settings()
 
 
-def test_jit_is_the_former_name_of_the_auto_runtime():
-    common = dict(channel_mean=MEAN, channel_std=STD, roi_size=64, progress=False)
-    assert SlidePredictor(Oracle(), **common).network.runtime == "eager"
-    assert SlidePredictor(Oracle(), jit=False, **common).network.runtime == "eager"
-    assert SlidePredictor(UNet(features=(4, 8)), jit=True, runtime="torch", **common).network.runtime == "torch"
+def test_an_unknown_runtime_is_refused():
+    assert InferenceNetwork(Oracle(), MEAN, STD).runtime == "eager"
     with pytest.raises(ValueError, match="runtime must be one of auto, openvino, torch, eager"):
-        SlidePredictor(Oracle(), runtime="jit", **common)
+        InferenceNetwork(Oracle(), MEAN, STD, runtime="jit")
 
 
 def test_prefetching_the_next_region_changes_nothing(seam_slide):
@@ -586,6 +593,30 @@ def test_16_bit_rgb_is_scaled_to_8_bit_and_greyscale_refused(tmp_path, caplog):
     assert said == [f"{tmp_path / 'in' / 'deep.tif'}: 16-bit samples scaled to 8 bit (value / 256)"]
     [(path, error)] = summary.failed
     assert path.endswith("grey.png") and "grey.png is a greyscale image" in error and "colour" in error
+
+
+def test_flat_predictor_ids_of_earlier_configs_name_the_part_that_takes_them():
+    assert config_id("predictor#region_size") == "predictor#planner#region_size"
+    assert config_id("predictor::roi_size") == "predictor#network#roi_size"
+    assert config_id("predictor#label_tile") == "predictor#outputs#label_tile"
+    for unchanged in ("predictor#planner#region_size", "predictor#postprocess_params#min_size",
+                      "predictor#overwrite", "checkpoint", "postprocess_params#min_size", "predictor#unknown"):
+        assert config_id(unchanged) == unchanged
+    assert predictor_ids()["network"] == "predictor#network"  # the part, not the torch module it is given
+
+
+def test_from_bundle_sets_keywords_and_flat_ids_on_the_part_that_takes_them():
+    bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
+    predictor = SlidePredictor.from_bundle(
+        bundle, region_size=1024, max_regions=2, runtime="eager", int8=False, progress=False, device="cpu",
+        **{"predictor#roi_size": None, "predictor#label_tile": 256, "predictor#planner#region_margin": 64})
+    assert (predictor.planner.region_size, predictor.planner.region_margin, predictor.planner.max_regions) == \
+        (1024, 64, 2)
+    assert predictor.network.roi_size is None and predictor.network.runtime == "eager"
+    assert not predictor.network.int8 and predictor.network.device == torch.device("cpu")
+    assert predictor.outputs.label_tile == 256 and predictor.progress is False
+    with pytest.raises(TypeError, match="'region_sise' is neither a setting"):
+        SlidePredictor.from_bundle(bundle, region_sise=1024)
 
 
 @pytest.mark.slow

@@ -170,8 +170,8 @@ def test_int8_under_auto_gives_way_where_it_cannot_run(trained_network, monkeypa
     monkeypatch.setattr(inference.importlib.util, "find_spec",
                         lambda name, *a: None if name == "nncf" else real_find_spec(name, *a))
     with caplog.at_level("INFO", logger="nucleiseg_monai.inference"):
-        net = inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, None, runtime="auto", amp=True,
-                                         int8=True)
+        net = inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, roi_size=None, runtime="auto",
+                                         amp=True, int8=True)
     assert net.int8 is False and "int8 needs OpenVINO and NNCF" in caplog.text
     with pytest.raises(ValueError, match="int8 runs on OpenVINO"):
-        inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, None, runtime="eager", int8=True)
+        inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, roi_size=None, runtime="eager", int8=True)

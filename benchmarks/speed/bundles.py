@@ -11,8 +11,8 @@ import torch
 
 from .common import REPO
 
-# the SlidePredictor keywords of inference.json that are not settings of speed (objects, paths, what a rerun does)
-NOT_SETTINGS = ("_target_", "network", "device", "channel_stats", "input_mpp", "overwrite")
+# the keywords of SlidePredictor and its parts that are not settings of speed (objects, paths, what a rerun does)
+NOT_SETTINGS = ("network", "planner", "outputs", "device", "channel_stats", "checkpoint", "input_mpp", "overwrite")
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Bundle:
     checkpoint: Path  # the trained model.pt, or a random state dict of the same network
     weights_note: str
     stats: tuple[list[float], list[float]] | None
-    settings: dict  # the predictor's keywords as inference.json sets them
+    settings: dict  # the keywords of the predictor and its parts as inference.json sets them
     patch_size: int = 256
     batch_size: int = 8
 
@@ -49,29 +49,31 @@ class Bundle:
 
     def predictor(self, device: torch.device, **overrides):
         """The bundle's own predictor (``SlidePredictor.from_bundle``) with these weights, on ``device``, writing
-        over earlier outputs, without a progress bar; ``overrides`` are predictor keywords (``roi_size=64``)."""
-        from nucleiseg_monai.inference import SlidePredictor
+        over earlier outputs, without a progress bar; ``overrides`` are keywords of the predictor or its parts
+        (``roi_size=64``)."""
+        from nucleiseg_monai.inference import SlidePredictor, predictor_ids
 
         # by their full ids: train.json has top-level ids of the same names ("overwrite" is training's)
-        keywords = {f"predictor#{k}": v for k, v in {"progress": False, "overwrite": True, **overrides}.items()}
+        ids = predictor_ids()
+        keywords = {ids[k]: v for k, v in {"progress": False, "overwrite": True, **overrides}.items()}
         return SlidePredictor.from_bundle(self.root, checkpoint=str(self.checkpoint),
                                           device=f"$torch.device('{device}')", **keywords)
 
 
 def _inference_settings(root: Path) -> dict:
-    """The ``predictor`` keywords of the bundle's inference config (alone or as the overlay over train.json), as
-    parsed, leaving out objects and paths."""
+    """The keywords of the predictor and its parts that the bundle's inference config (alone or as the overlay over
+    train.json) sets, as parsed, leaving out objects and paths."""
     from monai.bundle import ConfigParser
 
-    from nucleiseg_monai.inference import inference_configs
+    from nucleiseg_monai.inference import inference_configs, predictor_ids
     from nucleiseg_monai.overrides import load_config
 
     parser = ConfigParser(load_config(inference_configs(root)))
     parser.read_meta(str(root / "configs" / "metadata.json"))
     parser.update({"bundle_root": str(root)})
     parser.get_parsed_content("imports")
-    return {key: parser.get_parsed_content(f"predictor#{key}") for key in parser.get("predictor")
-            if key not in NOT_SETTINGS}
+    return {key: parser.get_parsed_content(id_) for key, id_ in predictor_ids().items()
+            if key not in NOT_SETTINGS and id_ in parser}
 
 
 def load_bundle(bundles_dir: Path, name: str, workdir: Path) -> Bundle | str:
