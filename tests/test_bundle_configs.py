@@ -24,7 +24,8 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SMALL, FULL = BUNDLES / "nuclei_unet_small" / "configs", BUNDLES / "nuclei_unet_full" / "configs"
 RUNNERS = {"train.json": "training", "evaluate.json": "evaluating", "inference.json": "inferring"}
 # where the two bundles' metadata may differ: what describes the network, and each bundle's own version history
-METADATA_DIFFERENCES = {"name", "description", "changelog", "version", "spatial_shape"}
+METADATA_DIFFERENCES = {"name", "description", "changelog", "version", "spatial_shape", "label_classes", "pred_classes",
+                        "num_channels", "3"}
 TINY = (8, 16, 32, 64)
 
 
