@@ -26,17 +26,19 @@ OVERHEAD_TARGET_PERCENT = 10.0
 STARVATION_SHARE = 0.05
 
 
-def training_batch(batch: int, patch: int, stats, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-made z-scored synthetic patches and their 3-class targets."""
+def training_batch(batch: int, patch: int, stats, seed: int, distance: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-made z-scored synthetic patches and their 3-class targets (with the distance map for 4-output networks)."""
     from nucleiseg_monai.synthetic import make_tile
-    from nucleiseg_monai.transforms import encode_three_class
+    from nucleiseg_monai.transforms import ThreeClassTargetd
 
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in stats)
     images, targets = [], []
     for i in range(batch):
         rgb, labels = make_tile(patch, seed=seed + i)
         images.append(torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32)))
-        targets.append(torch.from_numpy(encode_three_class(labels)[None].astype(np.int64)))
+        target = ThreeClassTargetd("label", distance=distance)({"label": torch.from_numpy(labels[None])})["label"]
+        targets.append(target)
     return (torch.stack(images) - mean) / std, torch.stack(targets)
 
 
@@ -97,7 +99,7 @@ def plain_tensors(bundle: Bundle, device: torch.device, patch: int, batch: int, 
     parser = training_parser(bundle, device, patch, batch, None, None, args)
     network, loss_fn = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
     optimizer = parser.get_parsed_content("optimizer")
-    x, y = training_batch(batch, patch, stats, args.seed)
+    x, y = training_batch(batch, patch, stats, args.seed, parser.get_parsed_content("network_def").out_channels > 3)
     return plain_training(network, loss_fn, optimizer, x.to(device), y.to(device), args.train_warmup,
                           args.train_steps)
 
