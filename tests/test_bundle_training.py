@@ -52,6 +52,14 @@ def eval_args(dataset: Path, root: Path) -> list[str]:
                                  "--observers_dir", str(root / "no_observers")]
 
 
+def trained_network(bundle: Path) -> UNet:
+    """The bundle's own network with the tests' tiny features, holding the run's weights (a plain state dict, strict)."""
+    spec = json.loads((bundle / "configs" / "train.json").read_text())["network_def"]
+    net = UNet(in_channels=spec["in_channels"], out_channels=spec["out_channels"], features=FEATURES)
+    net.load_state_dict(load(bundle / "models" / "model.pt"))
+    return net
+
+
 def overlay(bundle: Path, name: str) -> str:
     return f"['{bundle}/configs/train.json','{bundle}/configs/{name}']"
 
@@ -149,8 +157,7 @@ def test_training_smoke(tmp_path, dataset):
     assert {"validation/H&E input", "validation/true classes (green: nucleus, white: rim)",
             "validation/predicted classes (yellow: nucleus, white: rim)"} <= images
 
-    net = UNet(in_channels=3, out_channels=3, features=FEATURES)
-    net.load_state_dict(load(bundle / "models" / "model.pt"))  # a plain state dict, strict
+    trained_network(bundle)
     assert load(bundle / "models" / "checkpoint_last.pt")["trainer"]["iteration"] == 3 * n
 
 
@@ -159,7 +166,7 @@ def test_run_without_runner_id_trains(one_epoch):
     trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
     assert trainer["max_epochs"] == 1
     assert trainer["iteration"] == trainer["epoch_length"] == iterations_per_epoch(bundle)
-    UNet(features=FEATURES).load_state_dict(load(bundle / "models" / "model.pt"))
+    trained_network(bundle)
 
 
 @pytest.mark.parametrize("runner", ["evaluating", None], ids=["evaluating", "default"])
@@ -286,7 +293,7 @@ def test_ddp_two_processes_on_cpu(dataset, tmp_path):
     trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
     assert trainer["epoch_length"] == iterations_per_epoch(bundle, ranks=2) < iterations_per_epoch(bundle)
     assert trainer["iteration"] == 2 * trainer["epoch_length"]
-    UNet(features=FEATURES).load_state_dict(load(bundle / "models" / "model.pt"))
+    trained_network(bundle)
 
 
 @pytest.mark.parametrize("files, run_id, kind", [(["train.json"], "training", "train"),

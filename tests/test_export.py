@@ -30,10 +30,10 @@ assert extra["metadata.json"] and extra["train.json"], "metadata or config missi
 """
 
 
-def _random_checkpoint(path: Path) -> UNet:
+def _random_checkpoint(path: Path, out_channels: int) -> UNet:
     """A tiny UNet with random weights and random batch-norm statistics (so eval mode is not an identity)."""
     torch.manual_seed(0)
-    net = UNet(features=TINY)
+    net = UNet(out_channels=out_channels, features=TINY)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -50,7 +50,8 @@ def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     torch.set_num_threads(1)
     root = tmp_path / bundle.name
     shutil.copytree(bundle / "configs", root / "configs")
-    net = _random_checkpoint(root / "models" / "model.pt")
+    out_channels = json.loads((bundle / "configs" / "train.json").read_text())["network_def"]["out_channels"]
+    net = _random_checkpoint(root / "models" / "model.pt", out_channels)
     ts_file = root / "models" / "model.ts"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     export = [
@@ -75,7 +76,7 @@ def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     exported = torch.load(tmp_path / "y.pt", weights_only=True)
     with torch.no_grad():
         expected = net(x)
-    assert exported.shape == (2, 3, 64, 96)
+    assert exported.shape == (2, out_channels, 64, 96)
     assert (exported - expected).abs().max().item() < 1e-4
 
 

@@ -121,7 +121,7 @@ def postprocess_cost(bundle: Bundle, device: torch.device, args) -> dict:
     """Seconds per megapixel of ``instances_from_probs`` on the network's softmax and on ideal probabilities."""
     from nucleiseg_monai.postprocess import instances_from_probs
     from nucleiseg_monai.synthetic import make_tile
-    from nucleiseg_monai.transforms import encode_three_class
+    from nucleiseg_monai.transforms import distance_map, encode_three_class
 
     size = args.tile * 2  # one larger tile, so per-image constant costs do not dominate at small tiles
     rgb, truth = make_tile(size, seed=args.seed + 1)
@@ -130,7 +130,10 @@ def postprocess_cost(bundle: Bundle, device: torch.device, args) -> dict:
     cpu = torch.device("cpu")  # network.probs returns numpy and post-processing is numpy: host clock for both
     network_times = time_calls(lambda: predictor.network.probs(rgb), cpu, args.warmup, args.repeats)
     probs_net = predictor.network.probs(rgb)
-    ideal = np.eye(3, dtype=np.float32)[encode_three_class(truth)].transpose(2, 0, 1).copy()
+    ideal = np.eye(3, dtype=np.float32)[encode_three_class(truth)].transpose(2, 0, 1)
+    if probs_net.shape[0] > 3:  # a distance-map network: the ideal map is the target it learnt
+        ideal = np.concatenate([ideal, distance_map(truth)[None]])
+    ideal = np.ascontiguousarray(ideal)
     mp = size * size / 1e6
     out = {"tile": size, "params": params, "synthetic_nuclei": int(truth.max()),
            "network_and_sliding_window": rate(mp, network_times, "mp")}
