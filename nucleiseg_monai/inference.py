@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -471,7 +472,9 @@ class SlidePredictor:
         ``predictor#planner#region_size``; pass those with ``**{...}``), or keyword arguments of this class or of
         its parts, which set them where the config builds them (``region_size=1024``, ``progress=False``:
         ``predictor_ids``). A flat ``predictor#<name>`` id of earlier configs is taken as the part's
-        (``config_id``).
+        (``config_id``). A name that is both a top-level id and a keyword sets the top-level id where the
+        predictor reads it from there (``checkpoint``, ``device``), else the keyword: ``overwrite=True`` redoes
+        finished outputs, it does not reach training's ``overwrite``.
         """
         from monai.bundle import ConfigParser
 
@@ -480,12 +483,13 @@ class SlidePredictor:
         files = inference_configs(bundle)
         config = load_config(files)
         keywords = predictor_ids()
+        predictor_text = json.dumps(config.get("predictor", {}))
         settings = {}
         for key, value in overrides.items():
-            if "#" in key or "::" in key or key in config:
-                settings[config_id(key)] = value
-            elif key in keywords:
+            if key in keywords and not ("#" in key or "::" in key or references(predictor_text, key)):
                 settings[keywords[key]] = value
+            elif "#" in key or "::" in key or key in config:
+                settings[config_id(key)] = value
             else:
                 raise TypeError(f"{key!r} is neither a setting of {', '.join(map(str, files))} nor an argument of "
                                 f"SlidePredictor or its parts ({', '.join(sorted(keywords))})")
@@ -786,6 +790,11 @@ def predictor_ids() -> dict[str, str]:
     ids = {name: f"predictor#{part}#{name}"
            for part, cls in PARTS.items() for name in inspect.signature(cls).parameters}
     return {**ids, **{name: f"predictor#{name}" for name in inspect.signature(SlidePredictor).parameters}}
+
+
+def references(config_text: str, key: str) -> bool:
+    """Whether a config section (as JSON text) reads the top-level id ``key`` (``@key``, alone or in an expression)."""
+    return re.search(rf"@{re.escape(key)}(?![\w])", config_text) is not None
 
 
 def config_id(key: str) -> str:

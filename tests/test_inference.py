@@ -619,6 +619,20 @@ def test_from_bundle_sets_keywords_and_flat_ids_on_the_part_that_takes_them():
         SlidePredictor.from_bundle(bundle, region_sise=1024)
 
 
+def test_from_bundle_keywords_that_are_also_top_level_ids_set_what_the_predictor_reads():
+    """``overwrite`` is training's top-level id and the predictor's keyword: the keyword redoes outputs. ``device``
+    is read by the predictor from the top-level id, so setting that one is the same fact."""
+    from nucleiseg_monai.inference import references
+
+    bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
+    predictor = SlidePredictor.from_bundle(bundle, overwrite=True, device="cpu", runtime="eager", int8=False,
+                                           progress=False)
+    assert predictor.overwrite is True and predictor.network.device == torch.device("cpu")
+    assert not SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False).overwrite
+    assert references('{"a": "@device", "b": "$f(@checkpoint)"}', "checkpoint")
+    assert not references('{"a": "@overwrite_all"}', "overwrite") and not references('{"a": "overwrite"}', "overwrite")
+
+
 @pytest.mark.slow
 def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
     """The shipped small bundle through ``nucleiseg predict``: --mpp sets an untagged tile's pixel size, a re-run
