@@ -1,12 +1,15 @@
-"""Markdown tables of an evaluation report (eval/<split>/metrics.json), as the model cards show them.
+"""Markdown tables of an evaluation report (eval/<split>/metrics.json), as the model cards show them; with
+``--against OTHER``, the differences of every mean from another report of the same split (a change that should not
+move any figure, such as a restructure, shows 0).
 
     python scripts/report_tables.py bundles/nuclei_unet_small/eval/test/metrics.json
+    python scripts/report_tables.py NEW/metrics.json --against OLD/metrics.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 KEYS = ("dice", "count_ape", "recall", "f1", "aji", "pq")
 HEAD = "| {} | tiles | pixel Dice | count error % | recall | detection F1 | AJI | PQ |\n|---|---|---|---|---|---|---|---|"
@@ -18,8 +21,31 @@ def row(label: str, summary: dict) -> str:
     return f"| {label} | {summary['n_images']} | " + " | ".join(cells) + " |"
 
 
-def main(path: str) -> None:
-    report = json.loads(open(path, encoding="utf-8").read())
+def summaries(report: dict):
+    """(label, summary) of every source's and the pooled line's methods, and of each source's organs."""
+    for source, methods in report["sources"].items():
+        for method, summary in methods.items():
+            yield f"{source}: {method}", summary
+            for organ, part in summary.get("per_organ", {}).items():
+                yield f"{source}: {method}: {organ}", part
+    for method, summary in report["pooled"].items():
+        yield f"pooled: {method}", summary
+
+
+def differences(report: dict, other: dict) -> list[str]:
+    """One line per mean that differs between the reports, and per line one report lacks."""
+    ours, theirs = dict(summaries(report)), dict(summaries(other))
+    lines = [f"{label}: only in one report" for label in sorted(set(ours) ^ set(theirs))]
+    for label in sorted(set(ours) & set(theirs)):
+        a, b = ours[label], theirs[label]
+        if a["n_images"] != b["n_images"]:
+            lines.append(f"{label}: {a['n_images']} tiles against {b['n_images']}")
+        lines += [f"{label}: {key} {a['mean'][key]:.6g} against {b['mean'][key]:.6g}"
+                  for key in KEYS if a["mean"][key] != b["mean"][key]]
+    return lines
+
+
+def tables(report: dict) -> None:
     print(HEAD.format("source (mean over tiles)"))
     for source, methods in report["sources"].items():
         for method, summary in methods.items():
@@ -33,5 +59,19 @@ def main(path: str) -> None:
             print(row(organ, part))
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", help="an evaluation's metrics.json")
+    parser.add_argument("--against", help="another metrics.json of the same split: print where their means differ")
+    args = parser.parse_args(argv)
+    report = json.loads(open(args.report, encoding="utf-8").read())
+    if args.against is None:
+        tables(report)
+        return 0
+    lines = differences(report, json.loads(open(args.against, encoding="utf-8").read()))
+    print("\n".join(lines) if lines else f"every mean of {args.report} equals {args.against}'s")
+    return 1 if lines else 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    raise SystemExit(main())
