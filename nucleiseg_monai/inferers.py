@@ -1,10 +1,12 @@
-"""How the network meets an image: in one pass over the whole image, or MONAI's gaussian sliding window.
+"""How the network meets an image: MONAI's gaussian sliding window, or one pass over the whole image.
 
-One pass is what both bundles ship (``window: null`` in train.json): a U-Net is fully convolutional, so a window
-the size of the image (or of a whole-slide region, which brings its own context margin) needs no overlap and no
-blending, and each pixel goes through the network once, where 256 px windows overlapping by 32 px run a 2048 px
-region's pixels about 1.27 times. Its cost is memory: one region's activations at once. Validation, evaluation and
-the inference predictor all build their inferer here, so they score and run the same thing.
+Both bundles ship 256 px windows overlapping by 0.125 (``window`` and ``window_overlap`` in train.json): they hold
+one window's activations at a time, so a whole-slide region's memory does not grow with its size. One pass
+(``window: null``) is the alternative where memory is not tight: a U-Net is fully convolutional, so a window the
+size of the image (or of a whole-slide region, which brings its own context margin) needs no overlap and no
+blending, and each pixel goes through the network once, where the windows run a 2048 px region's pixels about 1.27
+times. Validation, evaluation and the inference predictor all build their inferer here, so they score and run the
+same thing.
 """
 
 from __future__ import annotations
