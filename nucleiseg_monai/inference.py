@@ -349,7 +349,7 @@ class InferenceNetwork:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
             x = (to_working_scale(x, scale) - self.mean) / self.std
-            probs = activate(self.inferer(x, self._forward))[0]
+            probs = activate(self.inferer(x, self._forward), inplace=True)[0]
             return probs.cpu().numpy()
 
 

@@ -47,12 +47,21 @@ def _float_array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def activate(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def activate(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> torch.Tensor:
     """Network outputs -> probabilities: softmax over the 3 classes, a sigmoid for the distance map when there is
-    a fourth channel; float32."""
+    a fourth channel; float32.
+
+    ``inplace`` overwrites float32 ``logits`` instead of allocating: for a whole-slide region's outputs, whose
+    copies would otherwise add to the predictor's peak memory.
+    """
     logits = logits.float()
     classes, rest = logits.split([3, logits.shape[dim] - 3], dim=dim)
-    return torch.cat([torch.softmax(classes, dim=dim), torch.sigmoid(rest)], dim=dim)
+    if not inplace:
+        return torch.cat([torch.softmax(classes, dim=dim), torch.sigmoid(rest)], dim=dim)
+    classes.sub_(classes.amax(dim, keepdim=True)).exp_()
+    classes.div_(classes.sum(dim, keepdim=True))
+    rest.sigmoid_()
+    return logits
 
 
 def _check_probs(probs: Any) -> np.ndarray:

@@ -80,6 +80,10 @@ def test_activate_is_softmax_over_the_classes_and_a_sigmoid_for_the_map():
     assert torch.allclose(p[:, :3], torch.softmax(logits[:, :3], 1))
     assert torch.allclose(p[:, 3], torch.sigmoid(logits[:, 3]))
     assert torch.allclose(activate(logits[:, :3]), torch.softmax(logits[:, :3], 1))
+    for channels in (3, 4):  # in place: the same probabilities in the caller's tensor, large logits included
+        owned = torch.cat([logits[:, :channels] * 30, torch.zeros(1, channels, 5, 5)], dim=-1)
+        expected = activate(owned)
+        assert activate(owned, inplace=True) is owned and torch.allclose(owned, expected, atol=1e-6)
     # the evaluators' transform, per item (C,H,W): MONAI's Activationsd(softmax=True) would mix the map in
     item = Activated("pred")({"pred": logits[0], "other": 1})
     assert torch.allclose(item["pred"], p[0]) and item["other"] == 1
