@@ -297,11 +297,31 @@ def count_parameters(network: nn.Module) -> int:
     return sum(p.numel() for p in network.parameters())
 
 
+def unet_from_checkpoint(path, map_location: str | torch.device = "cpu") -> UNet:
+    """The ``UNet`` a checkpoint was saved from, its widths and outputs read from the weights' shapes, with the
+    weights loaded: a teacher or another bundle's network without its config. Transpose upsampling only (the
+    bundles' kind; interpolating variants leave no trace of their mode in the weights)."""
+    state = _state_dict(path, map_location)
+    depth = sum(1 for key in state if key.startswith("encoders.") and key.endswith(".0.weight"))
+    if depth == 0 or "head.weight" not in state or "decoders.0.up.weight" not in state:
+        raise ValueError(f"{path} does not hold the weights of a UNet of this package with transpose upsampling")
+    features = [state[f"encoders.{i}.0.weight"].shape[0] for i in range(depth)] + [state["bottleneck.0.weight"].shape[0]]
+    in_channels, out_channels = state["encoders.0.0.weight"].shape[1], state["head.weight"].shape[0]
+    network = UNet(in_channels, out_channels, features=features)
+    network.load_state_dict(state)
+    return network
+
+
 def load_weights(network: nn.Module, path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Loads a bundle checkpoint (a plain state dict, or one held under "network", "model", "state_dict" or "net").
 
     ``weights_only=True``: a checkpoint is data, never code, even when the bundle came from someone else.
     """
+    network.load_state_dict(_state_dict(path, map_location))
+    return network
+
+
+def _state_dict(path, map_location) -> dict:
     from pathlib import Path
 
     path = Path(path)
@@ -315,5 +335,4 @@ def load_weights(network: nn.Module, path, map_location: str | torch.device = "c
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    network.load_state_dict(state)
-    return network
+    return state

@@ -16,7 +16,7 @@ import torch
 
 from nucleiseg_monai import networks
 from nucleiseg_monai.data import load_stats
-from nucleiseg_monai.networks import CastNetwork, UNet, load_weights, prepare_for_inference
+from nucleiseg_monai.networks import CastNetwork, UNet, prepare_for_inference, unet_from_checkpoint
 from nucleiseg_monai.synthetic import make_tile
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei_unet_small"
@@ -25,12 +25,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-3, "int8": 1e-2}
 
 @pytest.fixture(scope="module")
 def trained_network() -> UNet:
-    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
-    depth = sum(1 for key in state if key.startswith("encoders.") and key.endswith(".0.weight"))
-    features = [state[f"encoders.{i}.0.weight"].shape[0] for i in range(depth)] + [state["bottleneck.0.weight"].shape[0]]
-    torch.manual_seed(0)
-    outputs = state["head.weight"].shape[0]  # the 3 classes, and the distance map where the network has one
-    return load_weights(UNet(3, outputs, features=features), BUNDLE / "models" / "model.pt").eval()
+    return unet_from_checkpoint(BUNDLE / "models" / "model.pt").eval()
 
 
 def normalised_tile(seed: int, size: int = 256) -> torch.Tensor:
