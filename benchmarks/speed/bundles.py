@@ -51,13 +51,11 @@ class Bundle:
         """The bundle's own predictor (``SlidePredictor.from_bundle``) with these weights, on ``device``, writing
         over earlier outputs, without a progress bar; ``overrides`` are keywords of the predictor or its parts
         (``roi_size=64``)."""
-        from nucleiseg_monai.inference import SlidePredictor, predictor_ids
+        from nucleiseg_monai.inference import SlidePredictor
 
-        # by their full ids: train.json has top-level ids of the same names ("overwrite" is training's)
-        ids = predictor_ids()
-        keywords = {ids[k]: v for k, v in {"progress": False, "overwrite": True, **overrides}.items()}
         return SlidePredictor.from_bundle(self.root, checkpoint=str(self.checkpoint),
-                                          device=f"$torch.device('{device}')", **keywords)
+                                          device=f"$torch.device('{device}')",
+                                          **{"progress": False, "overwrite": True, **overrides})
 
 
 def _inference_settings(root: Path) -> dict:
