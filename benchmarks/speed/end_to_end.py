@@ -42,12 +42,13 @@ def end_to_end(bundle: Bundle, device: torch.device, image: Image, args, workdir
 
 
 # the shipped settings with one end-to-end lever changed at a time, to say what each is worth on the whole pipeline
-# rather than on the network alone; the last two are not shipped: they raise peak memory (wsi_memory.py)
+# rather than on the network alone; the last is not shipped: it raises peak memory (wsi_memory.py)
 E2E_LEVERS = {
     "without int8 (OpenVINO bf16)": {"int8": False},
     "without prefetching": {"prefetch": False},
-    "4 windows per network call instead of 1 (not shipped: memory)": {"sw_batch_size": 4},
-    "each region in one pass instead of 256 px windows (not shipped: memory)": {"roi_size": None},
+    "256 px windows in 1792 px regions instead of one pass per 1024 px region (0.4.0's settings)":
+        {"roi_size": 256, "region_size": 1792},
+    "one pass per 1792 px region instead of 1024 (not shipped: memory)": {"region_size": 1792},
 }
 
 
