@@ -1,0 +1,74 @@
+"""End to end, the bundle's predictor as shipped against variants of it, run alternately on one image.
+
+Alternating runs (shipped, variant 1, ..., shipped, ...) after one warm-up run each put every variant under the same
+neighbours on a shared machine, where the speed benchmark's single series of runs per setting can disagree by a
+fifth between runs. The image is the speed benchmark's real-tissue mosaic (CryoNuSeg's tiles laid side by side, as
+a pyramidal BigTIFF at 0.25 um/px). Variants are keywords of ``SlidePredictor.from_bundle`` (config ids included):
+
+    python benchmarks/e2e_ab.py --bundle bundles/nuclei_unet_small --rounds 4 \\
+        --variants '{"windows": {"roi_size": 256, "region_size": 1792},
+                     "narrow": {"checkpoint": "runs/narrow/models/model.pt", "network_def#features": [8,16,32,64,128]}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default=str(REPO / "bundles" / "nuclei_unet_small"))
+    parser.add_argument("--variants", required=True, help="JSON: name -> from_bundle keywords")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each, alternating (default 3)")
+    parser.add_argument("--size", type=int, default=4096, help="side of the mosaic in px (default 4096)")
+    parser.add_argument("--cryonuseg", default=str(REPO.parent / "shared" / "datasets" / "cryonuseg"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", help="JSON file for the figures")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from benchmarks.speed.inputs import cryonuseg_image
+    from nucleiseg_monai.inference import SlidePredictor
+
+    torch.set_num_threads(args.threads)
+    variants = {"shipped": {}, **json.loads(args.variants)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        image, _ = cryonuseg_image(Path(args.cryonuseg), args.size, work)
+        predictors = {name: SlidePredictor.from_bundle(args.bundle, progress=False, overwrite=True, **keywords)
+                      for name, keywords in variants.items()}
+        for name, predictor in predictors.items():  # warm-up: every region shape once, outside the timing
+            predictor.predict_slide(image.path, work / name)
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, predictor in predictors.items():
+                t0 = time.perf_counter()
+                predictor.predict_slide(image.path, work / name)
+                seconds[name].append(time.perf_counter() - t0)
+    mp = args.size * args.size / 1e6
+    shipped = statistics.median(seconds["shipped"])
+    figures = {name: {"overrides": variants[name], "median_s": round(statistics.median(s), 3),
+                      "seconds": [round(x, 3) for x in s], "mp_per_s": round(mp / statistics.median(s), 3),
+                      "x_shipped": round(shipped / statistics.median(s), 3)} for name, s in seconds.items()}
+    for name, f in figures.items():
+        print(f"{name:24s} {f['mp_per_s']:.3f} MP/s (median of {args.rounds}: {f['seconds']} s), "
+              f"{f['x_shipped']:.2f}x shipped")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"bundle": args.bundle, "image": f"cryonuseg mosaic {args.size} px",
+                                                 "rounds": args.rounds, "threads": args.threads,
+                                                 "variants": figures}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
