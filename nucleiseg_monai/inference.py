@@ -486,7 +486,7 @@ class SlidePredictor:
         predictor_text = json.dumps(config.get("predictor", {}))
         settings = {}
         for key, value in overrides.items():
-            if key in keywords and not ("#" in key or "::" in key or references(predictor_text, key)):
+            if key in keywords and not references(predictor_text, key):
                 settings[keywords[key]] = value
             elif "#" in key or "::" in key or key in config:
                 settings[config_id(key)] = value
