@@ -11,15 +11,16 @@ predictions on NuInsSeg's unannotated background, where the labels are ignored. 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.utils import convert_to_tensor
 from torch import nn
 
+from .data import load_stats
 from .networks import MixedPrecision, unet_from_checkpoint
 from .postprocess import activate
 
@@ -53,8 +54,8 @@ class TeacherBatch(PrepareBatch):
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
         with torch.no_grad():
-            probs = activate(self.teacher(image.as_tensor() if hasattr(image, "as_tensor") else image))
-        return image, torch.cat([torch.as_tensor(label).float(), probs.to(label.device)], dim=1)
+            probs = activate(self.teacher(convert_to_tensor(image, track_meta=False)))
+        return image, torch.cat([label.float(), probs.to(label.device)], dim=1)
 
 
 class DistillationLoss(nn.Module):
@@ -91,7 +92,7 @@ class DistillationLoss(nn.Module):
 def _check_stats(path: Path, channel_stats: Mapping) -> None:
     if not path.is_file():
         return
-    theirs = json.loads(path.read_text())
+    theirs = load_stats(path)
     for key in ("mean", "std"):
         if any(abs(float(a) - float(b)) > 1e-4 for a, b in zip(theirs[key], channel_stats[key])):
             raise ValueError(f"the teacher learnt with other channel statistics ({path}: {theirs}) than this run "
