@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from benchmarks.speed.common import rate, ratio
+    from benchmarks.speed.end_to_end import timed_runs
     from benchmarks.speed.inputs import cryonuseg_image
     from nucleiseg_monai.inference import SlidePredictor
 
@@ -52,15 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, predictor in predictors.items():
-                t0 = time.perf_counter()
-                predictor.predict_slide(image.path, work / name)
-                seconds[name].append(time.perf_counter() - t0)
+                seconds[name] += timed_runs(predictor, predictor.network.device, image, work / name, 1)[0]
     mp = args.size * args.size / 1e6
-    shipped = statistics.median(seconds["shipped"])
-    figures = {name: {"overrides": variants[name], "median_s": round(statistics.median(s), 3),
-                      "seconds": [round(x, 3) for x in s], "mp_per_s": round(mp / statistics.median(s), 3),
-                      "x_shipped": round(shipped / statistics.median(s), 3)} for name, s in seconds.items()}
+    figures = {name: {"overrides": variants[name], **rate(mp, s, "mp"), "seconds": [round(x, 3) for x in s]}
+               for name, s in seconds.items()}
     for name, f in figures.items():
+        f["x_shipped"] = ratio(f["mp_per_s"], figures["shipped"]["mp_per_s"])
         print(f"{name:24s} {f['mp_per_s']:.3f} MP/s (median of {args.rounds}: {f['seconds']} s), "
               f"{f['x_shipped']:.2f}x shipped")
     if args.output:
