@@ -33,12 +33,12 @@ def training_batch(batch: int, patch: int, stats, seed: int, distance: bool = Fa
     from nucleiseg_monai.transforms import ThreeClassTargetd
 
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in stats)
+    to_target = ThreeClassTargetd("label", distance=distance)
     images, targets = [], []
     for i in range(batch):
         rgb, labels = make_tile(patch, seed=seed + i)
         images.append(torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32)))
-        target = ThreeClassTargetd("label", distance=distance)({"label": torch.from_numpy(labels[None])})["label"]
-        targets.append(target)
+        targets.append(to_target({"label": torch.from_numpy(labels[None])})["label"])
     return (torch.stack(images) - mean) / std, torch.stack(targets)
 
 
