@@ -34,3 +34,30 @@ def hand_built_labels() -> np.ndarray:
     lab[(yy - 30) ** 2 + (xx - 55) ** 2 <= 64] = 10
     lab[2, 70] = 12
     return lab
+
+
+def bundle_outputs(bundle: Path) -> int:
+    """The network outputs a bundle's train.json declares (3 classes, or 4 with the distance map)."""
+    import json
+
+    return json.loads((bundle / "configs" / "train.json").read_text())["network_def"]["out_channels"]
+
+
+def saved_random_unet(path: Path, out_channels: int, features):
+    """A UNet with random weights and random batch-norm statistics (so eval mode is not an identity), saved as a
+    plain state dict at ``path``; returned in eval mode."""
+    import torch
+
+    from nucleiseg_monai.networks import UNet
+
+    torch.manual_seed(0)
+    net = UNet(out_channels=out_channels, features=features)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return net.eval()

@@ -21,6 +21,7 @@ import torch
 from skimage.io import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import bundle_outputs
 from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.synthetic import write_dataset
 
@@ -54,8 +55,7 @@ def eval_args(dataset: Path, root: Path) -> list[str]:
 
 def trained_network(bundle: Path) -> UNet:
     """The bundle's own network with the tests' tiny features, holding the run's weights (a plain state dict, strict)."""
-    spec = json.loads((bundle / "configs" / "train.json").read_text())["network_def"]
-    net = UNet(in_channels=spec["in_channels"], out_channels=spec["out_channels"], features=FEATURES)
+    net = UNet(out_channels=bundle_outputs(bundle), features=FEATURES)
     net.load_state_dict(load(bundle / "models" / "model.pt"))
     return net
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import bundle_outputs, saved_random_unet
 from nucleiseg_monai.distillation import DistillationLoss, TeacherBatch
 from nucleiseg_monai.losses import MaskedDiceCELoss
 from nucleiseg_monai.networks import UNet, unet_from_checkpoint
@@ -15,14 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def saved_unet(path: Path, out_channels: int = 4, features=(4, 8, 16)) -> UNet:
-    torch.manual_seed(0)
-    net = UNet(3, out_channels, features=features)
-    for module in net.modules():  # non-trivial batch-norm statistics, so eval mode is not an identity
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    torch.save(net.state_dict(), path)
-    return net.eval()
+    return saved_random_unet(path, out_channels, features)
 
 
 def test_unet_from_checkpoint_rebuilds_widths_outputs_and_weights(tmp_path):
@@ -94,7 +88,7 @@ def test_distill_overlay_builds_the_teacher_batch_and_loss(bundle, tmp_path):
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "distill.json")])
     parser.read_meta(str(configs / "metadata.json"))
-    out = json.loads((configs / "train.json").read_text())["network_def"]["out_channels"]
+    out = bundle_outputs(configs.parent)
     saved_unet(tmp_path / "teacher.pt", out_channels=out)
     parser.update({"bundle_root": str(tmp_path), "teacher": str(tmp_path / "teacher.pt"),
                    "channel_stats": {"mean": [0.0] * 3, "std": [1.0] * 3}})

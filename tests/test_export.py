@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import bundle_outputs, saved_random_unet
 from nucleiseg_monai.networks import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,28 +31,13 @@ assert extra["metadata.json"] and extra["train.json"], "metadata or config missi
 """
 
 
-def _random_checkpoint(path: Path, out_channels: int) -> UNet:
-    """A tiny UNet with random weights and random batch-norm statistics (so eval mode is not an identity)."""
-    torch.manual_seed(0)
-    net = UNet(out_channels=out_channels, features=TINY)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return net.eval()
-
-
 @pytest.mark.parametrize("bundle", EXPORTABLE, ids=lambda p: p.name)
 def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     torch.set_num_threads(1)
     root = tmp_path / bundle.name
     shutil.copytree(bundle / "configs", root / "configs")
-    out_channels = json.loads((bundle / "configs" / "train.json").read_text())["network_def"]["out_channels"]
-    net = _random_checkpoint(root / "models" / "model.pt", out_channels)
+    out_channels = bundle_outputs(bundle)
+    net = saved_random_unet(root / "models" / "model.pt", out_channels, TINY)
     ts_file = root / "models" / "model.ts"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     export = [
