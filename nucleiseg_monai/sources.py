@@ -258,11 +258,31 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
                 f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}; delete it to make "
                 "a new split, or point datalist_file at another file"
             )
-        return datalist
+        return _with_registry_facts(datalist, sources, datalist_file)
     datalist = make_datalist(sources, data_root)
     write_json_atomic(datalist, datalist_file)
     logger.info("wrote datalist %s (%s)", datalist_file,
                 ", ".join(f"{p}: {len(datalist[p])}" for p in ("training", "validation", "test")))
+    return datalist
+
+
+def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_file: Path) -> dict:
+    """The registry is where a source's stated pixel size and sparse flag live; the datalist only caches the split
+    and what was read from files. A registry edited after the split (say, a pixel size the source's authors have
+    since stated) therefore takes effect, with a log line, instead of being shadowed by the cached records."""
+    changed: dict[str, set] = defaultdict(set)
+    for part in ("training", "validation", "test"):
+        for r in datalist[part]:
+            source = sources[r["source"]]
+            facts = {"sparse": bool(source.sparse_labels)}
+            if source.mpp != "file":
+                facts["mpp"] = float(source.mpp)
+            for key, value in facts.items():
+                if r.get(key) != value:
+                    changed[source.name].add(f"{key} {r.get(key)} -> {value}")
+                    r[key] = value
+    for name, what in changed.items():
+        logger.warning("%s: source %r now has %s from the registry", datalist_file, name, ", ".join(sorted(what)))
     return datalist
 
 

@@ -108,6 +108,24 @@ def test_prepare_reads_back_the_split_and_refuses_a_changed_registry(registry, t
         S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
 
 
+def test_a_pixel_size_stated_later_in_the_registry_wins_over_the_cached_datalist(registry, tmp_path, caplog):
+    path, data = registry
+    first = S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
+    changed = json.loads(path.read_text())
+    changed["groups"]["mpp"] = 0.2
+    changed["groups"]["sparse_labels"] = False
+    path.write_text(json.dumps(changed))
+    again = S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
+    for part in ("training", "validation", "test"):
+        assert [r["name"] for r in again[part]] == [r["name"] for r in first[part]]  # the same split
+        for r in again[part]:
+            expected = {"kaggle": 0.25, "groups": 0.2}.get(r["source"], r["mpp"])
+            assert r["mpp"] == expected and r["sparse"] is False
+    scales = {r["source"]: r["scale"] for r in S.resolve(again, data, "training", 0.25)}
+    assert scales["groups"] == 0.8 and scales["tcga"] == 2.0  # "file" sources keep the tags' value
+    assert "'groups' now has mpp 0.125 -> 0.2, sparse True -> False" in caplog.text
+
+
 def test_resolve_gives_absolute_paths_and_the_scale_to_the_working_pixel_size(registry):
     path, data = registry
     datalist = S.make_datalist(S.load_sources(path), data)
