@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -483,10 +482,9 @@ class SlidePredictor:
         files = inference_configs(bundle)
         config = load_config(files)
         keywords = predictor_ids()
-        predictor_text = json.dumps(config.get("predictor", {}))
         settings = {}
         for key, value in overrides.items():
-            if key in keywords and not references(predictor_text, key):
+            if key in keywords and not reads(config, "predictor", key):
                 settings[keywords[key]] = value
             elif "#" in key or "::" in key or key in config:
                 settings[config_id(key)] = value
@@ -792,9 +790,19 @@ def predictor_ids() -> dict[str, str]:
     return {**ids, **{name: f"predictor#{name}" for name in inspect.signature(SlidePredictor).parameters}}
 
 
-def references(config_text: str, key: str) -> bool:
-    """Whether a config section (as JSON text) reads the top-level id ``key`` (``@key``, alone or in an expression)."""
-    return re.search(rf"@{re.escape(key)}(?![\w])", config_text) is not None
+def reads(config: dict, section: str, key: str) -> bool:
+    """Whether ``config[section]`` reads the top-level id ``key``, directly (``@key``, alone or in an expression) or
+    through the top-level ids it reads, as MONAI's resolver finds references."""
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    seen, todo = set(), [section]
+    while todo:
+        item = todo.pop()
+        if item in seen or item not in config:
+            continue
+        seen.add(item)
+        todo += [ref.replace("::", "#").split("#")[0] for ref in ReferenceResolver.find_refs_in_config(config[item], item)]
+    return key != section and key in seen
 
 
 def config_id(key: str) -> str:

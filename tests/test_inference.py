@@ -622,15 +622,17 @@ def test_from_bundle_sets_keywords_and_flat_ids_on_the_part_that_takes_them():
 def test_from_bundle_keywords_that_are_also_top_level_ids_set_what_the_predictor_reads():
     """``overwrite`` is training's top-level id and the predictor's keyword: the keyword redoes outputs. ``device``
     is read by the predictor from the top-level id, so setting that one is the same fact."""
-    from nucleiseg_monai.inference import references
+    from nucleiseg_monai.inference import reads
 
     bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
     predictor = SlidePredictor.from_bundle(bundle, overwrite=True, device="cpu", runtime="eager", int8=False,
                                            progress=False)
     assert predictor.overwrite is True and predictor.network.device == torch.device("cpu")
     assert not SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False).overwrite
-    assert references('{"a": "@device", "b": "$f(@checkpoint)"}', "checkpoint")
-    assert not references('{"a": "@overwrite_all"}', "overwrite") and not references('{"a": "overwrite"}', "overwrite")
+    config = {"predictor": {"a": "@device", "b": "$f(@checkpoint)", "c": "@overwrite_all", "d": "overwrite"},
+              "checkpoint": "$g(@ckpt_dir)", "ckpt_dir": "models", "device": "cpu", "overwrite_all": 1, "overwrite": 0}
+    assert reads(config, "predictor", "checkpoint") and reads(config, "predictor", "ckpt_dir")  # through checkpoint
+    assert not reads(config, "predictor", "overwrite") and not reads(config, "predictor", "predictor")
 
 
 @pytest.mark.slow
