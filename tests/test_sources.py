@@ -4,7 +4,6 @@ bring every source to one working pixel size (resampling, ignored far background
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
