@@ -4,7 +4,6 @@ name the offending file)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
