@@ -102,6 +102,8 @@ def cmd_predict(args) -> int:
         overrides["predictor#input_mpp"] = args.mpp
     if args.overwrite:
         overrides["predictor#overwrite"] = True
+    if args.test_time_flips is not None:
+        overrides["test_time_flips"] = args.test_time_flips
     from .cohort import is_slide_list
 
     if args.workers or args.scheduler or is_slide_list(args.input):
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "states wins (default: the model's own size is assumed, with a warning)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
+    p.add_argument("--test_time_flips", type=int, choices=(1, 2, 4), help="average the network over the image and "
+                   "its flips: more accurate, that many network passes (default: the bundle's, 1; the model card "
+                   "measures both)")
     p.add_argument("--set", nargs="*", metavar="ID=VALUE", help="config overrides, e.g. predictor#planner#region_size=1024 "
                    "(the flat predictor#region_size of earlier configs is taken too)")
     p.add_argument("--workers", type=int, help="run on a local Dask cluster of this many worker processes (the "

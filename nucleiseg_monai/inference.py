@@ -305,13 +305,16 @@ class InferenceNetwork:
             synthetic tiles: ``synthetic_inputs``). With runtime "auto" it applies where OpenVINO and NNCF
             are installed and the device is a CPU (else ``amp`` decides, and one log line says so); "openvino"
             requires NNCF; the other runtimes refuse it.
+        test_time_flips: 1, or 2 or 4 to average the outputs over the region and its flips
+            (``inferers.FlipInferer``): that many network passes.
     """
 
     def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float] | None = None,
                  channel_std: Sequence[float] | None = None, channel_stats: str | os.PathLike | None = None,
                  checkpoint: str | os.PathLike | None = None, roi_size: int | None = 512, overlap: float = 0.25,
                  sw_batch_size: int = 4, padding_mode: str = "constant", device: str | torch.device | None = None,
-                 amp: bool = False, channels_last: bool = False, runtime: str = "eager", int8: bool = False):
+                 amp: bool = False, channels_last: bool = False, runtime: str = "eager", int8: bool = False,
+                 test_time_flips: int = 1):
         if channel_stats is not None:
             stats = load_stats(channel_stats)
             channel_mean, channel_std = stats["mean"], stats["std"]
@@ -336,8 +339,9 @@ class InferenceNetwork:
                                        (sw_batch_size, 3, example, example), self.weights_sha256, self.device,
                                        calibration)
         self.inferer = window_inferer(roi_size, overlap, getattr(network, "multiple", 1), sw_batch_size,
-                                      padding_mode, self.device)
+                                      padding_mode, self.device, test_time_flips)
         self.roi_size, self.overlap, self.amp, self.int8 = roi_size, overlap, amp, int8
+        self.test_time_flips = int(test_time_flips)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x).float()
@@ -523,6 +527,8 @@ class SlidePredictor:
             "region_margin": plan.region_margin, "tissue_threshold": plan.tissue_threshold,
             "max_regions": plan.max_regions,
         }
+        if net.test_time_flips != 1:  # only when set, so outputs made before flips existed still count as finished
+            record["test_time_flips"] = net.test_time_flips
         return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
     def finished(self, output_dir: str | os.PathLike, name: str) -> bool:

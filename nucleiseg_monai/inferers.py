@@ -1,12 +1,13 @@
-"""How the network meets an image: MONAI's gaussian sliding window, or one pass over the whole image.
+"""How the network meets an image: one pass over the whole image, or MONAI's gaussian sliding window; optionally
+averaged over flips of the image.
 
-Both bundles ship 256 px windows overlapping by 0.125 (``window`` and ``window_overlap`` in train.json): they hold
-one window's activations at a time, so a whole-slide region's memory does not grow with its size. One pass
-(``window: null``) is the alternative where memory is not tight: a U-Net is fully convolutional, so a window the
-size of the image (or of a whole-slide region, which brings its own context margin) needs no overlap and no
-blending, and each pixel goes through the network once, where the windows run a 2048 px region's pixels about 1.27
-times. Validation, evaluation and the inference predictor all build their inferer here, so they score and run the
-same thing.
+Both bundles run each image, and each whole-slide region (which brings its own context margin), in one pass
+(``window: null`` in train.json): a U-Net is fully convolutional, so a window the size of the image needs no overlap
+and no blending, and each pixel goes through the network once. Windows (``window``: a size in px, overlapping by
+``window_overlap``) hold one window's activations at a time, for devices where a region's activations do not fit.
+``test_time_flips`` (1, 2 or 4) averages the network's outputs over the image and its flips: more accurate, and that
+many network passes. Validation, evaluation and the inference predictor all build their inferer here, so they score
+and run the same thing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
 
-__all__ = ["WholeImageInferer", "window_inferer"]
+__all__ = ["FlipInferer", "WholeImageInferer", "window_inferer"]
+
+FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}
 
 
 class WholeImageInferer(Inferer):
@@ -41,13 +44,38 @@ class WholeImageInferer(Inferer):
         return network(padded, *args, **kwargs)[..., top:top + h, left:left + w]
 
 
+class FlipInferer(Inferer):
+    """The mean of ``inner``'s outputs over the input and its flips, each flipped back first: 1 (none), 2 (and the
+    left-right mirror) or 4 (and the up-down mirror, and both). The flips run one after another, so memory is one
+    pass's; the outputs averaged are the network's logits, as every inferer here returns them."""
+
+    def __init__(self, inner: Inferer, flips: int = 4):
+        super().__init__()
+        if int(flips) not in FLIPS:
+            raise ValueError(f"test_time_flips must be one of {sorted(FLIPS)}, got {flips}")
+        self.inner, self.dims = inner, FLIPS[int(flips)]
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        total = None
+        for dims in self.dims:
+            out = self.inner(torch.flip(inputs, dims) if dims else inputs, network, *args, **kwargs)
+            out = torch.flip(out, dims) if dims else out
+            total = out if total is None else total.add_(out)
+        return total.div_(len(self.dims)) if len(self.dims) > 1 else total
+
+
 def window_inferer(window: int | None, overlap: float = 0.125, multiple: int = 1, sw_batch_size: int = 1,
-                   padding_mode: str = "constant", device: torch.device | str | None = None) -> Inferer:
+                   padding_mode: str = "constant", device: torch.device | str | None = None,
+                   flips: int = 1) -> Inferer:
     """``WholeImageInferer`` when ``window`` is None (or 0), else a gaussian ``SlidingWindowInferer`` of
-    ``window`` x ``window`` px windows overlapping by ``overlap``, ``sw_batch_size`` at a time."""
+    ``window`` x ``window`` px windows overlapping by ``overlap``, ``sw_batch_size`` at a time; averaged over
+    ``flips`` flips of the input (``FlipInferer``) when ``flips`` is 2 or 4."""
     if not window:
-        return WholeImageInferer(multiple)
-    if int(window) % multiple:
-        raise ValueError(f"window must be a multiple of {multiple} for this network, got {window}")
-    return SlidingWindowInferer(roi_size=int(window), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
-                                padding_mode=padding_mode, sw_device=device, device=device, progress=False)
+        inferer: Inferer = WholeImageInferer(multiple)
+    else:
+        if int(window) % multiple:
+            raise ValueError(f"window must be a multiple of {multiple} for this network, got {window}")
+        inferer = SlidingWindowInferer(roi_size=int(window), sw_batch_size=sw_batch_size, overlap=overlap,
+                                       mode="gaussian", padding_mode=padding_mode, sw_device=device, device=device,
+                                       progress=False)
+    return inferer if int(flips) == 1 else FlipInferer(inferer, flips)

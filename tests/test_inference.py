@@ -17,6 +17,7 @@ from nucleiseg_monai import inference
 from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
                                        lattice_scale, predictor_ids, raise_on_failure, to_read_grid,
                                        to_working_scale, weights_sha256)
+from nucleiseg_monai.inferers import FlipInferer
 from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.outputs import OutputOptions
 from nucleiseg_monai.synthetic import make_slide, make_tile
@@ -567,6 +568,23 @@ def test_completion_records_name_the_weights_and_settings(tmp_path):
         _predictor(network=other).run(tmp_path / "in", out)
 
 
+def test_test_time_flips_are_a_recorded_setting_and_change_nothing_for_a_flip_equivariant_network(tmp_path):
+    """The oracle scores each pixel alone, so its flipped passes agree with the plain one: the labels stay the
+    truth's. Outputs made without flips record no flips (as before flips existed), and flips differ from them."""
+    _write_tiles(tmp_path / "in", n=1)
+    plain = _predictor()
+    assert plain.run(tmp_path / "in", tmp_path / "plain").ok and "test_time_flips" not in plain.settings()
+    flipped = SlidePredictor(
+        InferenceNetwork(Oracle(), MEAN, STD, roi_size=128, overlap=0.25, sw_batch_size=4, test_time_flips=4),
+        RegionPlanner(256, 48, 0.25, None, None), OutputOptions(label_tile=128), progress=False)
+    assert isinstance(flipped.network.inferer, FlipInferer) and flipped.settings()["test_time_flips"] == 4
+    assert flipped.run(tmp_path / "in", tmp_path / "flipped").ok
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "flipped" / "tile0.labels.tif"),
+                                  tifffile.imread(tmp_path / "plain" / "tile0.labels.tif"))
+    with pytest.raises(FileExistsError, match=r"differing: test_time_flips\)"):
+        flipped.run(tmp_path / "in", tmp_path / "plain")
+
+
 def test_an_output_folder_that_cannot_be_created_is_reported_before_any_image_is_read(tmp_path, monkeypatch):
     _write_tiles(tmp_path / "in", n=2)
     (tmp_path / "taken").write_text("a file where the output folder's parent should be")
@@ -638,7 +656,8 @@ def test_from_bundle_keywords_that_are_also_top_level_ids_set_what_the_predictor
 @pytest.mark.slow
 def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
     """The shipped small bundle through ``nucleiseg predict``: --mpp sets an untagged tile's pixel size, a re-run
-    with other settings stops with one line naming what differs, --overwrite redoes it."""
+    with other settings stops with one line naming what differs, --overwrite redoes it, --test_time_flips is
+    recorded."""
     from nucleiseg_monai.cli import main
 
     bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
@@ -656,6 +675,8 @@ def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
     assert "made with other weights or settings (differing: input_mpp); pass --overwrite" in said
     assert main(args + ["--overwrite"]) == 0
     assert json.loads((tmp_path / "o" / "tile.done.json").read_text())["mpp_source"] == "assumed"
+    assert main(args + ["--overwrite", "--test_time_flips", "2"]) == 0
+    assert json.loads((tmp_path / "o" / "tile.done.json").read_text())["settings"]["test_time_flips"] == 2
 
 
 def test_a_run_removes_temporaries_left_by_a_killed_one(tmp_path, monkeypatch):

@@ -1,10 +1,11 @@
-"""The whole-image inferer against the network run by hand, and the choice between it and the sliding window."""
+"""The whole-image inferer against the network run by hand, the choice between it and the sliding window, and
+test-time flips against their known mean."""
 
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from nucleiseg_monai.inferers import WholeImageInferer, window_inferer
+from nucleiseg_monai.inferers import FlipInferer, WholeImageInferer, window_inferer
 from nucleiseg_monai.networks import UNet
 
 
@@ -54,3 +55,45 @@ def test_window_inferer_chooses_by_window():
     assert isinstance(sliding, SlidingWindowInferer) and sliding.roi_size == 256 and sliding.overlap == 0.125
     with pytest.raises(ValueError, match="multiple of 16"):
         window_inferer(200, multiple=16)
+
+
+def _ramps(x: torch.Tensor) -> torch.Tensor:
+    """A network that is not flip-equivariant: each output pixel is its own column (channel 0) and row (channel 1)
+    index, plus the input."""
+    h, w = x.shape[-2:]
+    cols = torch.arange(w, dtype=x.dtype).expand(h, w)
+    rows = torch.arange(h, dtype=x.dtype)[:, None].expand(h, w)
+    return torch.stack([cols, rows])[None] + x
+
+
+def test_flips_average_each_pass_flipped_back():
+    x = torch.randn(1, 2, 16, 32)
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        two = window_inferer(None, multiple=16, flips=2)(x, _ramps)
+        four = window_inferer(None, multiple=16, flips=4)(x, _ramps)
+    # each flipped pass, flipped back, still adds the input where it was; the column ramp and its mirror average to
+    # (w - 1) / 2 everywhere; the rows mirror only with the up-down flips
+    torch.testing.assert_close(two[0, 0], x[0, 0] + (w - 1) / 2)
+    torch.testing.assert_close(two[0, 1], x[0, 1] + torch.arange(h, dtype=x.dtype)[:, None].expand(h, w))
+    torch.testing.assert_close(four[0], x[0] + torch.tensor([(w - 1) / 2, (h - 1) / 2]).view(2, 1, 1))
+
+
+def test_flips_wrap_the_sliding_window_too():
+    x = torch.randn(1, 2, 40, 56)
+    flipped = window_inferer(16, 0.25, 16, flips=4)
+    assert isinstance(flipped, FlipInferer) and isinstance(flipped.inner, SlidingWindowInferer)
+    assert not isinstance(window_inferer(16, 0.25, 16), FlipInferer)
+    with torch.no_grad():  # a pixel-wise network: every flipped pass, flipped back, is the plain pass
+        torch.testing.assert_close(flipped(x, lambda t: t * 2 + 1), x * 2 + 1)
+
+
+def test_flips_of_a_flip_equivariant_network_change_nothing_and_other_counts_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 48)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():  # a kernel symmetric in both axes commutes with every flip
+        conv.weight.copy_((conv.weight + conv.weight.flip(-1) + conv.weight.flip(-2) + conv.weight.flip(-1, -2)) / 4)
+        torch.testing.assert_close(FlipInferer(WholeImageInferer(16), 4)(x, conv), conv(x))
+    with pytest.raises(ValueError, match="test_time_flips must be one of \\[1, 2, 4\\], got 3"):
+        window_inferer(None, flips=3)
