@@ -1,0 +1,127 @@
+"""Training options, each measured the same way: the bundle's weights fine-tuned for ``--epochs`` with one option
+changed, the best checkpoint then scored on every source's validation tiles with the bundle's watershed.
+
+    python benchmarks/training_options.py --out runs/options                   # every variant, ~17 min each on 2 cores
+    python benchmarks/training_options.py --out runs/options --only control no_ignore
+
+Variants (``VARIANTS``): ``control`` (the recipe as trained), NuInsSeg's unstated pixel size at 0.125 and 0.175 um/px
+instead of its registry's 0.148 (a copy of the registry passed as ``sources_file``), no ignored far background in
+NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), and batches drawn by tile count instead of a third from
+each source (``source_mix``). ``bundle`` is the bundle's own weights, not fine-tuned. Every variant starts from the
+same weights, seed, schedule and learning rate, so they differ by the option and by chance: ``control`` against
+``bundle`` shows how large chance and the restart are. Resumable: a variant whose ``OUT/NAME/DONE`` exists is not
+trained again, a report already written is not evaluated again. Writes ``OUT/training_options.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("cryonuseg", "monuseg2018_train", "nuinsseg")
+KEYS = ("aji", "pq", "recall", "f1")
+
+
+def tile_mix(datalist: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in datalist["training"]:
+        counts[r["source"]] = counts.get(r["source"], 0) + 1
+    return counts
+
+
+VARIANTS = {
+    "control": {},
+    "nuinsseg_mpp_0.125": {"nuinsseg_mpp": 0.125},
+    "nuinsseg_mpp_0.175": {"nuinsseg_mpp": 0.175},
+    "no_ignore": {"settings": ["--ignore_beyond", "0"]},
+    "mix_by_tiles": {"mix": "tiles"},
+}
+
+
+def variant_args(spec: dict, run: Path, bundle: Path) -> list[str]:
+    """Config settings of one variant, for training and evaluation alike (a registry copy where it needs one)."""
+    args = list(spec.get("settings", []))
+    if "nuinsseg_mpp" in spec:
+        registry = json.loads((REPO / "nucleiseg_monai" / "sources.json").read_text())
+        registry["nuinsseg"]["mpp"] = spec["nuinsseg_mpp"]
+        registry["nuinsseg"]["mpp_note"] = "a training option measured by benchmarks/training_options.py"
+        (run / "sources.json").write_text(json.dumps(registry, indent=1))
+        args += ["--sources_file", repr(str(run / "sources.json"))]
+    if spec.get("mix") == "tiles":
+        datalist = json.loads((bundle / "models" / "datalist.json").read_text())
+        args += ["--source_mix", repr(tile_mix(datalist))]
+    return args
+
+
+def nucleiseg(*args: str, log: Path) -> None:
+    command = [str(Path(sys.executable).with_name("nucleiseg")), *args]
+    with log.open("w") as stream:
+        if subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"{' '.join(command)} failed; see {log}")
+
+
+def train(bundle: Path, run: Path, args: list[str], epochs: int) -> None:
+    models = run / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for name in ("datalist.json", "channel_stats.json"):  # the bundle's split and statistics, not a new split
+        if not (models / name).exists():
+            shutil.copy(bundle / "models" / name, models / name)
+    resume = (models / "checkpoint_last.pt").exists()
+    nucleiseg("train", "--bundle", str(bundle), "--bundle_root", str(run), "--epochs", str(epochs),
+              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", "0.0003",
+              "--pretrained", str(bundle / "models" / "model.pt"), "--resume", str(resume).lower(), *args,
+              log=run / "train.log")
+    (run / "DONE").touch()
+
+
+def best_epoch(log: Path) -> int | None:
+    found = re.findall(r"val_aji best value: [\d.]+ at epoch: (\d+)", log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1]) if found else None
+
+
+def summary(report: dict) -> dict:
+    sources = {s: {k: round(report["sources"][s]["model"]["mean"][k], 4) for k in KEYS} for s in SOURCES}
+    mean = {k: round(sum(v[k] for v in sources.values()) / len(sources), 4) for k in KEYS}
+    others = {k: round(sum(sources[s][k] for s in SOURCES[:2]) / 2, 4) for k in KEYS}
+    return {"sources": sources, "mean": mean, "mean_cryonuseg_monuseg": others}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default=str(REPO / "bundles" / "nuclei_unet_small"))
+    parser.add_argument("--out", required=True, help="folder for the runs, their reports and training_options.json")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="these variants only")
+    args = parser.parse_args(argv)
+    bundle, out = Path(args.bundle).resolve(), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"bundle": str(bundle), "epochs": args.epochs, "epoch_length": 50, "learning_rate": 3e-4,
+               "pretrained": "the bundle's models/model.pt", "variants": {}}
+    for name in ["bundle", *(args.only or VARIANTS)]:
+        run, report = out / name, out / f"val_{name}" / "metrics.json"
+        run.mkdir(exist_ok=True)
+        extra = [] if name == "bundle" else variant_args(VARIANTS[name], run, bundle)
+        if name != "bundle" and not (run / "DONE").exists():
+            print(f"{name}: training", flush=True)
+            train(bundle, run, extra, args.epochs)
+        if not report.exists():
+            checkpoint = bundle / "models" / "model.pt" if name == "bundle" else run / "models" / "model.pt"
+            nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
+                      "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
+        row = summary(json.loads(report.read_text()))
+        row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
+        results["variants"][name] = row
+        print(f"{name:22s} AJI mean {row['mean']['aji']:.3f}  " + "  ".join(
+            f"{s} {row['sources'][s]['aji']:.3f}/{row['sources'][s]['recall']:.3f}" for s in SOURCES), flush=True)
+    (out / "training_options.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
