@@ -77,6 +77,9 @@ class DistillationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         outputs = logits.shape[1]
         labels = 2 if outputs > 3 else 1  # the classes, and the distance map for a network that has one
+        if target.shape[1] == labels + 1 + outputs and bool((target[:, labels] > 1).any()):
+            raise ValueError("distillation learns from the teacher where nuclei meet, not from a loss weight: "
+                             "set contact_weight to 0 (--contact_weight 0)")
         if target.shape[1] != labels + outputs:
             raise ValueError(f"a target of {target.shape[1]} channels does not hold a label and a teacher of "
                              f"{outputs} outputs: the teacher must have the student's outputs (3 classes, or 3 "

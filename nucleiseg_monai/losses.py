@@ -18,6 +18,10 @@ class MaskedDiceCELoss(nn.Module):
     fourth output learns the distance map by a soft-target binary cross-entropy on its logits, over the same
     pixels, weighted by ``lambda_distance``. A cross-entropy rather than a squared error: its gradient is of the
     size of the class terms', so the map is learnt at the classes' pace without a tuned weight.
+
+    A target with one more channel (``ThreeClassTargetd(contact_weight=...)``) weights each pixel's cross-entropy
+    terms by it; still divided by the number of valid pixels, so the weight adds to the loss where nuclei meet
+    rather than taking from it elsewhere. Dice stays unweighted: it is a ratio over the whole patch.
     """
 
     def __init__(self, ignore_index: int = IGNORE, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
@@ -29,23 +33,30 @@ class MaskedDiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         distance = logits.shape[1] > 3
-        if distance != (target.shape[1] == 2):
-            raise ValueError(f"{logits.shape[1]} network outputs need a target of {2 if distance else 1} channel(s), "
-                             f"got {target.shape[1]}: a network with a distance map trains on "
-                             "ThreeClassTargetd(distance=True) (train_transforms(distance=True)), one without on classes")
-        if distance:
-            target, dist_target = target[:, :1].round().long(), target[:, 1:].float()
-            logits, dist_logits = logits[:, :3], logits[:, 3:]
-        valid = target != self.ignore_index
-        target = torch.where(valid, target, torch.zeros_like(target))
-        ce = nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
-        weight = valid[:, 0].to(ce.dtype)
+        channels = 2 if distance else 1
+        if target.shape[1] not in (channels, channels + 1):
+            raise ValueError(f"{logits.shape[1]} network outputs need a target of {channels} channel(s) (and at most "
+                             f"one more, the loss weight), got {target.shape[1]}: a network with a distance map trains "
+                             "on ThreeClassTargetd(distance=True) (train_transforms(distance=True)), one without on "
+                             "classes")
+        classes = target[:, :1].round().long()
+        valid = classes != self.ignore_index
+        classes = torch.where(valid, classes, torch.zeros_like(classes))
+        weight = valid[:, 0].float()
         total = weight.sum().clamp(min=1.0)
+        if target.shape[1] > channels:  # ThreeClassTargetd(contact_weight=...): where touching nuclei meet
+            extra = target[:, channels].float()
+            if bool((extra < 1).any()):  # weights are >= 1; a distance map (0 on background) is not a weight
+                raise ValueError(f"{logits.shape[1]} network outputs need a target of {channels} channel(s) and "
+                                 "optionally a loss weight (>= 1), got a channel with values below 1: a distance map "
+                                 "for a network without one? Train it on ThreeClassTargetd(distance=False)")
+            weight = weight * extra
+        ce = nn.functional.cross_entropy(logits[:, :3], classes[:, 0], reduction="none")
         ce = (ce * weight).sum() / total
-        dice = self.dice(logits, target, mask=valid.to(logits.dtype))
+        dice = self.dice(logits[:, :3], classes, mask=valid.to(logits.dtype))
         loss = self.lambda_dice * dice + self.lambda_ce * ce
         if distance:
-            bce = nn.functional.binary_cross_entropy_with_logits(dist_logits[:, 0].float(), dist_target[:, 0],
+            bce = nn.functional.binary_cross_entropy_with_logits(logits[:, 3].float(), target[:, 1].float(),
                                                                  reduction="none")
             loss = loss + self.lambda_distance * (bce * weight).sum() / total
         return loss

@@ -29,7 +29,7 @@ from monai.transforms import (
     RandSpatialCropd,
     SpatialPadd,
 )
-from scipy.ndimage import distance_transform_edt, find_objects
+from scipy.ndimage import distance_transform_edt, find_objects, maximum_filter, minimum_filter
 from skimage.color import rgb_from_hed
 from skimage.segmentation import find_boundaries
 
@@ -37,6 +37,7 @@ from .data import read_image, read_instance_labels
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
+CONTACT_RADIUS = 3  # px at the working scale: the gap between touching nuclei and the rims on both sides of it
 
 # Stain matrix of Ruifrok & Johnston as scikit-image ships it (rows: haematoxylin, eosin, DAB optical densities).
 _RGB_FROM_HED = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
@@ -72,6 +73,21 @@ def distance_map(labels: np.ndarray) -> np.ndarray:
         dist = distance_transform_edt(inside)
         out[box][inside] = dist[inside] / dist.max()
     return out
+
+
+def contact_map(labels: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndarray:
+    """Pixels with two different nuclei within ``radius`` px (a square window): where touching nuclei meet.
+
+    Ronneberger et al.'s U-Net weighted such pixels so that the thin background between touching cells is learnt;
+    here they are where a missing rim or a distance map without a valley merges two nuclei into one.
+    """
+    labels = np.asarray(labels)
+    size = 2 * int(radius) + 1
+    ids = labels.astype(np.int32)
+    empty = int(ids.max()) + 1  # above every id; scipy's cval is a float, so no dtype limit stands in for "none"
+    highest = maximum_filter(ids, size=size, mode="constant", cval=0)
+    lowest = minimum_filter(np.where(ids > 0, ids, empty), size=size, mode="constant", cval=empty)
+    return (lowest != empty) & (highest != lowest)
 
 
 def resample_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -165,7 +181,9 @@ class ResampleLabelsd(MapTransform):
 
 class ThreeClassTargetd(MapTransform):
     """Keeps the instance ids under ``instance_key`` and turns ``keys`` into the 3-class training target; with
-    ``distance``, a second float channel holds ``distance_map`` (for networks with a fourth output).
+    ``distance``, a second float channel holds ``distance_map`` (for networks with a fourth output); with
+    ``contact_weight`` > 0, a last channel holds each pixel's loss weight: ``1 + contact_weight`` where two nuclei
+    meet (``contact_map``), 1 elsewhere.
 
     In records marked ``sparse`` (sources whose annotators left some nuclei out), background farther than
     ``ignore_beyond`` pixels from every annotated nucleus becomes ``IGNORE``: the loss neither rewards nor punishes
@@ -173,11 +191,14 @@ class ThreeClassTargetd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = "label", instance_key: str = "label_inst", ignore_beyond: float = 0,
-                 distance: bool = False):
+                 distance: bool = False, contact_weight: float = 0):
         super().__init__(keys)
         self.instance_key = instance_key
         self.ignore_beyond = float(ignore_beyond)
         self.distance = bool(distance)
+        self.contact_weight = float(contact_weight)
+        if self.contact_weight < 0:
+            raise ValueError(f"contact_weight must be 0 (off) or positive, got {contact_weight}")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -191,6 +212,9 @@ class ThreeClassTargetd(MapTransform):
             if self.distance:
                 dist = torch.from_numpy(distance_map(labels[0].numpy())[None])
                 target = torch.cat([target.float(), dist])
+            if self.contact_weight > 0:
+                weight = 1.0 + self.contact_weight * contact_map(labels[0].numpy()).astype(np.float32)
+                target = torch.cat([target.float(), torch.from_numpy(weight[None])])
             d[key] = target
         return d
 
@@ -240,7 +264,7 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
 
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
-    ignore_beyond: float = 0, distance: bool = False,
+    ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score."""
@@ -264,7 +288,7 @@ def train_transforms(
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),
         RandShiftIntensityd("image", prob=0.3, offsets=10.0),
-        ThreeClassTargetd("label", ignore_beyond=ignore_beyond, distance=distance),
+        ThreeClassTargetd("label", ignore_beyond=ignore_beyond, distance=distance, contact_weight=contact_weight),
         NormalizeIntensityd("image", subtrahend=mean, divisor=std, channel_wise=True),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped(["label", "label_inst"], track_meta=False),
