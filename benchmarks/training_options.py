@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("cryonuseg", "monuseg2018_train", "nuinsseg")
-KEYS = ("aji", "pq", "recall", "f1")
+KEYS = ("aji", "pq", "recall", "f1", "missed", "merged")
 
 
 def tile_mix(datalist: dict) -> dict[str, int]:
@@ -87,9 +87,10 @@ def best_epoch(log: Path) -> int | None:
 
 
 def summary(report: dict) -> dict:
-    sources = {s: {k: round(report["sources"][s]["model"]["mean"][k], 4) for k in KEYS} for s in SOURCES}
-    mean = {k: round(sum(v[k] for v in sources.values()) / len(sources), 4) for k in KEYS}
-    others = {k: round(sum(sources[s][k] for s in SOURCES[:2]) / 2, 4) for k in KEYS}
+    keys = [k for k in KEYS if k in report["sources"][SOURCES[0]]["model"]["mean"]]  # older reports lack some
+    sources = {s: {k: round(report["sources"][s]["model"]["mean"][k], 4) for k in keys} for s in SOURCES}
+    mean = {k: round(sum(v[k] for v in sources.values()) / len(sources), 4) for k in keys}
+    others = {k: round(sum(sources[s][k] for s in SOURCES[:2]) / 2, 4) for k in keys}
     return {"sources": sources, "mean": mean, "mean_cryonuseg_monuseg": others}
 
 

@@ -7,7 +7,8 @@ milliseconds where per-instance loops (``monai.metrics.compute_panoptic_quality`
 
 Conventions for degenerate images (so that per-image means stay finite):
 - Every score in [0, 1] (Dice, precision, recall, F1, DQ, SQ, PQ, AJI, AJI+) is 1.0 when both maps are empty and
-  0.0 when exactly one is empty. SQ is 0.0 when nothing is matched (as MONAI).
+  0.0 when exactly one is empty. SQ is 0.0 when nothing is matched (as MONAI). ``missed`` and ``merged``, the
+  shares of true nuclei left unmatched for those reasons, are 0.0 without true nuclei.
 - ``count_ape`` (absolute percentage error of the nuclei count) is 0.0 when both counts are 0 and NaN when the
   truth has no nucleus but the prediction has some (a percentage of zero is undefined); means skip NaN.
 
@@ -40,9 +41,9 @@ _DENSE_TABLE_CELLS = 1 << 22
 COUNT_KEYS = (
     "pixel_tp", "pixel_fp", "pixel_fn", "pixel_tn",
     "n_true", "n_pred", "tp", "iou_sum",
-    "aji_inter", "aji_union", "aji_plus_inter", "aji_plus_union",
+    "aji_inter", "aji_union", "aji_plus_inter", "aji_plus_union", "fn_missed", "fn_merged",
 )  # fmt: skip
-SCORE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "dq", "sq", "pq", "aji", "aji_plus")
+SCORE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "dq", "sq", "pq", "aji", "aji_plus", "missed", "merged")
 METRIC_NAMES = COUNT_KEYS + ("fp", "fn") + SCORE_KEYS
 
 __all__ = [
@@ -218,6 +219,32 @@ def _detection_counts(ov: Overlap) -> tuple[int, float]:
     return int(np.count_nonzero(matched)), float(iou[matched].sum())
 
 
+def _unmatched_counts(ov: Overlap) -> tuple[int, int]:
+    """Why true nuclei went unmatched: (missed, merged).
+
+    Missed: less than half of it lies in any prediction. Merged: the prediction overlapping it most also covers at
+    least half of another true nucleus (one prediction for two or more nuclei). The rest of the unmatched (``fn`` -
+    missed - merged) were found but cut into pieces or drawn too large or too small for an IoU above 0.5.
+    """
+    n_true, n_pred = ov.true_area.size, ov.pred_area.size
+    if n_true == 0:
+        return 0, 0
+    matched = np.zeros(n_true, dtype=bool)
+    matched[ov.ti[ov.iou > MATCH_IOU]] = True
+    covered = np.bincount(ov.ti, weights=ov.inter, minlength=n_true)
+    missed = ~matched & (2 * covered < ov.true_area)
+    if ov.ti.size == 0:
+        return int(missed.sum()), 0
+    halves = 2 * ov.inter >= ov.true_area[ov.ti]
+    halves_per_pred = np.bincount(ov.pi[halves], minlength=n_pred)
+    order = np.lexsort((ov.pi, -ov.inter, ov.ti))
+    best = order[_run_starts(ov.ti[order])]
+    others = np.zeros(n_true, dtype=np.int64)
+    others[ov.ti[best]] = halves_per_pred[ov.pi[best]] - halves[best]
+    merged = ~matched & ~missed & (others > 0)
+    return int(missed.sum()), int(merged.sum())
+
+
 def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
     """Mask of the first element of each run of equal keys."""
     return np.diff(sorted_keys, prepend=-1) != 0
@@ -290,6 +317,7 @@ def _counts(ov: Overlap) -> dict[str, Any]:
     tp, iou_sum = _detection_counts(ov)
     aji_inter, aji_union = _aji_counts(ov)
     ajip_inter, ajip_union = _aji_plus_counts(ov)
+    fn_missed, fn_merged = _unmatched_counts(ov)
     return {
         "pixel_tp": ov.pixel["tp"],
         "pixel_fp": ov.pixel["fp"],
@@ -303,6 +331,8 @@ def _counts(ov: Overlap) -> dict[str, Any]:
         "aji_union": aji_union,
         "aji_plus_inter": ajip_inter,
         "aji_plus_union": ajip_union,
+        "fn_missed": fn_missed,
+        "fn_merged": fn_merged,
     }
 
 
@@ -324,6 +354,9 @@ def _scores(c: Mapping[str, Any]) -> dict[str, float]:
         "pq": dq * sq,
         "aji": _ratio(c["aji_inter"], c["aji_union"], empty),
         "aji_plus": _ratio(c["aji_plus_inter"], c["aji_plus_union"], empty),
+        # shares of the true nuclei left unmatched for each reason (_unmatched_counts); 0 without true nuclei
+        "missed": c["fn_missed"] / n_true if n_true else 0.0,
+        "merged": c["fn_merged"] / n_true if n_true else 0.0,
     }
 
 

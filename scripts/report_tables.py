@@ -11,13 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 
-KEYS = ("dice", "count_ape", "recall", "f1", "aji", "pq")
-HEAD = "| {} | tiles | pixel Dice | count error % | recall | detection F1 | AJI | PQ |\n|---|---|---|---|---|---|---|---|"
+KEYS = ("dice", "count_ape", "recall", "f1", "aji", "pq", "missed", "merged")
+HEAD = ("| {} | tiles | pixel Dice | count error % | recall | detection F1 | AJI | PQ | missed | merged |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def cell(mean: dict, key: str) -> str:
+    if key not in mean:  # a report written before the key existed
+        return "-"
+    return f"{mean[key]:.1f}" if key == "count_ape" else f"{mean[key]:.3f}"
+
+
+def exact(mean: dict, key: str) -> str:
+    return f"{mean[key]:.6g}" if key in mean else "-"
 
 
 def row(label: str, summary: dict) -> str:
     mean = summary["mean"]
-    cells = [f"{mean[k]:.1f}" if k == "count_ape" else f"{mean[k]:.3f}" for k in KEYS]
+    cells = [cell(mean, k) for k in KEYS]
     return f"| {label} | {summary['n_images']} | " + " | ".join(cells) + " |"
 
 
@@ -40,8 +51,8 @@ def differences(report: dict, other: dict) -> list[str]:
         a, b = ours[label], theirs[label]
         if a["n_images"] != b["n_images"]:
             lines.append(f"{label}: {a['n_images']} tiles against {b['n_images']}")
-        lines += [f"{label}: {key} {a['mean'][key]:.6g} against {b['mean'][key]:.6g}"
-                  for key in KEYS if a["mean"][key] != b["mean"][key]]
+        lines += [f"{label}: {key} {exact(a['mean'], key)} against {exact(b['mean'], key)}"
+                  for key in KEYS if a["mean"].get(key) != b["mean"].get(key)]
     return lines
 
 

@@ -373,3 +373,27 @@ def test_instance_metric_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown metric"):
         InstanceMetric("hausdorff")
     assert "aji" in METRIC_NAMES and all(k in METRIC_NAMES for k in COUNT_KEYS)
+
+
+def test_unmatched_nuclei_are_told_apart_as_missed_merged_or_misdrawn():
+    true = np.zeros((40, 40), np.int32)
+    true[2:8, 2:8] = 1  # found
+    true[2:8, 12:18], true[2:8, 18:24] = 2, 3  # two touching nuclei found as one
+    true[20:26, 2:8] = 4  # missed: nothing there
+    true[20:26, 12:18] = 5  # a third of it found: missed too
+    true[30:38, 20:36] = 6  # found in two halves: neither is a match, nor a merge
+    pred = np.zeros_like(true)
+    pred[2:8, 2:8] = 10
+    pred[2:8, 12:24] = 20
+    pred[20:26, 12:14] = 50
+    pred[30:38, 20:28], pred[30:38, 28:36] = 60, 61
+    m = instance_metrics(pred, true)
+    assert (m["tp"], m["fn"], m["fn_missed"], m["fn_merged"]) == (1, 5, 2, 2)
+    assert m["missed"] == pytest.approx(2 / 6) and m["merged"] == pytest.approx(2 / 6)
+    assert m["recall"] + m["missed"] + m["merged"] < 1  # the split nucleus is the rest
+    empty = instance_metrics(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32))
+    assert empty["missed"] == empty["merged"] == 0.0
+    nothing = instance_metrics(np.zeros_like(true), true)
+    assert nothing["missed"] == 1.0 and nothing["merged"] == 0.0
+    pooled = summarize([{**m, "name": "a", "organ": "x"}, {**nothing, "name": "b", "organ": "x"}])["pooled"]
+    assert pooled["missed"] == pytest.approx((2 + 6) / 12) and pooled["merged"] == pytest.approx(2 / 12)

@@ -12,7 +12,8 @@ spec.loader.exec_module(report_tables)
 
 
 def summary(aji: float, n: int = 2, organs: dict | None = None) -> dict:
-    mean = {"dice": 0.8, "count_ape": 12.5, "recall": 0.7, "f1": 0.75, "aji": aji, "pq": 0.5}
+    mean = {"dice": 0.8, "count_ape": 12.5, "recall": 0.7, "f1": 0.75, "aji": aji, "pq": 0.5, "missed": 0.1,
+            "merged": 0.15}
     return {"n_images": n, "mean": mean, **({"per_organ": organs} if organs else {})}
 
 
@@ -26,10 +27,19 @@ REPORT = {
 def test_tables_print_each_source_method_and_organ(capsys):
     report_tables.tables(REPORT)
     out = capsys.readouterr().out.splitlines()
-    assert "| cryonuseg: model | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.580 | 0.500 |" in out
-    assert "| cryonuseg: human: annotator2 | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.576 | 0.500 |" in out
-    assert "| pooled: model | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.580 | 0.500 |" in out
-    assert "| Thymus | 1 | 0.800 | 12.5 | 0.700 | 0.750 | 0.660 | 0.500 |" in out
+    assert "| cryonuseg: model | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.580 | 0.500 | 0.100 | 0.150 |" in out
+    assert "| cryonuseg: human: annotator2 | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.576 | 0.500 | 0.100 | 0.150 |" in out
+    assert "| pooled: model | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.580 | 0.500 | 0.100 | 0.150 |" in out
+    assert "| Thymus | 1 | 0.800 | 12.5 | 0.700 | 0.750 | 0.660 | 0.500 | 0.100 | 0.150 |" in out
+
+
+def test_a_report_from_before_missed_and_merged_shows_dashes(capsys):
+    old = copy.deepcopy(REPORT)
+    for source in old["sources"]["cryonuseg"].values():
+        for part in [source, *source.get("per_organ", {}).values()]:
+            del part["mean"]["missed"], part["mean"]["merged"]
+    assert report_tables.row("x", old["sources"]["cryonuseg"]["model"]).endswith("| 0.500 | - | - |")
+    assert "cryonuseg: model: merged 0.15 against -" in report_tables.differences(REPORT, old)
 
 
 def test_against_names_every_differing_mean_and_nothing_else(tmp_path, capsys):
