@@ -6,11 +6,13 @@ changed, the best checkpoint then scored on every source's validation tiles with
 
 Variants (``VARIANTS``): ``control`` (the recipe as trained), NuInsSeg's unstated pixel size at 0.125 and 0.175 um/px
 instead of its registry's 0.148 (a copy of the registry passed as ``sources_file``), no ignored far background in
-NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), and batches drawn by tile count instead of a third from
-each source (``source_mix``), and the loss weighted 6x where touching nuclei meet (``contact_weight`` 5). ``bundle`` is the bundle's own weights, not fine-tuned. Every variant starts from the
-same weights, seed, schedule and learning rate, so they differ by the option and by chance: ``control`` against
-``bundle`` shows how large chance and the restart are. Resumable: a variant whose ``OUT/NAME/DONE`` exists is not
-trained again, a report already written is not evaluated again. Writes ``OUT/training_options.json``.
+NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), batches drawn by tile count instead of a third from each
+source (``source_mix``), the loss weighted 6x where touching nuclei meet (``contact_weight`` 5), and three times
+the stain jitter (``stain_jitter`` sigma 0.15, bias 0.05, against 0.05 and 0.02). ``bundle`` is the bundle's own
+weights, not fine-tuned. Every variant starts from the same weights, seed, schedule and learning rate, so they
+differ by the option and by chance: ``control`` against ``bundle`` shows how large chance and the restart are.
+Resumable: a variant whose ``OUT/NAME/DONE`` exists is not trained again, a report already written is not
+evaluated again. Writes ``OUT/training_options.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ VARIANTS = {
     "no_ignore": {"settings": ["--ignore_beyond", "0"]},
     "mix_by_tiles": {"mix": "tiles"},
     "contact_weight_5": {"settings": ["--contact_weight", "5"]},
+    "stain_jitter_strong": {"settings": ["--stain_jitter", "[0.15, 0.05]"]},
 }
 
 

@@ -265,9 +265,12 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
+    stain_jitter: Sequence[float] = (0.05, 0.02),
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
-    (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score."""
+    (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score.
+
+    ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias)."""
     patch = tuple(int(p) for p in patch_size)
     # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
@@ -284,7 +287,7 @@ def train_transforms(
             scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="reflection",
         ),
         CenterSpatialCropd(both, roi_size=patch),
-        RandHEDJitterd("image", prob=0.8),
+        RandHEDJitterd("image", prob=0.8, sigma=float(stain_jitter[0]), bias=float(stain_jitter[1])),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),
         RandShiftIntensityd("image", prob=0.3, offsets=10.0),

@@ -302,3 +302,11 @@ def test_eval_transforms_binary_labels_and_size_mismatch(tmp_path):
     with pytest.raises(ValueError, match="size mismatch") as info:
         T.LoadTiled()(mismatch)
     assert mismatch["label"] in str(info.value) and mismatch["image"] in str(info.value)
+
+
+def test_train_pipeline_takes_its_stain_jitter_from_the_config():
+    default = [t for t in T.train_transforms(*IDENTITY, load=False).transforms if isinstance(t, T.RandHEDJitterd)]
+    strong = [t for t in T.train_transforms(*IDENTITY, load=False, stain_jitter=[0.15, 0.05]).transforms
+              if isinstance(t, T.RandHEDJitterd)]
+    assert [(t.sigma, t.bias) for t in default] == [(0.05, 0.02)]
+    assert [(t.sigma, t.bias) for t in strong] == [(0.15, 0.05)]
