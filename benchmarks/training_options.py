@@ -7,8 +7,9 @@ changed, the best checkpoint then scored on every source's validation tiles with
 Variants (``VARIANTS``): ``control`` (the recipe as trained), NuInsSeg's unstated pixel size at 0.125 and 0.175 um/px
 instead of its registry's 0.148 (a copy of the registry passed as ``sources_file``), no ignored far background in
 NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), batches drawn by tile count instead of a third from each
-source (``source_mix``), the loss weighted 6x where touching nuclei meet (``contact_weight`` 5), and three times
-the stain jitter (``stain_jitter`` sigma 0.15, bias 0.05, against 0.05 and 0.02). ``bundle`` is the bundle's own
+source (``source_mix``), the loss weighted 3x or 6x where touching nuclei meet (``contact_weight`` 2 or 5), and three times
+the stain jitter (``stain_jitter`` sigma 0.15, bias 0.05, against 0.05 and 0.02); ``contact_weight_5_lr1e-4`` fine-tunes
+at a third of the learning rate. ``bundle`` is the bundle's own
 weights, not fine-tuned. Every variant starts from the same weights, seed, schedule and learning rate, so they
 differ by the option and by chance: ``control`` against ``bundle`` shows how large chance and the restart are.
 Resumable: a variant whose ``OUT/NAME/DONE`` exists is not trained again, a report already written is not
@@ -27,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("cryonuseg", "monuseg2018_train", "nuinsseg")
+LEARNING_RATE = 3e-4  # a variant may set its own ("learning_rate")
 KEYS = ("aji", "pq", "recall", "f1", "missed", "merged")
 
 
@@ -43,7 +45,9 @@ VARIANTS = {
     "nuinsseg_mpp_0.175": {"nuinsseg_mpp": 0.175},
     "no_ignore": {"settings": ["--ignore_beyond", "0"]},
     "mix_by_tiles": {"mix": "tiles"},
+    "contact_weight_2": {"settings": ["--contact_weight", "2"]},
     "contact_weight_5": {"settings": ["--contact_weight", "5"]},
+    "contact_weight_5_lr1e-4": {"settings": ["--contact_weight", "5"], "learning_rate": 1e-4},
     "stain_jitter_strong": {"settings": ["--stain_jitter", "[0.15, 0.05]"]},
 }
 
@@ -70,7 +74,7 @@ def nucleiseg(*args: str, log: Path) -> None:
             raise SystemExit(f"{' '.join(command)} failed; see {log}")
 
 
-def train(bundle: Path, run: Path, args: list[str], epochs: int) -> None:
+def train(bundle: Path, run: Path, args: list[str], epochs: int, learning_rate: float = LEARNING_RATE) -> None:
     models = run / "models"
     models.mkdir(parents=True, exist_ok=True)
     for name in ("datalist.json", "channel_stats.json"):  # the bundle's split and statistics, not a new split
@@ -78,7 +82,7 @@ def train(bundle: Path, run: Path, args: list[str], epochs: int) -> None:
             shutil.copy(bundle / "models" / name, models / name)
     resume = (models / "checkpoint_last.pt").exists()
     nucleiseg("train", "--bundle", str(bundle), "--bundle_root", str(run), "--epochs", str(epochs),
-              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", "0.0003",
+              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", repr(learning_rate),
               "--pretrained", str(bundle / "models" / "model.pt"), "--resume", str(resume).lower(), *args,
               log=run / "train.log")
     (run / "DONE").touch()
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bundle, out = Path(args.bundle).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = {"bundle": str(bundle), "epochs": args.epochs, "epoch_length": 50, "learning_rate": 3e-4,
+    results = {"bundle": str(bundle), "epochs": args.epochs, "epoch_length": 50, "learning_rate": LEARNING_RATE,
                "pretrained": "the bundle's models/model.pt", "variants": {}}
     for name in ["bundle", *(args.only or VARIANTS)]:
         run, report = out / name, out / f"val_{name}" / "metrics.json"
@@ -114,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         extra = [] if name == "bundle" else variant_args(VARIANTS[name], run, bundle)
         if name != "bundle" and not (run / "DONE").exists():
             print(f"{name}: training", flush=True)
-            train(bundle, run, extra, args.epochs)
+            train(bundle, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
         if not report.exists():
             checkpoint = bundle / "models" / "model.pt" if name == "bundle" else run / "models" / "model.pt"
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
                       "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
         row = summary(json.loads(report.read_text()))
         row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
+        if name != "bundle" and "learning_rate" in VARIANTS[name]:
+            row["learning_rate"] = VARIANTS[name]["learning_rate"]
         results["variants"][name] = row
         print(f"{name:22s} AJI mean {row['mean']['aji']:.3f}  " + "  ".join(
             f"{s} {row['sources'][s]['aji']:.3f}/{row['sources'][s]['recall']:.3f}" for s in SOURCES), flush=True)
