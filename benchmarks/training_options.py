@@ -4,16 +4,22 @@ changed, the best checkpoint then scored on every source's validation tiles with
     python benchmarks/training_options.py --out runs/options                   # every variant, ~17 min each on 2 cores
     python benchmarks/training_options.py --out runs/options --only control no_ignore
 
-Variants (``VARIANTS``): ``control`` (the recipe as trained), NuInsSeg's unstated pixel size at 0.125 and 0.175 um/px
-instead of its registry's 0.148 (a copy of the registry passed as ``sources_file``), no ignored far background in
-NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), batches drawn by tile count instead of a third from each
-source (``source_mix``), the loss weighted 3x or 6x where touching nuclei meet (``contact_weight`` 2 or 5), and three times
-the stain jitter (``stain_jitter`` sigma 0.15, bias 0.05, against 0.05 and 0.02); ``contact_weight_5_lr1e-4`` fine-tunes
-at a third of the learning rate. ``bundle`` is the bundle's own
-weights, not fine-tuned. Every variant starts from the same weights, seed, schedule and learning rate, so they
-differ by the option and by chance: ``control`` against ``bundle`` shows how large chance and the restart are.
-Resumable: a variant whose ``OUT/NAME/DONE`` exists is not trained again, a report already written is not
-evaluated again. Writes ``OUT/training_options.json``.
+Variants (``VARIANTS``): ``control`` (the recipe as trained before 0.5.0), NuInsSeg's unstated pixel size at 0.125
+and 0.175 um/px instead of its registry's 0.148 (a copy of the registry passed as ``sources_file``), no ignored far
+background in NuInsSeg's sparsely annotated tiles (``ignore_beyond`` 0), batches drawn by tile count instead of a
+third from each source (``source_mix``), the loss weighted 3x or 6x where touching nuclei meet (``contact_weight`` 2,
+since 0.5.0 the recipe's own, or 5), and three times the stain jitter (``stain_jitter`` sigma 0.15, bias 0.05,
+against 0.05 and 0.02). Every variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against:
+no contact weight) and its own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
+variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
+``control`` against ``bundle`` shows how large chance and the restart are. Resumable: a variant whose
+``OUT/NAME/DONE`` exists is not trained again, a report already written is not evaluated again. Writes
+``OUT/training_options.json``.
+
+The figures in ``bundles/nuclei_unet_small/docs/training_options.json`` started from 0.4.0's weights::
+
+    git show 91e91e9:bundles/nuclei_unet_small/models/model.pt > runs/model_040.pt
+    python benchmarks/training_options.py --out runs/options --pretrained runs/model_040.pt
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("cryonuseg", "monuseg2018_train", "nuinsseg")
-LEARNING_RATE = 3e-4  # a variant may set its own ("learning_rate")
+LEARNING_RATE = 3e-4
+BASE_SETTINGS = ["--contact_weight", "0"]  # what the options were measured against; a variant's settings come after
 KEYS = ("aji", "pq", "recall", "f1", "missed", "merged")
 
 
@@ -47,14 +54,13 @@ VARIANTS = {
     "mix_by_tiles": {"mix": "tiles"},
     "contact_weight_2": {"settings": ["--contact_weight", "2"]},
     "contact_weight_5": {"settings": ["--contact_weight", "5"]},
-    "contact_weight_5_lr1e-4": {"settings": ["--contact_weight", "5"], "learning_rate": 1e-4},
     "stain_jitter_strong": {"settings": ["--stain_jitter", "[0.15, 0.05]"]},
 }
 
 
 def variant_args(spec: dict, run: Path, bundle: Path) -> list[str]:
     """Config settings of one variant, for training and evaluation alike (a registry copy where it needs one)."""
-    args = list(spec.get("settings", []))
+    args = [*BASE_SETTINGS, *spec.get("settings", [])]
     if "nuinsseg_mpp" in spec:
         registry = json.loads((REPO / "nucleiseg_monai" / "sources.json").read_text())
         registry["nuinsseg"]["mpp"] = spec["nuinsseg_mpp"]
@@ -74,7 +80,7 @@ def nucleiseg(*args: str, log: Path) -> None:
             raise SystemExit(f"{' '.join(command)} failed; see {log}")
 
 
-def train(bundle: Path, run: Path, args: list[str], epochs: int, learning_rate: float = LEARNING_RATE) -> None:
+def train(bundle: Path, pretrained: Path, run: Path, args: list[str], epochs: int) -> None:
     models = run / "models"
     models.mkdir(parents=True, exist_ok=True)
     for name in ("datalist.json", "channel_stats.json"):  # the bundle's split and statistics, not a new split
@@ -82,8 +88,8 @@ def train(bundle: Path, run: Path, args: list[str], epochs: int, learning_rate: 
             shutil.copy(bundle / "models" / name, models / name)
     resume = (models / "checkpoint_last.pt").exists()
     nucleiseg("train", "--bundle", str(bundle), "--bundle_root", str(run), "--epochs", str(epochs),
-              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", repr(learning_rate),
-              "--pretrained", str(bundle / "models" / "model.pt"), "--resume", str(resume).lower(), *args,
+              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", repr(LEARNING_RATE),
+              "--pretrained", str(pretrained), "--resume", str(resume).lower(), *args,
               log=run / "train.log")
     (run / "DONE").touch()
 
@@ -107,26 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the runs, their reports and training_options.json")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="these variants only")
+    parser.add_argument("--pretrained", help="weights every variant starts from (default: the bundle's models/model.pt)")
     args = parser.parse_args(argv)
     bundle, out = Path(args.bundle).resolve(), Path(args.out).resolve()
+    pretrained = Path(args.pretrained).resolve() if args.pretrained else bundle / "models" / "model.pt"
+    if not pretrained.is_file():
+        parser.error(f"--pretrained: no such file {pretrained}")
     out.mkdir(parents=True, exist_ok=True)
     results = {"bundle": str(bundle), "epochs": args.epochs, "epoch_length": 50, "learning_rate": LEARNING_RATE,
-               "pretrained": "the bundle's models/model.pt", "variants": {}}
+               "pretrained": str(pretrained), "base_settings": BASE_SETTINGS, "variants": {}}
     for name in ["bundle", *(args.only or VARIANTS)]:
         run, report = out / name, out / f"val_{name}" / "metrics.json"
         run.mkdir(exist_ok=True)
         extra = [] if name == "bundle" else variant_args(VARIANTS[name], run, bundle)
         if name != "bundle" and not (run / "DONE").exists():
             print(f"{name}: training", flush=True)
-            train(bundle, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
+            train(bundle, pretrained, run, extra, args.epochs)
         if not report.exists():
-            checkpoint = bundle / "models" / "model.pt" if name == "bundle" else run / "models" / "model.pt"
+            checkpoint = pretrained if name == "bundle" else run / "models" / "model.pt"
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
                       "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
         row = summary(json.loads(report.read_text()))
         row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
-        if name != "bundle" and "learning_rate" in VARIANTS[name]:
-            row["learning_rate"] = VARIANTS[name]["learning_rate"]
         results["variants"][name] = row
         print(f"{name:22s} AJI mean {row['mean']['aji']:.3f}  " + "  ".join(
             f"{s} {row['sources'][s]['aji']:.3f}/{row['sources'][s]['recall']:.3f}" for s in SOURCES), flush=True)
