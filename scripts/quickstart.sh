@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, then train the small bundle on its three sources with a short schedule and evaluate it on
-# every source's held-out tiles (about 10 min on 2 CPU cores). Outputs go to runs/quickstart/ so the bundle's own
+# every source's held-out tiles (about 11 min on 2 CPU cores). Outputs go to runs/quickstart/ so the bundle's own
 # trained model stays untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
