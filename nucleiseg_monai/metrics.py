@@ -227,14 +227,10 @@ def _unmatched_counts(ov: Overlap) -> tuple[int, int]:
     missed - merged) were found but cut into pieces or drawn too large or too small for an IoU above 0.5.
     """
     n_true, n_pred = ov.true_area.size, ov.pred_area.size
-    if n_true == 0:
-        return 0, 0
     matched = np.zeros(n_true, dtype=bool)
     matched[ov.ti[ov.iou > MATCH_IOU]] = True
     covered = np.bincount(ov.ti, weights=ov.inter, minlength=n_true)
     missed = ~matched & (2 * covered < ov.true_area)
-    if ov.ti.size == 0:
-        return int(missed.sum()), 0
     halves = 2 * ov.inter >= ov.true_area[ov.ti]
     halves_per_pred = np.bincount(ov.pi[halves], minlength=n_pred)
     order = np.lexsort((ov.pi, -ov.inter, ov.ti))
