@@ -292,9 +292,9 @@ class InferenceNetwork:
             boundary, and optionally the distance map: ``postprocess.activate``); put in eval mode here.
         channel_mean, channel_std: per-channel statistics on the 0-255 scale; or ``channel_stats``, a JSON file.
         checkpoint: optional state-dict file to load into ``network`` (raw, or under "network"/"model"/...).
-        roi_size, overlap, sw_batch_size, padding_mode: the network's windows inside each region: None runs each
-            region in one pass (padded to the network's multiple), else gaussian-blended windows of ``roi_size`` px
-            (a multiple of 2**depth for the U-Net).
+        roi_size, overlap, sw_batch_size: the network's windows inside each region: None runs each region in one
+            pass (padded to the network's multiple), else gaussian-blended windows of ``roi_size`` px (a multiple of
+            2**depth for the U-Net). padding_mode: how that padding is filled (``inferers.pad_centred``).
         device: torch device; CUDA when available by default.
         amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
             channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
@@ -312,7 +312,7 @@ class InferenceNetwork:
     def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float] | None = None,
                  channel_std: Sequence[float] | None = None, channel_stats: str | os.PathLike | None = None,
                  checkpoint: str | os.PathLike | None = None, roi_size: int | None = 512, overlap: float = 0.25,
-                 sw_batch_size: int = 4, padding_mode: str = "constant", device: str | torch.device | None = None,
+                 sw_batch_size: int = 4, padding_mode: str = "reflect", device: str | torch.device | None = None,
                  amp: bool = False, channels_last: bool = False, runtime: str = "eager", int8: bool = False,
                  test_time_flips: int = 1):
         if channel_stats is not None:

@@ -7,7 +7,8 @@ and no blending, and each pixel goes through the network once. Windows (``window
 ``window_overlap``) hold one window's activations at a time, for devices where a region's activations do not fit.
 ``test_time_flips`` (1, 2 or 4) averages the network's outputs over the image and its flips: more accurate, and that
 many network passes. Validation, evaluation and the inference predictor all build their inferer here, so they score
-and run the same thing.
+and run the same thing. An image is padded to the network's multiple (or to one window) by mirroring its edge: zeros
+there cost nuclei near the border (``pad_centred``), and a tile resampled to the working scale is rarely a multiple.
 """
 
 from __future__ import annotations
@@ -17,31 +18,70 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
+from monai.utils import ensure_tuple_rep
 
-__all__ = ["FlipInferer", "WholeImageInferer", "window_inferer"]
+__all__ = ["FlipInferer", "PaddedSlidingWindowInferer", "WholeImageInferer", "pad_centred", "window_inferer"]
 
 FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}
 
 
-class WholeImageInferer(Inferer):
-    """The network on the whole (N, C, H, W) input at once, zero-padded (centred) to multiples of ``multiple`` and
-    cropped back; zero is the mean colour once the input is z-scored, as MONAI's sliding window pads."""
+PADDING_MODES = ("reflect", "replicate", "constant")
 
-    def __init__(self, multiple: int = 1):
+
+def pad_centred(x: torch.Tensor, ph: int, pw: int, mode: str = "reflect") -> tuple[torch.Tensor, int, int]:
+    """(N, C, H, W) padded by ``ph`` rows and ``pw`` columns split evenly around it: (padded, top, left).
+
+    "reflect" mirrors the image's own edge (as the training augmentation pads), so the network sees tissue-like
+    context at an image border; "constant" fills zeros, the mean colour once z-scored, which the network never saw
+    in training and which disturbs nuclei up to its receptive field away. Reflection needs each pad shorter than the
+    side it mirrors; tinier inputs are padded by repeating their edge instead.
+    """
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    top, left = ph // 2, pw // 2
+    if not (ph or pw):
+        return x, 0, 0
+    h, w = x.shape[-2:]
+    if mode == "reflect" and (ph - top >= h or pw - left >= w):
+        mode = "replicate"
+    return F.pad(x, (left, pw - left, top, ph - top), mode=mode), top, left
+
+
+class WholeImageInferer(Inferer):
+    """The network on the whole (N, C, H, W) input at once, padded (centred, ``pad_centred``) to multiples of
+    ``multiple`` and cropped back."""
+
+    def __init__(self, multiple: int = 1, padding_mode: str = "reflect"):
         super().__init__()
         if int(multiple) < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
-        self.multiple = int(multiple)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.multiple, self.padding_mode = int(multiple), padding_mode
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         h, w = inputs.shape[-2:]
-        m = self.multiple
-        ph, pw = -h % m, -w % m
-        if not (ph or pw):
-            return network(inputs, *args, **kwargs)
-        top, left = ph // 2, pw // 2
-        padded = F.pad(inputs, (left, pw - left, top, ph - top))
-        return network(padded, *args, **kwargs)[..., top:top + h, left:left + w]
+        padded, top, left = pad_centred(inputs, -h % self.multiple, -w % self.multiple, self.padding_mode)
+        out = network(padded, *args, **kwargs)
+        return out if padded is inputs else out[..., top:top + h, left:left + w]
+
+
+class PaddedSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's gaussian sliding window, on an input first padded (``pad_centred``) to at least one window: MONAI
+    would pad a smaller input itself, with a mode that fails where reflection is longer than the image."""
+
+    def __init__(self, *args, padding_mode: str = "reflect", **kwargs):
+        super().__init__(*args, padding_mode="constant", **kwargs)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.edge_mode = padding_mode
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        h, w = inputs.shape[-2:]
+        roi_h, roi_w = ensure_tuple_rep(self.roi_size, 2)
+        padded, top, left = pad_centred(inputs, max(roi_h - h, 0), max(roi_w - w, 0), self.edge_mode)
+        out = super().__call__(padded, network, *args, **kwargs)
+        return out if padded is inputs else out[..., top:top + h, left:left + w]
 
 
 class FlipInferer(Inferer):
@@ -65,17 +105,18 @@ class FlipInferer(Inferer):
 
 
 def window_inferer(window: int | None, overlap: float = 0.125, multiple: int = 1, sw_batch_size: int = 1,
-                   padding_mode: str = "constant", device: torch.device | str | None = None,
+                   padding_mode: str = "reflect", device: torch.device | str | None = None,
                    flips: int = 1) -> Inferer:
     """``WholeImageInferer`` when ``window`` is None (or 0), else a gaussian ``SlidingWindowInferer`` of
     ``window`` x ``window`` px windows overlapping by ``overlap``, ``sw_batch_size`` at a time; averaged over
-    ``flips`` flips of the input (``FlipInferer``) when ``flips`` is 2 or 4."""
+    ``flips`` flips of the input (``FlipInferer``) when ``flips`` is 2 or 4. ``padding_mode``: how an image is
+    padded to the network's multiple or to one window (``pad_centred``)."""
     if not window:
-        inferer: Inferer = WholeImageInferer(multiple)
+        inferer: Inferer = WholeImageInferer(multiple, padding_mode)
     else:
         if int(window) % multiple:
             raise ValueError(f"window must be a multiple of {multiple} for this network, got {window}")
-        inferer = SlidingWindowInferer(roi_size=int(window), sw_batch_size=sw_batch_size, overlap=overlap,
-                                       mode="gaussian", padding_mode=padding_mode, sw_device=device, device=device,
-                                       progress=False)
+        inferer = PaddedSlidingWindowInferer(roi_size=int(window), sw_batch_size=sw_batch_size, overlap=overlap,
+                                             mode="gaussian", padding_mode=padding_mode, sw_device=device,
+                                             device=device, progress=False)
     return inferer if int(flips) == 1 else FlipInferer(inferer, flips)

@@ -22,20 +22,57 @@ def test_whole_image_pads_to_the_multiple_centred_and_crops_back(shape):
     torch.testing.assert_close(out, x * 2 + 1)  # each input pixel lands on its own output pixel
 
 
-def test_padding_is_centred_zero():
+def _seen_by_network(inferer, x):
     seen = {}
 
-    def record(x):
-        seen["x"] = x
-        return x
+    def record(t):
+        seen["x"] = t.clone()  # the sliding window weights what the network returns in place
+        return t
 
-    WholeImageInferer(16)(torch.ones(1, 1, 10, 13), record)
-    padded = seen["x"][0, 0]
+    inferer(x, record)
+    return seen["x"][0, 0]
+
+
+def test_constant_padding_is_centred_zero():
+    padded = _seen_by_network(WholeImageInferer(16, "constant"), torch.ones(1, 1, 10, 13))
     assert padded.shape == (16, 16)
     rows, cols = torch.nonzero(padded, as_tuple=True)
     assert (rows.min().item(), rows.max().item()) == (3, 12)  # 6 rows of padding: 3 above, 3 below
     assert (cols.min().item(), cols.max().item()) == (1, 13)  # 3 columns: 1 left, 2 right
     assert padded.sum().item() == 10 * 13  # the padding is zeros
+
+
+def test_default_padding_mirrors_the_image_edge():
+    x = torch.arange(10 * 13, dtype=torch.float32).reshape(1, 1, 10, 13)
+    padded = _seen_by_network(WholeImageInferer(16), x)
+    assert padded.shape == (16, 16)
+    torch.testing.assert_close(padded[3:13, 1:14], x[0, 0])  # the image, centred as with zeros
+    torch.testing.assert_close(padded[2, 1:14], x[0, 0, 1])  # the row above mirrors the image's second row
+    torch.testing.assert_close(padded[13, 1:14], x[0, 0, 8])  # and the row below its second-last
+    torch.testing.assert_close(padded[3:13, 0], x[0, 0, :, 1])
+    torch.testing.assert_close(padded[3:13, 14], x[0, 0, :, 11])
+
+
+def test_inputs_too_small_to_mirror_repeat_their_edge():
+    x = torch.tensor([[[[1.0, 2.0, 3.0]]]])  # one row: nothing to mirror it with
+    padded = _seen_by_network(WholeImageInferer(16), x)
+    assert padded.shape == (16, 16)
+    torch.testing.assert_close(padded[:, 6:9], x[0, 0].expand(16, 3))
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        WholeImageInferer(16, "zeros")
+
+
+def test_sliding_window_pads_a_small_image_to_one_window_by_mirroring():
+    x = torch.rand(1, 1, 20, 24)
+    inferer = window_inferer(32, 0.25, 16)
+    seen = _seen_by_network(inferer, x)
+    assert seen.shape == (32, 32)  # one window: 6 mirrored rows above and below, 4 columns left and right
+    torch.testing.assert_close(seen[6:26, 4:28], x[0, 0])
+    torch.testing.assert_close(seen[5, 4:28], x[0, 0, 1])
+    torch.testing.assert_close(seen[6:26, 3], x[0, 0, :, 1])
+    with torch.no_grad():
+        out = inferer(x, lambda t: t * 2 + 1)
+    torch.testing.assert_close(out, x * 2 + 1)
 
 
 def test_a_unet_on_the_whole_image_equals_the_same_pass_on_a_pre_padded_input():
@@ -44,7 +81,7 @@ def test_a_unet_on_the_whole_image_equals_the_same_pass_on_a_pre_padded_input():
     x = torch.randn(1, 3, 30, 37)
     with torch.no_grad():
         out = WholeImageInferer(net.multiple)(x, net)
-        padded = net(torch.nn.functional.pad(x, (1, 2, 1, 1)))[..., 1:31, 1:38]
+        padded = net(torch.nn.functional.pad(x, (1, 2, 1, 1), mode="reflect"))[..., 1:31, 1:38]
     torch.testing.assert_close(out, padded)
 
 
