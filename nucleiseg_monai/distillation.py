@@ -35,13 +35,14 @@ class TeacherBatch(PrepareBatch):
         teacher: a checkpoint of a ``UNet`` of this package (``networks.unet_from_checkpoint``); it runs in eval mode,
             without gradients, in ``amp_dtype``.
         device: where the teacher runs (the trainer's device).
-        amp_dtype: autocast dtype of the teacher's forward pass ("bfloat16" as the student trains; None: float32).
+        amp_dtype: autocast dtype of the teacher's forward pass (as the student trains: "auto" is bf16 where it is
+            native, ``networks.resolve_dtype``; None: float32).
         channel_stats: this run's normalisation ({"mean", "std"}); the teacher must have learnt with the same, and a
             ``channel_stats.json`` beside its checkpoint is checked against it.
     """
 
     def __init__(self, teacher: str | os.PathLike | None, device: str | torch.device | None = None,
-                 amp_dtype: str | torch.dtype | None = "bfloat16", channel_stats: Mapping | None = None):
+                 amp_dtype: str | torch.dtype | None = "auto", channel_stats: Mapping | None = None):
         if not teacher:
             raise ValueError("distillation needs a teacher: pass --teacher PATH (the model.pt of a trained bundle)")
         path = Path(teacher)

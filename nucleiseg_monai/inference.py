@@ -240,7 +240,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
                     int8_calibration: Callable[[], list[torch.Tensor]] | None = None) -> torch.nn.Module:
     """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
     ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32, or
-    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only).
+    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only). bf16 applies only where the
+    device has it natively (``networks.native_bf16``); elsewhere ``amp`` runs float32.
 
     OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
     by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
@@ -255,7 +256,7 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
         raise ValueError(f"int8 runs on OpenVINO: set predictor#network#runtime to 'auto' or 'openvino' "
                          f"(got {runtime!r}), or int8 to false")
     if runtime == "eager":
-        return MixedPrecision(network, torch.bfloat16 if amp else None, channels_last) \
+        return MixedPrecision(network, "auto" if amp else None, channels_last) \
             if (amp or channels_last) else network
     dtype = "int8" if int8 else torch.bfloat16 if amp else torch.float32
     key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads())

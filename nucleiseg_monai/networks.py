@@ -12,6 +12,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import logging
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_SMALL = (64, 128, 256, 512)
 REFERENCE_FULL = (64, 128, 256, 512, 1024)
@@ -116,28 +119,75 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU where oneDNN has a
+    bf16 path (AVX-512 and newer). Elsewhere (an AVX2-only CPU) bf16 is emulated and many times slower than
+    float32, the opposite of what it is for."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+_reported_precision: set[str] = set()
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype | None:
+    """An autocast dtype for ``device``: "auto" is bfloat16 where ``native_bf16``, else None (float32, and one log
+    line per device type saying so); names ("bfloat16", "float32") become torch dtypes; float32 becomes None."""
+    if dtype == "auto":
+        device = torch.device(device)
+        if native_bf16(device):
+            return torch.bfloat16
+        if device.type not in _reported_precision:
+            _reported_precision.add(device.type)
+            logger.info("bf16 is not native on this %s (oneDNN has no bf16 path without AVX-512), so the network "
+                        "runs in float32 (amp_dtype 'auto'); 'bfloat16' forces it", device.type.upper())
+        return None
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp_dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+    return None if dtype == torch.float32 else dtype
+
+
 class MixedPrecision(nn.Module):
     """Runs a network under autocast on whatever device its input lives, in channels-last memory layout.
 
-    MONAI's engines only autocast on CUDA; on these CPUs bf16 autocast halves the U-Net's forward time and
-    channels-last halves it again. Outputs come back as float32 so losses and post-processing are unaffected.
-    The wrapped module's state dict is the plain network's (checkpoints stay loadable without this wrapper).
+    MONAI's engines only autocast on CUDA; on CPUs with a native bf16 path, bf16 autocast halves the U-Net's forward
+    time and channels-last halves it again. ``dtype`` "auto" (the bundles' ``amp_dtype``) takes bf16 only where it
+    is native (``native_bf16``), decided for each device the input arrives on. Outputs come back as float32 so
+    losses and post-processing are unaffected. The wrapped module's state dict is the plain network's (checkpoints
+    stay loadable without this wrapper).
     """
 
-    def __init__(self, network: nn.Module, dtype: torch.dtype | str | None = torch.bfloat16, channels_last: bool = True):
+    def __init__(self, network: nn.Module, dtype: torch.dtype | str | None = "auto", channels_last: bool = True):
         super().__init__()
         self.network = network
-        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.requested = dtype
+        resolve_dtype(dtype if dtype != "auto" else None, "cpu")  # an unknown name fails here, not mid-run
         self.channels_last = channels_last
+        self._dtypes: dict[str, torch.dtype | None] = {}
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
+
+    def dtype_for(self, device: torch.device) -> torch.dtype | None:
+        key = str(device)
+        if key not in self._dtypes:
+            self._dtypes[key] = resolve_dtype(self.requested, device)
+        return self._dtypes[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None or self.dtype == torch.float32:
+        dtype = self.dtype_for(x.device)
+        if dtype is None:
             return self.network(x).float()
-        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
             return self.network(x).float()
 
     def state_dict(self, *args, **kwargs):
@@ -257,6 +307,7 @@ def prepare_for_inference(
       NNCF on ``calibration`` (a few normalised input tiles), which changes outputs more than bf16 does.
     * ``"torch"``: batch norm folded into the convolutions, weights stored in ``dtype``, channels-last; any device.
     * ``"eager"``: ``MixedPrecision`` (autocast), as in training.
+    Both torch runtimes take bfloat16 only where it is native (``native_bf16``), else float32.
     * ``"auto"``: OpenVINO on a CPU when it is installed, else ``"torch"``.
 
     ``example_shape`` is one input's shape (batch, channels, height, width); the exported graphs also take other
@@ -288,9 +339,12 @@ def prepare_for_inference(
         if dtype == "int8" and importlib.util.find_spec("nncf") is None:
             raise ImportError("dtype 'int8' quantises with NNCF: pip install nncf, or use dtype bfloat16")
         return _openvino_network(network, dtype, example_shape, calibration, threads)
+    if dtype == torch.bfloat16:
+        # OpenVINO takes bf16 as a hint and keeps float32 where the CPU has no bf16; torch would emulate it
+        dtype = resolve_dtype("auto", device) or torch.float32
     if runtime == "torch":
         return CastNetwork(network, dtype).eval()
-    return MixedPrecision(copy.deepcopy(network), None if dtype == torch.float32 else dtype).eval()
+    return MixedPrecision(copy.deepcopy(network), dtype).eval()
 
 
 def count_parameters(network: nn.Module) -> int:

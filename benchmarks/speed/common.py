@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nucleiseg_monai.networks import native_bf16
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATS = ([180.0, 120.0, 170.0], [40.0, 45.0, 35.0])  # z-scoring when no bundle or datalist has any
 
@@ -169,10 +171,7 @@ def environment(threads: int) -> dict:
     except OSError:  # not Linux
         pass
     model = model or platform.processor() or platform.machine()
-    try:
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # private, but what oneDNN itself checks
-    except (AttributeError, RuntimeError):
-        bf16 = None
+    bf16 = native_bf16("cpu")
     import monai
 
     env = {
