@@ -146,13 +146,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
             return torch.bfloat16
         if device.type not in _reported_precision:
             _reported_precision.add(device.type)
-            logger.info("bf16 is not native on this %s (oneDNN has no bf16 path without AVX-512), so the network "
-                        "runs in float32 (amp_dtype 'auto'); 'bfloat16' forces it", device.type.upper())
+            why = "oneDNN has no bf16 path without AVX-512" if device.type == "cpu" else "not supported here"
+            logger.info("bf16 is not native on this %s (%s), so the network runs in float32 (amp_dtype 'auto'); "
+                        "'bfloat16' forces it", device.type.upper(), why)
         return None
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if named not in (None, torch.float32, torch.bfloat16, torch.float16) or (isinstance(dtype, str) and named is None):
         raise ValueError(f"amp_dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
-    return None if dtype == torch.float32 else dtype
+    return None if named == torch.float32 else named
 
 
 class MixedPrecision(nn.Module):
@@ -307,8 +308,9 @@ def prepare_for_inference(
       NNCF on ``calibration`` (a few normalised input tiles), which changes outputs more than bf16 does.
     * ``"torch"``: batch norm folded into the convolutions, weights stored in ``dtype``, channels-last; any device.
     * ``"eager"``: ``MixedPrecision`` (autocast), as in training.
-    Both torch runtimes take bfloat16 only where it is native (``native_bf16``), else float32.
     * ``"auto"``: OpenVINO on a CPU when it is installed, else ``"torch"``.
+
+    The torch runtimes take bfloat16 only where it is native (``native_bf16``), else float32.
 
     ``example_shape`` is one input's shape (batch, channels, height, width); the exported graphs also take other
     batch sizes and any height and width that are multiples of ``network.multiple``.

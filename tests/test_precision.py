@@ -34,10 +34,9 @@ def test_auto_is_bf16_only_where_native(native, caplog):
 def test_named_dtypes_are_kept_and_unknown_ones_refused():
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # forced, native or not
     assert resolve_dtype("float32", "cpu") is None and resolve_dtype(None, "cpu") is None
-    with pytest.raises(ValueError, match="amp_dtype must be 'auto'"):
-        MixedPrecision(UNet(features=TINY), "int8")
-    with pytest.raises(AttributeError):
-        resolve_dtype("bf16", "cpu")  # not a torch dtype name
+    for wrong in ("int8", "bf16", "Tensor", torch.int8):  # not a float dtype, not a torch name, not a dtype
+        with pytest.raises(ValueError, match="amp_dtype must be 'auto'"):
+            MixedPrecision(UNet(features=TINY), wrong)
 
 
 def test_mixed_precision_auto_runs_float32_without_native_bf16(native):
