@@ -23,9 +23,13 @@ from monai.utils import ensure_tuple_rep
 __all__ = ["FlipInferer", "PaddedSlidingWindowInferer", "WholeImageInferer", "pad_centred", "window_inferer"]
 
 FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}
-
-
 PADDING_MODES = ("reflect", "replicate", "constant")
+
+
+def _padding_mode(mode: str) -> str:
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    return mode
 
 
 def pad_centred(x: torch.Tensor, ph: int, pw: int, mode: str = "reflect") -> tuple[torch.Tensor, int, int]:
@@ -36,11 +40,10 @@ def pad_centred(x: torch.Tensor, ph: int, pw: int, mode: str = "reflect") -> tup
     in training and which disturbs nuclei up to its receptive field away. Reflection needs each pad shorter than the
     side it mirrors; tinier inputs are padded by repeating their edge instead.
     """
-    if mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
-    top, left = ph // 2, pw // 2
+    _padding_mode(mode)
     if not (ph or pw):
         return x, 0, 0
+    top, left = ph // 2, pw // 2
     h, w = x.shape[-2:]
     if mode == "reflect" and (ph - top >= h or pw - left >= w):
         mode = "replicate"
@@ -55,9 +58,7 @@ class WholeImageInferer(Inferer):
         super().__init__()
         if int(multiple) < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.multiple, self.padding_mode = int(multiple), padding_mode
+        self.multiple, self.padding_mode = int(multiple), _padding_mode(padding_mode)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         h, w = inputs.shape[-2:]
@@ -72,9 +73,7 @@ class PaddedSlidingWindowInferer(SlidingWindowInferer):
 
     def __init__(self, *args, padding_mode: str = "reflect", **kwargs):
         super().__init__(*args, padding_mode="constant", **kwargs)
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.edge_mode = padding_mode
+        self.edge_mode = _padding_mode(padding_mode)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         h, w = inputs.shape[-2:]
