@@ -2,9 +2,10 @@
 
 Times one training iteration (forward, backward and AdamW step on a batch of ``--batch`` patches of ``--patch`` px)
 and one forward pass in eval mode (4 x 512^2) of the small bundle's network, in float32 and under bf16 autocast
-(``networks.MixedPrecision``, channels-last as training runs; and float32 in the default memory layout), alternating for ``--rounds`` rounds after a warm-up; prints the medians and
-their ratio, the CPU's vector capability, whether oneDNN has a bf16 path (``networks.native_bf16``) and so which
-precision "auto" picks, and writes them to ``benchmarks/results/precision_<capability>.json``.
+(``networks.MixedPrecision``, channels-last as training runs), and in float32 in the default memory layout,
+alternating for ``--rounds`` rounds after a warm-up; prints the medians and their ratios, the CPU's vector
+capability, whether oneDNN has a bf16 path (``networks.native_bf16``) and so which precision "auto" picks, and
+writes them to ``benchmarks/results/precision_<capability>.json``.
 
     python benchmarks/precision.py [--rounds 3] [--threads 2]
 """

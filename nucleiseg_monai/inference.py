@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .atomic import remove_stale
 from .data import load_stats
 from .inferers import window_inferer
-from .networks import MixedPrecision, load_weights, prepare_for_inference
+from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype
 from .outputs import OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import activate, instances_from_probs
 from .stitching import RegionGrid, RegionStitcher
@@ -255,10 +255,10 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     if int8 and runtime not in ("auto", "openvino"):
         raise ValueError(f"int8 runs on OpenVINO: set predictor#network#runtime to 'auto' or 'openvino' "
                          f"(got {runtime!r}), or int8 to false")
+    precision = resolve_dtype("auto", device) if amp else None  # bf16 where native, else float32
     if runtime == "eager":
-        return MixedPrecision(network, "auto" if amp else None, channels_last) \
-            if (amp or channels_last) else network
-    dtype = "int8" if int8 else torch.bfloat16 if amp else torch.float32
+        return MixedPrecision(network, precision, channels_last) if (amp or channels_last) else network
+    dtype = "int8" if int8 else precision or torch.float32
     key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads())
     if _prepared is None or _prepared[0] != key:
         _prepared = None  # the old copy goes before the new one is built

@@ -150,8 +150,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
             logger.info("bf16 is not native on this %s (%s), so the network runs in float32 (amp_dtype 'auto'); "
                         "'bfloat16' forces it", device.type.upper(), why)
         return None
-    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if named not in (None, torch.float32, torch.bfloat16, torch.float16) or (isinstance(dtype, str) and named is None):
+    named = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a string
+    if named not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"amp_dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
     return None if named == torch.float32 else named
 
@@ -170,7 +170,8 @@ class MixedPrecision(nn.Module):
         super().__init__()
         self.network = network
         self.requested = dtype
-        resolve_dtype(dtype if dtype != "auto" else None, "cpu")  # an unknown name fails here, not mid-run
+        if dtype != "auto":
+            resolve_dtype(dtype, "cpu")  # an unknown name fails here, not mid-run
         self.channels_last = channels_last
         self._dtypes: dict[str, torch.dtype | None] = {}
         if channels_last:
@@ -310,8 +311,6 @@ def prepare_for_inference(
     * ``"eager"``: ``MixedPrecision`` (autocast), as in training.
     * ``"auto"``: OpenVINO on a CPU when it is installed, else ``"torch"``.
 
-    The torch runtimes take bfloat16 only where it is native (``native_bf16``), else float32.
-
     ``example_shape`` is one input's shape (batch, channels, height, width); the exported graphs also take other
     batch sizes and any height and width that are multiples of ``network.multiple``.
     """
@@ -341,12 +340,9 @@ def prepare_for_inference(
         if dtype == "int8" and importlib.util.find_spec("nncf") is None:
             raise ImportError("dtype 'int8' quantises with NNCF: pip install nncf, or use dtype bfloat16")
         return _openvino_network(network, dtype, example_shape, calibration, threads)
-    if dtype == torch.bfloat16:
-        # OpenVINO takes bf16 as a hint and keeps float32 where the CPU has no bf16; torch would emulate it
-        dtype = resolve_dtype("auto", device) or torch.float32
     if runtime == "torch":
         return CastNetwork(network, dtype).eval()
-    return MixedPrecision(copy.deepcopy(network), dtype).eval()
+    return MixedPrecision(copy.deepcopy(network), None if dtype == torch.float32 else dtype).eval()
 
 
 def count_parameters(network: nn.Module) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nucleiseg_monai import networks
+from nucleiseg_monai.inference import prepare_network
 from nucleiseg_monai.networks import CastNetwork, MixedPrecision, UNet, prepare_for_inference, resolve_dtype
 
 TINY = (8, 16, 32, 64)
@@ -53,10 +54,14 @@ def test_mixed_precision_auto_runs_float32_without_native_bf16(native):
     assert not torch.equal(mixed, plain)  # bf16 rounding shows where it is native
 
 
-def test_torch_runtime_keeps_float32_weights_without_native_bf16(native):
+def test_the_predictors_torch_runtime_keeps_float32_weights_without_native_bf16(native):
     net = UNet(features=TINY).eval()
+    shape, cpu = (1, 3, 64, 64), torch.device("cpu")
     native(False)
-    prepared = prepare_for_inference(net, "torch", torch.bfloat16)
+    prepared = prepare_network(net, "torch", True, False, shape, "precision-test-emulated", cpu)
     assert isinstance(prepared, CastNetwork) and prepared.dtype == torch.float32
     native(True)
+    assert prepare_network(net, "torch", True, False, shape, "precision-test-native", cpu).dtype == torch.bfloat16
+    # asked for by name, bf16 is what a caller gets, native or not
+    native(False)
     assert prepare_for_inference(net, "torch", torch.bfloat16).dtype == torch.bfloat16
