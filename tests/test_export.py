@@ -31,6 +31,7 @@ assert extra["metadata.json"] and extra["train.json"], "metadata or config missi
 """
 
 
+@pytest.mark.slow  # two subprocesses: MONAI's ckpt_export, then a bare load of what it wrote
 @pytest.mark.parametrize("bundle", EXPORTABLE, ids=lambda p: p.name)
 def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     torch.set_num_threads(1)

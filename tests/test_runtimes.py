@@ -161,17 +161,25 @@ def test_the_shipped_fast_path_gives_the_instances_of_plain_float32(tmp_path):
         assert agreement["f1"] >= 0.97 and agreement["aji"] >= 0.95, agreement
 
 
-def test_int8_under_auto_gives_way_where_it_cannot_run(trained_network, monkeypatch, caplog):
-    """The shipped ``int8: true`` must not break a machine without NNCF: "auto" then runs bf16 and says so, while
+def test_int8_under_auto_gives_way_where_it_cannot_run(monkeypatch, caplog):
+    """The shipped ``int8: true`` must not break a machine without NNCF: "auto" then runs without int8 and says so, while
     an explicit "eager" refuses int8 outright."""
     from nucleiseg_monai import inference
 
+    tiny = UNet(features=(8, 16, 32, 64)).eval()
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(inference.importlib.util, "find_spec",
                         lambda name, *a: None if name == "nncf" else real_find_spec(name, *a))
+    asked = {}
+    # the decision is under test, not OpenVINO's export (seconds to tens of seconds, tested elsewhere)
+    monkeypatch.setattr(inference, "prepare_network",
+                        lambda network, runtime, amp, *a: asked.update(runtime=runtime, amp=amp, calibration=a[-1])
+                        or network)
     with caplog.at_level("INFO", logger="nucleiseg_monai.inference"):
-        net = inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, roi_size=None, runtime="auto",
-                                         amp=True, int8=True)
+        net = inference.InferenceNetwork(tiny, [128] * 3, [40] * 3, roi_size=None, runtime="auto", amp=True,
+                                         int8=True)
     assert net.int8 is False and "int8 needs OpenVINO and NNCF" in caplog.text
+    assert asked == {"runtime": "auto", "amp": True, "calibration": None}
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="int8 runs on OpenVINO"):
-        inference.InferenceNetwork(trained_network, [128] * 3, [40] * 3, roi_size=None, runtime="eager", int8=True)
+        inference.InferenceNetwork(tiny, [128] * 3, [40] * 3, roi_size=None, runtime="eager", int8=True)
