@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .atomic import remove_stale
 from .data import load_stats
 from .inferers import window_inferer
-from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype
+from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
 from .outputs import OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete
 from .postprocess import activate, instances_from_probs
 from .stitching import RegionGrid, RegionStitcher
@@ -201,17 +201,6 @@ def to_read_grid(labels: np.ndarray, shape: tuple[int, int], scale: Fraction) ->
     return labels[np.ix_(rows, cols)]
 
 
-def weights_sha256(network: torch.nn.Module) -> str:
-    """SHA-256 over a network's state dict (names, dtypes, shapes, values): names the weights that made outputs,
-    however they were loaded."""
-    digest = hashlib.sha256()
-    for name, tensor in network.state_dict().items():
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _recorded_settings(output_dir: Path, name: str) -> dict | None:
     """The settings in an image's completion record, None when it records none (outputs of an older version)."""
     try:
@@ -237,16 +226,18 @@ _prepared: tuple[tuple, torch.nn.Module] | None = None  # the last network prepa
 
 def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_last: bool,
                     example_shape: tuple[int, int, int, int], weights: str, device: torch.device,
-                    int8_calibration: Callable[[], list[torch.Tensor]] | None = None) -> torch.nn.Module:
+                    int8_calibration: SyntheticCalibration | None = None) -> torch.nn.Module:
     """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
     ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32, or
-    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only). bf16 applies only where the
+    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only; ``int8_calibration.key`` names
+    them in the disk cache's key). bf16 applies only where the
     device has it natively (``networks.native_bf16``); elsewhere ``amp`` runs float32.
 
     OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
     by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
     shape, ``device`` and thread count (a cohort worker, a benchmark, a test module); it is only ever run, never
-    changed. A new process pays the set-up again.
+    changed. A new process reads the OpenVINO model an earlier one made from the disk cache (``openvino_cache``)
+    instead of making it again.
     """
     global _prepared
     if runtime not in RUNTIMES:
@@ -264,7 +255,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
         _prepared = None  # the old copy goes before the new one is built
         _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
                                                 example_shape=example_shape,
-                                                calibration=int8_calibration() if int8 else None))
+                                                calibration=int8_calibration,
+                                                calibration_key=int8_calibration.key if int8 else None))
     return _prepared[1]
 
 
@@ -282,6 +274,27 @@ def synthetic_inputs(mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int]
 
     return [((torch.from_numpy(make_tile(side, seed=int(seed))[0]).permute(2, 0, 1)[None].float() - mean.cpu())
              / std.cpu()).contiguous() for seed in seeds]
+
+
+class SyntheticCalibration:
+    """The inputs int8 ranges are set on: ``synthetic_inputs`` with a network's channel statistics (``mean``,
+    ``std``). ``key`` names them for the OpenVINO model cache without making them (seconds of rendering), and
+    changes with the code that renders them."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int] = INT8_CALIBRATION_SEEDS,
+                 side: int = EXAMPLE_SIDE):
+        self.mean, self.std, self.seeds, self.side = mean, std, tuple(int(s) for s in seeds), int(side)
+
+    def __call__(self) -> list[torch.Tensor]:
+        return synthetic_inputs(self.mean, self.std, self.seeds, self.side)
+
+    @property
+    def key(self) -> str:
+        from . import synthetic
+
+        renderer = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()
+        return (f"synthetic tiles {self.seeds} of {self.side} px, mean {self.mean.flatten().tolist()}, "
+                f"std {self.std.flatten().tolist()}, synthetic.py {renderer}")
 
 
 class InferenceNetwork:
@@ -335,7 +348,7 @@ class InferenceNetwork:
             logger.info("int8 needs OpenVINO and NNCF on a CPU (pip install 'nucleiseg-monai[cpu-runtimes]'); "
                         "running %s instead", "bf16" if amp else "float32")
             int8 = False
-        calibration = functools.partial(synthetic_inputs, self.mean, self.std) if int8 else None
+        calibration = SyntheticCalibration(self.mean, self.std) if int8 else None
         self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
                                        (sw_batch_size, 3, example, example), self.weights_sha256, self.device,
                                        calibration)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import io
 import logging
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -250,6 +251,13 @@ class OpenVINONetwork(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
+def _dynamic_sides(network: nn.Module, example_shape: Sequence[int]) -> bool:
+    """Whether the exported graph takes any height and width (multiples of ``network.multiple``), or only the
+    example's."""
+    multiple = getattr(network, "multiple", None)
+    return isinstance(multiple, int) and all(int(s) % multiple == 0 for s in example_shape[2:])
+
+
 def _export(network: nn.Module, example_shape: Sequence[int]) -> torch.export.ExportedProgram:
     """``torch.export`` of a float32 network with dynamic batch, and dynamic height and width where the network
     states the multiple it needs (``UNet.multiple``)."""
@@ -257,29 +265,66 @@ def _export(network: nn.Module, example_shape: Sequence[int]) -> torch.export.Ex
     # an example batch of 1 would make export specialise the batch to 1 (0/1 specialisation)
     example = torch.zeros(max(n, 2), c, h, w)
     dims = {0: torch.export.Dim("batch", min=1, max=1024)}
-    multiple = getattr(network, "multiple", None)
-    if isinstance(multiple, int) and h % multiple == 0 and w % multiple == 0:
+    if _dynamic_sides(network, example_shape):
+        multiple = network.multiple
         dims[2] = multiple * torch.export.Dim("height_blocks", min=1, max=65536 // multiple)
         dims[3] = multiple * torch.export.Dim("width_blocks", min=1, max=65536 // multiple)
     with torch.no_grad():
         return torch.export.export(copy.deepcopy(network).float().eval(), (example,), dynamic_shapes=(dims,))
 
 
+def weights_sha256(network: nn.Module) -> str:
+    """SHA-256 over a network's state dict (names, dtypes, shapes, values): names the weights that made outputs,
+    however they were loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _samples(calibration: Iterable | Callable[[], Iterable]) -> list[np.ndarray]:
+    return [np.asarray(t, dtype=np.float32) for t in (calibration() if callable(calibration) else calibration)]
+
+
 def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
-                      calibration: Iterable | None, threads: int | None) -> OpenVINONetwork:
+                      calibration: Iterable | Callable[[], Iterable] | None, calibration_key: str | None,
+                      threads: int | None) -> OpenVINONetwork:
     import openvino as ov
 
-    with warnings.catch_warnings():
-        # torch's own run_decompositions (which OpenVINO's converter calls) deep-copies a pytree LeafSpec and so
-        # warns about an API it uses itself; nothing in this package or in the network can change that
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        model = ov.convert_model(_export(network, example_shape))
-    if dtype == "int8":
-        import nncf
+    from .openvino_cache import load_or_build, model_key
 
-        samples = [np.asarray(t, dtype=np.float32) for t in calibration]
-        with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars for a few seconds' work
-            model = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+    samples = None
+    if dtype != "int8":
+        inputs = "no calibration"
+    elif calibration_key is not None:
+        inputs = f"calibration {calibration_key}"
+    else:
+        samples = _samples(calibration)
+        digest = hashlib.sha256()
+        for sample in samples:
+            digest.update(f"{sample.shape};".encode())
+            digest.update(np.ascontiguousarray(sample).tobytes())
+        inputs = f"calibration values {digest.hexdigest()}"
+    sides = "any" if _dynamic_sides(network, example_shape) else "x".join(str(int(s)) for s in example_shape[2:])
+    key = model_key(repr(network), weights_sha256(network), str(dtype), inputs,
+                    f"channels {int(example_shape[1])}, sides {sides}")
+
+    def build():
+        with warnings.catch_warnings():
+            # torch's own run_decompositions (which OpenVINO's converter calls) deep-copies a pytree LeafSpec and
+            # so warns about an API it uses itself; nothing in this package or in the network can change that
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            model = ov.convert_model(_export(network, example_shape))
+        if dtype == "int8":
+            import nncf
+
+            data = samples if samples is not None else _samples(calibration)
+            with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars for a few seconds' work
+                model = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data))
+        return model
+
     config = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
@@ -288,7 +333,7 @@ def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
     }
     if dtype != "int8":
         config["INFERENCE_PRECISION_HINT"] = "bf16" if dtype == torch.bfloat16 else "f32"
-    return OpenVINONetwork(ov.Core().compile_model(model, "CPU", config))
+    return OpenVINONetwork(ov.Core().compile_model(load_or_build(key, build), "CPU", config))
 
 
 def prepare_for_inference(
@@ -296,8 +341,9 @@ def prepare_for_inference(
     runtime: str = "auto",
     dtype: torch.dtype | str | None = torch.bfloat16,
     example_shape: Sequence[int] = (1, 3, 256, 256),
-    calibration: Iterable | None = None,
+    calibration: Iterable | Callable[[], Iterable] | None = None,
     threads: int | None = None,
+    calibration_key: str | None = None,
 ) -> nn.Module:
     """A copy of ``network`` made for fast inference only: float32 (N, C, H, W) in, float32 logits out.
 
@@ -306,7 +352,10 @@ def prepare_for_inference(
 
     * ``"openvino"``: ``torch.export`` graph converted to OpenVINO, CPU only (``pip install .[cpu-runtimes]``).
       ``dtype`` bfloat16 or float32 sets its inference precision; ``"int8"`` is post-training quantisation with
-      NNCF on ``calibration`` (a few normalised input tiles), which changes outputs more than bf16 does.
+      NNCF on ``calibration`` (a few normalised input tiles), which changes outputs more than bf16 does. The
+      model is kept on disk for the next process (``openvino_cache``), keyed by the calibration's values, or by
+      ``calibration_key``, a name that stands for them: then ``calibration`` may be a function that makes the
+      tiles, called only when the model is not kept.
     * ``"torch"``: batch norm folded into the convolutions, weights stored in ``dtype``, channels-last; any device.
     * ``"eager"``: ``MixedPrecision`` (autocast), as in training.
     * ``"auto"``: OpenVINO on a CPU when it is installed, else ``"torch"``.
@@ -339,7 +388,7 @@ def prepare_for_inference(
                              "tensors or arrays) to set the quantisation ranges")
         if dtype == "int8" and importlib.util.find_spec("nncf") is None:
             raise ImportError("dtype 'int8' quantises with NNCF: pip install nncf, or use dtype bfloat16")
-        return _openvino_network(network, dtype, example_shape, calibration, threads)
+        return _openvino_network(network, dtype, example_shape, calibration, calibration_key, threads)
     if runtime == "torch":
         return CastNetwork(network, dtype).eval()
     return MixedPrecision(copy.deepcopy(network), None if dtype == torch.float32 else dtype).eval()

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +6,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache_dir(tmp_path_factory) -> Path:
+    """One OpenVINO model cache for the whole test run (subprocesses inherit it through the environment): tests
+    that make the same model share it, and nothing is written into the user's own cache."""
+    root = tmp_path_factory.mktemp("nucleiseg_cache")
+    previous = os.environ.get("NUCLEISEG_CACHE_DIR")
+    os.environ["NUCLEISEG_CACHE_DIR"] = str(root)
+    yield root / "openvino"
+    if previous is None:
+        os.environ.pop("NUCLEISEG_CACHE_DIR", None)
+    else:
+        os.environ["NUCLEISEG_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,9 @@
 4. ``training``: the bundle's train.json against a plain PyTorch loop on the same network and ``DataLoader``;
 5. peak resident memory per phase (``common.Phases``); on CUDA (when present) the same figures again.
 
+OpenVINO models are kept in a cache of the run's own (``nucleiseg_monai.openvino_cache``), so that each run makes
+them once, as a first run on a new machine would.
+
 Run from the repository root::
 
     python -m benchmarks.speed                               # full size

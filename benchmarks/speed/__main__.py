@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nucleiseg_speed_") as tmp:
         workdir = Path(tmp)
+        # OpenVINO models made in this run only: every run starts as a first run on a new machine would
+        os.environ["NUCLEISEG_CACHE_DIR"] = str(workdir / "cache")
         bundles: list[Bundle] = []
         for name in args.bundles:
             loaded = load_bundle(args.bundles_dir, name, workdir)
