@@ -109,7 +109,8 @@ def test_the_check_sees_tracer_warnings(trained_network, tile_and_classes):
 
 
 def test_torch_runtime_warns_about_nothing(trained_network, tile_and_classes):
-    assert _no_warnings("torch", trained_network, tile_and_classes[0]) == []
+    # a corner of the tile: warnings do not depend on its size, and bf16 is slow where it is emulated (AVX2)
+    assert _no_warnings("torch", trained_network, tile_and_classes[0][..., :64, :64]) == []
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ bring every source to one working pixel size (resampling, ignored far background
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -45,9 +46,11 @@ def write_generic(root: Path, stems: list[str], size: int = 64, mpp: float | Non
     return root
 
 
-@pytest.fixture
-def registry(tmp_path) -> tuple[Path, Path]:
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def registry_template(tmp_path_factory) -> Path:
+    """Three small sources and their registry (roots relative to it), written once per module."""
+    folder = tmp_path_factory.mktemp("registry")
+    data = folder / "data"
     write_dataset(data / "kaggle", n_tiles=9, size=64, organs=("Skin", "Thymus", "Lung"), seed=0)
     tcga = ["TCGA-A7-0001", "TCGA-AR-0002", "TCGA-B0-0003", "TCGA-HE-0004", "TCGA-HE-0005"]
     write_generic(data / "tcga", tcga, mpp=0.5)
@@ -63,9 +66,15 @@ def registry(tmp_path) -> tuple[Path, Path]:
         "groups": {"root": "groups", "layout": "generic", "mpp": 0.125, "organs": "organs.csv", "sparse_labels": True,
                    "split": {"kind": "groups", "validation": ["human_brain"], "test": ["mouse_heart"]}},
     }
-    path = tmp_path / "sources.json"
-    path.write_text(json.dumps(entries))
-    return path, data
+    (folder / "sources.json").write_text(json.dumps(entries))
+    return folder
+
+
+@pytest.fixture
+def registry(registry_template, tmp_path) -> tuple[Path, Path]:
+    """A copy of the template per test, which may add files beside it or change it."""
+    shutil.copytree(registry_template, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "sources.json", tmp_path / "data"
 
 
 def test_the_shipped_registry_describes_every_source_once():
