@@ -230,8 +230,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
     ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32, or
     quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only; ``int8_calibration.key`` names
-    them in the disk cache's key). bf16 applies only where the
-    device has it natively (``networks.native_bf16``); elsewhere ``amp`` runs float32.
+    them in the disk cache's key). bf16 applies only where the device has it natively (``networks.native_bf16``);
+    elsewhere ``amp`` runs float32.
 
     OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
     by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
