@@ -1,4 +1,5 @@
 """Files that appear whole or not at all: write beside the target, fsync, rename (``os.replace``), fsync the folder.
+A folder of files is filled under a temporary name beside its target and renamed (``staging_folder``).
 
 Every writer of the project (checkpoints, datalists, label maps, reports, bundle zips) goes through here, so a crash
 or an exception never leaves a partial file under the final name, and results get the permissions of any file this
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -65,6 +67,14 @@ class AtomicFile:
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+
+
+def staging_folder(path: str | os.PathLike) -> Path:
+    """An empty temporary folder beside ``path``, named as ``AtomicFile`` names its files (so ``remove_stale``
+    knows its writer), to fill and then rename to ``path``: a folder of files that appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}@{_host()}-", suffix=".tmp"))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -143,7 +153,8 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> list[Path]:
-    """Deletes the temporary files of writers that died in ``folder`` (not below it) and returns their paths.
+    """Deletes the temporary files (and ``staging_folder``s) of writers that died in ``folder`` (not below it) and
+    returns their paths.
 
     A temporary file is stale when the process named in it is gone (a writer on this machine), or when it has not
     been written for ``older_than_s`` (a writer on another machine sharing the folder, or a name without a
@@ -161,10 +172,14 @@ def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> lis
             info = path.lstat()
         except FileNotFoundError:  # its writer renamed or discarded it meanwhile
             continue
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        is_folder = stat.S_ISDIR(info.st_mode)
+        if not (stat.S_ISREG(info.st_mode) or is_folder) or info.st_uid != os.getuid():
             continue
         writer_gone = match["pid"] is not None and match["host"] == host and not process_alive(int(match["pid"]))
         if writer_gone or now - info.st_mtime > older_than_s:
-            path.unlink(missing_ok=True)
+            if is_folder:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -7,8 +7,9 @@ are kept in ``$NUCLEISEG_CACHE_DIR/openvino`` (default ``$XDG_CACHE_HOME/nucleis
 ``~/.cache/nucleiseg_monai``; ``NUCLEISEG_CACHE_DIR=off`` keeps nothing), one folder per key. The key names
 everything the model depends on: the network's structure and weights, the precision, the calibration inputs, the
 shapes the graph was exported for, and the versions of torch, OpenVINO and NNCF that made it. Nothing is ever
-updated in place: a folder is written under a temporary name and renamed, so that processes sharing the cache
-see either a whole model or none. Deleting the folder is always safe.
+updated in place: a folder is written under a temporary name and renamed (``atomic.staging_folder``), so that
+processes sharing the cache see either a whole model or none, and what a killed writer left is removed by the
+next one (``atomic.remove_stale``). Deleting the folder is always safe.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+
+from .atomic import remove_stale, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ def load_or_build(key: str, build: Callable[[], object]):
             shutil.rmtree(folder, ignore_errors=True)
     model = build()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        remove_stale(root)  # what writers killed mid-save left (cohort workers do get killed)
+        staging = staging_folder(folder)
         try:
             # compress_to_fp16 would round float32 weights: the kept model must compute what the built one does
             ov.save_model(model, staging / MODEL, compress_to_fp16=False)

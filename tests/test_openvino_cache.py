@@ -2,6 +2,9 @@
 did, any change to what made it misses, and a damaged or unwritable cache costs time, never a run."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +88,20 @@ def test_an_unwritable_cache_costs_time_not_the_run(monkeypatch, tmp_path, caplo
         model = openvino_cache.load_or_build("k3", build)
     np.testing.assert_array_equal(run(model), [[0, 3, 6, 9]])
     assert build.calls == 1 and "NUCLEISEG_CACHE_DIR" in caplog.text
+
+
+def test_a_save_killed_midway_is_cleaned_up_by_the_next(cache):
+    """A cohort worker killed while it saves leaves a staging folder; the next save removes it."""
+    code = ("import os, sys; from nucleiseg_monai.atomic import staging_folder; "
+            "f = staging_folder(sys.argv[1]); (f / 'model.xml').write_text('half'); print(f, flush=True); "
+            "os.kill(os.getpid(), 9)")
+    done = subprocess.run([sys.executable, "-c", code, str(cache / "k5")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -9
+    left = Path(done.stdout.strip())
+    assert left.parent == cache and left.is_dir()
+    openvino_cache.load_or_build("k6", Builder())
+    assert not left.exists() and [p.name for p in cache.iterdir()] == ["k6"]
 
 
 def test_off_keeps_nothing(monkeypatch, tmp_path):
