@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -46,7 +45,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from .atomic import StreamTooLong, atomic_path, copy_hashed, process_alive, sha256_file, umask, write_json_atomic
+from .atomic import (
+    StreamTooLong, atomic_path, copy_hashed, remove_stale, sha256_file, staging_folder, umask, write_json_atomic,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
@@ -60,7 +61,6 @@ MAX_UNPACKED_BYTES = 2 << 30
 MAX_RATIO = 100
 RATIO_FLOOR = 1 << 20  # smaller members may compress well (configs); they cannot fill a disk
 MAX_MANIFEST_BYTES = 4 << 20
-_UNPACKING = ".{name}.unpack-"  # temporary folder prefix, then the unpacking process id
 
 
 class BundleIntegrityError(ValueError):
@@ -437,29 +437,19 @@ def _target(dest: Path, top: str, overwrite: bool, into: bool) -> Path:
     return target
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Deletes the temporary folders of unpacks into ``parent/name`` whose process died (kill -9) before cleaning up."""
-    if os.name != "posix":  # os.kill(pid, 0) is not a liveness test elsewhere
-        return
-    prefix = _UNPACKING.format(name=name)
-    for leftover in parent.iterdir():
-        pid = leftover.name[len(prefix):].split("-")[0]
-        if leftover.name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = tmp.with_name(tmp.name + "-replaced")  # same prefix: a kill between the renames leaves it to _remove_stale
+    old = staging_folder(target)  # a writer's temporary name: a kill between the renames leaves it to remove_stale
+    os.rmdir(old)
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except BaseException:
         os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)  # what stays behind is removed by a later unpack (_remove_stale)
+    shutil.rmtree(old, ignore_errors=True)  # what stays behind is removed by a later unpack (remove_stale)
 
 
 def unpack(
@@ -490,8 +480,8 @@ def unpack(
             raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was extracted.")
         target = _target(dest, top, overwrite, into)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(target.parent, target.name)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_UNPACKING.format(name=target.name)}{os.getpid()}-"))
+        remove_stale(target.parent)  # what unpacks (and other writers) killed midway left
+        tmp = staging_folder(target)
         try:
             for relpath, info in members.items():
                 out = tmp.joinpath(*PurePosixPath(relpath).parts)

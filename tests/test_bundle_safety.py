@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from nucleiseg_monai import packaging
+from nucleiseg_monai import atomic, packaging
 from nucleiseg_monai.bundle import guard
 from nucleiseg_monai.packaging import BundleIntegrityError, pack, unpack, verify, write_manifest
 
@@ -34,7 +34,7 @@ def no_writes(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("unpack started writing")
 
-    monkeypatch.setattr(packaging.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(packaging, "staging_folder", refuse)
 
 
 # --- a bundle holds no code --------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_unpack_refuses_a_member_larger_than_its_manifest_says(tmp_path, no_writ
 def test_unpack_caps_the_total_size(tmp_path, monkeypatch):
     zip_path = pack(_bundle(tmp_path / "tiny", weights=os.urandom(3 << 20)), tmp_path / "tiny.zip")
     with monkeypatch.context() as m:
-        m.setattr(packaging.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("unpack started writing"))
+        m.setattr(packaging, "staging_folder", lambda *a, **k: pytest.fail("unpack started writing"))
         with pytest.raises(BundleIntegrityError, match="3 MiB in all, more than the cap of 2 MiB"):
             unpack(zip_path, tmp_path / "installed", max_bytes=2 << 20)
         assert any("cap" in p for p in verify(zip_path, max_bytes=2 << 20))
@@ -292,9 +292,10 @@ def test_an_interrupted_unpack_leaves_nothing(tmp_path, monkeypatch):
     # a kill -9 cannot clean up: the next unpack removes what dead unpacks left, and nothing of live ones
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    dead = parent / f".tiny.unpack-{finished.pid}-abcd"
+    host = atomic._host()
+    dead = parent / f".tiny.pid{finished.pid}@{host}-abcdefgh.tmp"
     (dead / "configs").mkdir(parents=True)
-    alive = parent / f".tiny.unpack-{os.getpid()}-efgh"
+    alive = parent / f".tiny.pid{os.getpid()}@{host}-efghijkl.tmp"
     alive.mkdir()
     unpack(zip_path, parent)
     assert sorted(p.name for p in parent.iterdir()) == [alive.name, "tiny"]
