@@ -256,7 +256,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
         _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
                                                 example_shape=example_shape,
                                                 calibration=int8_calibration,
-                                                calibration_key=int8_calibration.key if int8 else None))
+                                                calibration_key=int8_calibration.key if int8 else None,
+                                                weights_sha256=weights))
     return _prepared[1]
 
 

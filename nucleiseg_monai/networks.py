@@ -290,26 +290,33 @@ def _samples(calibration: Iterable | Callable[[], Iterable]) -> list[np.ndarray]
 
 def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
                       calibration: Iterable | Callable[[], Iterable] | None, calibration_key: str | None,
-                      threads: int | None) -> OpenVINONetwork:
+                      threads: int | None, weights: str | None) -> OpenVINONetwork:
     import openvino as ov
 
     from .openvino_cache import load_or_build, model_key
 
-    samples = None
-    if dtype != "int8":
-        inputs = "no calibration"
-    elif calibration_key is not None:
-        inputs = f"calibration {calibration_key}"
-    else:
-        samples = _samples(calibration)
-        digest = hashlib.sha256()
-        for sample in samples:
-            digest.update(f"{sample.shape};".encode())
-            digest.update(np.ascontiguousarray(sample).tobytes())
-        inputs = f"calibration values {digest.hexdigest()}"
-    sides = "any" if _dynamic_sides(network, example_shape) else "x".join(str(int(s)) for s in example_shape[2:])
-    key = model_key(repr(network), weights_sha256(network), str(dtype), inputs,
-                    f"channels {int(example_shape[1])}, sides {sides}")
+    samples: list[np.ndarray] | None = None
+
+    def calibration_samples() -> list[np.ndarray]:
+        nonlocal samples
+        if samples is None:
+            samples = _samples(calibration)
+        return samples
+
+    def key() -> str:
+        if dtype != "int8":
+            inputs = "no calibration"
+        elif calibration_key is not None:
+            inputs = f"calibration {calibration_key}"
+        else:
+            digest = hashlib.sha256()
+            for sample in calibration_samples():
+                digest.update(f"{sample.shape};".encode())
+                digest.update(np.ascontiguousarray(sample).tobytes())
+            inputs = f"calibration values {digest.hexdigest()}"
+        sides = "any" if _dynamic_sides(network, example_shape) else "x".join(str(int(s)) for s in example_shape[2:])
+        return model_key(repr(network), weights or weights_sha256(network), str(dtype), inputs,
+                         f"channels {int(example_shape[1])}, sides {sides}")
 
     def build():
         with warnings.catch_warnings():
@@ -320,7 +327,7 @@ def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
         if dtype == "int8":
             import nncf
 
-            data = samples if samples is not None else _samples(calibration)
+            data = calibration_samples()
             with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars for a few seconds' work
                 model = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data))
         return model
@@ -344,6 +351,7 @@ def prepare_for_inference(
     calibration: Iterable | Callable[[], Iterable] | None = None,
     threads: int | None = None,
     calibration_key: str | None = None,
+    weights_sha256: str | None = None,
 ) -> nn.Module:
     """A copy of ``network`` made for fast inference only: float32 (N, C, H, W) in, float32 logits out.
 
@@ -355,7 +363,8 @@ def prepare_for_inference(
       NNCF on ``calibration`` (a few normalised input tiles), which changes outputs more than bf16 does. The
       model is kept on disk for the next process (``openvino_cache``), keyed by the calibration's values, or by
       ``calibration_key``, a name that stands for them: then ``calibration`` may be a function that makes the
-      tiles, called only when the model is not kept.
+      tiles, called only when the model is not kept. ``weights_sha256``: the weights' digest where the caller
+      has it (``weights_sha256``), else computed for the key; with the cache off, no key is made.
     * ``"torch"``: batch norm folded into the convolutions, weights stored in ``dtype``, channels-last; any device.
     * ``"eager"``: ``MixedPrecision`` (autocast), as in training.
     * ``"auto"``: OpenVINO on a CPU when it is installed, else ``"torch"``.
@@ -388,7 +397,7 @@ def prepare_for_inference(
                              "tensors or arrays) to set the quantisation ranges")
         if dtype == "int8" and importlib.util.find_spec("nncf") is None:
             raise ImportError("dtype 'int8' quantises with NNCF: pip install nncf, or use dtype bfloat16")
-        return _openvino_network(network, dtype, example_shape, calibration, calibration_key, threads)
+        return _openvino_network(network, dtype, example_shape, calibration, calibration_key, threads, weights_sha256)
     if runtime == "torch":
         return CastNetwork(network, dtype).eval()
     return MixedPrecision(copy.deepcopy(network), None if dtype == torch.float32 else dtype).eval()

@@ -58,8 +58,9 @@ def model_key(*parts: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def load_or_build(key: str, build: Callable[[], object]):
+def load_or_build(key: str | Callable[[], str], build: Callable[[], object]):
     """The OpenVINO model kept under ``key``, else ``build()``'s, which is then kept for the next process.
+    ``key`` may be a function that makes it (hashing weights takes time), called only when the cache is on.
 
     A cache that cannot be read or written costs only the time: the model is built, and one warning says why.
     """
@@ -68,7 +69,7 @@ def load_or_build(key: str, build: Callable[[], object]):
     root = cache_dir()
     if root is None:
         return build()
-    folder = root / key
+    folder = root / (key() if callable(key) else key)
     if (folder / MODEL).is_file():
         try:
             return ov.Core().read_model(folder / MODEL)

@@ -109,8 +109,15 @@ def test_off_keeps_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     build = Builder()
     openvino_cache.load_or_build("k4", build)
-    openvino_cache.load_or_build("k4", build)
+    openvino_cache.load_or_build(lambda: pytest.fail("a key made for a cache that is off"), build)
     assert build.calls == 2 and not any(tmp_path.iterdir())
+
+
+def test_a_key_function_is_called_when_the_cache_is_on(cache):
+    build = Builder()
+    openvino_cache.load_or_build(lambda: "k5", build)
+    openvino_cache.load_or_build(lambda: "k5", build)
+    assert build.calls == 1 and [p.name for p in cache.iterdir()] == ["k5"]
 
 
 def test_keys_differ_with_any_part_and_with_the_library_versions(monkeypatch):
