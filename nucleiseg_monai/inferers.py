@@ -50,6 +50,14 @@ def pad_centred(x: torch.Tensor, ph: int, pw: int, mode: str = "reflect") -> tup
     return F.pad(x, (left, pw - left, top, ph - top), mode=mode), top, left
 
 
+def _padded(inputs: torch.Tensor, ph: int, pw: int, mode: str, run: Callable[[torch.Tensor], torch.Tensor]):
+    """``run`` on ``inputs`` padded by ``pad_centred``, its output cropped back to the input's height and width."""
+    h, w = inputs.shape[-2:]
+    padded, top, left = pad_centred(inputs, ph, pw, mode)
+    out = run(padded)
+    return out if padded is inputs else out[..., top:top + h, left:left + w]
+
+
 class WholeImageInferer(Inferer):
     """The network on the whole (N, C, H, W) input at once, padded (centred, ``pad_centred``) to multiples of
     ``multiple`` and cropped back."""
@@ -62,9 +70,8 @@ class WholeImageInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         h, w = inputs.shape[-2:]
-        padded, top, left = pad_centred(inputs, -h % self.multiple, -w % self.multiple, self.padding_mode)
-        out = network(padded, *args, **kwargs)
-        return out if padded is inputs else out[..., top:top + h, left:left + w]
+        return _padded(inputs, -h % self.multiple, -w % self.multiple, self.padding_mode,
+                       lambda x: network(x, *args, **kwargs))
 
 
 class PaddedSlidingWindowInferer(SlidingWindowInferer):
@@ -78,9 +85,8 @@ class PaddedSlidingWindowInferer(SlidingWindowInferer):
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
         h, w = inputs.shape[-2:]
         roi_h, roi_w = ensure_tuple_rep(self.roi_size, 2)
-        padded, top, left = pad_centred(inputs, max(roi_h - h, 0), max(roi_w - w, 0), self.edge_mode)
-        out = super().__call__(padded, network, *args, **kwargs)
-        return out if padded is inputs else out[..., top:top + h, left:left + w]
+        return _padded(inputs, max(roi_h - h, 0), max(roi_w - w, 0), self.edge_mode,
+                       lambda x: super(PaddedSlidingWindowInferer, self).__call__(x, network, *args, **kwargs))
 
 
 class FlipInferer(Inferer):
