@@ -107,6 +107,10 @@ class SyntheticSlide:
                 image[y:y + h, x:x + w], labels[y:y + h, x:x + w] = self.read_region(y, x, h, w)
         return image, labels
 
+    def labels(self) -> np.ndarray:
+        """The whole instance label map alone (uint32), as ``render`` gives it, without colouring the image."""
+        return _paint_nuclei(self.nuclei, 0, 0, *self.shape)[0].astype(np.uint32)
+
     def tissue_mask(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None) -> np.ndarray:
         """Bool mask of the tissue blob over a window (all True without a blob); white gaps inside count as tissue."""
         h = self.shape[0] - y if h is None else h

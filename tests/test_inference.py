@@ -103,7 +103,7 @@ def seam_slide(request, tmp_path_factory):
     grid."""
     mpp = request.param
     folder = tmp_path_factory.mktemp(f"seams_{mpp}")
-    _, truth = make_slide((1024, 1536), seed=3).render()
+    truth = make_slide((1024, 1536), seed=3).labels()
     image, truth = _scan_at(_oracle_image(truth), truth, mpp)
     path = folder / "slide.tif"
     _write_tif(path, image, mpp)
@@ -423,7 +423,7 @@ def test_a_field_at_two_scales_gives_the_same_nuclei(tmp_path):
     is resampled x2, analysed at the model's scale and mapped back, so the same nuclei come out, on the 20x file's
     own grid. A minimum size of 40 working px tells the scales apart: analysed as read, 20x nuclei have a quarter
     of that area and many are dropped."""
-    _, truth = make_slide((512, 512), seed=11).render()
+    truth = make_slide((512, 512), seed=11).labels()
     fine = _oracle_image(truth)
     coarse, _ = _scan_at(fine, truth, 0.5)
     _write_tif(tmp_path / "fine.tif", fine, 0.25)
@@ -451,7 +451,7 @@ def test_a_field_at_two_scales_gives_the_same_nuclei(tmp_path):
 
 
 def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tmp_path, caplog):
-    _, truth = make_slide((256, 256), seed=12).render()
+    truth = make_slide((256, 256), seed=12).labels()
     fine = _oracle_image(truth)
     coarse, _ = _scan_at(fine, truth, 0.5)
     skio.imsave(tmp_path / "fine.png", fine, check_contrast=False)  # PNGs state no pixel size
@@ -489,7 +489,7 @@ def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tm
 def test_at_the_working_scale_nothing_is_resampled(tmp_path, monkeypatch):
     """A 0.25 um/px file, or one within 2% of it, takes the path it took before resampling existed: its label map
     is the network and watershed of the image as read, and the resampler is never called."""
-    _, truth = make_slide((256, 256), seed=13).render()
+    truth = make_slide((256, 256), seed=13).labels()
     rgb = _oracle_image(truth)
     predictor = _predictor(region_size=512)  # one region: stitching keeps every nucleus with its id
     expected = predictor.instances(predictor.network.probs(rgb))
@@ -596,7 +596,7 @@ def test_an_output_folder_that_cannot_be_created_is_reported_before_any_image_is
 
 
 def test_16_bit_rgb_is_scaled_to_8_bit_and_greyscale_refused(tmp_path, caplog):
-    _, truth = make_slide((128, 128), seed=14).render()
+    truth = make_slide((128, 128), seed=14).labels()
     rgb = _oracle_image(truth)
     (tmp_path / "in").mkdir()
     _write_tif(tmp_path / "in" / "deep.tif", rgb.astype(np.uint16) * 257, 0.25)

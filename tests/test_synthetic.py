@@ -88,6 +88,7 @@ def test_slide_rendered_in_blocks_equals_one_piece():
     assert len(straddling) >= 5  # the seams cut through nuclei
     r_image, r_labels = slide.render(block=64)
     assert np.array_equal(r_image, image) and np.array_equal(r_labels, labels)
+    assert slide.labels().dtype == np.uint32 and np.array_equal(slide.labels(), labels)  # without the image
     with pytest.raises(ValueError, match="not inside"):
         slide.read_region(250, 0, 100, 10)
 
