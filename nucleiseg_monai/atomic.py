@@ -144,7 +144,9 @@ def _host() -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (anyone's)."""
+    """Whether process ``pid`` runs on this machine (anyone's); True where that cannot be asked safely."""
+    if os.name != "posix":  # Windows' os.kill(pid, 0) does not ask: it terminates the process
+        return True
     try:
         os.kill(pid, 0)
     except OSError as err:
