@@ -42,10 +42,8 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = f"pid{os.getpid()}@{_host()}"
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.{writer}-", suffix=f".tmp{self.path.suffix}"
-        )
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_temporary_prefix(self.path),
+                                   suffix=f".tmp{self.path.suffix}")
         # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes
         os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
@@ -74,7 +72,7 @@ def staging_folder(path: str | os.PathLike) -> Path:
     knows its writer), to fill and then rename to ``path``: a folder of files that appears whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}@{_host()}-", suffix=".tmp"))
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -137,6 +135,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 # .<name>.pid<pid>@<host>-<random>.tmp<suffix>; the writer part is absent in names made before it was added
 TEMPORARY_NAME = re.compile(r"^\..+\.(?:pid(?P<pid>\d+)@(?P<host>\w*)-)?[A-Za-z0-9_]{8}\.tmp(?:\.[^.]*)?$")
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.<name>.pid<writer pid>@<host>-``: the start of every temporary name here (``TEMPORARY_NAME`` reads it)."""
+    return f".{path.name}.pid{os.getpid()}@{_host()}-"
 
 
 def _host() -> str:
