@@ -441,15 +441,15 @@ def _into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = staging_folder(target)  # a writer's temporary name: a kill between the renames leaves it to remove_stale
-    os.rmdir(old)
+    aside = staging_folder(target)  # a writer's temporary folder: a kill between the renames leaves it to remove_stale
+    old = aside / target.name
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except BaseException:
         os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)  # what stays behind is removed by a later unpack (remove_stale)
+    shutil.rmtree(aside, ignore_errors=True)  # what stays behind is removed by a later unpack (remove_stale)
 
 
 def unpack(
