@@ -134,16 +134,13 @@ def test_regions_stitch_like_one_whole_region(seam_slide):
     assert min(a.sum() for a in across) >= 10
     crossing = np.flatnonzero(np.any(across, axis=0))
 
-    # same nuclei: ids 1..N without gaps or duplicates, one-to-one with the single-region run, and the only
-    # differences are single contested pixels between touching nuclei (at most 3 per nucleus, 0.1% of all)
+    # same nuclei, pixel for pixel: ids 1..N without gaps or duplicates, and the single-region run's labels up to
+    # a renumbering (the oracle's probabilities are flat, so every contested pixel is a watershed tie)
     assert regions.nuclei == whole.nuclei == stitched.max() == single.max()
     assert np.array_equal(np.unique(stitched), np.arange(stitched.max() + 1))
     best, iou = _match(stitched, single)
-    assert len(np.unique(best)) == len(best) and np.median(iou) == 1.0
-    same_id = np.concatenate([[0], best])[stitched.astype(np.int64)]
-    differing = (same_id != single) & ((stitched > 0) | (single > 0))
-    assert np.bincount(stitched[differing], minlength=stitched.max() + 1)[1:].max() <= 3
-    assert differing.sum() <= 0.001 * (stitched > 0).sum()
+    assert len(np.unique(best)) == len(best)
+    assert np.array_equal(np.concatenate([[0], best])[stitched.astype(np.int64)], single)
 
     # no nucleus cut at a seam: every id is one connected piece, and each seam-crossing true nucleus is
     # covered by one predicted id

@@ -8,6 +8,7 @@ from scipy import ndimage as ndi
 
 from nucleiseg_monai.metrics import instance_metrics, iou_matrix
 from nucleiseg_monai.postprocess import InstancesFromProbsd, instances_from_foreground, instances_from_probs
+from nucleiseg_monai.synthetic import make_slide
 from nucleiseg_monai.transforms import encode_three_class
 
 torch.set_num_threads(1)
@@ -55,6 +56,25 @@ def test_touching_nuclei_come_out_separate(labels, make_probs):
     assert_matches(out, labels)
     # The reference (threshold + connected components) merges every touching group into one object.
     assert instances_from_foreground(probs).max() == 1
+
+
+@pytest.mark.parametrize("elevation", ["interior", "distance"])
+def test_a_window_with_a_margin_floods_its_core_exactly_like_the_whole_image(elevation):
+    """The whole-slide predictor's premise: with one-hot probabilities every pixel between touching nuclei is a
+    watershed tie, and still each window's core comes out pixel for pixel as in the whole image, up to ids."""
+    probs = one_hot_probs(make_slide((384, 384), seed=6).labels())  # ~100 nuclei, half in touching clusters
+    whole = instances_from_probs(probs, elevation=elevation)
+    core, margin = 128, 48
+    for y0 in range(0, 384, core):
+        for x0 in range(0, 384, core):
+            top, left = max(y0 - margin, 0), max(x0 - margin, 0)
+            window = instances_from_probs(probs[:, top:y0 + core + margin, left:x0 + core + margin],
+                                          elevation=elevation)
+            a = window[y0 - top:y0 - top + core, x0 - left:x0 - left + core].ravel()
+            b = whole[y0:y0 + core, x0:x0 + core].ravel()
+            pairs = np.unique(np.stack([a, b]), axis=1)  # each id of one run meets exactly one id of the other
+            assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1], (y0, x0)
+            assert np.array_equal(pairs[0] == 0, pairs[1] == 0)
 
 
 def test_cores_touching_at_a_corner_stay_two_nuclei():
