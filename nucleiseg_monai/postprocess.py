@@ -148,6 +148,28 @@ def _flood(levels: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndar
     return labels
 
 
+def _split_markers(marker_ids: np.ndarray, n_markers: int, high: np.ndarray, min_part: int) -> np.ndarray:
+    """Markers (ids 1..n) whose pixels above the higher threshold (``high``) form two or more 4-connected parts of
+    at least ``min_part`` px are replaced by those parts; ids renumbered 1..m."""
+    parts, n_parts = ndi.label(high & (marker_ids > 0), structure=_CROSS)
+    if n_parts < 2:
+        return marker_ids
+    inside = parts > 0
+    owner = np.zeros(n_parts + 1, dtype=np.int64)
+    owner[parts[inside]] = marker_ids[inside]  # a part lies inside one marker
+    big = np.bincount(parts[inside], minlength=n_parts + 1) >= min_part
+    big[0] = False
+    split = np.bincount(owner[big], minlength=n_markers + 1) >= 2
+    split[0] = False
+    if not split.any():
+        return marker_ids
+    keep = big & split[owner]
+    lut = np.zeros(n_parts + 1, dtype=np.int64)
+    lut[keep] = np.arange(n_markers + 1, n_markers + 1 + np.count_nonzero(keep))
+    out = np.where(split[marker_ids], lut[parts], marker_ids)
+    return _remove_small(out, 1).astype(np.int32)
+
+
 def instances_from_probs(
     probs: Any,
     *,
@@ -155,6 +177,7 @@ def instances_from_probs(
     marker_threshold: float = 0.7,
     min_marker_size: int = MIN_MARKER_SIZE,
     marker_erosion: int = 0,
+    marker_split_threshold: float | None = None,
     min_size: int = MIN_SIZE,
     fill_holes: bool = True,
     elevation: str = "interior",
@@ -166,7 +189,9 @@ def instances_from_probs(
     - markers: 4-connected components of the marker map > marker_threshold inside the mask, optionally eroded by
       a disk of radius marker_erosion (separates cores joined by a thin bridge), those under min_marker_size px
       dropped; the marker map is p_interior (markers "interior") or the predicted distance map ("distance_map",
-      4-channel probabilities only);
+      4-channel probabilities only); with marker_split_threshold, a marker holding two or more parts above that
+      higher threshold, each of at least min_marker_size px, is replaced by those parts (two peaks joined by a
+      saddle above marker_threshold are two nuclei; a faint nucleus with one low peak keeps its marker);
     - watershed of the markers over the mask on elevation "interior" (1 - p_interior: basins meet on the
       boundary class), "distance" (negative distance to the background: basins meet at the narrowest neck) or
       "distance_map" (1 - the predicted distance map: basins meet where two nuclei's maps fall to their rims);
@@ -192,6 +217,10 @@ def instances_from_probs(
     if marker_erosion > 0:
         seeds = ndi.binary_erosion(seeds, structure=disk(marker_erosion))
     marker_ids, n_markers = ndi.label(seeds, structure=_CROSS)
+    if marker_split_threshold is not None and n_markers:
+        marker_ids = _split_markers(marker_ids, n_markers, p[maps[markers]] > marker_split_threshold,
+                                    max(min_marker_size, 1))
+        n_markers = int(marker_ids.max())
     if min_marker_size > 1 and n_markers:
         marker_ids = _remove_small(marker_ids, min_marker_size).astype(np.int32)
         n_markers = int(marker_ids.max())

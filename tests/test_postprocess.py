@@ -77,6 +77,25 @@ def test_a_window_with_a_margin_floods_its_core_exactly_like_the_whole_image(ele
             assert np.array_equal(pairs[0] == 0, pairs[1] == 0)
 
 
+def test_a_marker_with_two_high_peaks_is_split_and_a_faint_nucleus_keeps_its_own():
+    """Distance maps of two nuclei whose saddle (0.51) is above the marker threshold (0.4), so their markers run
+    together, and of a faint nucleus peaking at 0.5: the split threshold 0.6 parts the first two only."""
+    yy, xx = np.mgrid[:48, :128]
+    bump = lambda cy, cx, h: h * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 72.0)  # noqa: E731
+    dist = np.maximum.reduce([bump(24, 20, 1.0), bump(24, 34, 1.0), bump(24, 100, 0.5)])
+    fg = (dist > 0.1).astype(np.float32)
+    probs = np.stack([1 - fg, fg * dist, fg * (1 - dist), dist]).astype(np.float32)
+    params = dict(markers="distance_map", marker_threshold=0.4, min_marker_size=10, min_size=10)
+    merged = instances_from_probs(probs, **params)
+    assert merged.max() == 2 and merged[24, 20] == merged[24, 34]
+    split = instances_from_probs(probs, marker_split_threshold=0.6, **params)
+    assert split.max() == 3 and len({split[24, 20], split[24, 34], split[24, 100]}) == 3
+    assert (split[24, 20:28] == split[24, 20]).all() and (split[24, 28:35] == split[24, 34]).all()  # parted at the saddle
+    # parts under min_marker_size do not split a marker (nor lose it)
+    assert np.array_equal(instances_from_probs(probs, marker_split_threshold=0.99, **params) > 0, merged > 0)
+    assert instances_from_probs(probs, marker_split_threshold=0.99, **params).max() == 2
+
+
 def test_cores_touching_at_a_corner_stay_two_nuclei():
     true = np.zeros((40, 40), dtype=np.int64)
     true[10:20, 10:20] = 1
