@@ -90,7 +90,8 @@ def test_a_marker_with_two_high_peaks_is_split_and_a_faint_nucleus_keeps_its_own
     assert merged.max() == 2 and merged[24, 20] == merged[24, 34]
     split = instances_from_probs(probs, marker_split_threshold=0.6, **params)
     assert split.max() == 3 and len({split[24, 20], split[24, 34], split[24, 100]}) == 3
-    assert (split[24, 20:28] == split[24, 20]).all() and (split[24, 28:35] == split[24, 34]).all()  # parted at the saddle
+    # parted at the saddle
+    assert (split[24, 20:28] == split[24, 20]).all() and (split[24, 28:35] == split[24, 34]).all()
     # parts under min_marker_size do not split a marker (nor lose it)
     assert np.array_equal(instances_from_probs(probs, marker_split_threshold=0.99, **params) > 0, merged > 0)
     assert instances_from_probs(probs, marker_split_threshold=0.99, **params).max() == 2

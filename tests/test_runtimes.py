@@ -162,6 +162,31 @@ def test_the_shipped_fast_path_gives_the_instances_of_plain_float32(tmp_path):
         assert agreement["f1"] >= 0.97 and agreement["aji"] >= 0.95, agreement
 
 
+@pytest.mark.slow
+def test_the_shipped_predictor_gives_the_same_labels_in_regions_as_in_one(tmp_path):
+    """Seams with the real network as shipped: each region's margin (128 px) covers what the network sees, and the
+    watershed breaks ties by each pixel's surroundings, so 2 x 2 regions give one region's labels pixel for pixel
+    (``benchmarks/seams_real.py`` measures the same on real tissue)."""
+    import numpy as np
+    import tifffile
+
+    from nucleiseg_monai.inference import SlidePredictor
+
+    rgb, _ = make_tile(768, seed=8)  # with queue-order ties, one nucleus of this tile differed
+    tifffile.imwrite(tmp_path / "t.tif", rgb, photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    predictor = SlidePredictor.from_bundle(BUNDLE, progress=False)  # one network build for both runs
+    maps = []
+    for region_size in (384, 768):
+        predictor.planner.region_size = region_size
+        result = predictor.predict_slide(tmp_path / "t.tif", tmp_path / str(region_size))
+        assert result.regions == (4 if region_size == 384 else 1)
+        maps.append(tifffile.imread(tmp_path / str(region_size) / "t.labels.tif").astype(np.int64))
+    regions, whole = maps
+    assert regions.max() == whole.max() > 100
+    pairs = np.unique(np.stack([regions.ravel(), whole.ravel()]), axis=1)
+    assert pairs.shape[1] == regions.max() + 1 and np.array_equal(pairs[0] == 0, pairs[1] == 0)
+
+
 def test_int8_under_auto_gives_way_where_it_cannot_run(monkeypatch, caplog):
     """The shipped ``int8: true`` must not break a machine without NNCF: "auto" then runs without int8 and says so, while
     an explicit "eager" refuses int8 outright."""
