@@ -227,6 +227,7 @@ def instances_from_probs(
     if n_markers == 0:
         labels = np.zeros(mask.shape, dtype=np.int32)
     elif elevation in maps:
+        # steps of 1/255 in probability: the 8 bits the watershed's keys hold for the level
         surface = np.round((1.0 - np.clip(p[maps[elevation]], 0.0, 1.0)) * 255).astype(np.uint8)
         labels = _flood(surface, marker_ids, mask)
     else:
