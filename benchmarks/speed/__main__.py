@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -150,8 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="synthetic data seed (default: %(default)s)")
     add("--output", type=Path, default=REPO / "benchmarks" / "results" / "speed.json",
         help="JSON results (default: benchmarks/results/speed.json)")
+    add("--predictor-overrides", type=json.loads, default={}, metavar="JSON",
+        help="keywords of SlidePredictor.from_bundle for the end-to-end runs, e.g. '{\"region_size\": 1536}'")
     args = p.parse_args(argv)
-    args.predictor_overrides = {}
     if args.threads is None:  # one thread keeps the smoke test steady on a busy machine
         args.threads = 1 if args.quick else cpus
     if args.quick:
@@ -159,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size, args.tile, args.batch, args.repeats, args.warmup, args.e2e_repeats = 256, 64, 2, 1, 1, 1
         args.train_steps, args.train_warmup, args.train_patch, args.train_batch = 2, 1, 64, 2
         args.train_tiles, args.train_tile, args.compile, args.train_rounds = 6, 96, False, 1
-        args.predictor_overrides = {"roi_size": 64, "region_size": 128, "region_margin": 32}
+        args.predictor_overrides = {"roi_size": 64, "region_size": 128, "region_margin": 32,
+                                    **args.predictor_overrides}
     for name in ("size", "tile", "batch", "repeats", "e2e_repeats", "threads", "train_steps", "train_warmup",
                  "train_tiles", "train_rounds"):
         if getattr(args, name) < 1:
