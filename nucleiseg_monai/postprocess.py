@@ -12,7 +12,9 @@ its peaks part touching nuclei whose interiors run together, and ``markers="dist
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -32,6 +34,8 @@ MIN_SIZE = 16
 # of splitting a nucleus. On CryoNuSeg truth turned into one-hot, blurred and noisy probabilities, 2-4 px scored
 # best (mean AJI 0.992 / 0.975 / 0.935) and 8 px lost small nuclei that touch others (0.990 / 0.969 / 0.931).
 MIN_MARKER_SIZE = 4
+
+logger = logging.getLogger(__name__)
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, like the encoding's find_boundaries(connectivity=1)
 # The watershed's tie-free keys (see _flood) pack an 8-bit level, the steps to the nearest marker (clipped far
@@ -127,11 +131,12 @@ def _flood(levels: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndar
     each term depends only on the pixel's neighbourhood (raster order is the same in a crop as in the image), so a
     plateau goes to the nearest marker, as queue order roughly did, and a crop floods exactly like the image around
     it. That needs skimage to release markers by their key too: every release does but 0.25.0 and 0.25.1, which
-    gave all markers one priority (pyproject excludes them).
+    gave all markers one priority (pyproject excludes them, and ``_check_marker_order`` warns about any other).
 
     A marker pixel whose 4 neighbours all belong to the same marker can never flood anything, so only the
     marker rims seed the watershed and the cores are pasted back afterwards.
     """
+    _check_marker_order()
     n = levels.size
     if n > _MAX_FLOOD_PIXELS:
         raise ValueError(f"the watershed runs on at most {_MAX_FLOOD_PIXELS} pixels at a time (its keys are exact "
@@ -146,6 +151,21 @@ def _flood(levels: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndar
     labels = watershed(key.astype(np.float64), np.where(core, 0, markers), connectivity=1, mask=mask & ~core)
     labels[core] = markers[core]
     return labels
+
+
+@functools.cache
+def _check_marker_order() -> bool:
+    """Whether this scikit-image releases markers by their elevation, which the tie-free keys rely on; says once
+    when it does not (a release after 0.26 could, as 0.25.0-0.25.1 did): labels stay right, seams may differ by
+    contested pixels."""
+    ordered = bool(watershed(np.array([[5.0, 0.0, 1.0]]), np.array([[1, 0, 2]]), connectivity=1)[0, 1] == 2)
+    if not ordered:
+        from skimage import __version__
+
+        logger.warning("scikit-image %s gives every watershed marker the same priority, so whole-slide regions may "
+                       "split contested pixels between touching nuclei differently from one pass over the image; "
+                       "scikit-image 0.26.0 orders them (pip install 'scikit-image==0.26.0')", __version__)
+    return ordered
 
 
 def _split_markers(marker_ids: np.ndarray, n_markers: int, high: np.ndarray, min_part: int) -> np.ndarray:

@@ -77,6 +77,24 @@ def test_a_window_with_a_margin_floods_its_core_exactly_like_the_whole_image(ele
             assert np.array_equal(pairs[0] == 0, pairs[1] == 0)
 
 
+def test_a_scikit_image_that_ignores_marker_elevations_is_named_once(monkeypatch, caplog):
+    """The tie-free keys need markers released by their elevation (every scikit-image release but 0.25.0-0.25.1);
+    this one does, and one that does not gets one warning, not one per region."""
+    from nucleiseg_monai import postprocess
+
+    postprocess._check_marker_order.cache_clear()
+    assert postprocess._check_marker_order()
+    postprocess._check_marker_order.cache_clear()
+    # as 0.25.0 did: markers released in the heap's own order, here the lower id first whatever the elevation
+    monkeypatch.setattr(postprocess, "watershed", lambda image, markers, **kw: np.where(markers > 0, markers, 1))
+    probs = one_hot_probs(TWO_TOUCHING)
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.postprocess"):
+        for _ in range(3):
+            instances_from_probs(probs)
+    assert sum("same priority" in r.getMessage() for r in caplog.records) == 1
+    postprocess._check_marker_order.cache_clear()
+
+
 def test_a_marker_with_two_high_peaks_is_split_and_a_faint_nucleus_keeps_its_own():
     """Distance maps of two nuclei whose saddle (0.51) is above the marker threshold (0.4), so their markers run
     together, and of a faint nucleus peaking at 0.5: the split threshold 0.6 parts the first two only."""
