@@ -76,3 +76,11 @@ def saved_random_unet(path: Path, out_channels: int, features):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return net.eval()
+
+
+def same_up_to_ids(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same background and a one-to-one map between the ids of a and b: the same nuclei, pixel for pixel."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)  # (id in a, id in b) of every labelled pixel
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nucleiseg_monai.stitching import RESCUE_PX, RegionGrid, RegionStitcher
+from conftest import same_up_to_ids
 
 
 def _disc_map(shape, centres, radius) -> np.ndarray:
@@ -90,20 +91,12 @@ def _stitch(truth, size, margin, tile=32, todo=None, labeller=None, seed=0):
     return _assemble(tiles, truth.shape, tile), stitcher
 
 
-def _same_up_to_ids(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same background and a one-to-one map between the ids of a and b."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-
-
 @pytest.mark.parametrize("shape, size, margin", [((96, 128), 32, 12), ((100, 130), 40, 20), ((97, 131), 37, 11),
                                                  ((64, 64), 64, 0), ((130, 90), 25, 16)])
 def test_windows_stitch_back_to_the_map_they_were_cut_from(shape, size, margin):
     for truth in (_seam_map(shape, size), _random_map(shape, seed=size)):
         stitched, stitcher = _stitch(truth, size, margin)
-        assert _same_up_to_ids(stitched, truth)
+        assert same_up_to_ids(stitched, truth)
         n = int(truth.max())
         assert stitcher.nuclei == n == len(np.unique(truth)) - 1
         assert np.array_equal(np.unique(stitched), np.arange(n + 1))  # ids 1..N, no gaps
