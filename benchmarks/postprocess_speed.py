@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from skimage.segmentation import watershed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.past_code import module_at  # noqa: E402
 from nucleiseg_monai import postprocess  # noqa: E402
 from nucleiseg_monai.atomic import atomic_path  # noqa: E402
 from nucleiseg_monai.measurements import measure_nuclei  # noqa: E402
@@ -48,17 +47,6 @@ BEFORE = "c1ffdf48182732da200829a6d9e5415565abcb77"  # last commit with the per-
 MPP = 0.25
 # the small bundle's watershed settings
 POSTPROCESS = {"min_marker_size": 10, "min_size": 25}
-
-
-def load_before() -> types.ModuleType:
-    """``nucleiseg_monai/outputs.py`` as of ``BEFORE``, imported under another name beside the package."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:nucleiseg_monai/outputs.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType("nucleiseg_monai.outputs_before")
-    module.__package__ = "nucleiseg_monai"
-    sys.modules[module.__name__] = module  # dataclasses look their module up here
-    exec(compile(source, f"{BEFORE[:7]}:nucleiseg_monai/outputs.py", "exec"), module.__dict__)
-    return module
 
 
 def timed(fn, *args):
@@ -132,7 +120,7 @@ def same_results(before_nuclei, after) -> dict:
 
 
 def bench_measurements(labels, rgb, repeats: int) -> dict:
-    before = load_before()
+    before = module_at(BEFORE, "outputs")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _, runs = alternate({"before": lambda: before_outputs(before, labels, rgb, folder),

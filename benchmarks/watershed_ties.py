@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.past_code import module_at  # noqa: E402
 from nucleiseg_monai import postprocess  # noqa: E402
 from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
 from nucleiseg_monai.data import read_image, read_instance_labels  # noqa: E402
@@ -38,16 +37,6 @@ from nucleiseg_monai.metrics import instance_metrics  # noqa: E402
 from nucleiseg_monai.sources import default_data_root, evaluation_records  # noqa: E402
 
 BEFORE = "f7bf2a905597f054caf6a5bf701a219a7d1e6435"  # the last commit with queue-order ties
-
-
-def load_before() -> types.ModuleType:
-    """``nucleiseg_monai/postprocess.py`` as of ``BEFORE``, imported under another name beside the package."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:nucleiseg_monai/postprocess.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType("nucleiseg_monai.postprocess_before")
-    module.__package__ = "nucleiseg_monai"
-    exec(compile(source, f"{BEFORE[:7]}:nucleiseg_monai/postprocess.py", "exec"), module.__dict__)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     records = evaluation_records(datalist, args.data_root or default_data_root(bundle), "test", working)
     predictor = SlidePredictor.from_bundle(bundle, progress=False)
     params = predictor.postprocess_params
-    versions = {"before": load_before().instances_from_probs, "after": postprocess.instances_from_probs}
+    versions = {"before": module_at(BEFORE, "postprocess").instances_from_probs, "after": postprocess.instances_from_probs}
 
     tiles = []
     for r in records:
