@@ -170,7 +170,8 @@ def _check_marker_order() -> bool:
 
 def _split_markers(marker_ids: np.ndarray, n_markers: int, high: np.ndarray, min_part: int) -> np.ndarray:
     """Markers (ids 1..n) whose pixels above the higher threshold (``high``) form two or more 4-connected parts of
-    at least ``min_part`` px are replaced by those parts; ids renumbered 1..m."""
+    at least ``min_part`` px are replaced by those parts, with ids from n + 1 on (the split markers' ids stay
+    unused: ids need only be distinct, and the result's are renumbered at the end)."""
     parts, n_parts = ndi.label(high & (marker_ids > 0), structure=_CROSS)
     if n_parts < 2:
         return marker_ids
@@ -186,8 +187,7 @@ def _split_markers(marker_ids: np.ndarray, n_markers: int, high: np.ndarray, min
     keep = big & split[owner]
     lut = np.zeros(n_parts + 1, dtype=np.int64)
     lut[keep] = np.arange(n_markers + 1, n_markers + 1 + np.count_nonzero(keep))
-    out = np.where(split[marker_ids], lut[parts], marker_ids)
-    return _remove_small(out, 1).astype(np.int32)
+    return np.where(split[marker_ids], lut[parts], marker_ids).astype(np.int32)
 
 
 def instances_from_probs(
