@@ -22,6 +22,7 @@ from monai.transforms import (
     Rand2DElasticd,
     RandAdjustContrastd,
     RandFlipd,
+    RandGaussianSmoothd,
     RandomizableTransform,
     RandRotate90d,
     RandScaleIntensityd,
@@ -37,6 +38,8 @@ from .data import read_image, read_instance_labels
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
+# px at the working scale: from barely softer to about what a 20x scan resampled to 0.25 um/px loses, per axis
+BLUR_SIGMA = (0.25, 1.5)
 CONTACT_RADIUS = 3  # px at the working scale: the gap between touching nuclei and the rims on both sides of it
 
 # Stain matrix of Ruifrok & Johnston as scikit-image ships it (rows: haematoxylin, eosin, DAB optical densities).
@@ -265,12 +268,13 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
-    stain_jitter: Sequence[float] = (0.05, 0.02),
+    stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
-    (reflection-padded) -> crop to the patch -> stain, contrast and intensity jitter -> target -> z-score.
+    (reflection-padded) -> crop to the patch -> blur -> stain, contrast and intensity jitter -> target -> z-score.
 
-    ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias)."""
+    ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
+    ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners."""
     patch = tuple(int(p) for p in patch_size)
     # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
@@ -287,6 +291,7 @@ def train_transforms(
             scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="reflection",
         ),
         CenterSpatialCropd(both, roi_size=patch),
+        RandGaussianSmoothd("image", sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=float(blur)),
         RandHEDJitterd("image", prob=0.8, sigma=float(stain_jitter[0]), bias=float(stain_jitter[1])),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),

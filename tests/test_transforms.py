@@ -310,3 +310,20 @@ def test_train_pipeline_takes_its_stain_jitter_from_the_config():
               if isinstance(t, T.RandHEDJitterd)]
     assert [(t.sigma, t.bias) for t in default] == [(0.05, 0.02)]
     assert [(t.sigma, t.bias) for t in strong] == [(0.15, 0.05)]
+
+
+def test_blur_softens_the_image_only_and_only_when_asked():
+    image, labels = _sparse_tile(size=96)
+    item = _as_item(image, labels)
+    steps = lambda blur: [t for t in T.train_transforms(*IDENTITY, load=False, blur=blur).transforms
+                          if isinstance(t, T.RandGaussianSmoothd)]
+    assert [t.prob for t in steps(0.0)] == [0.0]
+    (blur,) = steps(1.0)
+    blur.set_random_state(0)
+    out = blur(dict(item))
+    before, after = np.asarray(item["image"], np.float64), np.asarray(out["image"], np.float64)
+    # high frequencies (differences between neighbours) drop; the mean colour and the labels stay
+    assert (blur.rand_smooth.sigma_x, blur.rand_smooth.sigma_y) == (T.BLUR_SIGMA, T.BLUR_SIGMA)
+    assert np.abs(np.diff(after, axis=-1)).mean() < 0.9 * np.abs(np.diff(before, axis=-1)).mean()
+    np.testing.assert_allclose(after.mean(axis=(1, 2)), before.mean(axis=(1, 2)), rtol=0.02)
+    np.testing.assert_array_equal(np.asarray(out["label"]), np.asarray(item["label"]))
