@@ -404,8 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(settings)}")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, FileExistsError) as err:
-        logger.error("%s", err)
+    except Exception as err:
+        from .errors import one_line, root_cause
+
+        # also when MONAI's config evaluation wrapped it (predict builds its predictor from the bundle's config)
+        if not isinstance(root_cause(err), (FileNotFoundError, ValueError, FileExistsError)):
+            raise
+        logger.error("%s", one_line(err))
         return 2
 
 

@@ -437,8 +437,8 @@ def _state_dict(path, map_location) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no trained weights at {path}; train the bundle first (python -m monai.bundle run training "
-            f"--config_file {path.parent.parent / 'configs' / 'train.json'}) or pass --checkpoint PATH"
+            f"no trained weights at {path}; train the bundle first (nucleiseg train --bundle {path.parent.parent}), "
+            f"unpack a packed copy of it (nucleiseg unpack) or pass --checkpoint PATH"
         )
     state = torch.load(path, map_location=map_location, weights_only=True)
     for key in ("network", "model", "state_dict", "net"):  # training checkpoints and other tools' files

@@ -381,8 +381,8 @@ def test_load_weights_without_a_file_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_weights(UNet(features=TINY), missing)
     assert str(missing) in str(err.value)
-    assert "python -m monai.bundle run training" in str(err.value)
-    assert str(tmp_path / "bundle" / "configs" / "train.json") in str(err.value)
+    assert f"nucleiseg train --bundle {tmp_path / 'bundle'}" in str(err.value)
+    assert "nucleiseg unpack" in str(err.value) and "--checkpoint PATH" in str(err.value)
 
 
 def test_load_weights_takes_the_network_of_a_training_checkpoint(tmp_path):

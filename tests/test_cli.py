@@ -1,10 +1,11 @@
 """The nucleiseg command: settings checked before a run, one line per error, help and version, stale temporaries.
 
 Bundles here are tiny hand-written configs in tmp_path (no network, no data), so what is tested is the command, not
-the real bundles.
+the real bundles; one test copies the small bundle without its weights.
 """
 
 import errno
+import shutil
 import io
 import json
 import logging
@@ -16,9 +17,12 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 from monai.bundle import ConfigParser
 
+from conftest import REPO
 from nucleiseg_monai import atomic, cli, errors, overrides
 from nucleiseg_monai.data import DataError
 from nucleiseg_monai.overrides import SettingError
@@ -344,6 +348,22 @@ def test_the_installed_command_ends_an_error_in_one_line(tmp_path):
     assert debug.returncode == 2
     assert debug.stderr.splitlines()[-1] == line
     assert "Traceback" in debug.stderr and "Failed to evaluate" in debug.stderr
+
+
+def test_predict_without_weights_says_so_in_one_line(tmp_path, caplog):
+    """The predictor is built by MONAI's config evaluation, which wraps the missing file in two RuntimeErrors."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundles" / "nuclei_unet_small", bundle, ignore=shutil.ignore_patterns("model.pt", "eval"))
+    image = tmp_path / "tile.tif"
+    tifffile.imwrite(image, np.zeros((64, 64, 3), np.uint8))
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", "--bundle", str(bundle), "--input", str(image),
+                         "--output_dir", str(tmp_path / "out")]) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == (
+        f"no trained weights at {bundle / 'models' / 'model.pt'}; train the bundle first (nucleiseg train --bundle "
+        f"{bundle}), unpack a packed copy of it (nucleiseg unpack) or pass --checkpoint PATH")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # --- help and version ----------------------------------------------------------------------------------------------
