@@ -13,6 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
+from monai.bundle.utils import DEPRECATED_ID_MAPPING
 
 from nucleiseg_monai import handlers, networks
 from nucleiseg_monai.bundle import bundle_root
@@ -93,6 +94,17 @@ def test_metadata_differs_only_in_what_describes_the_network():
         poolings = len(_load(configs / "train.json")["network_def"]["features"]) - 1
         shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
         assert shape == [f"{2 ** poolings}*n"] * 2
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_metadata_holds_no_key_monai_renames(configs):
+    """MONAI renames a deprecated key as it reads the metadata: "optional_packages_version" replaced the bundle's
+    required packages with the optional ones in every run (and warned each time)."""
+    meta = _load(configs / "metadata.json")
+    assert not set(meta) & set(DEPRECATED_ID_MAPPING)
+    parser = ConfigParser()
+    parser.read_meta(configs / "metadata.json")
+    assert parser.get_parsed_content("_meta_#required_packages_version") == meta["required_packages_version"]
 
 
 # each fact once: the overlays set only what their workflow changes
