@@ -36,7 +36,9 @@ import numpy as np
 from distributed import Client, LocalCluster, Variable, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
+from .errors import root_cause
 from .inference import SlidePredictor, find_images
+from .networks import require_weights
 from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
 from .region_tasks import FetchedLabels, band_labels, bands
 from .run_table import FINISHED, RunTable, figures
@@ -110,6 +112,13 @@ class BundlePredictor:
     def __call__(self) -> SlidePredictor:
         # one region bar per worker process would garble the terminal; the cohort has one bar over slides
         return SlidePredictor.from_bundle(self.bundle, **{"progress": False, **dict(self.overrides)})
+
+    def check(self) -> None:
+        """FileNotFoundError, before any worker starts, where the weights are missing: else every slide would
+        fail on its own, each retried."""
+        checkpoint = SlidePredictor.checkpoint_of(self.bundle, **dict(self.overrides))
+        if checkpoint is not None:
+            require_weights(checkpoint)
 
 
 _cache: tuple[Callable[[], SlidePredictor], SlidePredictor] | None = None
@@ -324,8 +333,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             i = futures.pop(future)
             slide = slides[i]
             if future.status != "finished":
-                err = future.exception() if future.status == "error" else f"the task was {future.status}"
-                error = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else err
+                error = failure(future.exception() if future.status == "error" else f"the task was {future.status}")
                 row = {**rows[i], "status": "failed", "error": error}
                 logger.error("failed on %s: %s", slide.path, error)
             else:
@@ -359,6 +367,15 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     return summary
 
 
+def failure(err: BaseException | str) -> str:
+    """A failed task's line in the run table: the exception's type and message, that of its cause where MONAI's
+    config wrappers hold one (a predictor that the bundle's config could not build)."""
+    if not isinstance(err, BaseException):
+        return err
+    err = root_cause(err)
+    return f"{type(err).__name__}: {err}"
+
+
 def _key(kind: str, name: str) -> str:
     return f"{kind}-{name}-{uuid.uuid4().hex[:8]}"
 
@@ -388,6 +405,8 @@ def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, fac
                    split_above_mpx: float | None = None) -> CohortSummary:
     """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``."""
     slides = read_cohort(source)
+    if hasattr(factory, "check"):
+        factory.check()
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
         summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
                              split_above_mpx)

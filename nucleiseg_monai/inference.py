@@ -494,6 +494,21 @@ class SlidePredictor:
         predictor reads it from there (``checkpoint``, ``device``), else the keyword: ``overwrite=True`` redoes
         finished outputs, it does not reach training's ``overwrite``.
         """
+        parser, files = cls._parser(bundle, overrides)
+        predictor = parser.get_parsed_content("predictor")
+        if not isinstance(predictor, cls):
+            raise TypeError(f"'predictor' of {files[-1]} builds a {type(predictor).__name__}, not a {cls.__name__}")
+        return predictor
+
+    @classmethod
+    def checkpoint_of(cls, bundle: str | os.PathLike, **overrides) -> str | None:
+        """The weights file ``from_bundle`` would load with these ``overrides`` (None where the config names
+        none), found without building anything: a cohort checks it once before it starts its workers."""
+        parser, _ = cls._parser(bundle, overrides)
+        return str(parser.get_parsed_content("checkpoint")) if "checkpoint" in parser else None
+
+    @classmethod
+    def _parser(cls, bundle: str | os.PathLike, overrides: dict):
         from monai.bundle import ConfigParser
 
         from .overrides import load_config
@@ -517,10 +532,7 @@ class SlidePredictor:
         parser.update({"bundle_root": str(Path(bundle).resolve()), **settings})
         if "imports" in parser:
             parser.get_parsed_content("imports")
-        predictor = parser.get_parsed_content("predictor")
-        if not isinstance(predictor, cls):
-            raise TypeError(f"'predictor' of {files[-1]} builds a {type(predictor).__name__}, not a {cls.__name__}")
-        return predictor
+        return parser, files
 
     @property
     def mpp(self) -> float | None:

@@ -431,7 +431,8 @@ def load_weights(network: nn.Module, path, map_location: str | torch.device = "c
     return network
 
 
-def _state_dict(path, map_location) -> dict:
+def require_weights(path) -> None:
+    """FileNotFoundError naming the bundle's ways to get weights, where ``path`` is no file."""
     from pathlib import Path
 
     path = Path(path)
@@ -440,6 +441,10 @@ def _state_dict(path, map_location) -> dict:
             f"no trained weights at {path}; train the bundle first (nucleiseg train --bundle {path.parent.parent}), "
             f"unpack a packed copy of it (nucleiseg unpack) or pass --checkpoint PATH"
         )
+
+
+def _state_dict(path, map_location) -> dict:
+    require_weights(path)
     state = torch.load(path, map_location=map_location, weights_only=True)
     for key in ("network", "model", "state_dict", "net"):  # training checkpoints and other tools' files
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -15,10 +15,11 @@ import tifffile
 import torch
 from monai.bundle import ConfigParser
 
+from nucleiseg_monai import cohort as cohort_module
 from nucleiseg_monai.cli import main
-from nucleiseg_monai.cohort import (BundlePredictor, CohortSummary, Slide, cpu_count, dask_client, host_share,
-                                    raise_on_failure, read_cohort, read_slide_list, remove_stale_temporaries,
-                                    run_bundle_cohort, run_cohort)
+from nucleiseg_monai.cohort import (BundlePredictor, CohortSummary, Slide, cpu_count, dask_client, failure,
+                                    host_share, predict_cohort, raise_on_failure, read_cohort, read_slide_list,
+                                    remove_stale_temporaries, run_bundle_cohort, run_cohort)
 from nucleiseg_monai.region_tasks import bands, pack, unpack
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
@@ -74,6 +75,37 @@ def _bundle(root: Path) -> Path:
     }
     (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
     return root
+
+
+def test_a_bundle_without_weights_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    bundle = _bundle(tmp_path / "bundle")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["checkpoint"] = "$@bundle_root + '/models/model.pt'"
+    config["predictor"]["network"]["network"] = "$nucleiseg_monai.networks.load_weights(@network_def, @checkpoint)"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    weights = tmp_path / "elsewhere.pt"
+    (bundle / "models" / "model.pt").rename(weights)
+    write_slide(make_slide((128, 128), seed=1), tmp_path / "slide.tif", tile=128)
+    monkeypatch.setattr(cohort_module, "dask_client", lambda *a, **k: pytest.fail("a cluster was started"))
+    with pytest.raises(FileNotFoundError, match=f"no trained weights at {bundle / 'models' / 'model.pt'}; "
+                                                 f"train the bundle first"):
+        predict_cohort(tmp_path / "slide.tif", tmp_path / "out", BundlePredictor(str(bundle)))
+    assert not (tmp_path / "out").exists()
+    # --checkpoint reaches the check as it reaches the workers
+    BundlePredictor(str(bundle), (("checkpoint", str(weights)),)).check()
+
+
+def test_a_failure_in_building_the_predictor_is_recorded_by_its_cause():
+    try:
+        try:
+            raise FileNotFoundError("no trained weights at /b/models/model.pt; train the bundle first")
+        except FileNotFoundError as cause:
+            raise RuntimeError("Failed to evaluate ConfigExpression: $load_weights(...)") from cause
+    except RuntimeError as wrapped:
+        err = wrapped
+    assert failure(err) == "FileNotFoundError: no trained weights at /b/models/model.pt; train the bundle first"
+    assert failure(ValueError("bad tile")) == "ValueError: bad tile"
+    assert failure("the task was cancelled") == "the task was cancelled"
 
 
 @pytest.fixture(scope="module")
