@@ -304,6 +304,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     A slide of more than ``split_above_mpx`` megapixels (None: never) becomes two region tasks per worker thread
     (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
     """
+    check_factory(factory)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     table_path = Path(table) if table else output_dir / RUN_TABLE
@@ -367,6 +368,13 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     return summary
 
 
+def check_factory(factory: Callable[[], SlidePredictor]) -> None:
+    """The factory's own check (``BundlePredictor.check``: the weights exist), where it has one."""
+    check = getattr(factory, "check", None)
+    if check is not None:
+        check()
+
+
 def failure(err: BaseException | str) -> str:
     """A failed task's line in the run table: the exception's type and message, that of its cause where MONAI's
     config wrappers hold one (a predictor that the bundle's config could not build)."""
@@ -405,8 +413,7 @@ def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, fac
                    split_above_mpx: float | None = None) -> CohortSummary:
     """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``."""
     slides = read_cohort(source)
-    if hasattr(factory, "check"):
-        factory.check()
+    check_factory(factory)  # before a local cluster is started in vain
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
         summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
                              split_above_mpx)

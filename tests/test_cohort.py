@@ -91,6 +91,9 @@ def test_a_bundle_without_weights_is_refused_before_any_worker_starts(tmp_path, 
                                                  f"train the bundle first"):
         predict_cohort(tmp_path / "slide.tif", tmp_path / "out", BundlePredictor(str(bundle)))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no trained weights"):  # a cluster of the user's own, as on SLURM
+        run_cohort(None, read_cohort(tmp_path / "slide.tif"), tmp_path / "out", BundlePredictor(str(bundle)))
+    assert not (tmp_path / "out").exists()
     # --checkpoint reaches the check as it reaches the workers
     BundlePredictor(str(bundle), (("checkpoint", str(weights)),)).check()
 
