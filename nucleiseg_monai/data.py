@@ -126,6 +126,8 @@ def _read(path: Path) -> np.ndarray:
             array = tifffile.imread(path)
         else:
             array = skio.imread(path)
+    except FileNotFoundError as err:
+        raise DataError(f"{path} does not exist; check the data folder (--data_root) and the datalist") from err
     except Exception as err:  # every decoder raises its own type; the caller needs the file name
         raise DataError(f"cannot read {path} ({type(err).__name__}: {err}); the file is damaged: replace it") from err
     if array.size == 0:  # a TIFF cut after its header reads as an empty float64 array, not an error

@@ -1,8 +1,9 @@
 """One line for an error that reaches a user of a bundle workflow: its cause, not MONAI's wrapping of it.
 
 MONAI wraps what a config expression or component raises in a RuntimeError ("Failed to evaluate ConfigExpression",
-"Failed to instantiate component"), once per reference on the way, and ignite handlers log the traceback, so a bad
-tile surfaces as 60-120 lines that end far from its name. Our own errors (DataError, SettingError, ...) already name
+"Failed to instantiate component"), once per reference on the way, and what a transform raises ("applying
+transform"), and ignite handlers log the traceback, so a bad tile surfaces as 60-120 lines that end far from its
+name. Our own errors (DataError, SettingError, ...) already name
 the file or setting and the fix: they are shown as they are; the OS errors of writing (disk full, permission denied)
 get the fix added; anything else is shown with its type and where in the config it happened.
 """
@@ -15,7 +16,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-WRAPPERS = ("Failed to evaluate", "Failed to instantiate")
+WRAPPERS = ("Failed to evaluate", "Failed to instantiate", "applying transform")  # the last: monai.transforms
 
 OS_FIXES = {
     errno.ENOSPC: "free space on that disk or write elsewhere",

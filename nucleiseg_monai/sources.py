@@ -171,13 +171,17 @@ class SourceSample:
         return {**self.sample.record(root), "source": self.source, "mpp": self.mpp, "sparse": self.sparse}
 
 
+def missing_folder(name: str, folder: Path, root: str) -> DataError:
+    return DataError(
+        f"source {name!r}: folder {folder} does not exist; set {DATA_ROOT_ENV} (or --data_root) to the "
+        f"folder that holds {root}/, or fix 'root' in the source registry"
+    )
+
+
 def discover_source(source: Source, data_root: str | os.PathLike) -> list[SourceSample]:
     folder = source.folder(data_root)
     if not folder.is_dir():
-        raise DataError(
-            f"source {source.name!r}: folder {folder} does not exist; set {DATA_ROOT_ENV} (or --data_root) to the "
-            f"folder that holds {source.root}/, or fix 'root' in the source registry"
-        )
+        raise missing_folder(source.name, folder, source.root)
     if source.layout == "kaggle":
         samples = discover(folder)
     elif source.layout == "generic":
@@ -292,11 +296,15 @@ def resolve(datalist: dict, data_root: str | os.PathLike, part: str, working_mpp
     if part not in datalist:
         raise KeyError(f"datalist has no part {part!r}; it has {[k for k in datalist if isinstance(datalist[k], list)]}")
     roots = {name: Path(data_root).expanduser() / spec["root"] for name, spec in datalist["sources"].items()}
-    records = []
+    records, checked = [], set()
     for r in datalist[part]:
         if sources is not None and r["source"] not in sources:
             continue
         root = roots[r["source"]]
+        if r["source"] not in checked:  # a wrong data root, said once, before a loader fails on its first tile
+            if not root.is_dir():
+                raise missing_folder(r["source"], root, datalist["sources"][r["source"]]["root"])
+            checked.add(r["source"])
         records.append({**r, "image": str(root / r["image"]), "label": str(root / r["label"]),
                         "scale": round(float(r["mpp"]) / float(working_mpp), 4)})
     return records

@@ -177,6 +177,20 @@ def test_the_cause_is_found_under_monais_wrappers():
     assert errors.one_line(wrapped) == "tiles/a.png: 4 channels; save it as RGB"
 
 
+def test_the_cause_is_found_under_a_transforms_wrapper():
+    from monai.transforms import Compose, Lambda
+
+    def load(_):
+        raise DataError("tiles/a.tif does not exist; check the data folder (--data_root) and the datalist")
+
+    with pytest.raises(RuntimeError) as raised:
+        Compose([Lambda(load)])({"image": "tiles/a.tif"})
+    assert str(raised.value).startswith("applying transform")
+    wrapped = _raised_through_monai(raised.value)
+    assert errors.one_line(wrapped) == ("tiles/a.tif does not exist; check the data folder (--data_root) and the "
+                                        "datalist")
+
+
 def test_our_message_wins_over_the_exception_it_was_raised_from():
     try:
         try:

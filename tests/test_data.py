@@ -359,6 +359,11 @@ def test_truncated_tiff(tmp_path, keep):
     assert "damaged" in message
 
 
+def test_a_missing_tile_is_named_as_missing_not_damaged(tmp_path):
+    message = _raises_naming(tmp_path / "gone.tif", data.read_image, tmp_path / "gone.tif")
+    assert "does not exist" in message and "--data_root" in message and "damaged" not in message
+
+
 def test_truncated_png_and_label(tmp_path):
     path = tmp_path / "cut.png"
     imsave(path, np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), check_contrast=False)

@@ -161,6 +161,10 @@ def test_unknown_source_and_missing_folder_name_the_fix(registry, tmp_path):
         S.load_sources(path, ["nope"])
     with pytest.raises(DataError, match="NUCLEISEG_DATA"):
         S.make_datalist(S.load_sources(path), tmp_path / "elsewhere")
+    # a datalist made elsewhere, used with a data root that lacks its sources (evaluation, a resumed run)
+    datalist = S.make_datalist(S.load_sources(path), data)
+    with pytest.raises(DataError, match=f"folder {tmp_path / 'elsewhere'}/.* does not exist; set NUCLEISEG_DATA"):
+        S.resolve(datalist, tmp_path / "elsewhere", "validation", 0.25)
 
 
 def test_evaluation_records_add_a_rescanned_copy_and_use_validation_where_a_source_has_no_test(registry):
