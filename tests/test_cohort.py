@@ -99,14 +99,14 @@ def test_a_bundle_without_weights_is_refused_before_any_worker_starts(tmp_path, 
 
 
 def test_a_failure_in_building_the_predictor_is_recorded_by_its_cause():
-    try:
-        try:
-            raise FileNotFoundError("no trained weights at /b/models/model.pt; train the bundle first")
-        except FileNotFoundError as cause:
-            raise RuntimeError("Failed to evaluate ConfigExpression: $load_weights(...)") from cause
-    except RuntimeError as wrapped:
-        err = wrapped
-    assert failure(err) == "FileNotFoundError: no trained weights at /b/models/model.pt; train the bundle first"
+    def load_weights():
+        raise FileNotFoundError("no trained weights at /b/models/model.pt; train the bundle first")
+
+    parser = ConfigParser({"predictor": {"network": "$load_weights()"}}, globals={"load_weights": load_weights})
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as wrapped:
+        parser.get_parsed_content("predictor")
+    assert failure(wrapped.value) == ("FileNotFoundError: no trained weights at /b/models/model.pt; train the "
+                                      "bundle first")
     assert failure(ValueError("bad tile")) == "ValueError: bad tile"
     assert failure("the task was cancelled") == "the task was cancelled"
 
