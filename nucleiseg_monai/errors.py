@@ -3,9 +3,9 @@
 MONAI wraps what a config expression or component raises in a RuntimeError ("Failed to evaluate ConfigExpression",
 "Failed to instantiate component"), once per reference on the way, and what a transform raises ("applying
 transform"), and ignite handlers log the traceback, so a bad tile surfaces as 60-120 lines that end far from its
-name. Our own errors (DataError, SettingError, ...) already name
-the file or setting and the fix: they are shown as they are; the OS errors of writing (disk full, permission denied)
-get the fix added; anything else is shown with its type and where in the config it happened.
+name. Our own errors (DataError, SettingError, ...) already name the file or setting and the fix: they are shown as
+they are; the OS errors of writing (disk full, permission denied) get the fix added; anything else is shown with its
+type and where in the config it happened.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from .data import read_image, read_instance_labels
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
-# px at the working scale: from barely softer to about what a 20x scan resampled to 0.25 um/px loses, per axis
+# px at the working scale, drawn per axis: from barely softer to blurrier than any tile of the three sources
 BLUR_SIGMA = (0.25, 1.5)
 CONTACT_RADIUS = 3  # px at the working scale: the gap between touching nuclei and the rims on both sides of it
 
@@ -291,7 +291,10 @@ def train_transforms(
             scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="reflection",
         ),
         CenterSpatialCropd(both, roi_size=patch),
-        RandGaussianSmoothd("image", sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=float(blur)),
+    ]
+    if blur:  # absent, not at probability 0, so that the other transforms draw the random numbers they drew before
+        steps.append(RandGaussianSmoothd("image", sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=float(blur)))
+    steps += [
         RandHEDJitterd("image", prob=0.8, sigma=float(stain_jitter[0]), bias=float(stain_jitter[1])),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),
