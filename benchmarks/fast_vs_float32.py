@@ -13,7 +13,6 @@ a JSON file (default ``benchmarks/results/fast_vs_float32_<bundle>.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import tifffile
 from nucleiseg_monai.atomic import write_json_atomic
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.metrics import instance_metrics
-from nucleiseg_monai.sources import default_data_root, evaluation_records
+from nucleiseg_monai.sources import bundle_records
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("dice", "aji", "pq", "count_ape")
@@ -40,9 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = Path(args.bundle)
     output = args.output or REPO / "benchmarks" / "results" / f"fast_vs_float32_{bundle.resolve().name}.json"
-    working = json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"]
-    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
-    records = evaluation_records(datalist, args.data_root or default_data_root(bundle), "test", working)
+    records, _ = bundle_records(bundle, args.data_root)
     sources = sorted({r["source"] for r in records})
     results: dict[str, dict] = {name: {} for name in ("float32", "bundle settings")}
     with tempfile.TemporaryDirectory() as tmp:

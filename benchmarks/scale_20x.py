@@ -27,7 +27,7 @@ from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
 from nucleiseg_monai.data import read_image, read_instance_labels  # noqa: E402
 from nucleiseg_monai.inference import SlidePredictor  # noqa: E402
 from nucleiseg_monai.metrics import instance_metrics  # noqa: E402
-from nucleiseg_monai.sources import default_data_root, resolve  # noqa: E402
+from nucleiseg_monai.sources import bundle_records  # noqa: E402
 from nucleiseg_monai.transforms import rescan_image, resample_labels  # noqa: E402
 
 KEYS = ("aji", "pq", "dice", "recall", "f1")
@@ -45,10 +45,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "scale_20x.json"))
     args = parser.parse_args()
     bundle = Path(args.bundle)
-    data_root = args.data_root or default_data_root(bundle)
-    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
-    working = json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"]
-    records = resolve(datalist, data_root, "test", working, ["cryonuseg"])
+    records, working = bundle_records(bundle, args.data_root)
+    records = [r for r in records if r["source"] == "cryonuseg"]
     predictor = SlidePredictor.from_bundle(bundle, progress=False)
     rows = {"original": [], "rescanned": []}
     with tempfile.TemporaryDirectory() as tmp:

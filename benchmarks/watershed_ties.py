@@ -17,7 +17,6 @@ seconds of each version (minimum over the repeats; the ratio comes from this run
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
 from nucleiseg_monai.data import read_image, read_instance_labels  # noqa: E402
 from nucleiseg_monai.inference import SlidePredictor, lattice_scale, to_read_grid  # noqa: E402
 from nucleiseg_monai.metrics import instance_metrics  # noqa: E402
-from nucleiseg_monai.sources import default_data_root, evaluation_records  # noqa: E402
+from nucleiseg_monai.sources import bundle_records  # noqa: E402
 
 BEFORE = "f7bf2a905597f054caf6a5bf701a219a7d1e6435"  # the last commit with queue-order ties
 
@@ -47,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "watershed_ties.json")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle)
-    working = json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"]
-    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
-    records = evaluation_records(datalist, args.data_root or default_data_root(bundle), "test", working)
+    records, working = bundle_records(bundle, args.data_root)
     predictor = SlidePredictor.from_bundle(bundle, progress=False)
     params = predictor.postprocess_params
     versions = {"before": module_at(BEFORE, "postprocess").instances_from_probs, "after": postprocess.instances_from_probs}

@@ -366,6 +366,18 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
     return records
 
 
+def bundle_records(bundle: str | os.PathLike, data_root: str | os.PathLike | None = None, split: str = "test",
+                   rescans: dict[str, float] | None = None) -> tuple[list[dict], float]:
+    """``evaluation_records`` of a bundle folder (its ``models/datalist.json``, its data root unless ``data_root``)
+    and its working pixel size (``microns_per_pixel`` of its metadata): the tiles its evaluation reports, for
+    scripts that score them outside the evaluating workflow."""
+    bundle = Path(bundle)
+    working = float(json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"])
+    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
+    records = evaluation_records(datalist, data_root or default_data_root(bundle), split, working, rescans)
+    return records, working
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m nucleiseg_monai.sources --estimate_mpp nuinsseg --data_root DIR``: the pixel size a source with
     none stated would have, from its nuclei against the sources that state theirs (how sources.json's NuInsSeg

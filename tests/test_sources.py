@@ -155,6 +155,21 @@ def test_sampling_weights_give_each_source_its_share(registry):
     assert sum(w for r, w in zip(records, weights) if r["source"] == "kaggle") == pytest.approx(0.5)
 
 
+def test_bundle_records_are_the_held_out_tiles_its_evaluation_reports(registry, tmp_path):
+    path, data = registry
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"microns_per_pixel": 0.25}))
+    datalist = S.make_datalist(S.load_sources(path), data)
+    (bundle / "models" / "datalist.json").write_text(json.dumps(datalist))
+    records, working = S.bundle_records(bundle, data, rescans={"kaggle": 0.5})
+    assert working == 0.25
+    assert records == S.evaluation_records(datalist, data, "test", 0.25, {"kaggle": 0.5})
+    assert {r["source"]: r["part"] for r in records} == {
+        "kaggle": "test", "tcga": "validation", "groups": "test", "kaggle@0.5um": "test"}
+
+
 def test_unknown_source_and_missing_folder_name_the_fix(registry, tmp_path):
     path, data = registry
     with pytest.raises(DataError, match="not in"):
