@@ -3,6 +3,8 @@ network with a fourth output, plus a binary cross-entropy on its distance map.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from monai.losses import MaskedDiceLoss
 from torch import nn
@@ -22,11 +24,21 @@ class MaskedDiceCELoss(nn.Module):
     A target with one more channel (``ThreeClassTargetd(contact_weight=...)``) weights each pixel's cross-entropy
     terms by it; still divided by the number of valid pixels, so the weight adds to the loss where nuclei meet
     rather than taking from it elsewhere. Dice stays unweighted: it is a ratio over the whole patch.
+
+    ``class_weights`` (background, interior, boundary) weight the classes' cross-entropy by each pixel's true class,
+    on the same terms: a pale nucleus called background then costs more than the reverse, which is where recall is
+    lost. ``None`` weighs every class 1.
     """
 
     def __init__(self, ignore_index: int = IGNORE, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
-                 lambda_distance: float = 1.0):
+                 lambda_distance: float = 1.0, class_weights: Sequence[float] | None = None):
         super().__init__()
+        if class_weights is not None:
+            class_weights = torch.tensor([float(w) for w in class_weights])
+            if class_weights.shape != (3,) or bool((class_weights <= 0).any()):
+                raise ValueError("class_weights: three positive weights (background, interior, boundary) or None, "
+                                 f"got {class_weights.tolist()}")
+        self.register_buffer("class_weights", class_weights)
         self.ignore_index = ignore_index
         self.lambda_dice, self.lambda_ce, self.lambda_distance = lambda_dice, lambda_ce, lambda_distance
         self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
@@ -52,6 +64,8 @@ class MaskedDiceCELoss(nn.Module):
                                  "for a network without one? Train it on ThreeClassTargetd(distance=False)")
             weight = weight * extra
         ce = nn.functional.cross_entropy(logits[:, :3], classes[:, 0], reduction="none")
+        if self.class_weights is not None:
+            ce = ce * self.class_weights.to(ce.device)[classes[:, 0]]
         ce = (ce * weight).sum() / total
         dice = self.dice(logits[:, :3], classes, mask=valid.to(logits.dtype))
         loss = self.lambda_dice * dice + self.lambda_ce * ce

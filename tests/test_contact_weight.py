@@ -88,3 +88,23 @@ def test_a_distance_map_is_not_taken_for_a_weight_and_distillation_refuses_one()
     teacher = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="contact_weight"):
         DistillationLoss(MaskedDiceCELoss())(torch.zeros(1, 4, 8, 8), torch.cat([weighted, teacher], dim=1))
+
+
+def test_class_weights_weigh_each_pixels_cross_entropy_by_its_true_class():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    labels = np.zeros((16, 16), np.int32)
+    labels[3:9, 2:8], labels[3:9, 8:14] = 1, 2
+    classes = torch.from_numpy(encode_three_class(labels))[None, None].repeat(2, 1, 1, 1).float()
+    dist = torch.from_numpy(distance_map(labels))[None, None].repeat(2, 1, 1, 1)
+    target = torch.cat([classes, dist], dim=1)
+    plain = MaskedDiceCELoss()(logits, target).item()
+    ce = torch.nn.functional.cross_entropy(logits[:, :3], classes[:, 0].long(), reduction="none")
+    nuclei = (classes[:, 0] > 0).float()
+    # weights [1, 2, 2] add the nucleus pixels' cross-entropy once more, over the same pixel count
+    assert MaskedDiceCELoss(class_weights=[1, 2, 2])(logits, target).item() == pytest.approx(
+        plain + (ce * nuclei).mean().item(), abs=1e-5)
+    assert MaskedDiceCELoss(class_weights=[1, 1, 1])(logits, target).item() == pytest.approx(plain, abs=1e-6)
+    for bad in ([1, 2], [1, 0, 2]):
+        with pytest.raises(ValueError, match="class_weights"):
+            MaskedDiceCELoss(class_weights=bad)
