@@ -4,7 +4,7 @@ The seam test (``tests/test_inference.py``) shows that stitching and the watersh
 sees one pixel. A real network sees about 180 px; each region is read with a 128 px margin, so its outputs inside a
 core should match a whole-image run's, up to floating-point sums that differ with the size of the input (and, for
 int8, its quantised arithmetic). This measures what is left: the bundle's predictor over the speed benchmark's
-real-tissue mosaic (CryoNuSeg's tiles side by side, 0.25 um/px) with its regions (1024 px) and with one region
+real-tissue mosaic (CryoNuSeg's tiles side by side, 0.25 um/px) with its default regions and with one region
 covering the image, as shipped and in plain float32. Reported per runtime: nuclei in each run, nuclei matched
 pixel for pixel, nuclei that differ, and differing pixels by distance to the nearest seam.
 

@@ -385,6 +385,19 @@ class Plan:
     mpp_source: str
 
 
+def default_region_size(device: torch.device | str) -> int:
+    """The core side, in working pixels, for a network on ``device``: 1536 on a CPU without AVX-512, 1024 elsewhere.
+
+    Each core is read with its margins (``RegionPlanner``), so the network computes (1 + 2 margin / core)^2 pixels
+    per image pixel: 1.56 at 1024 px, 1.36 at 1536 px. Where the network is most of the time, as with int8 on an
+    AVX2-only CPU (no VNNI), the larger core pays for its memory; on AVX-512 CPUs, where the watershed and the
+    measurements take most of the time, larger regions were slower, and 1024 px stays (the model card's Speed)."""
+    device = torch.device(device)
+    if device.type == "cpu" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return 1536
+    return 1024
+
+
 class RegionPlanner:
     """Which regions of an image to analyse, and at which scale.
 
@@ -569,7 +582,7 @@ class SlidePredictor:
             raise FileExistsError(
                 f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with other weights or "
                 f"settings (differing: {', '.join(differing)}); pass --overwrite (overwrite=true) to replace them, "
-                "or choose another output_dir"
+                f"or choose another output_dir{self._region_size_hint(output_dir, [name], differing)}"
             )
         return True
 
@@ -579,6 +592,18 @@ class SlidePredictor:
         if recorded is None:
             return ["not recorded (an older version's outputs)"]
         return sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+
+    @staticmethod
+    def _region_size_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:
+        """How to go on with the recorded region size, when only it differs: the default follows the CPU
+        (``default_region_size``), so outputs begun on another machine differ in it alone."""
+        if list(differing) != ["region_size"]:
+            return ""
+        sizes = sorted({(_recorded_settings(Path(output_dir), n) or {}).get("region_size") for n in names} - {None})
+        if len(sizes) != 1:
+            return ""
+        return (f"; region_size is chosen for this CPU unless set, and these were made with {sizes[0]}: "
+                f"--set predictor#planner#region_size={sizes[0]} goes on with them")
 
     # ------------------------------------------------------------------------------------------ one window
 
@@ -786,7 +811,7 @@ class SlidePredictor:
             raise FileExistsError(
                 f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
                 f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
-                "another output_dir"
+                f"another output_dir{self._region_size_hint(output_dir, names, keys)}"
             )
 
 

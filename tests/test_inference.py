@@ -554,6 +554,12 @@ def test_completion_records_name_the_weights_and_settings(tmp_path):
                                               r"weights or settings \(differing: max_regions, region_size\)"):
         _predictor(region_size=128, max_regions=3).finished(out, "tile0")
 
+    with pytest.raises(FileExistsError, match=r"made with 256: --set predictor#planner#region_size=256 goes on"):
+        _predictor(region_size=128).run(tmp_path / "in", out)  # the region size alone: how to go on with it
+    with pytest.raises(FileExistsError, match=r"differing: max_regions, region_size\)") as refused:
+        _predictor(region_size=128, max_regions=3).run(tmp_path / "in", out)
+    assert "goes on with" not in str(refused.value)  # not the region size alone: no such hint
+
     replaced = _predictor(network=other, overwrite=True).run(tmp_path / "in", out)
     assert [r.name for r in replaced.done] == ["tile0", "tile1"]
     assert json.loads((out / "tile0.done.json").read_text())["settings"]["weights_sha256"] == weights_sha256(other)
@@ -617,6 +623,19 @@ def test_flat_predictor_ids_of_earlier_configs_name_the_part_that_takes_them():
                       "predictor#overwrite", "checkpoint", "postprocess_params#min_size", "predictor#unknown"):
         assert config_id(unchanged) == unchanged
     assert predictor_ids()["network"] == "predictor#network"  # the part, not the torch module it is given
+
+
+def test_the_default_region_size_follows_the_cpu(monkeypatch):
+    """1536 px where the network is most of the time (a CPU without AVX-512), 1024 px elsewhere; the bundles'
+    planners take it unless set."""
+    from nucleiseg_monai.inference import default_region_size
+    for capability, size in (("AVX2", 1536), ("DEFAULT", 1536), ("AVX512", 1024)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert default_region_size("cpu") == size
+        assert default_region_size(torch.device("cuda")) == 1024
+    bundle = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
+    predictor = SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False, device="cpu")
+    assert predictor.planner.region_size == 1024  # the last capability patched in: AVX512
 
 
 def test_from_bundle_sets_keywords_and_flat_ids_on_the_part_that_takes_them():
