@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 SLIDE_LIST_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 RUN_TABLE = "run_table.csv"
+REGION_SIZE = "predictor#planner#region_size"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ class BundlePredictor:
         checkpoint = SlidePredictor.checkpoint_of(self.bundle, **dict(self.overrides))
         if checkpoint is not None:
             require_weights(checkpoint)
+
+    def pinned(self) -> BundlePredictor:
+        """This factory with the region size the config resolves here: its default follows the CPU
+        (``inference.default_region_size``), and every worker must cut a slide into the same regions, since a
+        split slide's region tasks and its merge run on several of them."""
+        size = SlidePredictor.config_value(self.bundle, REGION_SIZE, **dict(self.overrides))
+        return replace(self, overrides=(*self.overrides, (REGION_SIZE, size)))
 
 
 _cache: tuple[Callable[[], SlidePredictor], SlidePredictor] | None = None
@@ -305,6 +313,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
     """
     check_factory(factory)
+    factory = pin_factory(factory)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     table_path = Path(table) if table else output_dir / RUN_TABLE
@@ -366,6 +375,13 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     run_table.flush()
     summary.rows = run_table.rows
     return summary
+
+
+def pin_factory(factory: Callable[[], SlidePredictor]) -> Callable[[], SlidePredictor]:
+    """The factory with the settings that would differ between machines fixed (``BundlePredictor.pinned``), where
+    it has such; other factories are the caller's to keep the same everywhere."""
+    pinned = getattr(factory, "pinned", None)
+    return factory if pinned is None else pinned()
 
 
 def check_factory(factory: Callable[[], SlidePredictor]) -> None:

@@ -517,8 +517,15 @@ class SlidePredictor:
     def checkpoint_of(cls, bundle: str | os.PathLike, **overrides) -> str | None:
         """The weights file ``from_bundle`` would load with these ``overrides`` (None where the config names
         none), found without building anything: a cohort checks it once before it starts its workers."""
+        checkpoint = cls.config_value(bundle, "checkpoint", **overrides)
+        return None if checkpoint is None else str(checkpoint)
+
+    @classmethod
+    def config_value(cls, bundle: str | os.PathLike, id_: str, **overrides):
+        """The value of config id ``id_`` as ``from_bundle`` would parse it with these ``overrides`` (None where
+        the config has no such id), found without building the predictor."""
         parser, _ = cls._parser(bundle, overrides)
-        return str(parser.get_parsed_content("checkpoint")) if "checkpoint" in parser else None
+        return parser.get_parsed_content(id_) if id_ in parser else None
 
     @classmethod
     def _parser(cls, bundle: str | os.PathLike, overrides: dict):

@@ -17,9 +17,10 @@ from monai.bundle import ConfigParser
 
 from nucleiseg_monai import cohort as cohort_module
 from nucleiseg_monai.cli import main
-from nucleiseg_monai.cohort import (BundlePredictor, CohortSummary, Slide, cpu_count, dask_client, failure,
-                                    host_share, predict_cohort, raise_on_failure, read_cohort, read_slide_list,
-                                    remove_stale_temporaries, run_bundle_cohort, run_cohort)
+from nucleiseg_monai.inference import SlidePredictor
+from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary, Slide, cpu_count, dask_client,
+                                    failure, host_share, predict_cohort, raise_on_failure, read_cohort,
+                                    read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort)
 from nucleiseg_monai.region_tasks import bands, pack, unpack
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
@@ -96,6 +97,33 @@ def test_a_bundle_without_weights_is_refused_before_any_worker_starts(tmp_path, 
     assert not (tmp_path / "out").exists()
     # --checkpoint reaches the check as it reaches the workers
     BundlePredictor(str(bundle), (("checkpoint", str(weights)),)).check()
+
+
+def test_every_worker_cuts_a_slide_into_the_regions_chosen_where_the_cohort_starts(tmp_path, monkeypatch):
+    """The default region size follows the CPU; a split slide's region tasks and its merge run on several workers,
+    perhaps on other CPUs, so a cohort fixes the size once and sends it with the factory."""
+    small = str(Path(__file__).resolve().parents[1] / "bundles" / "nuclei_unet_small")
+
+    def size_on(factory):
+        return SlidePredictor.config_value(small, REGION_SIZE, **dict(factory.overrides))
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    pinned = BundlePredictor(small).pinned()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert size_on(BundlePredictor(small)) == 1024 and size_on(pinned) == 1536  # a worker on another CPU
+    assert size_on(BundlePredictor(small, (("region_size", 512),)).pinned()) == 512  # one set stays
+
+    class Submitted(Exception):
+        pass
+
+    class Client:
+        def submit(self, function, factory, *args, **kwargs):
+            raise Submitted(factory)
+
+    write_slide(make_slide((128, 128), seed=1), tmp_path / "slide.tif", tile=128)
+    with pytest.raises(Submitted) as sent:
+        run_cohort(Client(), read_cohort(tmp_path / "slide.tif"), tmp_path / "out", BundlePredictor(small))
+    assert dict(sent.value.args[0].overrides)[REGION_SIZE] == 1024
 
 
 def test_a_failure_in_building_the_predictor_is_recorded_by_its_cause():
