@@ -24,16 +24,20 @@ from . import __version__
 logger = logging.getLogger("nucleiseg")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from .overrides import parse_value
+def _overrides(pairs: list[str], files: list[Path]) -> dict:
+    """``--set ID=VALUE`` pairs as config overrides, each value parsed and checked against the config ``files``
+    as train's and evaluate's settings are (``overrides.check``): ``int8=false`` is False, not the truthy text
+    'false', and an id the config lacks is refused with the nearest one."""
+    from .inference import config_id
+    from .overrides import check, load_config
 
-    out = {}
+    pairs_by_id = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise SystemExit(f"--set expects KEY=VALUE (a config id such as postprocess_params#min_size=20), got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = parse_value(value)
-    return out
+        pairs_by_id[config_id(key)] = value
+    return check(pairs_by_id, load_config(files), spelling="set") if pairs_by_id else {}
 
 
 def _bundle_config(bundle: str, name: str) -> Path:
@@ -95,7 +99,10 @@ def run_workflow(workflow):
 
 def cmd_predict(args) -> int:
     _check_bundle(args.bundle)
-    overrides = {"input": args.input, "output_dir": args.output_dir, **_overrides(args.set)}
+    from .inference import inference_configs
+
+    overrides = {"input": args.input, "output_dir": args.output_dir,
+                 **_overrides(args.set, inference_configs(args.bundle))}
     if args.checkpoint:
         overrides["checkpoint"] = args.checkpoint
     if args.mpp is not None:
@@ -217,7 +224,7 @@ def cmd_tune(args) -> int:
     from .tuning import apply, tune
 
     _check_bundle(args.bundle)
-    overrides = {"bundle_root": str(Path(args.bundle).resolve()), **_overrides(args.set)}
+    overrides = {"bundle_root": str(Path(args.bundle).resolve()), **_overrides(args.set, evaluate_configs(args.bundle))}
     if args.data_root:
         overrides["data_root"] = args.data_root
     report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")

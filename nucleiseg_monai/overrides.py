@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
+import pydoc
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,37 @@ def _unknown(key: str, levels: list[str], depth: int, known) -> SettingError:
     return SettingError(f"unknown setting {key!r}; {hint}")
 
 
+def _parameters(target: Any) -> dict[str, inspect.Parameter] | None:
+    """The parameters of a component's ``_target_``; None where it is no dotted path that imports here."""
+    if not isinstance(target, str) or "." not in target or _is_code(target):
+        return None
+    found = pydoc.locate(target)
+    try:
+        return None if found is None else dict(inspect.signature(found).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _keywords(target: Any) -> set[str] | None:
+    """The keywords a component's ``_target_`` takes; None where that is not known here (see ``_parameters``, or
+    a ``**kwargs``)."""
+    parameters = _parameters(target)
+    if parameters is None or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _component_default(config: dict, key: str) -> Any:
+    """The default of ``key``'s parameter in the signature of the component holding it (``RegionPlanner``'s
+    ``region_size: int = 2048``), to type a value the config computes; MISSING where there is none."""
+    *path, name = _levels(key)
+    node = config
+    for level in path:
+        node = node.get(level) if isinstance(node, dict) else None
+    parameter = (_parameters(node.get("_target_")) or {}).get(name) if isinstance(node, dict) else None
+    return MISSING if parameter is None or parameter.default is parameter.empty else parameter.default
+
+
 def default_of(config: dict, key: str) -> Any:
     """The config's value at the id ``key`` (``network_def#features``); MISSING for a new argument of a dict below
     the top level; SettingError for an unknown top-level key or a path that does not exist."""
@@ -96,7 +129,10 @@ def default_of(config: dict, key: str) -> Any:
             if name in node:
                 node = node[name]
                 continue
-            if last and depth > 0:  # a new keyword for a component, as MONAI allows
+            if last and depth > 0:  # a new keyword for a component, as MONAI allows, where its target takes it
+                accepted = _keywords(node.get("_target_"))
+                if accepted is not None and name not in accepted:
+                    raise _unknown(key, levels, depth, accepted)
                 return MISSING
             raise _unknown(key, levels, depth, node.keys())
         if isinstance(node, list) and name.isdigit() and int(name) < len(node):
@@ -119,16 +155,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def coerce(key: str, text: str, default: Any) -> Any:
+# how a setting is typed on each command line, for the messages: train and evaluate take --KEY VALUE, predict and
+# tune --set KEY=VALUE
+SPELLINGS = {"flag": ("--{key}", "--{key} {value}"), "set": ("--set {key}", "--set {key}={value}")}
+
+
+def coerce(key: str, text: str, default: Any, spelling: str = "flag") -> Any:
     """The value of ``--key text`` in the type of the config's ``default``, or SettingError."""
+    option, setting = SPELLINGS[spelling]
     value = parse_value(text)
     if default is MISSING or default is None or _is_code(default) or _is_code(value):
         return value
     if isinstance(default, bool):
         try:
             return parse_bool(value, key)
-        except ValueError as err:
-            raise SettingError(str(err)) from None
+        except ValueError:
+            raise SettingError(f"{setting.format(key=key, value=repr(text))} is not a boolean; use "
+                               f"{setting.format(key=key, value='true')} or {setting.format(key=key, value='false')}"
+                               ) from None
     if isinstance(default, str):
         return value if isinstance(value, str) or value is None else text
     expected = None
@@ -147,7 +191,7 @@ def coerce(key: str, text: str, default: Any) -> Any:
         elif default and all(_is_number(v) for v in default) and not all(_is_number(v) for v in value):
             expected = f"a list of numbers such as {default!r}"
     if expected:
-        raise SettingError(f"--{key} expects {expected}, got {text!r}")
+        raise SettingError(f"{option.format(key=key)} expects {expected}, got {text!r}")
     return value
 
 
@@ -189,11 +233,14 @@ def check_patch_size(config: dict, settings: dict) -> None:
         )
 
 
-def check(pairs: dict[str, str], config: dict) -> dict[str, Any]:
+def check(pairs: dict[str, str], config: dict, spelling: str = "flag") -> dict[str, Any]:
     """The command-line ``pairs`` as config overrides with parsed, checked values; SettingError for the first
-    one the config cannot take."""
-    settings = {
-        SEPARATORS[1].join(_levels(key)): coerce(key, text, default_of(config, key)) for key, text in pairs.items()
-    }
+    one the config cannot take, naming it as typed (``spelling``: ``SPELLINGS``)."""
+    settings = {}
+    for key, text in pairs.items():
+        default = default_of(config, key)
+        if default is MISSING or _is_code(default):  # computed by the config: typed by its component, if known
+            default = _component_default(config, key)
+        settings[SEPARATORS[1].join(_levels(key))] = coerce(key, text, default, spelling)
     check_patch_size(config, settings)
     return settings

@@ -114,6 +114,35 @@ def test_new_arguments_of_a_component_and_code_values_pass_unchecked():
                         "network_def#upsample": "nearest"}
 
 
+def test_a_keyword_of_a_component_whose_target_imports_is_checked_against_its_signature():
+    config = {**CONFIG, "planner": {"_target_": "nucleiseg_monai.inference.RegionPlanner", "region_size": "$512 * 3"}}
+    with pytest.raises(SettingError, match=re.escape("unknown setting 'planner#region_sise'; did you mean "
+                                                     "'planner#region_size'?")):
+        checked("--planner#region_sise", "1024", config=config)
+    assert checked("--planner#max_regions", "2", config=config) == {"planner#max_regions": 2}  # a new keyword it takes
+    # a value the config computes is typed by the parameter's default (region_size: int = 2048)
+    assert checked("--planner#region_size", "1024", config=config) == {"planner#region_size": 1024}
+    with pytest.raises(SettingError, match=re.escape("--planner#region_size expects an integer, got 'big'")):
+        checked("--planner#region_size", "big", config=config)
+
+
+def test_predict_settings_are_parsed_and_checked_against_the_bundle_config_as_typed():
+    from nucleiseg_monai.inference import inference_configs
+
+    files = inference_configs(REPO / "bundles" / "nuclei_unet_small")
+    assert cli._overrides(["predictor#network#int8=false", "predictor#region_size=1536"], files) == {
+        "predictor#network#int8": False, "predictor#planner#region_size": 1536}  # not the truthy text 'false'
+    for pair, message in (
+        ("predictor#network#int8=maybe", "--set predictor#network#int8='maybe' is not a boolean; use --set "
+                                         "predictor#network#int8=true or --set predictor#network#int8=false"),
+        ("predictor#planner#region_sise=1024", "unknown setting 'predictor#planner#region_sise'; did you mean "
+                                               "'predictor#planner#region_size'?"),
+        ("predictor#planner#region_size=big", "--set predictor#planner#region_size expects an integer, got 'big'"),
+    ):
+        with pytest.raises(SettingError, match=re.escape(message)):
+            cli._overrides([pair], files)
+
+
 def test_patch_size_must_be_a_multiple_of_two_to_the_poolings():
     assert checked("--patch_size", "[64,208]")["patch_size"] == [64, 208]  # CONFIG's network pools 3 times
     with pytest.raises(SettingError, match=re.escape(
