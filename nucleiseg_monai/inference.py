@@ -246,13 +246,16 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     if int8 and runtime not in ("auto", "openvino"):
         raise ValueError(f"int8 runs on OpenVINO: set predictor#network#runtime to 'auto' or 'openvino' "
                          f"(got {runtime!r}), or int8 to false")
-    precision = resolve_dtype("auto", device) if amp else None  # bf16 where native, else float32
+    # bf16 where native, else float32; not asked where int8 runs, so that its log line does not claim float32
+    precision = resolve_dtype("auto", device) if amp and not int8 else None
     if runtime == "eager":
         return MixedPrecision(network, precision, channels_last) if (amp or channels_last) else network
     dtype = "int8" if int8 else precision or torch.float32
     key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads())
     if _prepared is None or _prepared[0] != key:
         _prepared = None  # the old copy goes before the new one is built
+        if int8:
+            logger.info("the network runs in OpenVINO, quantised to int8 (%d threads)", torch.get_num_threads())
         _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
                                                 example_shape=example_shape,
                                                 calibration=int8_calibration,
