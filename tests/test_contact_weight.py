@@ -20,6 +20,17 @@ def two_touching_and_one_alone():
     return labels
 
 
+def logits_and_targets():
+    """Random logits (2, 4, 16, 16) and the class and distance targets of two touching nuclei."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    labels = np.zeros((16, 16), np.int32)
+    labels[3:9, 2:8], labels[3:9, 8:14] = 1, 2
+    classes = torch.from_numpy(encode_three_class(labels))[None, None].repeat(2, 1, 1, 1).float()
+    dist = torch.from_numpy(distance_map(labels))[None, None].repeat(2, 1, 1, 1)
+    return logits, classes, dist
+
+
 def test_contact_map_marks_a_band_where_two_nuclei_meet_and_nothing_around_a_lone_one():
     labels = two_touching_and_one_alone()
     contact = contact_map(labels, radius=2)
@@ -52,12 +63,7 @@ def test_target_gains_a_weight_channel_only_when_asked():
 
 
 def test_loss_weights_the_cross_entropy_terms_per_pixel_and_leaves_dice_alone():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 16, 16)
-    labels = np.zeros((16, 16), np.int32)
-    labels[3:9, 2:8], labels[3:9, 8:14] = 1, 2
-    classes = torch.from_numpy(encode_three_class(labels))[None, None].repeat(2, 1, 1, 1).float()
-    dist = torch.from_numpy(distance_map(labels))[None, None].repeat(2, 1, 1, 1)
+    logits, classes, dist = logits_and_targets()
     weight = torch.ones(2, 1, 16, 16)
     weight[..., 4:12] = 3.0
     target = torch.cat([classes, dist, weight], dim=1)
@@ -91,12 +97,7 @@ def test_a_distance_map_is_not_taken_for_a_weight_and_distillation_refuses_one()
 
 
 def test_class_weights_weigh_each_pixels_cross_entropy_by_its_true_class():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 16, 16)
-    labels = np.zeros((16, 16), np.int32)
-    labels[3:9, 2:8], labels[3:9, 8:14] = 1, 2
-    classes = torch.from_numpy(encode_three_class(labels))[None, None].repeat(2, 1, 1, 1).float()
-    dist = torch.from_numpy(distance_map(labels))[None, None].repeat(2, 1, 1, 1)
+    logits, classes, dist = logits_and_targets()
     target = torch.cat([classes, dist], dim=1)
     plain = MaskedDiceCELoss()(logits, target).item()
     ce = torch.nn.functional.cross_entropy(logits[:, :3], classes[:, 0].long(), reduction="none")
