@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "none", "")
 
 
-def parse_bool(value: bool | int | str | None, setting: str) -> bool:
+def parse_bool(value: bool | int | str | None, setting: str, spelling: str = "--{key} {value}") -> bool:
     """A boolean setting that may arrive as a string from the command line (``--resume false`` is 'false',
-    which Python would call true)."""
+    which Python would call true). ``spelling``: how the setting is typed, for the message."""
     if isinstance(value, bool) or value is None:
         return bool(value)
     if isinstance(value, int) and value in (0, 1):
@@ -35,7 +35,8 @@ def parse_bool(value: bool | int | str | None, setting: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise ValueError(f"--{setting} {value!r} is not a boolean; use --{setting} true or --{setting} false")
+    raise ValueError(f"{spelling.format(key=setting, value=repr(value))} is not a boolean; use "
+                     f"{spelling.format(key=setting, value='true')} or {spelling.format(key=setting, value='false')}")
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:

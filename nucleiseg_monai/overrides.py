@@ -112,9 +112,7 @@ def _component_default(config: dict, key: str) -> Any:
     """The default of ``key``'s parameter in the signature of the component holding it (``RegionPlanner``'s
     ``region_size: int = 2048``), to type a value the config computes; MISSING where there is none."""
     *path, name = _levels(key)
-    node = config
-    for level in path:
-        node = node.get(level) if isinstance(node, dict) else None
+    node = default_of(config, SEPARATORS[1].join(path)) if path else None  # exists: ``key`` was found in it
     parameter = (_parameters(node.get("_target_")) or {}).get(name) if isinstance(node, dict) else None
     return MISSING if parameter is None or parameter.default is parameter.empty else parameter.default
 
@@ -168,11 +166,9 @@ def coerce(key: str, text: str, default: Any, spelling: str = "flag") -> Any:
         return value
     if isinstance(default, bool):
         try:
-            return parse_bool(value, key)
-        except ValueError:
-            raise SettingError(f"{setting.format(key=key, value=repr(text))} is not a boolean; use "
-                               f"{setting.format(key=key, value='true')} or {setting.format(key=key, value='false')}"
-                               ) from None
+            return parse_bool(value, key, setting)
+        except ValueError as err:
+            raise SettingError(str(err)) from None
     if isinstance(default, str):
         return value if isinstance(value, str) or value is None else text
     expected = None
