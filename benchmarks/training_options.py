@@ -14,8 +14,9 @@ same pixels, with the recipe's contact weight 2), for more context around large 
 from NuInsSeg instead of a third (``nuinsseg_half``, with contact weight 2): more of its 23 organ groups, for its
 held-out ones, and a Gaussian blur on 30% of the patches (``blur_0.3``, with contact weight 2): out-of-focus
 tissue and softer scanners, and the cross-entropy of nucleus pixels (interior and boundary) weighted 2x
-(``foreground_2``, ``class_weights`` [1, 2, 2], with contact weight 2): a missed pale nucleus costs more. Every variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against:
-no contact weight) and its own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
+(``foreground_2``, ``class_weights`` [1, 2, 2], with contact weight 2): a missed pale nucleus costs more. Every
+variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
+own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
 ``control`` against ``bundle`` shows how large chance and the restart are. Resumable: a variant whose
 ``OUT/NAME/DONE`` exists is not trained again, a report already written is not evaluated again. Writes

@@ -224,7 +224,8 @@ def cmd_tune(args) -> int:
     from .tuning import apply, tune
 
     _check_bundle(args.bundle)
-    overrides = {"bundle_root": str(Path(args.bundle).resolve()), **_overrides(args.set, evaluate_configs(args.bundle))}
+    overrides = {"bundle_root": str(Path(args.bundle).resolve()),
+                 **_overrides(args.set, evaluate_configs(args.bundle))}
     if args.data_root:
         overrides["data_root"] = args.data_root
     report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
