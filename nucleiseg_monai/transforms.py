@@ -253,16 +253,22 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
         self.randomize()
         if not self._do_transform:
             return d
-        alpha = torch.as_tensor(self.alpha, dtype=torch.float32)[:, None]
-        beta = torch.as_tensor(self.beta, dtype=torch.float32)[:, None]
         for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key], dtype=torch.float32)
-            c, h, w = image.shape
-            od = -torch.log10((image.reshape(3, -1) + 1.0) / 256.0)
-            stains = _HED_FROM_RGB.T @ od
-            od = _RGB_FROM_HED.T @ (stains * alpha + beta)
-            d[key] = (256.0 * torch.pow(10.0, -od) - 1.0).clamp(0, 255).reshape(c, h, w)
+            d[key] = restain(d[key], self.alpha, self.beta)
         return d
+
+
+def restain(image, alpha: Sequence[float], beta: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """An RGB image (3, H, W) on the 0-255 scale with each stain's concentration c (haematoxylin, eosin, DAB)
+    made ``c * alpha + beta``, as float32 on the same scale: how another lab's staining would show the tissue."""
+    image = torch.as_tensor(image, dtype=torch.float32)
+    alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(3, 1)
+    beta = torch.as_tensor(beta, dtype=torch.float32).reshape(3, 1)
+    c, h, w = image.shape
+    od = -torch.log10((image.reshape(3, -1) + 1.0) / 256.0)
+    stains = _HED_FROM_RGB.T @ od
+    od = _RGB_FROM_HED.T @ (stains * alpha + beta)
+    return (256.0 * torch.pow(10.0, -od) - 1.0).clamp(0, 255).reshape(c, h, w)
 
 
 def train_transforms(

@@ -248,6 +248,17 @@ def test_hed_jitter_scales_haematoxylin_as_drawn():
         np.testing.assert_allclose(after[:2], predicted[:2], rtol=0, atol=5e-4)  # H and E
 
 
+def test_restain_scales_one_stain_and_leaves_the_others():
+    """A fixed shift, as benchmarks/stain_shift.py applies it: haematoxylin at 0.7x on a flat purple image reads
+    back (skimage's rgb2hed) as 0.7 of its haematoxylin with its eosin unchanged; alpha 1, beta 0 is the round trip."""
+    flat = np.zeros((3, 4, 4), np.float32)
+    flat[:] = np.array([150.0, 90.0, 170.0], np.float32)[:, None, None]
+    before = rgb2hed(flat.transpose(1, 2, 0) / 255.0)[0, 0]
+    after = rgb2hed(T.restain(flat, (0.7, 1.0, 1.0)).numpy().transpose(1, 2, 0) / 255.0)[0, 0]
+    np.testing.assert_allclose(after[:2], [0.7 * before[0], before[1]], rtol=0, atol=5e-4)
+    np.testing.assert_allclose(T.restain(flat, (1.0, 1.0, 1.0)).numpy(), flat, atol=0.05)
+
+
 def test_hed_jitter_range_identity_and_prob():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (3, 16, 16)).astype(np.float32)
