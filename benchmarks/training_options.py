@@ -14,7 +14,10 @@ same pixels, with the recipe's contact weight 2), for more context around large 
 from NuInsSeg instead of a third (``nuinsseg_half``, with contact weight 2): more of its 23 organ groups, for its
 held-out ones, and a Gaussian blur on 30% of the patches (``blur_0.3``, with contact weight 2): out-of-focus
 tissue and softer scanners, and the cross-entropy of nucleus pixels (interior and boundary) weighted 2x
-(``foreground_2``, ``class_weights`` [1, 2, 2], with contact weight 2): a missed pale nucleus costs more. Every
+(``foreground_2``, ``class_weights`` [1, 2, 2], with contact weight 2): a missed pale nucleus costs more, and the
+same with contact weight 4 (``foreground_2_contact_4``): the pale nuclei it finds parted from their neighbours, and
+three times the stain jitter with the recipe's contact weight 2 (``stain_jitter_strong_cw2``), for other labs'
+staining (``benchmarks/stain_shift.py`` scores it). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
@@ -66,6 +69,8 @@ VARIANTS = {
                                    repr({"cryonuseg": 1, "monuseg2018_train": 1, "nuinsseg": 2})]},
     "blur_0.3": {"settings": ["--contact_weight", "2", "--blur", "0.3"]},
     "foreground_2": {"settings": ["--contact_weight", "2", "--class_weights", "[1, 2, 2]"]},
+    "foreground_2_contact_4": {"settings": ["--contact_weight", "4", "--class_weights", "[1, 2, 2]"]},
+    "stain_jitter_strong_cw2": {"settings": ["--contact_weight", "2", "--stain_jitter", "[0.15, 0.05]"]},
 }
 
 
