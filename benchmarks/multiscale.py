@@ -18,14 +18,13 @@ watershed and tiles), and reports per source:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from training_options import REPO, nucleiseg
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
@@ -36,13 +35,9 @@ from nucleiseg_monai.sources import bundle_records  # noqa: E402
 
 def evaluate(bundle: Path, folder: Path, mpp: float) -> None:
     """The bundle's validation evaluation at working pixel size ``mpp``, its label maps kept in ``folder``."""
-    if (folder / "metrics.json").exists():
-        return
-    command = [str(Path(sys.executable).with_name("nucleiseg")), "evaluate", "--bundle", str(bundle), "--split",
-               "validation", "--output_dir", repr(str(folder)), "--rescans", "{}", "--working_mpp", repr(mpp)]
-    with (folder.parent / f"{folder.name}.log").open("w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"{' '.join(command)} failed; see {log.name}")
+    if not (folder / "metrics.json").exists():
+        nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--output_dir", repr(str(folder)),
+                  "--rescans", "{}", "--working_mpp", repr(mpp), log=folder.parent / f"{folder.name}.log")
 
 
 def union(fine: np.ndarray, coarse: np.ndarray, max_overlap: float) -> np.ndarray:
@@ -62,9 +57,8 @@ def found_by(coarse: np.ndarray, fine: np.ndarray, true: np.ndarray) -> tuple[in
     """(true nuclei unmatched in ``fine``, of those matched in ``coarse``): a match is IoU > MATCH_IOU."""
     def matched(pred: np.ndarray) -> np.ndarray:
         ov = overlap(pred, true)
-        iou = ov.inter / (ov.true_area[ov.ti] + ov.pred_area[ov.pi] - ov.inter)
         hit = np.zeros(ov.true_area.size, bool)
-        hit[ov.ti[iou > MATCH_IOU]] = True
+        hit[ov.ti[ov.iou > MATCH_IOU]] = True
         return hit
 
     missed = ~matched(fine)

@@ -55,15 +55,16 @@ def main() -> None:
     predictor = SlidePredictor.from_bundle(args.bundle, progress=False, **overrides)
     truths = {f"{r['source']}__{r['name']}": read_instance_labels(r["label"], r.get("label_kind", "instance"))
               for r in records}
+    images = {f"{r['source']}__{r['name']}": read_image(r["image"]).transpose(2, 0, 1) for r in records}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shift in args.shifts:
             inputs, outputs = Path(tmp, "in", shift), Path(tmp, "out", shift)
             inputs.mkdir(parents=True)
             for r in records:
-                image = read_image(r["image"])
-                shifted = restain(image.transpose(2, 0, 1), SHIFTS[shift]).round().byte().numpy().transpose(1, 2, 0)
-                write_tile(inputs / f"{r['source']}__{r['name']}.tif", np.ascontiguousarray(shifted), r["mpp"])
+                name = f"{r['source']}__{r['name']}"
+                shifted = restain(images[name], SHIFTS[shift]).round().byte().numpy().transpose(1, 2, 0)
+                write_tile(inputs / f"{name}.tif", np.ascontiguousarray(shifted), r["mpp"])
             summary = predictor.run(inputs, outputs)
             if not summary.ok:
                 raise SystemExit(f"{len(summary.failed)} tile(s) failed: {summary.failed[:3]}")
