@@ -258,11 +258,49 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
         return d
 
 
-def restain(image, alpha: Sequence[float], beta: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+class RandPaleNucleid(RandomizableTransform, MapTransform):
+    """Some nuclei of a patch stained paler: each annotated nucleus (instance ids under ``label_key``) is chosen with
+    probability ``share`` and its haematoxylin concentration multiplied by a factor drawn from ``factor``, the rest
+    of the patch untouched.
+
+    The nuclei the network misses are pale ones, with open chromatin, beside darker nuclei in the same tissue; a
+    global stain jitter keeps that contrast, this teaches the network the pale end of it (``prob``: the share of
+    patches so treated)."""
+
+    def __init__(self, keys: KeysCollection = "image", label_key: str = "label", prob: float = 0.5,
+                 share: float = 0.3, factor: Sequence[float] = (0.4, 0.8)):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.label_key, self.share, self.factor = label_key, float(share), (float(factor[0]), float(factor[1]))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        labels = torch.as_tensor(d[self.label_key])[0].round().long()
+        ids = torch.unique(labels)
+        ids = ids[ids > 0]
+        chosen = torch.from_numpy(self.R.random(len(ids)) < self.share)
+        factors = torch.from_numpy(self.R.uniform(*self.factor, len(ids))).float()
+        if not chosen.any():
+            return d
+        lookup = torch.ones(int(labels.max()) + 1)
+        lookup[ids[chosen]] = factors[chosen]
+        alpha = torch.ones(3, *labels.shape)
+        alpha[0] = lookup[labels]
+        for key in self.key_iterator(d):
+            d[key] = restain(d[key], alpha)
+        return d
+
+
+def restain(image, alpha, beta: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tensor:
     """An RGB image (3, H, W) on the 0-255 scale with each stain's concentration c (haematoxylin, eosin, DAB)
-    made ``c * alpha + beta``, as float32 on the same scale: how another lab's staining would show the tissue."""
+    made ``c * alpha + beta``, as float32 on the same scale: how another lab's staining would show the tissue.
+    ``alpha``: 3 factors, or 3 maps (3, H, W) of factors per pixel."""
     image = torch.as_tensor(image, dtype=torch.float32)
-    alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(3, 1)
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    alpha = alpha.reshape(3, -1) if alpha.numel() > 3 else alpha.reshape(3, 1)
     beta = torch.as_tensor(beta, dtype=torch.float32).reshape(3, 1)
     c, h, w = image.shape
     od = -torch.log10((image.reshape(3, -1) + 1.0) / 256.0)
@@ -274,13 +312,14 @@ def restain(image, alpha: Sequence[float], beta: Sequence[float] = (0.0, 0.0, 0.
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
-    stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0,
+    stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> blur -> stain, contrast and intensity jitter -> target -> z-score.
 
     ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
-    ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners."""
+    ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners. ``pale_nuclei``: the share of
+    patches in which some nuclei are stained paler (``RandPaleNucleid``)."""
     patch = tuple(int(p) for p in patch_size)
     # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
@@ -300,6 +339,8 @@ def train_transforms(
     ]
     if blur:  # absent, not at probability 0, so that the other transforms draw the random numbers they drew before
         steps.append(RandGaussianSmoothd("image", sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=float(blur)))
+    if pale_nuclei:
+        steps.append(RandPaleNucleid("image", prob=float(pale_nuclei)))
     steps += [
         RandHEDJitterd("image", prob=0.8, sigma=float(stain_jitter[0]), bias=float(stain_jitter[1])),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),

@@ -259,6 +259,40 @@ def test_restain_scales_one_stain_and_leaves_the_others():
     np.testing.assert_allclose(T.restain(flat, (1.0, 1.0, 1.0)).numpy(), flat, atol=0.05)
 
 
+def test_pale_nuclei_lighten_the_chosen_nuclei_only():
+    """Every nucleus chosen (share 1) at factor 0.5: each nucleus pixel is the image restained with haematoxylin at
+    0.5x (``restain``, checked against skimage above), every background pixel and the labels stay as they were.
+    Share 0 changes nothing; factors drawn from a range stay in it, one per nucleus."""
+    image, labels = _sparse_tile(size=96)
+    item = _as_item(image, labels)
+    inside, outside = labels > 0, labels == 0
+    out = T.RandPaleNucleid(prob=1.0, share=1.0, factor=(0.5, 0.5))(dict(item))
+    np.testing.assert_array_equal(out["label"].numpy(), item["label"].numpy())
+    pale = T.restain(item["image"], (0.5, 1.0, 1.0)).numpy()
+    np.testing.assert_allclose(out["image"].numpy()[:, inside], pale[:, inside], atol=1e-3)
+    np.testing.assert_allclose(out["image"].numpy()[:, outside], item["image"].numpy()[:, outside], atol=0.05)
+    assert (out["image"].numpy()[:, inside].sum(0) > item["image"].numpy()[:, inside].sum(0) + 1).mean() > 0.9
+    before = rgb2hed(item["image"].numpy().transpose(1, 2, 0) / 255.0)
+
+    none = T.RandPaleNucleid(prob=1.0, share=0.0)
+    assert none(dict(item))["image"] is item["image"]
+
+    drawn = T.RandPaleNucleid(prob=1.0, share=1.0, factor=(0.4, 0.8))
+    drawn.set_random_state(3)
+    ratio = rgb2hed(drawn(dict(item))["image"].numpy().transpose(1, 2, 0) / 255.0)[..., 0] / before[..., 0]
+    per_nucleus = [np.median(ratio[labels == k]) for k in np.unique(labels[inside])]
+    assert all(0.39 < r < 0.81 for r in per_nucleus) and np.ptp(per_nucleus) > 0.1
+    for k in np.unique(labels[inside]):  # one factor per nucleus
+        assert np.ptp(ratio[(labels == k) & (before[..., 0] > 0.05)]) < 0.02
+
+
+def test_train_pipeline_pales_nuclei_only_when_asked():
+    steps = lambda share: [t for t in T.train_transforms(*IDENTITY, load=False, pale_nuclei=share).transforms
+                           if isinstance(t, T.RandPaleNucleid)]
+    assert steps(0.0) == []
+    assert [t.prob for t in steps(0.5)] == [0.5]
+
+
 def test_hed_jitter_range_identity_and_prob():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (3, 16, 16)).astype(np.float32)
