@@ -8,7 +8,12 @@ fixed factor), written as a TIFF stating its source's pixel size, segmented by t
 up to 5% (``stain_jitter``); the shifts here are 30%. Per shift: each source's mean AJI and recall over its tiles,
 and the mean over the sources; ``--checkpoint`` scores other weights with the bundle's config.
 
+``--normalise`` measures stain normalisation at inference: each tile, restained or not, is normalised on its own by
+MONAI's Macenko normaliser (``NormalizeHEStains``) to the stain matrix and 99th-percentile concentrations of the
+training tiles, every source's pixels pooled in equal shares, before the predictor sees it.
+
     python benchmarks/stain_shift.py [--bundle bundles/nuclei_unet_small] [--checkpoint runs/x/models/model.pt]
+    python benchmarks/stain_shift.py --normalise --output benchmarks/results/stain_shift_macenko.json
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from monai.apps.pathology.transforms.stain.array import ExtractHEStains, NormalizeHEStains
 from scale_20x import REPO, write_tile
 
 from nucleiseg_monai.atomic import write_json_atomic
@@ -39,6 +45,27 @@ SHIFTS = {
     "both 1.3x": (1.3, 1.3, 1.0),
 }
 KEYS = ("aji", "recall")
+PIXELS_PER_SOURCE = 60_000  # pooled for the target stains, drawn evenly from each source's training tiles
+
+
+def training_stains(bundle: str, data_root: str | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The Macenko stain matrix (RGB x H, E optical densities) of the training tiles, and the 99th percentile of
+    each stain's concentration over their pixels: the target that ``NormalizeHEStains`` normalises to."""
+    records, _ = bundle_records(bundle, data_root, split="training", rescans={})
+    rng = np.random.default_rng(seed)
+    pooled = []
+    for source in sorted({r["source"] for r in records}):
+        tiles = [r for r in records if r["source"] == source]
+        per_tile = -(-PIXELS_PER_SOURCE // len(tiles))
+        pixels = np.concatenate([rng.choice(read_image(r["image"]).reshape(-1, 3), per_tile) for r in tiles])
+        pooled.append(pixels[rng.choice(len(pixels), PIXELS_PER_SOURCE, replace=False)])
+    pixels = np.concatenate(pooled)[:, None, :]
+    extractor = ExtractHEStains()
+    he = extractor(pixels)
+    # concentrations as NormalizeHEStains computes them (same light intensity and clipping), over all pixels
+    absorbance = -np.log((pixels.reshape(-1, 3).astype(np.float32) + 1).clip(max=extractor.tli) / extractor.tli)
+    concentrations = np.linalg.lstsq(he, absorbance.T, rcond=None)[0]
+    return he, np.percentile(concentrations, 99, axis=1)
 
 
 def main() -> None:
@@ -47,6 +74,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="weights to score (default: the bundle's)")
     parser.add_argument("--data_root", default=None, help="folder holding the sources (default: as the bundle's)")
     parser.add_argument("--shifts", nargs="+", choices=list(SHIFTS), default=list(SHIFTS))
+    parser.add_argument("--normalise", action="store_true",
+                        help="Macenko-normalise each tile to the training tiles' stains before the predictor")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "stain_shift.json")
     args = parser.parse_args()
     records, _ = bundle_records(args.bundle, args.data_root, split="validation", rescans={})
@@ -56,6 +85,10 @@ def main() -> None:
     truths = {f"{r['source']}__{r['name']}": read_instance_labels(r["label"], r.get("label_kind", "instance"))
               for r in records}
     images = {f"{r['source']}__{r['name']}": read_image(r["image"]).transpose(2, 0, 1) for r in records}
+    normalise, target = None, None
+    if args.normalise:
+        target = training_stains(args.bundle, args.data_root)
+        normalise = NormalizeHEStains(target_he=target[0], max_cref=target[1])
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shift in args.shifts:
@@ -64,6 +97,8 @@ def main() -> None:
             for r in records:
                 name = f"{r['source']}__{r['name']}"
                 shifted = restain(images[name], SHIFTS[shift]).round().byte().numpy().transpose(1, 2, 0)
+                if normalise is not None:
+                    shifted = normalise(shifted)
                 write_tile(inputs / f"{name}.tif", np.ascontiguousarray(shifted), r["mpp"])
             summary = predictor.run(inputs, outputs)
             if not summary.ok:
@@ -80,6 +115,9 @@ def main() -> None:
     write_json_atomic({"bundle": args.bundle, "checkpoint": args.checkpoint or "the bundle's", "split": "validation",
                        "tiles": {s: sum(r["source"] == s for r in records) for s in sources},
                        "shifts": {s: SHIFTS[s] for s in args.shifts}, "results": results,
+                       "normalised": None if target is None else {
+                           "method": "monai NormalizeHEStains (Macenko), each tile on its own",
+                           "target_he": target[0].round(4).tolist(), "max_cref": target[1].round(4).tolist()},
                        "settings": predictor.settings()}, args.output)
     print(f"results written to {args.output}")
 
