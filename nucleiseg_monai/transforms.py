@@ -278,17 +278,16 @@ class RandPaleNucleid(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return d
-        labels = torch.as_tensor(d[self.label_key])[0].round().long()
-        ids = torch.unique(labels)
-        ids = ids[ids > 0]
-        chosen = torch.from_numpy(self.R.random(len(ids)) < self.share)
-        factors = torch.from_numpy(self.R.uniform(*self.factor, len(ids))).float()
+        ids, index = torch.unique(torch.as_tensor(d[self.label_key])[0].round().long(), return_inverse=True)
+        nuclei = ids > 0
+        chosen = torch.from_numpy(self.R.random(int(nuclei.sum())) < self.share)
+        factors = torch.from_numpy(self.R.uniform(*self.factor, int(nuclei.sum()))).float()
         if not chosen.any():
             return d
-        lookup = torch.ones(int(labels.max()) + 1)
-        lookup[ids[chosen]] = factors[chosen]
-        alpha = torch.ones(3, *labels.shape)
-        alpha[0] = lookup[labels]
+        per_id = torch.ones(len(ids))
+        per_id[nuclei] = torch.where(chosen, factors, 1.0)
+        alpha = torch.ones(3, *index.shape)
+        alpha[0] = per_id[index]
         for key in self.key_iterator(d):
             d[key] = restain(d[key], alpha)
         return d
