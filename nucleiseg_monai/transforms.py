@@ -264,8 +264,8 @@ class RandPaleNucleid(RandomizableTransform, MapTransform):
     of the patch untouched.
 
     The nuclei the network misses are pale ones, with open chromatin, beside darker nuclei in the same tissue; a
-    global stain jitter keeps that contrast, this teaches the network the pale end of it (``prob``: the share of
-    patches so treated)."""
+    global stain jitter keeps that contrast, this shows the network its pale end (``prob``: the share of patches so
+    treated). A training option, off as trained: the model card's "Options tried" has what it did."""
 
     def __init__(self, keys: KeysCollection = "image", label_key: str = "label", prob: float = 0.5,
                  share: float = 0.3, factor: Sequence[float] = (0.4, 0.8)):
@@ -314,7 +314,8 @@ def train_transforms(
     stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
-    (reflection-padded) -> crop to the patch -> blur -> stain, contrast and intensity jitter -> target -> z-score.
+    (reflection-padded) -> crop to the patch -> blur -> paler nuclei -> stain, contrast and intensity jitter ->
+    target -> z-score.
 
     ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
     ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners. ``pale_nuclei``: the share of
