@@ -68,6 +68,19 @@ def training_stains(bundle: str, data_root: str | None, seed: int = 0) -> tuple[
     return he, np.percentile(concentrations, 99, axis=1)
 
 
+def stain_closeness(images: dict[str, np.ndarray], target_he: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per source, how close its tiles' own Macenko stain vectors lie to the target's: the cosine of each tile's
+    less well aligned stain (lowest and median over the tiles), and how many tiles have the two stains swapped."""
+    extractor = ExtractHEStains()
+    rows: dict[str, list[tuple[float, bool]]] = {}
+    for name, image in images.items():
+        cosines = target_he.T @ extractor(np.ascontiguousarray(image.transpose(1, 2, 0)))  # unit columns
+        swapped = bool(cosines[0, 1] + cosines[1, 0] > cosines[0, 0] + cosines[1, 1])
+        rows.setdefault(name.split("__")[0], []).append((float(min(cosines[0, 0], cosines[1, 1])), swapped))
+    return {source: {"lowest": round(min(c for c, _ in r), 3), "median": round(float(np.median([c for c, _ in r])), 3),
+                     "swapped": sum(w for _, w in r)} for source, r in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default="bundles/nuclei_unet_small")
@@ -85,10 +98,11 @@ def main() -> None:
     truths = {f"{r['source']}__{r['name']}": read_instance_labels(r["label"], r.get("label_kind", "instance"))
               for r in records}
     images = {f"{r['source']}__{r['name']}": read_image(r["image"]).transpose(2, 0, 1) for r in records}
-    normalise, target = None, None
+    normalise, target, closeness = None, None, None
     if args.normalise:
         target = training_stains(args.bundle, args.data_root)
         normalise = NormalizeHEStains(target_he=target[0], max_cref=target[1])
+        closeness = stain_closeness(images, target[0])
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shift in args.shifts:
@@ -117,7 +131,8 @@ def main() -> None:
                        "shifts": {s: SHIFTS[s] for s in args.shifts}, "results": results,
                        "normalised": None if target is None else {
                            "method": "monai NormalizeHEStains (Macenko), each tile on its own",
-                           "target_he": target[0].round(4).tolist(), "max_cref": target[1].round(4).tolist()},
+                           "target_he": target[0].round(4).tolist(), "max_cref": target[1].round(4).tolist(),
+                           "tiles_stain_cosine_to_target": closeness},
                        "settings": predictor.settings()}, args.output)
     print(f"results written to {args.output}")
 
