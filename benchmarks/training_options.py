@@ -19,7 +19,9 @@ same with contact weight 4 (``foreground_2_contact_4``): the pale nuclei it find
 three times the stain jitter with the recipe's contact weight 2 (``stain_jitter_strong_cw2``), for other labs'
 staining (``benchmarks/stain_shift.py`` scores it), and six times (``stain_jitter_0.3_cw2``: concentrations drawn
 from 0.7x to 1.3x, the range of stain_shift.py's shifts), and some nuclei stained paler in half of the patches
-(``pale_nuclei_0.5_cw2``: ``transforms.RandPaleNucleid``, with contact weight 2), the nuclei it misses. Every
+(``pale_nuclei_0.5_cw2``: ``transforms.RandPaleNucleid``, with contact weight 2), the nuclei it misses, and the
+same with their edges blended into the tissue around them (``pale_nuclei_soft_0.5_cw2``: ``pale_nuclei_edge`` 2 px),
+as real pale nuclei's are. Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
@@ -75,6 +77,8 @@ VARIANTS = {
     "stain_jitter_strong_cw2": {"settings": ["--contact_weight", "2", "--stain_jitter", "[0.15, 0.05]"]},
     "stain_jitter_0.3_cw2": {"settings": ["--contact_weight", "2", "--stain_jitter", "[0.3, 0.05]"]},
     "pale_nuclei_0.5_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "0.5"]},
+    "pale_nuclei_soft_0.5_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "0.5",
+                                             "--pale_nuclei_edge", "2.0"]},
 }
 
 

@@ -30,7 +30,7 @@ from monai.transforms import (
     RandSpatialCropd,
     SpatialPadd,
 )
-from scipy.ndimage import distance_transform_edt, find_objects, maximum_filter, minimum_filter
+from scipy.ndimage import distance_transform_edt, find_objects, gaussian_filter, maximum_filter, minimum_filter
 from skimage.color import rgb_from_hed
 from skimage.segmentation import find_boundaries
 
@@ -265,13 +265,16 @@ class RandPaleNucleid(RandomizableTransform, MapTransform):
 
     The nuclei the network misses are pale ones, with open chromatin, beside darker nuclei in the same tissue; a
     global stain jitter keeps that contrast, this shows the network its pale end (``prob``: the share of patches so
-    treated). A training option, off as trained: the model card's "Options tried" has what it did."""
+    treated). ``edge``: the sigma (px) of a Gaussian that blends each lightened nucleus into its surroundings; 0
+    keeps the outline's sharp step, which real pale nuclei, with their soft edges, do not have. A training option,
+    off as trained: the model card's "Options tried" has what it did."""
 
     def __init__(self, keys: KeysCollection = "image", label_key: str = "label", prob: float = 0.5,
-                 share: float = 0.3, factor: Sequence[float] = (0.4, 0.8)):
+                 share: float = 0.3, factor: Sequence[float] = (0.4, 0.8), edge: float = 0.0):
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys)
         self.label_key, self.share, self.factor = label_key, float(share), (float(factor[0]), float(factor[1]))
+        self.edge = float(edge)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -288,6 +291,8 @@ class RandPaleNucleid(RandomizableTransform, MapTransform):
         per_id[nuclei] = torch.where(chosen, factors, 1.0)
         alpha = torch.ones(3, *index.shape)
         alpha[0] = per_id[index]
+        if self.edge > 0:
+            alpha[0] = torch.from_numpy(gaussian_filter(alpha[0].numpy(), self.edge, mode="nearest"))
         for key in self.key_iterator(d):
             d[key] = restain(d[key], alpha)
         return d
@@ -311,7 +316,7 @@ def restain(image, alpha, beta: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tens
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
-    stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0,
+    stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0, pale_nuclei_edge: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> blur -> paler nuclei -> stain, contrast and intensity jitter ->
@@ -319,7 +324,8 @@ def train_transforms(
 
     ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
     ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners. ``pale_nuclei``: the share of
-    patches in which some nuclei are stained paler (``RandPaleNucleid``)."""
+    patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
+    softens their edges."""
     patch = tuple(int(p) for p in patch_size)
     # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
@@ -340,7 +346,7 @@ def train_transforms(
     if blur:  # absent, not at probability 0, so that the other transforms draw the random numbers they drew before
         steps.append(RandGaussianSmoothd("image", sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, prob=float(blur)))
     if pale_nuclei:
-        steps.append(RandPaleNucleid("image", prob=float(pale_nuclei)))
+        steps.append(RandPaleNucleid("image", prob=float(pale_nuclei), edge=float(pale_nuclei_edge)))
     steps += [
         RandHEDJitterd("image", prob=0.8, sigma=float(stain_jitter[0]), bias=float(stain_jitter[1])),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),

@@ -286,11 +286,32 @@ def test_pale_nuclei_lighten_the_chosen_nuclei_only():
         assert np.ptp(ratio[(labels == k) & (before[..., 0] > 0.05)]) < 0.02
 
 
+def test_pale_nuclei_with_soft_edges_blend_into_their_surroundings():
+    """With ``edge``, a lightened nucleus's centre is as without it, and the lightening fades out across its outline:
+    background just outside is a little paler, background far from every nucleus untouched."""
+    image, labels = _sparse_tile(size=96)
+    item = _as_item(image, labels)
+    sharp = T.RandPaleNucleid(prob=1.0, share=1.0, factor=(0.5, 0.5))(dict(item))["image"].numpy()
+    soft = T.RandPaleNucleid(prob=1.0, share=1.0, factor=(0.5, 0.5), edge=1.5)(dict(item))["image"].numpy()
+    dist_in = ndimage.distance_transform_edt(labels > 0)
+    dist_out = ndimage.distance_transform_edt(labels == 0)
+    centre, rim_out, far = dist_in >= 6, (dist_out > 0) & (dist_out <= 1), dist_out >= 8
+    assert centre.any() and rim_out.any() and far.any()
+    np.testing.assert_allclose(soft[:, centre], sharp[:, centre], atol=0.5)
+    original = item["image"].numpy()
+    assert np.abs(sharp[:, rim_out] - original[:, rim_out]).max() < 0.05
+    h = lambda im: rgb2hed(im.transpose(1, 2, 0) / 255.0)[..., 0]
+    assert (h(soft)[rim_out] < h(original)[rim_out] - 1e-3).mean() > 0.9
+    np.testing.assert_allclose(soft[:, far], original[:, far], atol=0.05)
+
+
 def test_train_pipeline_pales_nuclei_only_when_asked():
-    steps = lambda share: [t for t in T.train_transforms(*IDENTITY, load=False, pale_nuclei=share).transforms
-                           if isinstance(t, T.RandPaleNucleid)]
+    steps = lambda share, edge=0.0: [t for t in T.train_transforms(*IDENTITY, load=False, pale_nuclei=share,
+                                                                   pale_nuclei_edge=edge).transforms
+                                     if isinstance(t, T.RandPaleNucleid)]
     assert steps(0.0) == []
-    assert [t.prob for t in steps(0.5)] == [0.5]
+    assert [(t.prob, t.edge) for t in steps(0.5)] == [(0.5, 0.0)]
+    assert [(t.prob, t.edge) for t in steps(0.5, 1.5)] == [(0.5, 1.5)]
 
 
 def test_hed_jitter_range_identity_and_prob():
