@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nucleiseg_monai.networks import _state_dict, unet_from_checkpoint
+from nucleiseg_monai.networks import UNet, unet_from_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -39,8 +39,6 @@ class MeanOfNetworks(nn.Module):
 
     def __init__(self, widths: list[list[int]], out_channels: int = 4):
         super().__init__()
-        from nucleiseg_monai.networks import UNet
-
         self.members = nn.ModuleList(UNet(3, out_channels, features=w) for w in widths)
         self.out_channels = out_channels
         self.multiple = max(m.multiple for m in self.members)
@@ -55,7 +53,7 @@ def combine(checkpoints: list[Path], out: Path) -> dict:
     if len({n.out_channels for n in networks}) != 1:
         raise SystemExit("the members must have the same outputs: " + ", ".join(
             f"{c} has {n.out_channels}" for c, n in zip(checkpoints, networks)))
-    state = {f"members.{i}.{k}": v for i, c in enumerate(checkpoints) for k, v in _state_dict(c, "cpu").items()}
+    state = {f"members.{i}.{k}": v for i, n in enumerate(networks) for k, v in n.state_dict().items()}
     torch.save(state, out)
     widths = [[n.encoders[i][0].out_channels for i in range(len(n.encoders))] + [n.bottleneck[0].out_channels]
               for n in networks]
