@@ -21,7 +21,7 @@ staining (``benchmarks/stain_shift.py`` scores it), and six times (``stain_jitte
 from 0.7x to 1.3x, the range of stain_shift.py's shifts), and some nuclei stained paler in half of the patches
 (``pale_nuclei_0.5_cw2``: ``transforms.RandPaleNucleid``, with contact weight 2), the nuclei it misses, and the
 same with their edges blended into the tissue around them (``pale_nuclei_soft_0.5_cw2``: ``pale_nuclei_edge`` 2 px),
-as real pale nuclei's are. Every
+as real pale nuclei's are, and in every patch (``pale_nuclei_soft_1.0_cw2``). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
@@ -78,6 +78,8 @@ VARIANTS = {
     "stain_jitter_0.3_cw2": {"settings": ["--contact_weight", "2", "--stain_jitter", "[0.3, 0.05]"]},
     "pale_nuclei_0.5_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "0.5"]},
     "pale_nuclei_soft_0.5_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "0.5",
+                                             "--pale_nuclei_edge", "2.0"]},
+    "pale_nuclei_soft_1.0_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "1.0",
                                              "--pale_nuclei_edge", "2.0"]},
 }
 
