@@ -60,6 +60,13 @@ def combine(checkpoints: list[Path], out: Path) -> dict:
     return {"_target_": "ensemble.MeanOfNetworks", "widths": widths, "out_channels": networks[0].out_channels}
 
 
+def member_def(widths: list[int], out_channels: int) -> dict:
+    """One member's network for the bundle's evaluation config: its own widths, so that a member of another width
+    than the bundle's (the full bundle's network beside the small one's) is scored alone too."""
+    return {"_target_": "nucleiseg_monai.networks.UNet", "in_channels": 3, "out_channels": out_channels,
+            "features": list(widths)}
+
+
 def evaluate(bundle: Path, checkpoint: Path, report: Path, network_def: dict | None = None) -> dict:
     if not (report / "metrics.json").exists():
         command = [str(Path(sys.executable).with_name("nucleiseg")), "evaluate", "--bundle", str(bundle),
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     network_def = combine([c.resolve() for c in args.checkpoints], out / "ensemble.pt")
     rows = {}
     for i, c in enumerate(args.checkpoints):
-        rows[f"member {i}: {c}"] = evaluate(args.bundle.resolve(), c.resolve(), out / f"val_member{i}")
+        rows[f"member {i}: {c}"] = evaluate(args.bundle.resolve(), c.resolve(), out / f"val_member{i}",
+                                            member_def(network_def["widths"][i], network_def["out_channels"]))
     rows["ensemble (mean of outputs)"] = evaluate(args.bundle.resolve(), out / "ensemble.pt", out / "val_ensemble",
                                                   network_def)
     for name, row in rows.items():
