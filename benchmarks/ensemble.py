@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nucleiseg_monai.networks import UNet, unet_from_checkpoint
+from nucleiseg_monai.networks import UNet, unet_from_checkpoint, unet_layout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -55,8 +55,7 @@ def combine(checkpoints: list[Path], out: Path) -> dict:
             f"{c} has {n.out_channels}" for c, n in zip(checkpoints, networks)))
     state = {f"members.{i}.{k}": v for i, n in enumerate(networks) for k, v in n.state_dict().items()}
     torch.save(state, out)
-    widths = [[n.encoders[i][0].out_channels for i in range(len(n.encoders))] + [n.bottleneck[0].out_channels]
-              for n in networks]
+    widths = [unet_layout(n.state_dict())["features"] for n in networks]
     return {"_target_": "ensemble.MeanOfNetworks", "widths": widths, "out_channels": networks[0].out_channels}
 
 

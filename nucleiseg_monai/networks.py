@@ -16,7 +16,7 @@ import io
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -407,17 +407,23 @@ def count_parameters(network: nn.Module) -> int:
     return sum(p.numel() for p in network.parameters())
 
 
-def unet_from_checkpoint(path, map_location: str | torch.device = "cpu") -> UNet:
-    """The ``UNet`` a checkpoint was saved from, its widths and outputs read from the weights' shapes, with the
-    weights loaded: a teacher or another bundle's network without its config. Transpose upsampling only (the
-    bundles' kind; interpolating variants leave no trace of their mode in the weights)."""
-    state = _state_dict(path, map_location)
+def unet_layout(state: Mapping[str, torch.Tensor], source: str = "these weights") -> dict:
+    """``in_channels``, ``out_channels`` and ``features`` of the ``UNet`` a state dict belongs to, read from the
+    weights' shapes. Transpose upsampling only (the bundles' kind; interpolating variants leave no trace of their
+    mode in the weights)."""
     depth = sum(1 for key in state if key.startswith("encoders.") and key.endswith(".0.weight"))
     if depth == 0 or "head.weight" not in state or "decoders.0.up.weight" not in state:
-        raise ValueError(f"{path} does not hold the weights of a UNet of this package with transpose upsampling")
+        raise ValueError(f"{source} does not hold the weights of a UNet of this package with transpose upsampling")
     features = [state[f"encoders.{i}.0.weight"].shape[0] for i in range(depth)] + [state["bottleneck.0.weight"].shape[0]]
-    in_channels, out_channels = state["encoders.0.0.weight"].shape[1], state["head.weight"].shape[0]
-    network = UNet(in_channels, out_channels, features=features)
+    return {"in_channels": state["encoders.0.0.weight"].shape[1], "out_channels": state["head.weight"].shape[0],
+            "features": features}
+
+
+def unet_from_checkpoint(path, map_location: str | torch.device = "cpu") -> UNet:
+    """The ``UNet`` a checkpoint was saved from (``unet_layout``), with the weights loaded: a teacher or another
+    bundle's network without its config."""
+    state = _state_dict(path, map_location)
+    network = UNet(**unet_layout(state, str(path)))
     network.load_state_dict(state)
     return network
 
