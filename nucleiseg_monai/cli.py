@@ -228,7 +228,17 @@ def cmd_tune(args) -> int:
                  **_overrides(args.set, evaluate_configs(args.bundle))}
     if args.data_root:
         overrides["data_root"] = args.data_root
-    report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
+    train = _bundle_config(args.bundle, "train.json")
+    weights_root = Path(overrides["bundle_root"]).resolve()
+    own_weights = weights_root == Path(args.bundle).resolve()
+    if args.apply and not own_weights:
+        # the bundle's train.json is its shipped config: parameters tuned for another folder's weights don't belong there
+        raise ValueError(
+            f"--apply would write parameters tuned for the weights in {weights_root} into {train}, the config of "
+            f"the bundle's own weights; make that run a bundle of its own first (copy {args.bundle} and put the "
+            "run's models/model.pt in its models/), then tune it with --bundle COPY --apply")
+    report_file = args.report or str((Path(args.bundle) if own_weights else weights_root) / "docs"
+                                     / "postprocess_tuning.json")
     from .overrides import parse_value
 
     grid = parse_value(args.grid) if args.grid else None
@@ -237,10 +247,12 @@ def cmd_tune(args) -> int:
     print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")
     print(f"validation figures (mean over sources): {chosen['validation']}")
     print(f"all {len(report['results'])} settings: {report_file}")
-    train = _bundle_config(args.bundle, "train.json")
     if args.apply:
         apply(train, chosen["params"])
         print(f"wrote them as postprocess_params in {train}")
+    elif not own_weights:
+        print(f"to use them with these weights: --postprocess_params \"{chosen['params']}\" on evaluate, or "
+              f"--set postprocess_params={chosen['params']!r} on predict")
     else:
         print(f"to use them: nucleiseg tune --bundle {args.bundle} --apply (writes postprocess_params in {train})")
     return 0
@@ -367,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
-    p.add_argument("--report", help="JSON report (default: BUNDLE/docs/postprocess_tuning.json)")
+    p.add_argument("--report", help="JSON report (default: docs/postprocess_tuning.json in the folder of the weights "
+                   "tuned: the bundle's, or the one --set bundle_root=DIR names)")
     p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "
                    "\"{'elevation': ['interior'], 'min_size': [15, 25]}\"")
     p.add_argument("--apply", action="store_true",

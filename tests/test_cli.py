@@ -507,3 +507,18 @@ def test_liveness_is_never_asked_where_asking_would_kill(monkeypatch):
 
 def test_remove_stale_of_a_missing_folder_removes_nothing(tmp_path):
     assert atomic.remove_stale(tmp_path / "none") == []
+
+
+def test_tune_never_writes_another_runs_parameters_into_the_bundle(tmp_path, caplog):
+    bundle = tiny_bundle(tmp_path / "b", evaluate={}, postprocess_params={"min_size": 25})
+    train = (bundle / "configs" / "train.json").read_text()
+    run = tmp_path / "runs" / "mine"
+    assert cli.main(["tune", "--bundle", str(bundle), "--set", f"bundle_root={run}", "--apply"]) == 2
+    assert (bundle / "configs" / "train.json").read_text() == train
+    assert f"tuned for the weights in {run}" in caplog.text and "--bundle COPY --apply" in caplog.text
+    assert not (bundle / "docs").exists()
+
+
+def test_a_whole_postprocess_params_dict_is_one_setting():
+    params = {"fg_threshold": 0.6, "marker_threshold": 0.4, "min_size": 60}
+    assert checked("--postprocess_params", str(params)) == {"postprocess_params": params}
