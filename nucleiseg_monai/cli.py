@@ -252,7 +252,7 @@ def cmd_tune(args) -> int:
         print(f"wrote them as postprocess_params in {train}")
     elif not own_weights:
         print(f"to use them with these weights: --postprocess_params \"{chosen['params']}\" on evaluate, or "
-              f"--set postprocess_params={chosen['params']!r} on predict")
+              f"--set \"postprocess_params={chosen['params']}\" on predict")
     else:
         print(f"to use them: nucleiseg tune --bundle {args.bundle} --apply (writes postprocess_params in {train})")
     return 0
