@@ -221,28 +221,29 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tuning import apply, tune
+    from .tuning import apply, tune, tuned_checkpoint
 
     _check_bundle(args.bundle)
-    overrides = {"bundle_root": str(Path(args.bundle).resolve()),
-                 **_overrides(args.set, evaluate_configs(args.bundle))}
+    configs = evaluate_configs(args.bundle)
+    bundle_only = {"bundle_root": str(Path(args.bundle).resolve())}
+    overrides = {**bundle_only, **_overrides(args.set, configs)}
     if args.data_root:
         overrides["data_root"] = args.data_root
     train = _bundle_config(args.bundle, "train.json")
-    weights_root = Path(overrides["bundle_root"]).resolve()
-    own_weights = weights_root == Path(args.bundle).resolve()
+    weights = tuned_checkpoint(configs, overrides)
+    own_weights = weights == tuned_checkpoint(configs, bundle_only)
     if args.apply and not own_weights:
-        # the bundle's train.json is its shipped config: parameters tuned for another folder's weights don't belong there
+        # the bundle's train.json is its shipped config: parameters tuned for other weights don't belong there
         raise ValueError(
-            f"--apply would write parameters tuned for the weights in {weights_root} into {train}, the config of "
-            f"the bundle's own weights; make that run a bundle of its own first (copy {args.bundle} and put the "
-            "run's models/model.pt in its models/), then tune it with --bundle COPY --apply")
-    report_file = args.report or str((Path(args.bundle) if own_weights else weights_root) / "docs"
-                                     / "postprocess_tuning.json")
+            f"--apply would write parameters tuned for {weights} into {train}, the config of the bundle's own "
+            f"weights; make them a bundle of their own first (copy {args.bundle} and put the weights in its "
+            "models/model.pt), then tune it with --bundle COPY --apply")
+    report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json" if own_weights
+                                     else weights.parent / "postprocess_tuning.json")
     from .overrides import parse_value
 
     grid = parse_value(args.grid) if args.grid else None
-    report = tune(evaluate_configs(args.bundle), report_file, grid=grid, overrides=overrides)
+    report = tune(configs, report_file, grid=grid, overrides=overrides)
     chosen = report["chosen"]
     print(f"chosen on {len(report['validation_tiles'])} validation tiles: {chosen['params']}")
     print(f"validation figures (mean over sources): {chosen['validation']}")
@@ -379,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
-    p.add_argument("--report", help="JSON report (default: docs/postprocess_tuning.json in the folder of the weights "
-                   "tuned: the bundle's, or the one --set bundle_root=DIR names)")
+    p.add_argument("--report", help="JSON report (default: the bundle's docs/postprocess_tuning.json for its own weights; "
+                   "postprocess_tuning.json beside other weights, e.g. those of --set bundle_root=DIR)")
     p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "
                    "\"{'elevation': ['interior'], 'min_size': [15, 25]}\"")
     p.add_argument("--apply", action="store_true",

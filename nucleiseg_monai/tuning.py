@@ -73,17 +73,27 @@ def score(params: dict, cached: Sequence[tuple[dict, np.ndarray, np.ndarray]]) -
     return {**{k: float(np.mean([s[k] for s in sources.values()])) for k in keys}, "sources": sources}
 
 
+def _validation_parser(config_files: Sequence[str | os.PathLike], overrides: Mapping | None) -> ConfigParser:
+    files = [str(f) for f in config_files]
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.read_meta(str(Path(files[0]).parent / "metadata.json"))
+    parser.update({"split": "validation", "rescans": {}, **(overrides or {})})
+    return parser
+
+
+def tuned_checkpoint(config_files: Sequence[str | os.PathLike], overrides: Mapping | None = None) -> Path:
+    """The weights ``tune`` scores with these settings (the config's ``checkpoint``), resolved, nothing else built."""
+    return Path(_validation_parser(config_files, overrides).get_parsed_content("checkpoint")).resolve()
+
+
 def validation_probabilities(config_files: Sequence[str | os.PathLike], overrides: Mapping | None = None):
     """Runs the bundle's network over the validation split of every source once: (record, probs, truth) per tile.
 
     ``config_files`` are those of the bundle's evaluation (train.json, then the evaluate.json overlay); the
     weights are its checkpoint, the truth the labels on each file's own pixel grid.
     """
-    files = [str(f) for f in config_files]
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.read_meta(str(Path(files[0]).parent / "metadata.json"))
-    parser.update({"split": "validation", "rescans": {}, **(overrides or {})})
+    parser = _validation_parser(config_files, overrides)
     device = parser.get_parsed_content("device")
     network = load_weights(parser.get_parsed_content("network_def"), parser.get_parsed_content("checkpoint"))
     network = MixedPrecision(network.to(device), parser.get_parsed_content("amp_dtype")).eval()
