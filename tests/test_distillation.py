@@ -44,6 +44,21 @@ def test_teacher_batch_appends_the_teachers_probabilities_to_the_label(tmp_path)
     assert not target.requires_grad
 
 
+def test_a_teacher_over_flips_is_their_mean_and_sees_a_flipped_image_flipped(tmp_path):
+    teacher = saved_unet(tmp_path / "model.pt")
+    torch.manual_seed(3)
+    image, label = torch.randn(1, 3, 32, 32), torch.zeros(1, 2, 32, 32)
+    prepare = TeacherBatch(tmp_path / "model.pt", amp_dtype=None, flips=4)
+    target = prepare({"image": image, "label": label})[1][:, 2:]
+    with torch.no_grad():
+        mean = sum(torch.flip(teacher(torch.flip(image, d)), d) if d else teacher(image)
+                   for d in [(), (-1,), (-2,), (-2, -1)]) / 4
+        assert torch.allclose(target, activate(mean), atol=1e-5)
+        assert not torch.allclose(target, activate(teacher(image)), atol=1e-3)  # a random net is not symmetric
+    mirrored = prepare({"image": torch.flip(image, (-1,)), "label": label})[1][:, 2:]
+    assert torch.allclose(mirrored, torch.flip(target, (-1,)), atol=1e-5)
+
+
 def test_teacher_of_other_channel_statistics_is_refused(tmp_path):
     saved_unet(tmp_path / "model.pt")
     (tmp_path / "channel_stats.json").write_text(json.dumps({"mean": [180.0, 120.0, 170.0], "std": [40.0] * 3}))
@@ -90,9 +105,10 @@ def test_distill_overlay_builds_the_teacher_batch_and_loss(bundle, tmp_path):
     parser.read_meta(str(configs / "metadata.json"))
     out = bundle_outputs(configs.parent)
     saved_unet(tmp_path / "teacher.pt", out_channels=out)
-    parser.update({"bundle_root": str(tmp_path), "teacher": str(tmp_path / "teacher.pt"),
+    parser.update({"bundle_root": str(tmp_path), "teacher": str(tmp_path / "teacher.pt"), "teacher_flips": 4,
                    "channel_stats": {"mean": [0.0] * 3, "std": [1.0] * 3}})
     prepare = parser.get_parsed_content("train#trainer#prepare_batch", lazy=False)
     loss = parser.get_parsed_content("train#trainer#loss_function", lazy=False)
     assert isinstance(prepare, TeacherBatch) and prepare.out_channels == out
     assert isinstance(loss, DistillationLoss) and loss.weight == 0.5 and isinstance(loss.loss, MaskedDiceCELoss)
+    assert len(prepare.inferer.dims) == 4
