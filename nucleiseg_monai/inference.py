@@ -55,7 +55,8 @@ from .atomic import remove_stale
 from .data import load_stats
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
-from .outputs import OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete
+from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete,
+                      source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
@@ -201,12 +202,18 @@ def to_read_grid(labels: np.ndarray, shape: tuple[int, int], scale: Fraction) ->
     return labels[np.ix_(rows, cols)]
 
 
+def _record(output_dir: Path, name: str) -> dict:
+    """An image's completion record; empty when it cannot be read."""
+    try:
+        record = json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _recorded_settings(output_dir: Path, name: str) -> dict | None:
     """The settings in an image's completion record, None when it records none (outputs of an older version)."""
-    try:
-        settings = json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8")).get("settings")
-    except (OSError, ValueError, AttributeError):
-        return None
+    settings = _record(output_dir, name).get("settings")
     return settings if isinstance(settings, dict) else None
 
 
@@ -581,27 +588,40 @@ class SlidePredictor:
             record["test_time_flips"] = net.test_time_flips
         return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
-    def finished(self, output_dir: str | os.PathLike, name: str) -> bool:
+    def finished(self, output_dir: str | os.PathLike, name: str, path: str | os.PathLike | None = None) -> bool:
         """True when image ``name`` has complete outputs in ``output_dir`` made with this predictor's weights and
-        settings (its completion record); False when they are missing or incomplete; FileExistsError naming the
-        settings that differ when they were made otherwise (only ``overwrite`` replaces them)."""
+        settings (its completion record), from the file ``path`` when it is given; False when they are missing or
+        incomplete; FileExistsError naming what differs when they were made otherwise (only ``overwrite`` replaces
+        them)."""
         if not outputs_complete(output_dir, name):
             return False
-        differing = self._differing(output_dir, name)
+        differing = self._differing(output_dir, name, path)
         if differing:
             raise FileExistsError(
                 f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with other weights or "
                 f"settings (differing: {', '.join(differing)}); pass --overwrite (overwrite=true) to replace them, "
                 f"or choose another output_dir{self._region_size_hint(output_dir, [name], differing)}"
+                f"{_source_hint(output_dir, [name], differing)}"
             )
         return True
 
-    def _differing(self, output_dir: str | os.PathLike, name: str) -> list[str]:
-        """The settings in which the completion record of ``name`` differs from this predictor's."""
-        settings, recorded = self.settings(), _recorded_settings(Path(output_dir), name)
-        if recorded is None:
+    def _differing(self, output_dir: str | os.PathLike, name: str, path: str | os.PathLike | None = None
+                   ) -> list[str]:
+        """What in the completion record of ``name`` differs from this predictor's settings, and "source file"
+        when ``path`` is not the file the outputs were made from (another image of the same name, or the same
+        one scanned again)."""
+        record = _record(Path(output_dir), name)
+        settings, recorded = self.settings(), record.get("settings")
+        if not isinstance(recorded, dict):
             return ["not recorded (an older version's outputs)"]
-        return sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        differing = {k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k)}
+        if record.get("mpp_source") == "file":
+            differing.discard("input_mpp")  # the file stated its pixel size, so --mpp did not touch these outputs
+        fingerprint = record.get("source_fingerprint")  # absent in records older than it: not compared
+        if path is not None and fingerprint is not None and Path(path).is_file() and \
+                fingerprint != source_fingerprint(path):
+            differing.add("source file")
+        return sorted(differing)
 
     @staticmethod
     def _region_size_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:
@@ -664,6 +684,7 @@ class SlidePredictor:
         timings = dict.fromkeys(PHASES, 0.0)
         clock = functools.partial(_timed, timings)
         with self.planned(path, timings) as (plan, thumb):
+            fingerprint = source_fingerprint(path)  # before the regions are read: a file replaced meanwhile differs
             reader = plan.reader
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
@@ -675,7 +696,7 @@ class SlidePredictor:
                 stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
                 out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from))
                 info = {
-                    "source": str(path), "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
+                    "source": str(path), "source_fingerprint": fingerprint, "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
                     "working_mpp": self.mpp, "scale": float(plan.scale), "shape": [height, width],
                     "downsample": reader.downsample, "regions": int(plan.todo.size),
                     "regions_processed": int(plan.todo.sum()), "truncated": stitcher.truncated,
@@ -793,7 +814,7 @@ class SlidePredictor:
                 summary.failed.append((str(path), message))
                 continue
             seen[name] = path
-            if not self.overwrite and self.finished(output_dir, name):
+            if not self.overwrite and self.finished(output_dir, name, path):
                 logger.info("%s: outputs complete in %s, skipped", path, output_dir)
                 summary.skipped.append(str(path))
                 continue
@@ -811,7 +832,7 @@ class SlidePredictor:
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
         """FileExistsError naming the images whose finished outputs record other weights or settings, all of them
         at once (``finished`` names one)."""
-        differing = {path.stem: self._differing(output_dir, path.stem) for path in images
+        differing = {path.stem: self._differing(output_dir, path.stem, path) for path in images
                      if outputs_complete(output_dir, path.stem)}
         differing = {name: keys for name, keys in differing.items() if keys}
         if differing:
@@ -822,7 +843,17 @@ class SlidePredictor:
                 f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
                 f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
                 f"another output_dir{self._region_size_hint(output_dir, names, keys)}"
+                f"{_source_hint(output_dir, names, keys)}"
             )
+
+
+def _source_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:
+    """Which file the outputs were made from, when the input is another (``_differing``'s "source file")."""
+    if "source file" not in differing:
+        return ""
+    sources = [s for s in (_record(Path(output_dir), n).get("source") for n in names) if s][:3]
+    return (f"; the outputs were made from {', '.join(sources)}: another image of the same name, or this one "
+            "changed since" if sources else "")
 
 
 def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.ndarray]

@@ -13,6 +13,7 @@ array-index convention of ``skimage.measure.regionprops`` (pixel centres at inte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -251,6 +252,21 @@ def outputs_complete(out_dir: str | os.PathLike, name: str) -> bool:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def source_fingerprint(path: str | os.PathLike, span: int = 256 << 10) -> str:
+    """SHA-256 of an input's size, first and last ``span`` bytes: what tells a completion record's image from
+    another file of the same name, or from the same file replaced by a new scan, without reading a whole slide
+    again (a copied or moved file keeps it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            digest.update(f.read(span))
+    return digest.hexdigest()
 
 
 def write_manifest(out_dir: str | os.PathLike, name: str, files: dict[str, Path], info: dict | None = None) -> Path:

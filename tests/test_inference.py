@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -568,6 +569,45 @@ def test_completion_records_name_the_weights_and_settings(tmp_path):
     (out / "tile0.done.json").write_text(json.dumps(record))
     with pytest.raises(FileExistsError, match=r"of tile0 made .*not recorded"):
         _predictor(network=other).run(tmp_path / "in", out)
+
+
+def test_outputs_of_another_file_of_the_same_name_are_not_taken_for_finished(tmp_path):
+    _write_tiles(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    assert _predictor().run(tmp_path / "in", out).ok
+    shutil.copytree(tmp_path / "in", tmp_path / "moved")  # the same files elsewhere: still finished
+    assert len(_predictor().run(tmp_path / "moved", out).skipped) == 2
+
+    (tmp_path / "other").mkdir()
+    _, labels = make_tile(96, seed=7)
+    skio.imsave(tmp_path / "other" / "tile0.png", _oracle_image(labels), check_contrast=False)
+    stamp = os.stat(out / "tile0.labels.tif").st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"(?s)tile0 made with other weights or settings \(differing: "
+                                              r"source file\).*made from .*in/tile0\.png: another image of the same"):
+        _predictor().run(tmp_path / "other", out)
+    with pytest.raises(FileExistsError, match=r"differing: source file\)"):
+        _predictor().finished(out, "tile0", tmp_path / "other" / "tile0.png")
+    assert _predictor().finished(out, "tile0")  # no file to compare with: the settings alone
+    assert os.stat(out / "tile0.labels.tif").st_mtime_ns == stamp
+
+    shutil.copy(tmp_path / "other" / "tile0.png", tmp_path / "in" / "tile1.png")  # a file replaced in place
+    with pytest.raises(FileExistsError, match=r"of tile1 made .*differing: source file"):
+        _predictor().run(tmp_path / "in" / "tile1.png", out)
+    redone = _predictor(overwrite=True).run(tmp_path / "in" / "tile1.png", out)
+    assert [r.nuclei for r in redone.done] == [len(np.unique(labels)) - 1]
+
+
+def test_mpp_for_files_that_state_none_leaves_outputs_of_files_that_state_theirs_finished(tmp_path):
+    rgb = _oracle_image(make_tile(96, seed=2)[1])
+    (tmp_path / "in").mkdir()
+    _write_tif(tmp_path / "in" / "tagged.tif", rgb, 0.25)
+    skio.imsave(tmp_path / "in" / "untagged.png", rgb, check_contrast=False)
+    out = tmp_path / "out"
+    assert _predictor().run(tmp_path / "in" / "tagged.tif", out).ok
+    assert len(_predictor(input_mpp=0.5).run(tmp_path / "in" / "tagged.tif", out).skipped) == 1
+    assert _predictor().run(tmp_path / "in" / "untagged.png", out).ok  # analysed at the assumed 0.25 um/px
+    with pytest.raises(FileExistsError, match=r"of untagged made .*\(differing: input_mpp\)"):
+        _predictor(input_mpp=0.5).run(tmp_path / "in", out)
 
 
 def test_test_time_flips_are_a_recorded_setting_and_change_nothing_for_a_flip_equivariant_network(tmp_path):
