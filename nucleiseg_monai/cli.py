@@ -426,11 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(settings)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # what is written is written atomically: finished images and checkpoints stay, temporaries go next run
+        logger.error("interrupted: finished outputs are kept; run the same command again to go on "
+                     "(nucleiseg train: with --resume true)")
+        return 130
     except Exception as err:
         from .errors import one_line, root_cause
 
-        # also when MONAI's config evaluation wrapped it (predict builds its predictor from the bundle's config)
-        if not isinstance(root_cause(err), (FileNotFoundError, ValueError, FileExistsError)):
+        # also when MONAI's config evaluation wrapped it (predict builds its predictor from the bundle's config);
+        # OSError: an output folder that is a file or cannot be written, whose messages name the path and the fix
+        if not isinstance(root_cause(err), (OSError, ValueError)):
             raise
         logger.error("%s", one_line(err))
         return 2

@@ -409,6 +409,23 @@ def test_predict_without_weights_says_so_in_one_line(tmp_path, caplog):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("raised, code, said", [
+    (PermissionError(13, "Permission denied", "/data/out"), 2,
+     "/data/out: Permission denied; choose a place you can write to, or change its permissions"),
+    (NotADirectoryError(20, "Not a directory", "/data/afile/x"), 2, "Not a directory"),
+    (KeyboardInterrupt(), 130, "interrupted: finished outputs are kept; run the same command again to go on"),
+])
+def test_a_run_ends_an_os_error_or_an_interruption_in_one_line(monkeypatch, caplog, raised, code, said):
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_predict", fails)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", "--bundle", "b", "--input", "i.tif", "--output_dir", "o"]) == code
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert said in record.getMessage() and record.exc_info is None
+
+
 # --- help and version ----------------------------------------------------------------------------------------------
 
 
