@@ -7,7 +7,8 @@ extra. PNG / JPEG tiles are small and are loaded whole.
 
 All readers return RGB uint8 at one chosen pyramid level; pixels outside the image read as white (255), which is
 background in H&E, so context padding never invents dark tissue. What a reader had to convert to get there (16-bit
-samples scaled to 8 bit, grey repeated into three channels) is stated by its ``conversion``, so callers can say so.
+samples scaled to 8 bit, CMYK converted to RGB, grey repeated into three channels) is stated by its ``conversion``,
+so callers can say so.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import tifffile
 import zarr
+from PIL import Image
 from skimage import io as skio
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import label as connected_components
@@ -36,9 +39,11 @@ IMAGE_SUFFIXES = OPEN_IMAGE_SUFFIXES  # the former name, which inference.py stil
 
 # A level-0 pixel size outside this range is a placeholder (72 dpi, "1 pixel per unit"), not a microscope's.
 PLAUSIBLE_MPP = (0.02, 20.0)
+MPP_HINT = "it takes microns per pixel, not a magnification: 40x is about 0.25 um/px, 20x about 0.5 um/px"
 # A level may be at most this much coarser than the requested mpp (scanners' 0.25 vs 0.2525 um/px etc.).
 COARSER_TOLERANCE = 1.2
 WHITE = 255
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageError(ValueError):
@@ -53,7 +58,7 @@ class SlideReader:
 
     ``base_mpp`` is the level-0 pixel size in use, ``stated_mpp`` the one the file itself states (None when it
     states none; ``open_image`` may then fill ``base_mpp`` in). ``source_dtype`` and ``source_channels`` describe the
-    stored samples before conversion to 8-bit RGB.
+    stored samples before conversion to 8-bit RGB; ``source_cmyk`` says they were CMYK.
     """
 
     path: Path
@@ -69,6 +74,8 @@ class SlideReader:
         self.level_downsamples = level_downsamples or [(h0 / h + w0 / w) / 2 for h, w in level_shapes]
         self.base_mpp = self.stated_mpp = base_mpp
         self.source_dtype, self.source_channels = np.dtype(source_dtype), source_channels
+        self.source_cmyk = False
+        self._sample_max: int | None = None
         self.level = 0
 
     @property
@@ -77,14 +84,45 @@ class SlideReader:
         return self.source_channels in (1, 2)
 
     @property
+    def sample_max(self) -> int:
+        """The stored value that reads as white: for 16-bit samples the TIFF's MaxSampleValue or the data's maximum
+        (alpha aside), found once on first need; 255 for 8-bit ones.
+
+        Cameras store 10- or 12-bit samples in 16-bit containers; scaled as full-range 16-bit they read nearly
+        black, and the networks then invent nuclei. Bright-field H&E always has near-white background, so the
+        data's maximum is the top of the range it was recorded in.
+        """
+        if self._sample_max is None:
+            self._sample_max = self._find_sample_max() if self.source_dtype == np.uint16 else WHITE
+        return self._sample_max
+
+    @property
+    def significant_bits(self) -> int:
+        """Bits of the stored range (at least 8); reading keeps the top 8 of them."""
+        return _significant_bits(self.sample_max)
+
+    def _find_sample_max(self) -> int:
+        return int(np.iinfo(self.source_dtype).max)
+
+    @property
     def conversion(self) -> str | None:
         """What reading does to the stored samples to give RGB uint8, in words; None when nothing."""
         steps = []
         if self.source_dtype != np.uint8:
-            steps.append(f"{8 * self.source_dtype.itemsize}-bit samples scaled to 8 bit (value / 256)")
+            steps.append(self._scaling())
+        if self.source_cmyk:
+            steps.append("CMYK converted to RGB")
         if self.greyscale:
             steps.append("greyscale repeated into three channels")
         return ", ".join(steps) or None
+
+    def _scaling(self) -> str:
+        container, bits = 8 * self.source_dtype.itemsize, self.significant_bits
+        how = f"scaled to 8 bit (value / {2 ** (bits - 8)})" if bits > 8 else "read as 8 bit"
+        if bits == container:
+            return f"{container}-bit samples {how}"
+        article = "an" if bits in (8, 11) else "a"
+        return f"{container}-bit samples of {article} {bits}-bit range (maximum {self.sample_max}) {how}"
 
     @property
     def n_levels(self) -> int:
@@ -162,13 +200,15 @@ def _block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3), dtype=np.float32).round().astype(np.uint8)
 
 
-def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False) -> np.ndarray:
+def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False, bits: int = 16) -> np.ndarray:
     """The one reader policy: (h, w) or (h, w, 1|2|3|4) pixels of uint8 or uint16 as (h, w, 3) uint8.
 
     Inference (the readers here) takes images as scanners and viewers write them and states each conversion in
-    ``SlideReader.conversion`` for its log: 16-bit samples keep their top 8 bits (the full 0-65535 range maps onto
-    0-255, as skimage's img_as_ubyte does), grey (with or without alpha) is repeated into three channels so that
-    the predictor can refuse it by name (``SlideReader.greyscale``: the networks need H&E colour), alpha is dropped.
+    ``SlideReader.conversion`` for its log: 16-bit samples keep the top 8 of their ``bits`` significant bits (the
+    reader's ``significant_bits``: a 12-bit camera's 0-4095 maps onto 0-255 as value / 16, the full 0-65535 range
+    as value / 256 as skimage's img_as_ubyte does; values above the range read white), grey (with or without
+    alpha) is repeated into three channels so that the predictor can refuse it by name (``SlideReader.greyscale``:
+    the networks need H&E colour), alpha is dropped.
     Training (``data.read_image``, ``training=True``) refuses 16-bit, grey and RGBA with any transparent pixel
     instead, and drops only an alpha that is opaque everywhere: a tile read wrong would silently teach the network
     and shift the channel statistics, and a training set can be converted once by hand where a cohort cannot.
@@ -188,7 +228,7 @@ def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False) -> np.ndar
     if training and channels == 4 and not np.all(pixels[..., 3] == 255):
         raise ImageError(f"{path} is RGBA with transparent pixels; flatten it onto white and save it as RGB")
     if pixels.dtype == np.uint16:
-        pixels = (pixels >> 8).astype(np.uint8)
+        pixels = np.minimum(pixels >> (bits - 8), WHITE).astype(np.uint8)
     if channels < 3:
         return np.repeat(pixels[..., :1], 3, axis=-1)
     return np.ascontiguousarray(pixels[..., :3])
@@ -202,18 +242,32 @@ def _check_dtype(dtype: np.dtype, path: Path) -> None:
         )
 
 
+def _significant_bits(maximum: int) -> int:
+    return max(8, int(maximum).bit_length())
+
+
+def _colour_max(pixels: np.ndarray) -> int:
+    """The largest sample of (h, w[, channels]) pixels, alpha (the last of 2 or 4 channels) aside: an opaque alpha
+    is stored at the container's maximum whatever range the colours use."""
+    if pixels.ndim == 3 and pixels.shape[-1] in (2, 4):
+        pixels = pixels[..., :-1]
+    return int(pixels.max()) if pixels.size else 0
+
+
 def _channels(shape: tuple[int, ...], axes: str) -> int:
     """Samples per pixel of an array with the given axes (1 when it has no sample axis)."""
     return math.prod(n for a, n in zip(axes, shape) if a in "SC")
 
 
 class ArrayReader(SlideReader):
-    """A small image held in memory (PNG, JPEG): one level."""
+    """A small image held in memory (PNG, JPEG): one level. ``cmyk``: the pixels were converted from CMYK."""
 
-    def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None):
-        self.pixels = rgb_uint8(pixels, path)
+    def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None, cmyk: bool = False):
+        maximum = _colour_max(pixels) if pixels.dtype == np.uint16 else None
+        self.pixels = rgb_uint8(pixels, path, bits=_significant_bits(maximum) if maximum is not None else 16)
         super().__init__(path, [self.pixels.shape[:2]], base_mpp, source_dtype=pixels.dtype,
                          source_channels=1 if pixels.ndim == 2 else pixels.shape[-1])
+        self._sample_max, self.source_cmyk = maximum, cmyk
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return self.pixels[y0:y1, x0:x1]
@@ -233,6 +287,7 @@ class TiffReader(SlideReader):
             self._arrays: dict[int, Any] = {}
             base = self._level(0)
             _check_dtype(base.dtype, path)
+            _check_not_cmyk(base.keyframe, path)
             shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
             super().__init__(path, shapes, _tiff_mpp(self._tif, path), source_dtype=base.dtype,
                              source_channels=_channels(base.shape, base.axes))
@@ -285,17 +340,53 @@ class TiffReader(SlideReader):
         return self._arrays[level]
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return rgb_uint8(self._read_stored(level, y0, y1, x0, x1), self.path, bits=self.significant_bits)
+
+    def _read_stored(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The stored samples of a box as (h, w[, samples]), before conversion to RGB uint8."""
         axes = self._level(level).axes
         index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a in "SC" else 0
                       for a in axes)
         kept = [a for a in axes if a in "YXSC"]
         pixels = np.asarray(self._array(level)[index])
         order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "SC"]
-        return rgb_uint8(pixels.transpose(order), self.path)
+        return pixels.transpose(order)
+
+    def _find_sample_max(self) -> int:
+        """MaxSampleValue when the file states a plausible one, else the maximum of the smallest pyramid level,
+        read in bands of rows so that a file without a pyramid costs a sequential scan, never a full copy."""
+        stated = _max_sample_value(self._level(0).keyframe)
+        if stated is not None:
+            return stated
+        level = self.n_levels - 1
+        height, width = self.level_shapes[level]
+        band = max(1, (16 << 20) // (width * self.source_channels * self.source_dtype.itemsize))  # about 16 MB
+        return max(_colour_max(self._read_stored(level, y0, min(y0 + band, height), 0, width))
+                   for y0 in range(0, height, band))
 
     def close(self) -> None:
         self._arrays.clear()
         self._tif.close()
+
+
+def _check_not_cmyk(page: Any, path: Path) -> None:
+    # read as it is, C, M and Y would pass for R, G and B: inverted colours the networks would segment regardless
+    if page.photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        raise ImageError(f"{path} is CMYK (photometric SEPARATED); the models need RGB. Convert it to RGB (e.g. in "
+                         "QuPath, or with ImageMagick: magick in.tif -colorspace sRGB out.tif) and retry.")
+
+
+def _max_sample_value(page: Any) -> int | None:
+    """The MaxSampleValue tag of a 16-bit page when it marks a range wider than 8 bits; None otherwise.
+
+    Writers that convert from 8 bit may copy its 255 along, which would read every 16-bit sample as white, so a
+    value of 255 or less is taken as absent and the data decide.
+    """
+    value = page.tags.valueof(281)  # MaxSampleValue, one per sample or one for all
+    if value is None:
+        return None
+    stated = max(value) if isinstance(value, (tuple, list)) else int(value)
+    return int(stated) if np.iinfo(np.uint8).max < stated <= np.iinfo(np.uint16).max else None
 
 
 def _plausible(mpp: float | None, path: Path, source: str) -> float | None:
@@ -380,6 +471,40 @@ def _import_openslide(path: Path) -> Any:
     return openslide
 
 
+def check_mpp(value: float, what: str = "--mpp") -> float:
+    """``value`` as a float when it can be a level-0 pixel size in microns, else ValueError naming ``what``.
+
+    A magnification typed as a pixel size (--mpp 40) would resample every tile x160 for hours, and 0, a negative
+    or a huge value fail deep in the planner's logarithms; refusing at once, with the likely mistake named, costs
+    nothing.
+    """
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {value!r} is not a number; {MPP_HINT}") from None
+    if not (math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
+        raise ValueError(f"{what} {mpp:g} um/px is outside the plausible pixel sizes {PLAUSIBLE_MPP[0]:g}-"
+                         f"{PLAUSIBLE_MPP[1]:g} um/px; {MPP_HINT}")
+    return mpp
+
+
+def _read_plain(path: Path) -> tuple[np.ndarray, bool]:
+    """A PNG or JPEG as an array, and whether it was converted from CMYK.
+
+    16-bit PNGs are decoded by imagecodecs because Pillow keeps only the top byte of 16-bit RGB, which would lose
+    a 12-bit image; CMYK JPEGs are converted by Pillow, which knows Adobe's inverted CMYK, because read as they are
+    their four channels would pass for RGBA.
+    """
+    with open(path, "rb") as file:
+        head = file.read(26)
+    if head[:8] == PNG_SIGNATURE and head[24] == 16:  # IHDR's bit depth
+        return imagecodecs.png_decode(path.read_bytes()), False
+    with Image.open(path) as image:
+        if image.mode == "CMYK":
+            return np.asarray(image.convert("RGB")), True
+    return np.asarray(skio.imread(path)), False
+
+
 def choose_level(
     level_mpps: list[float | None], level: int | None = None, target_mpp: float | None = None, path: Path | str = ""
 ) -> int:
@@ -416,9 +541,14 @@ def open_image(
         level: explicit pyramid level (0 = full resolution).
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
         input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;
-            ``reader.stated_mpp`` tells which applied).
+            ``reader.stated_mpp`` tells which applied); one outside ``PLAUSIBLE_MPP`` is refused.
     """
     path = Path(path)
+    if input_mpp is not None:
+        try:
+            input_mpp = check_mpp(input_mpp, f"{path}: input_mpp")
+        except ValueError as err:
+            raise ImageError(str(err)) from None
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file")
     suffix = path.suffix.lower()
@@ -433,12 +563,12 @@ def open_image(
             raise ImageError(f"cannot read {path} as TIFF ({type(err).__name__}: {err}); is the file damaged?") from err
     else:
         try:
-            pixels = skio.imread(path)
-        except Exception as err:  # imageio / PIL raise assorted types; name the file
+            pixels, cmyk = _read_plain(path)
+        except Exception as err:  # imagecodecs / imageio / PIL raise assorted types; name the file
             raise ImageError(f"cannot read {path} ({type(err).__name__}: {err}); is the file damaged?") from err
-        reader = ArrayReader(path, np.asarray(pixels))
+        reader = ArrayReader(path, pixels, cmyk=cmyk)
     if reader.base_mpp is None and input_mpp is not None:
-        reader.base_mpp = float(input_mpp)
+        reader.base_mpp = input_mpp
     try:
         reader.level = choose_level(reader.level_mpps(), level, mpp, path)
     except BaseException:

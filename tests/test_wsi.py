@@ -1,14 +1,17 @@
+import re
 import sys
 import tracemalloc
 import warnings
 
+import imagecodecs
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 from skimage import io as skio
 
-from nucleiseg_monai.wsi import ImageError, TiffReader, choose_level, open_image, rgb_uint8, tissue_mask
+from nucleiseg_monai.wsi import ImageError, TiffReader, check_mpp, choose_level, open_image, rgb_uint8, tissue_mask
 
 RNG = np.random.default_rng(0)
 
@@ -266,3 +269,125 @@ def test_one_reader_policy_converts_at_inference_what_training_refuses(tmp_path)
         assert str(path) in str(info.value)
     with pytest.raises(ImageError, match="float32"):  # neither reads what is not 8- or 16-bit
         rgb_uint8(rgb.astype(np.float32), path)
+
+
+def _bright_field(shape=(40, 48)) -> np.ndarray:
+    """A known 8-bit RGB image with white in it, as bright-field H&E always has."""
+    rgb = RNG.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    rgb[:4, :4] = 255
+    return rgb
+
+
+def test_12bit_samples_in_16bit_containers_read_their_full_range(tmp_path, monkeypatch):
+    rgb = _bright_field()
+    twelve = rgb.astype(np.uint16) * 16  # 0-4080: a 12-bit camera's samples in 16-bit containers
+    said = "16-bit samples of a 12-bit range (maximum 4080) scaled to 8 bit (value / 16)"
+
+    # a pyramid: the range comes from its smallest level, found once on first need, not at open
+    levels = [twelve, twelve[::2, ::2].copy(), twelve[::4, ::4].copy()]
+    _write_subifds(tmp_path / "twelve.tif", levels)
+    scans = []
+    find = TiffReader._find_sample_max
+    monkeypatch.setattr(TiffReader, "_find_sample_max", lambda self: scans.append(1) or find(self))
+    with open_image(tmp_path / "twelve.tif") as r:
+        assert scans == []
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 48), rgb)
+        np.testing.assert_array_equal(r.read_region(0, 0, 10, 12, level=2), rgb[::4, ::4])
+        assert r.conversion == said and r.significant_bits == 12 and len(scans) == 1
+
+    # PNG: 16-bit RGB (Pillow alone would keep only the top byte, i.e. 0-15) and 16-bit grey
+    (tmp_path / "twelve.png").write_bytes(imagecodecs.png_encode(twelve))
+    iio.imwrite(tmp_path / "twelve_grey.png", twelve[..., 0])
+    with open_image(tmp_path / "twelve.png") as r, open_image(tmp_path / "twelve_grey.png") as g:
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 48), rgb)
+        assert r.conversion == said
+        np.testing.assert_array_equal(g.read_region(0, 0, 40, 48)[..., 1], rgb[..., 0])
+        assert g.conversion == f"{said}, greyscale repeated into three channels"
+
+    # an opaque alpha sits at 65535 whatever the colours use, so it does not set the range
+    rgba = np.dstack([twelve, np.full(twelve.shape[:2], 65535, np.uint16)])
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    with open_image(tmp_path / "rgba.tif") as r:
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 48), rgb)
+
+    # MaxSampleValue, when the file states more than 8 bits, wins over the data (here only up to 2000)
+    dim = (rgb // 2).astype(np.uint16) * 16
+    for stated, expected, bits in ((4095, rgb // 2, 12), (255, rgb // 2 * 2, 11)):  # 255: copied from 8 bit
+        path = tmp_path / f"stated{stated}.tif"
+        tifffile.imwrite(path, dim, photometric="rgb", extratags=[(281, "H", 3, (stated,) * 3, True)])
+        with open_image(path) as r:
+            np.testing.assert_array_equal(r.read_region(0, 0, 40, 48), expected)
+            assert r.significant_bits == bits
+
+    # full-range 16-bit keeps value / 256 and today's wording; a 12-bit range needs value / 16
+    full = rgb.astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "full.tif", full, photometric="rgb")
+    with open_image(tmp_path / "full.tif") as r:
+        np.testing.assert_array_equal(r.read_region(0, 0, 40, 48), rgb)
+        assert r.conversion == "16-bit samples scaled to 8 bit (value / 256)"
+    np.testing.assert_array_equal(rgb_uint8(twelve, tmp_path / "t.tif", bits=12), rgb)
+    np.testing.assert_array_equal(rgb_uint8(twelve, tmp_path / "t.tif"), rgb >> 4)
+    with pytest.raises(ImageError, match="uint16, not 8-bit"):  # training still refuses 16-bit
+        rgb_uint8(twelve, tmp_path / "t.tif", training=True)
+
+
+def test_12bit_range_of_a_slide_without_pyramid_is_scanned_in_bands(tmp_path):
+    """The whole of a single-level file is scanned for its range (white only in the last rows), in bands of rows
+    rather than as a 54 MB copy."""
+    path = tmp_path / "flat.tif"
+    shape = (3072, 3072, 3)
+
+    n_tiles = (shape[0] // 256) * (shape[1] // 256)
+
+    def tiles():
+        for i in range(n_tiles):
+            tile = np.full((256, 256, 3), 1600, np.uint16)
+            if i == n_tiles - 1:  # the bottom-right tile
+                tile[-1, -1] = 4080
+            yield tile
+
+    tifffile.imwrite(path, tiles(), shape=shape, dtype=np.uint16, tile=(256, 256), photometric="rgb", bigtiff=True)
+    with open_image(path) as r:
+        tracemalloc.start()
+        bits = r.significant_bits
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (bits, r.sample_max) == (12, 4080)
+        assert (r.read_region(0, 0, 8, 8) == 100).all()  # 1600 / 16
+    assert peak < 28 << 20, f"finding the range of a 54 MB image allocated {peak / 2**20:.1f} MB"
+
+
+def test_cmyk_jpeg_is_converted_and_cmyk_tiff_refused(tmp_path):
+    yy, xx = np.mgrid[:64, :80]
+    rgb = np.dstack([200 - yy, 60 + xx, 140 + (yy + xx) // 4]).astype(np.uint8)  # smooth, so JPEG keeps it
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as image:
+        assert image.mode == "CMYK"
+    with open_image(tmp_path / "cmyk.jpg") as r:
+        assert r.conversion == "CMYK converted to RGB"
+        assert np.abs(r.read_region(0, 0, 64, 80).astype(int) - rgb).mean() < 8
+
+    cmyk = np.asarray(Image.fromarray(rgb).convert("CMYK"))
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyk, photometric="separated")
+    with pytest.raises(ImageError, match=r"cmyk\.tif is CMYK.*magick in\.tif -colorspace sRGB out\.tif"):
+        open_image(tmp_path / "cmyk.tif")
+
+
+@pytest.mark.parametrize("value", [40, 0, -1, float("nan"), 1e9, float("inf")])
+def test_implausible_mpp_is_refused_with_the_magnification_hint(tmp_path, value):
+    hint = r"0\.02-20 um/px; it takes microns per pixel, not a magnification: 40x is about 0\.25 um/px, 20x about 0\.5"
+    shown = re.escape(f"{value:g}")  # 1e+09
+    with pytest.raises(ValueError, match=rf"^--mpp {shown} um/px is outside the plausible pixel sizes {hint}"):
+        check_mpp(value)
+    skio.imsave(tmp_path / "a.png", _bright_field(), check_contrast=False)
+    with pytest.raises(ImageError, match=rf"a\.png: input_mpp {shown} um/px .*{hint}"):
+        open_image(tmp_path / "a.png", input_mpp=value)
+
+
+def test_plausible_mpp_is_accepted(tmp_path):
+    assert check_mpp(0.25) == 0.25 and check_mpp("0.5", "slides.csv line 2") == 0.5
+    with pytest.raises(ValueError, match=r"^slides\.csv line 2 '40x' is not a number; it takes microns per pixel"):
+        check_mpp("40x", "slides.csv line 2")
+    skio.imsave(tmp_path / "a.png", _bright_field(), check_contrast=False)
+    with open_image(tmp_path / "a.png", input_mpp=0.5) as r:
+        assert r.mpp == 0.5
