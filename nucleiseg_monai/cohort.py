@@ -5,9 +5,12 @@ worker processes or joins a running scheduler, and submits one task per slide. E
 from the bundle once (``BundlePredictor``) and keeps it for the slides that follow; it runs one slide at a time, so
 its memory stays that of one ``SlidePredictor.predict_slide``, and its torch threads are its share of the cores.
 Workers write the outputs themselves, atomically, into the output folder (a folder every worker sees). A task
-that raises, or whose worker dies, is retried ``retries`` times, then its slide is recorded as failed while the
-others finish. Slides whose outputs are complete and were made with the same weights and settings (their
-completion record) are skipped, so re-running the same command resumes a run that was killed at any point: only
+whose worker dies, or that raises, is retried ``retries`` times, then its slide is recorded as failed while the
+others finish; a slide whose input fails as it would fail again (a missing or unreadable file, an image that cannot
+be used: ``INPUT_ERRORS``) is recorded as failed at once. The client logs each slide's own lines (the pixel size used
+and where it came from, as a single-image run gives them) as the slide finishes, and keeps Dask's INFO messages out
+of the log. Slides whose outputs are complete and were made with the same weights and settings (their completion
+record) are skipped, so re-running the same command resumes a run that was killed at any point: only
 the slides in flight are redone. A slide above ``split_above_mpx`` megapixels is split into region tasks whose
 labels one merge task stitches exactly as the whole-slide run does (``region_tasks``), so one huge slide can use
 the whole cluster. ``run_bundle_cohort`` is the same run for a bundle config's runner.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import glob
 import importlib.util
 import json
@@ -48,6 +52,9 @@ logger = logging.getLogger(__name__)
 SLIDE_LIST_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 RUN_TABLE = "run_table.csv"
 REGION_SIZE = "predictor#planner#region_size"
+# errors of a slide's input or outputs that another attempt would meet again (ImageError is a ValueError; the
+# FileExistsError is finished outputs of other settings): retries are for workers that die
+INPUT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,66 @@ def slide_predictor(factory: Callable[[], SlidePredictor], slide: Slide, torch_t
     return predictor
 
 
+class _TaskLog(logging.Handler):
+    """The (logger, level, message) of each record of the package logged by the thread that made this handler."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
+        self.lines: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:  # a worker with several task threads runs other slides beside this one
+            self.lines.append((record.name, record.levelno, record.getMessage()))
+
+
+@contextmanager
+def task_log() -> Iterator[list[tuple[str, int, str]]]:
+    """The package's log lines of this task, for the client to log (``relay``): a worker process has no logging
+    set up, so the lines of a single-image run (the pixel size used and where it came from) would go nowhere, and
+    its warnings to the worker's stderr without the slide's context. Where this process logs somewhere already (a
+    worker in the client's process) they go there, and the list stays empty."""
+    if logging.getLogger().handlers:
+        yield []
+        return
+    package, handler = logging.getLogger(__package__), _TaskLog()
+    level = package.level
+    package.setLevel(min(package.getEffectiveLevel(), logging.INFO))
+    package.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+def relay(lines: list[tuple[str, int, str]]) -> None:
+    """A task's log lines (``task_log``) logged here, by the loggers that made them on the worker."""
+    for name, level, message in lines:
+        logging.getLogger(name).log(level, "%s", message)
+
+
+def slide_task(task: Callable[..., dict]) -> Callable[..., dict]:
+    """``task(factory, slide, ...)``, which returns a slide's run-table row, with the row's ``log`` (``task_log``)
+    and, where the slide's input fails as it would fail again (``INPUT_ERRORS``), a failed row instead of the
+    exception: Dask would retry the task, and print its traceback, each time for nothing."""
+
+    @functools.wraps(task)
+    def run(factory: Callable[[], SlidePredictor], slide: Slide, *args, **kwargs) -> dict:
+        with task_log() as lines:
+            try:
+                row = task(factory, slide, *args, **kwargs)
+            except Exception as err:
+                if not isinstance(root_cause(err), INPUT_ERRORS):
+                    raise
+                row = {"slide": slide.name, "path": slide.path, "status": "failed", "error": failure(err),
+                       "worker": get_worker().address, "peak_rss_mb": _peak_rss_mb()}
+        return {**row, "log": lines}
+
+    return run
+
+
+@slide_task
 def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
                   torch_threads: int | None = None, overwrite: bool = False, previous: dict | None = None,
                   split_above_mpx: float | None = None) -> dict:
@@ -211,6 +278,7 @@ def region_band(factory: Callable[[], SlidePredictor], slide: Slide, torch_threa
     return band_labels(slide_predictor(factory, slide, torch_threads), slide.path, regions)
 
 
+@slide_task
 def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
                 labels: FetchedLabels) -> dict:
     """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row)."""
@@ -281,17 +349,35 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, retrie
     ``host_share``; start such workers with ``--nthreads 1``, one slide at a time each).
 
     ``retries`` also sets how many worker deaths a local cluster forgives a task (``allowed-failures``) before
-    the slide counts as failed; a remote scheduler uses its own setting.
+    the slide counts as failed; a remote scheduler uses its own setting. Dask's own INFO messages stay out of the
+    log until the client and cluster have closed (``quiet_dask``).
     """
     if scheduler:
-        with Client(scheduler) as client:
+        with quiet_dask(), Client(scheduler) as client:
             yield client, None
         return
     workers = workers or 1
-    with dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+    with quiet_dask(), dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                          dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
         yield client, max(1, cpu_count() // workers)
+
+
+@contextmanager
+def quiet_dask() -> Iterator[None]:
+    """Dask's loggers (``distributed``) at WARNING for the duration, their level restored after: its INFO messages
+    (scheduler and workers starting and closing, connections) would outnumber the slides' own lines. Where debug
+    output is asked for (the root or the ``distributed`` logger at DEBUG), they stay as they are."""
+    dask_logger = logging.getLogger("distributed")
+    if logging.getLogger().isEnabledFor(logging.DEBUG) or dask_logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = dask_logger.level
+    dask_logger.setLevel(max(dask_logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        dask_logger.setLevel(level)
 
 
 def _dashboard(client) -> str:
@@ -345,9 +431,9 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             if future.status != "finished":
                 error = failure(future.exception() if future.status == "error" else f"the task was {future.status}")
                 row = {**rows[i], "status": "failed", "error": error}
-                logger.error("failed on %s: %s", slide.path, error)
             else:
                 row = future.result()
+                relay(row.pop("log", []))
                 worker, peak = row.pop("worker"), row.pop("peak_rss_mb", None)
                 if row["status"] == "split":
                     merge, handed = _submit_regions(client, factory, slide, str(output_dir), torch_threads,
@@ -361,12 +447,14 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                     future.release()
                     continue
                 summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
-                if i in split:  # its time from the split to its outputs, the region tasks included
+                if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
                     row["seconds"] = round(time.perf_counter() - split[i][0], 3)
-                if row["status"] == "done":
-                    logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
-                else:
-                    logger.info("%s: outputs complete, skipped", slide.path)
+            if row["status"] == "failed":
+                logger.error("failed on %s: %s", slide.path, row["error"])
+            elif row["status"] == "done":
+                logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
+            else:
+                logger.info("%s: outputs complete, skipped", slide.path)
             future.release()
             for variable in split.pop(i, (0.0, []))[1]:  # the region tasks' results go with their variables
                 variable.delete()

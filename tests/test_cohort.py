@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -19,11 +20,13 @@ from nucleiseg_monai import cohort as cohort_module
 from nucleiseg_monai.cli import main
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary, Slide, cpu_count, dask_client,
-                                    failure, host_share, predict_cohort, raise_on_failure, read_cohort,
-                                    read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort)
+                                    failure, host_share, predict_cohort, quiet_dask, raise_on_failure, read_cohort,
+                                    read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort,
+                                    slide_task)
 from nucleiseg_monai.region_tasks import bands, pack, unpack
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
+from nucleiseg_monai.wsi import ImageError
 from conftest import same_up_to_ids
 
 torch.set_num_threads(1)  # as each of the 2 workers on these 2 cores, so the serial run computes the same sums
@@ -291,6 +294,118 @@ def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resu
     assert all(row["status"] == "failed" and "other weights or settings" in row["error"] for row in refused.rows)
     assert share == threads == max(1, cpu_count() // 2)
     assert all(100 < mb < 4000 for mb in summary.peak_rss_mb.values())  # per worker process, as in benchmarks
+
+
+@dataclass(frozen=True)
+class CountAttempts:
+    """The bundle's predictor, each of whose attempts at a slide appends the slide's name to ``attempts``; its first
+    attempt at ``flaky``, in the whole cluster, raises a RuntimeError (an error another attempt may not meet)."""
+
+    factory: BundlePredictor
+    attempts: str
+    flaky: str
+
+    def __call__(self):
+        predictor = self.factory()
+        predict_slide = predictor.predict_slide
+
+        def predict_slide_counted(path, output_dir, name=None, **kwargs):
+            with open(self.attempts, "a") as handle:
+                handle.write(f"{name}\n")
+            if name == self.flaky:
+                try:
+                    os.close(os.open(f"{self.attempts}.{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    return predict_slide(path, output_dir, name, **kwargs)
+                raise RuntimeError(f"{name}: a first attempt that fails")
+            return predict_slide(path, output_dir, name, **kwargs)
+
+        predictor.predict_slide = predict_slide_counted
+        return predictor
+
+
+@pytest.mark.slow
+def test_a_missing_slide_fails_once_others_are_retried_and_the_log_holds_the_slides_not_dask(cohort, tmp_path, caplog,
+                                                                                            capfd, monkeypatch):
+    root, bundle, serial = cohort
+    # as under the CLI, whose logging is set up before distributed is imported: Dask's records reach the root
+    monkeypatch.setattr(logging.getLogger("distributed"), "propagate", True)
+    dask_level = logging.getLogger("distributed").level
+    caplog.set_level(logging.INFO)
+    slides = read_cohort(root / "slides")
+    missing = Slide(str(root / "slides" / "missing.tif"), "missing")
+    attempts = tmp_path / "attempts.txt"
+    factory = CountAttempts(BundlePredictor(str(bundle)), str(attempts), flaky="slide1")
+    with dask_client(workers=2, retries=2, dashboard_address=None) as (client, threads):
+        summary = run_cohort(client, [slides[0], missing, *slides[1:]], tmp_path / "out", factory, retries=2,
+                             torch_threads=threads, progress=False)
+
+    assert sorted(attempts.read_text().split()) == ["missing", "slide0", "slide1", "slide1", "slide2"]
+    rows = {row["slide"]: row for row in summary.rows}
+    assert rows["missing"]["status"] == "failed"
+    assert rows["missing"]["error"] == f"FileNotFoundError: {missing.path} does not exist or is not a file"
+    assert [row["slide"] for row in summary.failed] == ["missing"]
+    assert all(rows[name]["status"] == "done" and rows[name]["nuclei"] == result.nuclei
+               for name, result in serial.items())
+    assert _table(tmp_path / "out" / "run_table.csv")["missing"]["error"] == rows["missing"]["error"]
+
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert [r for r in records if missing.path in r[2]] == \
+        [("nucleiseg_monai.cohort", logging.ERROR, f"failed on {missing.path}: {rows['missing']['error']}")]
+    # Dask's start, connection and close messages stay out; its level is back once the client has closed
+    assert not [r for r in records if r[0].startswith("distributed") and r[1] < logging.WARNING]
+    assert logging.getLogger("distributed").level == dask_level
+    assert [m.split(";")[0] for n, _, m in records if n == "nucleiseg_monai.cohort" and " workers; " in m] == \
+        ["4 slides on 2 workers"]
+    # each slide's pixel size line, as the single-image run logs it, before the slide's result
+    for name, result in serial.items():
+        path = str(root / "slides" / f"{name}.tif")
+        scale = (f"{path}: 384x640 px at level 0, 0.25 um/px (stated in the file), analysed as read (model: 0.25 "
+                 f"um/px); {result.regions_processed} of {result.regions} regions to process")
+        lines = [m for _, _, m in records if m.startswith(f"{path}: ")]
+        assert lines == [scale, f"{path}: {result.nuclei} nuclei in {rows[name]['seconds']:.1f} s"]
+        assert records[[m for _, _, m in records].index(scale)][:2] == ("nucleiseg_monai.inference", logging.INFO)
+    # the workers' stderr: the retried error's traceback, none for the missing slide
+    err = capfd.readouterr().err
+    assert "slide1: a first attempt that fails" in err and "missing.tif" not in err
+
+
+def test_only_errors_that_would_recur_fail_a_slide_without_a_retry(monkeypatch):
+    monkeypatch.setattr(cohort_module, "get_worker", lambda: type("Worker", (), {"address": "tcp://w:1"}))
+    slide = Slide("/d/a.tif", "a")
+
+    def raising(err):
+        @slide_task
+        def task(factory, slide):
+            raise err
+        return task
+
+    parser = ConfigParser({"p": "$open_image()"}, globals={"open_image": lambda: open("/nonexistent/a.tif")})
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as wrapped:
+        parser.get_parsed_content("p")
+    for err, error in [(FileNotFoundError("/d/a.tif does not exist or is not a file"),
+                        "FileNotFoundError: /d/a.tif does not exist or is not a file"),
+                       (ImageError("/d/a.tif is a greyscale image"), "ImageError: /d/a.tif is a greyscale image"),
+                       (PermissionError(13, "Permission denied"), "PermissionError: [Errno 13] Permission denied"),
+                       (wrapped.value, "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/a.tif'")]:
+        row = raising(err)(None, slide)
+        assert (row["slide"], row["path"], row["status"], row["error"]) == ("a", "/d/a.tif", "failed", error)
+        assert row["worker"] == "tcp://w:1" and row["peak_rss_mb"] > 0 and row["log"] == []
+    for err in (RuntimeError("CUDA out of memory"), MemoryError(), OSError(5, "Input/output error")):
+        with pytest.raises(type(err)):  # Dask retries these
+            raising(err)(None, slide)
+
+
+def test_dask_info_stays_out_of_the_log_unless_debug_is_asked_for(caplog):
+    dask_logger = logging.getLogger("distributed")
+    level = dask_logger.level
+    caplog.set_level(logging.INFO)
+    with quiet_dask():
+        assert not dask_logger.isEnabledFor(logging.INFO) and dask_logger.isEnabledFor(logging.WARNING)
+    assert dask_logger.level == level
+    caplog.set_level(logging.DEBUG)
+    with quiet_dask():
+        assert dask_logger.level == level
 
 
 def test_slide_list_columns_relative_paths_and_errors(tmp_path):
