@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
-    p.add_argument("--mpp", type=float, help="pixel size (um/px) of input files that state none; a size the file "
+    p.add_argument("--mpp", type=_mpp, help="pixel size (um/px) of input files that state none; a size the file "
                    "states wins (default: the model's own size is assumed, with a warning)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores are shared out between them); the default for a .csv/.tsv slide list is 1")
     p.add_argument("--scheduler", help="run on the running Dask cluster at this address (tcp://host:8786)")
     p.add_argument("--retries", type=int, default=2, help="cluster runs: attempts after a slide's first fails "
-                   "or its worker dies, before it is recorded as failed")
+                   "or its worker dies, before it is recorded as failed (a missing or unusable input fails at once)")
     p.add_argument("--run_table", help="cluster runs: the run table CSV (default OUTPUT_DIR/run_table.csv)")
     p.add_argument("--split_above_mpx", type=float,
                    help="cluster runs: split slides larger than this many megapixels into region tasks (default: never)")
@@ -414,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_size_mb", **max_size)
     p.set_defaults(func=cmd_unpack)
     return parser
+
+
+def _mpp(text: str) -> float:
+    from .wsi import check_mpp
+
+    try:
+        return check_mpp(text)
+    except ValueError as err:  # argparse shows an ArgumentTypeError's message, a ValueError's only as "invalid"
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

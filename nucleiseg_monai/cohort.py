@@ -255,7 +255,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     """
     predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
-    if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name):
+    if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name, slide.path):
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
             return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)

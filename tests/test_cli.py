@@ -426,6 +426,15 @@ def test_a_run_ends_an_os_error_or_an_interruption_in_one_line(monkeypatch, capl
     assert said in record.getMessage() and record.exc_info is None
 
 
+@pytest.mark.parametrize("value", ["40", "0", "-1", "nan", "abc"])
+def test_predict_refuses_an_mpp_that_is_no_pixel_size_before_anything_runs(monkeypatch, capsys, value):
+    monkeypatch.setattr(cli, "cmd_predict", lambda args: pytest.fail("ran with --mpp " + value))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["predict", "--bundle", "b", "--input", "i.tif", "--output_dir", "o", "--mpp", value])
+    assert exited.value.code == 2
+    assert "microns per pixel, not a magnification: 40x is about 0.25 um/px" in capsys.readouterr().err
+
+
 # --- help and version ----------------------------------------------------------------------------------------------
 
 
