@@ -142,6 +142,8 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     if not images:
         raise FileNotFoundError(
             f"no images found at {text}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
+            + (f" (a folder's subfolders are not searched: give a glob such as '{path / '**' / '*.svs'}')"
+               if path.is_dir() else "")
         )
     return images
 

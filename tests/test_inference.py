@@ -244,8 +244,14 @@ def test_find_images_skips_outputs_and_reports_nothing_found(tmp_path):
     _write_tiles(tmp_path / "in", n=1)
     _predictor().run(tmp_path / "in", tmp_path / "in")  # outputs written beside the inputs
     assert [p.name for p in find_images(tmp_path / "in")] == ["tile0.png"]
-    with pytest.raises(FileNotFoundError, match="no images found"):
+    with pytest.raises(FileNotFoundError, match="no images found") as none:
         find_images(tmp_path / "in" / "*.jpg")
+    assert "subfolders" not in str(none.value)
+    (tmp_path / "cases" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "tile0.png").rename(tmp_path / "cases" / "a" / "tile0.png")
+    with pytest.raises(FileNotFoundError, match=r"subfolders are not searched: give a glob such as '.*cases/\*\*/\*"):
+        find_images(tmp_path / "cases")
+    assert [p.name for p in find_images(str(tmp_path / "cases" / "**" / "*.png"))] == ["tile0.png"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_images(tmp_path / "missing")
 
