@@ -16,7 +16,9 @@ import logging
 import sys
 import tempfile
 import traceback
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import __version__
@@ -416,6 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def warnings_as_log_lines() -> Iterator[None]:
+    """Warnings (a file's implausible pixel size, an assumed one) as one log line each, "WARNING py.warnings:
+    UserWarning: ...", among the run's other lines, rather than Python's two lines with the warning's source file
+    and code, which tell a user nothing."""
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}"
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        warnings.formatwarning = format_warning
+
+
 def _mpp(text: str) -> float:
     from .wsi import check_mpp
 
@@ -434,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     elif settings:
         parser.error(f"unrecognized arguments: {' '.join(settings)}")
     try:
-        return args.func(args)
+        with warnings_as_log_lines():
+            return args.func(args)
     except KeyboardInterrupt:
         # what is written is written atomically: finished images and checkpoints stay, temporaries go next run
         logger.error("interrupted: finished outputs are kept; run the same command again to go on "

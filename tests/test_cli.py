@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -424,6 +425,20 @@ def test_a_run_ends_an_os_error_or_an_interruption_in_one_line(monkeypatch, capl
         assert cli.main(["predict", "--bundle", "b", "--input", "i.tif", "--output_dir", "o"]) == code
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert said in record.getMessage() and record.exc_info is None
+
+
+def test_a_warning_is_one_log_line_without_python_source(monkeypatch, caplog):
+    def warns(args):
+        warnings.warn("scan.tif: ignoring implausible pixel size 352.8 um/px from the resolution tags", stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_predict", warns)
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["predict", "--bundle", "b", "--input", "i.tif", "--output_dir", "o"]) == 0
+    (record,) = [r for r in caplog.records if r.name == "py.warnings"]
+    assert record.getMessage() == ("UserWarning: scan.tif: ignoring implausible pixel size 352.8 um/px from the "
+                                   "resolution tags")
+    assert warnings.formatwarning is not None and "UserWarning: x\n" in warnings.formatwarning("x", UserWarning, "f", 1)
 
 
 @pytest.mark.parametrize("value", ["40", "0", "-1", "nan", "abc"])
