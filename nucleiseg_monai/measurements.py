@@ -6,8 +6,9 @@ map's pixel edges (``trace_outlines``), and perimeter, polygon area and convex h
 rings with array operations, so nothing is done per nucleus in Python except for the rare nucleus with a hole or
 in several pieces, which takes the longest ring of ``skimage.measure.find_contours`` as before.
 
-Units: areas, perimeters and shape measures are in pixels of the analysed level (the label map's); ``area_um2``
-uses that level's microns per pixel; centroids and outlines are in level-0 pixels (``downsample`` maps them).
+Units: centroids, outlines, areas and perimeters are in level-0 pixels (``downsample`` maps the analysed level's
+to them: an area is the label map's pixel count times ``downsample`` squared, rounded), so a row's figures and its
+polygon share one grid, the one QuPath shows; ``area_um2`` uses the analysed level's microns per pixel.
 Outlines use QuPath's convention (pixel (r, c) covers [c, c+1) x [r, r+1)), centroids the array-index convention
 of regionprops (pixel centres at integers). Mean haematoxylin is an optical density (``skimage.color.rgb2hed``).
 """
@@ -280,14 +281,15 @@ def measure_nuclei(
     k, ring_x, ring_y, starts = _outlines(local, np.flatnonzero(count[1:]) + 1)
     perimeter, area_poly, hull = _shape_measures(ring_x, ring_y, starts)
     area = count[k]
+    area_px = area if downsample == 1 else np.rint(area * downsample * downsample).astype(np.int64)
     vertices = np.stack([(ring_x + ox) * downsample, (ring_y + oy) * downsample], axis=1)
     return Nuclei(
         id=k + first - 1,
         centroid_x=(cx[k] + ox + 0.5) * downsample - 0.5,
         centroid_y=(cy[k] + oy + 0.5) * downsample - 0.5,
-        area_px=area,
+        area_px=area_px,
         area_um2=None if mpp is None else area * mpp * mpp,
-        perimeter_px=perimeter,
+        perimeter_px=perimeter * downsample,
         eccentricity=eccentricity[k],
         solidity=np.where(hull > 0, area_poly / np.where(hull > 0, hull, 1.0), 1.0),
         mean_haematoxylin=hema[k],

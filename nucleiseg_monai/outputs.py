@@ -38,7 +38,7 @@ OUTPUT_SUFFIXES = {
     "overlay": ".overlay.png",
 }
 MANIFEST_SUFFIX = ".done.json"
-# Units in the names: centroids in level-0 px; areas and perimeters in px of the analysed level (the label map's);
+# Units in the names: centroids, areas and perimeters in level-0 px (as the GeoJSON polygons, whatever level was read);
 # eccentricity and solidity have none; haematoxylin is an optical density (skimage.color.rgb2hed's channel 0).
 CSV_COLUMNS = (
     "id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",

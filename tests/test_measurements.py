@@ -92,9 +92,9 @@ def reference_measure(labels, rgb, offset=(0, 0), downsample=1.0, mpp=None):
             id=k + first - 1,
             centroid_x=(cx[k] + ox + 0.5) * downsample - 0.5,
             centroid_y=(cy[k] + oy + 0.5) * downsample - 0.5,
-            area_px=area,
+            area_px=round(area * downsample ** 2),
             area_um2=None if mpp is None else area * mpp * mpp,
-            perimeter_px=float(np.hypot(*np.diff(px, axis=0).T).sum()),
+            perimeter_px=float(np.hypot(*np.diff(ring, axis=0).T).sum()),
             eccentricity=float(eccentricity[k]),
             solidity=area_poly / hull if hull > 0 else 1.0,
             mean_haematoxylin=float(hema[k]),
@@ -162,6 +162,13 @@ def test_measurements_match_regionprops_and_hand_computed_shapes():
     assert {tuple(p) for p in nuclei.polygon(rect)[:-1].tolist()} == {
         (210.5, 105.0), (229.5, 105.0), (230.0, 105.5), (230.0, 114.5),
         (229.5, 115.0), (210.5, 115.0), (210.0, 114.5), (210.0, 105.5)}
+    # read at a pyramid level of downsample 2: the row's area and perimeter on its polygon's level-0 grid
+    coarse = measure_nuclei(labels, rgb, offset=(100, 200), downsample=2.0, mpp=1.0)
+    assert coarse.area_px[rect] == 4 * nuclei.area_px[rect] == 4 * 200
+    assert coarse.perimeter_px[rect] == pytest.approx(2 * nuclei.perimeter_px[rect])
+    assert coarse.area_um2[rect] == pytest.approx(nuclei.area_um2[rect] * 4)  # 1 um/px there, 0.5 at level 0
+    ring = coarse.polygon(rect)
+    assert coarse.area_px[rect] == pytest.approx(abs(_signed_area(ring[:-1])), rel=0.01)  # the polygon QuPath shows
 
 
 def test_outline_of_one_pixel_and_downsample():
