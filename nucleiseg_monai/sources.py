@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 REGISTRY = Path(__file__).with_name("sources.json")
 DATA_ROOT_ENV = "NUCLEISEG_DATA"
 GENERIC_IMAGES, GENERIC_LABELS = "images", "labels"
+PARTS = ("training", "validation", "test")
 
 # TCGA tissue source sites of the MoNuSeg 2018 training tiles -> organ. MoNuSeg's release calls the LUSC/LUAD
 # tiles (sites 18, 21, 38, 49, 50) "liver"; their TCGA projects are lung, so they are named lung here.
@@ -224,9 +225,14 @@ def split_source(source: Source, samples: list[SourceSample]) -> dict[str, list[
     return {k: sorted(v, key=lambda s: s.sample.name) for k, v in parts.items()}
 
 
-def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, check: bool = True) -> dict:
+def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, check: bool = True,
+                  require_validation: bool = True) -> dict:
     """One datalist over all sources: training / validation / test records (paths relative to each source's
-    folder) with each source's split specification, plus the training tiles' channel statistics."""
+    folder) with each source's split specification, plus the training tiles' channel statistics.
+
+    A split without validation tiles is refused here, before any training: training selects ``model.pt`` on
+    validation, so without it a run would end "successfully" with no model (``require_validation`` False: a
+    datalist for other uses than training)."""
     datalist: dict = {"description": "multi-source split; paths relative to each source's folder under the data root",
                       "sources": {}, "training": [], "validation": [], "test": []}
     train_images = []
@@ -241,8 +247,74 @@ def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, chec
         for part, items in parts.items():
             datalist[part] += [s.record(folder) for s in items]
         train_images += [s.sample.image for s in parts["training"]]
+    if require_validation:
+        check_parts(datalist, sources)
+    warn_empty_parts(datalist, sources)
     datalist["channel_stats"] = channel_stats(train_images)
     return datalist
+
+
+def part_counts(datalist: dict) -> dict[str, dict[str, int]]:
+    """Tiles per source and part: {source: {"training": n, "validation": n, "test": n}}."""
+    counts = {name: dict.fromkeys(PARTS, 0) for name in datalist["sources"]}
+    for part in PARTS:
+        for r in datalist[part]:
+            counts[r["source"]][part] += 1
+    return counts
+
+
+def _holds_out(split_spec: dict, part: str) -> bool:
+    """Whether a source's split settings ask for tiles in ``part``: a per_organ split never has test tiles, nor a
+    zero fraction or an empty group list any, by design."""
+    kind = split_spec.get("kind")
+    if kind == "organ_stratified":
+        key, default = ("val_fraction", 0.15) if part == "validation" else ("test_fraction", 0.3)
+        return float(split_spec.get(key, default)) > 0
+    if kind == "per_organ":
+        return part == "validation" and int(split_spec.get("validation_per_organ", 1)) > 0
+    return bool(split_spec.get(part))
+
+
+def _describe_split(name: str, source: Source, datalist: dict, counts: dict[str, int]) -> str:
+    records = [r for part in PARTS for r in datalist[part] if r["source"] == name]
+    organs = {r["organ"] for r in records}
+    return (f"source {name!r} ({len(records)} tiles of {len(organs)} organ(s), organs {source.organs!r}, "
+            f"split {source.split}) gave {', '.join(f'{p} {counts[p]}' for p in PARTS)}")
+
+
+def check_parts(datalist: dict, sources: dict[str, Source]) -> None:
+    """Refuses a datalist whose pooled validation part is empty, naming each source's split and the fixes."""
+    if datalist["validation"]:
+        return
+    counts = part_counts(datalist)
+    described = "; ".join(_describe_split(n, sources[n], datalist, counts[n]) for n in counts if n in sources)
+    own_organs = [n for n in counts if n in sources and sources[n].organs == "name"
+                  and len({r["organ"] for p in PARTS for r in datalist[p] if r["source"] == n}) == sum(counts[n].values())]
+    hint = (f" With organs 'name', stems outside Human_<Organ>_<NN> are each their own organ ({own_organs}): "
+            "list each tile's organ in a CSV (columns stem,organ) in the source's folder and set 'organs' to its "
+            "file name." if own_organs else "")
+    raise DataError(
+        f"the datalist would hold no validation tiles, so training could select no model (it would end without "
+        f"models/model.pt): {described}. organ_stratified holds out round(tiles x val_fraction) validation tiles, "
+        "per_organ validation_per_organ per organ, both at most one per organ in turn and never an organ's last "
+        "training tile, so validation needs organs with 2 or more tiles left after test. Fix it in the sources file: more tiles per organ, an organs file (CSV of stem,organ) that groups "
+        "tiles into fewer organs, or a split that holds some out (organ_stratified with a smaller test_fraction "
+        "or larger val_fraction, per_organ, or groups naming validation groups)." + hint
+    )
+
+
+def warn_empty_parts(datalist: dict, sources: dict[str, Source]) -> None:
+    """One line per source whose validation or test part is empty while other sources' are not (and its split
+    settings asked for some): its tiles then take no part in model selection, or in the test report."""
+    counts = part_counts(datalist)
+    consequence = {"validation": "model selection sees none of its tiles",
+                   "test": "evaluation --split test reports its validation tiles instead"}
+    for name, parts in counts.items():
+        for part in ("validation", "test"):
+            if not parts[part] and datalist[part] and name in sources and _holds_out(sources[name].split, part):
+                logger.warning("%s while other sources have %s tiles: %s; give it more tiles per organ or a split "
+                               "that holds some out", _describe_split(name, sources[name], datalist, parts), part,
+                               consequence[part])
 
 
 def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
@@ -262,6 +334,7 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
                 f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}; delete it to make "
                 "a new split, or point datalist_file at another file"
             )
+        check_parts(datalist, sources)  # a file written before empty validation parts were refused
         return _with_registry_facts(datalist, sources, datalist_file)
     datalist = make_datalist(sources, data_root)
     write_json_atomic(datalist, datalist_file)

@@ -300,3 +300,53 @@ def test_a_source_without_pixel_size_gets_one_from_its_nuclei(tmp_path, capsys):
     S.main(["--estimate_mpp", "big", "--data_root", str(data), "--sources_file", str(registry)])
     estimate = float(capsys.readouterr().out.split(":")[1].split()[0])
     assert estimate == pytest.approx(0.125, abs=0.01)
+
+
+def _pairs_registry(tmp_path: Path, organs: str = "organs.csv", stems: list[str] | None = None) -> Path:
+    """One generic source 'mine' of 8 tiles, 2 per organ of 4 (or ``stems`` named by organ rule 'name')."""
+    pairs = {f"t{i}": organ for i, organ in enumerate("aabbccdd")}
+    write_generic(tmp_path / "data" / "mine", stems or list(pairs), organs_csv=None if stems else pairs)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"mine": {"root": "mine", "layout": "generic", "mpp": 0.25, "organs": organs,
+                                         "split": {"kind": "organ_stratified"}}}))
+    return path
+
+
+def test_a_split_without_validation_tiles_is_refused_before_training(tmp_path):
+    path = _pairs_registry(tmp_path)
+    with pytest.raises(DataError) as info:
+        S.prepare(tmp_path / "data", tmp_path / "datalist.json", S.load_sources(path))
+    message = str(info.value)
+    # 2 tiles per organ: test takes one of each, validation may not take an organ's last training tile
+    assert "source 'mine' (8 tiles of 4 organ(s)" in message and "training 4, validation 0, test 4" in message
+    assert "{'kind': 'organ_stratified'}" in message and "more tiles per organ" in message
+    assert not (tmp_path / "datalist.json").exists()
+
+
+def test_stems_outside_the_naming_convention_are_told_to_use_an_organs_file(tmp_path):
+    path = _pairs_registry(tmp_path, organs="name", stems=[f"case{i:02d}" for i in range(1, 9)])
+    with pytest.raises(DataError, match=r"training 8, validation 0, test 0.*each their own organ \(\['mine'\]\)"):
+        S.make_datalist(S.load_sources(path), tmp_path / "data")
+
+
+def test_a_datalist_file_without_validation_tiles_is_refused_when_read_back(tmp_path):
+    path = _pairs_registry(tmp_path)
+    sources = S.load_sources(path)
+    old = S.make_datalist(sources, tmp_path / "data", require_validation=False)  # as written before the check
+    assert len(old["validation"]) == 0
+    (tmp_path / "datalist.json").write_text(json.dumps(old))
+    with pytest.raises(DataError, match="no validation tiles"):
+        S.prepare(tmp_path / "data", tmp_path / "datalist.json", sources)
+
+
+def test_a_source_without_validation_tiles_beside_others_is_warned_about(registry, tmp_path, caplog):
+    path, data = registry
+    mine = _pairs_registry(tmp_path / "mine")
+    shutil.move(tmp_path / "mine" / "data" / "mine", data / "mine")
+    entries = json.loads(path.read_text()) | json.loads(mine.read_text())
+    path.write_text(json.dumps(entries))
+    datalist = S.make_datalist(S.load_sources(path), data)
+    assert Counter(r["source"] for r in datalist["validation"])["mine"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1, lines  # 'mine' only: tcga's split holds no test tiles by design
+    assert lines[0].startswith("source 'mine' (8 tiles") and "other sources have validation tiles" in lines[0]
