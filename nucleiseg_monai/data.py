@@ -101,10 +101,7 @@ def discover(dataset_dir: str | os.PathLike) -> list[Sample]:
             f"{root} has neither '{INSTANCE_DIR}' nor '{BINARY_DIR}' with label files; the download is incomplete"
         )
     if kind == "binary":
-        logger.warning(
-            "%s has no '%s' folder: instance labels are derived from the binary masks by connected components, "
-            "so touching nuclei count as one", root, INSTANCE_DIR,
-        )
+        warn_binary_labels(f"{root} has no '{INSTANCE_DIR}' folder")
     missing_label = sorted(set(images) - set(labels))
     missing_image = sorted(set(labels) - set(images))
     if missing_label:
@@ -160,6 +157,32 @@ def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.
     if labels.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path} holds ids above 2**31; relabel it with skimage.segmentation.relabel_sequential")
     return labels.astype(np.int32)
+
+
+def warn_binary_labels(what: str) -> None:
+    """The one warning for label maps that are binary masks, whichever layout they come from."""
+    logger.warning(
+        "%s: instance labels are derived from the binary masks by connected components, so touching nuclei count "
+        "as one (a binary mask cannot separate them); give label maps with one id per nucleus where you have them",
+        what,
+    )
+
+
+def is_binary_mask(path: str | os.PathLike) -> bool:
+    """Whether a label map is a binary mask (0/255, 0/1, bool: only 0 and one other value) of several pieces.
+
+    Read as instance ids it would be one nucleus per tile. A map of one piece reads the same either way (a tile
+    with one nucleus), so it is not counted; an RGB mask counts where its channels agree.
+    """
+    labels = _read(Path(path))
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and (labels[..., :3] == labels[..., :1]).all():
+        labels = labels[..., 0]
+    if labels.ndim != 2:
+        return False  # read_instance_labels names the shape
+    values = np.unique(labels)
+    if len(values) != 2 or values[0] != 0:
+        return False
+    return int(connected_components(labels > 0, connectivity=1).max()) > 1
 
 
 def check_sample(sample: Sample) -> None:

@@ -38,7 +38,9 @@ from .data import (
     channel_stats,
     check_sample,
     discover,
+    is_binary_mask,
     split,
+    warn_binary_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,20 @@ def _discover_generic(root: Path) -> list[tuple[str, Path, Path]]:
     return [(n, images[n], labels[n]) for n in sorted(images)]
 
 
+def _generic_label_kind(label: Path) -> str:
+    """'binary' for a mask of 0 and one other value (its connected components become the nuclei), else
+    'instance': a generic source's labels folder may hold either."""
+    return "binary" if is_binary_mask(label) else "instance"
+
+
+def _warn_binary(source: Source, folder: Path, samples: list[Sample]) -> None:
+    binary = [s.label.name for s in samples if s.label_kind == "binary"]
+    if binary:
+        shown = ", ".join(binary[:3]) + (", ..." if len(binary) > 3 else "")
+        warn_binary_labels(f"source {source.name!r}: {len(binary)} of {len(samples)} label maps in "
+                           f"{folder / GENERIC_LABELS} hold only 0 and one other value ({shown})")
+
+
 def _organ_rule(source: Source, folder: Path):
     if source.organs == "name":
         from .data import organ_of
@@ -187,7 +203,8 @@ def discover_source(source: Source, data_root: str | os.PathLike) -> list[Source
         samples = discover(folder)
     elif source.layout == "generic":
         organ = _organ_rule(source, folder)
-        samples = [Sample(n, organ(n), img, lab, "instance") for n, img, lab in _discover_generic(folder)]
+        samples = [Sample(n, organ(n), img, lab, _generic_label_kind(lab)) for n, img, lab in _discover_generic(folder)]
+        _warn_binary(source, folder, samples)
     else:
         raise DataError(f"source {source.name!r}: layout must be 'kaggle' or 'generic', not {source.layout!r}")
     if source.layout == "kaggle" and source.organs != "name":
@@ -403,7 +420,7 @@ def nucleus_areas(sources: list[Source], data_root: str | os.PathLike) -> list[i
     areas: list[int] = []
     for source in sources:
         for s in discover_source(source, data_root)[::4]:
-            counts = np.bincount(read_instance_labels(s.sample.label).ravel())[1:]
+            counts = np.bincount(read_instance_labels(s.sample.label, s.sample.label_kind).ravel())[1:]
             areas += counts[counts > 0].tolist()
     return areas
 

@@ -350,3 +350,35 @@ def test_a_source_without_validation_tiles_beside_others_is_warned_about(registr
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(lines) == 1, lines  # 'mine' only: tcga's split holds no test tiles by design
     assert lines[0].startswith("source 'mine' (8 tiles") and "other sources have validation tiles" in lines[0]
+
+
+def test_binary_masks_in_a_generic_source_become_connected_components_with_one_warning(tmp_path, caplog):
+    from skimage.io import imsave
+
+    root = write_generic(tmp_path / "data" / "mine", [f"t{i}" for i in range(6)])
+    mask = np.zeros((64, 64), np.uint8)
+    mask[4:12, 4:12] = mask[4:12, 12:20] = 255  # two touching nuclei: one component
+    mask[40:50, 40:50] = 255
+    for stem, scale in (("t0", 1), ("t1", 1 / 255)):  # 0/255 PNG and 0/1 TIFF
+        (root / "labels" / f"{stem}.tif").unlink()
+        if scale == 1:
+            imsave(root / "labels" / f"{stem}.png", mask, check_contrast=False)
+        else:
+            tifffile.imwrite(root / "labels" / f"{stem}.tif", (mask * scale).astype(np.uint8))
+    single = np.zeros((64, 64), np.uint16)
+    single[20:30, 20:30] = 1  # one nucleus with id 1 reads the same either way: an instance map
+    tifffile.imwrite(root / "labels" / "t2.tif", single)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"mine": {"root": "mine", "layout": "generic", "mpp": 0.25, "organs": "name",
+                                         "split": {"kind": "organ_stratified"}}}))
+    datalist = S.make_datalist(S.load_sources(path), tmp_path / "data", require_validation=False)
+    kinds = {r["name"]: r["label_kind"] for p in S.PARTS for r in datalist[p]}
+    assert kinds == {"t0": "binary", "t1": "binary", "t2": "instance", "t3": "instance", "t4": "instance",
+                     "t5": "instance"}
+    record = next(r for p in S.PARTS for r in S.resolve(datalist, tmp_path / "data", p, 0.25) if r["name"] == "t0")
+    labels = LoadTiled()(record)["label"][0].numpy()
+    assert len(np.unique(labels)) == 3  # background and two components, not one nucleus per tile
+    binary = [r.getMessage() for r in caplog.records if "connected components" in r.getMessage()]
+    assert len(binary) == 1
+    assert "source 'mine': 2 of 6 label maps" in binary[0] and "t0.png, t1.tif" in binary[0]
+    assert "touching nuclei count as one" in binary[0]
