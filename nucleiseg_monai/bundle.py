@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import ast
 import importlib.abc
+import logging
 import os
 import sys
 from pathlib import Path
 
 from .packaging import MANIFEST, is_bundle_folder, refusal, verify
+
+logger = logging.getLogger(__name__)
+
+STATS_NAME = "channel_stats.json"  # what training writes beside its model.pt (the bundle's ``stats_file``)
+_said: set[tuple[str, str]] = set()  # (weights, statistics) already logged in this process
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -102,3 +108,30 @@ def guard(argv: list[str] | None = None) -> list[str]:
             raise SystemExit(f"{root} does not match its {MANIFEST} ({len(problems)} problem(s): {shown}). {refusal(root)}")
         verified.append(str(root))
     return verified
+
+
+def weights_stats_file(checkpoint: str | os.PathLike | None, stats_file: str | os.PathLike) -> str:
+    """The channel statistics that go with the weights ``checkpoint``: the ``channel_stats.json`` in its folder
+    where there is one (every training run writes it beside its model.pt), else the bundle's ``stats_file``.
+
+    The configs of evaluation, tuning and inference normalise with this file, so ``--checkpoint`` (or
+    ``checkpoint=FILE``) brings its own run's statistics. Statistics other than the bundle's are said in one log
+    line; weights whose folder holds none get one warning that the bundle's are assumed."""
+    if checkpoint is None:
+        return str(stats_file)
+    weights = Path(checkpoint).expanduser().resolve()
+    own, beside = Path(stats_file).expanduser().resolve(), weights.parent / STATS_NAME
+    if beside == own:  # the bundle's (or the run folder's) own weights and statistics
+        return str(stats_file)
+    key = (str(weights), str(beside if beside.is_file() else own))
+    if beside.is_file():
+        if key not in _said:
+            logger.info("channel statistics %s, beside the weights %s (not the bundle's %s)", beside, weights, own)
+        _said.add(key)
+        return str(beside)
+    if key not in _said:
+        logger.warning("no %s beside the weights %s: normalising with the bundle's statistics %s, right only if "
+                       "these weights were trained with them (put the run's %s beside its model.pt)",
+                       STATS_NAME, weights, own, STATS_NAME)
+    _said.add(key)
+    return str(stats_file)

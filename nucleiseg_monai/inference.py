@@ -244,7 +244,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
 
     OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
     by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
-    shape, ``device`` and thread count (a cohort worker, a benchmark, a test module); it is only ever run, never
+    shape, ``device``, thread count and int8 calibration inputs (z-scored with the channel statistics, so other
+    statistics make another model) (a cohort worker, a benchmark, a test module); it is only ever run, never
     changed. A new process reads the OpenVINO model an earlier one made from the disk cache (``openvino_cache``)
     instead of making it again.
     """
@@ -260,7 +261,9 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     if runtime == "eager":
         return MixedPrecision(network, precision, channels_last) if (amp or channels_last) else network
     dtype = "int8" if int8 else precision or torch.float32
-    key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads())
+    # int8's ranges are set on inputs z-scored with the channel statistics: other statistics, another model
+    calibration = int8_calibration.key if int8 else None
+    key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads(), calibration)
     if _prepared is None or _prepared[0] != key:
         _prepared = None  # the old copy goes before the new one is built
         if int8:
@@ -268,7 +271,7 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
         _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
                                                 example_shape=example_shape,
                                                 calibration=int8_calibration,
-                                                calibration_key=int8_calibration.key if int8 else None,
+                                                calibration_key=calibration,
                                                 weights_sha256=weights))
     return _prepared[1]
 

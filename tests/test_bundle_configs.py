@@ -466,3 +466,32 @@ def test_the_last_epoch_is_always_validated(epochs, interval, validated):
     handlers.ValidateAtEnd(Validator(), interval).attach(trainer)
     trainer.run([0], max_epochs=epochs)
     assert runs == validated
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_evaluation_and_tuning_normalise_with_the_statistics_beside_the_weights(configs, tmp_path):
+    """``--checkpoint`` on evaluate (the workflow ``nucleiseg evaluate`` runs) and ``--set checkpoint=FILE`` on tune
+    bring the channel_stats.json of the weights' folder; weights without one keep the bundle's."""
+    from monai.transforms import NormalizeIntensityd
+
+    from nucleiseg_monai.cli import bundle_workflow, evaluate_configs
+    from nucleiseg_monai.data import load_stats
+    from nucleiseg_monai.tuning import _validation_parser
+
+    bundle = configs.parent
+    own = load_stats(bundle / "models" / "channel_stats.json")
+    theirs = {"mean": [201.0, 151.0, 191.0], "std": [31.0, 41.0, 36.0]}
+    (tmp_path / "ft" / "models").mkdir(parents=True)
+    (tmp_path / "ft" / "models" / "channel_stats.json").write_text(json.dumps(theirs))
+    (tmp_path / "loose").mkdir()
+    files = evaluate_configs(str(bundle))
+    for checkpoint, expected in ((tmp_path / "ft" / "models" / "model.pt", theirs),
+                                 (tmp_path / "loose" / "model.pt", own), (None, own)):
+        settings = {} if checkpoint is None else {"checkpoint": str(checkpoint)}
+        evaluating = bundle_workflow(files, "evaluating", str(bundle), settings).parser
+        tuning = _validation_parser(files, {"bundle_root": str(bundle), **settings})
+        for parser in (evaluating, tuning):
+            assert parser.get_parsed_content("channel_stats") == expected
+            [normalise] = [t for t in parser.get_parsed_content("validate#preprocessing").transforms
+                           if isinstance(t, NormalizeIntensityd)]
+            assert normalise.normalizer.subtrahend == expected["mean"]

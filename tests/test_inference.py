@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -754,3 +755,85 @@ def test_a_run_removes_temporaries_left_by_a_killed_one(tmp_path, monkeypatch):
     predictor.overwrite = True
     predictor.run(tmp_path / "nothing", out)
     assert not stale.exists()
+
+
+# --- the channel statistics follow the weights -------------------------------------------------------------------
+
+SMALL_BUNDLE = os.path.join(os.path.dirname(__file__), "..", "bundles", "nuclei_unet_small")
+TINY_FEATURES = [8, 16, 32, 64]
+
+
+def _run_weights(folder, stats: dict | None):
+    """A random network's weights in ``folder``/model.pt, with ``stats`` beside them as a training run writes them."""
+    from conftest import bundle_outputs, saved_random_unet
+
+    saved_random_unet(folder / "model.pt", bundle_outputs(Path(SMALL_BUNDLE)), TINY_FEATURES)
+    if stats is not None:
+        (folder / "channel_stats.json").write_text(json.dumps(stats))
+    return folder / "model.pt"
+
+
+def _bundle_predictor(**overrides) -> SlidePredictor:
+    return SlidePredictor.from_bundle(SMALL_BUNDLE, runtime="eager", int8=False, progress=False, device="cpu",
+                                      **{"network_def#features": TINY_FEATURES}, **overrides)
+
+
+def test_a_checkpoint_brings_the_channel_statistics_beside_it(tmp_path, caplog):
+    from nucleiseg_monai.data import load_stats
+
+    own = load_stats(Path(SMALL_BUNDLE) / "models" / "channel_stats.json")
+    theirs = {"mean": [200.0, 150.0, 190.0], "std": [30.0, 40.0, 35.0]}
+    weights = _run_weights(tmp_path / "ft" / "models", theirs)
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.bundle")
+    predictor = _bundle_predictor(checkpoint=str(weights))
+    assert predictor.network.mean.flatten().tolist() == theirs["mean"]
+    assert predictor.network.std.flatten().tolist() == theirs["std"]
+    # the completion record names the statistics, so outputs made with the bundle's are not taken as finished
+    settings = predictor.settings()
+    assert (settings["channel_mean"], settings["channel_std"]) == (theirs["mean"], theirs["std"])
+    assert settings["channel_mean"] != pytest.approx(own["mean"])
+    said = [r.getMessage() for r in caplog.records if r.name == "nucleiseg_monai.bundle"]
+    assert said == [f"channel statistics {weights.parent.resolve() / 'channel_stats.json'}, beside the weights "
+                    f"{weights.resolve()} (not the bundle's "
+                    f"{(Path(SMALL_BUNDLE) / 'models' / 'channel_stats.json').resolve()})"]
+    _bundle_predictor(checkpoint=str(weights))  # said once per process
+    assert len([r for r in caplog.records if r.name == "nucleiseg_monai.bundle"]) == 1
+
+
+def test_a_checkpoint_without_statistics_keeps_the_bundles_and_warns_once(tmp_path, caplog):
+    from nucleiseg_monai.data import load_stats
+
+    own = load_stats(Path(SMALL_BUNDLE) / "models" / "channel_stats.json")
+    weights = _run_weights(tmp_path / "loose", None)
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.bundle")
+    for _ in range(2):
+        predictor = _bundle_predictor(checkpoint=str(weights))
+        assert predictor.network.mean.flatten().tolist() == pytest.approx(own["mean"])
+        assert predictor.network.std.flatten().tolist() == pytest.approx(own["std"])
+    [warning] = [r for r in caplog.records if r.name == "nucleiseg_monai.bundle"]
+    assert warning.levelno == logging.WARNING and "bundle's statistics" in warning.getMessage()
+    assert str(weights.resolve()) in warning.getMessage()
+
+
+def test_the_bundles_own_weights_use_its_statistics_silently(caplog):
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.bundle")
+    from nucleiseg_monai.bundle import weights_stats_file
+
+    stats = os.path.join(SMALL_BUNDLE, "models", "channel_stats.json")
+    assert weights_stats_file(os.path.join(SMALL_BUNDLE, "models", "model.pt"), stats) == stats
+    assert weights_stats_file(None, stats) == stats
+    assert not [r for r in caplog.records if r.name == "nucleiseg_monai.bundle"]
+
+
+def test_int8_networks_of_other_statistics_are_not_shared_in_the_process(monkeypatch):
+    """The int8 ranges are set on inputs z-scored with the statistics: the same weights with other statistics are
+    another model, in the process as on disk (``SyntheticCalibration.key``)."""
+    built = []
+    monkeypatch.setattr(inference, "_prepared", None)
+    monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: built.append(k["calibration_key"]) or
+                        torch.nn.Identity())
+    mean, std = torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 40.0)
+    args = ("openvino", False, False, (1, 3, 64, 64), "sha", torch.device("cpu"))
+    for m in (mean, mean, mean + 20):
+        inference.prepare_network(torch.nn.Identity(), *args, inference.SyntheticCalibration(m, std))
+    assert len(built) == 2 and built[0] != built[1]
