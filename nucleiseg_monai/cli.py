@@ -146,10 +146,11 @@ def evaluate_configs(bundle: str) -> list[Path]:
     return [_bundle_config(bundle, "train.json"), evaluate]
 
 
-def prepare_output_folders(parser, ids: tuple[str, ...]) -> dict[str, Path]:
+def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | None = None) -> dict[str, Path]:
     """Creates the folders the settings ``ids`` name and checks that they take files, so a run that could not keep
     its results stops before it reads any data. The settings must be plain path expressions (they are evaluated
-    here and again by the run)."""
+    here and again by the run). The folders this made (parents included, deepest first) are added to ``created``,
+    for ``remove_if_empty`` after a run that failed."""
     from .overrides import SettingError
 
     folders = {}
@@ -158,8 +159,11 @@ def prepare_output_folders(parser, ids: tuple[str, ...]) -> dict[str, Path]:
         if not isinstance(value, str):  # absent, or None for "write nothing"
             continue
         folder = Path(value)
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if created is not None:
+                created += [f for f in missing if f.is_dir()]
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:
             raise SettingError(
@@ -170,6 +174,15 @@ def prepare_output_folders(parser, ids: tuple[str, ...]) -> dict[str, Path]:
     return folders
 
 
+def remove_if_empty(folders: list[Path]) -> None:
+    """Removes those of ``folders`` (deepest first) that hold nothing: what a failed run made and never wrote in."""
+    for folder in sorted(set(folders), key=lambda f: len(f.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # holds something, or is gone
+            pass
+
+
 def _run_checked(args, run_id: str) -> None:
     from .atomic import remove_stale
     from .overrides import check, load_config, parse_pairs
@@ -178,11 +191,16 @@ def _run_checked(args, run_id: str) -> None:
     files = [_bundle_config(args.bundle, "train.json")] if run_id == "training" else evaluate_configs(args.bundle)
     settings = check(parse_pairs(args.settings), load_config(files))
     workflow = bundle_workflow(files, run_id, args.bundle, settings)
-    folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id])
-    if run_id == "training" and "ckpt_dir" in folders:
-        for path in remove_stale(folders["ckpt_dir"]):
-            logger.info("removed %s, left by an interrupted checkpoint write", path)
-    run_workflow(workflow)
+    created: list[Path] = []
+    try:
+        folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id], created)
+        if run_id == "training" and "ckpt_dir" in folders:
+            for path in remove_stale(folders["ckpt_dir"]):
+                logger.info("removed %s, left by an interrupted checkpoint write", path)
+        run_workflow(workflow)
+    except BaseException:  # a failed run leaves no empty output folder behind (one with results stays)
+        remove_if_empty(created)
+        raise
 
 
 def _bundle_command(args, run_id: str) -> int:

@@ -367,6 +367,29 @@ def test_evaluate_runs_an_overlay_over_train_json(tmp_path, capsys):
     assert "multiple of 8 (the network pools 3 times)" in capsys.readouterr().err
 
 
+def test_a_failed_evaluate_leaves_no_empty_output_folder(tmp_path, capsys):
+    overlay = {"output_dir": "$os.path.join(@bundle_root, 'eval', @split)", "evaluating": ["$@record('scored.json')"]}
+    bundle = tiny_bundle(tmp_path / "b", evaluate=overlay)
+    (bundle / "data.json").unlink()  # the run fails after its output folder was made and checked
+    assert cli.main(["evaluate", "--bundle", str(bundle)]) == 2
+    assert "data.json" in capsys.readouterr().err
+    assert not (bundle / "eval").exists()
+    # a folder that was there before the run stays, and so does one the run wrote in
+    (bundle / "eval" / "test").mkdir(parents=True)
+    assert cli.main(["evaluate", "--bundle", str(bundle)]) == 2
+    assert (bundle / "eval" / "test").is_dir()
+    (bundle / "data.json").write_text("[1]")
+    assert cli.main(["evaluate", "--bundle", str(bundle), "--split", "validation"]) == 0
+    assert (bundle / "eval" / "validation" / "scored.json").is_file()
+
+
+def test_a_failed_training_leaves_no_empty_output_folders(tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    (bundle / "data.json").unlink()
+    assert cli.main(["train", "--bundle", str(bundle)]) == 2
+    assert not (bundle / "runs").exists() and not (bundle / "models").exists()
+
+
 def test_other_commands_refuse_settings(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["verify", "--bundle", "x", "--epochs", "2"])
