@@ -6,7 +6,8 @@ mapping a source name to::
     root            folder under the data root (or an absolute path)
     layout          "kaggle" (``tissue images/`` + ``label masks modify/``, CryoNuSeg and NuInsSeg's official
                     release) or "generic" (``images/`` + ``labels/``)
-    mpp             microns per pixel: a number, or "file" (read from each image's TIFF tags)
+    mpp             microns per pixel: a number, "file" (read from each image's TIFF tags) or "unknown" (or null:
+                    tiles used as read, taken to be at the model's working pixel size)
     organs          how a tile's organ is known: "name" (``Human_<Organ>_<NN>``), "tcga" (the tissue source
                     site code of a TCGA barcode) or a CSV file in the root (``stem,organ,...``)
     split           "organ_stratified" (fractions, per organ), "per_organ" (n validation tiles per organ, no test)
@@ -20,11 +21,12 @@ One combined datalist holds every source's split; each record names its source, 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import tifffile
@@ -49,6 +51,12 @@ REGISTRY = Path(__file__).with_name("sources.json")
 DATA_ROOT_ENV = "NUCLEISEG_DATA"
 GENERIC_IMAGES, GENERIC_LABELS = "images", "labels"
 PARTS = ("training", "validation", "test")
+REQUIRED_KEYS = ("root", "layout", "mpp", "organs", "split")
+OPTIONAL_KEYS = ("sparse_labels", "license", "commercial_use", "citation", "mpp_note")
+LAYOUTS = ("kaggle", "generic")
+SPLIT_KEYS = {"organ_stratified": ("val_fraction", "test_fraction", "seed"),
+              "per_organ": ("validation_per_organ", "seed"), "groups": ("validation", "test")}
+UNKNOWN_MPP = "unknown"
 
 # TCGA tissue source sites of the MoNuSeg 2018 training tiles -> organ. MoNuSeg's release calls the LUSC/LUAD
 # tiles (sites 18, 21, 38, 49, 50) "liver"; their TCGA projects are lung, so they are named lung here.
@@ -76,7 +84,6 @@ class Source:
     commercial_use: bool = True
     citation: str = ""
     mpp_note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def folder(self, data_root: str | os.PathLike) -> Path:
         return Path(data_root).expanduser() / self.root
@@ -89,17 +96,68 @@ def load_sources(registry: str | os.PathLike | None = None, names: list[str] | N
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read the source registry {path} ({err}); fix the JSON or name another file") from err
+    if not isinstance(entries, dict):
+        raise DataError(f"{path} must hold a JSON object of source name -> settings, not {type(entries).__name__}")
     names = list(entries) if names is None else list(names)
     unknown = [n for n in names if n not in entries]
     if unknown:
         raise DataError(f"source(s) {unknown} are not in {path}; it lists {list(entries)}")
-    known = set(Source.__dataclass_fields__) - {"name", "extra"}
-    sources = {}
-    for name in names:
-        entry = dict(entries[name])
-        extra = {k: entry.pop(k) for k in list(entry) if k not in known}
-        sources[name] = Source(name=name, extra=extra, **entry)
-    return sources
+    return {name: source_from_entry(name, entries[name], path) for name in names}
+
+
+def _unknown_key(key: str, known: tuple[str, ...], where: str) -> DataError:
+    near = difflib.get_close_matches(key, known, n=1)
+    return DataError(f"{where}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                     + f"; the keys are {', '.join(known)}")
+
+
+def source_from_entry(name: str, entry, path: Path) -> Source:
+    """One registry entry, checked as it is loaded: a misspelt key would otherwise be ignored without a word
+    (``licence``, ``validation_per_organs``) and a missing or mistyped value fail far away, without its name."""
+    where = f"source {name!r} in {path}"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where} must be a JSON object of settings ({', '.join(REQUIRED_KEYS)}, ...)")
+    for key in entry:
+        if key not in REQUIRED_KEYS + OPTIONAL_KEYS:
+            raise _unknown_key(key, REQUIRED_KEYS + OPTIONAL_KEYS, where)
+    missing = [k for k in REQUIRED_KEYS if k not in entry]
+    if missing:
+        raise DataError(f"{where} lacks {', '.join(map(repr, missing))}; every source needs "
+                        f"{', '.join(REQUIRED_KEYS)}")
+    if entry["layout"] not in LAYOUTS:
+        raise DataError(f"{where}: layout must be one of {', '.join(LAYOUTS)}, not {entry['layout']!r}")
+    for key in ("root", "organs", "license", "citation", "mpp_note"):
+        if key in entry and not isinstance(entry[key], str):
+            raise DataError(f"{where}: {key} must be a string, not {entry[key]!r}")
+    for key in ("sparse_labels", "commercial_use"):
+        if key in entry and not isinstance(entry[key], bool):
+            raise DataError(f"{where}: {key} must be true or false (no quotes), not {entry[key]!r}")
+    _check_split(entry["split"], where)
+    return Source(name=name, **{**entry, "mpp": _mpp(entry["mpp"], where)})
+
+
+def _check_split(spec, where: str) -> None:
+    if not isinstance(spec, dict) or spec.get("kind") not in SPLIT_KEYS:
+        raise DataError(f"{where}: split must be an object whose kind is one of {', '.join(SPLIT_KEYS)}, not {spec!r}")
+    known = ("kind",) + SPLIT_KEYS[spec["kind"]]
+    for key in spec:
+        if key not in known:
+            raise _unknown_key(key, known, f"{where}, split kind {spec['kind']!r}")
+
+
+def _mpp(value, where: str) -> float | str:
+    """A number, "file" or "unknown" (null too: an unstated pixel size is unknown, not an error)."""
+    if value is None:
+        return UNKNOWN_MPP
+    if isinstance(value, str) and value.strip().lower() in ("file", UNKNOWN_MPP):
+        return value.strip().lower()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    raise DataError(
+        f"{where}: mpp {value!r} is no pixel size; give microns per pixel as a number (0.25 for a 40x scan), "
+        "\"file\" to read it from each TIFF's resolution tags, or \"unknown\" (or null) to use the tiles as read, "
+        "taken to be at the model's working pixel size"
+    )
 
 
 def default_data_root(bundle_root: str | os.PathLike) -> str:
@@ -165,13 +223,24 @@ def _organ_rule(source: Source, folder: Path):
     return from_table
 
 
-def tile_mpp(source: Source, image: Path) -> float:
+def tile_mpp(source: Source, image: Path) -> float | None:
+    """The tile's microns per pixel: the source's number, the TIFF tags' ("file"), or None ("unknown")."""
+    if source.mpp == UNKNOWN_MPP:
+        return None
     if source.mpp != "file":
         return float(source.mpp)
     from .wsi import _tiff_mpp
 
-    with tifffile.TiffFile(image) as tif:
-        mpp = _tiff_mpp(tif, image)
+    fix = f"give source {source.name!r} its mpp as a number in the sources file, or \"unknown\""
+    if image.suffix.lower() not in (".tif", ".tiff"):
+        raise DataError(f"{image}: source {source.name!r} has mpp 'file', but only TIFF files state a pixel size "
+                        f"(resolution tags), not {image.suffix} files; {fix}")
+    try:
+        with tifffile.TiffFile(image) as tif:
+            mpp = _tiff_mpp(tif, image)
+    except tifffile.TiffFileError as err:
+        raise DataError(f"{image}: cannot read its pixel size ({err}), which source {source.name!r} takes from "
+                        f"the file (mpp 'file'); replace the file or {fix}") from err
     if mpp is None:
         raise DataError(f"{image} states no pixel size, but source {source.name!r} says 'file'; give its mpp")
     return round(mpp, 4)
@@ -181,7 +250,7 @@ def tile_mpp(source: Source, image: Path) -> float:
 class SourceSample:
     sample: Sample
     source: str
-    mpp: float
+    mpp: float | None
     sparse: bool
 
     def record(self, root: Path) -> dict:
@@ -264,6 +333,10 @@ def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, chec
         for part, items in parts.items():
             datalist[part] += [s.record(folder) for s in items]
         train_images += [s.sample.image for s in parts["training"]]
+        if source.mpp == UNKNOWN_MPP:
+            logger.warning("source %r states no pixel size (mpp 'unknown'): its tiles are used as read, taken to be "
+                           "at the model's working pixel size; give its mpp, or estimate one with python -m "
+                           "nucleiseg_monai.sources --estimate_mpp %s", source.name, source.name)
     if require_validation:
         check_parts(datalist, sources)
     warn_empty_parts(datalist, sources)
@@ -370,7 +443,7 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
             source = sources[r["source"]]
             facts = {"sparse": bool(source.sparse_labels)}
             if source.mpp != "file":
-                facts["mpp"] = float(source.mpp)
+                facts["mpp"] = None if source.mpp == UNKNOWN_MPP else float(source.mpp)
             for key, value in facts.items():
                 if r.get(key) != value:
                     changed[source.name].add(f"{key} {r.get(key)} -> {value}")
@@ -396,7 +469,7 @@ def resolve(datalist: dict, data_root: str | os.PathLike, part: str, working_mpp
                 raise missing_folder(r["source"], root, datalist["sources"][r["source"]]["root"])
             checked.add(r["source"])
         records.append({**r, "image": str(root / r["image"]), "label": str(root / r["label"]),
-                        "scale": round(float(r["mpp"]) / float(working_mpp), 4)})
+                        "scale": 1.0 if r["mpp"] is None else round(float(r["mpp"]) / float(working_mpp), 4)})
     return records
 
 
@@ -450,6 +523,9 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
         records += [{**r, "part": part} for r in resolve(datalist, data_root, part, working_mpp, [name])]
     for name, mpp in (rescans or {}).items():
         for r in [r for r in records if r["source"] == name]:
+            if r["mpp"] is None:
+                raise DataError(f"source {name!r} states no pixel size, so it cannot be rescanned to {mpp:g} um/px; "
+                                "give its mpp in the sources file, or leave it out of the rescans")
             records.append({**r, "source": f"{name}@{mpp:g}um", "mpp": mpp,
                             "rescan_scale": round(float(r["mpp"]) / mpp, 4),
                             "scale": round(mpp / float(working_mpp), 4)})
@@ -482,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sources_file", help="source registry (default: the shipped one)")
     args = parser.parse_args(argv)
     sources = load_sources(args.sources_file)
-    references = [s for n, s in sources.items() if n != args.estimate_mpp]
+    references = [s for n, s in sources.items() if n != args.estimate_mpp and s.mpp != UNKNOWN_MPP]
     stated = {tile_mpp(s, discover_source(s, args.data_root)[0].sample.image) for s in references}
     if len(stated) != 1:
         raise SystemExit(f"the reference sources state different pixel sizes {sorted(stated)}; pass a registry with one")

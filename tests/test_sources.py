@@ -382,3 +382,62 @@ def test_binary_masks_in_a_generic_source_become_connected_components_with_one_w
     assert len(binary) == 1
     assert "source 'mine': 2 of 6 label maps" in binary[0] and "t0.png, t1.tif" in binary[0]
     assert "touching nuclei count as one" in binary[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sparse_label": True}, "unknown key 'sparse_label' (did you mean 'sparse_labels'?); the keys are root, "),
+    ({"licence": "CC BY 4.0"}, "unknown key 'licence' (did you mean 'license'?)"),
+    ({"split": {"kind": "per_organ", "validation_per_organs": 2}},
+     "split kind 'per_organ': unknown key 'validation_per_organs' (did you mean 'validation_per_organ'?)"),
+    ({"root": None}, "root must be a string"),
+    ({"mpp": "File2"}, "mpp 'File2' is no pixel size; give microns per pixel as a number"),
+    ({"mpp": True}, "mpp True is no pixel size"),
+    ({"mpp": -0.25}, "mpp -0.25 is no pixel size"),
+    ({"sparse_labels": "false"}, "sparse_labels must be true or false (no quotes)"),
+    ({"layout": "folders"}, "layout must be one of kaggle, generic, not 'folders'"),
+    ({"split": {"kind": "random"}}, "split must be an object whose kind is one of organ_stratified, per_organ"),
+])
+def test_a_mistake_in_a_registry_entry_is_refused_by_name_when_loaded(registry, change, message):
+    path, _ = registry
+    entries = json.loads(path.read_text())
+    entries["tcga"].update(change)
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError) as info:
+        S.load_sources(path)
+    assert f"source 'tcga' in {path}" in str(info.value) and message in str(info.value)
+
+
+def test_a_missing_required_key_is_named(registry):
+    path, _ = registry
+    entries = json.loads(path.read_text())
+    del entries["groups"]["root"], entries["groups"]["organs"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match="source 'groups' in .* lacks 'root', 'organs'; every source needs root, "):
+        S.load_sources(path)
+
+
+def test_mpp_file_in_any_case_and_unknown_or_null_are_accepted(registry):
+    path, data = registry
+    entries = json.loads(path.read_text())
+    entries["tcga"]["mpp"], entries["groups"]["mpp"], entries["kaggle"]["mpp"] = "File", None, 1
+    path.write_text(json.dumps(entries))
+    sources = S.load_sources(path)
+    assert (sources["tcga"].mpp, sources["groups"].mpp, sources["kaggle"].mpp) == ("file", "unknown", 1.0)
+    datalist = S.make_datalist(sources, data)
+    scales = {r["source"]: (r["mpp"], r["scale"]) for r in S.resolve(datalist, data, "training", 0.25)}
+    # an unknown pixel size: the tiles are used as read, as if at the working pixel size
+    assert scales == {"kaggle": (1.0, 4.0), "tcga": (0.5, 2.0), "groups": (None, 1.0)}
+
+
+def test_mpp_file_on_tiles_that_state_no_pixel_size_names_the_tile_and_the_fix(registry):
+    from skimage.io import imsave
+
+    path, data = registry
+    image = data / "tcga" / "images" / "TCGA-A7-0001.tif"
+    imsave(image.with_suffix(".png"), tifffile.imread(image), check_contrast=False)
+    image.unlink()
+    with pytest.raises(DataError) as info:
+        S.make_datalist(S.load_sources(path, ["tcga"]), data)
+    message = str(info.value)
+    assert message.startswith(f"{image.with_suffix('.png')}: source 'tcga' has mpp 'file', but only TIFF files")
+    assert "give source 'tcga' its mpp as a number in the sources file" in message
