@@ -341,7 +341,27 @@ def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, chec
         check_parts(datalist, sources)
     warn_empty_parts(datalist, sources)
     datalist["channel_stats"] = channel_stats(train_images)
+    datalist["provenance"] = provenance(datalist, sources)
+    log_provenance(datalist["provenance"])
     return datalist
+
+
+def provenance(datalist: dict, sources: dict[str, Source]) -> dict:
+    """Each source's license, commercial use, citation and tiles per part: the datalist is written into a run's
+    models/ folder, so what the weights were trained on, and under which terms, travels with them."""
+    counts = part_counts(datalist)
+    return {name: {"license": sources[name].license, "commercial_use": sources[name].commercial_use,
+                   "citation": sources[name].citation, "tiles": counts[name]} for name in counts}
+
+
+def log_provenance(facts: dict) -> None:
+    for name, f in facts.items():
+        tiles = ", ".join(f"{n} {p}" for p, n in f["tiles"].items())
+        if f["license"]:
+            terms = f"license {f['license']}" + ("" if f["commercial_use"] else ", non-commercial")
+        else:
+            terms = "license not stated: give its license and citation in the sources file before sharing weights"
+        logger.info("source %r: %s tiles; %s", name, tiles, terms)
 
 
 def part_counts(datalist: dict) -> dict[str, dict[str, int]]:
@@ -425,6 +445,8 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
                 "a new split, or point datalist_file at another file"
             )
         check_parts(datalist, sources)  # a file written before empty validation parts were refused
+        datalist["provenance"] = provenance(datalist, sources)  # the registry's terms, in files older than the key
+        log_provenance(datalist["provenance"])
         return _with_registry_facts(datalist, sources, datalist_file)
     datalist = make_datalist(sources, data_root)
     write_json_atomic(datalist, datalist_file)

@@ -441,3 +441,32 @@ def test_mpp_file_on_tiles_that_state_no_pixel_size_names_the_tile_and_the_fix(r
     message = str(info.value)
     assert message.startswith(f"{image.with_suffix('.png')}: source 'tcga' has mpp 'file', but only TIFF files")
     assert "give source 'tcga' its mpp as a number in the sources file" in message
+
+
+def test_the_datalist_carries_each_sources_license_citation_and_tile_counts(registry, tmp_path, caplog):
+    path, data = registry
+    caplog.set_level("INFO", logger="nucleiseg_monai.sources")
+    datalist = S.prepare(data, tmp_path / "models" / "datalist.json", S.load_sources(path))
+    facts = datalist["provenance"]
+    assert facts["kaggle"] == {"license": "CC BY-NC-SA 4.0", "commercial_use": False, "citation": "",
+                               "tiles": {"training": 5, "validation": 1, "test": 3}}
+    assert facts["tcga"]["tiles"] == {"training": 3, "validation": 2, "test": 0}
+    assert json.loads((tmp_path / "models" / "datalist.json").read_text())["provenance"] == facts  # written
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source ")]
+    assert "source 'kaggle': 5 training, 1 validation, 3 test tiles; license CC BY-NC-SA 4.0, non-commercial" in lines
+    assert any(line.startswith("source 'tcga'") and "license not stated" in line for line in lines)
+    # the split and the keys every reader uses are as before
+    assert set(datalist) == {"description", "sources", "training", "validation", "test", "channel_stats", "provenance"}
+    assert datalist["sources"]["tcga"] == {"root": "tcga", "split": {"kind": "per_organ", "validation_per_organ": 1,
+                                                                      "seed": 0}}
+
+
+def test_a_datalist_file_older_than_the_provenance_key_gets_it_from_the_registry(registry, tmp_path):
+    path, data = registry
+    sources = S.load_sources(path)
+    old = S.make_datalist(sources, data)
+    del old["provenance"]
+    (tmp_path / "datalist.json").write_text(json.dumps(old))
+    again = S.prepare(data, tmp_path / "datalist.json", sources)
+    assert again["provenance"]["kaggle"]["license"] == "CC BY-NC-SA 4.0"
+    assert [r["name"] for r in again["test"]] == [r["name"] for r in old["test"]]
