@@ -441,8 +441,10 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
         datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
         if datalist.get("sources") != wanted:
             raise DataError(
-                f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}; delete it to make "
-                "a new split, or point datalist_file at another file"
+                f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}. If it was made "
+                "with another sources file (a resumed run, or a bundle evaluated with --data_root), pass that file "
+                "again with --sources_file FILE; otherwise delete it to make a new split from these sources, or "
+                "point datalist_file at another file"
             )
         check_parts(datalist, sources)  # a file written before empty validation parts were refused
         datalist["provenance"] = provenance(datalist, sources)  # the registry's terms, in files older than the key

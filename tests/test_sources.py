@@ -470,3 +470,13 @@ def test_a_datalist_file_older_than_the_provenance_key_gets_it_from_the_registry
     again = S.prepare(data, tmp_path / "datalist.json", sources)
     assert again["provenance"]["kaggle"]["license"] == "CC BY-NC-SA 4.0"
     assert [r["name"] for r in again["test"]] == [r["name"] for r in old["test"]]
+
+
+def test_a_datalist_for_other_sources_says_to_pass_the_original_sources_file_or_delete_it(registry, tmp_path):
+    path, data = registry
+    S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
+    with pytest.raises(DataError) as info:  # a resume that forgot --sources_file: the shipped registry
+        S.prepare(data, tmp_path / "datalist.json", S.load_sources())
+    message = str(info.value)
+    assert "pass that file again with --sources_file FILE" in message
+    assert "otherwise delete it to make a new split" in message
