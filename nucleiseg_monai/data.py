@@ -185,8 +185,9 @@ def is_binary_mask(path: str | os.PathLike) -> bool:
     return int(connected_components(labels > 0, connectivity=1).max()) > 1
 
 
-def check_sample(sample: Sample) -> None:
-    """Reads both files of a sample and checks they agree, so a bad file fails before training starts."""
+def check_sample(sample: Sample) -> bool:
+    """Reads both files of a sample and checks they agree, so a bad file fails before training starts. Returns
+    whether the label map holds any nucleus (an all-zero map may be a failed export: the caller says so)."""
     image = read_image(sample.image)
     labels = read_instance_labels(sample.label, sample.label_kind)
     if image.shape[:2] != labels.shape:
@@ -194,6 +195,7 @@ def check_sample(sample: Sample) -> None:
             f"size mismatch: {sample.image} is {image.shape[1]}x{image.shape[0]} but {sample.label} is "
             f"{labels.shape[1]}x{labels.shape[0]}; they must be the same tile"
         )
+    return bool(labels.any())
 
 
 def _stable_rank(name: str, seed: int) -> str:

@@ -325,8 +325,7 @@ def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, chec
     for source in sources.values():
         samples = discover_source(source, data_root)
         if check:
-            for s in samples:
-                check_sample(s.sample)
+            _warn_empty([s.sample.label for s in samples if not check_sample(s.sample)], source)
         folder = source.folder(data_root)
         parts = split_source(source, samples)
         datalist["sources"][source.name] = {"root": source.root, "split": source.split}
@@ -362,6 +361,15 @@ def log_provenance(facts: dict) -> None:
         else:
             terms = "license not stated: give its license and citation in the sources file before sharing weights"
         logger.info("source %r: %s tiles; %s", name, tiles, terms)
+
+
+def _warn_empty(labels: list[Path], source: Source) -> None:
+    """One line per source for its all-zero label maps: a tile without nuclei can be right, but a label export
+    that failed looks the same, and on a validation tile it scores every predicted nucleus as wrong."""
+    if labels:
+        shown = ", ".join(str(p) for p in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+        logger.warning("source %r: %d label map(s) hold no nucleus (all zero): %s; if their tiles do show nuclei, "
+                       "fix or remove these files", source.name, len(labels), shown)
 
 
 def part_counts(datalist: dict) -> dict[str, dict[str, int]]:

@@ -480,3 +480,15 @@ def test_a_datalist_for_other_sources_says_to_pass_the_original_sources_file_or_
     message = str(info.value)
     assert "pass that file again with --sources_file FILE" in message
     assert "otherwise delete it to make a new split" in message
+
+
+def test_all_zero_label_maps_are_listed_in_one_warning_and_kept(registry, caplog):
+    path, data = registry
+    empty = [data / "groups" / "labels" / f"human_liver_{i}.tif" for i in (0, 2)]
+    for label in empty:
+        tifffile.imwrite(label, np.zeros((64, 64), np.uint16))
+    datalist = S.make_datalist(S.load_sources(path), data)
+    assert sum(r["source"] == "groups" for p in S.PARTS for r in datalist[p]) == 8  # none refused
+    lines = [r.getMessage() for r in caplog.records if "hold no nucleus" in r.getMessage()]
+    assert lines == [f"source 'groups': 2 label map(s) hold no nucleus (all zero): {empty[0]}, {empty[1]}; if their "
+                     "tiles do show nuclei, fix or remove these files"]
