@@ -80,7 +80,9 @@ class EvaluationReport:
         observers: which subfolders to score.
         pred_key / true_key / reference_key: engine output keys of the model's instances, the truth and the
             reference method's instances (None to skip the reference row).
-        split: recorded in the report.
+        split: the split asked for, recorded in the report as ``split``. A tile's own part (its record's
+            ``part``: ``sources.evaluation_records`` scores a source's validation tiles where it has none in
+            ``split``) names its source's section: ``parts`` in the report, and the log and TensorBoard say it.
         log_dir: TensorBoard folder for the mean metrics (None: none).
         observers_source: the source whose tiles the observers annotated.
 
@@ -109,9 +111,14 @@ class EvaluationReport:
         self.pred_key, self.true_key, self.reference_key = pred_key, true_key, reference_key
         self.split, self.log_dir = split, log_dir
         self.rows: dict[str, dict[str, list[dict]]] = {}
+        self.parts: dict[str, str] = {}  # source -> the part its tiles come from
+
+    def _clear(self) -> None:
+        self.rows.clear()
+        self.parts.clear()
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, lambda _: self._clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
@@ -122,6 +129,9 @@ class EvaluationReport:
     def collect(self, engine: Engine) -> None:
         for batch, output in zip(engine.state.batch, engine.state.output):
             name, organ, source = str(batch["name"]), str(batch["organ"]), str(batch.get("source", "tiles"))
+            part = str(batch.get("part") or self.split)
+            if self.parts.setdefault(source, part) != part:
+                raise ValueError(f"EvaluationReport: {source} holds tiles of both {self.parts[source]} and {part}")
             pred, true = _numpy_labels(output[self.pred_key]), _numpy_labels(output[self.true_key])
             self._add(source, "model", name, organ, pred, true)
             if self.reference_key:
@@ -150,27 +160,35 @@ class EvaluationReport:
             for method in ("model", REFERENCE):
                 pooled_rows.setdefault(method, []).extend(self.rows[src].get(method, []))
         pooled = {m: summarize(rows) for m, rows in pooled_rows.items() if rows}
-        report = {"split": self.split, "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled}
+        parts = {src: self.parts.get(src, self.split) for src in sources}
+        report = {"split": self.split, "parts": parts, "published_baseline": PUBLISHED_BASELINE, "sources": sources,
+                  "pooled": pooled}
         write_json_atomic(report, self.output_dir / "metrics.json", default=float)
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
             tmp.write_text(_csv({**{f"{src} | {m}": v for src, ms in sources.items() for m, v in ms.items()},
                                  **{f"pooled | {m}": v for m, v in pooled.items()}}))
+        for src in originals:
+            if parts[src] != self.split:
+                logger.info("%s has no %s tiles: its %s tiles are scored, and reported as %s", src, self.split,
+                            parts[src], parts[src])
         for src, summaries in sources.items():
-            logger.info("%s (%s), mean over tiles:\n%s", src, self.split, format_table(summaries, baseline=src == self.observers_source))
-        logger.info("pooled over %s, mean over tiles:\n%s", originals, format_table(pooled, baseline=False))
+            logger.info("%s (%s), mean over tiles:\n%s", src, parts[src],
+                        format_table(summaries, baseline=src == self.observers_source))
+        logger.info("pooled over %s, mean over tiles:\n%s", [f"{src} ({parts[src]})" for src in originals],
+                    format_table(pooled, baseline=False))
         logger.info("report written to %s", self.output_dir)
         if self.log_dir is not None:
-            self._tensorboard(sources, engine)
+            self._tensorboard(sources, parts, engine)
         return report
 
-    def _tensorboard(self, sources: dict, engine: Engine | None) -> None:
+    def _tensorboard(self, sources: dict, parts: dict[str, str], engine: Engine | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         step = engine.state.epoch if engine is not None else 0
         with SummaryWriter(log_dir=str(self.log_dir)) as writer:
             for src, summaries in sources.items():
                 for key in TABLE_KEYS:
-                    writer.add_scalar(f"{self.split}/{src}/{key}", summaries["model"]["mean"][key], step)
+                    writer.add_scalar(f"{parts[src]}/{src}/{key}", summaries["model"]["mean"][key], step)
 
 
 def _csv(summaries: dict) -> str:

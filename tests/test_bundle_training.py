@@ -182,6 +182,7 @@ def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
     report = json.loads((out / "metrics.json").read_text())
     assert report["split"] == "test"
     assert set(report["sources"]) == {"synthetic", "synthetic@0.5um"}
+    assert report["parts"] == {"synthetic": "test", "synthetic@0.5um": "test"}  # each record's own part
     methods = report["sources"]["synthetic"]
     assert 0.0 <= methods["model"]["mean"]["aji"] <= 1.0
     assert not any(m.startswith("human") for m in methods)
