@@ -78,9 +78,18 @@ def dataset_root(path: str | os.PathLike) -> Path:
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """Tiles or label maps by file stem; two files of one stem (case02.png and case02.tif) are refused, since
+    either could be the one meant."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in DATASET_IMAGE_SUFFIXES and p.is_file()}
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in DATASET_IMAGE_SUFFIXES and p.is_file():
+            if p.stem in files:
+                raise DataError(f"{files[p.stem]} and {p} have the same name {p.stem!r}; tiles and labels pair by "
+                                "name, so remove or rename one of them")
+            files[p.stem] = p
+    return files
 
 
 def discover(dataset_dir: str | os.PathLike) -> list[Sample]:

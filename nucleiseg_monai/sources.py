@@ -33,6 +33,7 @@ import tifffile
 
 from .atomic import write_json_atomic
 from .data import (
+    DATASET_IMAGE_SUFFIXES,
     DataError,
     Sample,
     _files_by_stem,
@@ -178,8 +179,16 @@ def _discover_generic(root: Path) -> list[tuple[str, Path, Path]]:
     if not images:
         raise DataError(f"{root / GENERIC_IMAGES} holds no images; a 'generic' source needs images/ and labels/")
     missing = sorted(set(images) - set(labels))
+    unmatched = sorted(set(labels) - set(images))
     if missing:
-        raise DataError(f"no label in {root / GENERIC_LABELS} for {', '.join(str(images[n]) for n in missing)}")
+        others = (f"; it holds label(s) matching no image, e.g. {', '.join(labels[n].name for n in unmatched[:3])}"
+                  if unmatched else "")
+        raise DataError(f"no label in {root / GENERIC_LABELS} for {len(missing)} image(s): "
+                        f"{', '.join(str(images[n]) for n in missing)}{others}; a label's file name must be its "
+                        "image's name (any of " + ", ".join(DATASET_IMAGE_SUFFIXES) + ")")
+    if unmatched:  # left out of the datalist, but said: a misnamed tile would otherwise vanish
+        logger.warning("%d label(s) in %s have no image in %s and are left out: %s", len(unmatched),
+                       root / GENERIC_LABELS, root / GENERIC_IMAGES, ", ".join(labels[n].name for n in unmatched))
     return [(n, images[n], labels[n]) for n in sorted(images)]
 
 

@@ -492,3 +492,25 @@ def test_all_zero_label_maps_are_listed_in_one_warning_and_kept(registry, caplog
     lines = [r.getMessage() for r in caplog.records if "hold no nucleus" in r.getMessage()]
     assert lines == [f"source 'groups': 2 label map(s) hold no nucleus (all zero): {empty[0]}, {empty[1]}; if their "
                      "tiles do show nuclei, fix or remove these files"]
+
+
+def test_generic_discovery_names_misnamed_extra_and_duplicate_files(registry, caplog):
+    path, data = registry
+    labels = data / "tcga" / "labels"
+    sources = S.load_sources(path, ["tcga"])
+    shutil.copy(labels / "TCGA-A7-0001.tif", labels / "TCGA-ZZ-9999.tif")  # a label without an image: warned
+    S.discover_source(sources["tcga"], data)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 label(s) in {labels} have no image in {data / 'tcga' / 'images'} and are left out: TCGA-ZZ-9999.tif"]
+    (labels / "TCGA-A7-0001.tif").rename(labels / "TCGA-A7-0001_mask.tif")  # misnamed: its image has no label
+    with pytest.raises(DataError) as info:
+        S.discover_source(sources["tcga"], data)
+    message = str(info.value)
+    assert f"no label in {labels} for 1 image(s): {data / 'tcga' / 'images' / 'TCGA-A7-0001.tif'}" in message
+    assert "matching no image, e.g. TCGA-A7-0001_mask.tif, TCGA-ZZ-9999.tif" in message
+    assert "a label's file name must be its image's name" in message
+    (labels / "TCGA-A7-0001_mask.tif").rename(labels / "TCGA-A7-0001.tif")
+    shutil.copy(labels / "TCGA-AR-0002.tif", labels / "TCGA-AR-0002.png")  # two files, one stem
+    with pytest.raises(DataError, match=f"{labels / 'TCGA-AR-0002.png'} and {labels / 'TCGA-AR-0002.tif'} have the "
+                                        "same name 'TCGA-AR-0002'"):
+        S.discover_source(sources["tcga"], data)
