@@ -56,16 +56,23 @@ def differences(report: dict, other: dict) -> list[str]:
     return lines
 
 
+def named(report: dict, source: str) -> str:
+    """A source's name, with the part its tiles come from when that is not the report's split (a source without
+    test tiles is scored on its validation tiles, and its rows must not pass for held-out ones)."""
+    part = report.get("parts", {}).get(source)
+    return f"{source} ({part})" if part and part != report.get("split") else source
+
+
 def tables(report: dict) -> None:
     print(HEAD.format("source (mean over tiles)"))
     for source, methods in report["sources"].items():
         for method, summary in methods.items():
-            print(row(f"{source}: {method}", summary))
+            print(row(f"{named(report, source)}: {method}", summary))
     for method, summary in report["pooled"].items():
         print(row(f"pooled: {method}", summary))
     for source, methods in report["sources"].items():
         print()
-        print(HEAD.format(f"{source}: organ (model)"))
+        print(HEAD.format(f"{named(report, source)}: organ (model)"))
         for organ, part in methods["model"]["per_organ"].items():
             print(row(organ, part))
 

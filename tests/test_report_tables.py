@@ -33,6 +33,16 @@ def test_tables_print_each_source_method_and_organ(capsys):
     assert "| Thymus | 1 | 0.800 | 12.5 | 0.700 | 0.750 | 0.660 | 0.500 | 0.100 | 0.150 |" in out
 
 
+def test_a_source_scored_on_another_part_than_the_split_says_so(capsys):
+    report = {**copy.deepcopy(REPORT), "split": "test", "parts": {"cryonuseg": "test", "mylab": "validation"}}
+    report["sources"]["mylab"] = {"model": summary(0.61, organs={"Lung": summary(0.61)})}
+    report_tables.tables(report)
+    out = capsys.readouterr().out.splitlines()
+    assert "| mylab (validation): model | 2 | 0.800 | 12.5 | 0.700 | 0.750 | 0.610 | 0.500 | 0.100 | 0.150 |" in out
+    assert any(line.startswith("| mylab (validation): organ (model) |") for line in out)
+    assert any(line.startswith("| cryonuseg: model |") for line in out)  # its own split: no label
+
+
 def test_a_report_from_before_missed_and_merged_shows_dashes(capsys):
     old = copy.deepcopy(REPORT)
     for source in old["sources"]["cryonuseg"].values():
