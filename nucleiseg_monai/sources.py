@@ -526,14 +526,15 @@ def sampling_weights(records: list[dict], mix: dict[str, float] | None = None) -
 
 
 def nucleus_areas(sources: list[Source], data_root: str | os.PathLike) -> list[int]:
-    """Pixel areas of the annotated nuclei of every fourth tile of ``sources`` (enough for a median)."""
+    """Pixel areas of the annotated nuclei of every tile of ``sources`` (seconds for the three datasets: a sample
+    would make a small source's estimate hang on a few tiles' tissue)."""
     import numpy as np
 
     from .data import read_instance_labels
 
     areas: list[int] = []
     for source in sources:
-        for s in discover_source(source, data_root)[::4]:
+        for s in discover_source(source, data_root):
             counts = np.bincount(read_instance_labels(s.sample.label, s.sample.label_kind).ravel())[1:]
             areas += counts[counts > 0].tolist()
     return areas
@@ -597,15 +598,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimate_mpp", required=True, help="name of the source to estimate")
     parser.add_argument("--data_root", required=True, help="folder holding the sources' folders")
     parser.add_argument("--sources_file", help="source registry (default: the shipped one)")
+    parser.add_argument("--reference", nargs="+", help="the sources whose pixel size is known to compare with "
+                        "(default: every other source that states one; all at one pixel size)")
     args = parser.parse_args(argv)
     sources = load_sources(args.sources_file)
-    references = [s for n, s in sources.items() if n != args.estimate_mpp and s.mpp != UNKNOWN_MPP]
+    names = args.reference or [n for n, s in sources.items() if n != args.estimate_mpp and s.mpp != UNKNOWN_MPP]
+    unknown = sorted(set(names + [args.estimate_mpp]) - set(sources))
+    if unknown:
+        raise SystemExit(f"no source {', '.join(unknown)} in the registry; it lists {', '.join(sources)}")
+    references = [sources[n] for n in names]
     stated = {tile_mpp(s, discover_source(s, args.data_root)[0].sample.image) for s in references}
     if len(stated) != 1:
-        raise SystemExit(f"the reference sources state different pixel sizes {sorted(stated)}; pass a registry with one")
+        raise SystemExit(f"the reference sources {', '.join(names)} state different pixel sizes {sorted(stated)} (an "
+                         "estimated one among them?); choose references of one pixel size: --reference NAME ...")
     reference = {"mpp": stated.pop(), "median_area_px": float(np.median(nucleus_areas(references, args.data_root)))}
-    mpp = estimate_mpp(sources[args.estimate_mpp], args.data_root, reference)
-    print(f"{args.estimate_mpp}: {mpp:.3f} um/px (reference: {[s.name for s in references]}, {reference})")
+    source = sources[args.estimate_mpp]
+    mpp = estimate_mpp(source, args.data_root, reference)
+    tiles, nuclei = len(discover_source(source, args.data_root)), len(nucleus_areas([source], args.data_root))
+    print(f"{args.estimate_mpp}: {mpp:.3f} um/px (from {nuclei} nuclei in its {tiles} tiles; reference: {names}, "
+          f"{reference})")
+    if nuclei < 200:
+        print("few nuclei: the median nucleus size, and so the estimate, depends on the tissue of so few tiles; "
+              "prefer the scanner's stated pixel size where it is known")
 
 
 if __name__ == "__main__":

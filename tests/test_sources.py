@@ -298,8 +298,19 @@ def test_a_source_without_pixel_size_gets_one_from_its_nuclei(tmp_path, capsys):
         "big": {"root": "big", "layout": "generic", "mpp": 0.1, "organs": "organs.csv", "split": {"kind": "per_organ"}},
     }))
     S.main(["--estimate_mpp", "big", "--data_root", str(data), "--sources_file", str(registry)])
-    estimate = float(capsys.readouterr().out.split(":")[1].split()[0])
+    said = capsys.readouterr().out
+    estimate = float(said.split(":")[1].split()[0])
     assert estimate == pytest.approx(0.125, abs=0.01)
+    assert "in its 4 tiles; reference: ['ref']" in said and "few nuclei" in said
+
+    # a third source whose pixel size was itself estimated: the references disagree until chosen
+    registry.write_text(json.dumps({**json.loads(registry.read_text()),
+                                    "est": {"root": "big", "layout": "generic", "mpp": 0.125, "organs": "organs.csv",
+                                            "split": {"kind": "per_organ"}}}))
+    with pytest.raises(SystemExit, match=r"state different pixel sizes \[0.125, 0.25\] .*--reference NAME"):
+        S.main(["--estimate_mpp", "big", "--data_root", str(data), "--sources_file", str(registry)])
+    S.main(["--estimate_mpp", "big", "--data_root", str(data), "--sources_file", str(registry), "--reference", "ref"])
+    assert float(capsys.readouterr().out.split(":")[1].split()[0]) == pytest.approx(estimate)
 
 
 def _pairs_registry(tmp_path: Path, organs: str = "organs.csv", stems: list[str] | None = None) -> Path:
