@@ -135,3 +135,38 @@ def weights_stats_file(checkpoint: str | os.PathLike | None, stats_file: str | o
                        STATS_NAME, weights, own, STATS_NAME)
     _said.add(key)
     return str(stats_file)
+
+
+def training_stats(datalist_stats: dict, stats_file: str | os.PathLike, pretrained: str | os.PathLike | None = None,
+                   resume: bool | str = False) -> dict[str, list[float]]:
+    """The channel statistics a training run normalises with (train.json's ``channel_stats``; the run writes them
+    to its ``stats_file``, which validation, evaluation and inference then read).
+
+    A resumed run keeps those it started with (its own ``stats_file``), whatever ``pretrained`` says. A new run
+    started from ``pretrained`` weights keeps the statistics those weights learnt with, the ``channel_stats.json``
+    beside them (one log line says so); where there is none, it takes the training tiles' (``datalist_stats``)
+    with a warning that the start's are unknown. A run from scratch takes the training tiles'.
+    """
+    from .data import load_stats
+    from .handlers import parse_bool, weights_path
+
+    own = Path(stats_file)
+    if parse_bool(resume, "resume"):
+        if own.is_file():
+            logger.info("resumed run: channel statistics %s, those it started with", own)
+            return load_stats(own)
+        logger.warning("resumed run without %s: normalising with the training tiles' statistics %s",
+                       own, datalist_stats)
+        return datalist_stats
+    weights = weights_path(pretrained)
+    if weights is None:
+        return datalist_stats
+    beside = weights.expanduser().parent / STATS_NAME
+    if beside.is_file():
+        stats = load_stats(beside)
+        logger.info("channel statistics %s, beside the pretrained weights %s (not the training tiles' %s)",
+                    beside, weights, datalist_stats)
+        return stats
+    logger.warning("no %s beside the pretrained weights %s: the statistics they learnt with are unknown; "
+                   "normalising with the training tiles' %s", STATS_NAME, weights, datalist_stats)
+    return datalist_stats

@@ -39,6 +39,12 @@ def parse_bool(value: bool | int | str | None, setting: str, spelling: str = "--
                      f"{spelling.format(key=setting, value='true')} or {spelling.format(key=setting, value='false')}")
 
 
+def weights_path(path: str | os.PathLike | None) -> Path | None:
+    """A weights setting (``--pretrained``) as a path; None where it names none (null, "", "none" typed on the
+    command line)."""
+    return None if path in (None, "", "None", "none", "null") else Path(path)
+
+
 def save_atomic(obj, path: str | os.PathLike) -> Path:
     """torch.save through ``atomic.atomic_path``: readers never see half a checkpoint, and a failed save (disk full)
     leaves neither a partial file nor a checkpoint-sized temporary one."""
@@ -165,7 +171,7 @@ class InitialWeights:
     """
 
     def __init__(self, path: str | os.PathLike | None, network: torch.nn.Module, resume: bool | str = False):
-        self.path = None if path in (None, "", "None", "none", "null") else Path(path)
+        self.path = weights_path(path)
         self.network, self.resume = network, parse_bool(resume, "resume")
 
     def attach(self, engine: Engine) -> None:

@@ -469,6 +469,47 @@ def test_the_last_epoch_is_always_validated(epochs, interval, validated):
 
 
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
+def test_training_statistics_are_the_starts(configs, tmp_path, caplog):
+    """A new run from --pretrained weights keeps the channel_stats.json beside them, a resumed run its own
+    stats_file; a run from scratch (the shipped bundles' training) the datalist's."""
+    import logging
+
+    from nucleiseg_monai.bundle import training_stats
+
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.bundle")
+    tiles = {"mean": [170.0, 110.0, 170.0], "std": [30.0, 40.0, 35.0]}
+    theirs = {"mean": [201.0, 151.0, 191.0], "std": [31.0, 41.0, 36.0]}
+    mine = {"mean": [150.0, 120.0, 160.0], "std": [20.0, 25.0, 30.0]}
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "channel_stats.json").write_text(json.dumps(theirs))
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    own = tmp_path / "run" / "models" / "channel_stats.json"
+    own.write_text(json.dumps(mine))
+    pre, loose = str(tmp_path / "pre" / "model.pt"), str(tmp_path / "loose" / "model.pt")
+
+    assert training_stats(tiles, own, None, False) == tiles and not caplog.records
+    assert training_stats(tiles, own, "null", "false") == tiles and not caplog.records
+    assert training_stats(tiles, own, pre, "false") == theirs
+    assert "beside the pretrained weights" in caplog.records[-1].message and caplog.records[-1].levelname == "INFO"
+    assert training_stats(tiles, own, loose, False) == tiles
+    assert "unknown" in caplog.records[-1].message and caplog.records[-1].levelname == "WARNING"
+    assert training_stats(tiles, own, pre, "true") == mine  # resumed: its own, whatever --pretrained says
+    assert training_stats(tiles, own, None, True) == mine
+    own.unlink()
+    assert training_stats(tiles, own, pre, True) == tiles and caplog.records[-1].levelname == "WARNING"
+
+    # train.json's channel_stats is that choice: normalisation and the statistics the run writes
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update({"bundle_root": str(tmp_path / "run"), "pretrained": pre,
+                   "datalist": {"channel_stats": tiles}})
+    assert parser.get_parsed_content("channel_stats") == theirs
+    expression = parser.get("channel_stats")
+    assert "@pretrained" in expression and "@resume" in expression and "@stats_file" in expression
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
 def test_evaluation_and_tuning_normalise_with_the_statistics_beside_the_weights(configs, tmp_path):
     """``--checkpoint`` on evaluate (the workflow ``nucleiseg evaluate`` runs) and ``--set checkpoint=FILE`` on tune
     bring the channel_stats.json of the weights' folder; weights without one keep the bundle's."""

@@ -236,6 +236,47 @@ def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
         assert best_after["best_metric"] > best_before["best_metric"]
 
 
+OTHER_STATS = {"mean": [201.0, 151.0, 191.0], "std": [31.0, 41.0, 36.0]}
+
+
+def test_a_run_from_scratch_writes_the_training_tiles_statistics(one_epoch):
+    bundle, output = one_epoch
+    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
+    assert json.loads((bundle / "models" / "channel_stats.json").read_text()) == datalist["channel_stats"]
+    assert "Epoch[0] Metrics" not in output and "validating the pretrained weights" not in output
+
+
+def test_a_pretrained_run_keeps_the_statistics_beside_the_weights(one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    pretrained = tmp_path / "pre" / "model.pt"
+    pretrained.parent.mkdir()
+    shutil.copy(trained / "models" / "model.pt", pretrained)
+    (pretrained.parent / "channel_stats.json").write_text(json.dumps(OTHER_STATS))
+    bundle = copy_bundle(tmp_path)
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "1", "--pretrained", str(pretrained)], tmp_path))
+    assert f"channel statistics {pretrained.parent / 'channel_stats.json'}, beside the pretrained weights" in output
+    assert json.loads((bundle / "models" / "channel_stats.json").read_text()) == OTHER_STATS
+
+
+def test_a_resumed_run_keeps_its_own_statistics(one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    mine = {"mean": [150.0, 120.0, 160.0], "std": [20.0, 25.0, 30.0]}  # as if the run had started from other weights
+    (bundle / "models" / "channel_stats.json").write_text(json.dumps(mine))
+    pretrained = tmp_path / "pre" / "model.pt"
+    pretrained.parent.mkdir()
+    shutil.copy(trained / "models" / "model.pt", pretrained)
+    (pretrained.parent / "channel_stats.json").write_text(json.dumps(OTHER_STATS))
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "2", "--resume", "true", "--pretrained", str(pretrained)],
+                           tmp_path))
+    assert "resumed run: channel statistics" in output
+    assert json.loads((bundle / "models" / "channel_stats.json").read_text()) == mine
+    assert "Epoch[0] Metrics" not in output  # a resumed run's start is its own last epoch, validated already
+
+
 def test_resume_without_a_checkpoint_fails_naming_it(dataset, tmp_path):
     bundle = copy_bundle(tmp_path)
     proc = bundle_run("training", bundle / "configs" / "train.json",
