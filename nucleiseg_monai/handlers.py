@@ -291,6 +291,39 @@ class ValidateAtEnd:
             self.validator.run(engine.state.epoch)
 
 
+class ValidateStart:
+    """Validates a new run's starting weights (``pretrained``) once before the first epoch, as epoch 0, so the
+    best-metric checkpoint keeps them as model.pt when no later epoch beats them. Attach it after
+    ``InitialWeights``: both run when the trainer starts, in the order attached.
+
+    A run from scratch (no ``pretrained``) and a resumed run (its model.pt and best metric are its own) skip it.
+    The random number generators are put back as they were, so training draws what it would have drawn unvalidated.
+    """
+
+    def __init__(self, validator, pretrained: str | os.PathLike | None, resume: bool | str = False):
+        self.validator = validator
+        self.enabled = weights_path(pretrained) is not None and not parse_bool(resume, "resume")
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import random
+
+        import numpy as np
+
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        logger.info("validating the pretrained weights before the first epoch (as epoch 0)")
+        self.validator.run(0)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 class ValidationImages:
     """TensorBoard pictures of the first validation tile each time the evaluator runs: the H&E input as it looks
     (the z-score undone), the true classes and the predicted classes, under readable tags.

@@ -174,6 +174,7 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
         "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
     train = _load(configs / "train.json")["train"]
     assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
+                                                          "nucleiseg_monai.handlers.ValidateStart",
                                                           "nucleiseg_monai.handlers.Resume", "LrScheduleHandler",
                                                           "ValidationHandler", "nucleiseg_monai.handlers.ValidateAtEnd"]
     assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
@@ -466,6 +467,27 @@ def test_the_last_epoch_is_always_validated(epochs, interval, validated):
     handlers.ValidateAtEnd(Validator(), interval).attach(trainer)
     trainer.run([0], max_epochs=epochs)
     assert runs == validated
+
+
+@pytest.mark.parametrize("pretrained, resume, validated", [("a/model.pt", False, [0, 1, 2]), (None, False, [1, 2]),
+                                                           ("null", "false", [1, 2]), ("a/model.pt", "true", [1, 2])])
+def test_pretrained_weights_are_validated_before_the_first_epoch(pretrained, resume, validated):
+    runs = []
+
+    class Validator:
+        def run(self, epoch):
+            runs.append(epoch)
+            torch.rand(3)  # validation draws nothing from training's random numbers
+
+    trainer = Engine(lambda engine, batch: None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: runs.append(e.state.epoch))
+    handlers.ValidateStart(Validator(), pretrained, resume).attach(trainer)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    trainer.run([0], max_epochs=2)
+    assert runs == validated
+    assert torch.equal(torch.rand(3), expected)  # training draws what it would have drawn unvalidated
 
 
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])

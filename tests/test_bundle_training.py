@@ -259,6 +259,24 @@ def test_a_pretrained_run_keeps_the_statistics_beside_the_weights(one_epoch, dat
     assert json.loads((bundle / "models" / "channel_stats.json").read_text()) == OTHER_STATS
 
 
+def test_pretrained_weights_better_than_every_epoch_stay_model_pt(one_epoch, dataset, tmp_path):
+    """A learning rate of 10 wrecks the network at once: the start, validated as epoch 0, stays the best."""
+    trained, _ = one_epoch
+    pretrained = trained / "models" / "model.pt"
+    bundle = copy_bundle(tmp_path)
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "2", "--learning_rate", "10",
+                                                 "--pretrained", str(pretrained)], tmp_path))
+    assert output.count("Epoch[0] Metrics -- val_aji") == 1
+    assert sorted(scalars(bundle, "val_aji")) == [0, 1, 2]
+    start, best = load(pretrained), load(bundle / "models" / "model.pt")
+    assert start.keys() == best.keys() and all(torch.equal(start[k], best[k]) for k in start)
+    last = load(bundle / "models" / "checkpoint_last.pt")
+    assert last["best_model"]["best_metric_epoch"] == 0
+    assert last["trainer"]["iteration"] == 2 * iterations_per_epoch(bundle)
+    assert not all(torch.equal(start[k], last["network"][k]) for k in start)  # it did train
+
+
 def test_a_resumed_run_keeps_its_own_statistics(one_epoch, dataset, tmp_path):
     trained, _ = one_epoch
     bundle = tmp_path / trained.name
