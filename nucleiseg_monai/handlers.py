@@ -159,6 +159,9 @@ class Resume:
         # a resumed run may be asked for more epochs than it first had
         engine.state.max_epochs = max(max_epochs or 0, engine.state.max_epochs or 0)
         logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+        if engine.state.epoch >= engine.state.max_epochs:  # ignite would end at once, without a word
+            logger.warning("%s has finished its %d epochs: nothing to train; pass --epochs N with N above %d to go "
+                           "on", self.path, engine.state.epoch, engine.state.epoch)
 
 
 class InitialWeights:

@@ -5,6 +5,7 @@ reference resolves), bundle_root's reading of --config_file, the U-Net variants,
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -355,6 +356,22 @@ def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(
     second.run(data, max_epochs=1)
     assert (second.state.epoch, second.state.iteration) == (2, 4)
     assert lrs == pytest.approx(fresh_lrs[1:]) and schedule.T_max == 2
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    first, optimizer, schedule, _ = _toy_training(2)
+    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
+    first.run(data, max_epochs=2)
+
+    again, optimizer, schedule, lrs = _toy_training(2)
+    handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(again)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.handlers"):
+        again.run(data, max_epochs=2)
+    assert lrs == [] and again.state.epoch == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{path} has finished its 2 epochs: nothing to train; pass --epochs N with N above 2 to go on"]
 
 
 def test_resume_without_a_checkpoint_names_the_file(tmp_path):
