@@ -34,6 +34,7 @@ size and hashed on the way. The bundle appears under its final name only once ev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -48,6 +49,8 @@ from typing import NamedTuple
 from .atomic import (
     StreamTooLong, atomic_path, copy_hashed, remove_stale, sha256_file, staging_folder, umask, write_json_atomic,
 )
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: each file's size next to its sha256 (format 1 had no sizes, so no zip-bomb check)
@@ -196,6 +199,26 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
     return write_json_atomic(manifest, root / MANIFEST)
 
 
+def unstated_licenses(root: str | os.PathLike) -> list[str]:
+    """The data licenses the bundle's weights learnt under (``models/datalist.json``'s ``provenance``, one per
+    source) that its LICENSE does not name: weights carry their training data's terms, and a bundle shared without
+    them misleads whoever uses it. Empty when the datalist records no provenance (one made before it did)."""
+    root = Path(root)
+    try:
+        provenance = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8")).get("provenance")
+        text = (root / "LICENSE").read_text(encoding="utf-8")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(provenance, dict):
+        return []
+    missing = {}
+    for source, facts in provenance.items():
+        license_ = (facts or {}).get("license") or ""
+        if license_ and license_ not in text:
+            missing.setdefault(license_, []).append(source)
+    return [f"{license_} ({', '.join(sources)})" for license_, sources in missing.items()]
+
+
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     """Writes ``zip_path`` holding ``<name>/...`` (the bundle's files) and ``<name>/manifest.json``.
 
@@ -205,6 +228,11 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
+    unstated = unstated_licenses(root)
+    if unstated:
+        logger.warning("%s does not name the license of data its weights learnt from: %s (models/datalist.json, "
+                       "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
+                       "; ".join(unstated))
     zip_path = Path(zip_path)
     if zip_path.resolve().is_relative_to(root):
         raise ValueError(f"{zip_path} is inside the bundle {root}; write the zip elsewhere")

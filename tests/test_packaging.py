@@ -133,6 +133,24 @@ def test_pack_holds_the_bundle_files_and_their_hashes(packed):
     assert verify(zip_path) == []
 
 
+def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_path, caplog):
+    bundle = _bundle(tmp_path / "b")
+    provenance = {"mine": {"license": "CC BY-NC 4.0", "citation": "My Lab 2026"},
+                  "theirs": {"license": "CC BY-NC 4.0"}, "open": {"license": "Apache-2.0"}, "unsure": {"license": ""}}
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"training": [], "provenance": provenance}))
+    assert packaging.unstated_licenses(bundle) == ["CC BY-NC 4.0 (mine, theirs)"]
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    (record,) = caplog.records
+    assert "LICENSE does not name the license of data its weights learnt from: CC BY-NC 4.0 (mine, theirs)" in \
+        record.getMessage()
+
+    (bundle / "LICENSE").write_text("Apache-2.0; weights: CC BY-NC 4.0 (My Lab 2026)\n")
+    assert packaging.unstated_licenses(bundle) == []
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"training": []}))  # made before provenance
+    assert packaging.unstated_licenses(bundle) == []
+
+
 def test_unpack_round_trip(packed, tmp_path):
     bundle, zip_path = packed
     dest = unpack(zip_path, tmp_path / "installed" / "tiny", sha256=sha256_file(zip_path))
