@@ -3,7 +3,7 @@
 TIFF / BigTIFF (tiled, pyramidal or not) is read through tifffile's zarr store, which decodes only the chunks a
 region touches; MONAI's TiffFileWSIReader decodes the whole pyramid level for every patch, so one patch of a large
 slide costs seconds and gigabytes. Vendor formats (.svs, .ndpi, .mrxs, ...) go through OpenSlide, an optional
-extra. PNG / JPEG tiles are small and are loaded whole.
+extra. PNG / JPEG / BMP / WebP tiles are small and are loaded whole.
 
 All readers return RGB uint8 at one chosen pyramid level; pixels outside the image read as white (255), which is
 background in H&E, so context padding never invents dark tissue. What a reader had to convert to get there (16-bit
@@ -33,7 +33,7 @@ from skimage.morphology import dilation as grey_dilation, disk
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"}
-PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 OPEN_IMAGE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES  # what open_image reads
 IMAGE_SUFFIXES = OPEN_IMAGE_SUFFIXES  # the former name, which inference.py still imports
 
@@ -260,7 +260,7 @@ def _channels(shape: tuple[int, ...], axes: str) -> int:
 
 
 class ArrayReader(SlideReader):
-    """A small image held in memory (PNG, JPEG): one level. ``cmyk``: the pixels were converted from CMYK."""
+    """A small image held in memory (PNG, JPEG, BMP, WebP): one level. ``cmyk``: the pixels were converted from CMYK."""
 
     def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None, cmyk: bool = False):
         maximum = _colour_max(pixels) if pixels.dtype == np.uint16 else None
@@ -537,7 +537,7 @@ def open_image(
     """Open a tile or slide for lazy RGB reads at one pyramid level.
 
     Args:
-        path: PNG / JPEG (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an OpenSlide format.
+        path: PNG / JPEG / BMP / WebP (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an OpenSlide format.
         level: explicit pyramid level (0 = full resolution).
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
         input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;

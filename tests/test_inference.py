@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import tifffile
 import torch
@@ -24,6 +25,7 @@ from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.outputs import OutputOptions
 from nucleiseg_monai.synthetic import make_slide, make_tile
 from nucleiseg_monai.transforms import encode_three_class
+from nucleiseg_monai.wsi import open_image
 from conftest import same_up_to_ids
 
 torch.set_num_threads(1)
@@ -253,6 +255,13 @@ def test_find_images_skips_outputs_and_reports_nothing_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"subfolders are not searched: give a glob such as '.*cases/\*\*/\*"):
         find_images(tmp_path / "cases")
     assert [p.name for p in find_images(str(tmp_path / "cases" / "**" / "*.png"))] == ["tile0.png"]
+    rgb = skio.imread(tmp_path / "cases" / "a" / "tile0.png")
+    for suffix in ("bmp", "webp"):  # what viewers export: a folder of them is searched as a single one is read
+        Image.fromarray(rgb).save(tmp_path / "cases" / "a" / f"tile0_{suffix}.{suffix}", lossless=True)
+    assert [p.name for p in find_images(tmp_path / "cases" / "a")] == ["tile0.png", "tile0_bmp.bmp", "tile0_webp.webp"]
+    for path in find_images(tmp_path / "cases" / "a"):
+        with open_image(path) as reader:
+            np.testing.assert_array_equal(reader.read_region(0, 0, *reader.shape), rgb)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_images(tmp_path / "missing")
 
