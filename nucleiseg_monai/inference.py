@@ -837,8 +837,11 @@ class SlidePredictor:
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
         """FileExistsError naming the images whose finished outputs record other weights or settings, all of them
         at once (``finished`` names one)."""
-        differing = {path.stem: self._differing(output_dir, path.stem, path) for path in images
-                     if outputs_complete(output_dir, path.stem)}
+        first: dict[str, Path] = {}  # the image a name's outputs belong to, as ``run`` takes it; later ones fail there
+        for path in images:
+            first.setdefault(path.stem, path)
+        differing = {name: self._differing(output_dir, name, path) for name, path in first.items()
+                     if outputs_complete(output_dir, name)}
         differing = {name: keys for name, keys in differing.items() if keys}
         if differing:
             names = list(differing)

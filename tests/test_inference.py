@@ -613,6 +613,19 @@ def test_outputs_of_another_file_of_the_same_name_are_not_taken_for_finished(tmp
     assert [r.nuclei for r in redone.done] == [len(np.unique(labels)) - 1]
 
 
+def test_a_second_image_of_a_finished_name_fails_alone_and_refuses_no_run(tmp_path):
+    _write_tiles(tmp_path / "in", n=1)
+    (tmp_path / "z").mkdir()
+    _, labels = make_tile(96, seed=7)
+    skio.imsave(tmp_path / "z" / "tile0.png", _oracle_image(labels), check_contrast=False)
+    out = tmp_path / "out"
+    assert _predictor().run(tmp_path / "in", out).ok
+    again = _predictor().run(str(tmp_path / "*" / "tile0.png"), out)  # in/tile0.png first, then z/tile0.png
+    assert again.skipped == [str(tmp_path / "in" / "tile0.png")]
+    assert again.failed == [(str(tmp_path / "z" / "tile0.png"),
+                             f"same output name 'tile0' as {tmp_path / 'in' / 'tile0.png'}; rename one of them")]
+
+
 def test_mpp_for_files_that_state_none_leaves_outputs_of_files_that_state_theirs_finished(tmp_path):
     rgb = _oracle_image(make_tile(96, seed=2)[1])
     (tmp_path / "in").mkdir()
