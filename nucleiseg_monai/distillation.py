@@ -21,6 +21,7 @@ from monai.inferers import SimpleInferer
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from .bundle import STATS_NAME
 from .data import load_stats
 from .inferers import FlipInferer
 from .networks import MixedPrecision, unet_from_checkpoint
@@ -51,7 +52,7 @@ class TeacherBatch(PrepareBatch):
             raise ValueError("distillation needs a teacher: pass --teacher PATH (the model.pt of a trained bundle)")
         path = Path(teacher)
         if channel_stats is not None:
-            _check_stats(path.parent / "channel_stats.json", channel_stats)
+            _check_stats(path.parent / STATS_NAME, channel_stats)
         network = unet_from_checkpoint(path).to(device or "cpu").eval()
         self.teacher = MixedPrecision(network, amp_dtype).eval()
         self.out_channels = network.out_channels

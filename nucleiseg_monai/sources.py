@@ -238,10 +238,10 @@ def tile_mpp(source: Source, image: Path) -> float | None:
         return None
     if source.mpp != "file":
         return float(source.mpp)
-    from .wsi import _tiff_mpp
+    from .wsi import TIFF_SUFFIXES, _tiff_mpp
 
     fix = f"give source {source.name!r} its mpp as a number in the sources file, or \"unknown\""
-    if image.suffix.lower() not in (".tif", ".tiff"):
+    if image.suffix.lower() not in TIFF_SUFFIXES:
         raise DataError(f"{image}: source {source.name!r} has mpp 'file', but only TIFF files state a pixel size "
                         f"(resolution tags), not {image.suffix} files; {fix}")
     try:
@@ -402,10 +402,14 @@ def _holds_out(split_spec: dict, part: str) -> bool:
     return bool(split_spec.get(part))
 
 
+def _organs(datalist: dict, name: str) -> set[str]:
+    """The organs of a source's tiles, over every part."""
+    return {r["organ"] for part in PARTS for r in datalist[part] if r["source"] == name}
+
+
 def _describe_split(name: str, source: Source, datalist: dict, counts: dict[str, int]) -> str:
-    records = [r for part in PARTS for r in datalist[part] if r["source"] == name]
-    organs = {r["organ"] for r in records}
-    return (f"source {name!r} ({len(records)} tiles of {len(organs)} organ(s), organs {source.organs!r}, "
+    tiles, organs = sum(counts.values()), _organs(datalist, name)
+    return (f"source {name!r} ({tiles} tiles of {len(organs)} organ(s), organs {source.organs!r}, "
             f"split {source.split}) gave {', '.join(f'{p} {counts[p]}' for p in PARTS)}")
 
 
@@ -416,7 +420,7 @@ def check_parts(datalist: dict, sources: dict[str, Source]) -> None:
     counts = part_counts(datalist)
     described = "; ".join(_describe_split(n, sources[n], datalist, counts[n]) for n in counts if n in sources)
     own_organs = [n for n in counts if n in sources and sources[n].organs == "name"
-                  and len({r["organ"] for p in PARTS for r in datalist[p] if r["source"] == n}) == sum(counts[n].values())]
+                  and len(_organs(datalist, n)) == sum(counts[n].values())]
     hint = (f" With organs 'name', stems outside Human_<Organ>_<NN> are each their own organ ({own_organs}): "
             "list each tile's organ in a CSV (columns stem,organ) in the source's folder and set 'organs' to its "
             "file name." if own_organs else "")
@@ -424,7 +428,8 @@ def check_parts(datalist: dict, sources: dict[str, Source]) -> None:
         f"the datalist would hold no validation tiles, so training could select no model (it would end without "
         f"models/model.pt): {described}. organ_stratified holds out round(tiles x val_fraction) validation tiles, "
         "per_organ validation_per_organ per organ, both at most one per organ in turn and never an organ's last "
-        "training tile, so validation needs organs with 2 or more tiles left after test. Fix it in the sources file: more tiles per organ, an organs file (CSV of stem,organ) that groups "
+        "training tile, so validation needs organs with 2 or more tiles left after test. Fix it in the sources "
+        "file: more tiles per organ, an organs file (CSV of stem,organ) that groups "
         "tiles into fewer organs, or a split that holds some out (organ_stratified with a smaller test_fraction "
         "or larger val_fraction, per_organ, or groups naming validation groups)." + hint
     )
@@ -464,7 +469,9 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
                 "point datalist_file at another file"
             )
         check_parts(datalist, sources)  # a file written before empty validation parts were refused
-        datalist["provenance"] = provenance(datalist, sources)  # the registry's terms, in files older than the key
+        # the registry's terms, as for the records' facts below: files older than the key have none, and a
+        # registry edited since the split takes effect
+        datalist["provenance"] = provenance(datalist, sources)
         log_provenance(datalist["provenance"])
         return _with_registry_facts(datalist, sources, datalist_file)
     datalist = make_datalist(sources, data_root)
