@@ -359,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
-    p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, BMP, WebP, TIFF, pyramidal BigTIFF, "
-                   "...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
+    p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, BMP, WebP, TIFF, "
+                   "pyramidal BigTIFF, ...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--mpp", type=_mpp, help="pixel size (um/px) of input files that state none; a size the file "
@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
-    p.add_argument("--report", help="JSON report (default: the bundle's docs/postprocess_tuning.json for its own weights; "
-                   "postprocess_tuning.json beside other weights, e.g. those of --set bundle_root=DIR)")
+    p.add_argument("--report", help="JSON report (default: the bundle's docs/postprocess_tuning.json for its own "
+                   "weights; postprocess_tuning.json beside other weights, e.g. those of --set bundle_root=DIR)")
     p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "
                    "\"{'elevation': ['interior'], 'min_size': [15, 25]}\"")
     p.add_argument("--apply", action="store_true",

@@ -701,7 +701,8 @@ class SlidePredictor:
                 stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
                 out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from))
                 info = {
-                    "source": str(path), "source_fingerprint": fingerprint, "level": reader.level, "mpp": reader.mpp, "mpp_source": plan.mpp_source,
+                    "source": str(path), "source_fingerprint": fingerprint, "level": reader.level,
+                    "mpp": reader.mpp, "mpp_source": plan.mpp_source,
                     "working_mpp": self.mpp, "scale": float(plan.scale), "shape": [height, width],
                     "downsample": reader.downsample, "regions": int(plan.todo.size),
                     "regions_processed": int(plan.todo.sum()), "truncated": stitcher.truncated,

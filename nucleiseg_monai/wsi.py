@@ -537,7 +537,8 @@ def open_image(
     """Open a tile or slide for lazy RGB reads at one pyramid level.
 
     Args:
-        path: PNG / JPEG / BMP / WebP (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an OpenSlide format.
+        path: PNG / JPEG / BMP / WebP (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an
+            OpenSlide format.
         level: explicit pyramid level (0 = full resolution).
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
         input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;
