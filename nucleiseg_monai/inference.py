@@ -58,6 +58,7 @@ from .networks import MixedPrecision, load_weights, prepare_for_inference, resol
 from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete,
                       source_fingerprint)
 from .postprocess import activate, instances_from_probs
+from .region_journal import RegionJournal, remove_journal
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
 
@@ -488,6 +489,8 @@ class SlidePredictor:
         progress: a tqdm bar over regions per image.
         prefetch: run the network on the next region in a background thread while this one is post-processed
             and written (see ``lookahead``); holds one more region's probabilities in memory.
+        keep_regions: keep each finished region's labels in the output folder until the image's outputs are
+            written (``region_journal``), so that an interrupted image goes on from its last region when run again.
     """
 
     def __init__(
@@ -501,12 +504,14 @@ class SlidePredictor:
         overwrite: bool = False,
         progress: bool = True,
         prefetch: bool = True,
+        keep_regions: bool = True,
     ):
         self.network, self.planner, self.outputs = network, planner, outputs
         self.postprocess_params = dict(postprocess_params or {})
         self.level = level
         self.input_mpp = None if input_mpp is None else float(input_mpp)
         self.overwrite, self.progress, self.prefetch = overwrite, progress, prefetch
+        self.keep_regions = keep_regions
         self.timings: dict[str, float] = {}  # the last slide's seconds per phase
 
     @classmethod
@@ -669,6 +674,13 @@ class SlidePredictor:
                 plan = self.planner.plan(reader, thumb, self.input_mpp)
             yield plan, thumb
 
+    def journal_key(self, plan: Plan, fingerprint: str) -> dict:
+        """What a region's labels depend on besides this code: the settings, the input file and the plan."""
+        reader = plan.reader
+        return {"settings": self.settings(), "source_fingerprint": fingerprint, "level": reader.level,
+                "shape": list(reader.shape), "scale": str(plan.scale), "regions": [list(plan.todo.shape),
+                hashlib.sha256(np.packbits(plan.todo).tobytes()).hexdigest()]}
+
     def region_labels(self, plan: Plan, ij: tuple[int, int]) -> np.ndarray:
         """Instance labels (ids 1..n) of region ij's window on the read grid, as ``predict_slide`` hands them to the
         stitcher."""
@@ -694,12 +706,15 @@ class SlidePredictor:
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
+            journal = None
+            if self.keep_regions and labels_from is None:
+                journal = RegionJournal.claim(output_dir, name, self.journal_key(plan, fingerprint))
             # an assumed pixel size is not written into the outputs as if it were measured
             out_mpp = reader.mpp if plan.mpp_source != "assumed" else None
             with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
                               self.outputs.label_tile, self.outputs.compression) as out:
                 stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
-                out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from))
+                out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from, journal))
                 info = {
                     "source": str(path), "source_fingerprint": fingerprint, "level": reader.level,
                     "mpp": reader.mpp, "mpp_source": plan.mpp_source,
@@ -711,6 +726,7 @@ class SlidePredictor:
                 }
                 with clock("writing"):
                     paths = out.commit(info)
+        remove_journal(output_dir, name)  # also one a cohort's region tasks filled, or an earlier run left
         if stitcher.truncated:
             logger.warning("%s: %d nuclei were cut by a region window; increase region_margin (now %d)",
                            path, stitcher.truncated, self.planner.region_margin)
@@ -744,12 +760,13 @@ class SlidePredictor:
         logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
 
     def _label_tiles(self, plan: Plan, stitcher: RegionStitcher, out: SlideOutputs, name: str,
-                     timings: dict[str, float], labels_from: Callable | None = None) -> Iterator[np.ndarray]:
+                     timings: dict[str, float], labels_from: Callable | None = None,
+                     journal: RegionJournal | None = None) -> Iterator[np.ndarray]:
         """Process regions in raster order and yield the label map's tiles as soon as their rows are final; the
         time the writer takes between tiles counts as "writing"."""
         clock = functools.partial(_timed, timings)
         todo = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
-        regions = self._regions(plan, todo, timings) if labels_from is None else \
+        regions = self._regions(plan, todo, timings, journal) if labels_from is None else \
             _windows_of(plan, todo, labels_from(plan, todo))
         with closing(regions), \
                 tqdm(total=len(todo), desc=name, unit="region", disable=not self.progress, leave=False) as bar:
@@ -769,17 +786,33 @@ class SlidePredictor:
                     with clock("writing"):
                         yield tile
 
-    def _regions(self, plan: Plan, todo: list[tuple[int, int]], timings: dict[str, float]
-                 ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+    def _regions(self, plan: Plan, todo: list[tuple[int, int]], timings: dict[str, float],
+                 journal: RegionJournal | None = None
+                 ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray | None, np.ndarray]]:
         """(window, rgb, instance labels on the read grid) of each region in ``todo``; with ``prefetch`` the
         network already runs on the next region while the caller stitches and measures this one. The watershed
         stays in this thread: moved to the network's, it ran slower end to end (the network's threads and the
-        watershed then queue on the same core while this thread idles)."""
-        predicted = lookahead(functools.partial(self._predict_region, plan, timings), todo, self.prefetch)
+        watershed then queue on the same core while this thread idles). A region the ``journal`` holds comes
+        from it (rgb None: the caller reads what it measures); the others go into it as they are computed."""
+        kept = {ij for ij in todo if journal is not None and ij in journal}
+        computed = [ij for ij in todo if ij not in kept]
+        predicted = lookahead(functools.partial(self._predict_region, plan, timings), computed, self.prefetch)
         with closing(predicted):
-            for window, rgb, probs in predicted:
+            for ij in todo:
+                labels = None
+                if ij in kept:
+                    with _timed(timings, "read"):
+                        labels = journal.load(ij)
+                if labels is not None:
+                    yield plan.grid.window(ij), None, labels
+                    continue
+                # a kept region that could not be read back is computed here, outside the lookahead's order
+                window, rgb, probs = self._predict_region(plan, timings, ij) if ij in kept else next(predicted)
                 with _timed(timings, "watershed"):
                     labels = to_read_grid(self.instances(probs), window[2:], plan.scale)
+                if journal is not None:
+                    with _timed(timings, "writing"):
+                        journal.save(ij, labels)
                 yield window, rgb, labels
 
     def _predict_region(self, plan: Plan, timings: dict[str, float], ij: tuple[int, int]

@@ -859,3 +859,76 @@ def test_int8_networks_of_other_statistics_are_not_shared_in_the_process(monkeyp
     for m in (mean, mean, mean + 20):
         inference.prepare_network(torch.nn.Identity(), *args, inference.SyntheticCalibration(m, std))
     assert len(built) == 2 and built[0] != built[1]
+
+
+# --- an interrupted image goes on from its kept regions ----------------------------------------------------------
+
+def _counting(predictor: SlidePredictor, fail_after: int | None = None) -> list:
+    """The regions ``predictor``'s network is run on, in order; with ``fail_after`` it raises ("killed") on the
+    region after that many."""
+    computed, real = [], predictor._predict_region
+
+    def predict_region(plan, timings, ij):
+        if len(computed) == fail_after:
+            raise RuntimeError("killed")
+        computed.append(ij)
+        return real(plan, timings, ij)
+
+    predictor._predict_region = predict_region
+    return computed
+
+
+def _killed_after(n: int, path, out, **kw) -> Path:
+    """Run ``path`` into ``out`` and kill it after ``n`` regions; returns the image's journal folder."""
+    predictor = _predictor(**kw)
+    _counting(predictor, n)
+    with pytest.raises(RuntimeError, match="killed"):
+        predictor.predict_slide(path, out)
+    assert not (out / "slide.done.json").exists()
+    return out / ".slide.regions"
+
+
+def _same_outputs(a, b, name="slide") -> None:
+    for suffix in (".labels.tif", ".geojson", ".nuclei.csv", ".overlay.png"):
+        assert (a / f"{name}{suffix}").read_bytes() == (b / f"{name}{suffix}").read_bytes(), suffix
+
+
+def test_an_interrupted_image_goes_on_from_its_kept_regions_to_the_same_outputs(seam_slide, tmp_path, caplog):
+    folder, *_ = seam_slide
+    out = tmp_path / "out"
+    journal = _killed_after(7, folder / "slide.tif", out)
+    assert len(list(journal.glob("r*.npy.z"))) == 7 and not (out / "slide.labels.tif").exists()
+
+    again = _predictor()
+    computed = _counting(again)
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
+        result = again.predict_slide(folder / "slide.tif", out)
+    assert len(computed) == 12 - 7 and result.regions_processed == 12  # the network ran only where nothing was kept
+    assert "7 regions kept from an interrupted run" in caplog.text
+    assert not journal.exists()  # gone once the outputs are committed
+    _same_outputs(out, folder / "regions")  # byte for byte an uninterrupted run's, nucleus ids included
+
+
+def test_kept_regions_of_other_settings_are_discarded_and_unreadable_ones_computed_again(seam_slide, tmp_path,
+                                                                                          caplog):
+    folder, *_ = seam_slide
+    path, out = folder / "slide.tif", tmp_path / "out"
+    _killed_after(5, path, out, postprocess_params={"min_size": 5})
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
+        journal = _killed_after(4, path, out)  # other settings: the 5 kept regions are not taken
+    assert "5 regions of an interrupted run with other settings are discarded" in caplog.text
+    assert sorted(p.name for p in journal.glob("r*.npy.z")) == [f"r0-{j}.npy.z" for j in range(4)]
+
+    (journal / "r0-1.npy.z").write_bytes(b"half a region")  # as a power loss after the rename may leave it
+    again = _predictor()
+    computed = _counting(again)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai"):
+        again.predict_slide(path, out)
+    assert sorted(computed) == [(0, 1), *[(i, j) for i in (1, 2) for j in range(4)]]
+    assert "r0-1.npy.z: a kept region could not be read" in caplog.text
+    _same_outputs(out, folder / "regions")
+
+
+def test_without_keep_regions_nothing_is_kept(seam_slide, tmp_path):
+    folder, *_ = seam_slide
+    assert not _killed_after(3, folder / "slide.tif", tmp_path / "out", keep_regions=False).exists()
