@@ -44,7 +44,7 @@ from .errors import root_cause
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
-from .region_tasks import FetchedLabels, band_labels, bands
+from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,10 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
         with predictor.planned(slide.path) as (plan, _):
             height, width = plan.grid.shape
             regions = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
-        if height * width > split_above_mpx * 1e6 and len(regions) > 1:
+            split = height * width > split_above_mpx * 1e6 and len(regions) > 1
+            if split:
+                claim_journal(predictor, plan, output_dir, slide.name)
+        if split:
             return {**row, "status": "split", "regions": regions, "megapixels": height * width / 1e6}
     remove_stale_temporaries(output_dir, slide.name)
     result = predictor.predict_slide(slide.path, output_dir, slide.name)
@@ -272,10 +275,11 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     return _finished_row(row, output_dir, slide.name)
 
 
-def region_band(factory: Callable[[], SlidePredictor], slide: Slide, torch_threads: int | None,
+def region_band(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
                 regions: list[tuple[int, int]]) -> list:
-    """One region task of a split slide: its regions' packed instance labels (``region_tasks.band_labels``)."""
-    return band_labels(slide_predictor(factory, slide, torch_threads), slide.path, regions)
+    """One region task of a split slide: its regions' packed instance labels (``region_tasks.band_labels``), kept
+    in the slide's region journal as they are computed."""
+    return band_labels(slide_predictor(factory, slide, torch_threads), slide.path, regions, output_dir, slide.name)
 
 
 @slide_task
@@ -499,7 +503,8 @@ def _submit_regions(client, factory: Callable[[], SlidePredictor], slide: Slide,
     parts = bands(regions, 2 * max(1, sum(client.nthreads().values())))
     handed = []
     for part in parts:
-        future = client.submit(region_band, factory, slide, torch_threads, part, key=_key("regions", slide.name),
+        future = client.submit(region_band, factory, slide, output_dir, torch_threads, part,
+                               key=_key("regions", slide.name),
                                retries=retries, pure=False)
         variable = Variable(f"nucleiseg-{future.key}", client=client)
         variable.set(future)

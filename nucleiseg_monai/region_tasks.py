@@ -8,6 +8,10 @@ contiguous ``bands``; each band is one task that returns its regions' instance l
 exactly as the whole-slide run does, so the label map, GeoJSON, CSV and overlay are the same, nucleus ids included,
 and they are written once, atomically, by the merge.
 
+Kept regions: the slide task that splits a slide claims its region journal (``region_journal``), and each band
+task joins it: a region the journal holds is read back instead of computed, and each one computed is written into
+it, so a cohort killed midway and run again computes only the regions it had not finished.
+
 Memory: a band's result stays on the worker that computed it (Dask spills it to disk beyond its memory limit)
 until the merge has consumed it; the merge holds one band's compressed labels at a time besides what one
 ``predict_slide`` holds, and reads the windows of kept nuclei again for their measurements.
@@ -15,16 +19,17 @@ until the merge has consumed it; the merge holds one band's compressed labels at
 
 from __future__ import annotations
 
-import zlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from distributed import Variable, worker_client
 
 from .inference import Plan, SlidePredictor
+from .outputs import source_fingerprint
+from .region_journal import RegionJournal, pack, unpack
 
 Region = tuple[int, int]
-Packed = tuple[tuple[int, int], str, bytes]
 
 
 def bands(regions: list[Region], count: int) -> list[list[Region]]:
@@ -34,21 +39,29 @@ def bands(regions: list[Region], count: int) -> list[list[Region]]:
     return [list(regions[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def pack(labels: np.ndarray) -> Packed:
-    """Instance labels as (shape, dtype, zlib bytes): uint16 when the ids fit, which halves them before zlib."""
-    dtype = np.uint16 if labels.max(initial=0) < 2**16 else np.uint32
-    return labels.shape, np.dtype(dtype).str, zlib.compress(np.ascontiguousarray(labels, dtype).tobytes(), 1)
+def claim_journal(predictor: SlidePredictor, plan: Plan, output_dir: str | os.PathLike, name: str) -> None:
+    """Before a split slide's band tasks start: its region journal, emptied where another run's regions are in it."""
+    if predictor.keep_regions:
+        RegionJournal.claim(output_dir, name, predictor.journal_key(plan, source_fingerprint(plan.reader.path)))
 
 
-def unpack(packed: Packed) -> np.ndarray:
-    shape, dtype, data = packed
-    return np.frombuffer(zlib.decompress(data), dtype).reshape(shape).astype(np.uint32)
-
-
-def band_labels(predictor: SlidePredictor, path: str, regions: list[Region]) -> list[tuple[Region, Packed]]:
-    """The packed ``region_labels`` of ``regions`` of the image at ``path``, planned as ``predict_slide`` plans it."""
+def band_labels(predictor: SlidePredictor, path: str, regions: list[Region],
+                output_dir: str | os.PathLike | None = None, name: str | None = None) -> list[tuple[Region, bytes]]:
+    """The packed ``region_labels`` of ``regions`` of the image at ``path``, planned as ``predict_slide`` plans it;
+    with ``output_dir`` and ``name``, taken from and added to the slide's claimed region journal."""
     with predictor.planned(path) as (plan, _):
-        return [(ij, pack(predictor.region_labels(plan, ij))) for ij in regions]
+        journal = None
+        if output_dir is not None and predictor.keep_regions:
+            journal = RegionJournal.join(output_dir, name, predictor.journal_key(plan, source_fingerprint(path)))
+        band = []
+        for ij in regions:
+            labels = journal.load(ij) if journal is not None and ij in journal else None
+            if labels is None:
+                labels = predictor.region_labels(plan, ij)
+                if journal is not None:
+                    journal.save(ij, labels)
+            band.append((ij, pack(labels)))
+        return band
 
 
 @dataclass(frozen=True)

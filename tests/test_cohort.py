@@ -1,4 +1,5 @@
 import csv
+import io
 import json
 import logging
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary,
                                     failure, host_share, predict_cohort, quiet_dask, raise_on_failure, read_cohort,
                                     read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort,
                                     slide_task)
-from nucleiseg_monai.region_tasks import bands, pack, unpack
+from nucleiseg_monai.region_journal import pack, unpack
+from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
 from nucleiseg_monai.wsi import ImageError
@@ -456,6 +459,28 @@ def test_slides_split_into_region_tasks_give_the_nuclei_of_the_whole_slide_run(c
     _assert_same_outputs(root / "split", root / "serial", serial)
 
 
+def test_region_tasks_keep_their_regions_in_the_journal_the_slide_task_claimed(cohort, tmp_path, monkeypatch):
+    """A split slide's band tasks add each region to the journal its slide task claimed and take the ones in it,
+    so a cohort run again after a kill computes only what it had not finished; unclaimed, nothing is kept."""
+    root, bundle, _ = cohort
+    predictor = BundlePredictor(str(bundle))()
+    path, out = str(root / "slides" / "slide0.tif"), tmp_path / "out"
+    with predictor.planned(path) as (plan, _):
+        regions = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
+    assert len(regions) > 1
+    band_labels(predictor, path, regions[:1], out, "slide0")
+    assert not (out / ".slide0.regions").exists()  # only the slide task claims a journal
+
+    with predictor.planned(path) as (plan, _):
+        claim_journal(predictor, plan, out, "slide0")
+    first = band_labels(predictor, path, regions, out, "slide0")
+    assert len(list((out / ".slide0.regions").glob("r*.npy.z"))) == len(regions)
+    monkeypatch.setattr(predictor, "region_labels", lambda *_: pytest.fail("a kept region was computed again"))
+    again = band_labels(predictor, path, regions, out, "slide0")
+    assert [ij for ij, _ in again] == regions
+    assert all(np.array_equal(unpack(a), unpack(b)) for (_, a), (_, b) in zip(first, again))
+
+
 def test_region_bands_are_contiguous_and_labels_travel_exactly():
     regions = [(i, j) for i in range(3) for j in range(3)]
     parts = bands(regions, 4)
@@ -463,7 +488,8 @@ def test_region_bands_are_contiguous_and_labels_travel_exactly():
     assert bands(regions[:2], 4) == [[(0, 0)], [(0, 1)]]
     small = np.arange(12, dtype=np.uint32).reshape(3, 4)
     large = small + 2**16
-    assert pack(small)[1] == np.dtype(np.uint16).str and pack(large)[1] == np.dtype(np.uint32).str
+    stored = [np.load(io.BytesIO(zlib.decompress(pack(x)))).dtype for x in (small, large)]
+    assert stored == [np.uint16, np.uint32]  # uint16 where the ids fit
     for labels in (small, large):
         back = unpack(pack(labels))
         assert back.dtype == np.uint32 and np.array_equal(back, labels)
