@@ -39,9 +39,10 @@ class AtomicFile:
     that pick the format from the name still work, and names its writer for ``remove_stale``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, make_folder: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if make_folder:  # else a missing folder raises FileNotFoundError
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_temporary_prefix(self.path),
                                    suffix=f".tmp{self.path.suffix}")
         # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes

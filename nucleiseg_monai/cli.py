@@ -472,10 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         with warnings_as_log_lines():
             return args.func(args)
     except KeyboardInterrupt:
-        # what is written is written atomically: finished images, the regions of an unfinished one (its region
-        # journal) and checkpoints stay; temporaries go next run
-        logger.error("interrupted: finished outputs, and the finished regions of an unfinished image, are kept; run "
-                     "the same command again to go on (nucleiseg train: with --resume true)")
+        # what is written is written atomically, and stays; temporaries go next run
+        kept = {cmd_predict: "finished images, and the finished regions of an unfinished one, are kept",
+                cmd_train: "checkpoints are kept"}.get(args.func, "finished outputs are kept")
+        again = " with --resume true" if args.func is cmd_train else ""
+        logger.error("interrupted: %s; run the same command again%s to go on", kept, again)
         return 130
     except Exception as err:
         from .errors import one_line, root_cause

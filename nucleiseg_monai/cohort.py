@@ -11,7 +11,8 @@ be used: ``INPUT_ERRORS``) is recorded as failed at once. The client logs each s
 and where it came from, as a single-image run gives them) as the slide finishes, and keeps Dask's INFO messages out
 of the log. Slides whose outputs are complete and were made with the same weights and settings (their completion
 record) are skipped, so re-running the same command resumes a run that was killed at any point: only
-the slides in flight are redone. A slide above ``split_above_mpx`` megapixels is split into region tasks whose
+the regions of the slides in flight that had not finished are computed again (each slide's region journal,
+``region_journal``). A slide above ``split_above_mpx`` megapixels is split into region tasks whose
 labels one merge task stitches exactly as the whole-slide run does (``region_tasks``), so one huge slide can use
 the whole cluster. ``run_bundle_cohort`` is the same run for a bundle config's runner.
 """
@@ -44,6 +45,7 @@ from .errors import root_cause
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
+from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
 
@@ -256,6 +258,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
     if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name, slide.path):
+        remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
             return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)

@@ -51,10 +51,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import __version__
 from .atomic import remove_stale
 from .data import load_stats
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
+from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete,
                       source_fingerprint)
 from .postprocess import activate, instances_from_probs
@@ -372,6 +374,7 @@ class InferenceNetwork:
         self.inferer = window_inferer(roi_size, overlap, getattr(network, "multiple", 1), sw_batch_size,
                                       padding_mode, self.device, test_time_flips)
         self.roi_size, self.overlap, self.amp, self.int8 = roi_size, overlap, amp, int8
+        self.sw_batch_size, self.padding_mode = sw_batch_size, padding_mode
         self.test_time_flips = int(test_time_flips)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -675,11 +678,20 @@ class SlidePredictor:
             yield plan, thumb
 
     def journal_key(self, plan: Plan, fingerprint: str) -> dict:
-        """What a region's labels depend on besides this code: the settings, the input file and the plan."""
-        reader = plan.reader
-        return {"settings": self.settings(), "source_fingerprint": fingerprint, "level": reader.level,
-                "shape": list(reader.shape), "scale": str(plan.scale), "regions": [list(plan.todo.shape),
-                hashlib.sha256(np.packbits(plan.todo).tobytes()).hexdigest()]}
+        """What a region's labels depend on (``region_journal``): the settings of the completion record, and what
+        that leaves out because it does not change finished outputs enough to redo them but would mix two kinds of
+        regions in one image: the runtime the network runs in, the device, the code and library versions, the
+        input file's modification time, and the plan."""
+        net, reader = self.network, plan.reader
+        return {
+            "settings": self.settings(), "source_fingerprint": fingerprint,
+            "source_mtime_ns": os.stat(reader.path).st_mtime_ns, "level": reader.level, "shape": list(reader.shape),
+            "scale": str(plan.scale), "regions": [list(plan.todo.shape),
+                                                  hashlib.sha256(np.packbits(plan.todo).tobytes()).hexdigest()],
+            "runtime": [net.runtime, type(net.network).__name__, net.device.type, net.sw_batch_size,
+                        net.padding_mode],
+            "versions": [__version__, *(library_version(p) for p in RUNTIME_LIBRARIES)],
+        }
 
     def region_labels(self, plan: Plan, ij: tuple[int, int]) -> np.ndarray:
         """Instance labels (ids 1..n) of region ij's window on the read grid, as ``predict_slide`` hands them to the
@@ -706,8 +718,10 @@ class SlidePredictor:
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
+            if self.overwrite:  # redone from the first region, as the outputs are
+                remove_journal(output_dir, name)
             journal = None
-            if self.keep_regions and labels_from is None:
+            if self.keep_regions and labels_from is None and plan.todo.sum() > 1:  # one region: nothing to go on from
                 journal = RegionJournal.claim(output_dir, name, self.journal_key(plan, fingerprint))
             # an assumed pixel size is not written into the outputs as if it were measured
             out_mpp = reader.mpp if plan.mpp_source != "assumed" else None
@@ -802,7 +816,7 @@ class SlidePredictor:
                 labels = None
                 if ij in kept:
                     with _timed(timings, "read"):
-                        labels = journal.load(ij)
+                        labels = journal.load(ij, plan.grid.window(ij)[2:])
                 if labels is not None:
                     yield plan.grid.window(ij), None, labels
                     continue
@@ -855,6 +869,7 @@ class SlidePredictor:
             seen[name] = path
             if not self.overwrite and self.finished(output_dir, name, path):
                 logger.info("%s: outputs complete in %s, skipped", path, output_dir)
+                remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
                 summary.skipped.append(str(path))
                 continue
             try:

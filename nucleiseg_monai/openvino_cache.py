@@ -41,7 +41,10 @@ def cache_dir() -> Path | None:
     return Path(root) / "openvino"
 
 
-def _version(package: str) -> str:
+RUNTIME_LIBRARIES = ("torch", "openvino", "nncf")  # what makes a network into what runs
+
+
+def library_version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -52,7 +55,7 @@ def model_key(*parts: str) -> str:
     """A key for the model made from ``parts`` (the caller's description of network, precision and inputs) and
     the versions of the libraries that make it."""
     digest = hashlib.sha256()
-    for part in (*parts, *(f"{p}={_version(p)}" for p in ("torch", "openvino", "nncf"))):
+    for part in (*parts, *(f"{p}={library_version(p)}" for p in RUNTIME_LIBRARIES)):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]

@@ -4,20 +4,23 @@ from them instead of from the first region.
 A whole slide at 40x takes from minutes to hours on a CPU, and its outputs are written at its end (atomically, so
 that a killed run leaves nothing half-written under a final name). Without a journal a run killed at 90% (Ctrl-C, a
 cluster's wall-time limit, a reboot) starts that slide again from its first region. With one, each region's
-instance labels, as the stitcher takes them, go into ``.<name>.regions/`` in the output folder as soon as they are
-computed; a later run of the same image with the same weights, settings and plan reads them back and runs the
-network and watershed only on the others. Stitching, measurements and writing run again over every region (they
-hold no state worth saving), so the outputs are those of an uninterrupted run, nucleus ids included. The folder
-goes when the image's outputs are committed.
+instance labels, as the stitcher takes them, go into ``.<name>.regions/<key>/`` in the output folder as soon as they
+are computed; a later run of the same image under the same key reads them back and runs the network and watershed
+only on the others. Stitching, measurements and writing run again over every region (they hold no state worth
+saving), so the outputs are those of an uninterrupted run, nucleus ids included. The folder goes when the image's
+outputs are committed, or when it is found finished; deleting it by hand is always safe.
 
-``key.json`` says what made the regions: the predictor's settings (weights, statistics, post-processing, region
-size...), the input file's fingerprint and the plan (level, shape, scale, regions to process). A run whose key
-differs empties the folder before writing its own (``claim``), with one log line; a cohort's region tasks of a split
-slide only join a journal their slide task claimed (``join``), so they never empty one another's.
+The key is what made the regions (``SlidePredictor.journal_key``: weights, settings, runtime and versions, the input
+file, the plan); ``key.json`` in its folder holds it, and the folder's name is its hash, so a writer of another key
+(a run killed on another machine, a cohort's task still running on a cluster) only ever writes into its own folder.
+``claim`` deletes the folders of other keys, with one log line saying what differed; a cohort's region tasks of a
+split slide only ``join`` the folder their slide task claimed. Keeping regions only saves time: a journal that
+cannot be written (a full disk) is given up with one warning and the image goes on without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -57,45 +60,50 @@ def journal_folder(output_dir: str | os.PathLike, name: str) -> Path:
 
 
 def remove_journal(output_dir: str | os.PathLike, name: str) -> None:
-    """Delete the journal of ``name``, once its outputs are committed (where there is one)."""
+    """Delete every kept region of ``name``: once its outputs are committed, or found finished."""
     shutil.rmtree(journal_folder(output_dir, name), ignore_errors=True)
 
 
 class RegionJournal:
     """The finished regions of image ``name`` in ``output_dir`` made under ``key`` (``RegionJournal.claim`` or
-    ``RegionJournal.join``): ``ij in journal``, ``load``, ``save``; ``remove_journal`` deletes it."""
+    ``RegionJournal.join``): ``ij in journal``, ``load``, ``save``."""
 
-    def __init__(self, folder: Path, key: dict, done: set[Region]):
-        self.folder, self.key, self._done = folder, key, done
+    def __init__(self, folder: Path, done: set[Region]):
+        self.folder, self._done, self.active = folder, done, True
 
     @classmethod
-    def claim(cls, output_dir: str | os.PathLike, name: str, key: dict) -> RegionJournal:
-        """The journal of ``name`` for ``key``: its regions where its key is ``key``; else emptied, with a log line
-        saying how many regions of another run went and why."""
-        folder, key = journal_folder(output_dir, name), _normalised(key)
-        recorded = _read_key(folder)
-        if recorded is not None and recorded != key:
-            differing = sorted(k for k in recorded.keys() | key.keys() if recorded.get(k) != key.get(k))
-            logger.info("%s: %d regions of an interrupted run with other %s are discarded", name,
-                        len(_region_files(folder)), ", ".join(differing))
-        if folder.exists() and recorded != key:
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale(folder)  # region files a killed writer left half-written
-        if recorded != key:
-            write_json_atomic(key, folder / KEY_FILE)
+    def claim(cls, output_dir: str | os.PathLike, name: str, key: dict) -> RegionJournal | None:
+        """The journal of ``name`` for ``key``, the regions of other keys deleted (one log line says what differed);
+        None, with a warning, where it cannot be made."""
+        key = _normalised(key)
+        parent = journal_folder(output_dir, name)
+        folder = parent / _key_hash(key)
+        try:
+            if parent.is_dir():
+                for other in parent.iterdir():
+                    if other != folder:
+                        _discard(other, key, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(folder)  # region files a killed writer left half-written
+            if _read_key(folder) != key:
+                write_json_atomic(key, folder / KEY_FILE)
+        except OSError as err:
+            logger.warning("%s: finished regions cannot be kept in %s (%s); the image goes on without them", name,
+                           parent, err)
+            return None
         done = set(_region_files(folder))
         if done:
             logger.info("%s: %d regions kept from an interrupted run are taken as they are", name, len(done))
-        return cls(folder, key, done)
+        return cls(folder, done)
 
     @classmethod
     def join(cls, output_dir: str | os.PathLike, name: str, key: dict) -> RegionJournal | None:
         """The journal of ``name`` when one was claimed for ``key``; else None (nothing is kept)."""
-        folder, key = journal_folder(output_dir, name), _normalised(key)
+        key = _normalised(key)
+        folder = journal_folder(output_dir, name) / _key_hash(key)
         if _read_key(folder) != key:
             return None
-        return cls(folder, key, set(_region_files(folder)))
+        return cls(folder, set(_region_files(folder)))
 
     def __contains__(self, ij: Region) -> bool:
         return tuple(ij) in self._done
@@ -103,11 +111,15 @@ class RegionJournal:
     def __len__(self) -> int:
         return len(self._done)
 
-    def load(self, ij: Region) -> np.ndarray | None:
-        """Region ij's labels, or None when its file cannot be read back (then it is deleted and computed again)."""
+    def load(self, ij: Region, shape: tuple[int, int]) -> np.ndarray | None:
+        """Region ij's labels, or None when its file cannot be read back or is not ``shape`` (then it is deleted
+        and the region computed again)."""
         path = self._path(ij)
         try:
-            return unpack(path.read_bytes())
+            labels = unpack(path.read_bytes())
+            if labels.shape != tuple(shape):
+                raise ValueError(f"{labels.shape[0]}x{labels.shape[1]} px where the region is {shape[0]}x{shape[1]}")
+            return labels
         except (OSError, ValueError, EOFError, zlib.error) as err:
             logger.warning("%s: a kept region could not be read (%s); it is computed again", path, err)
             path.unlink(missing_ok=True)
@@ -115,13 +127,28 @@ class RegionJournal:
             return None
 
     def save(self, ij: Region, labels: np.ndarray) -> None:
-        # renamed without fsync: after a power loss a region may be missing or unreadable, and is then computed again
-        target = AtomicFile(self._path(ij))
+        """Keep region ij's labels; after a failure to write (the folder deleted meanwhile, a full disk) nothing
+        more is kept, and the run goes on."""
+        if not self.active:
+            return
+        target = None
         try:
+            # in the key's own folder, never recreated: a folder deleted meanwhile (claimed by another key, or its
+            # image finished) means this writer's regions are no longer wanted
+            target = AtomicFile(self._path(ij), make_folder=False)
             target.tmp.write_bytes(pack(labels))
-            target.replace()
+            target.replace()  # without fsync: after a power loss a region may be unreadable, and is computed again
+        except OSError as err:
+            self.active = False
+            if target is not None:
+                target.discard()
+            if self.folder.is_dir():
+                logger.warning("%s: finished regions can no longer be kept (%s); the image goes on without them",
+                               self.folder.parent, err)
+            return
         except BaseException:
-            target.discard()
+            if target is not None:
+                target.discard()
             raise
         self._done.add(tuple(ij))
 
@@ -131,6 +158,24 @@ class RegionJournal:
 
 def _normalised(key: dict) -> dict:
     return json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back from key.json
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _discard(folder: Path, key: dict, name: str) -> None:
+    """Delete the kept regions of another key, saying how many and what differed."""
+    count = len(_region_files(folder))
+    if count:
+        recorded = _read_key(folder) or {}
+        differing = sorted(k for k in recorded.keys() | key.keys() if recorded.get(k) != key.get(k))
+        logger.info("%s: %d regions of an interrupted run with other %s are discarded", name, count,
+                    ", ".join(differing) or "settings")
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    else:
+        folder.unlink()
 
 
 def _read_key(folder: Path) -> dict | None:

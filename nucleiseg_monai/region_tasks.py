@@ -27,7 +27,7 @@ from distributed import Variable, worker_client
 
 from .inference import Plan, SlidePredictor
 from .outputs import source_fingerprint
-from .region_journal import RegionJournal, pack, unpack
+from .region_journal import RegionJournal, pack, remove_journal, unpack
 
 Region = tuple[int, int]
 
@@ -41,6 +41,8 @@ def bands(regions: list[Region], count: int) -> list[list[Region]]:
 
 def claim_journal(predictor: SlidePredictor, plan: Plan, output_dir: str | os.PathLike, name: str) -> None:
     """Before a split slide's band tasks start: its region journal, emptied where another run's regions are in it."""
+    if predictor.overwrite:
+        remove_journal(output_dir, name)
     if predictor.keep_regions:
         RegionJournal.claim(output_dir, name, predictor.journal_key(plan, source_fingerprint(plan.reader.path)))
 
@@ -55,7 +57,7 @@ def band_labels(predictor: SlidePredictor, path: str, regions: list[Region],
             journal = RegionJournal.join(output_dir, name, predictor.journal_key(plan, source_fingerprint(path)))
         band = []
         for ij in regions:
-            labels = journal.load(ij) if journal is not None and ij in journal else None
+            labels = journal.load(ij, plan.grid.window(ij)[2:]) if journal is not None and ij in journal else None
             if labels is None:
                 labels = predictor.region_labels(plan, ij)
                 if journal is not None:

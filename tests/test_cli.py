@@ -437,7 +437,7 @@ def test_predict_without_weights_says_so_in_one_line(tmp_path, caplog):
     (PermissionError(13, "Permission denied", "/data/out"), 2,
      "/data/out: Permission denied; choose a place you can write to, or change its permissions"),
     (NotADirectoryError(20, "Not a directory", "/data/afile/x"), 2, "Not a directory"),
-    (KeyboardInterrupt(), 130, "interrupted: finished outputs, and the finished regions of an unfinished image, "
+    (KeyboardInterrupt(), 130, "interrupted: finished images, and the finished regions of an unfinished one, "
                                "are kept; run the same command again to go on"),
 ])
 def test_a_run_ends_an_os_error_or_an_interruption_in_one_line(monkeypatch, caplog, raised, code, said):

@@ -1,5 +1,4 @@
 import csv
-import io
 import json
 import logging
 import os
@@ -8,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary,
                                     failure, host_share, predict_cohort, quiet_dask, raise_on_failure, read_cohort,
                                     read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort,
                                     slide_task)
-from nucleiseg_monai.region_journal import pack, unpack
+from nucleiseg_monai.region_journal import unpack
 from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
 from nucleiseg_monai.run_table import COLUMNS, RunTable
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
@@ -474,25 +472,18 @@ def test_region_tasks_keep_their_regions_in_the_journal_the_slide_task_claimed(c
     with predictor.planned(path) as (plan, _):
         claim_journal(predictor, plan, out, "slide0")
     first = band_labels(predictor, path, regions, out, "slide0")
-    assert len(list((out / ".slide0.regions").glob("r*.npy.z"))) == len(regions)
+    assert len(list((out / ".slide0.regions").rglob("r*.npy.z"))) == len(regions)
     monkeypatch.setattr(predictor, "region_labels", lambda *_: pytest.fail("a kept region was computed again"))
     again = band_labels(predictor, path, regions, out, "slide0")
     assert [ij for ij, _ in again] == regions
     assert all(np.array_equal(unpack(a), unpack(b)) for (_, a), (_, b) in zip(first, again))
 
 
-def test_region_bands_are_contiguous_and_labels_travel_exactly():
+def test_region_bands_are_contiguous():
     regions = [(i, j) for i in range(3) for j in range(3)]
     parts = bands(regions, 4)
     assert [len(part) for part in parts] == [2, 2, 3, 2] and sum(parts, []) == regions
     assert bands(regions[:2], 4) == [[(0, 0)], [(0, 1)]]
-    small = np.arange(12, dtype=np.uint32).reshape(3, 4)
-    large = small + 2**16
-    stored = [np.load(io.BytesIO(zlib.decompress(pack(x)))).dtype for x in (small, large)]
-    assert stored == [np.uint16, np.uint32]  # uint16 where the ids fit
-    for labels in (small, large):
-        back = unpack(pack(labels))
-        assert back.dtype == np.uint32 and np.array_equal(back, labels)
 
 
 @pytest.mark.slow

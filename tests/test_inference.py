@@ -53,13 +53,13 @@ class Oracle(torch.nn.Module):
         return -((raw[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(2) / 100.0
 
 
-def _predictor(network=None, region_size=256, tissue_threshold=None, max_regions=None, mpp=0.25, **kw
-               ) -> SlidePredictor:
+def _predictor(network=None, region_size=256, tissue_threshold=None, max_regions=None, mpp=0.25, sw_batch_size=4,
+               **kw) -> SlidePredictor:
     """The oracle's predictor (or ``network``'s), in 128 px windows and regions of ``region_size``; ``kw`` are the
     predictor's own keyword arguments."""
     return SlidePredictor(
         InferenceNetwork(Oracle() if network is None else network, MEAN, STD, roi_size=128, overlap=0.25,
-                         sw_batch_size=4),
+                         sw_batch_size=sw_batch_size),
         RegionPlanner(region_size, 48, mpp, tissue_threshold, max_regions), OutputOptions(label_tile=128),
         progress=False, **kw)
 
@@ -897,7 +897,7 @@ def test_an_interrupted_image_goes_on_from_its_kept_regions_to_the_same_outputs(
     folder, *_ = seam_slide
     out = tmp_path / "out"
     journal = _killed_after(7, folder / "slide.tif", out)
-    assert len(list(journal.glob("r*.npy.z"))) == 7 and not (out / "slide.labels.tif").exists()
+    assert len(list(journal.rglob("r*.npy.z"))) == 7 and not (out / "slide.labels.tif").exists()
 
     again = _predictor()
     computed = _counting(again)
@@ -917,9 +917,9 @@ def test_kept_regions_of_other_settings_are_discarded_and_unreadable_ones_comput
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
         journal = _killed_after(4, path, out)  # other settings: the 5 kept regions are not taken
     assert "5 regions of an interrupted run with other settings are discarded" in caplog.text
-    assert sorted(p.name for p in journal.glob("r*.npy.z")) == [f"r0-{j}.npy.z" for j in range(4)]
+    assert sorted(p.name for p in journal.rglob("r*.npy.z")) == [f"r0-{j}.npy.z" for j in range(4)]
 
-    (journal / "r0-1.npy.z").write_bytes(b"half a region")  # as a power loss after the rename may leave it
+    (next(journal.iterdir()) / "r0-1.npy.z").write_bytes(b"half a region")  # as a power loss may leave it
     again = _predictor()
     computed = _counting(again)
     with caplog.at_level(logging.WARNING, logger="nucleiseg_monai"):
@@ -932,3 +932,32 @@ def test_kept_regions_of_other_settings_are_discarded_and_unreadable_ones_comput
 def test_without_keep_regions_nothing_is_kept(seam_slide, tmp_path):
     folder, *_ = seam_slide
     assert not _killed_after(3, folder / "slide.tif", tmp_path / "out", keep_regions=False).exists()
+
+
+def test_overwrite_or_another_runtime_start_afresh_and_a_finished_image_leaves_no_journal(seam_slide, tmp_path,
+                                                                                         caplog):
+    folder, *_ = seam_slide
+    path, out = folder / "slide.tif", tmp_path / "out"
+    _killed_after(5, path, out)
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
+        _killed_after(4, path, out, sw_batch_size=2)  # other windows per batch: not the same computation
+    assert "5 regions of an interrupted run with other runtime are discarded" in caplog.text
+    overwriting = _predictor(overwrite=True)
+    computed = _counting(overwriting)
+    overwriting.predict_slide(path, out)
+    assert len(computed) == 12  # --overwrite redoes an image from its first region, as it redoes its outputs
+
+    journal = out / ".slide.regions"
+    journal.mkdir()  # as a run killed between committing the outputs and deleting its journal leaves it
+    summary = _predictor().run(path, out)
+    assert summary.skipped == [str(path)] and not journal.exists()
+
+
+def test_an_image_of_one_region_keeps_nothing(tmp_path):
+    tile, out = tmp_path / "tile.tif", tmp_path / "out"
+    _write_tif(tile, _oracle_image(make_slide((200, 200), seed=3).labels()), 0.25)
+    predictor = _predictor()
+    _counting(predictor, 0)
+    with pytest.raises(RuntimeError, match="killed"):
+        predictor.predict_slide(tile, out)
+    assert not (out / ".tile.regions").exists()  # a tile has nothing to go on from

@@ -126,7 +126,7 @@ def test_keys_differ_with_any_part_and_with_the_library_versions(monkeypatch):
     assert len({base, openvino_cache.model_key("net", "weights", "float32"),
                 openvino_cache.model_key("net", "other weights", "int8"),
                 openvino_cache.model_key("netweights", "int8")}) == 4
-    monkeypatch.setattr(openvino_cache, "_version", lambda package: "9.9" if package == "openvino" else "1")
+    monkeypatch.setattr(openvino_cache, "library_version", lambda package: "9.9" if package == "openvino" else "1")
     assert openvino_cache.model_key("net", "weights", "int8") != base
 
 
