@@ -859,28 +859,39 @@ class SlidePredictor:
             self._refuse_other_settings(images, output_dir)
         summary = RunSummary()
         seen: dict[str, Path] = {}
-        for path in images:
+        start, total = time.perf_counter(), len(images)
+        for index, path in enumerate(images, 1):
+            # with many images, each line says how far the run is (the region bar covers one image)
+            at = f"[{index}/{total}] " if total > 1 else ""
             name = path.stem
             if name in seen:
                 message = f"same output name {name!r} as {seen[name]}; rename one of them"
-                logger.error("failed on %s: %s", path, message)
+                logger.error("%sfailed on %s: %s", at, path, message)
                 summary.failed.append((str(path), message))
                 continue
             seen[name] = path
             if not self.overwrite and self.finished(output_dir, name, path):
-                logger.info("%s: outputs complete in %s, skipped", path, output_dir)
+                logger.info("%s%s: outputs complete in %s, skipped", at, path, output_dir)
                 remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
                 summary.skipped.append(str(path))
                 continue
             try:
                 result = self.predict_slide(path, output_dir, name)
             except Exception as err:  # one bad image must not stop a folder; the error is reported with its path
-                logger.error("failed on %s: %s: %s", path, type(err).__name__, err,
+                logger.error("%sfailed on %s: %s: %s", at, path, type(err).__name__, err,
                              exc_info=logger.isEnabledFor(logging.DEBUG))
                 summary.failed.append((str(path), f"{type(err).__name__}: {err}"))
                 continue
-            logger.info("%s: %d nuclei in %.1f s", path, result.nuclei, result.seconds)
             summary.done.append(result)
+            left = ""
+            if index < total:  # the images done so far, at their mean time, for the ones still to come
+                mean = sum(r.seconds for r in summary.done) / len(summary.done)
+                left = f"; about {_duration(mean * (total - index))} left"
+            logger.info("%s%s: %d nuclei in %.1f s%s", at, path, result.nuclei, result.seconds, left)
+        if total > 1:
+            logger.info("%d images in %s: %d done, %d already complete, %d failed", total,
+                        _duration(time.perf_counter() - start), len(summary.done), len(summary.skipped),
+                        len(summary.failed))
         return summary
 
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
@@ -922,6 +933,14 @@ def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.nda
     finally:
         if hasattr(labels, "close"):  # a generator fetching them stops when the slide stops early
             labels.close()
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait: "40 s", "12 min", "3 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 @contextmanager

@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -961,3 +962,22 @@ def test_an_image_of_one_region_keeps_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         predictor.predict_slide(tile, out)
     assert not (out / ".tile.regions").exists()  # a tile has nothing to go on from
+
+
+def test_a_run_of_many_images_says_how_far_it_is_and_how_long_is_left(tmp_path, caplog):
+    _write_tiles(tmp_path / "in")
+    (tmp_path / "in" / "broken.tif").write_bytes(b"II*\x00 this is not a tiff")
+    _predictor().run(tmp_path / "in" / "tile0.png", tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.inference"):
+        _predictor().run(tmp_path / "in", tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.search(r"^\[1/4\] .*broken\.tif", "\n".join(lines), re.M)  # sorted: broken.tif first
+    assert any(m.startswith("[2/4] ") and m.endswith("skipped") for m in lines)  # tile0 was finished
+    assert any(re.fullmatch(r"\[3/4\] .*tile1\.png: \d+ nuclei in [\d.]+ s; about \d+ s left", m) for m in lines)
+    assert any(re.fullmatch(r"\[4/4\] .*tile2\.png: \d+ nuclei in [\d.]+ s", m) for m in lines)
+    assert lines[-1].startswith("4 images in ") and lines[-1].endswith(": 2 done, 1 already complete, 1 failed")
+
+
+def test_waits_read_as_a_person_reads_them():
+    assert [inference._duration(s) for s in (4.2, 89, 90, 3000, 3600, 11_100)] == \
+        ["4 s", "89 s", "2 min", "50 min", "1 h 00 min", "3 h 05 min"]
