@@ -27,6 +27,9 @@ from .transforms import resample_labels
 
 logger = logging.getLogger(__name__)
 
+# Sizes (min_marker_size, min_size) are pixel areas at GRID_MPP; ``default_grid`` scales them to the bundle's
+# working pixel size, so that a bundle working at another one searches the same areas in um^2.
+GRID_MPP = 0.25
 DEFAULT_GRID: dict[str, Sequence] = {
     "fg_threshold": (0.3, 0.4, 0.5, 0.6),
     "marker_threshold": (0.6, 0.7, 0.8, 0.9),
@@ -46,9 +49,17 @@ DISTANCE_GRID: dict[str, Sequence] = {
 }
 
 
-def default_grid(channels: int) -> dict[str, Sequence]:
-    """The grid searched unless the user names values: by the network's outputs (3 classes, or a distance map)."""
-    return dict(DISTANCE_GRID if channels > 3 else DEFAULT_GRID)
+def default_grid(channels: int, mpp: float | None = GRID_MPP) -> dict[str, Sequence]:
+    """The grid searched unless the user names values: by the network's outputs (3 classes, or a distance map),
+    its areas in pixels of ``mpp`` (the bundle's working pixel size; None: as written)."""
+    grid = dict(DISTANCE_GRID if channels > 3 else DEFAULT_GRID)
+    if mpp is not None and mpp != GRID_MPP:
+        area = (GRID_MPP / mpp) ** 2
+        for key in ("min_marker_size", "min_size"):
+            grid[key] = tuple(sorted({max(1, round(v * area)) for v in grid[key]}))
+    return grid
+
+
 CRITERION = ("aji", "pq")  # mean of the two, per-tile means over the validation split
 
 
@@ -116,9 +127,11 @@ def tune(
 ) -> dict:
     """Grid search on the validation split; writes every setting's figures and the choice to ``report_file``.
 
-    ``grid`` names the values to try for some parameters; the others keep ``default_grid``'s for the network."""
+    ``grid`` names the values to try for some parameters; the others keep ``default_grid``'s for the network and
+    its working pixel size."""
     cached = validation_probabilities(config_files, overrides)
-    grid = {**default_grid(cached[0][1].shape[0]), **(grid or {})}
+    working_mpp = _validation_parser(config_files, overrides).get_parsed_content("working_mpp")
+    grid = {**default_grid(cached[0][1].shape[0], working_mpp), **(grid or {})}
     results = []
     for params in tqdm(list(settings(grid)), desc="settings", mininterval=5):
         results.append({"params": params, "validation": score(params, cached)})

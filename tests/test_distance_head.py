@@ -144,3 +144,12 @@ def test_tuning_searches_the_distance_map_only_for_a_network_that_has_one():
     best = max(settings({**default_grid(4), "fg_threshold": (0.5,), "min_size": (25,)}),
                key=lambda p: score(p, cached)["aji"])
     assert score(best, cached)["aji"] > 0.9
+
+
+def test_the_default_grid_searches_the_same_areas_at_any_working_pixel_size():
+    from nucleiseg_monai.tuning import default_grid
+
+    at_025, at_05 = default_grid(4), default_grid(4, 0.5)
+    assert at_025["min_size"] == (25, 40, 60) and at_05["min_size"] == (6, 10, 15)  # um^2 kept: 4x fewer pixels
+    assert at_05["min_marker_size"] == (1, 2, 5) and default_grid(4, 0.125)["min_size"] == (100, 160, 240)
+    assert at_05["fg_threshold"] == at_025["fg_threshold"]  # probabilities do not scale
