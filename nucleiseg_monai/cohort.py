@@ -263,6 +263,8 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
             return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)
         return _finished_row(row, output_dir, slide.name)
+    if overwrite or predictor.overwrite:  # redone from the first region, as its outputs are
+        remove_journal(output_dir, slide.name)
     if split_above_mpx is not None:
         with predictor.planned(slide.path) as (plan, _):
             height, width = plan.grid.shape

@@ -718,7 +718,7 @@ class SlidePredictor:
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
-            if self.overwrite:  # redone from the first region, as the outputs are
+            if self.overwrite and labels_from is None:  # redone from the first region, as the outputs are
                 remove_journal(output_dir, name)
             journal = None
             if self.keep_regions and labels_from is None and plan.todo.sum() > 1:  # one region: nothing to go on from
@@ -859,7 +859,7 @@ class SlidePredictor:
             self._refuse_other_settings(images, output_dir)
         summary = RunSummary()
         seen: dict[str, Path] = {}
-        start, total = time.perf_counter(), len(images)
+        start, total, busy = time.perf_counter(), len(images), 0.0
         for index, path in enumerate(images, 1):
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
@@ -883,10 +883,10 @@ class SlidePredictor:
                 summary.failed.append((str(path), f"{type(err).__name__}: {err}"))
                 continue
             summary.done.append(result)
+            busy += result.seconds
             left = ""
             if index < total:  # the images done so far, at their mean time, for the ones still to come
-                mean = sum(r.seconds for r in summary.done) / len(summary.done)
-                left = f"; about {_duration(mean * (total - index))} left"
+                left = f"; about {_duration(busy / len(summary.done) * (total - index))} left"
             logger.info("%s%s: %d nuclei in %.1f s%s", at, path, result.nuclei, result.seconds, left)
         if total > 1:
             logger.info("%d images in %s: %d done, %d already complete, %d failed", total,

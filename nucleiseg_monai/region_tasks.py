@@ -27,7 +27,7 @@ from distributed import Variable, worker_client
 
 from .inference import Plan, SlidePredictor
 from .outputs import source_fingerprint
-from .region_journal import RegionJournal, pack, remove_journal, unpack
+from .region_journal import RegionJournal, pack, unpack
 
 Region = tuple[int, int]
 
@@ -41,8 +41,6 @@ def bands(regions: list[Region], count: int) -> list[list[Region]]:
 
 def claim_journal(predictor: SlidePredictor, plan: Plan, output_dir: str | os.PathLike, name: str) -> None:
     """Before a split slide's band tasks start: its region journal, emptied where another run's regions are in it."""
-    if predictor.overwrite:
-        remove_journal(output_dir, name)
     if predictor.keep_regions:
         RegionJournal.claim(output_dir, name, predictor.journal_key(plan, source_fingerprint(plan.reader.path)))
 
