@@ -241,6 +241,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from .packaging import MANIFEST
     from .tuning import apply, tune, tuned_checkpoint
 
     _check_bundle(args.bundle)
@@ -258,8 +259,21 @@ def cmd_tune(args) -> int:
             f"--apply would write parameters tuned for {weights} into {train}, the config of the bundle's own "
             f"weights; make them a bundle of their own first (copy {args.bundle} and put the weights in its "
             "models/model.pt), then tune it with --bundle COPY --apply")
-    report_file = args.report or str(Path(args.bundle) / "docs" / "postprocess_tuning.json" if own_weights
-                                     else weights.parent / "postprocess_tuning.json")
+    sealed = (Path(args.bundle) / MANIFEST).is_file()
+    if args.apply and sealed:
+        # its train.json is listed in manifest.json: changed, the bundle would fail its own verification
+        raise ValueError(
+            f"--apply would change {train}, a file of the packed bundle's {MANIFEST} (it would then fail "
+            f"verification and refuse to run); copy {args.bundle} to a working copy without {MANIFEST} and tune "
+            "that one with --apply")
+    if args.report:
+        report_file = args.report
+    elif own_weights and not sealed:
+        report_file = str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
+    elif own_weights:  # the shipped record stays as it was packed; the new one goes where evaluations go
+        report_file = str(Path(args.bundle) / "eval" / "postprocess_tuning.json")
+    else:
+        report_file = str(weights.parent / "postprocess_tuning.json")
     from .overrides import parse_value
 
     grid = parse_value(args.grid) if args.grid else None
@@ -310,6 +324,8 @@ def cmd_verify(args) -> int:
     for problem in problems:
         print(problem)
     print("bundle matches its manifest" if not problems else f"{len(problems)} problem(s): do not run this bundle")
+    if not problems:
+        print(_NOT_TRUSTED)
     return 1 if problems else 0
 
 
@@ -318,7 +334,13 @@ def cmd_unpack(args) -> int:
 
     dest = unpack(args.zip, args.dest, sha256=args.sha256, overwrite=args.overwrite, max_bytes=args.max_size_mb << 20)
     print(f"unpacked and verified: {dest}")
+    print(_NOT_TRUSTED)
     return 0
+
+
+# verification proves a bundle is what its sender packed, not that its configs are harmless
+_NOT_TRUSTED = ("intact, which is not trusted: its configs run the Python expressions and import the components they "
+                "name; read its configs/*.json before running it if you do not know who packed it")
 
 
 def _workflow_parser(sub, name: str, description: str, func, example: str, same_as: str, extra_usage: str = ""):

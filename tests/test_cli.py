@@ -589,3 +589,27 @@ def test_tune_never_writes_another_runs_parameters_into_the_bundle(tmp_path, cap
 def test_a_whole_postprocess_params_dict_is_one_setting():
     params = {"fg_threshold": 0.6, "marker_threshold": 0.4, "min_size": 60}
     assert checked("--postprocess_params", str(params)) == {"postprocess_params": params}
+
+
+def test_tune_leaves_a_packed_bundle_as_it_was_packed(tmp_path, caplog, monkeypatch):
+    from nucleiseg_monai import tuning
+    from nucleiseg_monai.packaging import verify, write_manifest
+
+    bundle = tiny_bundle(tmp_path / "b", evaluate={"checkpoint": "$os.path.join(@ckpt_dir, 'model.pt')"},
+                         postprocess_params={"min_size": 25})
+    (bundle / "configs" / "metadata.json").write_text('{"version": "0.1.0"}')
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"weights")
+    write_manifest(bundle)  # as nucleiseg unpack leaves it
+    assert cli.main(["tune", "--bundle", str(bundle), "--apply"]) == 2
+    assert "a file of the packed bundle's manifest.json" in caplog.text and verify(bundle) == []
+
+    reports = []
+
+    def tune(configs, report_file, **_):
+        reports.append(Path(report_file))
+        return {"chosen": {"params": {"min_size": 25}, "validation": {}}, "validation_tiles": [], "results": []}
+
+    monkeypatch.setattr(tuning, "tune", tune)
+    assert cli.main(["tune", "--bundle", str(bundle)]) == 0
+    assert reports == [bundle / "eval" / "postprocess_tuning.json"]  # an output folder, not its sealed docs/
