@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -451,7 +452,16 @@ def require_weights(path) -> None:
 
 def _state_dict(path, map_location) -> dict:
     require_weights(path)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, which would run whatever the file carries
+        raise pickle.UnpicklingError(
+            f"{path} holds pickled objects besides tensors, so it is refused unread: weights are data, and objects "
+            "in a checkpoint can run code when loaded. Do not load it with weights_only=False unless you made it "
+            f"yourself; save the network's state_dict alone instead ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]})") from None
+
     for key in ("network", "model", "state_dict", "net"):  # training checkpoints and other tools' files
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -14,10 +14,10 @@ every entry of a bundle folder is classified:
 
 - bundle files, which the manifest lists with their sha256 and size: everything under ``configs/`` (configs are code,
   so even hidden files count); under ``models/``, ``docs/`` and the top folder every file except hidden names
-  (``.*``), editor and temporary files (``*.tmp``, ``*.part``, ``*.swp``, ``*~``) and training state
-  (``models/checkpoint_*``);
+  (``.*``), editor and temporary files (``*.tmp``, ``*.part``, ``*.swp``, ``*~``), training state
+  (``models/checkpoint_*``) and what exporters make from the weights (``models/*.ts``, ``models/*.onnx``);
 - outputs, never packed nor checked: the folders ``runs/``, ``eval/`` and ``predictions/`` that training,
-  evaluation and inference write into, and the hidden, temporary and checkpoint files above;
+  evaluation and inference write into, and the hidden, temporary, checkpoint and exported files above;
 - anything else is refused by ``pack`` and ``verify``, naming it: any other folder (``imageio/``), Python source,
   bytecode or extension modules anywhere (``*.py``, ``__pycache__/``, ``*.so``), symbolic links.
 
@@ -33,9 +33,11 @@ size and hashed on the way. The bundle appears under its final name only once ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import zipfile
@@ -58,6 +60,8 @@ CODE_FOLDERS = ("configs",)
 DATA_FOLDERS = ("models", "docs")
 OUTPUT_FOLDERS = ("runs", "eval", "predictions")
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".swp", "~")
+# what ckpt_export and other exporters make from models/model.pt: derived, so never packed nor verified
+EXPORT_SUFFIXES = (".ts", ".onnx")
 # what Python imports from a folder on sys.path (extension modules end in .so or .pyd)
 IMPORTABLE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".so", ".pyd")
 MAX_UNPACKED_BYTES = 2 << 30
@@ -71,8 +75,9 @@ class BundleIntegrityError(ValueError):
 
     def __init__(self, where: str | os.PathLike, problems: list[str], fix: str):
         self.problems = list(problems)
-        lines = "\n  ".join(self.problems)
-        super().__init__(f"{where} failed verification ({len(self.problems)} problems):\n  {lines}\n{fix}")
+        # one line, each problem ending in "; ", as the command line shows errors
+        super().__init__(f"{where} failed verification ({len(self.problems)} problem(s)): "
+                         f"{'; '.join(self.problems)}. {fix}")
 
 
 def _kind(relpath: PurePosixPath) -> str:
@@ -80,7 +85,8 @@ def _kind(relpath: PurePosixPath) -> str:
     parts = relpath.parts
     if len(parts) > 1 and parts[0] in OUTPUT_FOLDERS:
         return "output"
-    if "__pycache__" in parts or relpath.suffix in IMPORTABLE_SUFFIXES:
+    # lower case: Python imports foo.PY where file names ignore case (macOS, Windows)
+    if "__pycache__" in parts or relpath.suffix.lower() in IMPORTABLE_SUFFIXES:
         return "foreign"
     if parts[0] in CODE_FOLDERS:
         return "bundle"
@@ -88,7 +94,7 @@ def _kind(relpath: PurePosixPath) -> str:
         return "output"
     if len(parts) > 1 and parts[0] not in DATA_FOLDERS:
         return "foreign"
-    if parts[0] == "models" and relpath.name.startswith("checkpoint_"):
+    if parts[0] == "models" and (relpath.name.startswith("checkpoint_") or relpath.suffix in EXPORT_SUFFIXES):
         return "output"
     return "bundle"
 
@@ -206,11 +212,14 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     try:
         provenance = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8")).get("provenance")
-        text = (root / "LICENSE").read_text(encoding="utf-8")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(provenance, dict):
         return []
+    try:
+        text = (root / "LICENSE").read_text(encoding="utf-8")
+    except OSError:
+        text = ""  # no LICENSE names none of them
     missing = {}
     for source, facts in provenance.items():
         license_ = (facts or {}).get("license") or ""
@@ -228,11 +237,16 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
+    if not (root / "LICENSE").is_file():
+        logger.warning("%s has no LICENSE: receivers cannot know the terms of its weights and configs; add one "
+                       "naming them and the license and citation of the data the weights learnt from", root)
     unstated = unstated_licenses(root)
     if unstated:
         logger.warning("%s does not name the license of data its weights learnt from: %s (models/datalist.json, "
                        "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
                        "; ".join(unstated))
+    if Path(zip_path).is_dir() or str(zip_path).endswith(("/", os.sep)):  # a folder to write the zip into
+        zip_path = Path(zip_path) / f"{root.name}.zip"
     zip_path = Path(zip_path)
     if zip_path.resolve().is_relative_to(root):
         raise ValueError(f"{zip_path} is inside the bundle {root}; write the zip elsewhere")
@@ -429,9 +443,13 @@ def check_bundle(bundle_dir: str | os.PathLike) -> None:
     """Refuses (BundleIntegrityError) to use a sealed bundle whose files differ from its manifest.
 
     Call it before reading any config of the bundle. A folder without a manifest is a working copy (what
-    ``bundles/`` in the repository holds) and passes unchecked.
+    ``bundles/`` in the repository holds) and passes unchecked. Either way a bundle that needs a newer
+    nucleiseg-monai than this one is refused (``bundle.require_package``).
     """
+    from .bundle import require_package
+
     root = Path(bundle_dir)
+    require_package(root)
     if not (root / MANIFEST).is_file():
         return
     problems = verify(root)
@@ -500,13 +518,16 @@ def unpack(
     zip_path, dest = Path(zip_path), Path(dest)
     if not zip_path.is_file():
         raise FileNotFoundError(f"no bundle zip at {zip_path}")
-    if sha256 is not None and (actual := sha256_file(zip_path)) != sha256.lower():
-        raise BundleIntegrityError(zip_path, [f"zip sha256 {actual} != expected {sha256}"], "Refusing it.")
+    if sha256 is not None:
+        sha256 = published_digest(sha256)
+        if (actual := sha256_file(zip_path)) != sha256:
+            raise BundleIntegrityError(zip_path, [f"zip sha256 {actual} != expected {sha256}"], "Refusing it.")
     with _readable_zip(zip_path) as zf:
         top, members, expected, manifest, problems = _inspect_zip(zf, str(zip_path), max_bytes)
         if problems:
             raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was extracted.")
         target = _target(dest, top, overwrite, into)
+        made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # removed again on refusal
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target.parent)  # what unpacks (and other writers) killed midway left
         tmp = staging_folder(target)
@@ -529,5 +550,16 @@ def unpack(
             _into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:  # innermost first; only what this call created and left empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
     return target
+
+
+def published_digest(text: str) -> str:
+    """A SHA-256 as published: 64 hex digits, any case, or a ``sha256sum`` line (digest, then the file name)."""
+    digest = text.strip().split()[0].lower() if text.strip() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"--sha256 takes the zip's SHA-256, 64 hex digits as nucleiseg pack prints it, got {text!r}")
+    return digest

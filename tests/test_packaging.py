@@ -151,6 +151,29 @@ def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_p
     assert packaging.unstated_licenses(bundle) == []
 
 
+def test_pack_warns_without_a_license_and_writes_into_a_folder_it_is_given(tmp_path, caplog):
+    bundle = _bundle(tmp_path / "b")
+    (bundle / "LICENSE").unlink()
+    (tmp_path / "out").mkdir()
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        assert pack(bundle, tmp_path / "out") == tmp_path / "out" / "b.zip"
+    assert "has no LICENSE: receivers cannot know the terms of its weights" in caplog.text
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"provenance": {"mine": {"license": "CC BY 4.0"}}}))
+    assert packaging.unstated_licenses(bundle) == ["CC BY 4.0 (mine)"]  # no LICENSE names none of them
+
+
+def test_refusals_list_each_problem_on_one_line_and_code_in_any_case_is_code(tmp_path):
+    bundle = _bundle(tmp_path / "b")
+    (bundle / "tifffile.PY").write_text("print('imported where names ignore case')\n")
+    (bundle / "numpy").mkdir()
+    with pytest.raises(ValueError, match=r"tifffile\.PY: not a bundle file"):
+        pack(bundle, tmp_path / "b.zip")
+    err = BundleIntegrityError("b.zip", ["numpy/: folder not in manifest.json", "tifffile.PY: not a bundle file"],
+                               "Refusing it.")
+    assert str(err) == ("b.zip failed verification (2 problem(s)): numpy/: folder not in manifest.json; "
+                        "tifffile.PY: not a bundle file. Refusing it.")
+
+
 def test_unpack_round_trip(packed, tmp_path):
     bundle, zip_path = packed
     dest = unpack(zip_path, tmp_path / "installed" / "tiny", sha256=sha256_file(zip_path))
@@ -178,7 +201,7 @@ def test_unpack_refuses_a_zip_with_a_changed_config(packed, tmp_path):
         unpack(tampered, dest)
     assert [p.split(":")[0] for p in err.value.problems] == ["configs/train.json"]
     assert not dest.exists()
-    assert list((tmp_path / "installed").iterdir()) == []  # nothing half-extracted either
+    assert not (tmp_path / "installed").exists()  # nothing half-extracted, and no folder made for it left either
 
 
 def test_unpack_refuses_a_wrong_published_digest(packed, tmp_path):
@@ -197,6 +220,7 @@ def test_verify_lists_changed_added_and_missing_files_but_not_outputs(packed, tm
     (dest / "runs" / "events").write_bytes(b"log")
     (dest / "eval").mkdir()
     (dest / "eval" / "report.csv").write_text("aji\n")
+    (dest / "models" / "model.ts").write_bytes(b"TorchScript made by ckpt_export")  # derived from model.pt
     assert verify(dest) == []
 
     train = dest / "configs" / "train.json"
@@ -306,9 +330,10 @@ def test_load_weights_refuses_a_checkpoint_that_carries_objects(tmp_path):
     net = UNet(features=(4, 8))
     marker = tmp_path / "code_ran"
     torch.save({"network": net.state_dict(), "extra": _Payload(marker)}, tmp_path / "model.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(pickle.UnpicklingError, match="holds pickled objects besides tensors") as refused:
         load_weights(UNet(features=(4, 8)), tmp_path / "model.pt")
     assert not marker.exists()
+    assert "weights_only set to False will likely succeed" not in str(refused.value)  # torch's advice, not ours
 
     torch.save({"network": net.state_dict()}, tmp_path / "plain.pt")  # the same weights as data load fine
     loaded = load_weights(UNet(features=(4, 8)), tmp_path / "plain.pt")
@@ -349,10 +374,14 @@ def test_cli_pack_prints_the_sha256_that_unpack_takes(packed, tmp_path, capsys):
     printed = capsys.readouterr().out
     digest = sha256_file(zip_path)
     assert f"sha256 {digest}" in printed and f"--sha256 {digest}" in printed
-    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", digest]) == 0
-    assert capsys.readouterr().out.strip() == f"unpacked and verified: {tmp_path / 'tiny_bundle'}"
-    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "b"), "--sha256", "0" * 64]) == 2
+    # pasted as sha256sum prints it, digest and file name
+    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", f"{digest}  tiny.zip"]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first == f"unpacked and verified: {tmp_path / 'tiny_bundle'}" and second.startswith("intact, which is not trusted")
+    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "b" / "c"), "--sha256", "0" * 64]) == 2
     assert not (tmp_path / "b").exists()
+    assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "d"), "--sha256", "abc"]) == 2
+    assert not (tmp_path / "d").exists()
 
 
 def test_cli_verify_of_a_working_copy_says_what_it_checked(tmp_path, capsys):
