@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ast
 import importlib.abc
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -97,6 +99,7 @@ def guard(argv: list[str] | None = None) -> list[str]:
     finder.clean()
     verified = []
     for root in roots:
+        require_package(root)
         if not (root / MANIFEST).is_file():
             continue
         try:
@@ -108,6 +111,29 @@ def guard(argv: list[str] | None = None) -> list[str]:
             raise SystemExit(f"{root} does not match its {MANIFEST} ({len(problems)} problem(s): {shown}). {refusal(root)}")
         verified.append(str(root))
     return verified
+
+
+def require_package(root: str | os.PathLike) -> None:
+    """SystemExit (one line) where the bundle at ``root`` needs a newer nucleiseg-monai than this one: its metadata's
+    ``required_packages_version`` names the release its configs were written for, and an older one fails on a
+    setting it does not know, deep inside a config, with a traceback."""
+    from . import __version__
+
+    try:
+        meta = json.loads((Path(root) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        needed = str(meta["required_packages_version"]["nucleiseg-monai"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no pin (or no readable metadata, which verification reports)
+    have = _release(__version__)
+    if have is not None and _release(needed) is not None and have < _release(needed):
+        raise SystemExit(f"{root} needs nucleiseg-monai {needed} or newer (configs/metadata.json, "
+                         f"required_packages_version); this is {__version__}: pip install -U nucleiseg-monai")
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """(0, 2, 0) of "0.2.0" or "0.2.0.dev1"; None where the version is not numbered (a source tree: "0+unknown")."""
+    parts = re.match(r"^(\d+(?:\.\d+)*)", version)
+    return tuple(int(p) for p in parts[1].split(".")) if parts and version[:2] != "0+" else None
 
 
 def weights_stats_file(checkpoint: str | os.PathLike | None, stats_file: str | os.PathLike) -> str:

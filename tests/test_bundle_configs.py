@@ -575,3 +575,20 @@ def test_evaluation_and_tuning_normalise_with_the_statistics_beside_the_weights(
             [normalise] = [t for t in parser.get_parsed_content("validate#preprocessing").transforms
                            if isinstance(t, NormalizeIntensityd)]
             assert normalise.normalizer.subtrahend == expected["mean"]
+
+
+@pytest.mark.parametrize("configs", [SMALL, FULL])
+def test_shipped_weights_carry_their_datas_licenses_and_name_them(configs):
+    """pack's license check reads the datalist's provenance: the shipped datalists hold it, and each LICENSE names
+    every training source's license; the metadata names a package release this one is not older than."""
+    from nucleiseg_monai import __version__
+    from nucleiseg_monai.bundle import _release
+    from nucleiseg_monai.packaging import unstated_licenses
+
+    bundle = configs.parent
+    provenance = json.loads((bundle / "models" / "datalist.json").read_text())["provenance"]
+    assert set(provenance) == {"cryonuseg", "monuseg2018_train", "nuinsseg"}
+    assert {p["license"] for p in provenance.values()} == {"CC BY-NC-SA 4.0", "CC BY 4.0"}
+    assert unstated_licenses(bundle) == []
+    needed = json.loads((configs / "metadata.json").read_text())["required_packages_version"]["nucleiseg-monai"]
+    assert _release(__version__) is None or _release(needed) <= _release(__version__)  # this package runs them

@@ -299,3 +299,26 @@ def test_an_interrupted_unpack_leaves_nothing(tmp_path, monkeypatch):
     alive.mkdir()
     unpack(zip_path, parent)
     assert sorted(p.name for p in parent.iterdir()) == [alive.name, "tiny"]
+
+
+# --- a bundle says which release of the package it needs -----------------------------------------------------------
+
+
+def test_a_bundle_for_a_newer_package_is_refused_in_one_line_before_its_configs(tmp_path, monkeypatch,
+                                                                                 clean_import_state):
+    import nucleiseg_monai
+
+    marker = tmp_path / "ran"
+    bundle = _bundle(tmp_path / "tiny", config=_config(marker, guarded=True))
+    meta = bundle / "configs" / "metadata.json"
+    meta.write_text(json.dumps({"version": "0.1.0", "required_packages_version": {"nucleiseg-monai": "0.3.0"}}))
+    monkeypatch.setattr(nucleiseg_monai, "__version__", "0.2.0")
+    with pytest.raises(SystemExit, match=r"needs nucleiseg-monai 0\.3\.0 or newer .* this is 0\.2\.0: pip install -U"):
+        packaging.check_bundle(bundle)  # what nucleiseg predict, evaluate and tune call first
+    with pytest.raises(SystemExit, match="needs nucleiseg-monai 0.3.0"):
+        _run_in_process(bundle / "configs" / "inference.json", monkeypatch)  # python -m monai.bundle run
+    assert not marker.exists()
+
+    for installed in ("0.3.0", "0.10.1", "0+unknown"):  # the same or newer, or a source tree without a version
+        monkeypatch.setattr(nucleiseg_monai, "__version__", installed)
+        packaging.check_bundle(bundle)
