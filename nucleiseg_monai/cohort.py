@@ -302,14 +302,20 @@ def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
 def _finished_row(row: dict, output_dir: str, name: str) -> dict:
     """``row`` with the figures of the slide's finished outputs and this worker's peak memory."""
     manifest = _manifest(output_dir, name)
-    row.update(figures(output_dir, name, manifest["nuclei"], manifest["mpp"], _tissue_mm2(manifest)))
+    row.update(figures(output_dir, name, manifest["nuclei"], _stated_mpp(manifest), _tissue_mm2(manifest)))
     return {**row, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _stated_mpp(manifest: dict) -> float | None:
+    """The pixel size of the level read, where the file or the slide list stated it; None where the model's was
+    only assumed, so that no column is in um as if it had been measured (as the outputs' own, which leave it out)."""
+    return None if manifest.get("mpp_source") == "assumed" else manifest.get("mpp")
 
 
 def _tissue_mm2(manifest: dict) -> float | None:
     """Tissue area of a slide from its completion record: the share the predictor's tissue mask covered (the mask
     it skipped background by) of the level it read; None without a pixel size or in an older version's record."""
-    fraction, mpp = manifest.get("tissue_fraction"), manifest.get("mpp")
+    fraction, mpp = manifest.get("tissue_fraction"), _stated_mpp(manifest)
     if fraction is None or mpp is None:
         return None
     height, width = manifest["shape"]

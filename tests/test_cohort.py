@@ -588,3 +588,12 @@ def test_run_bundle_cohort_is_the_cohort_for_a_bundle_runner(tmp_path, monkeypat
     summary = run_bundle_cohort("bundle", "cohort.csv", "out")
     summary.rows.pop(0)
     assert raise_on_failure(summary) is summary
+
+
+def test_a_pixel_size_only_assumed_gives_the_run_table_no_figure_in_microns():
+    """As the outputs leave um^2 out where the model's pixel size was only assumed, so does the run table."""
+    manifest = {"mpp": 0.25, "mpp_source": "assumed", "tissue_fraction": 0.5, "shape": [2000, 1000]}
+    assert cohort_module._stated_mpp(manifest) is None and cohort_module._tissue_mm2(manifest) is None
+    manifest["mpp_source"] = "file"
+    assert cohort_module._stated_mpp(manifest) == 0.25
+    assert cohort_module._tissue_mm2(manifest) == pytest.approx(0.5 * 2000 * 1000 * 0.25**2 / 1e6)
