@@ -5,8 +5,8 @@ outputs written (``outputs.SlideOutputs``). A bundle's configs/inference.json bu
 ``predictor#planner``, ``predictor#outputs``), and ``SlidePredictor.from_bundle`` builds a predictor from it.
 
 A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
-context on every side (white beyond the image), the network runs over that window (in one pass, or in MONAI's
-gaussian-blended sliding windows: ``inferers``), and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
+context on every side (cut at the image's edge, and padded to the network's multiple by mirroring), the network runs
+over that window (in one pass, as shipped, or in MONAI's gaussian-blended sliding windows: ``inferers``), and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
 decides which window keeps each nucleus (exact at seams; see ``stitching``); kept nuclei are measured and written
 whole, and finished tile rows of the label map are streamed to the BigTIFF writer, so memory is bounded by region
 size x slide width, never by slide area. With ``prefetch`` the network already runs on the next region (in a second
@@ -486,7 +486,8 @@ class SlidePredictor:
         input_mpp: level-0 pixel size of files that state none (``nucleiseg predict --mpp``); without it such
             files are assumed to be at the working pixel size. A size the file states wins. Each image logs which
             applied.
-        overwrite: redo images whose outputs are complete. Without it, finished outputs are kept when their
+        overwrite: redo images whose outputs are complete, and start unfinished ones from their first region (their
+            kept regions are deleted). Without it, finished outputs are kept when their
             completion record names these weights and settings (``settings``), and a run whose output folder holds
             finished outputs of other weights or settings is refused before any image is read.
         progress: a tqdm bar over regions per image.

@@ -13,7 +13,8 @@ outputs are committed, or when it is found finished; deleting it by hand is alwa
 The key is what made the regions (``SlidePredictor.journal_key``: weights, settings, runtime and versions, the input
 file, the plan); ``key.json`` in its folder holds it, and the folder's name is its hash, so a writer of another key
 (a run killed on another machine, a cohort's task still running on a cluster) only ever writes into its own folder.
-``claim`` deletes the folders of other keys, with one log line saying what differed; a cohort's region tasks of a
+``claim`` deletes the folders of other keys, with one log line naming the parts of the key that differed (settings,
+runtime, versions, the source file's fingerprint or time, the plan); a cohort's region tasks of a
 split slide only ``join`` the folder their slide task claimed. Keeping regions only saves time: a journal that
 cannot be written (a full disk) is given up with one warning and the image goes on without it.
 """

@@ -13,7 +13,7 @@ task joins it: a region the journal holds is read back instead of computed, and 
 it, so a cohort killed midway and run again computes only the regions it had not finished.
 
 Memory: a band's result stays on the worker that computed it (Dask spills it to disk beyond its memory limit)
-until the merge has consumed it; the merge holds one band's compressed labels at a time besides what one
+until the slide's merge task has finished; the merge holds one band's compressed labels at a time besides what one
 ``predict_slide`` holds, and reads the windows of kept nuclei again for their measurements.
 """
 
