@@ -23,21 +23,18 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.speed.inputs import add_mosaic_arguments, cryonuseg_image
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", default=str(REPO / "bundles" / "nuclei_unet_small"))
+    add_mosaic_arguments(parser)
     parser.add_argument("--variants", required=True, help="JSON: name -> from_bundle keywords")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each, alternating (default 3)")
-    parser.add_argument("--size", type=int, default=4096, help="side of the mosaic in px (default 4096)")
-    parser.add_argument("--cryonuseg", default=str(REPO.parent / "shared" / "datasets" / "cryonuseg"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", help="JSON file for the figures")
     args = parser.parse_args(argv)
 
     import torch
 
     from benchmarks.speed.common import rate, ratio
     from benchmarks.speed.end_to_end import timed_runs
-    from benchmarks.speed.inputs import cryonuseg_image
     from nucleiseg_monai.inference import SlidePredictor
 
     torch.set_num_threads(args.threads)

@@ -15,6 +15,7 @@ import tifffile
 from .common import sig
 
 CRYONUSEG_MPP = 0.25  # the registry's pixel size for CryoNuSeg (sources.json)
+REPO = Path(__file__).resolve().parents[2]
 PYRAMID_TILE = 256
 
 
@@ -79,3 +80,12 @@ def write_pyramid(rgb: np.ndarray, path: Path, mpp: float) -> Path:
             tw.write(level, tile=(PYRAMID_TILE, PYRAMID_TILE), photometric="rgb", compression="jpeg",
                      compressionargs={"level": 90}, **extra)
     return path
+
+
+def add_mosaic_arguments(parser) -> None:
+    """The options of a benchmark that runs a bundle's predictor on the real-tissue mosaic (``cryonuseg_image``)."""
+    parser.add_argument("--bundle", default=str(REPO / "bundles" / "nuclei_unet_small"))
+    parser.add_argument("--size", type=int, default=4096, help="side of the mosaic in px (default 4096)")
+    parser.add_argument("--cryonuseg", default=str(REPO.parent / "shared" / "datasets" / "cryonuseg"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", help="JSON file for the figures")
