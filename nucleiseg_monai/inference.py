@@ -132,11 +132,17 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        candidates = [p for p in path.iterdir() if p.is_file()]
+        found = list(path.iterdir())
     elif any(c in text for c in "*?["):
-        candidates = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+        found = [Path(p) for p in glob.glob(text, recursive=True)]
     else:
         raise FileNotFoundError(f"{text} does not exist; give an image file, a folder of images or a glob")
+    candidates = [p for p in found if p.is_file()]
+    # a link whose target is gone (a slide moved or an unmounted share) would otherwise vanish from the run unsaid
+    broken = sorted(p for p in found if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if broken:
+        logger.warning("%d image link(s) at %s point at nothing and are left out: %s", len(broken), text,
+                       ", ".join(str(p) for p in broken[:5]) + (" ..." if len(broken) > 5 else ""))
     images = sorted(
         p for p in candidates
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")

@@ -981,3 +981,11 @@ def test_a_run_of_many_images_says_how_far_it_is_and_how_long_is_left(tmp_path, 
 def test_waits_read_as_a_person_reads_them():
     assert [inference._duration(s) for s in (4.2, 89, 90, 3000, 3600, 11_100)] == \
         ["4 s", "89 s", "2 min", "50 min", "1 h 00 min", "3 h 05 min"]
+
+
+def test_image_links_that_point_at_nothing_are_named_not_silently_left_out(tmp_path, caplog):
+    _write_tiles(tmp_path / "in", n=1)
+    (tmp_path / "in" / "moved.svs").symlink_to(tmp_path / "elsewhere" / "moved.svs")
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.inference"):
+        assert [p.name for p in find_images(tmp_path / "in")] == ["tile0.png"]
+    assert "1 image link(s)" in caplog.text and "moved.svs" in caplog.text
