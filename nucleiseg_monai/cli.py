@@ -296,7 +296,7 @@ def cmd_tune(args) -> int:
 def cmd_pack(args) -> int:
     from .packaging import pack, sha256_file
 
-    zip_path = pack(args.bundle, args.output)
+    zip_path = pack(args.bundle, args.output, overwrite=args.overwrite)
     digest = sha256_file(zip_path)
     print(f"wrote {zip_path}\nsha256 {digest}")
     print(f"publish the sha256 with the zip; receivers run: nucleiseg unpack --zip {zip_path.name} --dest DIR --sha256 {digest}")
@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="zip a bundle with a manifest (SHA-256 and size of each file); prints the zip's SHA-256")
     p.add_argument("--bundle", required=True, help="bundle folder to pack")
-    p.add_argument("--output", required=True, help="zip file to write")
+    p.add_argument("--output", required=True, help="zip file to write, or a folder to write <bundle name>.zip into")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zip (its SHA-256 changes)")
     p.set_defaults(func=cmd_pack)
 
     from .packaging import MAX_UNPACKED_BYTES

@@ -228,12 +228,13 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
     return [f"{license_} ({', '.join(sources)})" for license_, sources in missing.items()]
 
 
-def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
+def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Writes ``zip_path`` holding ``<name>/...`` (the bundle's files) and ``<name>/manifest.json``.
 
     Each file is hashed and measured from the very bytes written into the zip, so a file replaced meanwhile (a
     training run saving ``model.pt``) cannot make the manifest disagree with the zip. The zip appears only when
-    complete. The bundle folder itself is not changed.
+    complete. The bundle folder itself is not changed. ``zip_path`` may be a folder (``DIR/<name>.zip`` is
+    written); without ``overwrite`` an existing zip is refused (a published one's digest would change).
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
@@ -248,6 +249,9 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
     if Path(zip_path).is_dir() or str(zip_path).endswith(("/", os.sep)):  # a folder to write the zip into
         zip_path = Path(zip_path) / f"{root.name}.zip"
     zip_path = Path(zip_path)
+    if zip_path.exists() and not overwrite:
+        raise FileExistsError(f"{zip_path} exists; pass --overwrite to replace it (its SHA-256 will change, so "
+                              "publish the new one), or choose another --output")
     if zip_path.resolve().is_relative_to(root):
         raise ValueError(f"{zip_path} is inside the bundle {root}; write the zip elsewhere")
     with atomic_path(zip_path) as tmp_name:

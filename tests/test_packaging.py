@@ -374,6 +374,8 @@ def test_cli_pack_prints_the_sha256_that_unpack_takes(packed, tmp_path, capsys):
     printed = capsys.readouterr().out
     digest = sha256_file(zip_path)
     assert f"sha256 {digest}" in printed and f"--sha256 {digest}" in printed
+    assert main(["pack", "--bundle", str(bundle), "--output", str(zip_path)]) == 2  # a published zip stays
+    assert sha256_file(zip_path) == digest
     # pasted as sha256sum prints it, digest and file name
     assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", f"{digest}  tiny.zip"]) == 0
     first, second = capsys.readouterr().out.strip().splitlines()
