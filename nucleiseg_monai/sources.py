@@ -566,6 +566,17 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
     """The tiles an evaluation reports: each source's ``split`` part, or its validation part where the source
     holds no such part (MoNuSeg has no test tiles here), plus copies of some sources' tiles as a scanner at
     another pixel size would give them (``rescans``: source -> microns per pixel, e.g. CryoNuSeg at 20x)."""
+    parts = ("training", "validation", "test")
+    if split not in parts:  # a typo would otherwise score every source's validation tiles under its name
+        raise DataError(f"split {split!r} is none of {', '.join(parts)}")
+    for name, mpp in (rescans or {}).items():
+        if name not in datalist["sources"]:  # the bundles' default names CryoNuSeg, which a datalist may lack
+            logger.warning("rescans names %r, which is not a source of this datalist (%s): no rescanned copy of it; "
+                           "pass --rescans \"{}\" to ask for none", name, ", ".join(datalist["sources"]))
+            continue
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not mpp > 0:
+            raise DataError(f"rescans gives {name!r} the pixel size {mpp!r}; it takes microns per pixel as a positive "
+                            "number, e.g. 0.5 for a 20x scan")
     records = []
     for name in datalist["sources"]:
         part = split if any(r["source"] == name for r in datalist.get(split, [])) else "validation"

@@ -4,6 +4,8 @@ bring every source to one working pixel size (resampling, ignored far background
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -190,6 +192,27 @@ def test_evaluation_records_add_a_rescanned_copy_and_use_validation_where_a_sour
     assert parts["tcga"] == "validation" and parts["kaggle"] == "test" and parts["groups"] == "test"
     copies = [r for r in records if r["source"] == "kaggle@0.5um"]
     assert len(copies) == 3 and all(r["rescan_scale"] == 0.5 and r["scale"] == 2.0 for r in copies)
+
+
+@pytest.mark.parametrize("split, rescans, said", [
+    ("tset", {}, "split 'tset' is none of training, validation, test"),  # python -m monai.bundle takes any text
+    ("test", {"kaggle": "0.5"}, "rescans gives 'kaggle' the pixel size '0.5'"),
+    ("test", {"kaggle": 0}, "takes microns per pixel as a positive number"),
+])
+def test_evaluation_refuses_a_split_or_rescan_it_cannot_score_as_named(registry, split, rescans, said):
+    """A rescan of a source the datalist lacks is only warned about (the bundles' default names CryoNuSeg)."""
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    with pytest.raises(DataError, match=re.escape(said)):
+        S.evaluation_records(datalist, data, split, 0.25, rescans)
+
+
+def test_a_rescan_of_a_source_the_datalist_lacks_is_named_in_a_warning(registry, caplog):
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.sources"):
+        records = S.evaluation_records(datalist, data, "test", 0.25, {"kagle": 0.5})
+    assert not any("@" in r["source"] for r in records) and "rescans names 'kagle'" in caplog.text
 
 
 def test_load_resamples_to_the_working_scale_and_keeps_the_native_labels(registry):
