@@ -113,6 +113,25 @@ def guard(argv: list[str] | None = None) -> list[str]:
     return verified
 
 
+def evaluation_dir(bundle_root: str | os.PathLike, checkpoint: str | os.PathLike, ckpt_dir: str | os.PathLike,
+                   split: str) -> str:
+    """Where an evaluation's report goes unless ``output_dir`` is given: the bundle's ``eval/<split>`` for its own
+    weights; beside other weights (``--checkpoint``) otherwise, ``<run>/eval/<split>`` for ``<run>/models/model.pt``,
+    so that a report of other weights never replaces the bundle's own."""
+    weights = Path(checkpoint).expanduser().resolve()
+    if weights == (Path(ckpt_dir) / "model.pt").expanduser().resolve():
+        return str(Path(bundle_root) / "eval" / split)
+    run = weights.parent.parent if weights.parent.name == "models" else weights.parent
+    folder = run / "eval" / split
+    if folder not in _said:  # the config is read more than once per command
+        _said.add(folder)
+        logger.info("the report of %s goes beside those weights: %s", weights, folder)
+    return str(folder)
+
+
+_said: set[Path] = set()
+
+
 def require_package(root: str | os.PathLike) -> None:
     """SystemExit (one line) where the bundle at ``root`` needs a newer nucleiseg-monai than this one: its metadata's
     ``required_packages_version`` names the release its configs were written for, and an older one fails on a

@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except KeyboardInterrupt:
         # what is written is written atomically, and stays; temporaries go next run
+        if args.func is cmd_evaluate:  # an evaluation has nothing to go on from: its report is written at its end
+            logger.error("interrupted: no report was written (an earlier one in its folder was removed as it "
+                         "started); run the same command again to evaluate from the start")
+            return 130
         kept = {cmd_predict: "finished images, and the finished regions of an unfinished one, are kept",
                 cmd_train: "checkpoints are kept"}.get(args.func, "finished outputs are kept")
         again = " with --resume true" if args.func is cmd_train else ""

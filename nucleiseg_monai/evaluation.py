@@ -9,8 +9,10 @@ agreement a model can be set against); it writes each predicted instance map as 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from monai.utils import convert_to_numpy
 
 from .data import INSTANCE_DIR, read_image, read_instance_labels
 from .metrics import instance_metrics, summarize
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, sha256_file, write_json_atomic
 from .outputs import PREDICTION_COLOUR, TRUTH_COLOUR, Overlay, write_label_tiff
 from .postprocess import instances_from_foreground
 from .transforms import rescan_image
@@ -85,6 +87,13 @@ class EvaluationReport:
             ``split``) names its source's section: ``parts`` in the report, and the log and TensorBoard say it.
         log_dir: TensorBoard folder for the mean metrics (None: none).
         observers_source: the source whose tiles the observers annotated.
+        checkpoint / settings: the weights scored and what else decided the figures (post-processing, pixel size,
+            statistics...), recorded in the report as ``made_with`` with the weights' SHA-256 and the package version,
+            so that a report says what it is a report of.
+
+    A report replaces the one in ``output_dir`` as it starts: the tile maps and overlays of the sources that report
+    named, its ``metrics.json``, ``metrics.csv`` and TensorBoard files go, so no tile of an earlier run is left beside
+    a new report, and an interrupted run leaves no report of other weights behind.
 
     The pooled line holds the tiles of every source but derived copies (``sources.evaluation_records`` names a
     rescanned copy ``<source>@<mpp>um``), which are rows of their own.
@@ -101,6 +110,8 @@ class EvaluationReport:
         split: str = "test",
         log_dir: str | os.PathLike | None = None,
         observers_source: str = "cryonuseg",
+        checkpoint: str | os.PathLike | None = None,
+        settings: dict | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.observers_dir = Path(observers_dir) if observers_dir and Path(observers_dir).is_dir() else None
@@ -112,10 +123,30 @@ class EvaluationReport:
         self.split, self.log_dir = split, log_dir
         self.rows: dict[str, dict[str, list[dict]]] = {}
         self.parts: dict[str, str] = {}  # source -> the part its tiles come from
+        self.checkpoint, self.settings = checkpoint, dict(settings or {})
 
     def _clear(self) -> None:
         self.rows.clear()
         self.parts.clear()
+        self._remove_previous_report()
+
+    def _remove_previous_report(self) -> None:
+        """The files an earlier report wrote into ``output_dir`` (only those: the folder may hold other files)."""
+        try:
+            previous = json.loads((self.output_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        for source in previous.get("sources", {}) if isinstance(previous, dict) else ():
+            folder = self.output_dir / str(source).replace("/", "_")
+            if folder.is_dir():
+                for path in [*folder.glob("*.tif"), *folder.glob("*_overlay.png")]:
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        for path in [*self.output_dir.glob("events.out.tfevents.*"), self.output_dir / "metrics.csv",
+                     self.output_dir / "metrics.json"]:
+            path.unlink(missing_ok=True)
+        logger.info("the earlier report in %s is replaced", self.output_dir)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self._clear())
@@ -161,8 +192,12 @@ class EvaluationReport:
                 pooled_rows.setdefault(method, []).extend(self.rows[src].get(method, []))
         pooled = {m: summarize(rows) for m, rows in pooled_rows.items() if rows}
         parts = {src: self.parts.get(src, self.split) for src in sources}
-        report = {"split": self.split, "parts": parts, "published_baseline": PUBLISHED_BASELINE, "sources": sources,
-                  "pooled": pooled}
+        keys = sources[originals[0]]["model"]["mean"].keys() if originals else ()
+        # the headline figure of the model cards: each source's mean over its tiles, then the mean over the sources
+        over_sources = {k: float(np.mean([sources[src]["model"]["mean"][k] for src in originals])) for k in keys}
+        report = {"split": self.split, "parts": parts, "made_with": self._made_with(),
+                  "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled,
+                  "mean_over_sources": over_sources}
         write_json_atomic(report, self.output_dir / "metrics.json", default=float)
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
             tmp.write_text(_csv({**{f"{src} | {m}": v for src, ms in sources.items() for m, v in ms.items()},
@@ -181,6 +216,15 @@ class EvaluationReport:
             self._tensorboard(sources, parts, engine)
         return report
 
+    def _made_with(self) -> dict:
+        from . import __version__
+
+        made = {"checkpoint": None, "weights_sha256": None}
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint).expanduser().resolve()
+            made = {"checkpoint": str(path), "weights_sha256": sha256_file(path) if path.is_file() else None}
+        return {**made, **json.loads(json.dumps(self.settings, default=_plain)), "nucleiseg_monai": __version__}
+
     def _tensorboard(self, sources: dict, parts: dict[str, str], engine: Engine | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -189,6 +233,12 @@ class EvaluationReport:
             for src, summaries in sources.items():
                 for key in TABLE_KEYS:
                     writer.add_scalar(f"{parts[src]}/{src}/{key}", summaries["model"]["mean"][key], step)
+
+
+def _plain(value):
+    """Settings as JSON: tensors and arrays as lists, anything else as its text."""
+    value = convert_to_numpy(value) if hasattr(value, "shape") else value
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _csv(summaries: dict) -> str:

@@ -433,6 +433,16 @@ def test_predict_without_weights_says_so_in_one_line(tmp_path, caplog):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_an_interrupted_evaluation_says_it_starts_again(monkeypatch, caplog):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_evaluate", interrupted)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["evaluate", "--bundle", "b"]) == 130
+    assert "interrupted: no report was written" in caplog.text and "evaluate from the start" in caplog.text
+
+
 @pytest.mark.parametrize("raised, code, said", [
     (PermissionError(13, "Permission denied", "/data/out"), 2,
      "/data/out: Permission denied; choose a place you can write to, or change its permissions"),

@@ -73,3 +73,47 @@ def test_tensorboard_tags_name_each_sources_part(tmp_path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"test/lab/aji", "validation/mylab/aji"} <= tags and "test/mylab/aji" not in tags
     assert np.isclose(accumulator.Scalars("validation/mylab/aji")[0].value, 1.0)
+
+
+def test_a_report_says_what_it_is_of_and_replaces_the_one_in_its_folder(tmp_path, caplog):
+    import torch
+
+    from nucleiseg_monai.atomic import sha256_file
+
+    weights = tmp_path / "run" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    out = tmp_path / "run" / "eval" / "test"
+    first = EvaluationReport(out, split="test")
+    first.collect(_engine(tmp_path, [("lab", "test", "a"), ("lab", "test", "b"), ("mylab", "test", "c")]))
+    first.write()
+    (out / "notes.txt").write_text("the user's own file")
+
+    report = EvaluationReport(out, split="test", checkpoint=weights,
+                              settings={"working_mpp": 0.25, "channel_stats": {"mean": torch.tensor([1.0, 2.0])}})
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.evaluation"):
+        report._clear()  # as the evaluator starts
+    assert "the earlier report in" in caplog.text
+    assert not (out / "metrics.json").exists() and not (out / "lab").exists() and (out / "notes.txt").exists()
+    report.collect(_engine(tmp_path, [("lab", "test", "a"), ("other", "test", "d")]))
+    written = report.write()
+    assert sorted(p.name for p in (out / "lab").iterdir()) == ["a.tif", "a_overlay.png"]  # b's are gone
+    assert not (out / "mylab").exists()
+    made = written["made_with"]
+    assert made["checkpoint"] == str(weights.resolve()) and made["weights_sha256"] == sha256_file(weights)
+    assert made["working_mpp"] == 0.25 and made["channel_stats"] == {"mean": [1.0, 2.0]} and made["nucleiseg_monai"]
+    # the cards' headline: each source's mean over its tiles, then the mean over the sources
+    means = [written["sources"][s]["model"]["mean"]["aji"] for s in ("lab", "other")]
+    assert written["mean_over_sources"]["aji"] == pytest.approx(np.mean(means))
+
+
+def test_other_weights_are_reported_beside_them_never_in_the_bundles_folder(tmp_path):
+    from nucleiseg_monai.bundle import evaluation_dir
+
+    bundle = tmp_path / "bundle"
+    own = evaluation_dir(bundle, bundle / "models" / "model.pt", bundle / "models", "test")
+    assert own == str(bundle / "eval" / "test")
+    other = evaluation_dir(bundle, tmp_path / "runs" / "mine" / "models" / "model.pt", bundle / "models", "validation")
+    assert other == str((tmp_path / "runs" / "mine" / "eval" / "validation").resolve())
+    loose = evaluation_dir(bundle, tmp_path / "w" / "best.pt", bundle / "models", "test")
+    assert loose == str((tmp_path / "w" / "eval" / "test").resolve())
