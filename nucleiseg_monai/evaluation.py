@@ -207,8 +207,9 @@ class EvaluationReport:
                 logger.info("%s has no %s tiles: its %s tiles are scored, and reported as %s", src, self.split,
                             parts[src], parts[src])
         for src, summaries in sources.items():
+            # the published figure is of a test protocol: beside validation tiles it would mislead
             logger.info("%s (%s), mean over tiles:\n%s", src, parts[src],
-                        format_table(summaries, baseline=src == self.observers_source))
+                        format_table(summaries, baseline=src == self.observers_source and parts[src] == "test"))
         logger.info("pooled over %s, mean over tiles:\n%s", [f"{src} ({parts[src]})" for src in originals],
                     format_table(pooled, baseline=False))
         logger.info("report written to %s", self.output_dir)

@@ -46,7 +46,14 @@ def summaries(report: dict):
 def differences(report: dict, other: dict) -> list[str]:
     """One line per mean that differs between the reports, and per line one report lacks."""
     ours, theirs = dict(summaries(report)), dict(summaries(other))
-    lines = [f"{label}: only in one report" for label in sorted(set(ours) ^ set(theirs))]
+    lines = []
+    for key in ("split", "parts"):  # reports of other tiles differ everywhere, for that reason alone
+        if report.get(key) != other.get(key):
+            lines.append(f"not the same tiles: {key} {report.get(key)} against {other.get(key)}")
+    weights = [(r.get("made_with") or {}).get("weights_sha256") for r in (report, other)]
+    if None not in weights and weights[0] != weights[1]:
+        lines.append(f"other weights: {weights[0][:12]}... against {weights[1][:12]}...")
+    lines += [f"{label}: only in one report" for label in sorted(set(ours) ^ set(theirs))]
     for label in sorted(set(ours) & set(theirs)):
         a, b = ours[label], theirs[label]
         if a["n_images"] != b["n_images"]:

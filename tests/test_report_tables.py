@@ -69,3 +69,12 @@ def test_against_names_every_differing_mean_and_nothing_else(tmp_path, capsys):
     assert report_tables.main([str(new), "--against", str(new)]) == 0
     assert "every mean" in capsys.readouterr().out
     assert report_tables.main([str(new), "--against", str(old)]) == 1
+
+
+def test_against_says_first_when_the_reports_are_of_other_tiles_or_other_weights():
+    test = {**copy.deepcopy(REPORT), "split": "test"}
+    validation = {**copy.deepcopy(REPORT), "split": "validation"}
+    assert report_tables.differences(test, validation)[0] == "not the same tiles: split test against validation"
+    ours, theirs = copy.deepcopy(REPORT), copy.deepcopy(REPORT)
+    ours["made_with"], theirs["made_with"] = {"weights_sha256": "a" * 64}, {"weights_sha256": "b" * 64}
+    assert report_tables.differences(ours, theirs) == ["other weights: aaaaaaaaaaaa... against bbbbbbbbbbbb..."]
