@@ -79,6 +79,9 @@ def _levels(key: str) -> list[str]:
 
 
 def _unknown(key: str, levels: list[str], depth: int, known) -> SettingError:
+    if key == "set" and "set" not in known:  # predict's and tune's way, typed where settings are --KEY VALUE
+        return SettingError("unknown setting 'set': here settings are given as --KEY VALUE (e.g. --bundle_root DIR, "
+                            "--postprocess_params#min_size 40); --set ID=VALUE is predict's and tune's")
     known = [str(k) for k in known]
     close = difflib.get_close_matches(levels[depth], known, n=1)
     if close:

@@ -82,6 +82,7 @@ def test_booleans_given_as_words_are_parsed(word, expected):
 
 @pytest.mark.parametrize("args, message", [
     (["--epoch", "2"], "unknown setting 'epoch'; did you mean 'epochs'?"),
+    (["--set", "bundle_root=runs/mine"], "here settings are given as --KEY VALUE (e.g. --bundle_root DIR"),
     (["--learning_rat", "0.1"], "unknown setting 'learning_rat'; did you mean 'learning_rate'?"),
     (["--network_deff#features", "[8,16]"], "unknown setting 'network_deff#features'; did you mean 'network_def'?"),
     (["--train#handler#0#enabled", "true"],
