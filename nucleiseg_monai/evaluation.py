@@ -199,9 +199,12 @@ class EvaluationReport:
                   "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled,
                   "mean_over_sources": over_sources}
         write_json_atomic(report, self.output_dir / "metrics.json", default=float)
+        pooled_part = ",".join(sorted({parts[src] for src in originals}))
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
-            tmp.write_text(_csv({**{f"{src} | {m}": v for src, ms in sources.items() for m, v in ms.items()},
-                                 **{f"pooled | {m}": v for m, v in pooled.items()}}))
+            tmp.write_text(_csv([
+                *((f"{src} | {m}", parts[src], v) for src, ms in sources.items() for m, v in ms.items()),
+                *((f"pooled | {m}", pooled_part, v) for m, v in pooled.items()),
+            ]))
         for src in originals:
             if parts[src] != self.split:
                 logger.info("%s has no %s tiles: its %s tiles are scored, and reported as %s", src, self.split,
@@ -242,16 +245,22 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-def _csv(summaries: dict) -> str:
+def _csv(sections: list[tuple[str, str, dict]]) -> str:
+    """One row per (section | method, the part its tiles come from) and scope: "mean" (per-tile figures averaged),
+    "pooled" (counts summed over the tiles first), each organ's mean, each image."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(("method", "scope", "name", "organ", "n_images") + CSV_KEYS)
-    for method, summary in summaries.items():
-        writer.writerow([method, "mean", "", "", summary["n_images"]] + [summary["mean"].get(k, "") for k in CSV_KEYS])
-        for organ, part in summary["per_organ"].items():
-            writer.writerow([method, "organ", "", organ, part["n_images"]] + [part["mean"].get(k, "") for k in CSV_KEYS])
+    writer.writerow(("method", "part", "scope", "name", "organ", "n_images") + CSV_KEYS)
+    for method, part, summary in sections:
+        for scope in ("mean", "pooled"):
+            if scope in summary:
+                writer.writerow([method, part, scope, "", "", summary["n_images"]]
+                                + [summary[scope].get(k, "") for k in CSV_KEYS])
+        for organ, group in summary["per_organ"].items():
+            writer.writerow([method, part, "organ", "", organ, group["n_images"]]
+                            + [group["mean"].get(k, "") for k in CSV_KEYS])
         for row in summary["per_image"]:
-            writer.writerow([method, "image", row["name"], row["organ"], 1] + [row.get(k, "") for k in CSV_KEYS])
+            writer.writerow([method, part, "image", row["name"], row["organ"], 1] + [row.get(k, "") for k in CSV_KEYS])
     return buffer.getvalue()
 
 

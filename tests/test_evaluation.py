@@ -117,3 +117,20 @@ def test_other_weights_are_reported_beside_them_never_in_the_bundles_folder(tmp_
     assert other == str((tmp_path / "runs" / "mine" / "eval" / "validation").resolve())
     loose = evaluation_dir(bundle, tmp_path / "w" / "best.pt", bundle / "models", "test")
     assert loose == str((tmp_path / "w" / "eval" / "test").resolve())
+
+
+def test_the_csv_names_each_sections_part_and_holds_summed_counts_beside_means(tmp_path):
+    import csv as csv_module
+
+    report = EvaluationReport(tmp_path / "out", split="test")
+    report.collect(_engine(tmp_path, [("lab", "test", "a"), ("mylab", "validation", "b"),
+                                      ("mylab", "validation", "c")]))
+    written = report.write()
+    with open(tmp_path / "out" / "metrics.csv", newline="") as handle:
+        rows = list(csv_module.DictReader(handle))
+    parts = {row["method"]: row["part"] for row in rows}
+    assert parts["lab | model"] == "test" and parts["mylab | model"] == "validation"
+    assert parts["pooled | model"] == "test,validation"
+    pooled = next(r for r in rows if r["method"] == "mylab | model" and r["scope"] == "pooled")
+    summed = written["sources"]["mylab"]["model"]["pooled"]  # figures of the counts summed over tiles
+    assert float(pooled["aji"]) == pytest.approx(summed["aji"]) and float(pooled["pq"]) == pytest.approx(summed["pq"])
