@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         identical = all((work / "resumed" / f"{whole.name}{s}").read_bytes() ==
                         (work / "whole" / f"{whole.name}{s}").read_bytes() for s in OUTPUTS)
         figures = {
-            "bundle": os.path.relpath(args.bundle, REPO), "image": f"cryonuseg mosaic {args.size} px", "threads": args.threads,
+            "bundle": os.path.relpath(args.bundle, REPO), "image": f"cryonuseg mosaic {args.size} px",
+            "threads": args.threads,
             "region_size": predictor.planner.region_size, "regions": whole.regions_processed,
             "nuclei": whole.nuclei, "whole_run_s": round(whole_s, 2), "killed_after_regions": len(kept),
             "killed_run_s": round(killed_s, 2), "kept_mb": round(kept_bytes / 1e6, 2),

@@ -6,10 +6,11 @@ outputs written (``outputs.SlideOutputs``). A bundle's configs/inference.json bu
 
 A slide is cut into square *cores* that partition the read pyramid level. Each core is read with a margin of
 context on every side (cut at the image's edge, and padded to the network's multiple by mirroring), the network runs
-over that window (in one pass, as shipped, or in MONAI's gaussian-blended sliding windows: ``inferers``), and ``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher
-decides which window keeps each nucleus (exact at seams; see ``stitching``); kept nuclei are measured and written
-whole, and finished tile rows of the label map are streamed to the BigTIFF writer, so memory is bounded by region
-size x slide width, never by slide area. With ``prefetch`` the network already runs on the next region (in a second
+over that window (in one pass, as shipped, or in MONAI's gaussian-blended sliding windows: ``inferers``), and
+``postprocess.instances_from_probs`` turns the softmax into instances. The stitcher decides which window keeps
+each nucleus (exact at seams; see ``stitching``); kept nuclei are measured and written whole, and finished tile
+rows of the label map are streamed to the BigTIFF writer, so memory is bounded by region size x slide width, never
+by slide area. With ``prefetch`` the network already runs on the next region (in a second
 thread) while this one is post-processed and written.
 
 One physical scale: the network and the watershed work at the model's pixel size (``mpp``, the *working* scale).

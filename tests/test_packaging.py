@@ -379,7 +379,8 @@ def test_cli_pack_prints_the_sha256_that_unpack_takes(packed, tmp_path, capsys):
     # pasted as sha256sum prints it, digest and file name
     assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path), "--sha256", f"{digest}  tiny.zip"]) == 0
     first, second = capsys.readouterr().out.strip().splitlines()
-    assert first == f"unpacked and verified: {tmp_path / 'tiny_bundle'}" and second.startswith("intact, which is not trusted")
+    assert first == f"unpacked and verified: {tmp_path / 'tiny_bundle'}"
+    assert second.startswith("intact, which is not trusted")
     assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "b" / "c"), "--sha256", "0" * 64]) == 2
     assert not (tmp_path / "b").exists()
     assert main(["unpack", "--zip", str(zip_path), "--dest", str(tmp_path / "d"), "--sha256", "abc"]) == 2
