@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 PUBLISHED_BASELINE = {"method": "published CryoNuSeg U-Net (Mahbod 2021)", "aji": 0.525, "pq": 0.477}
 OBSERVERS = ("annotator2", "annotator1_round2")
 REFERENCE = "reference: binary map + connected components"
-TABLE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "aji", "aji_plus", "pq", "dq", "sq", "missed", "merged")
+TABLE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "aji", "aji_plus", "pq", "dq", "sq", "missed", "merged",
+              "misdrawn")
 CSV_KEYS = TABLE_KEYS + ("n_true", "n_pred", "tp", "fp", "fn")
 
 

@@ -7,8 +7,9 @@ milliseconds where per-instance loops (``monai.metrics.compute_panoptic_quality`
 
 Conventions for degenerate images (so that per-image means stay finite):
 - Every score in [0, 1] (Dice, precision, recall, F1, DQ, SQ, PQ, AJI, AJI+) is 1.0 when both maps are empty and
-  0.0 when exactly one is empty. SQ is 0.0 when nothing is matched (as MONAI). ``missed`` and ``merged``, the
-  shares of true nuclei left unmatched for those reasons, are 0.0 without true nuclei.
+  0.0 when exactly one is empty. SQ is 0.0 when nothing is matched (as MONAI). ``missed``, ``merged`` and
+  ``misdrawn``, the shares of true nuclei left unmatched for those reasons (they add up to 1 - recall), are 0.0
+  without true nuclei.
 - ``count_ape`` (absolute percentage error of the nuclei count) is 0.0 when both counts are 0 and NaN when the
   truth has no nucleus but the prediction has some (a percentage of zero is undefined); means skip NaN.
 
@@ -43,7 +44,8 @@ COUNT_KEYS = (
     "n_true", "n_pred", "tp", "iou_sum",
     "aji_inter", "aji_union", "aji_plus_inter", "aji_plus_union", "fn_missed", "fn_merged",
 )  # fmt: skip
-SCORE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "dq", "sq", "pq", "aji", "aji_plus", "missed", "merged")
+SCORE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "dq", "sq", "pq", "aji", "aji_plus", "missed", "merged",
+              "misdrawn")
 METRIC_NAMES = COUNT_KEYS + ("fp", "fn") + SCORE_KEYS
 
 __all__ = [
@@ -353,6 +355,8 @@ def _scores(c: Mapping[str, Any]) -> dict[str, float]:
         # shares of the true nuclei left unmatched for each reason (_unmatched_counts); 0 without true nuclei
         "missed": c["fn_missed"] / n_true if n_true else 0.0,
         "merged": c["fn_merged"] / n_true if n_true else 0.0,
+        # the rest of the unmatched: found, but cut or drawn so that no prediction reaches IoU 0.5 with them
+        "misdrawn": (fn - c["fn_missed"] - c["fn_merged"]) / n_true if n_true else 0.0,
     }
 
 
