@@ -127,17 +127,19 @@ class RegionJournal:
             self._done.discard(tuple(ij))
             return None
 
-    def save(self, ij: Region, labels: np.ndarray) -> None:
-        """Keep region ij's labels; after a failure to write (the folder deleted meanwhile, a full disk) nothing
-        more is kept, and the run goes on."""
+    def save(self, ij: Region, labels: np.ndarray) -> bytes | None:
+        """Keep region ij's labels and return them packed as written (``pack``), for a caller that sends them on;
+        None once nothing is kept: after a failure to write (the folder deleted meanwhile, a full disk) nothing more
+        is, and the run goes on."""
         if not self.active:
-            return
+            return None
         target = None
         try:
             # in the key's own folder, never recreated: a folder deleted meanwhile (claimed by another key, or its
             # image finished) means this writer's regions are no longer wanted
             target = AtomicFile(self._path(ij), make_folder=False)
-            target.tmp.write_bytes(pack(labels))
+            packed = pack(labels)
+            target.tmp.write_bytes(packed)
             target.replace()  # without fsync: after a power loss a region may be unreadable, and is computed again
         except OSError as err:
             self.active = False
@@ -146,12 +148,13 @@ class RegionJournal:
             if self.folder.is_dir():
                 logger.warning("%s: finished regions can no longer be kept (%s); the image goes on without them",
                                self.folder.parent, err)
-            return
+            return None
         except BaseException:
             if target is not None:
                 target.discard()
             raise
         self._done.add(tuple(ij))
+        return packed
 
     def _path(self, ij: Region) -> Path:
         return self.folder / f"r{int(ij[0])}-{int(ij[1])}.npy.z"

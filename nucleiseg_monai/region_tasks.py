@@ -56,11 +56,12 @@ def band_labels(predictor: SlidePredictor, path: str, regions: list[Region],
         band = []
         for ij in regions:
             labels = journal.load(ij, plan.grid.window(ij)[2:]) if journal is not None and ij in journal else None
+            packed = None
             if labels is None:
                 labels = predictor.region_labels(plan, ij)
                 if journal is not None:
-                    journal.save(ij, labels)
-            band.append((ij, pack(labels)))
+                    packed = journal.save(ij, labels)  # packed once, for the journal and the merge alike
+            band.append((ij, packed if packed is not None else pack(labels)))
         return band
 
 

@@ -26,7 +26,7 @@ def test_labels_travel_exactly_in_the_smallest_type():
 
 def test_a_claim_takes_its_own_keys_regions_and_discards_another_keys_saying_what_differs(tmp_path, caplog):
     first = RegionJournal.claim(tmp_path, "slide", K1)
-    first.save((0, 1), LABELS)
+    assert np.array_equal(unpack(first.save((0, 1), LABELS)), LABELS)  # packed as written, for a band task to send
     again = RegionJournal.claim(tmp_path, "slide", K1)
     assert (0, 1) in again and np.array_equal(again.load((0, 1), (3, 4)), LABELS)
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
@@ -38,7 +38,7 @@ def test_a_claim_takes_its_own_keys_regions_and_discards_another_keys_saying_wha
 def test_a_writer_of_another_key_never_writes_into_a_claimed_journal_nor_recreates_a_removed_one(tmp_path):
     stale = RegionJournal.claim(tmp_path, "slide", K1)  # e.g. a cohort's task still running on a cluster
     RegionJournal.claim(tmp_path, "slide", K2)
-    stale.save((0, 0), LABELS)
+    assert stale.save((0, 0), LABELS) is None
     assert _kept_files(tmp_path) == [] and not stale.active
     assert len(RegionJournal.claim(tmp_path, "slide", K2)) == 0
 
