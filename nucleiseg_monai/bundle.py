@@ -32,7 +32,9 @@ from .packaging import MANIFEST, is_bundle_folder, refusal, verify
 logger = logging.getLogger(__name__)
 
 STATS_NAME = "channel_stats.json"  # what training writes beside its model.pt (the bundle's ``stats_file``)
-_said: set[tuple[str, str]] = set()  # (weights, statistics) already logged in this process
+# what was already said in this process (configs are read more than once per command): (weights, statistics) of
+# weights_stats_file, ("report", folder) of evaluation_dir
+_said: set[tuple[str, str]] = set()
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -123,13 +125,10 @@ def evaluation_dir(bundle_root: str | os.PathLike, checkpoint: str | os.PathLike
         return str(Path(bundle_root) / "eval" / split)
     run = weights.parent.parent if weights.parent.name == "models" else weights.parent
     folder = run / "eval" / split
-    if folder not in _said:  # the config is read more than once per command
-        _said.add(folder)
+    if ("report", str(folder)) not in _said:
+        _said.add(("report", str(folder)))
         logger.info("the report of %s goes beside those weights: %s", weights, folder)
     return str(folder)
-
-
-_said: set[Path] = set()
 
 
 def require_package(root: str | os.PathLike) -> None:
