@@ -238,11 +238,12 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
-    if not (root / "LICENSE").is_file():
-        logger.warning("%s has no LICENSE: receivers cannot know the terms of its weights and configs; add one "
-                       "naming them and the license and citation of the data the weights learnt from", root)
     unstated = unstated_licenses(root)
-    if unstated:
+    if not (root / "LICENSE").is_file():  # one warning, naming the data's licenses where they are known
+        logger.warning("%s has no LICENSE: receivers cannot know the terms of its weights and configs; add one "
+                       "naming them and the license and citation of the data the weights learnt from%s", root,
+                       f" ({'; '.join(unstated)})" if unstated else "")
+    elif unstated:
         logger.warning("%s does not name the license of data its weights learnt from: %s (models/datalist.json, "
                        "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
                        "; ".join(unstated))
