@@ -76,6 +76,15 @@ def staging_folder(path: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
 
 
+def remove_if_empty(folders: list[Path]) -> None:
+    """Removes those of ``folders`` (deepest first) that hold nothing: what a failed run made and never wrote in."""
+    for folder in sorted(set(folders), key=lambda f: len(f.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # holds something, or is gone
+            pass
+
+
 def fsync_dir(folder: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync elsewhere
         return

@@ -174,17 +174,8 @@ def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | N
     return folders
 
 
-def remove_if_empty(folders: list[Path]) -> None:
-    """Removes those of ``folders`` (deepest first) that hold nothing: what a failed run made and never wrote in."""
-    for folder in sorted(set(folders), key=lambda f: len(f.parts), reverse=True):
-        try:
-            folder.rmdir()
-        except OSError:  # holds something, or is gone
-            pass
-
-
 def _run_checked(args, run_id: str) -> None:
-    from .atomic import remove_stale
+    from .atomic import remove_if_empty, remove_stale
     from .overrides import check, load_config, parse_pairs
 
     _check_bundle(args.bundle)

@@ -33,7 +33,6 @@ size and hashed on the way. The bundle appears under its final name only once ev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -49,7 +48,8 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from .atomic import (
-    StreamTooLong, atomic_path, copy_hashed, remove_stale, sha256_file, staging_folder, umask, write_json_atomic,
+    StreamTooLong, atomic_path, copy_hashed, remove_if_empty, remove_stale, sha256_file, staging_folder, umask,
+    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -555,9 +555,7 @@ def unpack(
             _into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            for folder in made:  # innermost first; only what this call created and left empty
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            remove_if_empty(made)  # only what this call created, and only where it stayed empty
             raise
     return target
 
