@@ -1,6 +1,7 @@
 """Markdown tables of an evaluation report (eval/<split>/metrics.json), as the model cards show them; with
 ``--against OTHER``, the differences of every mean from another report of the same split (a change that should not
-move any figure, such as a restructure, shows 0).
+move any figure, such as a restructure, shows 0), then a summary: the model's AJI, PQ and recall per source, pooled
+and over sources, in both, and the largest change.
 
     python scripts/report_tables.py bundles/nuclei_unet_small/eval/test/metrics.json
     python scripts/report_tables.py NEW/metrics.json --against OLD/metrics.json
@@ -63,6 +64,42 @@ def differences(report: dict, other: dict) -> list[str]:
     return lines
 
 
+SUMMARY_KEYS = ("aji", "pq", "recall")
+
+
+def model_rows(report: dict) -> dict[str, dict]:
+    """The model's means per source, pooled and (where the report has it) over sources: the cards' headline rows."""
+    rows = {source: methods["model"]["mean"] for source, methods in report["sources"].items() if "model" in methods}
+    if "model" in report["pooled"]:
+        rows["pooled"] = report["pooled"]["model"]["mean"]
+    if "mean_over_sources" in report:
+        rows["mean over sources"] = report["mean_over_sources"]
+    return rows
+
+
+def summary(report: dict, other: dict) -> list[str]:
+    """The model's headline figures in both reports side by side, and the largest change of any of its AJIs (a
+    source's, an organ's or the pooled one)."""
+    ours, theirs = model_rows(report), model_rows(other)
+    lines = ["| model | " + " | ".join(f"{key} (this, other, change)" for key in SUMMARY_KEYS) + " |",
+             "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
+    for label in [label for label in ours if label in theirs]:
+        cells = []
+        for key in SUMMARY_KEYS:
+            a, b = ours[label].get(key), theirs[label].get(key)
+            cells.append("-" if a is None or b is None else f"{a:.3f}, {b:.3f}, {a - b:+.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    a_rows, b_rows = dict(summaries(report)), dict(summaries(other))
+    shared = [k for k in a_rows if k in b_rows and k.split(": ")[1] == "model"
+              and "aji" in a_rows[k]["mean"] and "aji" in b_rows[k]["mean"]]
+    changes = [(abs(a_rows[k]["mean"]["aji"] - b_rows[k]["mean"]["aji"]), k) for k in shared]
+    size, label = max(changes, default=(0.0, None))
+    if size > 0:
+        change = a_rows[label]["mean"]["aji"] - b_rows[label]["mean"]["aji"]
+        lines.append(f"largest AJI change: {label} {change:+.3f}")
+    return lines
+
+
 def named(report: dict, source: str) -> str:
     """A source's name, with the part its tiles come from when that is not the report's split (a source without
     test tiles is scored on its validation tiles, and its rows must not pass for held-out ones)."""
@@ -93,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.against is None:
         tables(report)
         return 0
-    lines = differences(report, json.loads(open(args.against, encoding="utf-8").read()))
-    print("\n".join(lines) if lines else f"every mean of {args.report} equals {args.against}'s")
-    return 1 if lines else 0
+    other = json.loads(open(args.against, encoding="utf-8").read())
+    lines = differences(report, other)
+    if not lines:
+        print(f"every mean of {args.report} equals {args.against}'s")
+        return 0
+    print("\n".join(lines + ["", f"{len(lines)} difference(s); summary:"] + summary(report, other)))
+    return 1
 
 
 if __name__ == "__main__":

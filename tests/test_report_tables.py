@@ -69,6 +69,9 @@ def test_against_names_every_differing_mean_and_nothing_else(tmp_path, capsys):
     assert report_tables.main([str(new), "--against", str(new)]) == 0
     assert "every mean" in capsys.readouterr().out
     assert report_tables.main([str(new), "--against", str(old)]) == 1
+    out = capsys.readouterr().out
+    assert "3 difference(s); summary:" in out
+    assert "| pooled | " in out and "largest AJI change: cryonuseg: model: Skin +0.010" in out
 
 
 def test_against_says_first_when_the_reports_are_of_other_tiles_or_other_weights():
