@@ -63,7 +63,7 @@ from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, man
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, remove_journal
 from .stitching import RegionGrid, RegionStitcher
-from .wsi import IMAGE_SUFFIXES, ImageError, SlideReader, open_image, tissue_mask
+from .wsi import IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, open_image, tissue_mask
 
 logger = logging.getLogger(__name__)
 
@@ -706,6 +706,37 @@ class SlidePredictor:
         stitcher."""
         window, _, probs = self._predict_region(plan, dict.fromkeys(PHASES, 0.0), ij)
         return to_read_grid(self.instances(probs), window[2:], plan.scale)
+
+    def segment(self, rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
+        """Nuclei of an RGB image held in memory ((H, W, 3), 8 or 16 bit: a tile a notebook has loaded), as (H, W)
+        uint32 instance ids 1..N on the image's own grid: the labels ``predict_slide`` gives the same pixels in a
+        file (regions, resampling to the working pixel size, seams), with nothing written.
+
+        ``mpp``: the image's pixel size in um/px; without it the predictor's ``input_mpp``, else the model's own
+        (a warning says so), as for a file that states none.
+        """
+        pixels = np.asarray(rgb)
+        if pixels.ndim != 3 or pixels.shape[-1] not in (3, 4) or 0 in pixels.shape:
+            raise ValueError(f"segment takes an RGB image of shape (height, width, 3), got {pixels.shape}; a "
+                             "channels-first array goes in as np.moveaxis(image, 0, -1)")
+        where = Path("<array>")
+        reader = ArrayReader(where, pixels, base_mpp=None if mpp is None else check_mpp(mpp, "mpp"))
+        if mpp is None:
+            reader.base_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
+            if self.input_mpp is None and self.mpp is not None:
+                logger.warning("segment: no mpp given, so the image is taken to be at the model's %g um/px; pass "
+                               "mpp= if it is not", self.mpp)
+        with reader:
+            plan = self.planner.plan(reader, reader.thumbnail(self.outputs.overlay_max_side), self.input_mpp)
+            todo = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]
+            stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
+            with closing(self._regions(plan, todo, dict.fromkeys(PHASES, 0.0))) as regions:
+                for ij, (_, _, labels) in zip(todo, regions):
+                    stitcher.add(ij, labels)
+            tiles = list(stitcher.tiles())
+        cols = math.ceil(reader.shape[1] / self.outputs.label_tile)
+        rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
+        return np.concatenate(rows)[: reader.shape[0], : reader.shape[1]]
 
     def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None,
                       labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None

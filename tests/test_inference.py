@@ -989,3 +989,28 @@ def test_image_links_that_point_at_nothing_are_named_not_silently_left_out(tmp_p
     with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.inference"):
         assert [p.name for p in find_images(tmp_path / "in")] == ["tile0.png"]
     assert "1 image link(s)" in caplog.text and "moved.svs" in caplog.text
+
+
+def test_an_image_in_memory_gets_the_labels_its_file_would(tmp_path, caplog):
+    """``segment`` on the array a notebook holds: the same nuclei, pixel for pixel, as ``predict_slide`` on that
+    image written as a file stating the same pixel size, in several regions and resampled from 20x alike."""
+    truth = make_slide((512, 640), seed=13).labels()
+    fine = _oracle_image(truth)
+    coarse, _ = _scan_at(fine, truth, 0.5)
+    for image, mpp in ((fine, 0.25), (coarse, 0.5)):
+        path = tmp_path / f"at_{mpp}.tif"
+        _write_tif(path, image, mpp)
+        result = _predictor().predict_slide(path, tmp_path / "out")
+        assert result.regions > 1
+        from_file = tifffile.imread(tmp_path / "out" / f"at_{mpp}.labels.tif")
+        in_memory = _predictor().segment(image, mpp=mpp)
+        assert in_memory.shape == image.shape[:2] and in_memory.dtype == np.uint32
+        assert np.array_equal(in_memory, from_file)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.inference"):
+        assumed = _predictor().segment(fine)
+    assert np.array_equal(assumed, _predictor().segment(fine, mpp=0.25))
+    assert "no mpp given" in caplog.text
+    with pytest.raises(ValueError, match="height, width, 3"):
+        _predictor().segment(np.moveaxis(fine, -1, 0))
+    with pytest.raises(ValueError, match="magnification"):
+        _predictor().segment(fine, mpp=40)
