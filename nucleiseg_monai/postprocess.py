@@ -4,7 +4,9 @@
 interior, boundary). Confident interior cores become markers; they flood the foreground, so the boundary class
 that runs between touching nuclei is split between them instead of merging them. A network with a fourth output
 also predicts each nucleus's distance map (``transforms.distance_map``: 1 at its centre, falling to 0 at its rim);
-its peaks part touching nuclei whose interiors run together, and ``markers="distance_map"`` uses them.
+its peaks part touching nuclei whose interiors run together, and ``markers="distance_map"`` uses them. A network
+with six outputs adds HoVer-Net's horizontal and vertical maps (``transforms.hover_maps``), which jump from +1 to -1
+where two nuclei meet; ``hover_threshold`` cuts the markers along those jumps.
 ``activate`` turns network outputs into these probabilities, for every caller. ``instances_from_foreground``
 (threshold + connected components) is the reference that merges touching nuclei, kept to measure the gain.
 ``InstancesFromProbsd`` wraps the method as a MONAI dictionary transform for bundle post-processing.
@@ -44,7 +46,8 @@ _DISTANCE_BITS = 16
 _MAX_FLOOD_PIXELS = 2**53 >> (8 + _DISTANCE_BITS)
 
 __all__ = [
-    "MIN_MARKER_SIZE", "MIN_SIZE", "Activated", "InstancesFromProbsd", "activate", "instances_from_foreground", "instances_from_probs",
+    "MIN_MARKER_SIZE", "MIN_SIZE", "Activated", "InstancesFromProbsd", "activate", "hover_edges", "instances_from_foreground",
+    "instances_from_probs",
 ]
 
 
@@ -56,8 +59,8 @@ def _float_array(x: Any) -> np.ndarray:
 
 
 def activate(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> torch.Tensor:
-    """Network outputs -> probabilities: softmax over the 3 classes, a sigmoid for the distance map when there is
-    a fourth channel; float32.
+    """Network outputs -> probabilities: softmax over the 3 classes, a sigmoid for each further map (the distance
+    map; the HoVer maps, as (offset + 1) / 2); float32.
 
     ``inplace`` overwrites float32 ``logits`` instead of allocating: for a whole-slide region's outputs, whose
     copies would otherwise add to the predictor's peak memory.
@@ -74,13 +77,25 @@ def activate(logits: torch.Tensor, dim: int = 1, inplace: bool = False) -> torch
 
 def _check_probs(probs: Any) -> np.ndarray:
     p = _float_array(probs)
-    if p.ndim != 3 or p.shape[0] not in (3, 4):
+    if p.ndim != 3 or p.shape[0] not in (3, 4, 6):
         raise ValueError(
-            f"expected probabilities of shape (3,H,W) for (background, interior, boundary), or (4,H,W) with the "
-            f"distance map, got {p.shape}; squeeze the batch axis and activate logits first "
+            f"expected probabilities of shape (3,H,W) for (background, interior, boundary), (4,H,W) with the "
+            f"distance map or (6,H,W) with the HoVer maps too, got {p.shape}; squeeze the batch axis and activate logits first "
             "(postprocess.activate, or InstancesFromProbsd(softmax=True))"
         )
     return p
+
+
+def hover_edges(probs: np.ndarray) -> np.ndarray:
+    """(H, W) float32: how steeply the HoVer maps fall, per pixel, in their own direction (horizontal map along x,
+    vertical along y; the larger of the two, 0 where both rise). Inside a nucleus they rise by about 2 / its
+    diameter per pixel; where two nuclei meet they fall by up to 2 within a pixel or two. A fixed 3 x 3 Sobel
+    kernel on the maps as predicted, not HoVer-Net's per-image min-max scaling, so a region of a slide gets the
+    values the whole image would."""
+    horizontal, vertical = 2 * probs[4] - 1, 2 * probs[5] - 1
+    fall_x = -ndi.sobel(horizontal, axis=1) / 8  # a ramp of slope 1 gives 1
+    fall_y = -ndi.sobel(vertical, axis=0) / 8
+    return np.maximum(np.maximum(fall_x, fall_y), 0).astype(np.float32)
 
 
 def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -202,6 +217,7 @@ def instances_from_probs(
     fill_holes: bool = True,
     elevation: str = "interior",
     markers: str = "interior",
+    hover_threshold: float | None = None,
 ) -> np.ndarray:
     """Instance labels (H,W) uint32, ids 1..N, from softmax probabilities (3,H,W) by marker-controlled watershed.
 
@@ -211,7 +227,9 @@ def instances_from_probs(
       dropped; the marker map is p_interior (markers "interior") or the predicted distance map ("distance_map",
       4-channel probabilities only); with marker_split_threshold, a marker holding two or more parts above that
       higher threshold, each of at least min_marker_size px, is replaced by those parts (two peaks joined by a
-      saddle above marker_threshold are two nuclei; a faint nucleus with one low peak keeps its marker);
+      saddle above marker_threshold are two nuclei; a faint nucleus with one low peak keeps its marker); with
+      hover_threshold (6-channel probabilities only), marker pixels where ``hover_edges`` exceeds it are dropped
+      first, so a marker that spans two nuclei falls apart along the line where their HoVer maps jump;
     - watershed of the markers over the mask on elevation "interior" (1 - p_interior: basins meet on the
       boundary class), "distance" (negative distance to the background: basins meet at the narrowest neck) or
       "distance_map" (1 - the predicted distance map: basins meet where two nuclei's maps fall to their rims);
@@ -229,11 +247,16 @@ def instances_from_probs(
         raise ValueError(f"elevation must be 'interior', 'distance' or 'distance_map', got {elevation!r}")
     if markers not in maps:
         raise ValueError(f"markers must be 'interior' or 'distance_map', got {markers!r}")
-    if "distance_map" in (elevation, markers) and p.shape[0] != 4:
-        raise ValueError(f"{elevation=!r}, {markers=!r} need a network with a distance map (4 outputs); "
+    if "distance_map" in (elevation, markers) and p.shape[0] < 4:
+        raise ValueError(f"{elevation=!r}, {markers=!r} need a network with a distance map (4 or 6 outputs); "
                          f"these probabilities have {p.shape[0]} channels: use 'interior'")
+    if hover_threshold is not None and p.shape[0] != 6:
+        raise ValueError(f"hover_threshold needs a network with HoVer maps (6 outputs); these probabilities have "
+                         f"{p.shape[0]} channels: leave hover_threshold null")
     mask = p[0] < 1.0 - fg_threshold
     seeds = (p[maps[markers]] > marker_threshold) & mask
+    if hover_threshold is not None:
+        seeds &= hover_edges(p) <= hover_threshold
     if marker_erosion > 0:
         seeds = ndi.binary_erosion(seeds, structure=disk(marker_erosion))
     marker_ids, n_markers = ndi.label(seeds, structure=_CROSS)
@@ -270,10 +293,11 @@ def instances_from_foreground(mask_or_prob: Any, threshold: float = 0.5, min_siz
     then 1 - p_background). Touching nuclei merge into one object, which is what the watershed method fixes.
     """
     x = _float_array(mask_or_prob)
-    if x.ndim == 3 and x.shape[0] in (3, 4):
+    if x.ndim == 3 and x.shape[0] in (3, 4, 6):
         x = 1.0 - x[0]
     if x.ndim != 2:
-        raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) / (4,H,W) probabilities, got shape {x.shape}")
+        raise ValueError(f"expected a (H,W) mask/probability or (3,H,W) / (4,H,W) / (6,H,W) probabilities, got shape "
+                         f"{x.shape}")
     labels, _ = ndi.label(x > threshold, structure=_CROSS)
     return _remove_small(labels, min_size)
 

@@ -16,6 +16,7 @@ from monai.config import KeysCollection
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
+    ComputeHoVerMaps,
     EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
@@ -76,6 +77,16 @@ def distance_map(labels: np.ndarray) -> np.ndarray:
         dist = distance_transform_edt(inside)
         out[box][inside] = dist[inside] / dist.max()
     return out
+
+
+def hover_maps(labels: np.ndarray) -> np.ndarray:
+    """Instance ids -> float32 (2, H, W): in each nucleus each pixel's horizontal and vertical offset from the
+    nucleus's centroid, scaled to [-1, 1] on each side of it (HoVer-Net's maps, MONAI's ``ComputeHoVerMaps``);
+    0 on background.
+
+    Where two nuclei touch, the maps jump from +1 to -1 across the line between them, however faint the rim:
+    ``postprocess`` cuts markers there."""
+    return np.asarray(ComputeHoVerMaps()(np.asarray(labels, dtype=np.int64)[None]), dtype=np.float32)
 
 
 def contact_map(labels: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndarray:
@@ -184,9 +195,9 @@ class ResampleLabelsd(MapTransform):
 
 class ThreeClassTargetd(MapTransform):
     """Keeps the instance ids under ``instance_key`` and turns ``keys`` into the 3-class training target; with
-    ``distance``, a second float channel holds ``distance_map`` (for networks with a fourth output); with
-    ``contact_weight`` > 0, a last channel holds each pixel's loss weight: ``1 + contact_weight`` where two nuclei
-    meet (``contact_map``), 1 elsewhere.
+    ``distance``, a second float channel holds ``distance_map`` (for networks with a fourth output); with ``hover``
+    too, two more hold ``hover_maps`` (networks with six outputs); with ``contact_weight`` > 0, a last channel holds
+    each pixel's loss weight: ``1 + contact_weight`` where two nuclei meet (``contact_map``), 1 elsewhere.
 
     In records marked ``sparse`` (sources whose annotators left some nuclei out), background farther than
     ``ignore_beyond`` pixels from every annotated nucleus becomes ``IGNORE``: the loss neither rewards nor punishes
@@ -194,11 +205,15 @@ class ThreeClassTargetd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = "label", instance_key: str = "label_inst", ignore_beyond: float = 0,
-                 distance: bool = False, contact_weight: float = 0):
+                 distance: bool = False, contact_weight: float = 0, hover: bool = False):
         super().__init__(keys)
         self.instance_key = instance_key
         self.ignore_beyond = float(ignore_beyond)
         self.distance = bool(distance)
+        self.hover = bool(hover)
+        if self.hover and not self.distance:
+            raise ValueError("hover maps follow the distance map in the target (6 outputs: classes, distance map, "
+                             "horizontal, vertical): pass distance=True with hover=True")
         self.contact_weight = float(contact_weight)
         if self.contact_weight < 0:
             raise ValueError(f"contact_weight must be 0 (off) or positive, got {contact_weight}")
@@ -215,6 +230,8 @@ class ThreeClassTargetd(MapTransform):
             if self.distance:
                 dist = torch.from_numpy(distance_map(labels[0].numpy())[None])
                 target = torch.cat([target.float(), dist])
+            if self.hover:
+                target = torch.cat([target, torch.from_numpy(hover_maps(labels[0].numpy()))])
             if self.contact_weight > 0:
                 weight = 1.0 + self.contact_weight * contact_map(labels[0].numpy()).astype(np.float32)
                 target = torch.cat([target.float(), torch.from_numpy(weight[None])])
@@ -315,7 +332,7 @@ def restain(image, alpha, beta: Sequence[float] = (0.0, 0.0, 0.0)) -> torch.Tens
 
 def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
-    ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0,
+    ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0, hover: bool = False,
     stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0, pale_nuclei_edge: float = 0,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
@@ -352,7 +369,8 @@ def train_transforms(
         RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
         RandScaleIntensityd("image", prob=0.3, factors=0.1),
         RandShiftIntensityd("image", prob=0.3, offsets=10.0),
-        ThreeClassTargetd("label", ignore_beyond=ignore_beyond, distance=distance, contact_weight=contact_weight),
+        ThreeClassTargetd("label", ignore_beyond=ignore_beyond, distance=distance, contact_weight=contact_weight,
+                          hover=hover),
         NormalizeIntensityd("image", subtrahend=mean, divisor=std, channel_wise=True),
         EnsureTyped("image", dtype=torch.float32, track_meta=False),
         EnsureTyped(["label", "label_inst"], track_meta=False),

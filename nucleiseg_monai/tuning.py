@@ -48,11 +48,16 @@ DISTANCE_GRID: dict[str, Sequence] = {
     "elevation": ("distance_map", "interior"),
 }
 
+# With HoVer maps (6 outputs), the distance map's grid and the cut along the maps' jumps, off (None) included.
+HOVER_THRESHOLDS = (None, 0.25, 0.5)
+
 
 def default_grid(channels: int, mpp: float | None = GRID_MPP) -> dict[str, Sequence]:
-    """The grid searched unless the user names values: by the network's outputs (3 classes, or a distance map),
-    its areas in pixels of ``mpp`` (the bundle's working pixel size; None: as written)."""
+    """The grid searched unless the user names values: by the network's outputs (3 classes, a distance map, or
+    HoVer maps too), its areas in pixels of ``mpp`` (the bundle's working pixel size; None: as written)."""
     grid = dict(DISTANCE_GRID if channels > 3 else DEFAULT_GRID)
+    if channels == 6:
+        grid["hover_threshold"] = HOVER_THRESHOLDS
     if mpp is not None and mpp != GRID_MPP:
         area = (GRID_MPP / mpp) ** 2
         for key in ("min_marker_size", "min_size"):

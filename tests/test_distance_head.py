@@ -111,7 +111,7 @@ def test_distance_markers_part_nuclei_whose_interiors_run_together():
 
 def test_distance_settings_need_a_fourth_channel():
     probs = merged_interior_probs(discs((32, 32), [(16, 16)], [8]))[:3]
-    with pytest.raises(ValueError, match="4 outputs"):
+    with pytest.raises(ValueError, match="4 or 6 outputs"):
         instances_from_probs(probs, markers="distance_map")
     with pytest.raises(ValueError, match="markers"):
         instances_from_probs(probs, markers="centroid")
