@@ -18,11 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from monai.utils import convert_to_numpy
 from scipy.ndimage import find_objects
 from skimage.color import hed_from_rgb
 from skimage.measure import find_contours
 
-__all__ = ["Nuclei", "haematoxylin", "measure_nuclei", "outline", "trace_outlines"]
+__all__ = ["COLUMNS", "Nuclei", "haematoxylin", "measure_nuclei", "outline", "trace_outlines"]
+
+# The per-nucleus columns, with their units in the names: centroids, areas and perimeters in level-0 px (as the
+# outlines, whatever level was read); eccentricity and solidity have none; haematoxylin is an optical density
+# (skimage.color.rgb2hed's channel 0).
+COLUMNS = ("id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
+           "mean_haematoxylin_od")
 
 # A pixel side s (0 top, 1 right, 2 bottom, 3 left): the step to the neighbour across it, the direction a walk
 # along it goes (clockwise around the pixel on screen, which is counter-clockwise in (x, y) with y down: the
@@ -66,6 +73,13 @@ class Nuclei:
 
     def __len__(self) -> int:
         return len(self.id)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The figures per nucleus as named columns, those of the predictor's CSV (``COLUMNS``), for a table:
+        ``pandas.DataFrame(nuclei.columns())``; without ``area_um2`` when the pixel size is unknown."""
+        values = dict(zip(COLUMNS, (self.id, self.centroid_x, self.centroid_y, self.area_px, self.area_um2,
+                                    self.perimeter_px, self.eccentricity, self.solidity, self.mean_haematoxylin)))
+        return {name: column for name, column in values.items() if column is not None}
 
     def polygon(self, i: int) -> np.ndarray:
         ring = self.vertices[self.starts[i]:self.starts[i + 1]]
@@ -252,8 +266,22 @@ def measure_nuclei(
     """Measure every id of a label window whose top-left sits at ``offset`` (y, x) in the analysed level.
 
     Perimeter and solidity are those of the outline polygon (its length; its area over its convex hull's, as
-    QuPath measures them). Rows come in increasing id order. See the module docstring for units.
+    QuPath measures them). Rows come in increasing id order. See the module docstring for units. ``labels``: a 2-D
+    integer map (numpy or torch); ``rgb``: the same pixels as 8-bit RGB, (height, width, 3) uint8, which
+    haematoxylin's optical density is measured on; ``mpp``: the analysed level's microns per pixel, for ``area_um2``.
     """
+    labels, rgb = convert_to_numpy(labels), convert_to_numpy(rgb)
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise ValueError(f"measure_nuclei: labels must be a 2-D integer label map, got {labels.dtype} of shape "
+                         f"{labels.shape}")
+    if rgb.dtype != np.uint8 or rgb.shape != (*labels.shape, 3):
+        raise ValueError(f"measure_nuclei: rgb must be the labels' pixels as 8-bit RGB, uint8 of shape "
+                         f"{(*labels.shape, 3)}, got {rgb.dtype} of shape {rgb.shape}; convert floats or 16-bit "
+                         "with skimage.util.img_as_ubyte, and drop alpha (rgb[..., :3])")
+    if mpp is not None:
+        mpp = float(mpp)
+        if not mpp > 0:
+            raise ValueError(f"measure_nuclei: mpp must be a positive pixel size in microns, got {mpp}")
     oy, ox = offset
     fg = np.flatnonzero(labels)
     if fg.size == 0:

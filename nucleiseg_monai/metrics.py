@@ -1,9 +1,11 @@
 """Pixel, count and object metrics on instance label maps, and an ignite wrapper for MONAI evaluators.
 
-Label maps are 2-D integer arrays, 0 = background; ids are arbitrary (gaps, huge values) and one id may cover
-several disconnected pieces (it is still one object). Every object metric of an image comes from ONE contingency
-table of (true id, pred id) pixel counts built with ``np.bincount``, which is what makes ``instance_metrics`` take
-milliseconds where per-instance loops (``monai.metrics.compute_panoptic_quality``) take seconds on a dense tile.
+Every function takes the prediction first and the truth second (``aji(pred, true)``; HoVer-Net's helpers take
+them the other way round). Label maps are 2-D integer arrays, 0 = background; ids are arbitrary (gaps, huge values)
+and one id may cover several disconnected pieces (it is still one object). Every object metric of an image comes
+from ONE contingency table of (true id, pred id) pixel counts built with ``np.bincount``, which is what makes
+``instance_metrics`` take milliseconds where per-instance loops (``monai.metrics.compute_panoptic_quality``) take
+seconds on a dense tile.
 
 Conventions for degenerate images (so that per-image means stay finite):
 - Every score in [0, 1] (Dice, precision, recall, F1, DQ, SQ, PQ, AJI, AJI+) is 1.0 when both maps are empty and
@@ -19,6 +21,7 @@ AJI, F1, ... are the micro averages that papers such as CoNIC report next to per
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from ignite.exceptions import NotComputableError
 from monai.utils import convert_to_numpy
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from scipy.ndimage import label as connected_pieces
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -38,6 +42,8 @@ from scipy.sparse.csgraph import connected_components
 MATCH_IOU = 0.5
 # Dense bincount of the pair table up to this many cells (32 MiB of int64); sparse np.unique above it.
 _DENSE_TABLE_CELLS = 1 << 22
+# A label map whose one id covers this many separate pieces is taken for a binary mask, and named in a warning.
+BINARY_PIECES = 3
 
 COUNT_KEYS = (
     "pixel_tp", "pixel_fp", "pixel_fn", "pixel_tn",
@@ -47,6 +53,8 @@ COUNT_KEYS = (
 SCORE_KEYS = ("dice", "count_ape", "precision", "recall", "f1", "dq", "sq", "pq", "aji", "aji_plus", "missed", "merged",
               "misdrawn")
 METRIC_NAMES = COUNT_KEYS + ("fp", "fn") + SCORE_KEYS
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "COUNT_KEYS",
@@ -80,11 +88,20 @@ def _label_map(x: Any, what: str) -> np.ndarray:
     if a.dtype.kind == "b":
         a = a.astype(np.uint8)
     elif a.dtype.kind == "f":
-        a = a.astype(np.int64)  # MONAI may hand over label maps as float tensors; ids are integral
+        # MONAI may hand over label maps as float tensors of whole ids; a map resized with interpolation is not one
+        if a.size and not np.array_equal(a, np.floor(a)):
+            raise ValueError(f"{what}: a float label map with fractional values, so not ids: a label map resized "
+                             "with interpolation? Resize label maps with nearest neighbour (order=0)")
+        a = a.astype(np.int64)
     elif a.dtype.kind not in "iu":
         raise ValueError(f"{what}: expected an integer label map, got dtype {a.dtype}")
     if a.dtype.kind == "i" and a.size and a.min() < 0:
         raise ValueError(f"{what}: label ids must be >= 0 (0 = background), got min {a.min()}")
+    if a.size and a.max() == 1:
+        pieces = connected_pieces(a)[1]
+        if pieces >= BINARY_PIECES:
+            logger.warning("%s: one id covers %d separate pieces, scored as one nucleus: a binary mask? Give each "
+                           "nucleus its own id (skimage.measure.label(mask))", what, pieces)
     return a
 
 
@@ -423,12 +440,14 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Aggregate per-image ``instance_metrics`` rows (each also carrying "name" and "organ").
+    """Aggregate per-image ``instance_metrics`` rows, each optionally carrying "name" and "organ" (without them:
+    the row's position, and one organ "all").
 
     Returns {"n_images", "mean", "pooled", "per_organ": {organ: {"n_images", "mean", "pooled"}}, "per_image"}:
     "mean" averages each numeric key over images (NaN skipped), "pooled" recomputes the scores from counts summed
     over the images (dataset-level Dice, F1, PQ, AJI, ...), "per_image" is the rows sorted by name.
     """
+    rows = [{"name": str(i), "organ": "all", **r} for i, r in enumerate(rows)]
     rows = sorted(rows, key=lambda r: str(r["name"]))
     if not rows:
         raise ValueError("summarize: no per-image rows to aggregate")

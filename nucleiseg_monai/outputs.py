@@ -29,7 +29,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from .atomic import AtomicFile, atomic_path, fsync_dir, write_json_atomic
-from .measurements import Nuclei, measure_nuclei
+from .measurements import COLUMNS, Nuclei, measure_nuclei
 
 OUTPUT_SUFFIXES = {
     "labels": ".labels.tif",
@@ -38,12 +38,7 @@ OUTPUT_SUFFIXES = {
     "overlay": ".overlay.png",
 }
 MANIFEST_SUFFIX = ".done.json"
-# Units in the names: centroids, areas and perimeters in level-0 px (as the GeoJSON polygons, whatever level was read);
-# eccentricity and solidity have none; haematoxylin is an optical density (skimage.color.rgb2hed's channel 0).
-CSV_COLUMNS = (
-    "id", "centroid_x_px", "centroid_y_px", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
-    "mean_haematoxylin_od",
-)
+CSV_COLUMNS = COLUMNS  # the measurements' own names, units in them
 # one meaning everywhere (inference overlays, evaluation overlays, TensorBoard): prediction yellow, truth green
 PREDICTION_COLOUR = (255, 230, 0)
 TRUTH_COLOUR = (0, 200, 0)

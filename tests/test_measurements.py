@@ -236,3 +236,37 @@ def test_same_as_reference_on_a_synthetic_tile():
 def test_empty_window():
     nuclei = measure_nuclei(np.zeros((5, 5), np.uint32), np.zeros((5, 5, 3), np.uint8), mpp=0.5)
     assert len(nuclei) == 0 and nuclei.area_um2.size == 0 and nuclei.vertices.shape == (0, 2)
+
+
+def test_inputs_a_notebook_may_hand_over_are_taken_or_refused_by_name():
+    """Haematoxylin is an optical density of 8-bit RGB: a float or 16-bit image would give another number without
+    a word, so it is refused with the conversion; torch labels and a pixel size typed as text are taken."""
+    import torch
+
+    labels = hand_built_labels()
+    rgb = np.full((*labels.shape, 3), 200, np.uint8)
+    rgb[labels > 0] = (80, 40, 140)
+    expected = measure_nuclei(labels, rgb, mpp=0.25)
+    same = measure_nuclei(torch.from_numpy(labels.astype(np.int32)), rgb, mpp="0.25")
+    assert np.array_equal(same.area_um2, expected.area_um2) and np.array_equal(same.id, expected.id)
+    for wrong, match in ((rgb / 255.0, "float64"), (rgb.astype(np.uint16) * 257, "uint16"),
+                         (np.dstack([rgb, np.full(labels.shape, 255, np.uint8)]), r"\(.*, 4\)"),
+                         (rgb[:-1], "shape")):
+        with pytest.raises(ValueError, match=match):
+            measure_nuclei(labels, wrong)
+    with pytest.raises(ValueError, match="2-D integer"):
+        measure_nuclei(labels.astype(np.float32), rgb)
+    with pytest.raises(ValueError, match="positive"):
+        measure_nuclei(labels, rgb, mpp=0)
+
+
+def test_columns_are_the_csv_figures_by_name_for_a_table():
+    from nucleiseg_monai.outputs import CSV_COLUMNS
+
+    labels = hand_built_labels()
+    rgb = np.full((*labels.shape, 3), 200, np.uint8)
+    nuclei = measure_nuclei(labels, rgb, mpp=0.5)
+    columns = nuclei.columns()
+    assert tuple(columns) == CSV_COLUMNS and all(len(c) == len(nuclei) for c in columns.values())
+    assert np.array_equal(columns["area_um2"], nuclei.area_px * 0.25)
+    assert "area_um2" not in measure_nuclei(labels, rgb).columns()

@@ -398,3 +398,29 @@ def test_unmatched_nuclei_are_told_apart_as_missed_merged_or_misdrawn():
     assert nothing["missed"] == 1.0 and nothing["merged"] == nothing["misdrawn"] == 0.0
     pooled = summarize([{**m, "name": "a", "organ": "x"}, {**nothing, "name": "b", "organ": "x"}])["pooled"]
     assert pooled["missed"] == pytest.approx((2 + 6) / 12) and pooled["merged"] == pytest.approx(2 / 12)
+
+
+def test_label_maps_that_are_no_ids_are_refused_or_named(caplog):
+    """What a notebook hands over by mistake: a label map resized with interpolation (fractional ids) is refused;
+    whole ids in floats (as MONAI tensors carry them) are ids; a binary mask passes but is named in a warning,
+    since it scores every nucleus as one; one nucleus in two pieces is one nucleus and no warning."""
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 2:6], labels[10:14, 10:14] = 1, 2
+    assert count_nuclei(labels.astype(np.float32)) == 2
+    with pytest.raises(ValueError, match="nearest neighbour"):
+        count_nuclei(labels * 0.5)
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.metrics"):
+        aji(labels, labels > 0)
+        assert "binary mask" not in caplog.text  # two pieces of one id: one nucleus in two parts
+        mask = labels > 0
+        mask[16:19, 2:5] = True
+        aji(labels, mask)
+    assert "true: one id covers 3 separate pieces" in caplog.text
+
+
+def test_summarize_takes_rows_without_names_or_organs():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 2:6] = 1
+    summary = summarize([instance_metrics(labels, labels), instance_metrics(labels, np.zeros_like(labels))])
+    assert summary["n_images"] == 2 and summary["mean"]["aji"] == pytest.approx(0.5)
+    assert list(summary["per_organ"]) == ["all"] and [r["name"] for r in summary["per_image"]] == ["0", "1"]
