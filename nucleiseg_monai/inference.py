@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import convert_to_numpy
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -524,6 +525,7 @@ class SlidePredictor:
         self.overwrite, self.progress, self.prefetch = overwrite, progress, prefetch
         self.keep_regions = keep_regions
         self.timings: dict[str, float] = {}  # the last slide's seconds per phase
+        self._said_assumed = False  # segment's warning that an array without mpp is at the working pixel size
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike, **overrides) -> SlidePredictor:
@@ -713,19 +715,28 @@ class SlidePredictor:
         file (regions, resampling to the working pixel size, seams), with nothing written.
 
         ``mpp``: the image's pixel size in um/px; without it the predictor's ``input_mpp``, else the model's own
-        (a warning says so), as for a file that states none.
+        (a warning says so, once), as for a file that states none. 16-bit samples are scaled as a file's are (by
+        the range the data reach: the log says how), and fully transparent pixels are taken for white.
         """
-        pixels = np.asarray(rgb)
+        pixels = convert_to_numpy(rgb)
+        if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 1):
+            raise ValueError(f"segment: a greyscale image {pixels.shape}; the model segments H&E colour: pass the "
+                             "RGB image")
+        if pixels.ndim == 4 and pixels.shape[0] == 1:
+            raise ValueError(f"segment takes one image, got a batch of shape {pixels.shape}: pass image[0]")
         if pixels.ndim != 3 or pixels.shape[-1] not in (3, 4) or 0 in pixels.shape:
-            raise ValueError(f"segment takes an RGB image of shape (height, width, 3), got {pixels.shape}; a "
-                             "channels-first array goes in as np.moveaxis(image, 0, -1)")
+            hint = "; a channels-first array goes in as np.moveaxis(image, 0, -1)" if pixels.ndim == 3 else ""
+            raise ValueError(f"segment takes an RGB image of shape (height, width, 3), got {pixels.shape}{hint}")
         where = Path("<array>")
         reader = ArrayReader(where, pixels, base_mpp=None if mpp is None else check_mpp(mpp, "mpp"))
         if mpp is None:
             reader.base_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
-            if self.input_mpp is None and self.mpp is not None:
-                logger.warning("segment: no mpp given, so the image is taken to be at the model's %g um/px; pass "
-                               "mpp= if it is not", self.mpp)
+            if self.input_mpp is None and self.mpp is not None and not self._said_assumed:
+                self._said_assumed = True  # once per predictor: a loop over a thousand tiles needs one warning
+                logger.warning("segment: no mpp given, so images are taken to be at the model's %g um/px; pass "
+                               "mpp= if they are not", self.mpp)
+        if reader.conversion:
+            logger.info("segment: %s", reader.conversion)
         with reader:
             plan = self.planner.plan(reader, reader.thumbnail(self.outputs.overlay_max_side), self.input_mpp)
             todo = [ij for ij in np.ndindex(*plan.todo.shape) if plan.todo[ij]]

@@ -208,7 +208,8 @@ def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False, bits: int 
     reader's ``significant_bits``: a 12-bit camera's 0-4095 maps onto 0-255 as value / 16, the full 0-65535 range
     as value / 256 as skimage's img_as_ubyte does; values above the range read white), grey (with or without
     alpha) is repeated into three channels so that the predictor can refuse it by name (``SlideReader.greyscale``:
-    the networks need H&E colour), alpha is dropped.
+    the networks need H&E colour), and fully transparent pixels (no data, often stored black, which would read as
+    dense tissue) are made white before alpha is dropped; partly transparent ones keep their colour.
     Training (``data.read_image``, ``training=True``) refuses 16-bit, grey and RGBA with any transparent pixel
     instead, and drops only an alpha that is opaque everywhere: a tile read wrong would silently teach the network
     and shift the channel statistics, and a training set can be converted once by hand where a cohort cannot.
@@ -229,9 +230,14 @@ def rgb_uint8(pixels: np.ndarray, path: Path, training: bool = False, bits: int 
         raise ImageError(f"{path} is RGBA with transparent pixels; flatten it onto white and save it as RGB")
     if pixels.dtype == np.uint16:
         pixels = np.minimum(pixels >> (bits - 8), WHITE).astype(np.uint8)
+    colour = pixels[..., :1] if channels < 3 else pixels[..., :3]
+    if channels in (2, 4):
+        empty = pixels[..., -1] == 0
+        if empty.any():
+            colour = np.where(empty[..., None], np.uint8(WHITE), colour)
     if channels < 3:
-        return np.repeat(pixels[..., :1], 3, axis=-1)
-    return np.ascontiguousarray(pixels[..., :3])
+        return np.repeat(colour, 3, axis=-1)
+    return np.ascontiguousarray(colour)
 
 
 def _check_dtype(dtype: np.dtype, path: Path) -> None:
@@ -478,6 +484,8 @@ def check_mpp(value: float, what: str = "--mpp") -> float:
     or a huge value fail deep in the planner's logarithms; refusing at once, with the likely mistake named, costs
     nothing.
     """
+    if isinstance(value, (bool, np.bool_)):  # float(True) is 1.0: a flag passed where a pixel size belongs
+        raise ValueError(f"{what} {value!r} is not a pixel size; {MPP_HINT}")
     try:
         mpp = float(value)
     except (TypeError, ValueError):

@@ -1006,11 +1006,23 @@ def test_an_image_in_memory_gets_the_labels_its_file_would(tmp_path, caplog):
         in_memory = _predictor().segment(image, mpp=mpp)
         assert in_memory.shape == image.shape[:2] and in_memory.dtype == np.uint32
         assert np.array_equal(in_memory, from_file)
+    predictor = _predictor()
     with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.inference"):
-        assumed = _predictor().segment(fine)
+        assumed = predictor.segment(fine)
+        predictor.segment(fine[:64, :64])
     assert np.array_equal(assumed, _predictor().segment(fine, mpp=0.25))
-    assert "no mpp given" in caplog.text
-    with pytest.raises(ValueError, match="height, width, 3"):
-        _predictor().segment(np.moveaxis(fine, -1, 0))
-    with pytest.raises(ValueError, match="magnification"):
-        _predictor().segment(fine, mpp=40)
+    assert caplog.text.count("no mpp given") == 1  # once per predictor, not once per tile of a loop
+    assert np.array_equal(_predictor().segment(torch.from_numpy(fine), mpp="0.25"), assumed)
+
+    # what else a notebook hands over: refused by name, or taken as a viewer shows it
+    for wrong, match in ((np.moveaxis(fine, -1, 0), "moveaxis"), (fine[None], r"batch .* image\[0\]"),
+                         (fine[..., 0], "greyscale"), (fine[..., :1], "greyscale")):
+        with pytest.raises(ValueError, match=match):
+            _predictor().segment(wrong, mpp=0.25)
+    for mpp in (40, True):
+        with pytest.raises(ValueError, match="um/px|pixel size"):
+            _predictor().segment(fine, mpp=mpp)
+    hidden = np.dstack([fine, np.full(fine.shape[:2], 255, np.uint8)])
+    hidden[:256, ..., :3], hidden[:256, ..., 3] = 0, 0  # transparent black over the top half
+    half = _predictor().segment(hidden, mpp=0.25)
+    assert half[:256].max() == 0 and np.array_equal(half[300:] > 0, assumed[300:] > 0)

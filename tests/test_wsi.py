@@ -260,7 +260,12 @@ def test_one_reader_policy_converts_at_inference_what_training_refuses(tmp_path)
     transparent[2, 3, 3] = 0
     deep = rgb.astype(np.uint16) * 257
     grey = rgb[..., 0]
-    np.testing.assert_array_equal(rgb_uint8(transparent, path), rgb)
+    no_data = rgb.copy()
+    no_data[2, 3] = 255  # a fully transparent pixel holds no data: white, not its stored colour
+    np.testing.assert_array_equal(rgb_uint8(transparent, path), no_data)
+    half = transparent.copy()
+    half[2, 3, 3] = 128  # partly transparent: its colour
+    np.testing.assert_array_equal(rgb_uint8(half, path), rgb)
     np.testing.assert_array_equal(rgb_uint8(deep, path), rgb)
     np.testing.assert_array_equal(rgb_uint8(grey, path), np.repeat(grey[..., None], 3, axis=-1))
     for pixels, problem in ((transparent, "transparent"), (deep, "uint16, not 8-bit"), (grey, "greyscale")):
