@@ -24,6 +24,7 @@ from torch import nn
 from .bundle import STATS_NAME
 from .data import load_stats
 from .inferers import FlipInferer
+from .losses import TARGET_CHANNELS
 from .networks import MixedPrecision, unet_from_checkpoint
 from .postprocess import activate
 
@@ -83,14 +84,14 @@ class DistillationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         outputs = logits.shape[1]
-        labels = 2 if outputs > 3 else 1  # the classes, and the distance map for a network that has one
+        labels = TARGET_CHANNELS.get(outputs, 1)  # the classes, and the maps (distance, HoVer) a network has
         if target.shape[1] == labels + 1 + outputs and bool((target[:, labels] > 1).any()):
             raise ValueError("distillation learns from the teacher where nuclei meet, not from a loss weight: "
                              "set contact_weight to 0 (--contact_weight 0)")
         if target.shape[1] != labels + outputs:
             raise ValueError(f"a target of {target.shape[1]} channels does not hold a label and a teacher of "
                              f"{outputs} outputs: the teacher must have the student's outputs (3 classes, or 3 "
-                             "and the distance map)")
+                             "and the distance map, or those and the HoVer maps)")
         label, teacher = target[:, :labels], target[:, labels:].float()
         logits32 = logits.float()
         soft = nn.functional.cross_entropy(logits32[:, :3], teacher[:, :3])

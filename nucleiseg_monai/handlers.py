@@ -348,7 +348,7 @@ class ValidationImages:
         item, out = engine.state.batch[0], engine.state.output[0]
         self._image = (torch.as_tensor(item["image"]).float().cpu() * self.std + self.mean).clamp(0, 255) / 255
         self._truth = torch.as_tensor(item["label"]).cpu()[0]
-        self._pred = torch.as_tensor(out["pred"]).float().cpu().argmax(0)
+        self._pred = torch.as_tensor(out["pred"]).float().cpu()[:3].argmax(0)  # the classes, not the maps after them
 
     @staticmethod
     def _classes(classes: torch.Tensor, colour) -> torch.Tensor:

@@ -92,7 +92,9 @@ class PaddedSlidingWindowInferer(SlidingWindowInferer):
 class FlipInferer(Inferer):
     """The mean of ``inner``'s outputs over the input and its flips, each flipped back first: 1 (none), 2 (and the
     left-right mirror) or 4 (and the up-down mirror, and both). The flips run one after another, so memory is one
-    pass's; the outputs averaged are the network's logits, as every inferer here returns them."""
+    pass's; the outputs averaged are the network's logits, as every inferer here returns them. With six outputs the
+    HoVer maps (offsets from each centroid) change sign under their own axis's mirror, and so do their logits
+    (those of (offset + 1) / 2): they are negated back too, or the mean would cancel them."""
 
     def __init__(self, inner: Inferer, flips: int = 4):
         super().__init__()
@@ -104,7 +106,12 @@ class FlipInferer(Inferer):
         total = None
         for dims in self.dims:
             out = self.inner(torch.flip(inputs, dims) if dims else inputs, network, *args, **kwargs)
-            out = torch.flip(out, dims) if dims else out
+            if dims:
+                out = torch.flip(out, dims)
+                if out.shape[1] == 6:  # horizontal map (channel 4) along x, vertical (5) along y
+                    for channel, axis in ((4, -1), (5, -2)):
+                        if axis in dims:
+                            out[:, channel].neg_()
             total = out if total is None else total.add_(out)
         return total.div_(len(self.dims)) if len(self.dims) > 1 else total
 

@@ -12,7 +12,7 @@ from torch import nn
 from .transforms import IGNORE
 
 # target channels (classes, then distance map, then the two HoVer maps) for each number of network outputs
-_TARGET_CHANNELS = {3: 1, 4: 2, 6: 4}
+TARGET_CHANNELS = {3: 1, 4: 2, 6: 4}
 
 
 class MaskedDiceCELoss(nn.Module):
@@ -55,10 +55,10 @@ class MaskedDiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         outputs = logits.shape[1]
-        if outputs not in _TARGET_CHANNELS:
+        if outputs not in TARGET_CHANNELS:
             raise ValueError(f"the loss takes 3 outputs (classes), 4 (and a distance map) or 6 (and HoVer maps), got "
                              f"{outputs}")
-        channels = _TARGET_CHANNELS[outputs]
+        channels = TARGET_CHANNELS[outputs]
         distance = outputs > 3
         if target.shape[1] not in (channels, channels + 1):
             raise ValueError(f"{logits.shape[1]} network outputs need a target of {channels} channel(s) (and at most "

@@ -33,6 +33,7 @@ from monai.transforms import (
 )
 from scipy.ndimage import distance_transform_edt, find_objects, gaussian_filter, maximum_filter, minimum_filter
 from skimage.color import rgb_from_hed
+from skimage.measure import label as label_pieces
 from skimage.segmentation import find_boundaries
 
 from .data import read_image, read_instance_labels
@@ -85,8 +86,12 @@ def hover_maps(labels: np.ndarray) -> np.ndarray:
     0 on background.
 
     Where two nuclei touch, the maps jump from +1 to -1 across the line between them, however faint the rim:
-    ``postprocess`` cuts markers there."""
-    return np.asarray(ComputeHoVerMaps()(np.asarray(labels, dtype=np.int64)[None]), dtype=np.float32)
+    ``postprocess`` cuts markers there. Each connected piece counts as a nucleus of its own: a patch's reflected
+    border or a rotation's corner can show one nucleus twice, and one centroid between the copies would give each
+    a map of one sign (HoVer-Net's ``fix_mirror_padding``). The pieces are numbered 1..n first, also because MONAI
+    compares ids in float32, where ids above 2^24 collide."""
+    pieces = label_pieces(np.asarray(labels), background=0, connectivity=2)
+    return np.asarray(ComputeHoVerMaps()(pieces[None]), dtype=np.float32)
 
 
 def contact_map(labels: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndarray:

@@ -95,3 +95,57 @@ def test_the_hover_cut_parts_nuclei_whose_distance_peaks_run_together():
 def test_tuning_searches_the_hover_cut_only_for_a_network_that_has_the_maps():
     assert "hover_threshold" not in default_grid(4)
     assert None in default_grid(6)["hover_threshold"] and default_grid(6)["markers"] == ("distance_map",)
+
+
+def test_each_piece_of_an_id_gets_its_own_centred_maps_and_huge_ids_stay_apart():
+    labels = np.zeros((12, 30), np.int64)
+    labels[4:9, 2:9] = labels[4:9, 20:27] = 7  # one id shown twice (a reflected border, a rotation's corner)
+    h, _ = hover_maps(labels)
+    for piece in (np.s_[6, 2:9], np.s_[6, 20:27]):
+        assert h[piece][0] == -1 and h[piece][-1] == 1 and h[piece][3] == 0
+    huge = np.where(labels > 0, 2**24 + 1, 0)
+    huge[4:9, 5:9] = np.where(labels[4:9, 5:9] > 0, 2**24, 0)  # two ids float32 cannot tell apart
+    h, _ = hover_maps(huge)
+    assert h[6, 2] == -1 and h[6, 4] == 1 and h[6, 5] == -1 and h[6, 8] == 1
+
+
+class HoverOracle(torch.nn.Module):
+    """Flip-equivariant as a trained network would be: segments the bright discs of its input and answers with
+    their true maps as logits, so the mean over flips must give back the maps of one pass."""
+
+    def forward(self, x):
+        out = []
+        for image in x:
+            labels = discs_from(image[0].numpy())
+            probs = perfect_probs(labels)
+            out.append(torch.logit(torch.from_numpy(probs).clamp(1e-3, 1 - 1e-3)))
+        return torch.stack(out)
+
+
+def discs_from(image):
+    from scipy.ndimage import label
+
+    return label(image > 0.5)[0]
+
+
+def test_test_time_flips_keep_the_hover_maps():
+    from monai.inferers import SimpleInferer
+
+    from nucleiseg_monai.inferers import FlipInferer
+
+    labels = discs((40, 64), [(14, 18), (26, 44)], [8, 10])
+    image = torch.from_numpy((labels > 0).astype(np.float32))[None, None].repeat(1, 3, 1, 1)
+    one = HoverOracle()(image)
+    for flips in (2, 4):
+        averaged = FlipInferer(SimpleInferer(), flips)(image, HoverOracle())
+        assert torch.allclose(averaged[:, 4:6], one[:, 4:6], atol=1e-4)
+
+
+def test_distillation_takes_a_six_output_teacher():
+    from nucleiseg_monai.distillation import DistillationLoss
+
+    labels = discs((32, 48), [(16, 14), (16, 31)], [8, 8])
+    target = ThreeClassTargetd("label", distance=True, hover=True)({"label": torch.from_numpy(labels[None])})["label"]
+    teacher = torch.randn(1, 6, 32, 48)
+    distill = DistillationLoss(MaskedDiceCELoss(), weight=0.5)
+    assert torch.isfinite(distill(torch.randn(1, 6, 32, 48), torch.cat([target[None], teacher], 1)))
