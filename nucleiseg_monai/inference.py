@@ -745,6 +745,7 @@ class SlidePredictor:
                 for ij, (_, _, labels) in zip(todo, regions):
                     stitcher.add(ij, labels)
             tiles = list(stitcher.tiles())
+        self._say_truncated("segment", stitcher)
         cols = math.ceil(reader.shape[1] / self.outputs.label_tile)
         rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
         return np.concatenate(rows)[: reader.shape[0], : reader.shape[1]]
@@ -791,15 +792,18 @@ class SlidePredictor:
                 with clock("writing"):
                     paths = out.commit(info)
         remove_journal(output_dir, name)  # also one a cohort's region tasks filled, or an earlier run left
-        if stitcher.truncated:
-            logger.warning("%s: %d nuclei were cut by a region window; increase region_margin (now %d)",
-                           path, stitcher.truncated, self.planner.region_margin)
+        self._say_truncated(path, stitcher)
         self.timings = {k: round(v, 4) for k, v in timings.items()}
         return SlideResult(
             str(path), name, out.count, round(time.perf_counter() - start, 3), (height, width), reader.level,
             reader.mpp, plan.mpp_source, float(plan.scale), int(plan.todo.size), int(plan.todo.sum()),
             stitcher.truncated, plan.tissue_fraction, {k: str(p) for k, p in paths.items()}, dict(self.timings),
         )
+
+    def _say_truncated(self, what: str | os.PathLike, stitcher: RegionStitcher) -> None:
+        if stitcher.truncated:
+            logger.warning("%s: %d nuclei were cut by a region window; increase region_margin (now %d)",
+                           what, stitcher.truncated, self.planner.region_margin)
 
     def _log_scale(self, path: Path, plan: Plan, message: str) -> None:
         """The one line per image that says which pixel size was used, where it came from, and the scale."""

@@ -23,6 +23,8 @@ from scipy.ndimage import find_objects
 from skimage.color import hed_from_rgb
 from skimage.measure import find_contours
 
+from .metrics import as_label_map
+
 __all__ = ["COLUMNS", "Nuclei", "haematoxylin", "measure_nuclei", "outline", "trace_outlines"]
 
 # The per-nucleus columns, with their units in the names: centroids, areas and perimeters in level-0 px (as the
@@ -266,18 +268,18 @@ def measure_nuclei(
     """Measure every id of a label window whose top-left sits at ``offset`` (y, x) in the analysed level.
 
     Perimeter and solidity are those of the outline polygon (its length; its area over its convex hull's, as
-    QuPath measures them). Rows come in increasing id order. See the module docstring for units. ``labels``: a 2-D
-    integer map (numpy or torch); ``rgb``: the same pixels as 8-bit RGB, (height, width, 3) uint8, which
-    haematoxylin's optical density is measured on; ``mpp``: the analysed level's microns per pixel, for ``area_um2``.
+    QuPath measures them). Rows come in increasing id order. See the module docstring for units. ``labels``: as the
+    metrics take label maps (``metrics.as_label_map``: numpy or torch, (H, W) or (1, H, W), whole ids in floats);
+    ``rgb``: the same pixels as 8-bit RGB, (height, width, 3) uint8, which haematoxylin's optical density is
+    measured on; ``mpp``: the analysed level's microns per pixel, for ``area_um2``.
     """
-    labels, rgb = convert_to_numpy(labels), convert_to_numpy(rgb)
-    if labels.ndim != 2 or labels.dtype.kind not in "iu":
-        raise ValueError(f"measure_nuclei: labels must be a 2-D integer label map, got {labels.dtype} of shape "
-                         f"{labels.shape}")
+    labels, rgb = as_label_map(labels, "measure_nuclei: labels"), convert_to_numpy(rgb)
     if rgb.dtype != np.uint8 or rgb.shape != (*labels.shape, 3):
         raise ValueError(f"measure_nuclei: rgb must be the labels' pixels as 8-bit RGB, uint8 of shape "
                          f"{(*labels.shape, 3)}, got {rgb.dtype} of shape {rgb.shape}; convert floats or 16-bit "
                          "with skimage.util.img_as_ubyte, and drop alpha (rgb[..., :3])")
+    if isinstance(mpp, (bool, np.bool_)):
+        raise ValueError(f"measure_nuclei: mpp must be a pixel size in microns, got {mpp!r}")
     if mpp is not None:
         mpp = float(mpp)
         if not mpp > 0:

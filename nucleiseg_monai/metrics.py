@@ -64,6 +64,7 @@ __all__ = [
     "Overlap",
     "aji",
     "aji_plus",
+    "as_label_map",
     "count_ape",
     "count_nuclei",
     "detection_scores",
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 
-def _label_map(x: Any, what: str) -> np.ndarray:
-    """A 2-D non-negative integer numpy array from a numpy/torch label map (leading singleton axes dropped)."""
+def as_label_map(x: Any, what: str = "labels") -> np.ndarray:
+    """A 2-D non-negative integer numpy array from a numpy/torch label map (leading singleton axes dropped; float
+    maps of whole ids, as MONAI tensors carry them, taken as ids); ValueError naming ``what`` otherwise."""
     a = convert_to_numpy(x)
     while a.ndim > 2 and a.shape[0] == 1:
         a = a[0]
@@ -97,6 +99,13 @@ def _label_map(x: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what}: expected an integer label map, got dtype {a.dtype}")
     if a.dtype.kind == "i" and a.size and a.min() < 0:
         raise ValueError(f"{what}: label ids must be >= 0 (0 = background), got min {a.min()}")
+    return a
+
+
+def _object_map(x: Any, what: str) -> np.ndarray:
+    """``as_label_map`` for the object metrics, which a binary mask would score as one nucleus: named in a warning.
+    (Pixel metrics take binary masks as they are.)"""
+    a = as_label_map(x, what)
     if a.size and a.max() == 1:
         pieces = connected_pieces(a)[1]
         if pieces >= BINARY_PIECES:
@@ -158,8 +167,8 @@ class Overlap:
 
 def overlap(pred: Any, true: Any) -> Overlap:
     """Build the contingency table of a predicted and a true label map (same shape) in one pass."""
-    p = _label_map(pred, "pred").ravel()
-    t = _label_map(true, "true").ravel()
+    p = _object_map(pred, "pred").ravel()
+    t = _object_map(true, "true").ravel()
     if p.size != t.size:
         raise ValueError(f"pred and true differ in shape: {np.shape(pred)} vs {np.shape(true)}")
     p_idx, pred_ids = _relabel(p)
@@ -196,8 +205,8 @@ def _ratio(num: float, den: float, both_empty: bool) -> float:
 # ---------------------------------------------------------------------------------------------- pixel level
 def pixel_confusion(pred: Any, true: Any) -> dict[str, int]:
     """Foreground (label > 0) confusion counts over all pixels: tp, fp, fn, tn."""
-    p = _label_map(pred, "pred") > 0
-    t = _label_map(true, "true") > 0
+    p = as_label_map(pred, "pred") > 0
+    t = as_label_map(true, "true") > 0
     if p.shape != t.shape:
         raise ValueError(f"pred and true differ in shape: {p.shape} vs {t.shape}")
     tp = int(np.count_nonzero(p & t))
@@ -220,7 +229,7 @@ def dice(pred: Any, true: Any) -> float:
 # ------------------------------------------------------------------------------------------------- counting
 def count_nuclei(labels: Any) -> int:
     """Number of distinct non-zero ids (an id in two pieces is one nucleus)."""
-    return int(_relabel(_label_map(labels, "labels").ravel())[1].size)
+    return int(_relabel(_object_map(labels, "labels").ravel())[1].size)
 
 
 def count_ape(n_pred: int, n_true: int) -> float:
@@ -441,13 +450,14 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate per-image ``instance_metrics`` rows, each optionally carrying "name" and "organ" (without them:
-    the row's position, and one organ "all").
+    the row's position, zero-padded so that rows keep their order, and one organ "all").
 
     Returns {"n_images", "mean", "pooled", "per_organ": {organ: {"n_images", "mean", "pooled"}}, "per_image"}:
     "mean" averages each numeric key over images (NaN skipped), "pooled" recomputes the scores from counts summed
     over the images (dataset-level Dice, F1, PQ, AJI, ...), "per_image" is the rows sorted by name.
     """
-    rows = [{"name": str(i), "organ": "all", **r} for i, r in enumerate(rows)]
+    rows = list(rows)
+    rows = [{"name": f"{i:0{len(str(len(rows)))}d}", "organ": "all", **r} for i, r in enumerate(rows)]
     rows = sorted(rows, key=lambda r: str(r["name"]))
     if not rows:
         raise ValueError("summarize: no per-image rows to aggregate")

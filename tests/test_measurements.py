@@ -254,8 +254,8 @@ def test_inputs_a_notebook_may_hand_over_are_taken_or_refused_by_name():
                          (rgb[:-1], "shape")):
         with pytest.raises(ValueError, match=match):
             measure_nuclei(labels, wrong)
-    with pytest.raises(ValueError, match="2-D integer"):
-        measure_nuclei(labels.astype(np.float32), rgb)
+    with pytest.raises(ValueError, match="nearest neighbour"):
+        measure_nuclei(labels * 0.5, rgb)
     with pytest.raises(ValueError, match="positive"):
         measure_nuclei(labels, rgb, mpp=0)
 
@@ -270,3 +270,13 @@ def test_columns_are_the_csv_figures_by_name_for_a_table():
     assert tuple(columns) == CSV_COLUMNS and all(len(c) == len(nuclei) for c in columns.values())
     assert np.array_equal(columns["area_um2"], nuclei.area_px * 0.25)
     assert "area_um2" not in measure_nuclei(labels, rgb).columns()
+
+
+def test_label_maps_are_taken_as_the_metrics_take_them():
+    labels = hand_built_labels()
+    rgb = np.full((*labels.shape, 3), 200, np.uint8)
+    expected = measure_nuclei(labels, rgb, mpp=0.25)
+    as_monai = measure_nuclei(labels[None].astype(np.float32), rgb, mpp=0.25)  # (1, H, W) whole ids in floats
+    assert np.array_equal(as_monai.area_um2, expected.area_um2)
+    with pytest.raises(ValueError, match="pixel size"):
+        measure_nuclei(labels, rgb, mpp=True)

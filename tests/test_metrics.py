@@ -424,3 +424,13 @@ def test_summarize_takes_rows_without_names_or_organs():
     summary = summarize([instance_metrics(labels, labels), instance_metrics(labels, np.zeros_like(labels))])
     assert summary["n_images"] == 2 and summary["mean"]["aji"] == pytest.approx(0.5)
     assert list(summary["per_organ"]) == ["all"] and [r["name"] for r in summary["per_image"]] == ["0", "1"]
+
+
+def test_pixel_metrics_take_binary_masks_without_a_word_and_summaries_keep_row_order(caplog):
+    mask = np.zeros((20, 20), bool)
+    mask[2:5, 2:5] = mask[8:11, 8:11] = mask[15:18, 2:5] = True
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.metrics"):
+        assert dice(mask, mask) == 1.0
+    assert caplog.text == ""
+    rows = [instance_metrics(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.int32)) for _ in range(11)]
+    assert [r["name"] for r in summarize(rows)["per_image"]] == [f"{i:02d}" for i in range(11)]
