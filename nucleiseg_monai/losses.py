@@ -31,8 +31,7 @@ class MaskedDiceCELoss(nn.Module):
     Six outputs add the horizontal and vertical maps (``ThreeClassTargetd(hover=True)``: offsets from each nucleus's
     centroid in [-1, 1]), learnt the distance map's way on (offset + 1) / 2, plus HoVer-Net's gradient term: the
     squared error of each map's slope along its own axis on nucleus pixels, which the jump where two nuclei meet
-    dominates; both weighted by ``lambda_hover``. Without the gradient term the maps came out too smooth for their
-    jumps to part nuclei (the model card's options tried).
+    dominates, so that the maps are pushed to learn it; both weighted by ``lambda_hover``.
 
     ``class_weights`` (background, interior, boundary) weight the classes' cross-entropy by each pixel's true class,
     on the same terms: a pale nucleus called background then costs more than the reverse, which is where recall is

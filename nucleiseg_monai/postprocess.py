@@ -46,8 +46,8 @@ _DISTANCE_BITS = 16
 _MAX_FLOOD_PIXELS = 2**53 >> (8 + _DISTANCE_BITS)
 
 __all__ = [
-    "MIN_MARKER_SIZE", "MIN_SIZE", "Activated", "InstancesFromProbsd", "activate", "hover_edges", "instances_from_foreground",
-    "instances_from_probs",
+    "MIN_MARKER_SIZE", "MIN_SIZE", "Activated", "InstancesFromProbsd", "activate", "hover_edges",
+    "instances_from_foreground", "instances_from_probs",
 ]
 
 
@@ -80,7 +80,8 @@ def _check_probs(probs: Any) -> np.ndarray:
     if p.ndim != 3 or p.shape[0] not in (3, 4, 6):
         raise ValueError(
             f"expected probabilities of shape (3,H,W) for (background, interior, boundary), (4,H,W) with the "
-            f"distance map or (6,H,W) with the HoVer maps too, got {p.shape}; squeeze the batch axis and activate logits first "
+            f"distance map or (6,H,W) with the HoVer maps too, got {p.shape}; squeeze the batch axis and activate "
+            "logits first "
             "(postprocess.activate, or InstancesFromProbsd(softmax=True))"
         )
     return p
