@@ -158,6 +158,27 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
     return None if named == torch.float32 else named
 
 
+class ZScored(nn.Module):
+    """``network`` on RGB input of the 0-255 scale, z-scored inside with the channel statistics it learnt with: what
+    the bundles export, so that a TorchScript taken elsewhere needs no ``channel_stats.json`` beside it. Its weights
+    are the network's (``state_dict`` and ``load_state_dict`` pass through), so a model.pt loads into it as is."""
+
+    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network((x - self.mean) / self.std)
+
+    def state_dict(self, *args, **kwargs):
+        return self.network.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 class MixedPrecision(nn.Module):
     """Runs a network under autocast on whatever device its input lives, in channels-last memory layout.
 

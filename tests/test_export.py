@@ -1,4 +1,5 @@
-"""TorchScript export with MONAI's own ``ckpt_export`` as the README runs it; the .ts loads without our package."""
+"""TorchScript export with MONAI's own ``ckpt_export`` as the README runs it; the .ts loads without our package and
+takes RGB on the 0-255 scale, the channel statistics inside it."""
 
 import json
 import os
@@ -39,6 +40,8 @@ def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     shutil.copytree(bundle / "configs", root / "configs")
     out_channels = bundle_outputs(bundle)
     net = saved_random_unet(root / "models" / "model.pt", out_channels, TINY)
+    stats = {"mean": [180.0, 120.0, 160.0], "std": [30.0, 40.0, 35.0]}
+    (root / "models" / "channel_stats.json").write_text(json.dumps(stats))
     ts_file = root / "models" / "model.ts"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     export = [
@@ -54,15 +57,16 @@ def test_ckpt_export_runs_without_the_package(bundle, tmp_path):
     assert done.returncode == 0 and ts_file.is_file(), done.stderr[-3000:]
 
     # a shape other than the export's trace input, and not square: the .ts must generalise
-    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255
     torch.save(x, tmp_path / "x.pt")
     load = [sys.executable, "-c", LOAD_TS, str(ts_file), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
     done = subprocess.run(load, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
 
     exported = torch.load(tmp_path / "y.pt", weights_only=True)
+    mean, std = (torch.tensor(stats[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     with torch.no_grad():
-        expected = net(x)
+        expected = net((x - mean) / std)  # z-scored inside: the .ts needs no channel_stats.json beside it
     assert exported.shape == (2, out_channels, 64, 96)
     assert (exported - expected).abs().max().item() < 1e-4
 
