@@ -276,8 +276,9 @@ def measure_nuclei(
     labels, rgb = as_label_map(labels, "measure_nuclei: labels"), convert_to_numpy(rgb)
     if rgb.dtype != np.uint8 or rgb.shape != (*labels.shape, 3):
         raise ValueError(f"measure_nuclei: rgb must be the labels' pixels as 8-bit RGB, uint8 of shape "
-                         f"{(*labels.shape, 3)}, got {rgb.dtype} of shape {rgb.shape}; convert floats or 16-bit "
-                         "with skimage.util.img_as_ubyte, and drop alpha (rgb[..., :3])")
+                         f"{(*labels.shape, 3)}, got {rgb.dtype} of shape {rgb.shape}: convert floats with "
+                         "skimage.util.img_as_ubyte; for 16-bit, nucleiseg_monai.wsi.ArrayReader(Path('tile'), "
+                         "rgb).pixels is the 8-bit RGB the predictor analysed; drop alpha (rgb[..., :3])")
     if isinstance(mpp, (bool, np.bool_)):
         raise ValueError(f"measure_nuclei: mpp must be a pixel size in microns, got {mpp!r}")
     if mpp is not None:
