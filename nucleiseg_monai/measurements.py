@@ -24,6 +24,7 @@ from skimage.color import hed_from_rgb
 from skimage.measure import find_contours
 
 from .metrics import as_label_map
+from .wsi import check_mpp
 
 __all__ = ["COLUMNS", "Nuclei", "haematoxylin", "measure_nuclei", "outline", "trace_outlines"]
 
@@ -279,12 +280,8 @@ def measure_nuclei(
                          f"{(*labels.shape, 3)}, got {rgb.dtype} of shape {rgb.shape}: convert floats with "
                          "skimage.util.img_as_ubyte; for 16-bit, nucleiseg_monai.wsi.ArrayReader(Path('tile'), "
                          "rgb).pixels is the 8-bit RGB the predictor analysed; drop alpha (rgb[..., :3])")
-    if isinstance(mpp, (bool, np.bool_)):
-        raise ValueError(f"measure_nuclei: mpp must be a pixel size in microns, got {mpp!r}")
     if mpp is not None:
-        mpp = float(mpp)
-        if not mpp > 0:
-            raise ValueError(f"measure_nuclei: mpp must be a positive pixel size in microns, got {mpp}")
+        mpp = check_mpp(mpp, "measure_nuclei: mpp")
     oy, ox = offset
     fg = np.flatnonzero(labels)
     if fg.size == 0:

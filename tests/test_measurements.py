@@ -256,7 +256,7 @@ def test_inputs_a_notebook_may_hand_over_are_taken_or_refused_by_name():
             measure_nuclei(labels, wrong)
     with pytest.raises(ValueError, match="nearest neighbour"):
         measure_nuclei(labels * 0.5, rgb)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="outside the plausible pixel sizes"):
         measure_nuclei(labels, rgb, mpp=0)
 
 
