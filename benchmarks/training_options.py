@@ -81,6 +81,9 @@ VARIANTS = {
                                              "--pale_nuclei_edge", "2.0"]},
     "pale_nuclei_soft_1.0_cw2": {"settings": ["--contact_weight", "2", "--pale_nuclei", "1.0",
                                              "--pale_nuclei_edge", "2.0"]},
+    "scale_both_0.1_cw2": {"settings": ["--contact_weight", "2", "--scale_jitter", "[0.1, 0.1]"]},
+    "scale_both_0.25_cw2": {"settings": ["--contact_weight", "2", "--scale_jitter", "[0.25, 0.25]"]},
+    "batch_16_cw2": {"settings": ["--contact_weight", "2", "--batch_size", "16"]},
 }
 
 

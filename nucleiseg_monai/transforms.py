@@ -339,16 +339,24 @@ def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0, hover: bool = False,
     stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0, pale_nuclei_edge: float = 0,
+    scale_jitter: float | Sequence[float] = (0.1, 0.0),
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> blur -> paler nuclei -> stain, contrast and intensity jitter ->
     target -> z-score.
 
-    ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
+    ``scale_jitter``: each axis's scale drawn from 1 +- its value, (rows, columns) or one value for both: nuclei of
+    other sizes, scanners of other pixel sizes, mis-tagged files. ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
     ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners. ``pale_nuclei``: the share of
     patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
     softens their edges."""
     patch = tuple(int(p) for p in patch_size)
+    # MONAI draws a scale for as many axes as it is given numbers: a bare 0.1 stretched the rows only
+    scale = (float(scale_jitter),) * 2 if np.isscalar(scale_jitter) else tuple(float(s) for s in scale_jitter)
+    if len(scale) != 2:
+        raise ValueError(f"scale_jitter: one number or two (rows, columns), not {scale_jitter!r}")
+    if scale[1] == 0:  # no draw for a fixed last axis: the recipe's random numbers stay those it was trained with
+        scale = scale[:1]
     # square, so 90-degree turns keep the shape and the final crop yields the patch size for non-square patches
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
     both = ["image", "label"]
@@ -361,7 +369,7 @@ def train_transforms(
         RandRotate90d(both, prob=0.75, max_k=3),
         Rand2DElasticd(
             both, spacing=(48, 48), magnitude_range=(0.0, 1.5), prob=0.7, rotate_range=np.pi, shear_range=0.1,
-            scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="reflection",
+            scale_range=scale, mode=("bilinear", "nearest"), padding_mode="reflection",
         ),
         CenterSpatialCropd(both, roi_size=patch),
     ]

@@ -393,3 +393,32 @@ def test_blur_softens_the_image_only_and_only_when_asked():
     assert np.abs(np.diff(after, axis=-1)).mean() < 0.9 * np.abs(np.diff(before, axis=-1)).mean()
     np.testing.assert_allclose(after.mean(axis=(1, 2)), before.mean(axis=(1, 2)), rtol=0.02)
     np.testing.assert_array_equal(np.asarray(out["label"]), np.asarray(item["label"]))
+
+
+def test_scale_jitter_sets_the_range_of_nucleus_sizes_in_training_patches():
+    # one disc; the same draws with and without the scale jitter, so the ratio of its heights and widths is the
+    # drawn scale of each axis (the flips and turns after it are off)
+    yy, xx = np.mgrid[:160, :160]
+    labels = (((yy - 80) ** 2 + (xx - 80) ** 2) < 20 ** 2).astype(np.int32)
+    item = _as_item(np.full((160, 160, 3), 200, np.uint8), labels)
+
+    def extents(scale_jitter) -> np.ndarray:
+        (step,) = [t for t in T.train_transforms(*IDENTITY, load=False, scale_jitter=scale_jitter).transforms
+                   if isinstance(t, T.Rand2DElasticd)]
+        step.prob = step.rand_2d_elastic.prob = 1.0
+        step.rand_2d_elastic.rand_affine_grid.rotate_range = (0.0,)  # rotation would mix the two axes
+        step.set_random_state(0)
+        out = []
+        for _ in range(60):
+            disc = np.asarray(step(dict(item))["label"])[0] > 0
+            out.append((disc.any(axis=1).sum(), disc.any(axis=0).sum()))
+        return np.array(out, np.float64)
+
+    none = extents(0.0)
+    spread = lambda jitter: (extents(jitter) / none).std(axis=0)  # noqa: E731
+    assert spread([0.1, 0.0])[1] < 0.02 < spread([0.1, 0.0])[0]  # as trained: the rows only
+    both = spread(0.1)
+    assert np.all(both > 0.03) and np.all(both < 0.08)  # uniform on +-0.1: sd 0.058
+    assert np.all(spread([0.25, 0.25]) > 2 * both)
+    with pytest.raises(ValueError, match="scale_jitter"):
+        T.train_transforms(*IDENTITY, load=False, scale_jitter=[0.1, 0.1, 0.1])
