@@ -81,3 +81,24 @@ def test_unet_scripts_and_keeps_its_shape_check():
         assert (scripted(x) - net(x)).abs().max().item() < 1e-5
     with pytest.raises(Exception, match="divisible by 4,"):
         scripted(torch.randn(1, 3, 30, 32))
+
+
+@pytest.mark.parametrize("bundle", EXPORTABLE, ids=lambda p: p.name)
+def test_export_takes_the_statistics_of_weights_from_elsewhere_from_stats_file(bundle, tmp_path):
+    # ckpt_export never shows its --ckpt_file to the config, so weights of another run bring their statistics
+    # through --stats_file, as the README says; without it the bundle's own are inside
+    from monai.bundle import ConfigParser
+
+    run = {"mean": [170.0, 110.0, 150.0], "std": [25.0, 45.0, 30.0]}
+    (tmp_path / "channel_stats.json").write_text(json.dumps(run))
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / "train.json"), str(bundle / "configs" / "export.json")])
+    parser["bundle_root"] = str(bundle)
+    export = json.loads((bundle / "configs" / "export.json").read_text())
+    own = json.loads((bundle / "models" / "channel_stats.json").read_text())
+    net = parser.get_parsed_content(export["net_id"], instantiate=True)
+    assert net.mean.flatten().tolist() == pytest.approx(own["mean"])
+    parser["stats_file"] = str(tmp_path / "channel_stats.json")
+    net = parser.get_parsed_content(export["net_id"], instantiate=True, lazy=False)
+    assert net.mean.flatten().tolist() == pytest.approx(run["mean"])
+    assert net.std.flatten().tolist() == pytest.approx(run["std"])
