@@ -21,7 +21,10 @@ staining (``benchmarks/stain_shift.py`` scores it), and six times (``stain_jitte
 from 0.7x to 1.3x, the range of stain_shift.py's shifts), and some nuclei stained paler in half of the patches
 (``pale_nuclei_0.5_cw2``: ``transforms.RandPaleNucleid``, with contact weight 2), the nuclei it misses, and the
 same with their edges blended into the tissue around them (``pale_nuclei_soft_0.5_cw2``: ``pale_nuclei_edge`` 2 px),
-as real pale nuclei's are, and in every patch (``pale_nuclei_soft_1.0_cw2``). Every
+as real pale nuclei's are, and in every patch (``pale_nuclei_soft_1.0_cw2``), and the resampling's scale drawn for
+both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the rows only, as trained) and wider
+(``scale_both_0.25_cw2``), for nuclei of other sizes and files whose stated pixel size is off
+(``benchmarks/scale_error.py`` scores that), and 16 patches per batch instead of 8 (``batch_16_cw2``). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
