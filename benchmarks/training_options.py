@@ -1,5 +1,6 @@
 """Training options, each measured the same way: the bundle's weights fine-tuned for ``--epochs`` with one option
-changed, the best checkpoint then scored on every source's validation tiles with the bundle's watershed.
+changed, the best checkpoint then scored on every source's validation tiles with the bundle's watershed (the last
+epoch's where no epoch beat the starting weights, which the trainer validates as epoch 0).
 
     python benchmarks/training_options.py --out runs/options                   # every variant, ~17 min each on 2 cores
     python benchmarks/training_options.py --out runs/options --only control no_ignore
@@ -131,6 +132,22 @@ def best_epoch(log: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def trained_weights(run: Path) -> tuple[Path, int | None]:
+    """The weights a variant is scored with, and their epoch: its best epoch's (``models/model.pt``), or, where no
+    epoch beat the weights it started from (the trainer validates those as epoch 0 and keeps them in model.pt),
+    the last epoch's network out of ``models/checkpoint_last.pt`` (written once as ``models/last.pt``)."""
+    import torch
+
+    epoch = best_epoch(run / "train.log")
+    if epoch != 0:
+        return run / "models" / "model.pt", epoch
+    last = run / "models" / "last.pt"
+    state = torch.load(run / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    if not last.exists():
+        torch.save(state["network"], last)
+    return last, int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
+
+
 def summary(report: dict) -> dict:
     keys = [k for k in KEYS if k in report["sources"][SOURCES[0]]["model"]["mean"]]  # older reports lack some
     sources = {s: {k: round(report["sources"][s]["model"]["mean"][k], 4) for k in keys} for s in SOURCES}
@@ -161,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if name != "bundle" and not (run / "DONE").exists():
             print(f"{name}: training", flush=True)
             train(bundle, pretrained, run, extra, args.epochs)
+        checkpoint, epoch = (pretrained, None) if name == "bundle" else trained_weights(run)
         if not report.exists():
-            checkpoint = pretrained if name == "bundle" else run / "models" / "model.pt"
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
                       "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
         row = summary(json.loads(report.read_text()))
         row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
+        row["scored_epoch"] = epoch
         results["variants"][name] = row
         print(f"{name:22s} AJI mean {row['mean']['aji']:.3f}  " + "  ".join(
             f"{s} {row['sources'][s]['aji']:.3f}/{row['sources'][s]['recall']:.3f}" for s in SOURCES), flush=True)
