@@ -25,7 +25,8 @@ same with their edges blended into the tissue around them (``pale_nuclei_soft_0.
 as real pale nuclei's are, and in every patch (``pale_nuclei_soft_1.0_cw2``), and the resampling's scale drawn for
 both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the rows only, as trained) and wider
 (``scale_both_0.25_cw2``), for nuclei of other sizes and files whose stated pixel size is off
-(``benchmarks/scale_error.py`` scores that), and 16 patches per batch instead of 8 (``batch_16_cw2``). Every
+(``benchmarks/scale_error.py`` scores that), and 16 patches per batch instead of 8 (``batch_16_cw2``), and a third
+of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good. Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
@@ -88,6 +89,7 @@ VARIANTS = {
     "scale_both_0.1_cw2": {"settings": ["--contact_weight", "2", "--scale_jitter", "[0.1, 0.1]"]},
     "scale_both_0.25_cw2": {"settings": ["--contact_weight", "2", "--scale_jitter", "[0.25, 0.25]"]},
     "batch_16_cw2": {"settings": ["--contact_weight", "2", "--batch_size", "16"]},
+    "lr_1e-4_cw2": {"settings": ["--contact_weight", "2"], "learning_rate": 1e-4},
 }
 
 
@@ -113,7 +115,8 @@ def nucleiseg(*args: str, log: Path) -> None:
             raise SystemExit(f"{' '.join(command)} failed; see {log}")
 
 
-def train(bundle: Path, pretrained: Path, run: Path, args: list[str], epochs: int) -> None:
+def train(bundle: Path, pretrained: Path, run: Path, args: list[str], epochs: int,
+          learning_rate: float = LEARNING_RATE) -> None:
     models = run / "models"
     models.mkdir(parents=True, exist_ok=True)
     for name in ("datalist.json", "channel_stats.json"):  # the bundle's split and statistics, not a new split
@@ -121,7 +124,7 @@ def train(bundle: Path, pretrained: Path, run: Path, args: list[str], epochs: in
             shutil.copy(bundle / "models" / name, models / name)
     resume = (models / "checkpoint_last.pt").exists()
     nucleiseg("train", "--bundle", str(bundle), "--bundle_root", str(run), "--epochs", str(epochs),
-              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", repr(LEARNING_RATE),
+              "--epoch_length", "50", "--val_interval", "4", "--learning_rate", repr(learning_rate),
               "--pretrained", str(pretrained), "--resume", str(resume).lower(), *args,
               log=run / "train.log")
     (run / "DONE").touch()
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [] if name == "bundle" else variant_args(VARIANTS[name], run, bundle)
         if name != "bundle" and not (run / "DONE").exists():
             print(f"{name}: training", flush=True)
-            train(bundle, pretrained, run, extra, args.epochs)
+            train(bundle, pretrained, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
         checkpoint, epoch = (pretrained, None) if name == "bundle" else trained_weights(run)
         if not report.exists():
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         row = summary(json.loads(report.read_text()))
         row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
         row["scored_epoch"] = epoch
+        if "learning_rate" in VARIANTS.get(name, {}):
+            row["learning_rate"] = VARIANTS[name]["learning_rate"]
         results["variants"][name] = row
         print(f"{name:22s} AJI mean {row['mean']['aji']:.3f}  " + "  ".join(
             f"{s} {row['sources'][s]['aji']:.3f}/{row['sources'][s]['recall']:.3f}" for s in SOURCES), flush=True)
