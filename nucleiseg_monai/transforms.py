@@ -351,7 +351,8 @@ def train_transforms(
     patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
     softens their edges."""
     patch = tuple(int(p) for p in patch_size)
-    # MONAI draws a scale for as many axes as it is given numbers: a bare 0.1 stretched the rows only
+    # MONAI draws a scale for as many axes as it is given numbers: a bare 0.1 stretched the rows only (shear_range's
+    # 0.1 likewise draws one of the two shears, kept as trained)
     scale = (float(scale_jitter),) * 2 if np.isscalar(scale_jitter) else tuple(float(s) for s in scale_jitter)
     if len(scale) != 2:
         raise ValueError(f"scale_jitter: one number or two (rows, columns), not {scale_jitter!r}")
