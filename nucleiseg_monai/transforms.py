@@ -346,8 +346,9 @@ def train_transforms(
     target -> z-score.
 
     ``scale_jitter``: each axis's scale drawn from 1 +- its value, (rows, columns) or one value for both: nuclei of
-    other sizes, scanners of other pixel sizes, mis-tagged files. ``stain_jitter``: ``RandHEDJitterd``'s (sigma, bias). ``blur``: the probability of a Gaussian blur of
-    ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus tissue and softer scanners. ``pale_nuclei``: the share of
+    other sizes, scanners of other pixel sizes, mis-tagged files. ``stain_jitter``: ``RandHEDJitterd``'s (sigma,
+    bias). ``blur``: the probability of a Gaussian blur of ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus
+    tissue and softer scanners. ``pale_nuclei``: the share of
     patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
     softens their edges."""
     patch = tuple(int(p) for p in patch_size)
