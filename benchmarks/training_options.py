@@ -29,9 +29,10 @@ both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the ro
 of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good. Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
-variant starts from the same weights, seed, schedule and learning rate, so they differ by the option and by chance:
+variant starts from the same weights, seed, schedule and learning rate (but ``lr_1e-4_cw2``, whose option it is), so
+they differ by the option and by chance:
 ``control`` against ``bundle`` shows how large chance and the restart are. Resumable: a variant whose
-``OUT/NAME/DONE`` exists is not trained again, a report already written is not evaluated again. Writes
+``OUT/NAME/DONE`` exists is not trained again, a report of the same weights is not evaluated again. Writes
 ``OUT/training_options.json``.
 
 The figures in ``bundles/nuclei_unet_small/docs/training_options.json`` started from 0.4.0's weights::
@@ -138,17 +139,32 @@ def best_epoch(log: Path) -> int | None:
 def trained_weights(run: Path) -> tuple[Path, int | None]:
     """The weights a variant is scored with, and their epoch: its best epoch's (``models/model.pt``), or, where no
     epoch beat the weights it started from (the trainer validates those as epoch 0 and keeps them in model.pt),
-    the last epoch's network out of ``models/checkpoint_last.pt`` (written once as ``models/last.pt``)."""
+    the last epoch's network out of ``models/checkpoint_last.pt`` (as ``models/last.pt``). The best epoch is read
+    from the checkpoint, which a resumed run keeps, not from the log, which it starts afresh."""
     import torch
 
-    epoch = best_epoch(run / "train.log")
+    saved = run / "models" / "checkpoint_last.pt"
+    if not saved.exists():
+        return run / "models" / "model.pt", best_epoch(run / "train.log")
+    state = torch.load(saved, map_location="cpu", weights_only=True)
+    epoch = int(state["best_model"]["best_metric_epoch"])
     if epoch != 0:
         return run / "models" / "model.pt", epoch
     last = run / "models" / "last.pt"
-    state = torch.load(run / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    if not last.exists():
+    if not last.exists() or last.stat().st_mtime < saved.stat().st_mtime:  # a run extended since
         torch.save(state["network"], last)
     return last, int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
+
+
+def scored_with(report: Path, checkpoint: Path) -> bool:
+    """Whether ``report`` exists and was made with the weights ``checkpoint`` (its SHA-256, which every evaluation
+    records): a report of other weights, or of a run extended since, is made again."""
+    from nucleiseg_monai.packaging import sha256_file
+
+    if not report.exists():
+        return False
+    made = json.loads(report.read_text()).get("made_with") or {}
+    return made.get("weights_sha256") == sha256_file(checkpoint)
 
 
 def summary(report: dict) -> dict:
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: training", flush=True)
             train(bundle, pretrained, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
         checkpoint, epoch = (pretrained, None) if name == "bundle" else trained_weights(run)
-        if not report.exists():
+        if not scored_with(report, checkpoint):
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
                       "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
         row = summary(json.loads(report.read_text()))

@@ -396,8 +396,8 @@ def test_blur_softens_the_image_only_and_only_when_asked():
 
 
 def test_scale_jitter_sets_the_range_of_nucleus_sizes_in_training_patches():
-    # one disc; the same draws with and without the scale jitter, so the ratio of its heights and widths is the
-    # drawn scale of each axis (the flips and turns after it are off)
+    # one disc through the elastic+affine step alone, rotation off: the ratio of its heights and widths with and
+    # without the jitter (the same seed) spreads as the drawn scale of each axis
     yy, xx = np.mgrid[:160, :160]
     labels = (((yy - 80) ** 2 + (xx - 80) ** 2) < 20 ** 2).astype(np.int32)
     item = _as_item(np.full((160, 160, 3), 200, np.uint8), labels)
@@ -422,3 +422,14 @@ def test_scale_jitter_sets_the_range_of_nucleus_sizes_in_training_patches():
     assert np.all(spread([0.25, 0.25]) > 2 * both)
     with pytest.raises(ValueError, match="scale_jitter"):
         T.train_transforms(*IDENTITY, load=False, scale_jitter=[0.1, 0.1, 0.1])
+
+
+def test_the_default_scale_jitter_draws_the_random_numbers_the_recipe_was_trained_with():
+    # MONAI's grid made (0.1,) of the recipe's bare 0.1: one draw; a second, even of a fixed 0, would shift the stream
+    def grid(**kwargs):
+        (step,) = [t for t in T.train_transforms(*IDENTITY, load=False, **kwargs).transforms
+                   if isinstance(t, T.Rand2DElasticd)]
+        return step.rand_2d_elastic.rand_affine_grid
+
+    assert grid().scale_range == grid(scale_jitter=[0.1, 0.0]).scale_range == (0.1,)
+    assert grid(scale_jitter=0.1).scale_range == (0.1, 0.1)
