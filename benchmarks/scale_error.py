@@ -21,19 +21,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from training_options import REPO, SOURCES, nucleiseg
+from training_options import REPO, SOURCES, nucleiseg, scored_with
 
 sys.path.insert(0, str(REPO))
 
 from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
-from nucleiseg_monai.packaging import sha256_file  # noqa: E402
 
 KEYS = ("aji", "recall")
-
-
-def made_with(report: Path) -> str | None:
-    """The SHA-256 of the weights an evaluation report was made with (every report records it), None if none."""
-    return (json.loads(report.read_text()).get("made_with") or {}).get("weights_sha256") if report.exists() else None
 
 
 def main() -> None:
@@ -52,11 +46,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     working = float(json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"])
     extra = [] if args.checkpoint is None else ["--checkpoint", repr(str(weights))]
-    digest = sha256_file(weights)
     results = {}
     for factor in args.factors:
         folder = out / f"x{factor:g}"
-        if made_with(folder / "metrics.json") != digest:  # none yet, or of other weights: not taken for these
+        if not scored_with(folder / "metrics.json", weights):  # none yet, or of other weights: not taken for these
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--output_dir", repr(str(folder)),
                       "--rescans", "{}", "--working_mpp", repr(round(working * factor, 6)), *extra,
                       log=out / f"x{factor:g}.log")
