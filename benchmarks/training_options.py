@@ -136,24 +136,26 @@ def best_epoch(log: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
-def trained_weights(run: Path) -> tuple[Path, int | None]:
-    """The weights a variant is scored with, and their epoch: its best epoch's (``models/model.pt``), or, where no
-    epoch beat the weights it started from (the trainer validates those as epoch 0 and keeps them in model.pt),
-    the last epoch's network out of ``models/checkpoint_last.pt`` (as ``models/last.pt``). The best epoch is read
-    from the checkpoint, which a resumed run keeps, not from the log, which it starts afresh."""
+def trained_weights(run: Path) -> tuple[Path, int | None, int | None]:
+    """The weights a variant is scored with, their epoch and the run's best epoch: its best epoch's
+    (``models/model.pt``), or, where no epoch beat the weights it started from (the trainer validates those as epoch
+    0 and keeps them in model.pt), the last epoch's network out of ``models/checkpoint_last.pt`` (as
+    ``models/last.pt``). The best epoch is read from the checkpoint, which a resumed run keeps, not from the log,
+    which it starts afresh."""
     import torch
 
     saved = run / "models" / "checkpoint_last.pt"
     if not saved.exists():
-        return run / "models" / "model.pt", best_epoch(run / "train.log")
+        epoch = best_epoch(run / "train.log")
+        return run / "models" / "model.pt", epoch, epoch
     state = torch.load(saved, map_location="cpu", weights_only=True)
     epoch = int(state["best_model"]["best_metric_epoch"])
     if epoch != 0:
-        return run / "models" / "model.pt", epoch
+        return run / "models" / "model.pt", epoch, epoch
     last = run / "models" / "last.pt"
     if not last.exists() or last.stat().st_mtime < saved.stat().st_mtime:  # a run extended since
         torch.save(state["network"], last)
-    return last, int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
+    return last, int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"]), epoch
 
 
 def scored_with(report: Path, checkpoint: Path) -> bool:
@@ -197,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         if name != "bundle" and not (run / "DONE").exists():
             print(f"{name}: training", flush=True)
             train(bundle, pretrained, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
-        checkpoint, epoch = (pretrained, None) if name == "bundle" else trained_weights(run)
+        checkpoint, epoch, best = (pretrained, None, None) if name == "bundle" else trained_weights(run)
         if not scored_with(report, checkpoint):
             nucleiseg("evaluate", "--bundle", str(bundle), "--split", "validation", "--checkpoint", repr(str(checkpoint)),
                       "--output_dir", repr(str(report.parent)), "--rescans", "{}", *extra, log=out / f"val_{name}.log")
         row = summary(json.loads(report.read_text()))
-        row["best_epoch"] = None if name == "bundle" else best_epoch(run / "train.log")
+        row["best_epoch"] = best
         row["scored_epoch"] = epoch
         if "learning_rate" in VARIANTS.get(name, {}):
             row["learning_rate"] = VARIANTS[name]["learning_rate"]
