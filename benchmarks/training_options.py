@@ -26,7 +26,9 @@ as real pale nuclei's are, and in every patch (``pale_nuclei_soft_1.0_cw2``), an
 both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the rows only, as trained) and wider
 (``scale_both_0.25_cw2``), for nuclei of other sizes and files whose stated pixel size is off
 (``benchmarks/scale_error.py`` scores that), and 16 patches per batch instead of 8 (``batch_16_cw2``), and a third
-of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good. Every
+of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good, and half of
+the patches centred where the starting weights err on the training tiles (``hard_examples_0.5_cw2``: the maps of
+``nucleiseg_monai.hard_examples``, made once per ``--out`` in ``OUT/error_maps``). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate (but ``lr_1e-4_cw2``, whose option it is), so
@@ -91,6 +93,7 @@ VARIANTS = {
     "scale_both_0.25_cw2": {"settings": ["--contact_weight", "2", "--scale_jitter", "[0.25, 0.25]"]},
     "batch_16_cw2": {"settings": ["--contact_weight", "2", "--batch_size", "16"]},
     "lr_1e-4_cw2": {"settings": ["--contact_weight", "2"], "learning_rate": 1e-4},
+    "hard_examples_0.5_cw2": {"settings": ["--contact_weight", "2", "--hard_examples", "0.5"], "error_maps": True},
 }
 
 
@@ -103,10 +106,30 @@ def variant_args(spec: dict, run: Path, bundle: Path) -> list[str]:
         registry["nuinsseg"]["mpp_note"] = "a training option measured by benchmarks/training_options.py"
         (run / "sources.json").write_text(json.dumps(registry, indent=1))
         args += ["--sources_file", repr(str(run / "sources.json"))]
+    if spec.get("error_maps"):
+        args += ["--hard_examples_dir", repr(str(run.parent / "error_maps"))]
     if spec.get("mix") == "tiles":
         datalist = json.loads((bundle / "models" / "datalist.json").read_text())
         args += ["--source_mix", repr(tile_mix(datalist))]
     return args
+
+
+def error_maps(bundle: Path, pretrained: Path, out: Path) -> Path:
+    """``OUT/error_maps``: where the starting weights err on the training tiles (``nucleiseg_monai.hard_examples``),
+    made from their predictions (``OUT/train_predictions``) once, again only for other starting weights."""
+    from nucleiseg_monai.packaging import sha256_file
+
+    maps, predictions, digest = out / "error_maps", out / "train_predictions", sha256_file(pretrained)
+    if (maps / "DONE").exists() and (maps / "DONE").read_text().strip() == digest:
+        return maps
+    if not scored_with(predictions / "metrics.json", pretrained):
+        nucleiseg("evaluate", "--bundle", str(bundle), "--split", "training", "--checkpoint", repr(str(pretrained)),
+                  "--output_dir", repr(str(predictions)), "--rescans", "{}", log=out / "train_predictions.log")
+    shutil.rmtree(maps, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "nucleiseg_monai.hard_examples", "--bundle", str(bundle),
+                    "--predictions", str(predictions), "--output", str(maps)], check=True)
+    (maps / "DONE").write_text(digest)
+    return maps
 
 
 def nucleiseg(*args: str, log: Path) -> None:
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         run.mkdir(exist_ok=True)
         extra = [] if name == "bundle" else variant_args(VARIANTS[name], run, bundle)
         if name != "bundle" and not (run / "DONE").exists():
+            if VARIANTS[name].get("error_maps"):
+                error_maps(bundle, pretrained, out)
             print(f"{name}: training", flush=True)
             train(bundle, pretrained, run, extra, args.epochs, VARIANTS[name].get("learning_rate", LEARNING_RATE))
         checkpoint, epoch, best = (pretrained, None, None) if name == "bundle" else trained_weights(run)

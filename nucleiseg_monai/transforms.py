@@ -8,7 +8,9 @@ instance ids are carried, never interpolated.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
+    SpatialCrop,
     SpatialPadd,
 )
 from scipy.ndimage import distance_transform_edt, find_objects, gaussian_filter, maximum_filter, minimum_filter
@@ -37,6 +40,7 @@ from skimage.measure import label as label_pieces
 from skimage.segmentation import find_boundaries
 
 from .data import read_image, read_instance_labels
+from .hard_examples import error_map_path
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
@@ -173,6 +177,60 @@ class LoadTiled(MapTransform):
             d[self.image_key] = resample_image(d[self.image_key], size)
             if self.label_key and self.label_key in d:
                 d[self.label_key] = resample_labels(d[self.label_key], size)
+        return d
+
+
+class LoadErrorMapd(MapTransform):
+    """Puts a tile's error map (``hard_examples.error_map_path`` under ``folder``: where a trained network erred)
+    under ``key`` as a uint8 (1, H, W) tensor on the grid of ``like`` (the labels, already at the working scale);
+    all zeros where the tile has no map, so that every record carries the key."""
+
+    def __init__(self, folder: str | os.PathLike, key: str = "errors", like: str = "label"):
+        super().__init__([like])
+        self.folder, self.key, self.like = Path(folder), key, like
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from PIL import Image
+
+        d = dict(data)
+        size = tuple(torch.as_tensor(d[self.like]).shape[-2:])
+        path = error_map_path(self.folder, d)
+        if path.is_file():
+            with Image.open(path) as im:
+                errors = torch.from_numpy((np.asarray(im) > 0).astype(np.uint8)[None])
+            d[self.key] = resample_labels(errors, size)
+        else:
+            d[self.key] = torch.zeros((1, *size), dtype=torch.uint8)
+        return d
+
+
+class RandErrorCropd(RandomizableTransform, MapTransform):
+    """Crops ``roi_size`` from ``keys``, with probability ``prob`` centred on a pixel drawn from ``error_key``'s
+    marked ones (``LoadErrorMapd``), else anywhere in the image (as ``RandSpatialCropd``); then drops the map.
+    A crop centred near the edge is shifted inwards; inputs must be at least ``roi_size`` (pad them first)."""
+
+    def __init__(self, keys: KeysCollection, roi_size: Sequence[int], prob: float, error_key: str = "errors"):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.roi_size, self.error_key = tuple(int(r) for r in roi_size), error_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        errors = torch.as_tensor(d.pop(self.error_key))
+        h, w = errors.shape[-2:]
+        rh, rw = self.roi_size
+        if h < rh or w < rw:
+            raise ValueError(f"RandErrorCropd: image {h} x {w} is smaller than the crop {rh} x {rw}; pad it first")
+        self.randomize(None)
+        marked = np.flatnonzero(errors.numpy().reshape(h, w)) if self._do_transform else np.empty(0, np.int64)
+        if marked.size:
+            cy, cx = divmod(int(marked[self.R.randint(marked.size)]), w)
+            top, left = min(max(cy - rh // 2, 0), h - rh), min(max(cx - rw // 2, 0), w - rw)
+        else:
+            top, left = self.R.randint(h - rh + 1), self.R.randint(w - rw + 1)
+        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + rh, left + rw))
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
         return d
 
 
@@ -339,7 +397,8 @@ def train_transforms(
     mean: Sequence[float], std: Sequence[float], patch_size: Sequence[int] = (256, 256), load: bool = True,
     ignore_beyond: float = 0, distance: bool = False, contact_weight: float = 0, hover: bool = False,
     stain_jitter: Sequence[float] = (0.05, 0.02), blur: float = 0, pale_nuclei: float = 0, pale_nuclei_edge: float = 0,
-    scale_jitter: float | Sequence[float] = (0.1, 0.0),
+    scale_jitter: float | Sequence[float] = (0.1, 0.0), hard_examples: float = 0,
+    hard_examples_dir: str | os.PathLike | None = None,
 ) -> Compose:
     """Load -> crop a margin larger than the patch -> flips, 90-degree turns, one elastic+affine resampling
     (reflection-padded) -> crop to the patch -> blur -> paler nuclei -> stain, contrast and intensity jitter ->
@@ -350,7 +409,8 @@ def train_transforms(
     bias). ``blur``: the probability of a Gaussian blur of ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus
     tissue and softer scanners. ``pale_nuclei``: the share of
     patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
-    softens their edges."""
+    softens their edges. ``hard_examples``: the share of patches centred where a trained network erred, by the maps
+    in ``hard_examples_dir`` (``hard_examples.write_error_maps``)."""
     patch = tuple(int(p) for p in patch_size)
     # MONAI draws a scale for as many axes as it is given numbers: a bare 0.1 stretched the rows only (shear_range's
     # 0.1 likewise draws one of the two shears, kept as trained)
@@ -363,9 +423,22 @@ def train_transforms(
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
     both = ["image", "label"]
     steps = [LoadTiled()] if load else []
+    if hard_examples:  # absent at 0, so that the recipe draws the random numbers it was trained with
+        if load:  # items given in memory carry their own "errors"
+            if not hard_examples_dir or not Path(hard_examples_dir).is_dir():
+                raise FileNotFoundError(f"hard_examples {hard_examples} needs hard_examples_dir, a folder of error "
+                                        f"maps (python -m nucleiseg_monai.hard_examples), not {hard_examples_dir!r}")
+            steps.append(LoadErrorMapd(hard_examples_dir))
+        steps += [
+            SpatialPadd([*both, "errors"], spatial_size=margin, mode="reflect"),
+            RandErrorCropd(both, roi_size=margin, prob=float(hard_examples)),
+        ]
+    else:
+        steps += [
+            SpatialPadd(both, spatial_size=margin, mode="reflect"),
+            RandSpatialCropd(both, roi_size=margin, random_size=False),
+        ]
     steps += [
-        SpatialPadd(both, spatial_size=margin, mode="reflect"),
-        RandSpatialCropd(both, roi_size=margin, random_size=False),
         RandFlipd(both, prob=0.5, spatial_axis=0),
         RandFlipd(both, prob=0.5, spatial_axis=1),
         RandRotate90d(both, prob=0.75, max_k=3),
