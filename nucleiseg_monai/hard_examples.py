@@ -8,9 +8,10 @@ training tile from an evaluation's instance maps::
     nucleiseg evaluate --bundle B --split training --rescans "{}" --output_dir runs/train_eval
     python -m nucleiseg_monai.hard_examples --bundle B --predictions runs/train_eval --output runs/errors
 
-and training with ``--hard_examples 0.5 --hard_examples_dir runs/errors`` centres half of its patches on a marked
-pixel (``transforms.LoadErrorMapd``, ``transforms.RandErrorCropd``). A large nucleus has more pixels and so is
-drawn more often than a small one: the large pale nuclei the model misses weigh most.
+and training with ``--hard_examples 0.5 --hard_examples_dir runs/errors`` centres half of the patches it cuts from a
+tile with marked pixels on one of them (``transforms.LoadErrorMapd``, ``transforms.RandErrorCropd``). A large
+nucleus has more pixels and so is drawn more often than a small one: the large pale nuclei the model misses weigh
+most.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ import numpy as np
 
 from .atomic import atomic_path
 from .data import read_instance_labels
-from .metrics import overlap
+from .metrics import MATCH_IOU, overlap
 
 logger = logging.getLogger(__name__)
-
-MATCH_IOU = 0.5  # the detection criterion of recall and PQ
 
 
 def error_map(pred: np.ndarray, true: np.ndarray, sparse: bool = False) -> np.ndarray:
     """Boolean map of the nuclei a prediction gets wrong: true nuclei without a match at IoU > 0.5 and predictions
     without one; with ``sparse``, only predictions that overlap an annotated nucleus count."""
     pred, true = np.asarray(pred), np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"error_map: prediction {pred.shape} and truth {true.shape} differ in shape")
     ov = overlap(pred, true)
     matched = ov.iou > MATCH_IOU
     wrong_true = np.setdiff1d(ov.true_ids, ov.true_ids[ov.ti[matched]])
@@ -57,7 +58,7 @@ def write_error_maps(records: list[dict], predictions: str | os.PathLike, output
     summary: dict[str, dict] = {}
     for r in records:
         source = str(r["source"])
-        pred_file = Path(predictions) / source.replace("/", "_") / f"{r['name']}.tif"
+        pred_file = error_map_path(predictions, r).with_suffix(".tif")
         if not pred_file.is_file():
             raise FileNotFoundError(f"{pred_file}: no prediction for training tile {r['name']!r}; make them with "
                                     "nucleiseg evaluate --split training --rescans \"{}\" --output_dir "
@@ -82,7 +83,8 @@ def write_error_maps(records: list[dict], predictions: str | os.PathLike, output
 def main(argv: list[str] | None = None) -> int:
     from .sources import bundle_records
 
-    parser = argparse.ArgumentParser(prog="python -m nucleiseg_monai.hard_examples", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nucleiseg_monai.hard_examples",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="the bundle whose training tiles were predicted")
     parser.add_argument("--predictions", required=True,
                         help="an evaluation's output folder of the training split (<source>/<name>.tif)")

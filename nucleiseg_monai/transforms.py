@@ -8,6 +8,7 @@ instance ids are carried, never interpolated.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ from skimage.segmentation import find_boundaries
 
 from .data import read_image, read_instance_labels
 from .hard_examples import error_map_path
+
+logger = logging.getLogger(__name__)
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 IGNORE = 255  # target value the loss skips: background too far from any annotation to be trusted
@@ -188,6 +191,7 @@ class LoadErrorMapd(MapTransform):
     def __init__(self, folder: str | os.PathLike, key: str = "errors", like: str = "label"):
         super().__init__([like])
         self.folder, self.key, self.like = Path(folder), key, like
+        self._warned = False
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from PIL import Image
@@ -200,6 +204,10 @@ class LoadErrorMapd(MapTransform):
                 errors = torch.from_numpy((np.asarray(im) > 0).astype(np.uint8)[None])
             d[self.key] = resample_labels(errors, size)
         else:
+            if not self._warned:  # once: a cached dataset loads every tile
+                logger.warning("no error map %s (nor perhaps of other tiles): patches of tiles without one are cut "
+                               "anywhere", path)
+                self._warned = True
             d[self.key] = torch.zeros((1, *size), dtype=torch.uint8)
         return d
 
@@ -409,8 +417,9 @@ def train_transforms(
     bias). ``blur``: the probability of a Gaussian blur of ``BLUR_SIGMA`` px (drawn per axis), for out-of-focus
     tissue and softer scanners. ``pale_nuclei``: the share of
     patches in which some nuclei are stained paler (``RandPaleNucleid``), ``pale_nuclei_edge`` the sigma (px) that
-    softens their edges. ``hard_examples``: the share of patches centred where a trained network erred, by the maps
-    in ``hard_examples_dir`` (``hard_examples.write_error_maps``)."""
+    softens their edges. ``hard_examples``: the share of the patches of a tile with marked pixels that are centred on
+    one, by the maps in ``hard_examples_dir`` of where a trained network erred (``hard_examples.write_error_maps``;
+    tiles without a map or a marked pixel are cropped anywhere)."""
     patch = tuple(int(p) for p in patch_size)
     # MONAI draws a scale for as many axes as it is given numbers: a bare 0.1 stretched the rows only (shear_range's
     # 0.1 likewise draws one of the two shears, kept as trained)
@@ -423,14 +432,16 @@ def train_transforms(
     margin = (int(round(max(patch) * 1.25)),) * len(patch)
     both = ["image", "label"]
     steps = [LoadTiled()] if load else []
+    if not 0 <= float(hard_examples) <= 1:
+        raise ValueError(f"hard_examples is a share of patches, from 0 to 1, not {hard_examples!r}")
     if hard_examples:  # absent at 0, so that the recipe draws the random numbers it was trained with
         if load:  # items given in memory carry their own "errors"
-            if not hard_examples_dir or not Path(hard_examples_dir).is_dir():
+            if not hard_examples_dir or not any(Path(hard_examples_dir).glob("*/*.png")):
                 raise FileNotFoundError(f"hard_examples {hard_examples} needs hard_examples_dir, a folder of error "
                                         f"maps (python -m nucleiseg_monai.hard_examples), not {hard_examples_dir!r}")
             steps.append(LoadErrorMapd(hard_examples_dir))
-        steps += [
-            SpatialPadd([*both, "errors"], spatial_size=margin, mode="reflect"),
+        steps += [  # the map padded with zeros: a mirrored margin would draw nuclei near the edge twice
+            SpatialPadd([*both, "errors"], spatial_size=margin, mode=("reflect", "reflect", "constant")),
             RandErrorCropd(both, roi_size=margin, prob=float(hard_examples)),
         ]
     else:
