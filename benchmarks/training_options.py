@@ -28,7 +28,8 @@ both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the ro
 (``benchmarks/scale_error.py`` scores that), and 16 patches per batch instead of 8 (``batch_16_cw2``), and a third
 of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good, and half of
 the patches centred where the starting weights err on the training tiles (``hard_examples_0.5_cw2``: the maps of
-``nucleiseg_monai.hard_examples``, made once per ``--out`` in ``OUT/error_maps``). Every
+``nucleiseg_monai.hard_examples``, made once per ``--out`` in ``OUT/error_maps``), and batch norm frozen
+(``freeze_bn_cw2``: the starting weights' statistics kept, ``handlers.FreezeBatchNorm``). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
 variant starts from the same weights, seed, schedule and learning rate (but ``lr_1e-4_cw2``, whose option it is), so
@@ -94,6 +95,7 @@ VARIANTS = {
     "batch_16_cw2": {"settings": ["--contact_weight", "2", "--batch_size", "16"]},
     "lr_1e-4_cw2": {"settings": ["--contact_weight", "2"], "learning_rate": 1e-4},
     "hard_examples_0.5_cw2": {"settings": ["--contact_weight", "2", "--hard_examples", "0.5"], "error_maps": True},
+    "freeze_bn_cw2": {"settings": ["--contact_weight", "2", "--freeze_batch_norm", "true"]},
 }
 
 

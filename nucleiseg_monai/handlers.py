@@ -294,6 +294,29 @@ class ValidateAtEnd:
             self.validator.run(engine.state.epoch)
 
 
+class FreezeBatchNorm:
+    """Keeps every batch norm of ``network`` normalising with its running statistics while the network trains,
+    and no batch updates them: they stay those of the weights training started from, while the convolutions and
+    the batch norms' own scale and shift learn. For fine-tuning good weights: otherwise the statistics are measured
+    again on augmented training patches, which lowered the shipped weights' validation AJI when done alone
+    (``scripts/recalibrate_bn.py``)."""
+
+    def __init__(self, network: torch.nn.Module, enabled: bool | str = False):
+        self.network, self.enabled = network, parse_bool(enabled, "freeze_batch_norm")
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        norms = [m for m in self.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for module in norms:
+            module.register_forward_pre_hook(_eval_mode)  # the trainer calls network.train() every iteration
+        logger.info("batch norm frozen: %d layers keep their running statistics", len(norms))
+
+
+def _eval_mode(module: torch.nn.Module, args) -> None:
+    module.training = False
+
+
 class ValidateStart:
     """Validates a new run's starting weights (``pretrained``) once before the first epoch, as epoch 0, so the
     best-metric checkpoint keeps them as model.pt when no later epoch beats them. Attach it after

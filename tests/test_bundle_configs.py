@@ -176,7 +176,8 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
     train = _load(configs / "train.json")["train"]
     assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
                                                           "nucleiseg_monai.handlers.ValidateStart",
-                                                          "nucleiseg_monai.handlers.Resume", "LrScheduleHandler",
+                                                          "nucleiseg_monai.handlers.Resume",
+                                                          "nucleiseg_monai.handlers.FreezeBatchNorm", "LrScheduleHandler",
                                                           "ValidationHandler", "nucleiseg_monai.handlers.ValidateAtEnd"]
     assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
 
@@ -592,3 +593,31 @@ def test_shipped_weights_carry_their_datas_licenses_and_name_them(configs):
     assert unstated_licenses(bundle) == []
     needed = json.loads((configs / "metadata.json").read_text())["required_packages_version"]["nucleiseg-monai"]
     assert _release(__version__) is None or _release(needed) <= _release(__version__)  # this package runs them
+
+
+@pytest.mark.parametrize("enabled, frozen", [(True, True), ("false", False)])
+def test_frozen_batch_norm_keeps_its_statistics_while_the_weights_learn(enabled, frozen):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    network[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+
+    def step(engine, batch):
+        network.train()  # as MONAI's SupervisedTrainer does every iteration
+        optimizer.zero_grad()
+        out = network(batch)
+        out.square().mean().backward()
+        optimizer.step()
+        return out
+
+    engine = Engine(step)
+    handlers.FreezeBatchNorm(network, enabled).attach(engine)
+    with torch.no_grad():
+        expected = network.eval()(x)
+    out = engine.run([x], max_epochs=1).output
+    stats = ("1.running_mean", "1.running_var")
+    assert all(torch.equal(network.state_dict()[k], before[k]) for k in stats) == frozen
+    assert torch.allclose(out, expected) == frozen  # normalised as in eval mode
+    assert not torch.equal(network.state_dict()["0.weight"], before["0.weight"])  # the weights learn either way
