@@ -29,10 +29,11 @@ both axes (``scale_both_0.1_cw2``: ``scale_jitter`` [0.1, 0.1] instead of the ro
 of the learning rate (``lr_1e-4_cw2``: 1e-4), a gentler restart from weights that are already good, and half of
 the patches centred where the starting weights err on the training tiles (``hard_examples_0.5_cw2``: the maps of
 ``nucleiseg_monai.hard_examples``, made once per ``--out`` in ``OUT/error_maps``), and batch norm frozen
-(``freeze_bn_cw2``: the starting weights' statistics kept, ``handlers.FreezeBatchNorm``). Every
+(``freeze_bn_cw2``: the starting weights' statistics kept, ``handlers.FreezeBatchNorm``), with hard examples
+(``freeze_bn_hard_examples_cw2``) and at lr 1e-3 (``freeze_bn_lr_1e-3_cw2``). Every
 variant runs with ``BASE_SETTINGS`` (the recipe these options were measured against: no contact weight) and its
 own settings over them. ``bundle`` is the starting weights, not fine-tuned. Every
-variant starts from the same weights, seed, schedule and learning rate (but ``lr_1e-4_cw2``, whose option it is), so
+variant starts from the same weights, seed, schedule and learning rate (but where the rate is the option), so
 they differ by the option and by chance:
 ``control`` against ``bundle`` shows how large chance and the restart are. Resumable: a variant whose
 ``OUT/NAME/DONE`` exists is not trained again, a report of the same weights is not evaluated again. Writes
@@ -96,6 +97,10 @@ VARIANTS = {
     "lr_1e-4_cw2": {"settings": ["--contact_weight", "2"], "learning_rate": 1e-4},
     "hard_examples_0.5_cw2": {"settings": ["--contact_weight", "2", "--hard_examples", "0.5"], "error_maps": True},
     "freeze_bn_cw2": {"settings": ["--contact_weight", "2", "--freeze_batch_norm", "true"]},
+    "freeze_bn_hard_examples_cw2": {"settings": ["--contact_weight", "2", "--freeze_batch_norm", "true",
+                                                 "--hard_examples", "0.5"], "error_maps": True},
+    "freeze_bn_lr_1e-3_cw2": {"settings": ["--contact_weight", "2", "--freeze_batch_norm", "true"],
+                              "learning_rate": 1e-3},
 }
 
 
