@@ -205,8 +205,8 @@ class LoadErrorMapd(MapTransform):
             d[self.key] = resample_labels(errors, size)
         else:
             if not self._warned:  # once: a cached dataset loads every tile
-                logger.warning("no error map %s (nor perhaps of other tiles): patches of tiles without one are cut "
-                               "anywhere", path)
+                logger.warning("no error map at %s: this tile's patches, and those of any other tile without one, "
+                               "are cut anywhere (said once)", path)
                 self._warned = True
             d[self.key] = torch.zeros((1, *size), dtype=torch.uint8)
         return d
