@@ -115,12 +115,23 @@ class RegionJournal:
     def load(self, ij: Region, shape: tuple[int, int]) -> np.ndarray | None:
         """Region ij's labels, or None when its file cannot be read back or is not ``shape`` (then it is deleted
         and the region computed again)."""
+        read = self._read(ij, shape)
+        return None if read is None else read[0]
+
+    def load_packed(self, ij: Region, shape: tuple[int, int]) -> bytes | None:
+        """Region ij's labels as kept (``pack``ed), checked as ``load`` checks them: for a caller that sends them on
+        packed, which then need not be compressed again."""
+        read = self._read(ij, shape)
+        return None if read is None else read[1]
+
+    def _read(self, ij: Region, shape: tuple[int, int]) -> tuple[np.ndarray, bytes] | None:
         path = self._path(ij)
         try:
-            labels = unpack(path.read_bytes())
+            packed = path.read_bytes()
+            labels = unpack(packed)
             if labels.shape != tuple(shape):
                 raise ValueError(f"{labels.shape[0]}x{labels.shape[1]} px where the region is {shape[0]}x{shape[1]}")
-            return labels
+            return labels, packed
         except (OSError, ValueError, EOFError, zlib.error) as err:
             logger.warning("%s: a kept region could not be read (%s); it is computed again", path, err)
             path.unlink(missing_ok=True)

@@ -55,13 +55,15 @@ def band_labels(predictor: SlidePredictor, path: str, regions: list[Region],
             journal = RegionJournal.join(output_dir, name, predictor.journal_key(plan, source_fingerprint(path)))
         band = []
         for ij in regions:
-            labels = journal.load(ij, plan.grid.window(ij)[2:]) if journal is not None and ij in journal else None
-            packed = None
-            if labels is None:
+            kept = journal is not None and ij in journal
+            packed = journal.load_packed(ij, plan.grid.window(ij)[2:]) if kept else None  # sent on as kept
+            if packed is None:
                 labels = predictor.region_labels(plan, ij)
                 if journal is not None:
                     packed = journal.save(ij, labels)  # packed once, for the journal and the merge alike
-            band.append((ij, packed if packed is not None else pack(labels)))
+                if packed is None:
+                    packed = pack(labels)
+            band.append((ij, packed))
         return band
 
 

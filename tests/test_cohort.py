@@ -474,8 +474,10 @@ def test_region_tasks_keep_their_regions_in_the_journal_the_slide_task_claimed(c
     first = band_labels(predictor, path, regions, out, "slide0")
     assert len(list((out / ".slide0.regions").rglob("r*.npy.z"))) == len(regions)
     monkeypatch.setattr(predictor, "region_labels", lambda *_: pytest.fail("a kept region was computed again"))
+    monkeypatch.setattr("nucleiseg_monai.region_tasks.pack", lambda *_: pytest.fail("a kept region was packed again"))
     again = band_labels(predictor, path, regions, out, "slide0")
     assert [ij for ij, _ in again] == regions
+    assert again == first  # the kept bytes themselves, sent on
     assert all(np.array_equal(unpack(a), unpack(b)) for (_, a), (_, b) in zip(first, again))
 
 
