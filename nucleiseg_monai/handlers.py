@@ -301,8 +301,13 @@ class FreezeBatchNorm:
     again on augmented training patches, which lowered the shipped weights' validation AJI when done alone
     (``scripts/recalibrate_bn.py``)."""
 
-    def __init__(self, network: torch.nn.Module, enabled: bool | str = False):
+    def __init__(self, network: torch.nn.Module, enabled: bool | str = False,
+                 pretrained: str | os.PathLike | None = None, resume: bool | str = False):
         self.network, self.enabled = network, parse_bool(enabled, "freeze_batch_norm")
+        if self.enabled and weights_path(pretrained) is None and not parse_bool(resume, "resume"):
+            raise ValueError("--freeze_batch_norm true keeps the statistics of the weights training starts from, and a "
+                             "run from scratch has none (it would normalise nothing); give --pretrained WEIGHTS, or "
+                             "leave --freeze_batch_norm false")
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:

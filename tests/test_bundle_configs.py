@@ -177,7 +177,8 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
     assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
                                                           "nucleiseg_monai.handlers.ValidateStart",
                                                           "nucleiseg_monai.handlers.Resume",
-                                                          "nucleiseg_monai.handlers.FreezeBatchNorm", "LrScheduleHandler",
+                                                          "nucleiseg_monai.handlers.FreezeBatchNorm",
+                                                          "LrScheduleHandler",
                                                           "ValidationHandler", "nucleiseg_monai.handlers.ValidateAtEnd"]
     assert "nucleiseg_monai.handlers.LastCheckpoint" in [h["_target_"] for h in train["rank0_handlers"]]
 
@@ -613,11 +614,19 @@ def test_frozen_batch_norm_keeps_its_statistics_while_the_weights_learn(enabled,
         return out
 
     engine = Engine(step)
-    handlers.FreezeBatchNorm(network, enabled).attach(engine)
+    handlers.FreezeBatchNorm(network, enabled, pretrained="start.pt").attach(engine)
     with torch.no_grad():
         expected = network.eval()(x)
     out = engine.run([x], max_epochs=1).output
-    stats = ("1.running_mean", "1.running_var")
+    stats = ("1.running_mean", "1.running_var", "1.num_batches_tracked")
     assert all(torch.equal(network.state_dict()[k], before[k]) for k in stats) == frozen
     assert torch.allclose(out, expected) == frozen  # normalised as in eval mode
     assert not torch.equal(network.state_dict()["0.weight"], before["0.weight"])  # the weights learn either way
+
+
+def test_frozen_batch_norm_needs_starting_weights():
+    network = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="--pretrained"):
+        handlers.FreezeBatchNorm(network, "true", pretrained=None, resume="false")
+    handlers.FreezeBatchNorm(network, "true", pretrained=None, resume="true")  # a resumed run has its own
+    handlers.FreezeBatchNorm(network, "false")  # off: nothing to check
