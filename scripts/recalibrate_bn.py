@@ -15,7 +15,6 @@ measured, not assumed: for the small bundle's shipped weights it did not (its ca
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,28 +38,32 @@ def recalibrate(network: torch.nn.Module, images) -> torch.nn.Module:
 
 def training_patches(bundle: Path, stats: dict, batches: int, batch_size: int, data_root: str | None, seed: int,
                      augment: bool = True):
+    """Batches of training patches as the bundle's ``train`` section draws them (its records, transforms and
+    per-source sampling weights, read through its configs), normalised with ``stats``."""
+    from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
-    from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+    from monai.transforms import Compose, RandSpatialCropd, SelectItemsd, SpatialPadd
     from monai.utils import set_determinism
 
-    from nucleiseg_monai.sources import bundle_records, sampling_weights
-    from nucleiseg_monai.transforms import eval_transforms, train_transforms
-
-    config = json.loads((bundle / "configs" / "train.json").read_text())
-    records, _ = bundle_records(bundle, data_root, split="training", rescans={})
-    records = [r for r in records if r["part"] == "training"]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle), "channel_stats": stats,
+                   **({"data_root": data_root} if data_root else {})})
+    records = parser.get_parsed_content("train#records")
     set_determinism(seed)
     if augment:
-        transform = train_transforms(stats["mean"], stats["std"], config["patch_size"],
-                                     ignore_beyond=config["ignore_beyond"], scale_jitter=config["scale_jitter"],
-                                     stain_jitter=config["stain_jitter"])
+        transform = parser.get_parsed_content("train#preprocessing")
     else:  # patches as inference sees tissue: no flips, turns, resampling or stain and intensity jitter
-        patch = config["patch_size"]
-        transform = Compose([eval_transforms(stats["mean"], stats["std"], with_label=False),
+        patch = parser.get_parsed_content("patch_size")
+        transform = Compose([parser.get_parsed_content("validate#preprocessing"),
                              SpatialPadd("image", patch, mode="reflect"),
                              RandSpatialCropd("image", patch, random_size=False)])
-    sampler = torch.utils.data.WeightedRandomSampler(sampling_weights(records), batches * batch_size,
+    sampler = torch.utils.data.WeightedRandomSampler(parser.get_parsed_content("train#sampler#weights"),
+                                                     batches * batch_size,
                                                      generator=torch.Generator().manual_seed(seed))
+    # only the images are batched: the training targets of tiles of different sizes need not stack
+    transform = Compose([transform, SelectItemsd("image")])
     loader = DataLoader(Dataset(records, transform), batch_size=batch_size, sampler=sampler, num_workers=1)
     for batch in loader:
         yield batch["image"]
