@@ -4,7 +4,9 @@ given batches; no weight changes."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import SHARED
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -27,3 +29,20 @@ def test_statistics_are_those_of_the_batches_and_weights_stay():
     torch.testing.assert_close(network[1].running_var, per_batch_var.detach(), rtol=1e-4, atol=1e-4)
     for key, value in weights.items():
         assert torch.equal(network.state_dict()[key], value), key
+
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei_unet_small"
+
+
+@pytest.mark.skipif(not (SHARED / "nuinsseg").is_dir(), reason="shared datasets absent")
+@pytest.mark.parametrize("augment", [True, False])
+def test_patches_are_the_bundles_training_patches_normalised_with_the_given_statistics(augment):
+    """The patches come through the bundle's own train section: its patch size, and the statistics passed in (those
+    beside the weights), not the bundle's."""
+    def first_batch(mean):
+        stats = {"mean": [mean] * 3, "std": [1.0] * 3}
+        return next(recalibrate_bn.training_patches(BUNDLE, stats, 1, 2, None, seed=0, augment=augment))
+
+    plain, shifted = first_batch(0.0), first_batch(100.0)
+    assert plain.shape == (2, 3, 256, 256)
+    torch.testing.assert_close(plain - shifted, torch.full_like(plain, 100.0), rtol=0, atol=1e-3)
