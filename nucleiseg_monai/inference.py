@@ -539,6 +539,9 @@ class SlidePredictor:
         (``config_id``). A name that is both a top-level id and a keyword sets the top-level id where the
         predictor reads it from there (``checkpoint``, ``device``), else the keyword: ``overwrite=True`` redoes
         finished outputs, it does not reach training's ``overwrite``.
+
+        A sealed bundle (one with a manifest.json) is verified first, as ``nucleiseg predict`` verifies it: one edited
+        since it was packed raises ``packaging.BundleIntegrityError`` before any config is evaluated.
         """
         parser, files = cls._parser(bundle, overrides)
         predictor = parser.get_parsed_content("predictor")
@@ -565,7 +568,11 @@ class SlidePredictor:
         from monai.bundle import ConfigParser
 
         from .overrides import load_config
+        from .packaging import check_bundle
 
+        # a sealed bundle edited since it was packed is refused before any of its configs is read: its expressions
+        # run as they are parsed, so checking after building would be too late (``nucleiseg predict`` checks too)
+        check_bundle(bundle)
         files = inference_configs(bundle)
         config = load_config(files)
         keywords = predictor_ids()

@@ -1026,3 +1026,23 @@ def test_an_image_in_memory_gets_the_labels_its_file_would(tmp_path, caplog):
     hidden[:256, ..., :3], hidden[:256, ..., 3] = 0, 0  # transparent black over the top half
     half = _predictor().segment(hidden, mpp=0.25)
     assert half[:256].max() == 0 and np.array_equal(half[300:] > 0, assumed[300:] > 0)
+
+
+def test_from_bundle_refuses_a_sealed_bundle_edited_after_it_was_packed(tmp_path):
+    """The Python API verifies a sealed bundle as ``nucleiseg predict`` does, before any config expression runs."""
+    from nucleiseg_monai.packaging import BundleIntegrityError, pack, unpack
+
+    bundle = unpack(pack(SMALL_BUNDLE, tmp_path / "small.zip"), tmp_path / "installed")
+    assert _bundle_predictor_of(bundle).planner.region_margin == 128  # intact: it builds
+    train = bundle / "configs" / "train.json"
+    config = json.loads(train.read_text())
+    config["working_mpp"] = 0.5
+    train.write_text(json.dumps(config))
+    with pytest.raises(BundleIntegrityError, match=r"configs/train\.json"):
+        SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False, device="cpu")
+    with pytest.raises(BundleIntegrityError):
+        SlidePredictor.config_value(bundle, "working_mpp")
+
+
+def _bundle_predictor_of(bundle) -> SlidePredictor:
+    return SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False, device="cpu")
