@@ -42,6 +42,7 @@ from distributed import Client, LocalCluster, Variable, as_completed, get_client
 from tqdm.auto import tqdm
 
 from .errors import root_cause
+from .handlers import parse_bool
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
@@ -555,8 +556,11 @@ def run_bundle_cohort(bundle: str | os.PathLike, input: str | os.PathLike, outpu
     """
     overrides = dict(overrides or {})
     factory = BundlePredictor(str(Path(bundle).resolve()), tuple(overrides.items()))
+    # a value typed on monai.bundle's command line arrives as text: 'false' would be truthy
+    overwrite = parse_bool(overrides.get("predictor#overwrite"), "predictor#overwrite",
+                           "--cohort_overrides \"{{'{key}': {value}}}\"")
     return predict_cohort(input, output_dir, factory, workers=workers, scheduler=scheduler, retries=retries,
-                          table=table, overwrite=bool(overrides.get("predictor#overwrite", False)),
+                          table=table, overwrite=overwrite,
                           split_above_mpx=split_above_mpx)
 
 

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import remove_stale
 from .data import load_stats
+from .handlers import parse_bool
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
@@ -363,6 +364,9 @@ class InferenceNetwork:
             raise ValueError("InferenceNetwork needs channel_mean and channel_std, or channel_stats (a JSON file)")
         if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
             raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
+        # ``monai.bundle run ... --predictor#network#int8 false`` hands over the text 'false', which is truthy
+        amp, channels_last, int8 = (parse_bool(value, f"predictor#network#{name}") for name, value in
+                                    (("amp", amp), ("channels_last", channels_last), ("int8", int8)))
         if checkpoint is not None:
             load_weights(network, checkpoint)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -522,8 +526,10 @@ class SlidePredictor:
         self.postprocess_params = dict(postprocess_params or {})
         self.level = level
         self.input_mpp = None if input_mpp is None else float(input_mpp)
-        self.overwrite, self.progress, self.prefetch = overwrite, progress, prefetch
-        self.keep_regions = keep_regions
+        # ``monai.bundle run inferring --predictor#overwrite false`` hands over the text 'false', which is truthy
+        self.overwrite, self.progress, self.prefetch, self.keep_regions = (
+            parse_bool(value, f"predictor#{name}") for name, value in
+            (("overwrite", overwrite), ("progress", progress), ("prefetch", prefetch), ("keep_regions", keep_regions)))
         self.timings: dict[str, float] = {}  # the last slide's seconds per phase
         self._said_assumed = False  # segment's warning that an array without mpp is at the working pixel size
 

@@ -1044,5 +1044,21 @@ def test_from_bundle_refuses_a_sealed_bundle_edited_after_it_was_packed(tmp_path
         SlidePredictor.config_value(bundle, "working_mpp")
 
 
-def _bundle_predictor_of(bundle) -> SlidePredictor:
-    return SlidePredictor.from_bundle(bundle, runtime="eager", int8=False, progress=False, device="cpu")
+def _bundle_predictor_of(bundle, **overrides) -> SlidePredictor:
+    """``bundle``'s predictor with its own weights, eager on the CPU."""
+    return SlidePredictor.from_bundle(bundle, **{"runtime": "eager", "int8": False, "progress": False,
+                                                 "device": "cpu", **overrides})
+
+
+def test_booleans_typed_as_text_on_monai_bundles_command_line_are_read_as_booleans():
+    """``python -m monai.bundle run inferring --predictor#overwrite false`` hands the predictor the text 'false'."""
+    predictor = _bundle_predictor_of(SMALL_BUNDLE, **{
+        "predictor#overwrite": "false", "predictor#prefetch": "False", "predictor#network#amp": "false",
+        "predictor#network#channels_last": "no", "predictor#keep_regions": "0", "predictor#network#int8": "false"})
+    assert predictor.overwrite is False and predictor.prefetch is False and predictor.keep_regions is False
+    assert predictor.network.amp is False and predictor.network.int8 is False
+    assert _bundle_predictor_of(SMALL_BUNDLE, **{"predictor#overwrite": "true"}).overwrite is True
+    with pytest.raises(ValueError, match="predictor#network#int8 'maybe' is not a boolean"):
+        InferenceNetwork(Oracle(), MEAN, STD, int8="maybe")
+    with pytest.raises(ValueError, match="predictor#overwrite 'yes please' is not a boolean"):
+        _predictor(overwrite="yes please")
