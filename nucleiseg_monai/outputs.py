@@ -264,6 +264,23 @@ def source_fingerprint(path: str | os.PathLike, span: int = 256 << 10) -> str:
     return digest.hexdigest()
 
 
+def remove_outputs(out_dir: str | os.PathLike, name: str) -> list[Path]:
+    """Deletes image ``name``'s manifest, then its outputs; returns the outputs that were there.
+
+    The manifest goes first: a crash between the two leaves files no manifest vouches for, which the next run
+    redoes, never a manifest naming files that are gone or are about to be replaced.
+    """
+    manifest_path(out_dir, name).unlink(missing_ok=True)
+    removed = []
+    for path in output_paths(out_dir, name).values():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def write_manifest(out_dir: str | os.PathLike, name: str, files: dict[str, Path], info: dict | None = None) -> Path:
     manifest = {
         "name": name,
@@ -289,8 +306,9 @@ class SlideOutputs:
 
     Usage: ``with SlideOutputs(...) as out:`` then ``out.add_nuclei(...)`` per window of finished nuclei (they may
     be called from inside the tile iterator given to ``write_labels``), ``out.write_labels(tiles)``, then
-    ``out.commit(info)``. Leaving the block without ``commit`` (an exception) deletes every temporary file. A
-    stale manifest is removed on entry, so a failed re-run can never look complete.
+    ``out.commit(info)``. Leaving the block without ``commit`` (an exception) deletes every temporary file. The
+    image's earlier outputs (manifest first, then every file of ``OUTPUT_SUFFIXES``) are removed on entry, so a
+    failed or interrupted re-run can never look complete, nor leave the previous run's files looking current.
     """
 
     def __init__(
@@ -317,7 +335,7 @@ class SlideOutputs:
 
     def __enter__(self) -> SlideOutputs:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        manifest_path(self.out_dir, self.name).unlink(missing_ok=True)
+        remove_outputs(self.out_dir, self.name)
         try:
             self._files = {kind: AtomicFile(p) for kind, p in self.paths.items()}
             geo = open(self._files["geojson"].tmp, "w", encoding="utf-8")

@@ -1062,3 +1062,16 @@ def test_booleans_typed_as_text_on_monai_bundles_command_line_are_read_as_boolea
         InferenceNetwork(Oracle(), MEAN, STD, int8="maybe")
     with pytest.raises(ValueError, match="predictor#overwrite 'yes please' is not a boolean"):
         _predictor(overwrite="yes please")
+
+
+def test_an_overwrite_run_that_fails_leaves_no_earlier_outputs_looking_current(tmp_path):
+    _write_tiles(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    assert _predictor().run(tmp_path / "in", out).ok
+    assert {p.name for p in out.iterdir()} >= {"tile0.labels.tif", "tile0.geojson", "tile0.nuclei.csv"}
+    predictor = _predictor(overwrite=True)
+    _counting(predictor, fail_after=0)
+    summary = predictor.run(tmp_path / "in", out)
+    assert summary.failed and "killed" in summary.failed[0][1]
+    assert [p.name for p in out.iterdir() if p.name.startswith("tile0")] == []
+    assert [r.name for r in _predictor().run(tmp_path / "in", out).done] == ["tile0"]  # redone, not skipped

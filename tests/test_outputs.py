@@ -199,3 +199,19 @@ def test_atomic_files_get_the_usual_permissions_not_private_ones(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_redo_that_fails_leaves_none_of_the_previous_runs_outputs_under_their_final_names(tmp_path):
+    labels = _labels()
+    rgb = np.full((*labels.shape, 3), 200, np.uint8)
+    with SlideOutputs(tmp_path, "s", labels.shape, overlay=Overlay(rgb), label_tile=32) as out:
+        out.add_nuclei(labels, rgb, (0, 0))
+        out.write_labels(iter_tiles(labels, 32))
+        out.commit()
+    (tmp_path / "other.geojson").write_text("{}")  # another image's outputs are not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other.geojson", "s.done.json", "s.geojson", "s.labels.tif", "s.nuclei.csv", "s.overlay.png"]
+    with pytest.raises(KeyboardInterrupt):
+        with SlideOutputs(tmp_path, "s", labels.shape, overlay=None, label_tile=32):
+            raise KeyboardInterrupt  # the redo is stopped before it wrote anything
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.geojson"]
