@@ -58,10 +58,14 @@ def _state(objects: dict) -> dict:
 
 
 class LastCheckpoint:
-    """Saves the whole training state (network, optimizer, scheduler, trainer counters) after every epoch.
+    """Saves the whole training state (network, optimizer, scheduler, trainer counters) when training starts and
+    after every epoch.
 
-    A killed run therefore loses at most the epoch in progress; ``Resume`` picks the file up again. The engine it
-    is attached to is saved as "trainer" (a config cannot name the trainer inside the trainer's own handlers).
+    A killed run therefore loses at most the epoch in progress; ``Resume`` picks the file up again. Saved at the
+    start too (attach it after ``ValidateStart`` and ``Resume``), a run killed in its first epoch can be resumed:
+    otherwise a fine-tune's model.pt, written by its validation as epoch 0, would be the only file, which a new run
+    refuses to replace and a resumed one cannot start from. The engine it is attached to is saved as "trainer" (a
+    config cannot name the trainer inside the trainer's own handlers).
     """
 
     def __init__(self, path: str | os.PathLike, save_dict: dict, interval: int = 1):
@@ -69,6 +73,7 @@ class LastCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
+        engine.add_event_handler(Events.STARTED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -124,11 +129,18 @@ class Resume:
     the schedule stretched to the new length when more epochs are asked for than the checkpoint's run had.
     Without a checkpoint the run fails at once, naming the file, rather than silently starting again. The engine
     it is attached to is loaded as "trainer".
+
+    With ``seed`` (the run's), the random generators are seeded again from it and the iteration resumed at: the
+    run's start seeded them with ``seed`` alone, so a resumed run would draw the patches and augmentations of its
+    first epochs again. The draws go on as a new stream, the same for every resume from one checkpoint; the state
+    of data-loading workers cannot be saved, so they are not those an uninterrupted run would have drawn.
     """
 
-    def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool | str = True, map_location=None):
+    def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool | str = True, map_location=None,
+                 seed: int | str | None = None):
         self.path, self.load_dict, self.map_location = Path(path), dict(load_dict), map_location
         self.enabled = parse_bool(enabled, "resume")
+        self.seed = None if seed is None else int(seed)
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
@@ -142,7 +154,7 @@ class Resume:
 
     def __call__(self, engine: Engine) -> None:
         checkpoint = torch.load(self.path, map_location=self.map_location or "cpu", weights_only=True)
-        max_epochs = engine.state.max_epochs
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         longer = (max_epochs or 0) > (checkpoint.get("trainer", {}).get("max_epochs") or 0)
         for name, obj in self.load_dict.items():
             if name not in checkpoint and isinstance(obj, BestCheckpoint):
@@ -159,6 +171,9 @@ class Resume:
         # a resumed run may be asked for more epochs than it first had
         engine.state.max_epochs = max(max_epochs or 0, engine.state.max_epochs or 0)
         logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+        _say_settings_kept(self.path, max_epochs, epoch_length, engine.state)
+        if self.seed is not None:
+            _reseed(engine, self.seed, engine.state.iteration)
         if engine.state.epoch >= engine.state.max_epochs:  # ignite would end at once, without a word
             logger.warning("%s has finished its %d epochs: nothing to train; pass --epochs N with N above %d to go "
                            "on", self.path, engine.state.epoch, engine.state.epoch)
@@ -204,6 +219,32 @@ class InitialWeights:
             state[name] = value
         self.network.load_state_dict(state)
         logger.info("started from %s (%d tensors; widened: %s)", self.path, len(loaded), widened or "none")
+
+
+def _say_settings_kept(path: Path, asked_epochs: int | None, asked_length: int | None, state) -> None:
+    """Warns where a resumed run keeps its checkpoint's length rather than the one asked for: fewer epochs than the
+    run had (its schedule spans its own), or another epoch length (iterations are counted in the run's)."""
+    if asked_epochs and asked_epochs < state.max_epochs:
+        logger.warning("--epochs %d is fewer than the %d of the run in %s: it goes on to epoch %d, as its "
+                       "learning-rate schedule does; start a new run for a shorter one", asked_epochs,
+                       state.max_epochs, path, state.max_epochs)
+    if asked_length and state.epoch_length and asked_length != state.epoch_length:
+        logger.warning("--epoch_length %d differs from the %d of the run in %s: a resumed run keeps its own; start "
+                       "a new run for another", asked_length, state.epoch_length, path)
+
+
+def _reseed(engine: Engine, seed: int, iteration: int) -> None:
+    """Seeds every generator training draws from (Python's, numpy's, torch's, the dataset's transforms in this
+    process; workers take theirs from torch's when they start) from ``seed`` and ``iteration`` together."""
+    import numpy as np
+    from monai.data.utils import set_rnd
+    from monai.utils import set_determinism
+
+    derived = int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+    set_determinism(seed=derived)
+    dataset = getattr(getattr(engine.state, "dataloader", None), "dataset", None)
+    if dataset is not None:
+        set_rnd(dataset, derived)
 
 
 def _stretch_schedule(scheduler: LRScheduler, state: dict) -> None:

@@ -376,6 +376,80 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplo
         f"{path} has finished its 2 epochs: nothing to train; pass --epochs N with N above 2 to go on"]
 
 
+def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = None) -> list[list[float]]:
+    """A run as the bundle's configs make one: seeded at its start, then a loader whose sampler (torch's generator)
+    and random transform (its own, set by MONAI's loader) draw every batch; returns each epoch's draws."""
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandGaussianNoised
+    from monai.utils import set_determinism
+
+    set_determinism(seed=0)
+    records = [{"x": torch.full((1, 2), float(i))} for i in range(8)]
+    sampler = torch.utils.data.WeightedRandomSampler([1.0] * 8, 4)
+    loader = DataLoader(Dataset(records, RandGaussianNoised("x", prob=1.0)), batch_size=2, sampler=sampler)
+    epochs_drawn: list[list[float]] = []
+
+    def step(engine, batch):
+        if engine.state.iteration == fail_at:
+            raise KeyboardInterrupt  # as a killed run: no COMPLETED event, nothing saved after
+        if engine.state.iteration % engine.state.epoch_length == 1:
+            epochs_drawn.append([])
+        epochs_drawn[-1] += batch["x"].flatten().tolist()
+
+    trainer = Engine(step)
+    if resume:
+        handlers.Resume(path, {}, seed=0).attach(trainer)
+    handlers.LastCheckpoint(path, {}).attach(trainer)
+    try:
+        trainer.run(loader, max_epochs=epochs)
+    except KeyboardInterrupt:
+        pass
+    return epochs_drawn
+
+
+def test_a_resumed_run_draws_new_patches_not_those_of_its_first_epochs(tmp_path):
+    path = tmp_path / "checkpoint_last.pt"
+    first = _drawing_run(path, 2, resume=False)
+    resumed = _drawing_run(path, 4, resume=True)
+    assert len(first) == 2 and len(resumed) == 2
+    assert resumed != first  # without seeding again, epochs 3-4 drew exactly epochs 1-2
+    assert all(len(set(a) & set(b)) == 0 for a in resumed for b in first)
+    torch.save(torch.load(path, weights_only=True), tmp_path / "kept.pt")
+    path.write_bytes((tmp_path / "kept.pt").read_bytes())  # not the 4-epoch one the resumed run wrote
+    assert _drawing_run(path, 2, resume=False) == first  # a new run: the same draws as ever
+
+
+def test_a_run_killed_in_its_first_epoch_can_be_resumed(tmp_path, caplog):
+    path = tmp_path / "checkpoint_last.pt"
+    _drawing_run(path, 2, resume=False, fail_at=1)
+    state = torch.load(path, weights_only=True)  # saved when training started, before the first epoch
+    assert state["trainer"]["iteration"] == 0
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        resumed = _drawing_run(path, 2, resume=True)
+    assert len(resumed) == 2 and f"resumed from {path} at epoch 0, iteration 0" in caplog.text
+
+
+def test_a_resume_says_which_asked_lengths_it_keeps_from_its_run(tmp_path, caplog):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    first, optimizer, schedule, _ = _toy_training(4)
+    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    first.run(data, max_epochs=4)
+
+    again, optimizer, schedule, _ = _toy_training(2)
+    handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(again)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.handlers"):
+        again.run(data + data, max_epochs=2, epoch_length=4)
+    assert (again.state.epoch, again.state.iteration) == (4, 8)  # the run's own 4 epochs of 2 iterations
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"--epochs 2 is fewer than the 4 of the run in {path}: it goes on to epoch 4, as its learning-rate schedule "
+        "does; start a new run for a shorter one",
+        f"--epoch_length 4 differs from the 2 of the run in {path}: a resumed run keeps its own; start a new run for "
+        "another"]
+
+
 def test_resume_without_a_checkpoint_names_the_file(tmp_path):
     missing = tmp_path / "models" / "checkpoint_last.pt"
     with pytest.raises(FileNotFoundError, match="checkpoint_last.pt"):
