@@ -151,10 +151,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DataError(str(err)) from err
 
 
+# Lossy compression turns a label map's edges into new values: each would read as a nucleus of a few pixels.
+LOSSY_LABEL_SUFFIXES = (".jpg", ".jpeg")
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    if path.suffix.lower() in LOSSY_LABEL_SUFFIXES:
+        raise DataError(f"{path} is a JPEG label map: lossy compression changes the ids along every edge; save "
+                        "label maps losslessly, as PNG or TIFF, with one integer id per nucleus")
+    return _read(path)
+
+
 def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.ndarray:
     """An int32 instance map (H, W), 0 = background; binary masks become connected components."""
     path = Path(path)
-    labels = _read(path)
+    labels = _read_labels(path)
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and kind == "binary":
         labels = labels[..., 0]
     if labels.ndim != 2:
@@ -163,6 +174,9 @@ def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.
         raise DataError(f"{path} has {labels.dtype} values; label maps must hold integer ids")
     if kind == "binary":
         return connected_components(labels > 0, connectivity=1).astype(np.int32)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path} holds negative ids (down to {labels.min()}); a label map holds 0 for background "
+                        "and a positive id per nucleus")
     if labels.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path} holds ids above 2**31; relabel it with skimage.segmentation.relabel_sequential")
     return labels.astype(np.int32)
@@ -183,7 +197,7 @@ def is_binary_mask(path: str | os.PathLike) -> bool:
     Read as instance ids it would be one nucleus per tile. A map of one piece reads the same either way (a tile
     with one nucleus), so it is not counted; an RGB mask counts where its channels agree.
     """
-    labels = _read(Path(path))
+    labels = _read_labels(Path(path))
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and (labels[..., :3] == labels[..., :1]).all():
         labels = labels[..., 0]
     if labels.ndim != 2:

@@ -153,6 +153,11 @@ def _mpp(value, where: str) -> float | str:
     if isinstance(value, str) and value.strip().lower() in ("file", UNKNOWN_MPP):
         return value.strip().lower()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        from .wsi import MPP_HINT, PLAUSIBLE_MPP
+
+        if not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:  # 40 would resample every tile x160
+            raise DataError(f"{where}: mpp {value!r} is outside the plausible pixel sizes {PLAUSIBLE_MPP[0]:g}-"
+                            f"{PLAUSIBLE_MPP[1]:g} um/px; {MPP_HINT}")
         return float(value)
     raise DataError(
         f"{where}: mpp {value!r} is no pixel size; give microns per pixel as a number (0.25 for a 40x scan), "

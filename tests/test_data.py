@@ -385,6 +385,16 @@ def test_label_map_with_three_dims_refused(tmp_path):
     _raises_naming(rgb, data.read_instance_labels, rgb, "instance", match="single-channel")
 
 
+def test_lossy_label_maps_and_negative_ids_are_refused_naming_the_file(tmp_path):
+    jpeg = tmp_path / "mask.jpg"
+    imsave(jpeg, np.pad(np.full((8, 8), 255, np.uint8), 4), check_contrast=False)
+    _raises_naming(jpeg, data.read_instance_labels, jpeg, match="JPEG label map: lossy compression")
+    _raises_naming(jpeg, data.is_binary_mask, jpeg, match="save label maps losslessly, as PNG or TIFF")
+    negative = tmp_path / "negative.tif"
+    tifffile.imwrite(negative, np.array([[0, 1], [-1, 2]], np.int16))
+    _raises_naming(negative, data.read_instance_labels, negative, match="negative ids (down to -1)")
+
+
 def test_float_label_map_refused(tmp_path):
     path = tmp_path / "float.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))

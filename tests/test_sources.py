@@ -427,6 +427,8 @@ def test_binary_masks_in_a_generic_source_become_connected_components_with_one_w
     ({"mpp": "File2"}, "mpp 'File2' is no pixel size; give microns per pixel as a number"),
     ({"mpp": True}, "mpp True is no pixel size"),
     ({"mpp": -0.25}, "mpp -0.25 is no pixel size"),
+    ({"mpp": 40}, "mpp 40 is outside the plausible pixel sizes 0.02-20 um/px; it takes microns per pixel, not a "
+                  "magnification"),
     ({"sparse_labels": "false"}, "sparse_labels must be true or false (no quotes)"),
     ({"layout": "folders"}, "layout must be one of kaggle, generic, not 'folders'"),
     ({"split": {"kind": "random"}}, "split must be an object whose kind is one of organ_stratified, per_organ"),
