@@ -210,12 +210,7 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
     source) that its LICENSE does not name: weights carry their training data's terms, and a bundle shared without
     them misleads whoever uses it. Empty when the datalist records no provenance (one made before it did)."""
     root = Path(root)
-    try:
-        provenance = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8")).get("provenance")
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(provenance, dict):
-        return []
+    provenance = _provenance(root)
     try:
         text = (root / "LICENSE").read_text(encoding="utf-8")
     except OSError:
@@ -226,6 +221,22 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
         if license_ and license_ not in text:
             missing.setdefault(license_, []).append(source)
     return [f"{license_} ({', '.join(sources)})" for license_, sources in missing.items()]
+
+
+def unlicensed_sources(root: str | os.PathLike) -> list[str]:
+    """The sources the bundle's weights learnt from whose license nobody stated (``models/datalist.json``'s
+    ``provenance``): their terms, and so the weights', are unknown."""
+    return [source for source, facts in _provenance(Path(root)).items()
+            if not ((facts or {}).get("license") or "").strip()]
+
+
+def _provenance(root: Path) -> dict:
+    """``models/datalist.json``'s ``provenance``; empty where there is none (a datalist made before it was)."""
+    try:
+        provenance = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8")).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return provenance if isinstance(provenance, dict) else {}
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -247,6 +258,12 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
         logger.warning("%s does not name the license of data its weights learnt from: %s (models/datalist.json, "
                        "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
                        "; ".join(unstated))
+    unlicensed = unlicensed_sources(root)
+    if unlicensed:
+        logger.warning("%s: the weights learnt from source(s) %s, whose license is not stated (models/datalist.json, "
+                       "provenance), so neither are the weights' terms; find it, name it in LICENSE and in the "
+                       "sources file (license, citation), then train or make the datalist again", root,
+                       ", ".join(unlicensed))
     if Path(zip_path).is_dir() or str(zip_path).endswith(("/", os.sep)):  # a folder to write the zip into
         zip_path = Path(zip_path) / f"{root.name}.zip"
     zip_path = Path(zip_path)

@@ -25,6 +25,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class Source:
     split: dict
     sparse_labels: bool = False
     license: str = ""
-    commercial_use: bool = True
+    commercial_use: bool | None = None  # None: unknown, as when no license is stated
     citation: str = ""
     mpp_note: str = ""
 
@@ -134,7 +135,16 @@ def source_from_entry(name: str, entry, path: Path) -> Source:
         if key in entry and not isinstance(entry[key], bool):
             raise DataError(f"{where}: {key} must be true or false (no quotes), not {entry[key]!r}")
     _check_split(entry["split"], where)
-    return Source(name=name, **{**entry, "mpp": _mpp(entry["mpp"], where)})
+    commercial = entry.get("commercial_use", _commercial_use(entry.get("license", "")))
+    return Source(name=name, **{**entry, "mpp": _mpp(entry["mpp"], where), "commercial_use": commercial})
+
+
+def _commercial_use(license_: str) -> bool | None:
+    """Whether a license allows commercial use, where the entry does not say: not for a Creative Commons NC
+    license, unknown where no license is stated (weights would otherwise be marked free to sell)."""
+    if not license_.strip():
+        return None
+    return not re.search(r"(^|[-\s])NC([-\s]|$)|non-?commercial", license_, re.IGNORECASE)
 
 
 def _check_split(spec, where: str) -> None:
@@ -371,7 +381,7 @@ def log_provenance(facts: dict) -> None:
     for name, f in facts.items():
         tiles = ", ".join(f"{n} {p}" for p, n in f["tiles"].items())
         if f["license"]:
-            terms = f"license {f['license']}" + ("" if f["commercial_use"] else ", non-commercial")
+            terms = f"license {f['license']}" + ("" if f["commercial_use"] is not False else ", non-commercial")
         else:
             terms = "license not stated: give its license and citation in the sources file before sharing weights"
         logger.info("source %r: %s tiles; %s", name, tiles, terms)

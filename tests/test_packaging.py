@@ -139,11 +139,13 @@ def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_p
                   "theirs": {"license": "CC BY-NC 4.0"}, "open": {"license": "Apache-2.0"}, "unsure": {"license": ""}}
     (bundle / "models" / "datalist.json").write_text(json.dumps({"training": [], "provenance": provenance}))
     assert packaging.unstated_licenses(bundle) == ["CC BY-NC 4.0 (mine, theirs)"]
+    assert packaging.unlicensed_sources(bundle) == ["unsure"]
     with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
         pack(bundle, tmp_path / "b.zip")
-    (record,) = caplog.records
+    named, unknown = caplog.records
     assert "LICENSE does not name the license of data its weights learnt from: CC BY-NC 4.0 (mine, theirs)" in \
-        record.getMessage()
+        named.getMessage()
+    assert "the weights learnt from source(s) unsure, whose license is not stated" in unknown.getMessage()
 
     (bundle / "LICENSE").write_text("Apache-2.0; weights: CC BY-NC 4.0 (My Lab 2026)\n")
     assert packaging.unstated_licenses(bundle) == []

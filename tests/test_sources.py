@@ -487,6 +487,7 @@ def test_the_datalist_carries_each_sources_license_citation_and_tile_counts(regi
     assert facts["kaggle"] == {"license": "CC BY-NC-SA 4.0", "commercial_use": False, "citation": "",
                                "tiles": {"training": 5, "validation": 1, "test": 3}}
     assert facts["tcga"]["tiles"] == {"training": 3, "validation": 2, "test": 0}
+    assert facts["tcga"]["license"] == "" and facts["tcga"]["commercial_use"] is None  # unknown, not allowed
     assert json.loads((tmp_path / "models" / "datalist.json").read_text())["provenance"] == facts  # written
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source ")]
     assert "source 'kaggle': 5 training, 1 validation, 3 test tiles; license CC BY-NC-SA 4.0, non-commercial" in lines
@@ -495,6 +496,18 @@ def test_the_datalist_carries_each_sources_license_citation_and_tile_counts(regi
     assert set(datalist) == {"description", "sources", "training", "validation", "test", "channel_stats", "provenance"}
     assert datalist["sources"]["tcga"] == {"root": "tcga", "split": {"kind": "per_organ", "validation_per_organ": 1,
                                                                       "seed": 0}}
+
+
+@pytest.mark.parametrize("license_, commercial", [
+    ("CC BY-NC-SA 4.0", False), ("CC-BY-NC 4.0", False), ("non-commercial research only", False),
+    ("CC BY 4.0", True), ("Apache-2.0", True), ("", None),
+])
+def test_commercial_use_follows_the_license_where_the_entry_does_not_say(registry, license_, commercial):
+    path, _ = registry
+    entries = json.loads(path.read_text())
+    entries["tcga"]["license"] = license_
+    path.write_text(json.dumps(entries))
+    assert S.load_sources(path)["tcga"].commercial_use is commercial
 
 
 def test_a_datalist_file_older_than_the_provenance_key_gets_it_from_the_registry(registry, tmp_path):
