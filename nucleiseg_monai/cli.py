@@ -109,12 +109,17 @@ def cmd_predict(args) -> int:
         overrides["checkpoint"] = args.checkpoint
     if args.mpp is not None:
         overrides["predictor#input_mpp"] = args.mpp
+    from .cohort import is_slide_list
+
+    if args.force_mpp:
+        if args.mpp is None and not is_slide_list(args.input):  # a slide list's input_mpp column may give it
+            raise SystemExit("nucleiseg predict: error: --force_mpp needs the pixel size to force: pass --mpp X "
+                             "--force_mpp (X in um/px, about 0.25 at 40x, 0.5 at 20x)")
+        overrides["predictor#force_mpp"] = True
     if args.overwrite:
         overrides["predictor#overwrite"] = True
     if args.test_time_flips is not None:
         overrides["test_time_flips"] = args.test_time_flips
-    from .cohort import is_slide_list
-
     if args.workers or args.scheduler or is_slide_list(args.input):
         return _predict_cohort(args, overrides)
     from .inference import SlidePredictor
@@ -377,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--mpp", type=_mpp, help="pixel size (um/px) of input files that state none; a size the file "
-                   "states wins (default: the model's own size is assumed, with a warning)")
+                   "states wins unless --force_mpp (default: the model's own size is assumed, with a warning, and "
+                   "the um^2 columns stay empty)")
+    p.add_argument("--force_mpp", action="store_true", help="apply --mpp (or a slide list's input_mpp) to every "
+                   "input, also files that state a pixel size: for files that state a wrong one (a print "
+                   "resolution such as 2400 dpi, which reads as 10.6 um/px)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
     p.add_argument("--test_time_flips", type=int, choices=(1, 2, 4), help="average the network over the image and "

@@ -63,7 +63,8 @@ INPUT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, ValueError)
 @dataclass(frozen=True)
 class Slide:
     """One slide of a cohort: its file, output name and, optionally, the level-0 microns per pixel to use when the
-    file states none (the predictor's ``input_mpp`` for this slide)."""
+    file states none, or always with the predictor's ``force_mpp`` (the predictor's ``input_mpp`` for this
+    slide)."""
 
     path: str
     name: str
@@ -183,6 +184,7 @@ def slide_predictor(factory: Callable[[], SlidePredictor], slide: Slide, torch_t
     if slide.input_mpp is not None:
         predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
         predictor.input_mpp = slide.input_mpp
+        predictor.input_mpp_origin = "the slide list's input_mpp column"
     return predictor
 
 

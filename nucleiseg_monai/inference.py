@@ -65,7 +65,8 @@ from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, man
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, remove_journal
 from .stitching import RegionGrid, RegionStitcher
-from .wsi import IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, open_image, tissue_mask
+from .wsi import (IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
+                  tissue_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -457,11 +458,11 @@ class RegionPlanner:
         """The image's scale against the working pixel size, its region grid in read pixels (multiples of the
         scale's denominator: every window starts on a whole working pixel) and the regions to process: tissue
         present (for multi-region images; the mask is built from ``thumbnail``), at most ``max_regions``."""
-        if reader.stated_mpp is not None:
-            source = "file"
-        elif reader.base_mpp is None:
+        if reader.base_mpp is None:
             source = "unknown"
-        else:
+        elif reader.stated_mpp is not None and reader.base_mpp == reader.stated_mpp:
+            source = "file"
+        else:  # the file states none, or a forced input_mpp replaced what it states
             source = "input_mpp" if input_mpp is not None else "assumed"
         scale = Fraction(1)
         if self.mpp is not None and reader.mpp is not None:
@@ -496,8 +497,10 @@ class SlidePredictor:
         level: read this pyramid level instead of the one closest to the working pixel size (still resampled to
             it).
         input_mpp: level-0 pixel size of files that state none (``nucleiseg predict --mpp``); without it such
-            files are assumed to be at the working pixel size. A size the file states wins. Each image logs which
-            applied.
+            files are assumed to be at the working pixel size. A size the file states wins unless ``force_mpp``.
+            Each image logs which applied, and warns where a stated size looks wrong (``wsi.doubtful_mpp``).
+        force_mpp: ``input_mpp`` applies to every file, also those that state a size (``nucleiseg predict --mpp X
+            --force_mpp``), for files whose stated size is wrong (a print resolution such as 2400 dpi).
         overwrite: redo images whose outputs are complete, and start unfinished ones from their first region (their
             kept regions are deleted). Without it, finished outputs are kept when their
             completion record names these weights and settings (``settings``), and a run whose output folder holds
@@ -517,6 +520,7 @@ class SlidePredictor:
         postprocess_params: dict | None = None,
         level: int | None = None,
         input_mpp: float | None = None,
+        force_mpp: bool = False,
         overwrite: bool = False,
         progress: bool = True,
         prefetch: bool = True,
@@ -526,6 +530,9 @@ class SlidePredictor:
         self.postprocess_params = dict(postprocess_params or {})
         self.level = level
         self.input_mpp = None if input_mpp is None else float(input_mpp)
+        self.force_mpp = parse_bool(force_mpp, "predictor#force_mpp")
+        # where input_mpp came from, for the log: a cohort's slide list sets it per slide
+        self.input_mpp_origin = "--mpp (input_mpp)"
         # ``monai.bundle run inferring --predictor#overwrite false`` hands over the text 'false', which is truthy
         self.overwrite, self.progress, self.prefetch, self.keep_regions = (
             parse_bool(value, f"predictor#{name}") for name, value in
@@ -622,6 +629,8 @@ class SlidePredictor:
         }
         if net.test_time_flips != 1:  # only when set, so outputs made before flips existed still count as finished
             record["test_time_flips"] = net.test_time_flips
+        if self.force_mpp:  # the same: only when set
+            record["force_mpp"] = True
         return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
     def finished(self, output_dir: str | os.PathLike, name: str, path: str | os.PathLike | None = None) -> bool:
@@ -651,8 +660,10 @@ class SlidePredictor:
         if not isinstance(recorded, dict):
             return ["not recorded (an older version's outputs)"]
         differing = {k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k)}
-        if record.get("mpp_source") == "file":
-            differing.discard("input_mpp")  # the file stated its pixel size, so --mpp did not touch these outputs
+        if record.get("mpp_source") == "file" and not self.force_mpp:
+            # the file stated its pixel size, so --mpp did not touch these outputs, and without --force_mpp it would
+            # not touch them now
+            differing -= {"input_mpp", "force_mpp"}
         fingerprint = record.get("source_fingerprint")  # absent in records older than it: not compared
         if path is not None and fingerprint is not None and Path(path).is_file() and \
                 fingerprint != source_fingerprint(path):
@@ -686,8 +697,10 @@ class SlidePredictor:
         exit; for region tasks that compute ``region_labels`` of one image elsewhere."""
         clock = functools.partial(_timed, dict.fromkeys(PHASES, 0.0) if timings is None else timings)
         fallback_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
+        # forced only with a size to force: a cohort slide without an input_mpp keeps the one its file states
+        forced = self.force_mpp and self.input_mpp is not None
         with clock("read"):
-            reader = open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp)
+            reader = open_image(path, level=self.level, mpp=self.mpp, input_mpp=fallback_mpp, force_mpp=forced)
         with reader:
             if reader.greyscale:
                 raise ImageError(f"{path} is a greyscale image; the model segments H&E colour (RGB) images. "
@@ -819,7 +832,8 @@ class SlidePredictor:
                            what, stitcher.truncated, self.planner.region_margin)
 
     def _log_scale(self, path: Path, plan: Plan, message: str) -> None:
-        """The one line per image that says which pixel size was used, where it came from, and the scale."""
+        """The one line per image that says which pixel size was used, where it came from, and the scale; a
+        warning when the file's own size looks wrong (``wsi.doubtful_mpp``), with the way to override it."""
         reader, source, mpp = plan.reader, plan.mpp_source, self.mpp
         head = f"{path}: {reader.shape[0]}x{reader.shape[1]} px at level {reader.level}"
         if source == "unknown":
@@ -834,11 +848,23 @@ class SlidePredictor:
         else:
             fraction = f" ({plan.scale})" if plan.scale.denominator > 1 else ""
             how = f"resampled x{float(plan.scale):.4g}{fraction} to the model's {mpp:g} um/px"
-        origin = "stated in the file" if source == "file" else "from --mpp (input_mpp)"
-        if source == "file" and self.input_mpp is not None and \
-                abs(reader.stated_mpp / self.input_mpp - 1.0) > SCALE_TOLERANCE:
-            origin += f"; --mpp {self.input_mpp:g} applies only to files that state none"
-        logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
+        stated = reader.stated_mpp
+        if source == "file":
+            origin = f"stated in {reader.mpp_origin}" if reader.mpp_origin else "stated in the file"
+        else:
+            origin = f"from {self.input_mpp_origin}"
+            if stated is not None:  # forced over the file's own
+                origin += f", forced over the {stated:.4g} um/px stated in {reader.mpp_origin or 'the file'}"
+        doubt = doubtful_mpp(stated, mpp) if source == "file" else None
+        if source == "file" and self.input_mpp is not None and abs(stated / self.input_mpp - 1.0) > SCALE_TOLERANCE:
+            origin += (f"; {self.input_mpp_origin} gives {self.input_mpp:g} um/px only to files that state none "
+                       "(--force_mpp: to every file)")
+        if doubt is None:
+            logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
+            return
+        fix = f"--mpp {self.input_mpp:g} --force_mpp" if self.input_mpp is not None else "--mpp X --force_mpp"
+        logger.warning("%s, %.4g um/px (%s), %s; %s; that size is %s: if it is wrong, pass %s (X the scan's um/px: "
+                       "about 0.25 at 40x, 0.5 at 20x)", head, reader.mpp, origin, how, message, doubt, fix)
 
     def _label_tiles(self, plan: Plan, stitcher: RegionStitcher, out: SlideOutputs, name: str,
                      timings: dict[str, float], labels_from: Callable | None = None,

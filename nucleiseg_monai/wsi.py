@@ -39,6 +39,13 @@ IMAGE_SUFFIXES = OPEN_IMAGE_SUFFIXES  # the former name, which inference.py stil
 
 # A level-0 pixel size outside this range is a placeholder (72 dpi, "1 pixel per unit"), not a microscope's.
 PLAUSIBLE_MPP = (0.02, 20.0)
+# Bright-field H&E is scanned at 0.1 um/px (100x oil) to 2 um/px (5x overviews): a stated size outside it, though
+# within PLAUSIBLE_MPP, is likelier a print resolution (2400 dpi is 10.6 um/px) than a scan.
+SCAN_MPP = (0.1, 2.0)
+# A stated size this many times finer or coarser than the model's is doubted too: beyond it the resampling either
+# smears nuclei to a few pixels (a 10x scan brought to 40x) or multiplies the work by its square, so a wrong size
+# costs hours for nonsense, and a right one deserves a look before that.
+DOUBTFUL_SCALE = 4.0
 MPP_HINT = "it takes microns per pixel, not a magnification: 40x is about 0.25 um/px, 20x about 0.5 um/px"
 # A level may be at most this much coarser than the requested mpp (scanners' 0.25 vs 0.2525 um/px etc.).
 COARSER_TOLERANCE = 1.2
@@ -57,8 +64,9 @@ class SlideReader:
     Use as a context manager (or call ``close``) to release the file.
 
     ``base_mpp`` is the level-0 pixel size in use, ``stated_mpp`` the one the file itself states (None when it
-    states none; ``open_image`` may then fill ``base_mpp`` in). ``source_dtype`` and ``source_channels`` describe the
-    stored samples before conversion to 8-bit RGB; ``source_cmyk`` says they were CMYK.
+    states none; ``open_image`` may then fill ``base_mpp`` in, or replace it when forced) and ``mpp_origin`` where in
+    the file it is stated ("the resolution tags, 2400 pixels per inch"). ``source_dtype`` and ``source_channels``
+    describe the stored samples before conversion to 8-bit RGB; ``source_cmyk`` says they were CMYK.
     """
 
     path: Path
@@ -73,6 +81,7 @@ class SlideReader:
         h0, w0 = level_shapes[0]
         self.level_downsamples = level_downsamples or [(h0 / h + w0 / w) / 2 for h, w in level_shapes]
         self.base_mpp = self.stated_mpp = base_mpp
+        self.mpp_origin: str | None = None
         self.source_dtype, self.source_channels = np.dtype(source_dtype), source_channels
         self.source_cmyk = False
         self._sample_max: int | None = None
@@ -295,8 +304,9 @@ class TiffReader(SlideReader):
             _check_dtype(base.dtype, path)
             _check_not_cmyk(base.keyframe, path)
             shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
-            super().__init__(path, shapes, _tiff_mpp(self._tif, path), source_dtype=base.dtype,
-                             source_channels=_channels(base.shape, base.axes))
+            mpp, origin = tiff_mpp_and_origin(self._tif, path)
+            super().__init__(path, shapes, mpp, source_dtype=base.dtype, source_channels=_channels(base.shape, base.axes))
+            self.mpp_origin = origin if mpp is not None else None
         except BaseException:
             self._tif.close()
             raise
@@ -406,11 +416,16 @@ def _plausible(mpp: float | None, path: Path, source: str) -> float | None:
 
 def _tiff_mpp(tif: tifffile.TiffFile, path: Path) -> float | None:
     """Level-0 microns per pixel from SVS, OME or ImageJ metadata, else the resolution tags."""
+    return tiff_mpp_and_origin(tif, path)[0]
+
+
+def tiff_mpp_and_origin(tif: tifffile.TiffFile, path: Path) -> tuple[float | None, str | None]:
+    """``_tiff_mpp`` and where in the file it is stated, in words (None, None where the file states none)."""
     page = tif.series[0].levels[0].keyframe
     if tif.is_svs:
         meta = tifffile.tifffile.svs_description_metadata(page.description)
         if "MPP" in meta:
-            return _plausible(float(meta["MPP"]), path, "the SVS description")
+            return _plausible(float(meta["MPP"]), path, "the SVS description"), "the SVS description"
     if tif.is_ome and tif.ome_metadata:
         try:
             pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels"))
@@ -418,26 +433,34 @@ def _tiff_mpp(tif: tifffile.TiffFile, path: Path) -> float | None:
             unit = pixels.get("PhysicalSizeXUnit", "µm")
             scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit)
             if size is not None and scale is not None:
-                return _plausible(float(size) * scale, path, "the OME metadata")
+                return _plausible(float(size) * scale, path, "the OME metadata"), "the OME metadata"
         except (ET.ParseError, StopIteration, ValueError):
             pass
     x_res = page.resolution[0] if page.resolution else 0.0
     if not x_res:
-        return None
+        return None, None
     unit = page.resolutionunit
-    if unit == tifffile.RESUNIT.CENTIMETER:
-        return _plausible(1e4 / x_res, path, "the resolution tags")
-    if unit == tifffile.RESUNIT.INCH:
-        return _plausible(25400.0 / x_res, path, "the resolution tags")
-    if unit == tifffile.RESUNIT.MILLIMETER:
-        return _plausible(1e3 / x_res, path, "the resolution tags")
-    if unit == tifffile.RESUNIT.MICROMETER:
-        return _plausible(1.0 / x_res, path, "the resolution tags")
+    microns = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25400.0,
+               tifffile.RESUNIT.MILLIMETER: 1e3, tifffile.RESUNIT.MICROMETER: 1.0}.get(unit)
+    if microns is not None:
+        origin = f"the resolution tags, {x_res:g} pixels per {unit.name.lower()}"
+        return _plausible(microns / x_res, path, origin), origin
     if tif.is_imagej:
         # ImageJ stores pixels per ``unit`` with no TIFF unit; µ may arrive escaped as \u00B5
         unit_name = str((tif.imagej_metadata or {}).get("unit", "")).replace("\\u00B5", "µ")
         if unit_name in ("µm", "um", "micron", "microns"):
-            return _plausible(1.0 / x_res, path, "the ImageJ metadata")
+            return _plausible(1.0 / x_res, path, "the ImageJ metadata"), "the ImageJ metadata"
+    return None, None
+
+
+def doubtful_mpp(stated: float, working: float | None) -> str | None:
+    """Why a pixel size a file states is likely wrong, in words; None when it looks like a scan's (``SCAN_MPP``,
+    and within ``DOUBTFUL_SCALE`` of the model's ``working`` size where that is known)."""
+    if not SCAN_MPP[0] <= stated <= SCAN_MPP[1]:
+        return (f"outside the {SCAN_MPP[0]:g}-{SCAN_MPP[1]:g} um/px of H&E scans (a print or screen resolution, not a "
+                "microscope's?)")
+    if working is not None and max(stated / working, working / stated) > DOUBTFUL_SCALE:
+        return f"{max(stated / working, working / stated):.3g}x away from the model's {working:g} um/px"
     return None
 
 
@@ -454,6 +477,7 @@ class OpenSlideReader(SlideReader):
             _plausible(float(mpp), path, "the OpenSlide properties") if mpp else None,
             [float(d) for d in self._slide.level_downsamples],
         )
+        self.mpp_origin = "the OpenSlide properties" if self.base_mpp is not None else None
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -540,7 +564,8 @@ def choose_level(
 
 
 def open_image(
-    path: str | os.PathLike, level: int | None = None, mpp: float | None = None, input_mpp: float | None = None
+    path: str | os.PathLike, level: int | None = None, mpp: float | None = None, input_mpp: float | None = None,
+    force_mpp: bool = False,
 ) -> SlideReader:
     """Open a tile or slide for lazy RGB reads at one pyramid level.
 
@@ -551,6 +576,8 @@ def open_image(
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
         input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;
             ``reader.stated_mpp`` tells which applied); one outside ``PLAUSIBLE_MPP`` is refused.
+        force_mpp: use ``input_mpp`` even where the file states a size (a wrong one: a print resolution);
+            ``reader.stated_mpp`` keeps what the file states.
     """
     path = Path(path)
     if input_mpp is not None:
@@ -576,7 +603,10 @@ def open_image(
         except Exception as err:  # imagecodecs / imageio / PIL raise assorted types; name the file
             raise ImageError(f"cannot read {path} ({type(err).__name__}: {err}); is the file damaged?") from err
         reader = ArrayReader(path, pixels, cmyk=cmyk)
-    if reader.base_mpp is None and input_mpp is not None:
+    if force_mpp and input_mpp is None:
+        reader.close()
+        raise ValueError(f"{path}: force_mpp needs the pixel size to force: pass --mpp X with --force_mpp")
+    if input_mpp is not None and (reader.base_mpp is None or force_mpp):
         reader.base_mpp = input_mpp
     try:
         reader.level = choose_level(reader.level_mpps(), level, mpp, path)

@@ -624,3 +624,11 @@ def test_tune_leaves_a_packed_bundle_as_it_was_packed(tmp_path, caplog, monkeypa
     monkeypatch.setattr(tuning, "tune", tune)
     assert cli.main(["tune", "--bundle", str(bundle)]) == 0
     assert reports == [bundle / "eval" / "postprocess_tuning.json"]  # an output folder, not its sealed docs/
+
+
+def test_force_mpp_without_a_pixel_size_is_refused_before_anything_runs(tmp_path):
+    bundle = str(REPO / "bundles" / "nuclei_unet_small")
+    with pytest.raises(SystemExit, match=r"--force_mpp needs the pixel size to force: pass --mpp X --force_mpp"):
+        cli.main(["predict", "--bundle", bundle, "--input", str(tmp_path / "i.tif"), "--output_dir",
+                  str(tmp_path / "o"), "--force_mpp"])
+    assert not (tmp_path / "o").exists()

@@ -493,10 +493,12 @@ def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tm
     rows = _rows(tmp_path / "b" / "coarse.nuclei.csv").values()
     assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.25, abs=1e-3) for r in rows)
 
-    # a pixel size the file states wins, and the line says --mpp did not apply
+    # a pixel size the file states wins, and the line says where it is stated and that --mpp did not apply
     tagged = _predictor(input_mpp=0.25).predict_slide(tmp_path / "tagged.tif", tmp_path / "c")
     [line] = scale_lines("tagged.tif")
-    assert "0.5 um/px (stated in the file; --mpp 0.25 applies only to files that state none)" in line.getMessage()
+    assert line.levelname == "INFO" and ("0.5 um/px (stated in the resolution tags, 20000 pixels per centimeter; "
+                                         "--mpp (input_mpp) gives 0.25 um/px only to files that state none "
+                                         "(--force_mpp: to every file))") in line.getMessage()
     assert (tagged.mpp_source, tagged.scale, tagged.nuclei) == ("file", 2.0, given.nuclei)
 
 
@@ -1075,3 +1077,46 @@ def test_an_overwrite_run_that_fails_leaves_no_earlier_outputs_looking_current(t
     assert summary.failed and "killed" in summary.failed[0][1]
     assert [p.name for p in out.iterdir() if p.name.startswith("tile0")] == []
     assert [r.name for r in _predictor().run(tmp_path / "in", out).done] == ["tile0"]  # redone, not skipped
+
+
+def test_a_print_resolution_is_doubted_by_name_and_force_mpp_overrides_what_files_state(tmp_path, caplog):
+    """A TIFF saved at 2400 dpi states 10.58 um/px: believed, it would be resampled x42. The line says so as a
+    warning with the fix; --mpp with --force_mpp replaces it, and the outputs carry the forced size."""
+    truth = make_slide((128, 128), seed=12).labels()
+    image = tmp_path / "print.tif"
+    tifffile.imwrite(image, _oracle_image(truth), photometric="rgb", resolution=(2400, 2400), resolutionunit="INCH")
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.inference")
+
+    def line_of():
+        [line] = [r for r in caplog.records if "print.tif" in r.getMessage() and "um/px" in r.getMessage()]
+        caplog.clear()
+        return line
+
+    doubted = _predictor(max_regions=1).predict_slide(image, tmp_path / "a")
+    line = line_of()
+    assert (doubted.mpp_source, round(doubted.mpp, 2)) == ("file", 10.58)
+    assert line.levelname == "WARNING" and "10.58 um/px (stated in the resolution tags, 2400 pixels per inch)" in \
+        line.getMessage()
+    assert "outside the 0.1-2 um/px of H&E scans" in line.getMessage()
+    assert "if it is wrong, pass --mpp X --force_mpp" in line.getMessage()
+
+    _predictor(max_regions=1, input_mpp=0.25).predict_slide(image, tmp_path / "b")
+    assert "pass --mpp 0.25 --force_mpp" in line_of().getMessage()  # --mpp alone does not apply: it says how
+
+    forced = _predictor(input_mpp=0.25, force_mpp=True).predict_slide(image, tmp_path / "c")
+    line = line_of()
+    assert (forced.mpp_source, forced.mpp, forced.scale) == ("input_mpp", 0.25, 1.0)
+    assert line.levelname == "INFO" and ("0.25 um/px (from --mpp (input_mpp), forced over the 10.58 um/px stated "
+                                         "in the resolution tags, 2400 pixels per inch), analysed as read") in \
+        line.getMessage()
+    record = json.loads((tmp_path / "c" / "print.done.json").read_text())
+    assert record["settings"]["force_mpp"] is True and record["mpp"] == 0.25
+    with tifffile.TiffFile(tmp_path / "c" / "print.labels.tif") as tif:
+        assert tif.pages[0].resolution[0] == pytest.approx(1e4 / 0.25)
+    assert all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.0625, abs=1e-3)
+               for r in _rows(tmp_path / "c" / "print.nuclei.csv").values())
+    # outputs made without forcing are not taken for finished by a forcing run, nor the other way round
+    with pytest.raises(FileExistsError, match="force_mpp"):
+        _predictor(input_mpp=0.25, force_mpp=True).finished(tmp_path / "b", "print", image)
+    with pytest.raises(FileExistsError, match="force_mpp"):
+        _predictor(input_mpp=0.25).finished(tmp_path / "c", "print", image)

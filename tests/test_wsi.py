@@ -396,3 +396,27 @@ def test_plausible_mpp_is_accepted(tmp_path):
     skio.imsave(tmp_path / "a.png", _bright_field(), check_contrast=False)
     with open_image(tmp_path / "a.png", input_mpp=0.5) as r:
         assert r.mpp == 0.5
+
+
+def test_forcing_a_pixel_size_replaces_the_one_the_file_states_and_the_reader_says_both(tmp_path):
+    img = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    printed = tmp_path / "printed.tif"
+    tifffile.imwrite(printed, img, photometric="rgb", resolution=(2400, 2400), resolutionunit="INCH")
+    with open_image(printed) as r:
+        assert r.mpp == pytest.approx(25400 / 2400) and r.mpp_origin == "the resolution tags, 2400 pixels per inch"
+    with open_image(printed, input_mpp=0.25, force_mpp=True) as r:
+        assert r.mpp == 0.25 and r.stated_mpp == pytest.approx(25400 / 2400)
+    with pytest.raises(ValueError, match=r"printed\.tif: force_mpp needs the pixel size to force: pass --mpp X"):
+        open_image(printed, force_mpp=True)
+
+
+@pytest.mark.parametrize("stated, working, doubt", [
+    (0.25, 0.25, None), (0.5, 0.25, None), (0.11, 0.25, None), (1.0, 0.25, None),
+    (25400 / 2400, 0.25, "outside the 0.1-2 um/px of H&E scans"), (0.05, None, "outside the 0.1-2 um/px"),
+    (1.5, 0.25, "6x away from the model's 0.25 um/px"), (1.5, None, None),
+])
+def test_a_stated_size_is_doubted_outside_scans_or_far_from_the_model(stated, working, doubt):
+    from nucleiseg_monai.wsi import doubtful_mpp
+
+    said = doubtful_mpp(stated, working)
+    assert said == doubt if doubt is None else doubt in said
