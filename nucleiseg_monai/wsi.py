@@ -364,7 +364,14 @@ class TiffReader(SlideReader):
         index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a in "SC" else 0
                       for a in axes)
         kept = [a for a in axes if a in "YXSC"]
-        pixels = np.asarray(self._array(level)[index])
+        try:
+            pixels = np.asarray(self._array(level)[index])
+        except Exception as err:  # the decoders raise assorted types (DeflateError, TiffFileError, ValueError)
+            _settle_zarr_reads()
+            raise ImageError(
+                f"{self.path} is damaged at level {level}: the region at y={y0}, x={x0} of {y1 - y0}x{x1 - x0} px "
+                f"cannot be decoded ({type(err).__name__}: {err}). Re-export or re-scan the file; a copy cut short "
+                "in transfer fails the same way (compare its size with the original's)") from err
         order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "SC"]
         return pixels.transpose(order)
 
@@ -383,6 +390,29 @@ class TiffReader(SlideReader):
     def close(self) -> None:
         self._arrays.clear()
         self._tif.close()
+
+
+def _settle_zarr_reads(timeout: float = 30.0) -> None:
+    """Waits until zarr's event loop has no reads in flight.
+
+    zarr reads a region's chunks as concurrent tasks on its own loop, and when one chunk fails to decode it raises
+    at once while the others go on; a process that then exits (one damaged slide, the run ends) stops that loop under
+    them, and asyncio logs dozens of "Task was destroyed but it is pending!" lines. Nothing is cancelled here, so
+    reads of other threads finish as they would.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def others_done() -> None:
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(others_done())
+    except Exception:  # only the log's tidiness depends on it; the read's own error is what matters
+        pass
 
 
 def _check_not_cmyk(page: Any, path: Path) -> None:
