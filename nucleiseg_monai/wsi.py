@@ -550,12 +550,13 @@ def check_mpp(value: float, what: str = "--mpp") -> float:
     return mpp
 
 
-def _read_plain(path: Path) -> tuple[np.ndarray, bool]:
+def _read_plain(path: Path, suffix: str | None = None) -> tuple[np.ndarray, bool]:
     """A PNG or JPEG as an array, and whether it was converted from CMYK.
 
     16-bit PNGs are decoded by imagecodecs because Pillow keeps only the top byte of 16-bit RGB, which would lose
     a 12-bit image; CMYK JPEGs are converted by Pillow, which knows Adobe's inverted CMYK, because read as they are
-    their four channels would pass for RGBA.
+    their four channels would pass for RGBA. ``suffix``: the format to decode, where the file's own suffix names
+    another (imageio picks its plugin by the suffix).
     """
     with open(path, "rb") as file:
         head = file.read(26)
@@ -564,7 +565,25 @@ def _read_plain(path: Path) -> tuple[np.ndarray, bool]:
     with Image.open(path) as image:
         if image.mode == "CMYK":
             return np.asarray(image.convert("RGB")), True
+    if suffix is not None and suffix != path.suffix.lower():
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path, extension=suffix)), False
     return np.asarray(skio.imread(path)), False
+
+
+# the first bytes of each format open_image reads, as its file type names it
+MAGIC = {"tiff": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), "png": (PNG_SIGNATURE,),
+         "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",)}
+
+
+def _sniff(path: Path) -> str | None:
+    """The format the file's first bytes announce ("tiff", "png", "jpeg", "bmp", "webp"); None when unknown."""
+    with open(path, "rb") as file:
+        head = file.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((kind for kind, starts in MAGIC.items() if head.startswith(starts)), None)
 
 
 def choose_level(
@@ -617,7 +636,15 @@ def open_image(
             raise ImageError(str(err)) from None
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path} is empty (0 bytes): a copy or export that never finished; copy or export it again")
     suffix = path.suffix.lower()
+    kind = _sniff(path)
+    if kind is not None and suffix not in OPENSLIDE_SUFFIXES and (kind == "tiff") != (suffix in TIFF_SUFFIXES):
+        # the bytes decide: a PNG saved as .tif is a good image, not a damaged TIFF
+        warnings.warn(f"{path} is a {kind.upper()} file despite its {path.suffix} suffix; read as {kind.upper()} "
+                      f"(rename it to .{kind} to silence this)", stacklevel=2)
+        suffix = ".tif" if kind == "tiff" else f".{kind}"
     if suffix in OPENSLIDE_SUFFIXES:
         reader: SlideReader = OpenSlideReader(path)
     elif suffix in TIFF_SUFFIXES:
@@ -629,7 +656,7 @@ def open_image(
             raise ImageError(f"cannot read {path} as TIFF ({type(err).__name__}: {err}); is the file damaged?") from err
     else:
         try:
-            pixels, cmyk = _read_plain(path)
+            pixels, cmyk = _read_plain(path, suffix)
         except Exception as err:  # imagecodecs / imageio / PIL raise assorted types; name the file
             raise ImageError(f"cannot read {path} ({type(err).__name__}: {err}); is the file damaged?") from err
         reader = ArrayReader(path, pixels, cmyk=cmyk)

@@ -466,3 +466,19 @@ def test_a_damaged_tile_leaves_no_asyncio_noise_when_the_process_ends_at_once(tm
                           text=True, timeout=120)
     assert done.returncode == 0 and "is damaged at level 0" in done.stdout
     assert "Task was destroyed" not in done.stderr and "never awaited" not in done.stderr, done.stderr
+
+
+def test_the_bytes_not_the_suffix_pick_the_reader_and_an_empty_file_says_so(tmp_path):
+    img = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    skio.imsave(tmp_path / "tile.png", img, check_contrast=False)
+    (tmp_path / "tile.png").rename(tmp_path / "png_named.tif")
+    with pytest.warns(UserWarning, match=r"png_named\.tif is a PNG file despite its \.tif suffix; read as PNG "
+                                         r"\(rename it to \.png"), open_image(tmp_path / "png_named.tif") as r:
+        assert np.array_equal(r.read_region(0, 0, 40, 50), img)
+    tifffile.imwrite(tmp_path / "tiff_named.png", img, photometric="rgb", tile=(16, 16))
+    with pytest.warns(UserWarning, match=r"is a TIFF file despite its \.png suffix"), \
+            open_image(tmp_path / "tiff_named.png") as r:
+        assert isinstance(r, TiffReader) and np.array_equal(r.read_region(0, 0, 40, 50), img)
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty\.tif is empty \(0 bytes\)"):
+        open_image(tmp_path / "empty.tif")
