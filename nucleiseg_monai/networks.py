@@ -464,11 +464,17 @@ def require_weights(path) -> None:
     from pathlib import Path
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        return
+    bundle = path.parent.parent
+    if path.parent.name == "models" and (bundle / "configs").is_dir():  # a bundle's own weights, not trained yet
         raise FileNotFoundError(
-            f"no trained weights at {path}; train the bundle first (nucleiseg train --bundle {path.parent.parent}), "
+            f"no trained weights at {path}; train the bundle first (nucleiseg train --bundle {bundle}), "
             f"unpack a packed copy of it (nucleiseg unpack) or pass --checkpoint PATH"
         )
+    # weights named by hand (--checkpoint): the path is what is wrong, not the bundle
+    raise FileNotFoundError(f"no weights file at {path}: check the path given as the checkpoint (--checkpoint), or "
+                            "leave it out to use the bundle's own models/model.pt")
 
 
 def _state_dict(path, map_location) -> dict:

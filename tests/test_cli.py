@@ -632,3 +632,15 @@ def test_force_mpp_without_a_pixel_size_is_refused_before_anything_runs(tmp_path
         cli.main(["predict", "--bundle", bundle, "--input", str(tmp_path / "i.tif"), "--output_dir",
                   str(tmp_path / "o"), "--force_mpp"])
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_with_a_checkpoint_that_is_not_there_names_it_not_the_bundle(tmp_path, caplog):
+    image = tmp_path / "tile.tif"
+    tifffile.imwrite(image, np.zeros((64, 64, 3), np.uint8))
+    missing = tmp_path / "nope.pt"
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", "--bundle", str(REPO / "bundles" / "nuclei_unet_small"), "--input", str(image),
+                         "--output_dir", str(tmp_path / "out"), "--checkpoint", str(missing)]) == 2
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == (f"no weights file at {missing}: check the path given as the checkpoint "
+                                   "(--checkpoint), or leave it out to use the bundle's own models/model.pt")
