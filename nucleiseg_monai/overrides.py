@@ -23,6 +23,7 @@ from .handlers import parse_bool
 MISSING = object()
 SEPARATORS = ("::", "#")  # MONAI accepts both between the levels of an id
 CODE_PREFIXES = ("$", "@", "%")  # an expression, a reference or a macro: MONAI's business, not checked here
+NULL_WORDS = ("null", "none")  # None as JSON and YAML spell it, and Python's in any case
 
 
 class SettingError(ValueError):
@@ -120,6 +121,44 @@ def _component_default(config: dict, key: str) -> Any:
     return MISSING if parameter is None or parameter.default is parameter.empty else parameter.default
 
 
+def _taking_parameters(config: dict, key: str) -> list[inspect.Parameter]:
+    """The parameters ``key``'s value reaches: its own in the component holding it, and those of components that
+    are given it whole (train.json's ``"window": "@window"`` in ``window_inferer``, annotated ``int | None``)."""
+    *path, name = _levels(key)
+    found = []
+    holder = default_of(config, SEPARATORS[1].join(path)) if path else None
+    if isinstance(holder, dict) and name in (_parameters(holder.get("_target_")) or {}):
+        found.append(_parameters(holder.get("_target_"))[name])
+    reference = "@" + SEPARATORS[1].join(_levels(key))
+    todo = [config]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo += node
+        elif isinstance(node, dict):
+            todo += node.values()
+            names = [k for k, v in node.items() if v == reference]
+            parameters = _parameters(node.get("_target_")) if names else None
+            found += [parameters[k] for k in names if parameters and k in parameters]
+    return found
+
+
+# stand-in defaults that type a setting whose config value is null by the annotation of what takes it
+_ANNOTATED = {"int": 0, "float": 0.0, "bool": False}
+
+
+def _typed_by_parameters(parameters: list[inspect.Parameter]) -> tuple[Any, bool]:
+    """A stand-in default of the one plain type ``parameters`` are annotated with (0 for ``int | None``; MISSING
+    where there is none or they disagree), and whether they take None (annotated so, or None by default)."""
+    names, nullable = set(), False
+    for parameter in parameters:
+        words = {w.strip() for w in str(parameter.annotation).replace("Optional[", "").rstrip("]").split("|")}
+        nullable |= "None" in words or parameter.default is None
+        names |= words - {"None"}
+    plain = {_ANNOTATED.get(n, MISSING) for n in names}
+    return (plain.pop() if len(plain) == 1 else MISSING), nullable
+
+
 def default_of(config: dict, key: str) -> Any:
     """The config's value at the id ``key`` (``network_def#features``); MISSING for a new argument of a dict below
     the top level; SettingError for an unknown top-level key or a path that does not exist."""
@@ -161,10 +200,18 @@ def _is_number(value: Any) -> bool:
 SPELLINGS = {"flag": ("--{key}", "--{key} {value}"), "set": ("--set {key}", "--set {key}={value}")}
 
 
-def coerce(key: str, text: str, default: Any, spelling: str = "flag") -> Any:
-    """The value of ``--key text`` in the type of the config's ``default``, or SettingError."""
+def coerce(key: str, text: str, default: Any, spelling: str = "flag", nullable: bool = False) -> Any:
+    """The value of ``--key text`` in the type of the config's ``default``, or SettingError. null / none is None
+    where the setting takes it (``nullable``, or a default of None); elsewhere it is refused by name."""
     option, setting = SPELLINGS[spelling]
     value = parse_value(text)
+    nullable = nullable or default is None
+    unknown = default is MISSING or _is_code(default)  # nothing tells what it takes
+    if isinstance(value, str) and value.strip().lower() in NULL_WORDS and \
+            (nullable or not (unknown or isinstance(default, str))):
+        value = None  # a setting that may be text and takes no None keeps the word: it may be a name
+    if value is None and (nullable or unknown):
+        return None
     if default is MISSING or default is None or _is_code(default) or _is_code(value):
         return value
     if isinstance(default, bool):
@@ -172,8 +219,10 @@ def coerce(key: str, text: str, default: Any, spelling: str = "flag") -> Any:
             return parse_bool(value, key, setting)
         except ValueError as err:
             raise SettingError(str(err)) from None
+    if value is None:
+        raise SettingError(f"{option.format(key=key)} cannot be null: it expects {_kind(default)}, got {text!r}")
     if isinstance(default, str):
-        return value if isinstance(value, str) or value is None else text
+        return value if isinstance(value, str) else text
     expected = None
     if _is_int(default) and not _is_int(value):
         expected = "an integer"
@@ -192,6 +241,19 @@ def coerce(key: str, text: str, default: Any, spelling: str = "flag") -> Any:
     if expected:
         raise SettingError(f"{option.format(key=key)} expects {expected}, got {text!r}")
     return value
+
+
+def _kind(default: Any) -> str:
+    """What a setting of this default takes, in words."""
+    if _is_int(default):
+        return "an integer"
+    if _is_number(default):
+        return "a number"
+    if isinstance(default, dict):
+        return "a dict"
+    if isinstance(default, list):
+        return f"a list such as {default!r}"
+    return "a text"
 
 
 def _effective(config: dict, settings: dict, key: str) -> Any:
@@ -240,6 +302,9 @@ def check(pairs: dict[str, str], config: dict, spelling: str = "flag") -> dict[s
         default = default_of(config, key)
         if default is MISSING or _is_code(default):  # computed by the config: typed by its component, if known
             default = _component_default(config, key)
-        settings[SEPARATORS[1].join(_levels(key))] = coerce(key, text, default, spelling)
+        stand_in, nullable = _typed_by_parameters(_taking_parameters(config, key))
+        if default is None:  # null in the config: typed by what takes it, where that is annotated
+            default, nullable = (None, True) if stand_in is MISSING else (stand_in, True)
+        settings[SEPARATORS[1].join(_levels(key))] = coerce(key, text, default, spelling, nullable)
     check_patch_size(config, settings)
     return settings

@@ -644,3 +644,25 @@ def test_predict_with_a_checkpoint_that_is_not_there_names_it_not_the_bundle(tmp
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.getMessage() == (f"no weights file at {missing}: check the path given as the checkpoint "
                                    "(--checkpoint), or leave it out to use the bundle's own models/model.pt")
+
+
+def test_null_is_none_where_a_setting_takes_none_and_refused_by_name_elsewhere():
+    from nucleiseg_monai.inference import inference_configs
+
+    files = inference_configs(REPO / "bundles" / "nuclei_unet_small")
+    # RegionPlanner's tissue_threshold: float | None = 0.0 ("None processes every region")
+    for word in ("null", "None", "none"):
+        assert cli._overrides([f"predictor#planner#tissue_threshold={word}"], files) == {
+            "predictor#planner#tissue_threshold": None}
+    assert cli._overrides(["predictor#planner#tissue_threshold=0.2"], files) == {
+        "predictor#planner#tissue_threshold": 0.2}
+    with pytest.raises(SettingError, match=re.escape("--set predictor#planner#region_size cannot be null: it expects "
+                                                     "an integer, got 'null'")):
+        cli._overrides(["predictor#planner#region_size=null"], files)
+    # train.json's window is null, and window_inferer takes it as int | None: typed by that
+    train = overrides.load_config([REPO / "bundles" / "nuclei_unet_small" / "configs" / "train.json"])
+    assert checked("--window", "null", config=train) == {"window": None}
+    assert checked("--window", "512", config=train) == {"window": 512}
+    with pytest.raises(SettingError, match=re.escape("--window expects an integer, got 'big'")):
+        checked("--window", "big", config=train)
+    assert checked("--bundle_root", "none", config=train) == {"bundle_root": "none"}  # a text keeps the word
