@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from .packaging import MANIFEST, is_bundle_folder, refusal, verify
+from .packaging import MANIFEST, TRUST_ENV, config_findings, is_bundle_folder, refusal, trusted, verify
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ def guard(argv: list[str] | None = None) -> list[str]:
         if problems:
             shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
             raise SystemExit(f"{root} does not match its {MANIFEST} ({len(problems)} problem(s): {shown}). {refusal(root)}")
+        if (findings := config_findings(root)) and not trusted():
+            raise SystemExit(f"{root}: its configs reach beyond what a bundle needs: {'; '.join(findings)}. Read "
+                             f"those lines; run it only if you trust whoever sent it, with {TRUST_ENV}=1 set")
         verified.append(str(root))
     return verified
 

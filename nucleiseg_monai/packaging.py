@@ -21,6 +21,11 @@ every entry of a bundle folder is classified:
 - anything else is refused by ``pack`` and ``verify``, naming it: any other folder (``imageio/``), Python source,
   bytecode or extension modules anywhere (``*.py``, ``__pycache__/``, ``*.so``), symbolic links.
 
+What a bundle's configs would run is read too (``config_audit``, parsed, never evaluated): a sealed bundle whose
+configs reach beyond what a nuclei segmentation bundle needs (a shell command, another module, a download) is
+refused by ``check_bundle`` unless ``$NUCLEISEG_TRUST_CONFIGS`` says the sender is trusted; ``unpack`` and ``pack``
+name such configs in a warning.
+
 ``verify`` reports, for a folder or a zip, any bundle file that is missing, not in the manifest or different from
 it, and every refused entry. A bundle changed on purpose (``models/model.pt`` retrained) is sealed again with
 ``write_manifest``.
@@ -68,6 +73,9 @@ MAX_UNPACKED_BYTES = 2 << 30
 MAX_RATIO = 100
 RATIO_FLOOR = 1 << 20  # smaller members may compress well (configs); they cannot fill a disk
 MAX_MANIFEST_BYTES = 4 << 20
+
+
+TRUST_ENV = "NUCLEISEG_TRUST_CONFIGS"
 
 
 class BundleIntegrityError(ValueError):
@@ -249,6 +257,8 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
     """
     root = Path(bundle_dir).resolve()
     files = _check_packable(root)
+    _warn_findings(root, config_findings(root), "its configs reach beyond what a bundle needs; receivers will "
+                   "see this when they unpack it")
     unstated = unstated_licenses(root)
     if not (root / "LICENSE").is_file():  # one warning, naming the data's licenses where they are known
         logger.warning("%s has no LICENSE: receivers cannot know the terms of its weights and configs; add one "
@@ -477,6 +487,29 @@ def check_bundle(bundle_dir: str | os.PathLike) -> None:
     problems = verify(root)
     if problems:
         raise BundleIntegrityError(root, problems, refusal(root))
+    findings = config_findings(root)
+    if findings and not trusted():
+        raise BundleIntegrityError(
+            root, findings, f"Its configs would run this before anything else. Read those lines; run it only if you "
+            f"trust whoever sent it, with {TRUST_ENV}=1 set for that command.")
+
+
+def config_findings(root: str | os.PathLike) -> list[str]:
+    """``config_audit.audit``'s lines for a bundle folder: what its configs reach beyond a bundle's needs."""
+    from .config_audit import audit
+
+    return audit(root)
+
+
+def trusted() -> bool:
+    """Whether ``$NUCLEISEG_TRUST_CONFIGS`` says to run bundles whose configs reach beyond a bundle's needs."""
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _warn_findings(root: Path, findings: list[str], what: str) -> None:
+    if findings:
+        logger.warning("%s: %s: %s. Running it will be refused unless %s=1 is set", root, what,
+                       "; ".join(findings), TRUST_ENV)
 
 
 def refusal(root: str | os.PathLike) -> str:
@@ -569,7 +602,9 @@ def unpack(
                     raise BundleIntegrityError(zip_path, problems, "Refusing it: nothing was unpacked.")
             (tmp / MANIFEST).write_bytes(manifest)
             tmp.chmod(0o777 & ~umask())  # mkdtemp's 0o700 would make the bundle private to this user
+            findings = config_findings(tmp)
             _into_place(tmp, target)
+            _warn_findings(target, findings, "its configs reach beyond what a bundle needs, read those lines")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             remove_if_empty(made)  # only what this call created, and only where it stayed empty
