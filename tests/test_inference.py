@@ -1125,3 +1125,37 @@ def test_a_print_resolution_is_doubted_by_name_and_force_mpp_overrides_what_file
         _predictor(input_mpp=0.25, force_mpp=True).finished(tmp_path / "b", "print", image)
     with pytest.raises(FileExistsError, match="force_mpp"):
         _predictor(input_mpp=0.25).finished(tmp_path / "c", "print", image)
+
+
+def test_a_slide_lists_input_mpp_is_named_as_the_source_and_mpp_only_when_given(tmp_path, caplog, monkeypatch):
+    from nucleiseg_monai import cohort
+
+    truth = make_slide((256, 256), seed=12).labels()
+    fine = _oracle_image(truth)
+    coarse, _ = _scan_at(fine, truth, 0.5)
+    skio.imsave(tmp_path / "untagged.png", coarse, check_contrast=False)
+    _write_tif(tmp_path / "tagged.tif", fine, 0.25)
+    factory, base = object(), _predictor()
+    monkeypatch.setattr(cohort, "_cache", (factory, base))  # this worker's predictor, already built
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.inference")
+
+    def line(name, input_mpp):
+        predictor = cohort.slide_predictor(factory, cohort.Slide(str(tmp_path / name), name, input_mpp), 1)
+        predictor.predict_slide(tmp_path / name, tmp_path / "out")
+        [said] = [r.getMessage() for r in caplog.records if name in r.getMessage() and "um/px" in r.getMessage()]
+        return said
+
+    assert "0.5 um/px (from the slide list's input_mpp column), resampled x2" in line("untagged.png", 0.5)
+    said = line("tagged.tif", 0.5)
+    assert "the slide list's input_mpp column gives 0.5 um/px only to files that state none" in said
+    assert "--mpp" not in said.replace("--force_mpp", "")
+    assert "--mpp" not in line_without_list(tmp_path, caplog)
+    assert base.input_mpp is None and base.input_mpp_origin == "--mpp (input_mpp)"  # the worker's own is untouched
+
+
+def line_without_list(tmp_path, caplog) -> str:
+    """The pixel-size line of a file stating its size, --mpp not given."""
+    caplog.clear()
+    _predictor().predict_slide(tmp_path / "tagged.tif", tmp_path / "plain")
+    [said] = [r.getMessage() for r in caplog.records if "tagged.tif" in r.getMessage() and "um/px" in r.getMessage()]
+    return said
