@@ -456,6 +456,9 @@ def tiff_mpp_and_origin(tif: tifffile.TiffFile, path: Path) -> tuple[float | Non
         meta = tifffile.tifffile.svs_description_metadata(page.description)
         if "MPP" in meta:
             return _plausible(float(meta["MPP"]), path, "the SVS description"), "the SVS description"
+    described = _description_mpp(page.description) if not tif.is_svs else None
+    if described is not None:  # "Scanner X|AppMag = 40|MPP = 0.2527": Aperio's fields without its name first
+        return _plausible(described, path, "the image description's MPP field"), "the image description's MPP field"
     if tif.is_ome and tif.ome_metadata:
         try:
             pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels"))
@@ -483,6 +486,20 @@ def tiff_mpp_and_origin(tif: tifffile.TiffFile, path: Path) -> tuple[float | Non
     return None, None
 
 
+def _description_mpp(description: str) -> float | None:
+    """The number of an ``MPP = x`` field of a pipe-separated image description; None where there is none."""
+    if "|" not in (description or ""):
+        return None
+    for field in description.split("|"):
+        name, equals, value = field.partition("=")
+        if equals and name.strip().upper() == "MPP":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
 def doubtful_mpp(stated: float, working: float | None) -> str | None:
     """Why a pixel size a file states is likely wrong, in words; None when it looks like a scan's (``SCAN_MPP``,
     and within ``DOUBTFUL_SCALE`` of the model's ``working`` size where that is known)."""
@@ -508,6 +525,19 @@ class OpenSlideReader(SlideReader):
             [float(d) for d in self._slide.level_downsamples],
         )
         self.mpp_origin = "the OpenSlide properties" if self.base_mpp is not None else None
+        if self.base_mpp is None and _sniff(path) == "tiff":
+            # OpenSlide's generic TIFF driver reads no pixel size from SVS-like descriptions or inch resolution tags
+            self._tiff_mpp_fallback(path)
+
+    def _tiff_mpp_fallback(self, path: Path) -> None:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                mpp, origin = tiff_mpp_and_origin(tif, path)
+        except Exception:  # OpenSlide reads the file; a metadata parse that fails leaves the size unknown
+            return
+        if mpp is not None:
+            self.base_mpp = self.stated_mpp = mpp
+            self.mpp_origin = origin
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         ds = self.level_downsamples[level]

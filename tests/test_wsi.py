@@ -482,3 +482,18 @@ def test_the_bytes_not_the_suffix_pick_the_reader_and_an_empty_file_says_so(tmp_
     (tmp_path / "empty.tif").write_bytes(b"")
     with pytest.raises(ImageError, match=r"empty\.tif is empty \(0 bytes\)"):
         open_image(tmp_path / "empty.tif")
+
+
+def test_an_mpp_field_of_a_pipe_separated_description_is_read_also_through_openslide(tmp_path):
+    img = RNG.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    path = tmp_path / "scanner.tif"
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", metadata=None,
+                     description="Scanner X 256x256|AppMag = 40|MPP = 0.2527")
+    with open_image(path) as r:
+        assert r.mpp == pytest.approx(0.2527) and r.mpp_origin == "the image description's MPP field"
+    pytest.importorskip("openslide", exc_type=ImportError)
+    svs = tmp_path / "scanner.svs"  # OpenSlide's generic TIFF driver states no pixel size for it
+    svs.write_bytes(path.read_bytes())
+    with open_image(svs) as r:
+        assert type(r).__name__ == "OpenSlideReader" and r.stated_mpp == pytest.approx(0.2527)
+        assert np.array_equal(r.read_region(0, 0, 256, 256), img)
