@@ -428,6 +428,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
         if slide.name in names:
             row.update(status="failed", error=f"same output name {slide.name!r} as {names[slide.name]}; give one "
                                               "of them another name (the 'slide' column of a slide list)")
+            logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
         else:
             names[slide.name] = slide.path
             futures[client.submit(process_slide, factory, slide, str(output_dir), torch_threads, overwrite,
@@ -437,8 +438,9 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     run_table = RunTable(table_path, rows)
     run_table.flush()
 
-    logger.info("%d slides on %d workers; dashboard %s", len(futures), len(client.scheduler_info()["workers"]),
-                _dashboard(client))
+    refused = len(slides) - len(futures)
+    logger.info("%d slides on %d workers%s; dashboard %s", len(slides), len(client.scheduler_info()["workers"]),
+                f" ({refused} refused before starting)" if refused else "", _dashboard(client))
     summary = CohortSummary(table_path)
     split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
     pending = as_completed(futures)

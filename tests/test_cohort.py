@@ -361,8 +361,9 @@ def test_a_missing_slide_fails_once_others_are_retried_and_the_log_holds_the_sli
     # each slide's pixel size line, as the single-image run logs it, before the slide's result
     for name, result in serial.items():
         path = str(root / "slides" / f"{name}.tif")
-        scale = (f"{path}: 384x640 px at level 0, 0.25 um/px (stated in the file), analysed as read (model: 0.25 "
-                 f"um/px); {result.regions_processed} of {result.regions} regions to process")
+        scale = (f"{path}: 384x640 px at level 0, 0.25 um/px (stated in the resolution tags, 40000 pixels per "
+                 f"centimeter), analysed as read (model: 0.25 um/px); {result.regions_processed} of {result.regions} "
+                 "regions to process")
         lines = [m for _, _, m in records if m.startswith(f"{path}: ")]
         assert lines == [scale, f"{path}: {result.nuclei} nuclei in {rows[name]['seconds']:.1f} s"]
         assert records[[m for _, _, m in records].index(scale)][:2] == ("nucleiseg_monai.inference", logging.INFO)
@@ -599,3 +600,44 @@ def test_a_pixel_size_only_assumed_gives_the_run_table_no_figure_in_microns():
     manifest["mpp_source"] = "file"
     assert cohort_module._stated_mpp(manifest) == 0.25
     assert cohort_module._tissue_mm2(manifest) == pytest.approx(0.5 * 2000 * 1000 * 0.25**2 / 1e6)
+
+
+class _FinishedTask:
+    """A slide task as the loop of ``run_cohort`` sees it once done: finished, with its row."""
+
+    status = "finished"
+
+    def __init__(self, slide: Slide):
+        self.row = {"slide": slide.name, "path": slide.path, "status": "done", "nuclei": 3, "seconds": 0.5,
+                    "log": [], "worker": "w1", "peak_rss_mb": 1.0}
+
+    def result(self):
+        return dict(self.row)
+
+    def release(self):
+        pass
+
+
+class _Client:
+    """What ``run_cohort`` asks of a Dask client, its tasks finished at once."""
+
+    dashboard_link = "http://dashboard"
+
+    def submit(self, fn, factory, slide, *args, **kwargs):
+        return _FinishedTask(slide)
+
+    def scheduler_info(self):
+        return {"workers": {"w1": {}, "w2": {}}}
+
+
+def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_error(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cohort_module, "as_completed", lambda futures: list(futures))
+    slides = [Slide(str(tmp_path / "caseA" / "tile_001.tif"), "tile_001"),
+              Slide(str(tmp_path / "caseB" / "tile_001.tif"), "tile_001")]
+    caplog.set_level(logging.INFO, logger="nucleiseg_monai.cohort")
+    summary = run_cohort(_Client(), slides, tmp_path / "out", lambda: None, progress=False)
+    assert [row["status"] for row in summary.rows] == ["done", "failed"]
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.ERROR, f"failed on {slides[1].path}: same output name 'tile_001' as {slides[0].path}; give one "
+                           "of them another name (the 'slide' column of a slide list)") in said
+    assert [m.split(";")[0] for _, m in said if " workers" in m] == ["2 slides on 2 workers (1 refused before starting)"]
