@@ -467,7 +467,7 @@ def require_weights(path) -> None:
     if path.is_file():
         return
     bundle = path.parent.parent
-    if path.parent.name == "models" and (bundle / "configs").is_dir():  # a bundle's own weights, not trained yet
+    if path.parent.name == "models":  # where a bundle keeps its weights: one not trained yet
         raise FileNotFoundError(
             f"no trained weights at {path}; train the bundle first (nucleiseg train --bundle {bundle}), "
             f"unpack a packed copy of it (nucleiseg unpack) or pass --checkpoint PATH"
