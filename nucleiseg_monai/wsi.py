@@ -305,7 +305,8 @@ class TiffReader(SlideReader):
             _check_not_cmyk(base.keyframe, path)
             shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
             mpp, origin = tiff_mpp_and_origin(self._tif, path)
-            super().__init__(path, shapes, mpp, source_dtype=base.dtype, source_channels=_channels(base.shape, base.axes))
+            super().__init__(path, shapes, mpp, source_dtype=base.dtype,
+                             source_channels=_channels(base.shape, base.axes))
             self.mpp_origin = origin if mpp is not None else None
         except BaseException:
             self._tif.close()

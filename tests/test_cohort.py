@@ -640,4 +640,5 @@ def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_er
     said = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert (logging.ERROR, f"failed on {slides[1].path}: same output name 'tile_001' as {slides[0].path}; give one "
                            "of them another name (the 'slide' column of a slide list)") in said
-    assert [m.split(";")[0] for _, m in said if " workers" in m] == ["2 slides on 2 workers (1 refused before starting)"]
+    assert [m.split(";")[0] for _, m in said if " workers" in m] == [
+        "2 slides on 2 workers (1 refused before starting)"]
