@@ -612,6 +612,7 @@ def test_tune_leaves_a_packed_bundle_as_it_was_packed(tmp_path, caplog, monkeypa
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"weights")
     write_manifest(bundle)  # as nucleiseg unpack leaves it
+    monkeypatch.setenv("NUCLEISEG_TRUST_CONFIGS", "1")  # its configs read data.json with open(), which is named
     assert cli.main(["tune", "--bundle", str(bundle), "--apply"]) == 2
     assert "a file of the packed bundle's manifest.json" in caplog.text and verify(bundle) == []
 
