@@ -49,6 +49,14 @@ def _config_files(argv: list[str]) -> list[str]:
     return []
 
 
+def own_folder(bundle: str | os.PathLike) -> dict[str, str]:
+    """The settings that tell a bundle's configs where the bundle is, for a caller that knows (``nucleiseg``'s
+    commands, the Python API): ``bundle_dir``, where its configs, registry and docs are, and ``bundle_root``, where
+    its outputs go, the same folder until ``--bundle_root`` moves them."""
+    folder = str(Path(bundle).resolve())
+    return {"bundle_dir": folder, "bundle_root": folder}
+
+
 def bundle_root(argv: list[str] | None = None) -> str:
     """The bundle folder of the first ``--config_file`` given, else the working directory."""
     files = _config_files(sys.argv if argv is None else argv)

@@ -81,6 +81,8 @@ def bundle_workflow(config_files: Path | list[Path], run_id: str, bundle: str, o
     explicitly wins)."""
     from monai.bundle import ConfigWorkflow
 
+    from .bundle import own_folder
+
     files = [config_files] if isinstance(config_files, (str, Path)) else list(config_files)
     configs = Path(files[0]).parent
     workflow = ConfigWorkflow(
@@ -88,7 +90,7 @@ def bundle_workflow(config_files: Path | list[Path], run_id: str, bundle: str, o
         logging_file=str(configs / "logging.conf"), run_id=run_id, workflow_type=None,
     )
     # not as keyword arguments: a setting named like one of ConfigWorkflow's own (tracking, run_id) stays a setting
-    workflow.parser.update({"bundle_root": str(Path(bundle).resolve()), **overrides})
+    workflow.parser.update({**own_folder(bundle), **overrides})
     return workflow
 
 
@@ -237,12 +239,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from .bundle import own_folder
     from .packaging import MANIFEST
     from .tuning import apply, tune, tuned_checkpoint
 
     _check_bundle(args.bundle)
     configs = evaluate_configs(args.bundle)
-    bundle_only = {"bundle_root": str(Path(args.bundle).resolve())}
+    bundle_only = own_folder(args.bundle)
     overrides = {**bundle_only, **_overrides(args.set, configs)}
     if args.data_root:
         overrides["data_root"] = args.data_root

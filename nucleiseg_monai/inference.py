@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import remove_stale
+from .bundle import own_folder
 from .data import load_stats
 from .handlers import parse_bool
 from .inferers import window_inferer
@@ -602,7 +603,7 @@ class SlidePredictor:
         meta = Path(files[0]).parent / "metadata.json"
         if meta.is_file():
             parser.read_meta(str(meta))
-        parser.update({"bundle_root": str(Path(bundle).resolve()), **settings})
+        parser.update({**own_folder(bundle), **settings})
         if "imports" in parser:
             parser.get_parsed_content("imports")
         return parser, files

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -651,6 +652,26 @@ def test_evaluation_and_tuning_normalise_with_the_statistics_beside_the_weights(
             [normalise] = [t for t in parser.get_parsed_content("validate#preprocessing").transforms
                            if isinstance(t, NormalizeIntensityd)]
             assert normalise.normalizer.subtrahend == expected["mean"]
+
+
+def test_a_bundles_own_registry_is_found_when_its_outputs_go_elsewhere(tmp_path):
+    """The README's recipe for a bundle trained on a registry of its own: sources_file under @bundle_dir, which
+    --bundle_root (where outputs go) does not move."""
+    from nucleiseg_monai.cli import bundle_workflow
+    from nucleiseg_monai.inference import SlidePredictor
+
+    bundle = tmp_path / "my_model"
+    shutil.copytree(SMALL.parent / "configs", bundle / "configs")
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    train["sources_file"] = "$os.path.join(@bundle_dir, 'configs', 'sources.json')"
+    (bundle / "configs" / "train.json").write_text(json.dumps(train))
+    runs = tmp_path / "runs" / "fine_tune"
+    parser = bundle_workflow([bundle / "configs" / "train.json"], "training", str(bundle),
+                             {"bundle_root": str(runs)}).parser
+    assert parser.get_parsed_content("bundle_root") == str(runs)
+    assert parser.get_parsed_content("sources_file") == str(bundle.resolve() / "configs" / "sources.json")
+    predictor_parser, _ = SlidePredictor._parser(bundle, {})
+    assert predictor_parser.get_parsed_content("bundle_dir") == str(bundle.resolve())
 
 
 @pytest.mark.parametrize("configs", [SMALL, FULL])
