@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nucleiseg_monai import packaging
+from nucleiseg_monai import cli, packaging
 from nucleiseg_monai.config_audit import audit, expression_problems, target_problem
 from nucleiseg_monai.networks import UNet
 
@@ -122,3 +122,15 @@ def test_unpack_names_such_configs_and_a_plain_bundle_passes(tmp_path, caplog, m
     assert unpacked.startswith(f"{dest}: its configs reach beyond what a bundle needs, read those lines: ")
     with pytest.raises(packaging.BundleIntegrityError):
         packaging.check_bundle(dest)
+
+
+def test_verify_prints_what_the_configs_reach_for_and_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(packaging.TRUST_ENV, raising=False)
+    assert cli.main(["verify", "--bundle", str(_sealed(tmp_path / "a", lambda train: None))]) == 0
+    assert "they call only this package, MONAI, torch, ignite, numpy and paths" in capsys.readouterr().out
+    assert cli.main(["verify", "--bundle", str(_sealed(tmp_path / "b", _add_shell_command))]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("config: configs/train.json: ") and "os.system" in out[0] + out[1]
+    assert out[2:] == ["bundle matches its manifest", "its configs reach beyond what a bundle needs (2 line(s) above): "
+                       f"read them; nucleiseg runs it only with {packaging.TRUST_ENV}=1 set, which says you trust "
+                       "whoever sent it"]
