@@ -149,10 +149,10 @@ TEMPORARY_NAME = re.compile(r"^\..+\.(?:pid(?P<pid>\d+)@(?P<host>\w*)-)?[A-Za-z0
 
 def _temporary_prefix(path: Path) -> str:
     """``.<name>.pid<writer pid>@<host>-``: the start of every temporary name here (``TEMPORARY_NAME`` reads it)."""
-    return f".{path.name}.pid{os.getpid()}@{_host()}-"
+    return f".{path.name}.pid{os.getpid()}@{host_name()}-"
 
 
-def _host() -> str:
+def host_name() -> str:
     return re.sub(r"\W", "_", socket.gethostname().split(".")[0])
 
 
@@ -178,7 +178,7 @@ def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> lis
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    now, host, removed = time.time(), _host(), []
+    now, host, removed = time.time(), host_name(), []
     for path in folder.iterdir():
         match = TEMPORARY_NAME.match(path.name)
         if match is None:

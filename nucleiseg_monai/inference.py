@@ -61,8 +61,8 @@ from .handlers import parse_bool
 from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
-from .outputs import (OUTPUT_SUFFIXES, OutputOptions, Overlay, SlideOutputs, manifest_path, outputs_complete,
-                      source_fingerprint)
+from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
+                      outputs_complete, source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, remove_journal
 from .stitching import RegionGrid, RegionStitcher
@@ -784,9 +784,17 @@ class SlidePredictor:
 
         ``labels_from(plan, regions)``: each region's ``region_labels``, in the order given, computed elsewhere (a
         cohort's region tasks) instead of here; the windows of nuclei kept are read again for their measurements.
+        While it runs, the image is locked (``outputs.ImageLock``): another run on the same output folder fails on
+        it (``ImageBusy``) instead of computing its regions again.
         """
         path = Path(path)
         name = name or path.stem
+        with ImageLock(output_dir, name):
+            return self._predict_slide(path, output_dir, name, labels_from)
+
+    def _predict_slide(self, path: Path, output_dir: str | os.PathLike, name: str,
+                       labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None
+                       ) -> SlideResult:
         start = time.perf_counter()
         timings = dict.fromkeys(PHASES, 0.0)
         clock = functools.partial(_timed, timings)

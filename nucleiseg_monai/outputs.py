@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,8 +30,10 @@ import tifffile
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from .atomic import AtomicFile, atomic_path, fsync_dir, write_json_atomic
+from .atomic import AtomicFile, atomic_path, fsync_dir, host_name, process_alive, write_json_atomic
 from .measurements import COLUMNS, Nuclei, measure_nuclei
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = {
     "labels": ".labels.tif",
@@ -262,6 +266,66 @@ def source_fingerprint(path: str | os.PathLike, span: int = 256 << 10) -> str:
             f.seek(max(span, size - span))
             digest.update(f.read(span))
     return digest.hexdigest()
+
+
+class ImageBusy(RuntimeError):
+    """Another run is writing this image's outputs (its lock file names it)."""
+
+
+class ImageLock:
+    """``with ImageLock(out_dir, name):`` holds ``.<name>.lock`` in ``out_dir`` while one run writes that image.
+
+    Two runs given one output folder would otherwise both compute the image's unfinished regions, each taking the
+    other's journal for an interrupted run's. The lock file is made with O_EXCL and names its process, host and start;
+    a lock whose process is gone from this host is taken over (a killed run's), one of another host is respected,
+    since its process cannot be asked: the message names the file to delete if that run is gone.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str):
+        self.path = Path(out_dir) / f".{name}.lock"
+        self.content = ""
+
+    def __enter__(self) -> ImageLock:
+        self.content = f"{os.getpid()} {host_name()} {time.time():.0f}\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after taking over a dead process's lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._take_over():
+                    continue
+                raise ImageBusy(self._busy()) from None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.content)
+            return self
+        raise ImageBusy(self._busy())
+
+    def __exit__(self, *exc) -> None:
+        if self._holder() == self.content.split():  # never another run's lock
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> list[str]:
+        try:
+            return self.path.read_text(encoding="utf-8").split()
+        except OSError:
+            return []
+
+    def _take_over(self) -> bool:
+        """Removes the lock of a process gone from this host; False where it may still run."""
+        pid, host = (self._holder() + ["", ""])[:2]
+        if host != host_name() or not pid.isdigit() or process_alive(int(pid)):
+            return False
+        logger.info("%s: taking over the lock of process %s, which is gone", self.path, pid)
+        self.path.unlink(missing_ok=True)
+        return True
+
+    def _busy(self) -> str:
+        holder = self._holder()
+        who = f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another run"
+        if len(holder) >= 3 and holder[2].isdigit():
+            who += f" since {time.strftime('%Y-%m-%d %H:%M', time.localtime(int(holder[2])))}"
+        return (f"another run ({who}) is writing this image's outputs in {self.path.parent}; run again when it has "
+                f"finished, or delete {self.path} if that run is gone")
 
 
 def remove_outputs(out_dir: str | os.PathLike, name: str) -> list[Path]:

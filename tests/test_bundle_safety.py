@@ -297,7 +297,7 @@ def test_an_interrupted_unpack_leaves_nothing(tmp_path, monkeypatch):
     # a kill -9 cannot clean up: the next unpack removes what dead unpacks left, and nothing of live ones
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    host = atomic._host()
+    host = atomic.host_name()
     dead = parent / f".tiny.pid{finished.pid}@{host}-abcdefgh.tmp"
     (dead / "configs").mkdir(parents=True)
     alive = parent / f".tiny.pid{os.getpid()}@{host}-efghijkl.tmp"

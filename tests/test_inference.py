@@ -773,12 +773,12 @@ def test_the_predict_command_takes_mpp_and_overwrite(tmp_path, capfd):
 
 def test_a_run_removes_temporaries_left_by_a_killed_one(tmp_path, monkeypatch):
     from nucleiseg_monai import inference
-    from nucleiseg_monai.atomic import _host
+    from nucleiseg_monai.atomic import host_name
 
     out = tmp_path / "out"
     out.mkdir()
     # a temporary named by atomic.py's rule for a writer process that no longer exists on this machine
-    stale = out / f".slide.labels.tif.pid999999999@{_host()}-abcdefgh.tmp.tif"
+    stale = out / f".slide.labels.tif.pid999999999@{host_name()}-abcdefgh.tmp.tif"
     stale.write_bytes(b"half a file")
     monkeypatch.setattr(inference, "find_images", lambda _: [])
     predictor = inference.SlidePredictor.__new__(inference.SlidePredictor)
@@ -1159,3 +1159,20 @@ def line_without_list(tmp_path, caplog) -> str:
     _predictor().predict_slide(tmp_path / "tagged.tif", tmp_path / "plain")
     [said] = [r.getMessage() for r in caplog.records if "tagged.tif" in r.getMessage() and "um/px" in r.getMessage()]
     return said
+
+
+def test_an_image_another_run_is_writing_fails_alone_and_is_left_to_it(tmp_path):
+    from nucleiseg_monai.atomic import host_name
+
+    _write_tiles(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".tile1.lock"
+    lock.write_text(f"{os.getppid()} {host_name()} 0\n")  # a live process of this host holds it
+    summary = _predictor().run(tmp_path / "in", out)
+    assert [r.name for r in summary.done] == ["tile0", "tile2"]
+    [(path, error)] = summary.failed
+    assert path.endswith("tile1.png") and error.startswith("ImageBusy: another run (process ")
+    assert lock.exists() and not (out / "tile1.labels.tif").exists()
+    lock.unlink()  # that run is gone
+    assert [r.name for r in _predictor().run(tmp_path / "in", out).done] == ["tile1"]

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import math
+import os
 import uuid
 
 import numpy as np
@@ -9,12 +10,15 @@ import pytest
 import tifffile
 from skimage import io as skio
 
+from nucleiseg_monai.atomic import host_name
 from nucleiseg_monai.measurements import measure_nuclei
 from nucleiseg_monai.outputs import (
     PREDICTION_COLOUR,
     CSV_COLUMNS,
     CSVStream,
     GeoJSONStream,
+    ImageBusy,
+    ImageLock,
     Overlay,
     SlideOutputs,
     iter_tiles,
@@ -215,3 +219,29 @@ def test_a_redo_that_fails_leaves_none_of_the_previous_runs_outputs_under_their_
         with SlideOutputs(tmp_path, "s", labels.shape, overlay=None, label_tile=32):
             raise KeyboardInterrupt  # the redo is stopped before it wrote anything
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.geojson"]
+
+
+def test_an_image_lock_refuses_a_live_run_takes_over_a_dead_one_and_removes_only_its_own(tmp_path):
+    lock_file = tmp_path / ".slide.lock"
+    with ImageLock(tmp_path, "slide"):
+        holder = lock_file.read_text().split()
+        assert holder[:2] == [str(os.getpid()), host_name()]
+        with pytest.raises(ImageBusy, match=rf"process {os.getpid()} on {host_name()} since .*delete {lock_file}"):
+            with ImageLock(tmp_path, "slide"):
+                pass
+        assert lock_file.read_text().split() == holder  # the refused run left the holder's lock alone
+    assert not lock_file.exists()
+
+    lock_file.write_text(f"999999999 {host_name()} 0\n")  # a killed run's: its process is gone from this host
+    with ImageLock(tmp_path, "slide"):
+        assert lock_file.read_text().split()[0] == str(os.getpid())
+    lock_file.write_text(f"{os.getppid()} another_host 0\n")  # another machine's: cannot be asked, so respected
+    with pytest.raises(ImageBusy, match="on another_host"):
+        with ImageLock(tmp_path, "slide"):
+            pass
+    assert lock_file.read_text() == f"{os.getppid()} another_host 0\n"
+
+    lock_file.unlink()
+    with ImageLock(tmp_path, "slide"):
+        lock_file.write_text("1 elsewhere 0\n")  # replaced under it: not this run's to remove
+    assert lock_file.exists()
