@@ -122,6 +122,24 @@ class BestCheckpoint:
                         engine.state.best_metric, self.path)
 
 
+class EarlyStopState:
+    """Early stopping's patience counter and best score, for the training checkpoint: without them a resumed run
+    started its patience afresh. ``handler`` is MONAI's ``EarlyStopHandler``; where it has no trainer (a multi-GPU
+    run, which does not stop early) there is nothing to keep."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def state_dict(self) -> dict:
+        inner = getattr(self.handler, "_handler", None)
+        return dict(inner.state_dict()) if inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        inner = getattr(self.handler, "_handler", None)
+        if inner is not None and state:
+            inner.load_state_dict(state)
+
+
 class Resume:
     """With ``enabled``, loads the last checkpoint into the objects before the first epoch.
 
@@ -160,6 +178,9 @@ class Resume:
             if name not in checkpoint and isinstance(obj, BestCheckpoint):
                 # checkpoints written before the best metric was saved with them
                 logger.warning("%s holds no %r state: the first validation will replace model.pt", self.path, name)
+                continue
+            if name not in checkpoint and isinstance(obj, EarlyStopState):  # written before it was saved
+                logger.warning("%s holds no %r state: early stopping's patience starts again", self.path, name)
                 continue
             if name not in checkpoint:
                 raise KeyError(f"{self.path} holds no {name!r} state (it has {sorted(checkpoint)}); it was written "

@@ -451,6 +451,28 @@ def test_a_resume_says_which_asked_lengths_it_keeps_from_its_run(tmp_path, caplo
         "another"]
 
 
+def test_early_stopping_keeps_its_patience_through_a_resume(tmp_path):
+    from monai.handlers import EarlyStopHandler
+
+    path = tmp_path / "checkpoint_last.pt"
+
+    def run(epochs: int, resume: bool) -> int:
+        trainer = Engine(lambda engine, batch: None)
+        stop = EarlyStopHandler(patience=3, score_function=lambda engine: 0.5, trainer=trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, stop)  # a validation every epoch that never improves
+        objects = {"early_stop": handlers.EarlyStopState(stop)}
+        if resume:
+            handlers.Resume(path, objects).attach(trainer)
+        handlers.LastCheckpoint(path, objects).attach(trainer)
+        trainer.run([0], max_epochs=epochs)
+        return trainer.state.epoch
+
+    assert run(10, resume=False) == 4  # the best at epoch 1, then 3 validations without a better one
+    assert run(2, resume=False) == 2
+    assert torch.load(path, weights_only=True)["early_stop"]["counter"] == 1
+    assert run(10, resume=True) == 4  # not 6, as with patience started again
+
+
 def test_resume_without_a_checkpoint_names_the_file(tmp_path):
     missing = tmp_path / "models" / "checkpoint_last.pt"
     with pytest.raises(FileNotFoundError, match="checkpoint_last.pt"):
