@@ -22,8 +22,8 @@ every entry of a bundle folder is classified:
   bytecode or extension modules anywhere (``*.py``, ``__pycache__/``, ``*.so``), symbolic links.
 
 What a bundle's configs would run is read too (``config_audit``, parsed, never evaluated): a sealed bundle whose
-configs reach beyond what a nuclei segmentation bundle needs (a shell command, another module, a download) is
-refused by ``check_bundle`` unless ``$NUCLEISEG_TRUST_CONFIGS`` says the sender is trusted; ``unpack`` and ``pack``
+configs use anything outside the audit's allow-list of what nuclei segmentation bundles use (a shell command,
+another module, a download) is refused by ``check_bundle`` unless ``$NUCLEISEG_TRUST_CONFIGS`` says the sender is trusted; ``unpack`` and ``pack``
 name such configs in a warning.
 
 ``verify`` reports, for a folder or a zip, any bundle file that is missing, not in the manifest or different from

@@ -22,24 +22,38 @@ def test_the_shipped_bundles_configs_use_nothing_beyond_a_bundles_needs(bundle):
     assert BUNDLES and audit(bundle) == []
 
 
+OUTSIDE = "is outside what bundles use"
+
+
 @pytest.mark.parametrize("expression, said", [
-    ('os.system("curl x | sh")', "os.system reaches the system beyond paths"),
-    ("import subprocess", "subprocess is outside the modules a bundle uses"),
+    ('os.system("curl x | sh")', f"os.system {OUTSIDE}"),
+    ("import subprocess", "imports subprocess, outside what bundles use"),
+    ("from os import system", "imports from os"),
     ('__import__("os")', "calls or reads __import__"),
     ('open("/home/me/.ssh/id_rsa").read()', "calls or reads open"),
     ('eval("1")', "calls or reads eval"),
-    ('getattr(torch, "os")', "calls or reads getattr"),
-    ("@network_def.__class__.__init__.__globals__", "reads the private attribute .__globals__"),
-    ('torch.os.system("x")', "torch.os.system reaches os, system through torch"),
-    ('monai.utils.optional_import("subprocess")', "monai.utils.optional_import reaches optional_import"),
-    ('@network.os.system("x")', "reaches os, system through"),
-    ('torch.hub.load("someone/repo", "model")', "torch.hub.load fetches or runs code from elsewhere"),
-    ('monai.bundle.download("x")', "monai.bundle.download fetches or runs code from elsewhere"),
+    ('getattr(torch.nn, "os")', "calls or reads getattr"),
+    ("@network_def.__class__.__init__.__globals__", "reaches __class__, __globals__, __init__ through"),
+    ('torch.os.system("x")', f"torch.os.system {OUTSIDE}"),
+    ('monai.utils.optional_import("subprocess")', f"monai.utils.optional_import {OUTSIDE}"),
+    ('@network.os.system("x")', "reaches os, system through @ref.os.system"),
+    ('torch.hub.load("someone/repo", "model")', f"torch.hub.load {OUTSIDE}"),
+    ('monai.bundle.download("x")', f"monai.bundle.download {OUTSIDE}"),
     ("torch.load(@ckpt_path, weights_only=False)", "loads with weights_only=False, which can run code"),
-    ("numpy.load(@path, allow_pickle=True)", "loads with allow_pickle=True, which can run code"),
+    ('numpy.load("x.npy", None, True)', "calls or reads numpy"),
     ("os.system(", "is not Python MONAI could evaluate"),
+    # ways around a list of what is forbidden, each of which ran a command or removed a file through MONAI
+    ('os.path.os.system("touch pwned")', f"os.path.os.system {OUTSIDE}"),
+    ("os", "uses the module os itself as a value"),
+    ("@module_made_elsewhere.remove(@victim)", "reaches remove through @ref.remove"),
+    ('torch.utils.collect_env.run("touch pwned")', f"torch.utils.collect_env.run {OUTSIDE}"),
+    ("[(lambda eval: 0), eval(\"__import__('os').system('x')\")]", "binds the name eval, which shadows a builtin"),
+    ('torch.save(@network, "/tmp/elsewhere.pt")', f"torch.save {OUTSIDE}"),
+    ('logging.FileHandler("/tmp/log")', f"logging.FileHandler {OUTSIDE}"),
+    ('torch.distributed.run.main(["x"])', f"torch.distributed.run.main {OUTSIDE}"),
+    ('f"{os.system(1)}"', f"os.system {OUTSIDE}"),
 ])
-def test_expressions_that_reach_beyond_a_bundles_needs_are_named(expression, said):
+def test_expressions_outside_what_bundles_use_are_named(expression, said):
     assert any(said in problem for problem in expression_problems(expression)), expression_problems(expression)
 
 
@@ -51,7 +65,11 @@ def test_expressions_that_reach_beyond_a_bundles_needs_are_named(expression, sai
     "lambda engine: engine.state.epoch % 2 == 0",
     "nucleiseg_monai.transforms.train_transforms(@channel_stats['mean'], @channel_stats['std'], @patch_size)",
     "@train#trainer.run()",
+    "@train::trainer.run()",
     "torch.load(@ckpt_path, weights_only=True)",
+    "list(map(str, reversed(@values)))",
+    "monai.apps.pathology.inferers.SlidingWindowHoVerNetInferer",
+    "dist.get_rank() == 0",
 ])
 def test_what_bundles_do_passes(expression):
     assert expression_problems(expression) == []
@@ -59,16 +77,29 @@ def test_what_bundles_do_passes(expression):
 
 @pytest.mark.parametrize("target, said", [
     ("SupervisedTrainer", None),
+    ("HoVerNetInstanceMapPostProcessingd", None),
     ("nucleiseg_monai.networks.UNet", None),
     ("torch.optim.AdamW", None),
-    ("run_cmd", "run_cmd runs commands or builds objects from strings"),
-    ("os.system", "os.system reaches the system beyond paths"),
-    ("subprocess.run", "subprocess.run is outside the modules a bundle uses"),
-    ("monai.utils.instantiate", "reaches instantiate through monai"),
+    ("run_cmd", "run_cmd is MONAI's monai.utils.misc, outside the modules bundle components come from"),
+    ("create_workflow", "create_workflow is MONAI's monai.bundle.scripts"),
+    ("extractall", "extractall is MONAI's monai.apps.utils"),
+    ("os.system", f"os.system {OUTSIDE}"),
+    ("os.path.os.system", f"os.path.os.system {OUTSIDE}"),
+    ("subprocess.run", f"subprocess.run {OUTSIDE}"),
+    ("monai.utils.instantiate", f"monai.utils.instantiate {OUTSIDE}"),
 ])
 def test_targets_are_judged_like_expressions(target, said):
     problem = target_problem(target)
     assert problem == said if said is None else said in problem
+
+
+def test_macros_pulling_in_other_files_and_yaml_configs_are_named(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"a": "%../docs/notes.json#x", "b": "%#a"}))
+    (tmp_path / "configs" / "extra.yaml").write_text("run: $print(1)\n")
+    assert audit(tmp_path) == [
+        "configs/extra.yaml: a YAML config, which is not audited; give configs as JSON",
+        "configs/train.json: a: '%../docs/notes.json#x': pulls in part of another file, which is not audited"]
 
 
 def _sealed(tmp_path: Path, change) -> Path:
@@ -103,7 +134,7 @@ def test_a_sealed_bundle_whose_configs_run_commands_is_refused_unless_trusted(tm
     monkeypatch.delenv(packaging.TRUST_ENV, raising=False)
     with pytest.raises(packaging.BundleIntegrityError, match=f"with {packaging.TRUST_ENV}=1 set") as info:
         packaging.check_bundle(bundle)
-    assert "os.system reaches the system beyond paths" in str(info.value)
+    assert f"os.system {OUTSIDE}" in str(info.value)
     monkeypatch.setenv(packaging.TRUST_ENV, "1")
     packaging.check_bundle(bundle)  # the receiver read them and trusts the sender
 
@@ -127,7 +158,7 @@ def test_unpack_names_such_configs_and_a_plain_bundle_passes(tmp_path, caplog, m
 def test_verify_prints_what_the_configs_reach_for_and_fails(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(packaging.TRUST_ENV, raising=False)
     assert cli.main(["verify", "--bundle", str(_sealed(tmp_path / "a", lambda train: None))]) == 0
-    assert "they call only this package, MONAI, torch, ignite, numpy and paths" in capsys.readouterr().out
+    assert "nothing outside the allow-list of nucleiseg_monai.config_audit was found" in capsys.readouterr().out
     assert cli.main(["verify", "--bundle", str(_sealed(tmp_path / "b", _add_shell_command))]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("config: configs/train.json: ") and "os.system" in out[0] + out[1]
