@@ -367,7 +367,7 @@ class TiffReader(SlideReader):
         kept = [a for a in axes if a in "YXSC"]
         try:
             pixels = np.asarray(self._array(level)[index])
-        except Exception as err:  # the decoders raise assorted types (DeflateError, TiffFileError, ValueError)
+        except DECODE_ERRORS as err:
             _settle_zarr_reads()
             raise ImageError(
                 f"{self.path} is damaged at level {level}: the region at y={y0}, x={x0} of {y1 - y0}x{x1 - x0} px "
@@ -393,6 +393,11 @@ class TiffReader(SlideReader):
         self._tif.close()
 
 
+# what decoding a damaged tile raises (imagecodecs' codec errors are RuntimeErrors, tifffile's and reshapes are
+# ValueErrors); MemoryError and OSError (a network share gone) are not the file's fault and pass through
+DECODE_ERRORS = (ValueError, RuntimeError, EOFError)
+
+
 def _settle_zarr_reads(timeout: float = 30.0) -> None:
     """Waits until zarr's event loop has no reads in flight.
 
@@ -403,14 +408,14 @@ def _settle_zarr_reads(timeout: float = 30.0) -> None:
     """
     import asyncio
 
-    from zarr.core.sync import sync
-
     async def others_done() -> None:
         others = asyncio.all_tasks() - {asyncio.current_task()}
         if others:
             await asyncio.wait(others, timeout=timeout)
 
     try:
+        from zarr.core.sync import sync  # zarr 3; zarr 2 reads chunks without a loop
+
         sync(others_done())
     except Exception:  # only the log's tidiness depends on it; the read's own error is what matters
         pass

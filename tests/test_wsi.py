@@ -453,6 +453,27 @@ def test_a_damaged_tile_is_named_with_the_file_level_and_region_and_the_rest_sti
         r.read_region(0, 0, 512, 512)
 
 
+def test_failures_that_are_not_the_files_pass_through_and_zarr_2_still_names_the_damage(tmp_path, monkeypatch):
+    _damaged_tile_tiff(tmp_path / "damaged.tif")
+    with open_image(tmp_path / "damaged.tif") as r:
+        monkeypatch.setitem(sys.modules, "zarr.core.sync", None)  # as under zarr 2, which has no such module
+        with pytest.raises(ImageError, match="is damaged at level 0"):
+            r.read_region(100, 100, 100, 50)
+        monkeypatch.undo()
+
+        class Failing:
+            def __init__(self, error):
+                self.error = error
+
+            def __getitem__(self, index):
+                raise self.error
+
+        for error in (MemoryError(), OSError(5, "Input/output error")):  # out of memory, a share gone: retry
+            monkeypatch.setattr(r, "_array", lambda level, error=error: Failing(error))
+            with pytest.raises(type(error)):
+                r.read_region(0, 0, 64, 64)
+
+
 def test_a_damaged_tile_leaves_no_asyncio_noise_when_the_process_ends_at_once(tmp_path):
     """zarr reads a region's tiles as concurrent tasks; one failing used to leave the others pending, and a process
     exiting right after logged dozens of "Task was destroyed but it is pending!" lines."""
