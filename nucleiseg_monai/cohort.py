@@ -278,7 +278,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
         if split:
             return {**row, "status": "split", "regions": regions, "megapixels": height * width / 1e6}
     remove_stale_temporaries(output_dir, slide.name)
-    result = predictor.predict_slide(slide.path, output_dir, slide.name)
+    result = predictor.predict_slide(slide.path, output_dir, slide.name, lock_token=_task_key())
     row.update(status="done", seconds=result.seconds)
     return _finished_row(row, output_dir, slide.name)
 
@@ -296,7 +296,7 @@ def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
     """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row)."""
     predictor = slide_predictor(factory, slide, torch_threads)
     remove_stale_temporaries(output_dir, slide.name)
-    result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels)
+    result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key())
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address,
            "status": "done", "seconds": result.seconds}
     return _finished_row(row, output_dir, slide.name)
@@ -506,6 +506,12 @@ def failure(err: BaseException | str) -> str:
         return err
     err = root_cause(err)
     return f"{type(err).__name__}: {err}"
+
+
+def _task_key() -> str:
+    """The running task's key: a retry has its key, so its slide's lock, left by the try whose worker died, is its
+    own to take over (``outputs.ImageLock``), on whatever machine the retry runs."""
+    return str(get_worker().get_current_task())
 
 
 def _key(kind: str, name: str) -> str:

@@ -778,18 +778,19 @@ class SlidePredictor:
         return np.concatenate(rows)[: reader.shape[0], : reader.shape[1]]
 
     def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None,
-                      labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None
-                      ) -> SlideResult:
+                      labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None,
+                      lock_token: str | None = None) -> SlideResult:
         """Segment one image and write its outputs under ``output_dir`` (named after the file stem).
 
         ``labels_from(plan, regions)``: each region's ``region_labels``, in the order given, computed elsewhere (a
         cohort's region tasks) instead of here; the windows of nuclei kept are read again for their measurements.
         While it runs, the image is locked (``outputs.ImageLock``): another run on the same output folder fails on
-        it (``ImageBusy``) instead of computing its regions again.
+        it (``ImageBusy``) instead of computing its regions again; ``lock_token`` names the caller (a cohort's task),
+        whose later tries may take the lock over.
         """
         path = Path(path)
         name = name or path.stem
-        with ImageLock(output_dir, name):
+        with ImageLock(output_dir, name, lock_token):
             return self._predict_slide(path, output_dir, name, labels_from)
 
     def _predict_slide(self, path: Path, output_dir: str | os.PathLike, name: str,

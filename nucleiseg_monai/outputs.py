@@ -18,6 +18,7 @@ import json
 import math
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -273,22 +274,30 @@ class ImageBusy(RuntimeError):
 
 
 class ImageLock:
-    """``with ImageLock(out_dir, name):`` holds ``.<name>.lock`` in ``out_dir`` while one run writes that image.
+    """``with ImageLock(out_dir, name, token):`` holds ``.<name>.lock`` in ``out_dir`` while one run writes that image.
 
     Two runs given one output folder would otherwise both compute the image's unfinished regions, each taking the
-    other's journal for an interrupted run's. The lock file is made with O_EXCL and names its process, host and start;
-    a lock whose process is gone from this host is taken over (a killed run's), one of another host is respected,
-    since its process cannot be asked: the message names the file to delete if that run is gone.
+    other's journal for an interrupted run's. The lock file is made with O_EXCL and names its process, host, start
+    and ``token``; a thread touches it every ``HEARTBEAT_S`` while it is held. It is taken over where its holder is
+    gone: a process of this host no longer running, the same ``token`` (a cohort's earlier try at this slide, whose
+    worker died: the retry may run on another machine), or no heartbeat for ``STALE_AFTER_S`` (a run on another
+    machine that was killed). Otherwise the run fails on the image (``ImageBusy``), naming the holder.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, name: str):
+    HEARTBEAT_S = 60.0
+    STALE_AFTER_S = 600.0
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, token: str | None = None):
         self.path = Path(out_dir) / f".{name}.lock"
+        self.token = token or "-"
         self.content = ""
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> ImageLock:
-        self.content = f"{os.getpid()} {host_name()} {time.time():.0f}\n"
+        self.content = f"{os.getpid()} {host_name()} {time.time():.0f} {self.token}\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try after taking over a dead process's lock
+        for _ in range(3):  # again after taking over a lock whose holder is gone
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -297,12 +306,22 @@ class ImageLock:
                 raise ImageBusy(self._busy()) from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.content)
+            self._beat = threading.Thread(target=self._heartbeat, name=f"lock {self.path.name}", daemon=True)
+            self._beat.start()
             return self
         raise ImageBusy(self._busy())
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         if self._holder() == self.content.split():  # never another run's lock
             self.path.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed by hand: the run goes on, the next one may start the image
+                return
 
     def _holder(self) -> list[str]:
         try:
@@ -310,13 +329,40 @@ class ImageLock:
         except OSError:
             return []
 
+    def _gone(self, holder: list[str]) -> str | None:
+        """Why the holder is gone, or None where it may still run."""
+        pid, host, _, token = (holder + ["", "", "", ""])[:4]
+        if host == host_name() and pid.isdigit() and not process_alive(int(pid)):
+            return f"process {pid} is gone"
+        if self.token != "-" and token == self.token:
+            return "it is an earlier try of this run"
+        try:
+            idle = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return "it was removed"
+        return f"it has not been touched for {idle / 60:.0f} min" if idle > self.STALE_AFTER_S else None
+
     def _take_over(self) -> bool:
-        """Removes the lock of a process gone from this host; False where it may still run."""
-        pid, host = (self._holder() + ["", ""])[:2]
-        if host != host_name() or not pid.isdigit() or process_alive(int(pid)):
+        """Removes a lock whose holder is gone; False where it may still run. The lock is renamed aside first, so
+        that of two runs taking over one stale lock, neither removes the lock the other has just made."""
+        holder = self._holder()
+        why = self._gone(holder)
+        if why is None:
             return False
-        logger.info("%s: taking over the lock of process %s, which is gone", self.path, pid)
-        self.path.unlink(missing_ok=True)
+        aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        if aside.read_text(encoding="utf-8").split() != holder:  # replaced meanwhile: that lock is not stale
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        logger.info("%s: taking over the lock of %s (%s)", self.path, " ".join(holder[:2]) or "a run", why)
         return True
 
     def _busy(self) -> str:
@@ -325,7 +371,8 @@ class ImageLock:
         if len(holder) >= 3 and holder[2].isdigit():
             who += f" since {time.strftime('%Y-%m-%d %H:%M', time.localtime(int(holder[2])))}"
         return (f"another run ({who}) is writing this image's outputs in {self.path.parent}; run again when it has "
-                f"finished, or delete {self.path} if that run is gone")
+                f"finished (a lock untouched for {self.STALE_AFTER_S / 60:.0f} min is taken over), or delete "
+                f"{self.path} if that run is gone")
 
 
 def remove_outputs(out_dir: str | os.PathLike, name: str) -> list[Path]:

@@ -246,9 +246,9 @@ class CrashOnce:
         predict_slide, instances = predictor.predict_slide, predictor.instances
         current = {}
 
-        def predict_slide_named(path, output_dir, name=None):
+        def predict_slide_named(path, output_dir, name=None, **kwargs):
             current.update(name=name or Path(path).stem, regions=0)
-            return predict_slide(path, output_dir, name)
+            return predict_slide(path, output_dir, name, **kwargs)
 
         def crash_on_second_region(probs):
             current["regions"] += 1

@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import time
 import uuid
 
 import numpy as np
@@ -245,3 +246,25 @@ def test_an_image_lock_refuses_a_live_run_takes_over_a_dead_one_and_removes_only
     with ImageLock(tmp_path, "slide"):
         lock_file.write_text("1 elsewhere 0\n")  # replaced under it: not this run's to remove
     assert lock_file.exists()
+
+
+def test_a_lock_of_another_machine_is_taken_over_when_idle_or_by_a_later_try_of_its_task(tmp_path, monkeypatch):
+    lock_file = tmp_path / ".slide.lock"
+    lock_file.write_text(f"{os.getppid()} another_host 0 slide-task-1\n")
+    with pytest.raises(ImageBusy, match="a lock untouched for 10 min is taken over"):
+        with ImageLock(tmp_path, "slide", "slide-task-2"):
+            pass
+    with ImageLock(tmp_path, "slide", "slide-task-1"):  # the retry of the task whose worker died, elsewhere
+        assert lock_file.read_text().split()[3] == "slide-task-1" and lock_file.read_text().split()[1] == host_name()
+    lock_file.write_text(f"{os.getppid()} another_host 0 -\n")
+    old = time.time() - ImageLock.STALE_AFTER_S - 60
+    os.utime(lock_file, (old, old))  # its run stopped touching it: killed with its machine
+    with ImageLock(tmp_path, "slide"):
+        assert lock_file.read_text().split()[0] == str(os.getpid())
+    assert not lock_file.exists() and not list(tmp_path.glob("*.stale"))
+
+    monkeypatch.setattr(ImageLock, "HEARTBEAT_S", 0.05)
+    with ImageLock(tmp_path, "slide"):
+        os.utime(lock_file, (old, old))
+        time.sleep(0.5)
+        assert time.time() - lock_file.stat().st_mtime < 5  # touched while held
