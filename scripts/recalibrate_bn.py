@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nucleiseg_monai.bundle import weights_stats_file  # noqa: E402
+from nucleiseg_monai.bundle import own_folder, weights_stats_file  # noqa: E402
 from nucleiseg_monai.data import load_stats  # noqa: E402
 from nucleiseg_monai.networks import unet_from_checkpoint  # noqa: E402
 
@@ -48,7 +48,7 @@ def training_patches(bundle: Path, stats: dict, batches: int, batch_size: int, d
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(bundle), "channel_stats": stats,
+    parser.update({**own_folder(bundle), "channel_stats": stats,
                    **({"data_root": data_root} if data_root else {})})
     records = parser.get_parsed_content("train#records")
     set_determinism(seed)

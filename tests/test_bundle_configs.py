@@ -377,7 +377,8 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplo
         f"{path} has finished its 2 epochs: nothing to train; pass --epochs N with N above 2 to go on"]
 
 
-def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = None) -> list[list[float]]:
+def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = None,
+                 num_workers: int = 0) -> list[list[float]]:
     """A run as the bundle's configs make one: seeded at its start, then a loader whose sampler (torch's generator)
     and random transform (its own, set by MONAI's loader) draw every batch; returns each epoch's draws."""
     from monai.data import DataLoader, Dataset
@@ -387,7 +388,8 @@ def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = No
     set_determinism(seed=0)
     records = [{"x": torch.full((1, 2), float(i))} for i in range(8)]
     sampler = torch.utils.data.WeightedRandomSampler([1.0] * 8, 4)
-    loader = DataLoader(Dataset(records, RandGaussianNoised("x", prob=1.0)), batch_size=2, sampler=sampler)
+    loader = DataLoader(Dataset(records, RandGaussianNoised("x", prob=1.0)), batch_size=2, sampler=sampler,
+                        num_workers=num_workers, persistent_workers=num_workers > 0)  # as train.json's
     epochs_drawn: list[list[float]] = []
 
     def step(engine, batch):
@@ -408,16 +410,17 @@ def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = No
     return epochs_drawn
 
 
-def test_a_resumed_run_draws_new_patches_not_those_of_its_first_epochs(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_draws_new_patches_not_those_of_its_first_epochs(tmp_path, num_workers):
     path = tmp_path / "checkpoint_last.pt"
-    first = _drawing_run(path, 2, resume=False)
-    resumed = _drawing_run(path, 4, resume=True)
+    first = _drawing_run(path, 2, resume=False, num_workers=num_workers)
+    resumed = _drawing_run(path, 4, resume=True, num_workers=num_workers)
     assert len(first) == 2 and len(resumed) == 2
     assert resumed != first  # without seeding again, epochs 3-4 drew exactly epochs 1-2
     assert all(len(set(a) & set(b)) == 0 for a in resumed for b in first)
     torch.save(torch.load(path, weights_only=True), tmp_path / "kept.pt")
     path.write_bytes((tmp_path / "kept.pt").read_bytes())  # not the 4-epoch one the resumed run wrote
-    assert _drawing_run(path, 2, resume=False) == first  # a new run: the same draws as ever
+    assert _drawing_run(path, 2, resume=False, num_workers=num_workers) == first  # a new run: the same draws
 
 
 def test_a_run_killed_in_its_first_epoch_can_be_resumed(tmp_path, caplog):

@@ -35,10 +35,12 @@ class Bundle:
         """train.json with its metadata, as ``monai.bundle run`` reads it, with ``updates`` applied."""
         from monai.bundle import ConfigParser
 
+        from nucleiseg_monai.bundle import own_folder
+
         parser = ConfigParser()
         parser.read_config(str(self.train_config))
         parser.read_meta(str(self.root / "configs" / "metadata.json"))
-        parser.update({"bundle_root": str(self.root), **(updates or {})})
+        parser.update({**own_folder(self.root), **(updates or {})})
         return parser
 
     def network(self) -> torch.nn.Module:
@@ -63,12 +65,13 @@ def _inference_settings(root: Path) -> dict:
     train.json) sets, as parsed, leaving out objects and paths."""
     from monai.bundle import ConfigParser
 
+    from nucleiseg_monai.bundle import own_folder
     from nucleiseg_monai.inference import inference_configs, predictor_ids
     from nucleiseg_monai.overrides import load_config
 
     parser = ConfigParser(load_config(inference_configs(root)))
     parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(root)})
+    parser.update(own_folder(root))
     parser.get_parsed_content("imports")
     return {key: parser.get_parsed_content(id_) for key, id_ in predictor_ids().items()
             if key not in NOT_SETTINGS and id_ in parser}
