@@ -333,12 +333,26 @@ def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bo
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
     if resume or overwrite:
         return
-    existing = [p for p in (Path(ckpt_dir) / "model.pt", Path(ckpt_dir) / "checkpoint_last.pt") if p.exists()]
+    model, state = Path(ckpt_dir) / "model.pt", Path(ckpt_dir) / "checkpoint_last.pt"
+    if not model.exists() and state.exists() and _iteration(state) == 0:  # saved at the start, killed before epoch 1
+        raise FileExistsError(
+            f"{state} holds the state of a run stopped before its first epoch ended; continue it with --resume true, "
+            "or start again with --overwrite true"
+        )
+    existing = [p for p in (model, state) if p.exists()]
     if existing:
         raise FileExistsError(
             f"{existing[0]} holds trained weights from an earlier run; train into a folder of its own with "
             "--bundle_root runs/NAME, continue that run with --resume true, or replace it with --overwrite true"
         )
+
+
+def _iteration(checkpoint: Path) -> int | None:
+    """The trainer iteration a training state was saved at; None where it cannot be read."""
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]["iteration"])
+    except Exception:  # unreadable or of another layout: the general refusal says what to do
+        return None
 
 
 class ValidateAtEnd:

@@ -428,6 +428,9 @@ def test_a_run_killed_in_its_first_epoch_can_be_resumed(tmp_path, caplog):
     _drawing_run(path, 2, resume=False, fail_at=1)
     state = torch.load(path, weights_only=True)  # saved when training started, before the first epoch
     assert state["trainer"]["iteration"] == 0
+    with pytest.raises(FileExistsError, match="holds the state of a run stopped before its first epoch ended; "
+                                              "continue it with --resume true"):
+        handlers.check_new_run(tmp_path, False, False)  # the same command again, without --resume
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
         resumed = _drawing_run(path, 2, resume=True)
     assert len(resumed) == 2 and f"resumed from {path} at epoch 0, iteration 0" in caplog.text
