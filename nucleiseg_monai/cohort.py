@@ -422,7 +422,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     output_dir.mkdir(parents=True, exist_ok=True)
     table_path = Path(table) if table else output_dir / RUN_TABLE
     previous = RunTable.read(table_path)
-    rows, futures, names = [], {}, {}
+    rows, futures, names, waiting = [], {}, {}, []
     for i, slide in enumerate(slides):
         row = {"slide": slide.name, "path": slide.path, "status": "pending"}
         if slide.name in names:
@@ -431,20 +431,31 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
         else:
             names[slide.name] = slide.path
-            futures[client.submit(process_slide, factory, slide, str(output_dir), torch_threads, overwrite,
-                                  previous.get(slide.name), split_above_mpx, key=_key("slide", slide.name),
-                                  retries=retries, pure=False)] = i
+            waiting.append(i)
         rows.append(row)
     run_table = RunTable(table_path, rows)
     run_table.flush()
 
-    refused = len(slides) - len(futures)
+    def send() -> list:
+        """Slide tasks up to the cluster's threads: a worker holds only slides it runs, since Dask charges a worker's
+        death to every task it holds, and a slide merely queued there would be failed with the one that killed it."""
+        sent = []
+        while waiting and len(futures) < max(1, sum(client.nthreads().values())):
+            i = waiting.pop(0)
+            future = client.submit(process_slide, factory, slides[i], str(output_dir), torch_threads, overwrite,
+                                   previous.get(slides[i].name), split_above_mpx, key=_key("slide", slides[i].name),
+                                   retries=retries, pure=False)
+            futures[future] = i
+            sent.append(future)
+        return sent
+
+    refused = len(slides) - len(waiting)
     logger.info("%d slides on %d workers%s; dashboard %s", len(slides), len(client.scheduler_info()["workers"]),
                 f" ({refused} refused before starting)" if refused else "", _dashboard(client))
     summary = CohortSummary(table_path)
     split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
-    pending = as_completed(futures)
-    with tqdm(total=len(slides), initial=len(slides) - len(futures), unit="slide", disable=not progress) as bar:
+    pending = as_completed(send())
+    with tqdm(total=len(slides), initial=refused, unit="slide", disable=not progress) as bar:
         for future in pending:
             i = futures.pop(future)
             slide = slides[i]
@@ -465,6 +476,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                     futures[merge] = i
                     pending.add(merge)
                     future.release()
+                    pending.update(send())
                     continue
                 summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
                 if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
@@ -480,6 +492,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 variable.delete()
             run_table.update(i, row)
             bar.update(1)
+            pending.update(send())
     run_table.flush()
     summary.rows = run_table.rows
     return summary

@@ -120,7 +120,7 @@ def test_every_worker_cuts_a_slide_into_the_regions_chosen_where_the_cohort_star
     class Submitted(Exception):
         pass
 
-    class Client:
+    class Client(_Client):
         def submit(self, function, factory, *args, **kwargs):
             raise Submitted(factory)
 
@@ -629,9 +629,47 @@ class _Client:
     def scheduler_info(self):
         return {"workers": {"w1": {}, "w2": {}}}
 
+    def nthreads(self):
+        return {"w1": 1, "w2": 1}
+
+
+class _AsCompleted(list):
+    """Dask's as_completed for tasks finished at once: futures in the order given, more added as it goes."""
+
+    def update(self, futures):
+        self.extend(futures)
+
+    def add(self, future):
+        self.append(future)
+
+
+def test_a_worker_holds_only_the_slides_it_runs_the_rest_are_sent_as_threads_free(tmp_path, monkeypatch):
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    held, most = [], []
+
+    class Counting(_Client):
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            held.append(slide.name)
+            most.append(len(held))
+            return _Done(slide, held)
+
+    class _Done(_FinishedTask):
+        def __init__(self, slide, held):
+            super().__init__(slide)
+            self.slide, self.held = slide, held
+
+        def result(self):
+            self.held.remove(self.slide.name)  # finished: its thread is free again
+            return super().result()
+
+    slides = [Slide(str(tmp_path / f"s{i}.tif"), f"s{i}") for i in range(5)]
+    summary = run_cohort(Counting(), slides, tmp_path / "out", lambda: None, progress=False)
+    assert [row["status"] for row in summary.rows] == ["done"] * 5
+    assert max(most) == 2  # the two threads of the cluster, never the five slides at once
+
 
 def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_error(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cohort_module, "as_completed", lambda futures: list(futures))
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
     slides = [Slide(str(tmp_path / "caseA" / "tile_001.tif"), "tile_001"),
               Slide(str(tmp_path / "caseB" / "tile_001.tif"), "tile_001")]
     caplog.set_level(logging.INFO, logger="nucleiseg_monai.cohort")
