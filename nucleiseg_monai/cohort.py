@@ -49,6 +49,7 @@ from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
+from .wsi import doubtful_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,15 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
                 input_mpp = float(mpp) if mpp else None
             except ValueError:
                 raise ValueError(f"{path}, line {line}: input_mpp {mpp!r} is not a number (microns per pixel)")
-            slides.append(Slide(str(file.resolve()), (row.get("slide") or "").strip() or file.stem, input_mpp))
+            if input_mpp is not None and (doubt := doubtful_mpp(input_mpp, None)):
+                logger.warning("%s, line %d: input_mpp %g is %s; a wrong size costs hours of resampling and gives "
+                               "wrong nuclei: give the scan's microns per pixel (about 0.25 at 40x, 0.5 at 20x)",
+                               path, line, input_mpp, doubt)
+            name = (row.get("slide") or "").strip() or file.stem
+            if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
+                raise ValueError(f"{path}, line {line}: slide name {name!r} would put outputs outside the output "
+                                 "folder or hide them; give a plain file name (no /, \\ or leading .)")
+            slides.append(Slide(str(file.resolve()), name, input_mpp))
     if not slides:
         raise ValueError(f"{path} lists no slides")
     return slides
@@ -263,7 +272,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name, slide.path):
         remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
-            return {**previous, **row, "status": "skipped", "peak_rss_mb": _peak_rss_mb()}
+            return {**previous, **row, "status": "skipped", "seconds": None, "peak_rss_mb": _peak_rss_mb()}
         row.update(status="skipped", seconds=None)
         return _finished_row(row, output_dir, slide.name)
     if overwrite or predictor.overwrite:  # redone from the first region, as its outputs are
@@ -424,7 +433,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     previous = RunTable.read(table_path)
     rows, futures, names, waiting = [], {}, {}, []
     for i, slide in enumerate(slides):
-        row = {"slide": slide.name, "path": slide.path, "status": "pending"}
+        row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "status": "pending"}
         if slide.name in names:
             row.update(status="failed", error=f"same output name {slide.name!r} as {names[slide.name]}; give one "
                                               "of them another name (the 'slide' column of a slide list)")
@@ -490,7 +499,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             future.release()
             for variable in split.pop(i, (0.0, []))[1]:  # the region tasks' results go with their variables
                 variable.delete()
-            run_table.update(i, row)
+            run_table.update(i, {**row, "input_mpp": slide.input_mpp})
             bar.update(1)
             pending.update(send())
     run_table.flush()

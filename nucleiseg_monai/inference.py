@@ -867,12 +867,16 @@ class SlidePredictor:
             origin = f"from {self.input_mpp_origin}"
             if stated is not None:  # forced over the file's own
                 origin += f", forced over the {stated:.4g} um/px stated in {reader.mpp_origin or 'the file'}"
-        doubt = doubtful_mpp(stated, mpp) if source == "file" else None
+        doubt = doubtful_mpp(stated if source == "file" else reader.base_mpp, mpp)
         if source == "file" and self.input_mpp is not None and abs(stated / self.input_mpp - 1.0) > SCALE_TOLERANCE:
             origin += (f"; {self.input_mpp_origin} gives {self.input_mpp:g} um/px only to files that state none "
                        "(--force_mpp: to every file)")
         if doubt is None:
             logger.info("%s, %.4g um/px (%s), %s; %s", head, reader.mpp, origin, how, message)
+            return
+        if source != "file":  # a size given for the file: a typo (5 for 0.5) resamples for hours
+            logger.warning("%s, %.4g um/px (%s), %s; %s; that size is %s: if it is wrong, give the scan's (about "
+                           "0.25 at 40x, 0.5 at 20x)", head, reader.mpp, origin, how, message, doubt)
             return
         fix = f"--mpp {self.input_mpp:g} --force_mpp" if self.input_mpp is not None else "--mpp X --force_mpp"
         logger.warning("%s, %.4g um/px (%s), %s; %s; that size is %s: if it is wrong, pass %s (X the scan's um/px: "

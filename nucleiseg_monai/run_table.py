@@ -19,8 +19,9 @@ import numpy as np
 from .atomic import atomic_path
 from .outputs import output_paths
 
-COLUMNS = ("slide", "path", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei", "nuclei_per_mm2",
-           "median_nucleus_um2")
+# input_mpp is the slide list's, so that a run table read back as a slide list gives each slide its pixel size
+COLUMNS = ("slide", "path", "input_mpp", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei",
+           "nuclei_per_mm2", "median_nucleus_um2")
 FINISHED = ("done", "skipped")
 
 

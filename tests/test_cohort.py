@@ -423,6 +423,18 @@ def test_slide_list_columns_relative_paths_and_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("path,input_mpp\nx.tif,0.25um\n")
     with pytest.raises(ValueError, match=r"bad\.csv, line 2: input_mpp '0.25um'"):
         read_slide_list(tmp_path / "bad.csv")
+    for name in ("../escaped", "case/B", ".hidden", "..", "a\\b"):  # outputs would land outside the folder, or hidden
+        (tmp_path / "bad.csv").write_text(f"path,slide\nx.tif,{name}\n")
+        with pytest.raises(ValueError, match=r"bad\.csv, line 2: slide name .* would put outputs outside"):
+            read_slide_list(tmp_path / "bad.csv")
+
+
+def test_a_slide_list_pixel_size_far_from_any_scans_is_warned_about_when_read(tmp_path, caplog):
+    (tmp_path / "list.csv").write_text("path,input_mpp\na.tif,5\nb.tif,0.5\n")
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.cohort"):
+        assert [s.input_mpp for s in read_slide_list(tmp_path / "list.csv")] == [5.0, 0.5]
+    [warning] = caplog.records
+    assert warning.getMessage().startswith(f"{tmp_path / 'list.csv'}, line 2: input_mpp 5 is outside the 0.1-2 um/px")
 
 
 def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
@@ -432,6 +444,9 @@ def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
     row = RunTable.read(tmp_path / "run.csv")["s1"]
     assert row["status"] == "done" and row["nuclei"] == "3" and row["nuclei_per_mm2"] == "" and "peak_rss_mb" not in row
     assert read_slide_list(tmp_path / "run.csv") == [Slide(str(tmp_path / "s1.tif"), "s1")]
+    given = RunTable(tmp_path / "given.csv", [{"slide": "s2", "path": str(tmp_path / "s2.tif"), "input_mpp": 0.5}])
+    given.flush()  # a slide list's pixel size is kept, so the table re-runs the slide as the list did
+    assert read_slide_list(tmp_path / "given.csv") == [Slide(str(tmp_path / "s2.tif"), "s2", 0.5)]
 
     stale = [".s1.labels.tif.ab12.tmp.tif", ".s1.done.json.cd34.tmp.json", ".s1.geojson.x.tmp.geojson"]
     kept = [".s1.x.labels.tif.ab12.tmp.tif", "s1.labels.tif", ".s10.geojson.y.tmp.geojson"]

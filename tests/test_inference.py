@@ -506,6 +506,15 @@ def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tm
                                          "(--force_mpp: to every file))") in line.getMessage()
     assert (tagged.mpp_source, tagged.scale, tagged.nuclei) == ("file", 2.0, given.nuclei)
 
+    # a given size far from the model's (5 typed for 0.5) is said at once, before hours of resampling
+    caplog.clear()
+    _predictor(input_mpp=0.5, max_regions=1).predict_slide(tmp_path / "coarse.png", tmp_path / "d")
+    _predictor(input_mpp=5.0, max_regions=1).predict_slide(tmp_path / "fine.png", tmp_path / "e")
+    [line] = scale_lines("fine.png")
+    assert line.levelname == "WARNING" and "that size is outside the 0.1-2 um/px of H&E scans" in line.getMessage()
+    assert "if it is wrong, give the scan's" in line.getMessage()
+    assert scale_lines("coarse.png")[0].levelname == "INFO"
+
 
 def test_at_the_working_scale_nothing_is_resampled(tmp_path, monkeypatch):
     """A 0.25 um/px file, or one within 2% of it, takes the path it took before resampling existed: its label map
