@@ -249,6 +249,10 @@ def cmd_tune(args) -> int:
     overrides = {**bundle_only, **_overrides(args.set, configs)}
     if args.data_root:
         overrides["data_root"] = args.data_root
+    if args.sources_file:
+        overrides["sources_file"] = args.sources_file
+    # another registry or split is other data: what is tuned on it is not the bundle's to keep or write
+    own_data = not {"sources_file", "datalist_file"} & set(overrides)
     train = _bundle_config(args.bundle, "train.json")
     weights = tuned_checkpoint(configs, overrides)
     own_weights = weights == tuned_checkpoint(configs, bundle_only)
@@ -258,6 +262,11 @@ def cmd_tune(args) -> int:
             f"--apply would write parameters tuned for {weights} into {train}, the config of the bundle's own "
             f"weights; make them a bundle of their own first (copy {args.bundle} and put the weights in its "
             "models/model.pt), then tune it with --bundle COPY --apply")
+    if args.apply and not own_data:
+        raise ValueError(
+            f"--apply would write parameters tuned on other data than the bundle's registry into {train}; make a "
+            f"bundle of your own whose train.json names that registry (README, Sharing a bundle), then tune it with "
+            "--bundle COPY --apply")
     sealed = (Path(args.bundle) / MANIFEST).is_file()
     if args.apply and sealed:
         # its train.json is listed in manifest.json: changed, the bundle would fail its own verification
@@ -267,9 +276,9 @@ def cmd_tune(args) -> int:
             "that one with --apply")
     if args.report:
         report_file = args.report
-    elif own_weights and not sealed:
+    elif own_weights and own_data and not sealed:
         report_file = str(Path(args.bundle) / "docs" / "postprocess_tuning.json")
-    elif own_weights:  # the shipped record stays as it was packed; the new one goes where evaluations go
+    elif own_weights:  # the shipped record stays as it was packed or measured; the new one goes where evaluations go
         report_file = str(Path(args.bundle) / "eval" / "postprocess_tuning.json")
     else:
         report_file = str(weights.parent / "postprocess_tuning.json")
@@ -284,11 +293,12 @@ def cmd_tune(args) -> int:
     if args.apply:
         apply(train, chosen["params"])
         print(f"wrote them as postprocess_params in {train}")
-    elif not own_weights:
-        print(f"to use them with these weights: --postprocess_params \"{chosen['params']}\" on evaluate, or "
-              f"--set \"postprocess_params={chosen['params']}\" on predict")
     else:
-        print(f"to use them: nucleiseg tune --bundle {args.bundle} --apply (writes postprocess_params in {train})")
+        print(f"to use them: --postprocess_params \"{chosen['params']}\" on evaluate, or "
+              f"--set \"postprocess_params={chosen['params']}\" on predict")
+        if own_weights and own_data and not sealed:
+            print(f"to keep them in the bundle: nucleiseg tune --bundle {args.bundle} --apply (the same search "
+                  f"again, its choice written as postprocess_params in {train})")
     return 0
 
 
@@ -438,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="grid-search the watershed parameters on the validation split")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
+    p.add_argument("--sources_file", help="a source registry of your own (its report goes to eval/, not docs/); "
+                                          "with --set datalist_file=FILE for its split")
     p.add_argument("--report", help="JSON report (default: the bundle's docs/postprocess_tuning.json for its own "
                    "weights; postprocess_tuning.json beside other weights, e.g. those of --set bundle_root=DIR)")
     p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "

@@ -597,6 +597,32 @@ def test_tune_never_writes_another_runs_parameters_into_the_bundle(tmp_path, cap
     assert not (bundle / "docs").exists()
 
 
+def test_tune_on_another_registry_keeps_the_bundles_record_and_refuses_to_apply(tmp_path, caplog, monkeypatch,
+                                                                             capsys):
+    from nucleiseg_monai import tuning
+
+    bundle = tiny_bundle(tmp_path / "b", evaluate={"checkpoint": "$os.path.join(@ckpt_dir, 'model.pt')"},
+                         postprocess_params={"min_size": 25}, sources_file=None, datalist_file="d.json")
+    train = (bundle / "configs" / "train.json").read_text()
+    mine = tmp_path / "my_sources.json"
+    assert cli.main(["tune", "--bundle", str(bundle), "--sources_file", str(mine), "--apply"]) == 2
+    assert "tuned on other data than the bundle's registry" in caplog.text
+    assert (bundle / "configs" / "train.json").read_text() == train
+
+    reports = []
+
+    def tune(configs, report_file, overrides, **_):
+        reports.append((Path(report_file), overrides["sources_file"]))
+        return {"chosen": {"params": {"min_size": 30}, "validation": {}}, "validation_tiles": [], "results": []}
+
+    monkeypatch.setattr(tuning, "tune", tune)
+    capsys.readouterr()
+    assert cli.main(["tune", "--bundle", str(bundle), "--sources_file", str(mine)]) == 0
+    assert reports == [(bundle / "eval" / "postprocess_tuning.json", str(mine))]  # not the bundle's docs/ record
+    printed = capsys.readouterr().out
+    assert "--postprocess_params \"{'min_size': 30}\" on evaluate" in printed and "--apply" not in printed
+
+
 def test_a_whole_postprocess_params_dict_is_one_setting():
     params = {"fg_threshold": 0.6, "marker_threshold": 0.4, "min_size": 60}
     assert checked("--postprocess_params", str(params)) == {"postprocess_params": params}
