@@ -196,9 +196,11 @@ class EvaluationReport:
         keys = sources[originals[0]]["model"]["mean"].keys() if originals else ()
         # the headline figure of the model cards: each source's mean over its tiles, then the mean over the sources
         over_sources = {k: float(np.mean([sources[src]["model"]["mean"][k] for src in originals])) for k in keys}
+        # the published figure is CryoNuSeg's test split's: beside other data it would read as a reference for them
+        published = self.observers_source in sources and parts[self.observers_source] == "test"
         report = {"split": self.split, "parts": parts, "made_with": self._made_with(),
-                  "published_baseline": PUBLISHED_BASELINE, "sources": sources, "pooled": pooled,
-                  "mean_over_sources": over_sources}
+                  **({"published_baseline": PUBLISHED_BASELINE} if published else {}), "sources": sources,
+                  "pooled": pooled, "mean_over_sources": over_sources}
         write_json_atomic(report, self.output_dir / "metrics.json", default=float)
         pooled_part = ",".join(sorted({parts[src] for src in originals}))
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
@@ -228,7 +230,11 @@ class EvaluationReport:
         if self.checkpoint is not None:
             path = Path(self.checkpoint).expanduser().resolve()
             made = {"checkpoint": str(path), "weights_sha256": sha256_file(path) if path.is_file() else None}
-        return {**made, **json.loads(json.dumps(self.settings, default=_plain)), "nucleiseg_monai": __version__}
+        settings = json.loads(json.dumps(self.settings, default=_plain))
+        if isinstance(settings.get("rescans"), dict):  # those made, not those asked of sources this data lacks
+            settings["rescans"] = {src: f for src, f in settings["rescans"].items()
+                                   if any(row.startswith(f"{src}@") for row in self.rows)}
+        return {**made, **settings, "nucleiseg_monai": __version__}
 
     def _tensorboard(self, sources: dict, parts: dict[str, str], engine: Engine | None) -> None:
         from torch.utils.tensorboard import SummaryWriter

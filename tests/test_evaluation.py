@@ -48,6 +48,17 @@ def test_a_source_without_test_tiles_is_reported_under_its_own_part(tmp_path, ca
     assert any(m.startswith("pooled over ['lab (test)', 'mylab (validation)']") for m in said)
 
 
+def test_the_published_cryonuseg_figure_and_rescans_are_recorded_only_where_they_apply(tmp_path):
+    own = EvaluationReport(tmp_path / "own", split="test", settings={"rescans": {"cryonuseg": 0.5}})
+    own.collect(_engine(tmp_path, [("mylab", "test", "a")]))
+    written = own.write()
+    assert "published_baseline" not in written and written["made_with"]["rescans"] == {}
+    theirs = EvaluationReport(tmp_path / "cryo", split="test", settings={"rescans": {"cryonuseg": 0.5}})
+    theirs.collect(_engine(tmp_path, [("cryonuseg", "test", "a"), ("cryonuseg@0.5um", "test", "a")]))
+    written = theirs.write()
+    assert written["published_baseline"]["aji"] == 0.525 and written["made_with"]["rescans"] == {"cryonuseg": 0.5}
+
+
 def test_records_without_a_part_are_of_the_split_asked_for(tmp_path):
     report = EvaluationReport(tmp_path / "out", split="validation")
     report.collect(_engine(tmp_path, [("tiles", None, "a")]))
