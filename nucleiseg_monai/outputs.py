@@ -144,7 +144,7 @@ def _measurement_columns(nuclei: Nuclei) -> list[tuple[str, list]]:
     """(QuPath measurement name, values) of each GeoJSON measurement, rounded; area_um2 when known."""
     columns = [("nucleus_id", nuclei.id, None), ("area_px", nuclei.area_px, None),
                ("perimeter_px", nuclei.perimeter_px, 2), ("eccentricity", nuclei.eccentricity, 4),
-               ("solidity", nuclei.solidity, 4), ("mean_haematoxylin", nuclei.mean_haematoxylin, 5)]
+               ("solidity", nuclei.solidity, 4), ("mean_haematoxylin_od", nuclei.mean_haematoxylin, 5)]
     if nuclei.area_um2 is not None:
         columns.append(("area_um2", nuclei.area_um2, 3))
     # Python's round, not numpy's: numpy's scales by 10^digits and can land one float away from it

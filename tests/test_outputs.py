@@ -106,7 +106,7 @@ def _reference_feature(nuclei, i, image_name):
         "perimeter_px": round(float(nuclei.perimeter_px[i]), 2),
         "eccentricity": round(float(nuclei.eccentricity[i]), 4),
         "solidity": round(float(nuclei.solidity[i]), 4),
-        "mean_haematoxylin": round(float(nuclei.mean_haematoxylin[i]), 5),
+        "mean_haematoxylin_od": round(float(nuclei.mean_haematoxylin[i]), 5),
     }
     if nuclei.area_um2 is not None:
         measurements["area_um2"] = round(float(nuclei.area_um2[i]), 3)
