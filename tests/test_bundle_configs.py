@@ -319,6 +319,14 @@ def _toy_training(t_max: int):
     return trainer, optimizer, schedule, lrs
 
 
+def _stopped_after_one_epoch(path: Path, data: list, epochs: int) -> None:
+    """A toy run of ``epochs`` epochs, its state saved to ``path``, stopped after its first."""
+    first, optimizer, schedule, _ = _toy_training(epochs)
+    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    first.run(data, max_epochs=epochs)
+
+
 def test_resume_with_more_epochs_continues_the_schedule_of_a_run_that_had_them(tmp_path):
     data = [1.0, -1.0]
     path = tmp_path / "checkpoint_last.pt"
@@ -349,10 +357,7 @@ def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(
     fresh, _, _, fresh_lrs = _toy_training(2)
     fresh.run(data, max_epochs=2)
 
-    first, optimizer, schedule, _ = _toy_training(2)
-    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
-    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
-    first.run(data, max_epochs=2)
+    _stopped_after_one_epoch(path, data, 2)
 
     second, optimizer, schedule, lrs = _toy_training(1)
     handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(second)
@@ -439,10 +444,7 @@ def test_a_run_killed_in_its_first_epoch_can_be_resumed(tmp_path, caplog):
 def test_a_resume_says_which_asked_lengths_it_keeps_from_its_run(tmp_path, caplog):
     data = [1.0, -1.0]
     path = tmp_path / "checkpoint_last.pt"
-    first, optimizer, schedule, _ = _toy_training(4)
-    handlers.LastCheckpoint(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(first)
-    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
-    first.run(data, max_epochs=4)
+    _stopped_after_one_epoch(path, data, 4)
 
     again, optimizer, schedule, _ = _toy_training(2)
     handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(again)
