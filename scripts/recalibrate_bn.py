@@ -37,9 +37,10 @@ def recalibrate(network: torch.nn.Module, images) -> torch.nn.Module:
 
 
 def training_patches(bundle: Path, stats: dict, batches: int, batch_size: int, data_root: str | None, seed: int,
-                     augment: bool = True):
+                     augment: bool = True, num_workers: int = 1):
     """Batches of training patches as the bundle's ``train`` section draws them (its records, transforms and
-    per-source sampling weights, read through its configs), normalised with ``stats``."""
+    per-source sampling weights, read through its configs), normalised with ``stats``. ``num_workers``: loading
+    processes; the recorded measurements used 1, whose draws differ from loading in this process (0)."""
     from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, RandSpatialCropd, SelectItemsd, SpatialPadd
@@ -64,7 +65,7 @@ def training_patches(bundle: Path, stats: dict, batches: int, batch_size: int, d
                                                      generator=torch.Generator().manual_seed(seed))
     # only the images are batched: the training targets of tiles of different sizes need not stack
     transform = Compose([transform, SelectItemsd("image")])
-    loader = DataLoader(Dataset(records, transform), batch_size=batch_size, sampler=sampler, num_workers=1)
+    loader = DataLoader(Dataset(records, transform), batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     for batch in loader:
         yield batch["image"]
 

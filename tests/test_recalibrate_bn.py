@@ -41,7 +41,9 @@ def test_patches_are_the_bundles_training_patches_normalised_with_the_given_stat
     beside the weights), not the bundle's."""
     def first_batch(mean):
         stats = {"mean": [mean] * 3, "std": [1.0] * 3}
-        return next(recalibrate_bn.training_patches(BUNDLE, stats, 1, 2, None, seed=0, augment=augment))
+        # loaded in this process: a loading process forked from one running OpenVINO's threads (other tests') crashed
+        return next(recalibrate_bn.training_patches(BUNDLE, stats, 1, 2, None, seed=0, augment=augment,
+                                                    num_workers=0))
 
     plain, shifted = first_batch(0.0), first_batch(100.0)
     assert plain.shape == (2, 3, 256, 256)
