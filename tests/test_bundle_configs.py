@@ -412,6 +412,9 @@ def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = No
         trainer.run(loader, max_epochs=epochs)
     except KeyboardInterrupt:
         pass
+    finally:  # a persistent worker left to the garbage collector stalls a later test by torch's 5 s join timeout
+        if getattr(loader, "_iterator", None) is not None:
+            loader._iterator._shutdown_workers()
     return epochs_drawn
 
 
