@@ -292,7 +292,6 @@ class ImageLock:
         self.token = token or "-"
         self.content = ""
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> ImageLock:
         self.content = f"{os.getpid()} {host_name()} {time.time():.0f} {self.token}\n"
@@ -306,8 +305,7 @@ class ImageLock:
                 raise ImageBusy(self._busy()) from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.content)
-            self._beat = threading.Thread(target=self._heartbeat, name=f"lock {self.path.name}", daemon=True)
-            self._beat.start()
+            threading.Thread(target=self._heartbeat, name=f"lock {self.path.name}", daemon=True).start()
             return self
         raise ImageBusy(self._busy())
 

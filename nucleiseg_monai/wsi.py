@@ -665,6 +665,8 @@ def open_image(
             ``reader.stated_mpp`` keeps what the file states.
     """
     path = Path(path)
+    if force_mpp and input_mpp is None:  # before the file is opened: nothing to force it with
+        raise ValueError(f"{path}: force_mpp needs the pixel size to force: pass --mpp X with --force_mpp")
     if input_mpp is not None:
         try:
             input_mpp = check_mpp(input_mpp, f"{path}: input_mpp")
@@ -696,9 +698,6 @@ def open_image(
         except Exception as err:  # imagecodecs / imageio / PIL raise assorted types; name the file
             raise ImageError(f"cannot read {path} ({type(err).__name__}: {err}); is the file damaged?") from err
         reader = ArrayReader(path, pixels, cmyk=cmyk)
-    if force_mpp and input_mpp is None:
-        reader.close()
-        raise ValueError(f"{path}: force_mpp needs the pixel size to force: pass --mpp X with --force_mpp")
     if input_mpp is not None and (reader.base_mpp is None or force_mpp):
         reader.base_mpp = input_mpp
     try:
