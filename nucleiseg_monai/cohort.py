@@ -269,13 +269,13 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     """
     predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
-    if not (overwrite or predictor.overwrite) and predictor.finished(output_dir, slide.name, slide.path):
-        remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
+    redo = overwrite or predictor.overwrite
+    if not redo and predictor.finished(output_dir, slide.name, slide.path):
         if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
+            remove_journal(output_dir, slide.name)
             return {**previous, **row, "status": "skipped", "seconds": None, "peak_rss_mb": _peak_rss_mb()}
-        row.update(status="skipped", seconds=None)
-        return _finished_row(row, output_dir, slide.name)
-    if overwrite or predictor.overwrite:  # redone from the first region, as its outputs are
+        return _skipped_row(row, output_dir, slide.name)
+    if redo:  # redone from the first region, as its outputs are
         remove_journal(output_dir, slide.name)
     if split_above_mpx is not None:
         with predictor.planned(slide.path) as (plan, _):
@@ -287,9 +287,17 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
         if split:
             return {**row, "status": "split", "regions": regions, "megapixels": height * width / 1e6}
     remove_stale_temporaries(output_dir, slide.name)
-    result = predictor.predict_slide(slide.path, output_dir, slide.name, lock_token=_task_key())
+    result = predictor.predict_slide(slide.path, output_dir, slide.name, lock_token=_task_key(),
+                                     unless_finished=not redo)
+    if result is None:  # another run finished it while this task was on its way
+        return _skipped_row(row, output_dir, slide.name)
     row.update(status="done", seconds=result.seconds)
     return _finished_row(row, output_dir, slide.name)
+
+
+def _skipped_row(row: dict, output_dir: str, name: str) -> dict:
+    remove_journal(output_dir, name)  # one a task killed just after committing the outputs left
+    return _finished_row({**row, "status": "skipped", "seconds": None}, output_dir, name)
 
 
 def region_band(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,

@@ -779,18 +779,22 @@ class SlidePredictor:
 
     def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None,
                       labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None,
-                      lock_token: str | None = None) -> SlideResult:
+                      lock_token: str | None = None, unless_finished: bool = False) -> SlideResult | None:
         """Segment one image and write its outputs under ``output_dir`` (named after the file stem).
 
         ``labels_from(plan, regions)``: each region's ``region_labels``, in the order given, computed elsewhere (a
         cohort's region tasks) instead of here; the windows of nuclei kept are read again for their measurements.
         While it runs, the image is locked (``outputs.ImageLock``): another run on the same output folder fails on
         it (``ImageBusy``) instead of computing its regions again; ``lock_token`` names the caller (a cohort's task),
-        whose later tries may take the lock over.
+        whose later tries may take the lock over. ``unless_finished``: None, nothing done, when the image's outputs
+        are found finished once the lock is held (``finished``).
         """
         path = Path(path)
         name = name or path.stem
         with ImageLock(output_dir, name, lock_token):
+            # asked again under the lock: a run that checked before another one committed would redo its image
+            if unless_finished and self.finished(output_dir, name, path):
+                return None
             return self._predict_slide(path, output_dir, name, labels_from)
 
     def _predict_slide(self, path: Path, output_dir: str | os.PathLike, name: str,
@@ -979,17 +983,19 @@ class SlidePredictor:
                 summary.failed.append((str(path), message))
                 continue
             seen[name] = path
-            if not self.overwrite and self.finished(output_dir, name, path):
-                logger.info("%s%s: outputs complete in %s, skipped", at, path, output_dir)
-                remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
-                summary.skipped.append(str(path))
-                continue
             try:
-                result = self.predict_slide(path, output_dir, name)
+                result = None
+                if self.overwrite or not self.finished(output_dir, name, path):
+                    result = self.predict_slide(path, output_dir, name, unless_finished=not self.overwrite)
             except Exception as err:  # one bad image must not stop a folder; the error is reported with its path
                 logger.error("%sfailed on %s: %s: %s", at, path, type(err).__name__, err,
                              exc_info=logger.isEnabledFor(logging.DEBUG))
                 summary.failed.append((str(path), f"{type(err).__name__}: {err}"))
+                continue
+            if result is None:
+                logger.info("%s%s: outputs complete in %s, skipped", at, path, output_dir)
+                remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
+                summary.skipped.append(str(path))
                 continue
             summary.done.append(result)
             busy += result.seconds

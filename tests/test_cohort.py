@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,9 @@ from nucleiseg_monai import cohort as cohort_module
 from nucleiseg_monai.cli import main
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary, Slide, cpu_count, dask_client,
-                                    failure, host_share, predict_cohort, quiet_dask, raise_on_failure, read_cohort,
-                                    read_slide_list, remove_stale_temporaries, run_bundle_cohort, run_cohort,
-                                    slide_task)
+                                    failure, host_share, predict_cohort, process_slide, quiet_dask, raise_on_failure,
+                                    read_cohort, read_slide_list, remove_stale_temporaries, run_bundle_cohort,
+                                    run_cohort, slide_task)
 from nucleiseg_monai.region_journal import unpack
 from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
 from nucleiseg_monai.run_table import COLUMNS, RunTable
@@ -695,3 +696,24 @@ def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_er
                            "of them another name (the 'slide' column of a slide list)") in said
     assert [m.split(";")[0] for _, m in said if " workers" in m] == [
         "2 slides on 2 workers (1 refused before starting)"]
+
+
+def test_a_slide_another_run_finished_after_the_task_looked_is_not_done_again(cohort, tmp_path, monkeypatch):
+    root, bundle, serial = cohort
+    worker = type("Worker", (), {"address": "tcp://w:1", "get_current_task": lambda self: "slide-slide0-1"})()
+    monkeypatch.setattr(cohort_module, "get_worker", lambda: worker)
+    out = tmp_path / "out"
+    shutil.copytree(root / "serial", out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    real, looks = SlidePredictor.finished, []
+
+    def looked_too_early(self, output_dir, name, path=None):  # the task's first look came before the other's commit
+        looks.append(name)
+        return len(looks) > 1 and real(self, output_dir, name, path)
+
+    monkeypatch.setattr(SlidePredictor, "finished", looked_too_early)
+    slide = Slide(str(root / "slides" / "slide0.tif"), "slide0")
+    row = process_slide(BundlePredictor(str(bundle)), slide, str(out), torch_threads=1)
+    assert (row["status"], row["seconds"], row["nuclei"], looks) == ("skipped", None, serial["slide0"].nuclei,
+                                                                     ["slide0", "slide0"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -1185,3 +1185,21 @@ def test_an_image_another_run_is_writing_fails_alone_and_is_left_to_it(tmp_path)
     assert lock.exists() and not (out / "tile1.labels.tif").exists()
     lock.unlink()  # that run is gone
     assert [r.name for r in _predictor().run(tmp_path / "in", out).done] == ["tile1"]
+
+
+def test_an_image_another_run_finished_after_this_one_looked_is_not_done_again(tmp_path, monkeypatch):
+    _write_tiles(tmp_path / "in")
+    out = tmp_path / "out"
+    assert len(_predictor().run(tmp_path / "in", out).done) == 3  # the other run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    real, looks = SlidePredictor.finished, []
+
+    def looked_too_early(self, output_dir, name, path=None):  # this run's first look came before the other's commit
+        looks.append(name)
+        return looks.count(name) > 1 and real(self, output_dir, name, path)
+
+    monkeypatch.setattr(SlidePredictor, "finished", looked_too_early)
+    summary = _predictor().run(tmp_path / "in", out)
+    assert not summary.done and not summary.failed and len(summary.skipped) == 3
+    assert sorted(looks) == ["tile0", "tile0", "tile1", "tile1", "tile2", "tile2"]  # asked again under the lock
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
