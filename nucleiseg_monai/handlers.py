@@ -324,16 +324,26 @@ class LearningRateLogger:
         self.writer.flush()
 
 
-def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str) -> None:
-    """Refuses a new training run whose folder already holds trained weights, before anything is trained.
+def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str,
+                  pretrained: str | os.PathLike | None = None) -> None:
+    """Refuses a new training run whose folder already holds trained weights, before anything is trained; with
+    ``overwrite``, removes them (``model.pt`` and ``checkpoint_last.pt``, except the ``pretrained`` file itself).
 
     A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
-    replace the weights it ships with.
+    replace the weights it ships with. Removed at the start, not left to be replaced: a run from scratch first
+    writes model.pt at its first validation, so one killed before it would leave the replaced run's weights, which
+    ``predict`` would use as this run's, beside this run's state.
     """
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
-    if resume or overwrite:
+    if resume:
         return
     model, state = Path(ckpt_dir) / "model.pt", Path(ckpt_dir) / "checkpoint_last.pt"
+    if overwrite:
+        for old in (state, model):
+            if old.exists() and not (pretrained and Path(pretrained).exists() and old.samefile(pretrained)):
+                old.unlink(missing_ok=True)  # missing_ok: every rank of a multi-GPU run does this
+                logger.info("removed %s, left by the run that --overwrite replaces", old)
+        return
     if not model.exists() and state.exists() and _iteration(state) == 0:  # saved at the start, killed before epoch 1
         raise FileExistsError(
             f"{state} holds the state of a run stopped before its first epoch ended; continue it with --resume true, "

@@ -574,10 +574,25 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
     with pytest.raises(FileExistsError, match="--bundle_root runs/NAME.*--resume true.*--overwrite true"):
         handlers.check_new_run(tmp_path, "false", "false")  # as strings, the way the command line gives them
     handlers.check_new_run(tmp_path, "true", False)
-    handlers.check_new_run(tmp_path, False, "true")
+    assert (tmp_path / "model.pt").exists()  # a resume continues the run whose weights they are
     handlers.check_new_run(tmp_path / "empty", False, False)
     with pytest.raises(ValueError, match="--resume 'maybe' is not a boolean"):
         handlers.check_new_run(tmp_path, "maybe", False)
+
+
+def test_overwrite_removes_the_replaced_runs_weights_and_state_but_not_the_weights_it_starts_from(tmp_path, caplog):
+    model, state = tmp_path / "model.pt", tmp_path / "checkpoint_last.pt"
+    model.write_bytes(b"weights")
+    state.write_bytes(b"state")
+    # a run from scratch writes model.pt at its first validation: killed before it, the old weights would be
+    # taken for this run's
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        handlers.check_new_run(tmp_path, False, "true")
+    assert not model.exists() and not state.exists()
+    assert f"removed {model}, left by the run that --overwrite replaces" in caplog.text
+    model.write_bytes(b"weights")
+    handlers.check_new_run(tmp_path, False, True, pretrained=str(model))  # fine-tuned from them, in their folder
+    assert model.read_bytes() == b"weights"
 
 
 @pytest.mark.parametrize("epochs, interval, validated", [(5, 2, [2, 4, 5]), (4, 2, [2, 4]), (3, 1, [1, 2, 3])])
