@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from .packaging import MANIFEST, TRUST_ENV, config_findings, is_bundle_folder, refusal, trusted, verify
+from .packaging import MANIFEST, BundleIntegrityError, check_bundle, is_bundle_folder
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +107,12 @@ def guard(argv: list[str] | None = None) -> list[str]:
     roots = sorted({d.parent if d.name == "configs" else d for d in config_dirs})
     finder.folders |= {str(d) for d in config_dirs | set(roots)}
     finder.clean()
-    verified = []
     for root in roots:
-        require_package(root)
-        if not (root / MANIFEST).is_file():
-            continue
         try:
-            problems = verify(root)
-        except ValueError as e:  # an unreadable manifest
-            problems = [str(e)]
-        if problems:
-            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-            raise SystemExit(f"{root} does not match its {MANIFEST} ({len(problems)} problem(s): {shown}). {refusal(root)}")
-        if (findings := config_findings(root)) and not trusted():
-            raise SystemExit(f"{root}: its configs reach beyond what a bundle needs: {'; '.join(findings)}. Read "
-                             f"those lines; run it only if you trust whoever sent it, with {TRUST_ENV}=1 set")
-        verified.append(str(root))
-    return verified
+            check_bundle(root)
+        except BundleIntegrityError as err:  # one line, no traceback: MONAI's runner would print one
+            raise SystemExit(str(err)) from None
+    return [str(root) for root in roots if (root / MANIFEST).is_file()]
 
 
 def evaluation_dir(bundle_root: str | os.PathLike, checkpoint: str | os.PathLike, ckpt_dir: str | os.PathLike,

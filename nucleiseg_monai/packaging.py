@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import stat
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -86,6 +87,17 @@ class BundleIntegrityError(ValueError):
         # one line, each problem ending in "; ", as the command line shows errors
         super().__init__(f"{where} failed verification ({len(self.problems)} problem(s)): "
                          f"{'; '.join(self.problems)}. {fix}")
+
+
+class UntrustedConfigs(BundleIntegrityError):
+    """A sealed bundle matches its manifest, but its configs reach beyond what a bundle needs
+    (``config_audit``); ``problems`` lists each line."""
+
+    def __init__(self, where: str | os.PathLike, findings: list[str]):
+        self.problems = list(findings)
+        ValueError.__init__(self, f"{where}: its configs reach beyond what a bundle needs: {'; '.join(findings)}. "
+                            f"They would run before anything else. Read those lines; run it only if you trust "
+                            f"whoever sent it, with {TRUST_ENV}=1 set for that command.")
 
 
 def _kind(relpath: PurePosixPath) -> str:
@@ -472,11 +484,14 @@ def verify(bundle: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> li
 
 
 def check_bundle(bundle_dir: str | os.PathLike) -> None:
-    """Refuses (BundleIntegrityError) to use a sealed bundle whose files differ from its manifest.
+    """Refuses to use a sealed bundle whose files differ from its manifest (BundleIntegrityError), or whose configs
+    reach beyond what a bundle needs unless ``trusted()`` (UntrustedConfigs).
 
     Call it before reading any config of the bundle. A folder without a manifest is a working copy (what
     ``bundles/`` in the repository holds) and passes unchecked. Either way a bundle that needs a newer
-    nucleiseg-monai than this one is refused (``bundle.require_package``).
+    nucleiseg-monai than this one is refused (``bundle.require_package``). A folder that passed is not hashed again
+    in this process while none of its files' sizes, times or inodes has changed: one command reads a bundle's
+    configs several times, and a cohort's predictor is built on every worker.
     """
     from .bundle import require_package
 
@@ -484,14 +499,36 @@ def check_bundle(bundle_dir: str | os.PathLike) -> None:
     require_package(root)
     if not (root / MANIFEST).is_file():
         return
-    problems = verify(root)
+    key, signature = str(root.resolve()), _signature(root)
+    if signature is not None and _checked.get(key) == signature:
+        return
+    try:
+        problems = verify(root)
+    except ValueError as e:  # an unreadable manifest
+        problems = [str(e)]
     if problems:
         raise BundleIntegrityError(root, problems, refusal(root))
     findings = config_findings(root)
     if findings and not trusted():
-        raise BundleIntegrityError(
-            root, findings, f"Its configs would run this before anything else. Read those lines; run it only if you "
-            f"trust whoever sent it, with {TRUST_ENV}=1 set for that command.")
+        raise UntrustedConfigs(root, findings)
+    if signature is not None and not findings:  # with findings, trust is asked every time: the environment may change
+        _checked[key] = signature
+
+
+def _signature(root: Path) -> tuple | None:
+    """What a change to any bundle file changes (taken before hashing, so a change during it counts as one); None
+    while a file was changed in the last seconds, which a change of the same size could follow within one tick of
+    the file system's clock, unseen (git's "racy" files)."""
+    files, problems = _scan(root)
+    stats = [(rel, (root / rel).stat()) for rel in (MANIFEST, *files)]
+    if max(max(st.st_mtime, st.st_ctime) for _, st in stats) > time.time() - RACY_S:
+        return None
+    # the change time too: a file's modification time can be set back, its change time cannot
+    return tuple(problems), tuple((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for rel, st in stats)
+
+
+_checked: dict[str, tuple] = {}  # bundle folder -> its files' signature when it last passed ``check_bundle``
+RACY_S = 2.0
 
 
 def config_findings(root: str | os.PathLike) -> list[str]:

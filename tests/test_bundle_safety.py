@@ -181,6 +181,36 @@ def test_guard_verifies_the_bundle_of_the_config_file_argument(tmp_path, clean_i
         guard(argv)
 
 
+def test_a_sealed_bundle_is_hashed_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    bundle = _bundle(tmp_path / "tiny")
+    write_manifest(bundle)
+    hashed = []
+    real_verify = packaging.verify
+    monkeypatch.setattr(packaging, "verify", lambda root, *a, **k: hashed.append(root) or real_verify(root, *a, **k))
+    packaging.check_bundle(bundle)
+    packaging.check_bundle(bundle)
+    assert len(hashed) == 2  # its files changed in the last seconds: a change of the same size could follow unseen
+    monkeypatch.setattr(packaging, "RACY_S", -60.0)  # as if they had been written long ago
+    for _ in range(3):  # a command reads the configs several times
+        packaging.check_bundle(bundle)
+    assert len(hashed) == 3
+    weights = bundle / "models" / "model.pt"
+    old = weights.stat()
+    weights.write_bytes(b"WEIGHTS")  # as long as before, its modification time set back
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))
+    with pytest.raises(BundleIntegrityError, match=r"failed verification \(1 problem\(s\)\): models/model.pt"):
+        packaging.check_bundle(bundle)
+    with pytest.raises(BundleIntegrityError):
+        packaging.check_bundle(bundle)  # a refused bundle is refused every time
+    assert len(hashed) == 5
+    weights.write_bytes(b"weights")
+    packaging.check_bundle(bundle)
+    (bundle / "configs" / "extra.json").write_text("{}")  # a file added, the others untouched
+    with pytest.raises(BundleIntegrityError, match="configs/extra.json: not in manifest.json"):
+        packaging.check_bundle(bundle)
+    assert len(hashed) == 7
+
+
 def _monai_run(config_file: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config_file)],
@@ -198,7 +228,7 @@ def test_monai_bundle_run_refuses_an_edited_sealed_bundle_in_one_line(tmp_path):
     result = _monai_run(config, tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{bundle} does not match its manifest.json") and "configs/inference.json" in last
+    assert last.startswith(f"{bundle} failed verification (1 problem(s)): configs/inference.json")
     assert "Traceback" not in result.stderr
     assert not marker.exists()
 
