@@ -205,8 +205,8 @@ class EvaluationReport:
         pooled_part = ",".join(sorted({parts[src] for src in originals}))
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
             tmp.write_text(_csv([
-                *((f"{src} | {m}", parts[src], v) for src, ms in sources.items() for m, v in ms.items()),
-                *((f"pooled | {m}", pooled_part, v) for m, v in pooled.items()),
+                *((src, m, parts[src], v) for src, ms in sources.items() for m, v in ms.items()),
+                *(("pooled", m, pooled_part, v) for m, v in pooled.items()),
             ]))
         for src in originals:
             if parts[src] != self.split:
@@ -252,22 +252,23 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-def _csv(sections: list[tuple[str, str, dict]]) -> str:
-    """One row per (section | method, the part its tiles come from) and scope: "mean" (per-tile figures averaged),
+def _csv(sections: list[tuple[str, str, str, dict]]) -> str:
+    """One row per (section, method, the part its tiles come from) and scope: "mean" (per-tile figures averaged),
     "pooled" (counts summed over the tiles first), each organ's mean, each image."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(("method", "part", "scope", "name", "organ", "n_images") + CSV_KEYS)
-    for method, part, summary in sections:
+    writer.writerow(("section", "method", "part", "scope", "name", "organ", "n_images") + CSV_KEYS)
+    for section, method, part, summary in sections:
+        head = [section, method, part]
         for scope in ("mean", "pooled"):
             if scope in summary:
-                writer.writerow([method, part, scope, "", "", summary["n_images"]]
+                writer.writerow([*head, scope, "", "", summary["n_images"]]
                                 + [summary[scope].get(k, "") for k in CSV_KEYS])
         for organ, group in summary["per_organ"].items():
-            writer.writerow([method, part, "organ", "", organ, group["n_images"]]
+            writer.writerow([*head, "organ", "", organ, group["n_images"]]
                             + [group["mean"].get(k, "") for k in CSV_KEYS])
         for row in summary["per_image"]:
-            writer.writerow([method, part, "image", row["name"], row["organ"], 1] + [row.get(k, "") for k in CSV_KEYS])
+            writer.writerow([*head, "image", row["name"], row["organ"], 1] + [row.get(k, "") for k in CSV_KEYS])
     return buffer.getvalue()
 
 

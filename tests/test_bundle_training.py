@@ -187,7 +187,7 @@ def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
     assert 0.0 <= methods["model"]["mean"]["aji"] <= 1.0
     assert not any(m.startswith("human") for m in methods)
     assert report["pooled"]["model"]["n_images"] == 4  # the rescanned copy is a row of its own, not pooled
-    assert (out / "metrics.csv").read_text().startswith("method,part,scope,name,organ,n_images,")
+    assert (out / "metrics.csv").read_text().startswith("section,method,part,scope,name,organ,n_images,")
     names = [r["name"] for r in json.loads((bundle / "models" / "datalist.json").read_text())["test"]]
     assert len(names) == 4
     for source, size in (("synthetic", TILE), ("synthetic@0.5um", TILE // 2)):

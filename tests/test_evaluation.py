@@ -139,9 +139,9 @@ def test_the_csv_names_each_sections_part_and_holds_summed_counts_beside_means(t
     written = report.write()
     with open(tmp_path / "out" / "metrics.csv", newline="") as handle:
         rows = list(csv_module.DictReader(handle))
-    parts = {row["method"]: row["part"] for row in rows}
-    assert parts["lab | model"] == "test" and parts["mylab | model"] == "validation"
-    assert parts["pooled | model"] == "test,validation"
-    pooled = next(r for r in rows if r["method"] == "mylab | model" and r["scope"] == "pooled")
+    parts = {(row["section"], row["method"]): row["part"] for row in rows}
+    assert parts[("lab", "model")] == "test" and parts[("mylab", "model")] == "validation"
+    assert parts[("pooled", "model")] == "test,validation"
+    pooled = next(r for r in rows if (r["section"], r["method"], r["scope"]) == ("mylab", "model", "pooled"))
     summed = written["sources"]["mylab"]["model"]["pooled"]  # figures of the counts summed over tiles
     assert float(pooled["aji"]) == pytest.approx(summed["aji"]) and float(pooled["pq"]) == pytest.approx(summed["pq"])
