@@ -106,7 +106,7 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
             if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
                 raise ValueError(f"{path}, line {line}: slide name {name!r} would put outputs outside the output "
                                  "folder or hide them; give a plain file name (no /, \\ or leading .)")
-            slides.append(Slide(str(file.resolve()), name, input_mpp))
+            slides.append(Slide(_absolute(file), name, input_mpp))
     if not slides:
         raise ValueError(f"{path} lists no slides")
     return slides
@@ -116,7 +116,13 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
     """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inference.find_images``)."""
     if is_slide_list(source):
         return read_slide_list(source)
-    return [Slide(str(p.resolve()), p.stem) for p in find_images(source)]
+    return [Slide(_absolute(p), p.stem) for p in find_images(source)]
+
+
+def _absolute(path: Path) -> str:
+    """An absolute path that keeps a link as given (not ``resolve``): the log and the run table name the slide
+    as its list or folder does, not the file a link points at."""
+    return os.path.abspath(path)
 
 
 # ---------------------------------------------------------------------------------------------- on the workers

@@ -417,6 +417,14 @@ def test_slide_list_columns_relative_paths_and_errors(tmp_path):
     assert a == Slide(str(tmp_path / "imgs" / "a.tif"), "a", None)
     assert b == Slide("/abs/b.svs", "case 7", 0.5)
     assert read_cohort(tmp_path / "list.tsv") == [a, b]
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "scan_0815.svs").write_bytes(b"")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "case7.svs").symlink_to(tmp_path / "store" / "scan_0815.svs")
+    # a link is named as the list and the folder name it, not by the file it points at
+    assert read_cohort(tmp_path / "imgs") == [Slide(str(tmp_path / "imgs" / "case7.svs"), "case7", None)]
+    (tmp_path / "links.csv").write_text("path\nimgs/case7.svs\n")
+    assert read_cohort(tmp_path / "links.csv") == [Slide(str(tmp_path / "imgs" / "case7.svs"), "case7", None)]
 
     (tmp_path / "bad.csv").write_text("file,slide\nx.tif,x\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*'path' column"):
