@@ -160,11 +160,24 @@ _cache_lock = threading.Lock()
 
 
 def host_share() -> int:
-    """This worker's share of its machine's cores (its CPU affinity, so a SLURM allocation's): the cores over the
-    task slots of all workers on the same host, so they do not oversubscribe it."""
-    worker = get_worker()
-    slots = sum(w["nthreads"] for w in get_client().scheduler_info()["workers"].values() if w["host"] == worker.ip)
-    return max(1, cpu_count() // max(1, slots))
+    """This worker's share of its cores (its CPU affinity, so a SLURM allocation's): those cores over the task slots
+    of the workers of its host that may run on them too, so they do not oversubscribe them.
+
+    Workers of the host whose cores are all others' (another job's allocation on a shared node) do not count: they
+    would halve the share of each of two jobs given a node's two halves. A worker whose cores cannot be asked counts.
+    """
+    worker, client = get_worker(), get_client()
+    workers = client.scheduler_info()["workers"]
+    here = [address for address, w in workers.items() if w["host"] == worker.ip]
+    mine = set(cpus())
+    theirs = client.run(cpus, workers=here, on_error="return") if len(here) > 1 else {}
+    sharing = [a for a in here if not isinstance(theirs.get(a), (list, tuple)) or mine & set(theirs[a])]
+    return max(1, len(mine) // max(1, sum(workers[a]["nthreads"] for a in sharing)))
+
+
+def cpus() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int | None) -> SlidePredictor:
@@ -379,7 +392,7 @@ class CohortSummary:
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(cpus())
 
 
 @contextmanager

@@ -725,3 +725,26 @@ def test_a_slide_another_run_finished_after_the_task_looked_is_not_done_again(co
     assert (row["status"], row["seconds"], row["nuclei"], looks) == ("skipped", None, serial["slide0"].nuclei,
                                                                      ["slide0", "slide0"])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_workers_share_counts_only_the_workers_that_may_run_on_its_cores(monkeypatch):
+    """Two jobs given a node's two halves (SLURM cpusets) each keep their half; workers of one job share it."""
+    workers = {f"tcp://10.0.0.5:{port}": {"host": "10.0.0.5", "nthreads": 1} for port in (1, 2, 3)}
+    workers["tcp://10.0.0.6:1"] = {"host": "10.0.0.6", "nthreads": 4}  # another node
+    job, other_job = list(range(8)), list(range(8, 16))
+    answers = {"tcp://10.0.0.5:1": job, "tcp://10.0.0.5:2": job, "tcp://10.0.0.5:3": other_job}
+
+    class Client:
+        def scheduler_info(self):
+            return {"workers": workers}
+
+        def run(self, function, workers, on_error):
+            assert sorted(workers) == sorted(answers) and on_error == "return"
+            return dict(answers)
+
+    monkeypatch.setattr(cohort_module, "get_worker", lambda: type("Worker", (), {"ip": "10.0.0.5"}))
+    monkeypatch.setattr(cohort_module, "get_client", Client)
+    monkeypatch.setattr(cohort_module, "cpus", lambda: job)
+    assert host_share() == 4  # 8 cores, 2 workers on them; the other job's worker and the other node left out
+    answers["tcp://10.0.0.5:3"] = OSError("worker gone")  # cannot be asked: counted
+    assert host_share() == 2
