@@ -200,6 +200,37 @@ class Resume:
                            "on", self.path, engine.state.epoch, engine.state.epoch)
 
 
+class ReplaceEarlierRun:
+    """With ``overwrite`` (not ``resume``), removes the folder's ``model.pt`` and ``checkpoint_last.pt``, those of
+    the run this one replaces, when training starts (never the ``pretrained`` file itself).
+
+    Not before: the datalist, the cached tiles and the pretrained weights have all been read by then, so a mistake
+    in any of them leaves the earlier run whole. Not later: a run from scratch writes model.pt only at its first
+    validation, so one killed before it would leave the earlier run's weights beside its own state, and ``predict``
+    would take them for this run's. Attach it after ``InitialWeights`` and before ``ValidateStart``, which writes
+    the new model.pt; in a multi-GPU run only rank 0 removes, so no rank removes what rank 0 has just written.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, overwrite: bool | str, resume: bool | str = False,
+                 pretrained: str | os.PathLike | None = None):
+        self.files = [Path(ckpt_dir) / "checkpoint_last.pt", Path(ckpt_dir) / "model.pt"]
+        self.enabled = parse_bool(overwrite, "overwrite") and not parse_bool(resume, "resume")
+        self.pretrained = weights_path(pretrained)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        for old in self.files:
+            if old.is_file() and not (self.pretrained is not None and self.pretrained.is_file()
+                                      and old.samefile(self.pretrained)):
+                old.unlink()
+                logger.info("removed %s, left by the run that --overwrite replaces", old)
+
+
 class InitialWeights:
     """Starts a new run from another model's weights (``path``; None: from scratch).
 
@@ -324,26 +355,16 @@ class LearningRateLogger:
         self.writer.flush()
 
 
-def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str,
-                  pretrained: str | os.PathLike | None = None) -> None:
-    """Refuses a new training run whose folder already holds trained weights, before anything is trained; with
-    ``overwrite``, removes them (``model.pt`` and ``checkpoint_last.pt``, except the ``pretrained`` file itself).
+def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str) -> None:
+    """Refuses a new training run whose folder already holds trained weights, before anything is trained.
 
     A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
-    replace the weights it ships with. Removed at the start, not left to be replaced: a run from scratch first
-    writes model.pt at its first validation, so one killed before it would leave the replaced run's weights, which
-    ``predict`` would use as this run's, beside this run's state.
+    replace the weights it ships with. With ``overwrite`` they stay until training starts (``ReplaceEarlierRun``).
     """
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
-    if resume:
+    if resume or overwrite:
         return
     model, state = Path(ckpt_dir) / "model.pt", Path(ckpt_dir) / "checkpoint_last.pt"
-    if overwrite:
-        for old in (state, model):
-            if old.exists() and not (pretrained and Path(pretrained).exists() and old.samefile(pretrained)):
-                old.unlink(missing_ok=True)  # missing_ok: every rank of a multi-GPU run does this
-                logger.info("removed %s, left by the run that --overwrite replaces", old)
-        return
     if not model.exists() and state.exists() and _iteration(state) == 0:  # saved at the start, killed before epoch 1
         raise FileExistsError(
             f"{state} holds the state of a run stopped before its first epoch ended; continue it with --resume true, "

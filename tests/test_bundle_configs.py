@@ -170,12 +170,14 @@ def test_resume_restores_everything_the_checkpoint_saves(configs):
 
 @pytest.mark.parametrize("configs", [SMALL, FULL], ids=["small", "full"])
 def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(configs):
-    # ranks > 0 get train#handlers only; every handler that writes a file is in train#rank0_handlers
+    # ranks > 0 get train#handlers only; every handler that writes a file is in train#rank0_handlers, and the one
+    # that removes the replaced run's files, which must act before ValidateStart, does nothing on ranks > 0
     multi = _load(configs / "multi_gpu_train.json")
     assert multi["train#trainer#train_handlers"] == \
         "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
     train = _load(configs / "train.json")["train"]
     assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
+                                                          "nucleiseg_monai.handlers.ReplaceEarlierRun",
                                                           "nucleiseg_monai.handlers.ValidateStart",
                                                           "nucleiseg_monai.handlers.Resume",
                                                           "nucleiseg_monai.handlers.FreezeBatchNorm",
@@ -580,19 +582,39 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
         handlers.check_new_run(tmp_path, "maybe", False)
 
 
-def test_overwrite_removes_the_replaced_runs_weights_and_state_but_not_the_weights_it_starts_from(tmp_path, caplog):
+def test_overwrite_removes_the_replaced_runs_files_when_training_starts_never_the_weights_it_starts_from(
+        tmp_path, caplog, monkeypatch):
     model, state = tmp_path / "model.pt", tmp_path / "checkpoint_last.pt"
     model.write_bytes(b"weights")
     state.write_bytes(b"state")
-    # a run from scratch writes model.pt at its first validation: killed before it, the old weights would be
-    # taken for this run's
+    handlers.check_new_run(tmp_path, False, "true")  # before the data is read: a mistake there must lose nothing
+    assert model.exists() and state.exists()
+    handlers.ReplaceEarlierRun(tmp_path, "true", "true")  # a resume continues the run whose files they are
+    engine = Engine(lambda e, b: None)
+    handlers.ReplaceEarlierRun(tmp_path, "true", "false", pretrained=str(model)).attach(engine)
+    engine.run([0], max_epochs=0)
+    assert model.read_bytes() == b"weights" and not state.exists()  # fine-tuned from them, in their folder
+    state.write_bytes(b"state")
+    with monkeypatch.context() as m:  # rank 1 of a multi-GPU run: rank 0 removes them, then writes its own
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_rank", lambda: 1)
+        handlers.ReplaceEarlierRun(tmp_path, True, False)()
+    assert model.exists() and state.exists()
+    engine = Engine(lambda e, b: None)
+    handlers.ReplaceEarlierRun(tmp_path, True, False, pretrained="null").attach(engine)
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
-        handlers.check_new_run(tmp_path, False, "true")
+        engine.run([0], max_epochs=0)
     assert not model.exists() and not state.exists()
     assert f"removed {model}, left by the run that --overwrite replaces" in caplog.text
-    model.write_bytes(b"weights")
-    handlers.check_new_run(tmp_path, False, True, pretrained=str(model))  # fine-tuned from them, in their folder
-    assert model.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("bundle", ["nuclei_unet_small", "nuclei_unet_full"])
+def test_the_replaced_run_goes_after_the_starting_weights_load_and_before_they_are_validated(bundle):
+    """A run killed before its first validation leaves none of another run's weights; a fine-tune from the folder's
+    own model.pt has loaded it before it goes."""
+    targets = [h["_target_"].rsplit(".", 1)[-1] for h in _load(BUNDLES / bundle / "configs" / "train.json")
+               ["train"]["handlers"]]
+    assert targets[:3] == ["InitialWeights", "ReplaceEarlierRun", "ValidateStart"]
 
 
 @pytest.mark.parametrize("epochs, interval, validated", [(5, 2, [2, 4, 5]), (4, 2, [2, 4]), (3, 1, [1, 2, 3])])

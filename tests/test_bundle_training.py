@@ -295,6 +295,25 @@ def test_a_resumed_run_keeps_its_own_statistics(one_epoch, dataset, tmp_path):
     assert "Epoch[0] Metrics" not in output  # a resumed run's start is its own last epoch, validated already
 
 
+def test_overwrite_keeps_the_earlier_run_until_its_own_data_and_weights_have_loaded(one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    before = {name: (bundle / "models" / name).read_bytes() for name in ("model.pt", "checkpoint_last.pt")}
+    mistyped = tiny_args(dataset) + ["--epochs", "1", "--overwrite", "true"]
+    mistyped[mistyped.index("--sources_file") + 1] = str(tmp_path / "nosuch.json")
+    proc = bundle_run("training", bundle / "configs" / "train.json", mistyped, tmp_path)
+    assert proc.returncode != 0 and "nosuch.json" in proc.stdout + proc.stderr
+    assert {name: (bundle / "models" / name).read_bytes() for name in before} == before
+    # fine-tuned from the folder's own weights, which are read before they go
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "1", "--overwrite", "true",
+                                                 "--pretrained", str(bundle / "models" / "model.pt")], tmp_path))
+    assert f"removed {bundle / 'models' / 'checkpoint_last.pt'}, left by the run that --overwrite replaces" in output
+    assert f"started from {bundle / 'models' / 'model.pt'}" in output and "Epoch[0] Metrics" in output
+    assert load(bundle / "models" / "checkpoint_last.pt")["trainer"]["iteration"] == iterations_per_epoch(bundle)
+
+
 def test_resume_without_a_checkpoint_fails_naming_it(dataset, tmp_path):
     bundle = copy_bundle(tmp_path)
     proc = bundle_run("training", bundle / "configs" / "train.json",
