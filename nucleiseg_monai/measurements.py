@@ -4,7 +4,8 @@ Area, centroid, eccentricity (of the second moments, as ``skimage.measure.region
 come from one pass of bincounts over the window. Outlines are traced for every nucleus in one pass over the label
 map's pixel edges (``trace_outlines``), and perimeter, polygon area and convex hull area are computed from those
 rings with array operations, so nothing is done per nucleus in Python except for the rare nucleus with a hole or
-in several pieces, which takes the longest ring of ``skimage.measure.find_contours`` as before.
+in several pieces, whose rings come from ``skimage.measure.find_contours``: all of them for its GeoJSON geometry
+(``Nuclei.shapes``), and its longest exterior ring for its outline and the figures measured on it.
 
 Units: centroids, outlines, areas and perimeters are in level-0 pixels (``downsample`` maps the analysed level's
 to them: an area is the label map's pixel count times ``downsample`` squared, rounded), so a row's figures and its
@@ -15,18 +16,18 @@ of regionprops (pixel centres at integers). Mean haematoxylin is an optical dens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from monai.utils import convert_to_numpy
-from scipy.ndimage import find_objects
+from scipy.ndimage import find_objects, label
 from skimage.color import hed_from_rgb
 from skimage.measure import find_contours
 
 from .metrics import as_label_map
 from .wsi import check_mpp
 
-__all__ = ["COLUMNS", "Nuclei", "haematoxylin", "measure_nuclei", "outline", "trace_outlines"]
+__all__ = ["COLUMNS", "Nuclei", "haematoxylin", "measure_nuclei", "outline", "outline_polygons", "trace_outlines"]
 
 # The per-nucleus columns, with their units in the names: centroids, areas and perimeters in level-0 px (as the
 # outlines, whatever level was read); eccentricity and solidity have none; haematoxylin is an optical density
@@ -41,6 +42,8 @@ _ACROSS = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])
 _ALONG = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])
 _MID_Y = np.array([0.0, 0.5, 1.0, 0.5])
 _MID_X = np.array([0.5, 1.0, 0.5, 0.0])
+# 4-connected pieces: the outlines never cross a corner to a diagonal neighbour of the same id
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
 def haematoxylin(rgb: np.ndarray) -> np.ndarray:
@@ -59,7 +62,10 @@ class Nuclei:
     """Measurements of n nuclei as columns, and their outlines as one ragged array of vertices.
 
     Outline i is ``vertices[starts[i]:starts[i + 1]]``: an open counter-clockwise ring of (x, y) level-0 pixel
-    coordinates (``polygon(i)`` closes it). ``area_um2`` is None when the pixel size is unknown.
+    coordinates (``polygon(i)`` closes it). ``area_um2`` is None when the pixel size is unknown. A nucleus with a
+    hole or in several pieces has its longest exterior ring there, and all its rings in ``shapes``: id -> one
+    polygon per 4-connected piece, each a list of closed rings, the exterior (counter-clockwise) and then its holes
+    (clockwise), as GeoJSON writes them; nuclei of one ring (nearly all) are not in it.
     """
 
     id: np.ndarray
@@ -73,6 +79,7 @@ class Nuclei:
     mean_haematoxylin: np.ndarray
     vertices: np.ndarray
     starts: np.ndarray
+    shapes: dict[int, list[list[np.ndarray]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.id)
@@ -94,12 +101,51 @@ def outline(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> n
 
     The ring runs through the edge midpoints of the boundary pixels (find_contours at 0.5 on the padded crop),
     with collinear vertices removed (a lossless simplification), counter-clockwise, in level-0 pixels with pixel
-    (r, c) covering [c, c+1) x [r, r+1). A nucleus with holes or in several pieces keeps only its longest ring.
-    ``trace_outlines`` gives the same rings for a whole label map at once; this serves the nuclei it cannot.
+    (r, c) covering [c, c+1) x [r, r+1). A nucleus with holes or in several pieces keeps only its longest exterior
+    ring (``outline_polygons`` gives them all). ``trace_outlines`` gives the same rings for a whole label map at
+    once; this serves the nuclei it cannot.
     """
+    return _crop_rings(mask, top, left, downsample, polygons=False)[0]
+
+
+def outline_polygons(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> list[list[np.ndarray]]:
+    """Every ring of a binary crop, as ``outline`` draws its longest: one polygon per 4-connected piece (in raster
+    order of their first pixels), each a list of closed (x, y) rings, its exterior (counter-clockwise) and then
+    its holes (clockwise, as RFC 7946 asks). A hole is a background component enclosed by the piece, 8-connected
+    since the background connects across a corner: a gap that meets the outside only at a corner is no hole, the
+    exterior ring goes into it. A piece inside another's hole is a polygon of its own, and the hole stays whole.
+    """
+    return _crop_rings(mask, top, left, downsample, polygons=True)[1]
+
+
+def _crop_rings(mask: np.ndarray, top: int, left: int, downsample: float,
+                polygons: bool) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """``outline`` and, where asked, ``outline_polygons`` (else []) of a binary crop, from one find_contours."""
     padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
     padded[1:-1, 1:-1] = mask
-    ring = max(find_contours(padded, 0.5), key=len)[:-1]
+    rings = [c[:-1] for c in find_contours(padded, 0.5)]
+    # find_contours keeps the background on a ring's left: counter-clockwise in (x, y) around a piece, clockwise
+    # around a hole
+    exterior = [_signed_area(r[:, ::-1]) > 0 for r in rings]
+    longest = _ring_xy(max((r for r, e in zip(rings, exterior) if e), key=len), top, left, downsample, False)
+    if not polygons:
+        return longest, []
+    pieces, count = label(padded, _CROSS)
+    shapes: list[list[np.ndarray]] = [[] for _ in range(count)]
+    for ring, outer in zip(rings, exterior):
+        # a vertex is the midpoint between a pixel of the piece it bounds and a background one (label 0)
+        low, high = np.floor(ring[0]).astype(int), np.ceil(ring[0]).astype(int)
+        piece = shapes[max(pieces[low[0], low[1]], pieces[high[0], high[1]]) - 1]
+        xy = _ring_xy(ring, top, left, downsample, clockwise=not outer)
+        if outer:
+            piece.insert(0, xy)
+        else:
+            piece.append(xy)
+    return longest, shapes
+
+
+def _ring_xy(ring: np.ndarray, top: int, left: int, downsample: float, clockwise: bool) -> np.ndarray:
+    """A find_contours ring of a padded crop as a closed (x, y) ring, collinear vertices removed, in level 0."""
     step = np.diff(ring, axis=0, append=ring[:1])
     before = np.concatenate([step[-1:], step[:-1]])
     turns = (before[:, 0] * step[:, 1] - before[:, 1] * step[:, 0] != 0) | ((before * step).sum(1) <= 0)
@@ -107,7 +153,7 @@ def outline(mask: np.ndarray, top: int, left: int, downsample: float = 1.0) -> n
         ring = ring[turns]
     # padded index -> crop index (-1) -> image index (+top/left) -> pixel-edge coordinates (+0.5) -> level 0
     xy = np.stack([(ring[:, 1] - 0.5 + left) * downsample, (ring[:, 0] - 0.5 + top) * downsample], axis=1)
-    if _signed_area(xy) < 0:  # counter-clockwise, as RFC 7946 asks of exterior rings
+    if (_signed_area(xy) < 0) != clockwise:  # counter-clockwise exteriors and clockwise holes, as RFC 7946 asks
         xy = xy[::-1]
     return np.concatenate([xy, xy[:1]])
 
@@ -269,10 +315,11 @@ def measure_nuclei(
     """Measure every id of a label window whose top-left sits at ``offset`` (y, x) in the analysed level.
 
     Perimeter and solidity are those of the outline polygon (its length; its area over its convex hull's, as
-    QuPath measures them). Rows come in increasing id order. See the module docstring for units. ``labels``: as the
-    metrics take label maps (``metrics.as_label_map``: numpy or torch, (H, W) or (1, H, W), whole ids in floats);
-    ``rgb``: the same pixels as 8-bit RGB, (height, width, 3) uint8, which haematoxylin's optical density is
-    measured on; ``mpp``: the analysed level's microns per pixel, for ``area_um2``.
+    QuPath measures them), for a nucleus with a hole or in pieces those of its longest exterior ring. Rows come
+    in increasing id order. See the module docstring for units. ``labels``: as the metrics take label maps
+    (``metrics.as_label_map``: numpy or torch, (H, W) or (1, H, W), whole ids in floats); ``rgb``: the same pixels
+    as 8-bit RGB, (height, width, 3) uint8, which haematoxylin's optical density is measured on; ``mpp``: the
+    analysed level's microns per pixel, for ``area_um2``.
     """
     labels, rgb = as_label_map(labels, "measure_nuclei: labels"), convert_to_numpy(rgb)
     if rgb.dtype != np.uint8 or rgb.shape != (*labels.shape, 3):
@@ -306,7 +353,7 @@ def measure_nuclei(
     local = np.zeros(labels.shape, np.int32)
     local.ravel()[fg] = ids
 
-    k, ring_x, ring_y, starts = _outlines(local, np.flatnonzero(count[1:]) + 1)
+    k, ring_x, ring_y, starts, shapes = _outlines(local, np.flatnonzero(count[1:]) + 1)
     perimeter, area_poly, hull = _shape_measures(ring_x, ring_y, starts)
     area = count[k]
     area_px = area if downsample == 1 else np.rint(area * downsample * downsample).astype(np.int64)
@@ -323,19 +370,26 @@ def measure_nuclei(
         mean_haematoxylin=hema[k],
         vertices=vertices,
         starts=starts,
+        shapes={j + first - 1: [[(ring + (ox, oy)) * downsample for ring in rings] for rings in polygons]
+                for j, polygons in shapes.items()},
     )
 
 
-def _outlines(local: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One ring per id of ``present`` (in that order) as (ids, x, y, starts), pixel-edge coordinates of ``local``."""
+def _outlines(local: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One ring per id of ``present`` (in that order) as (ids, x, y, starts), pixel-edge coordinates of ``local``,
+    and the polygons (``outline_polygons``) of the ids with more than one ring."""
     ring_ids, ring_y, ring_x, starts = trace_outlines(local)
     traced = np.zeros(int(present[-1]) + 1, bool)
     traced[ring_ids] = True
     others = present[~traced[present]]
-    if others.size:  # a hole or several pieces: the longest ring, as ``outline`` has always chosen
+    shapes = {}
+    if others.size:  # a hole or several pieces: all rings, and the longest exterior one as the outline
         boxes = find_objects(local)
-        extra = [outline(local[boxes[k - 1]] == k, boxes[k - 1][0].start, boxes[k - 1][1].start)[:-1]
-                 for k in others]
+        extra = []
+        for k in others.tolist():
+            box = boxes[k - 1]
+            ring, shapes[k] = _crop_rings(local[box] == k, box[0].start, box[1].start, 1.0, polygons=True)
+            extra.append(ring[:-1])
         ring_x = np.concatenate([ring_x] + [r[:, 0] for r in extra])
         ring_y = np.concatenate([ring_y] + [r[:, 1] for r in extra])
         starts = np.concatenate([starts, starts[-1] + np.cumsum([len(r) for r in extra])])
@@ -345,7 +399,7 @@ def _outlines(local: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.nd
     lengths = np.diff(starts)[order]
     new_starts = np.concatenate([[0], np.cumsum(lengths)])
     pick = np.repeat(starts[:-1][order] - new_starts[:-1], lengths) + np.arange(ring_x.size)
-    return ring_ids[order], ring_x[pick], ring_y[pick], new_starts
+    return ring_ids[order], ring_x[pick], ring_y[pick], new_starts, shapes
 
 
 def _empty(mpp: float | None) -> Nuclei:

@@ -8,7 +8,8 @@ manifest is written last; ``outputs_complete`` trusts only images whose manifest
 
 Coordinates: the label map is in pixels of the analysed pyramid level. GeoJSON polygons and CSV centroids are in
 level-0 pixels: GeoJSON uses QuPath's convention (pixel (r, c) covers [c, c+1) x [r, r+1)), CSV centroids the
-array-index convention of ``skimage.measure.regionprops`` (pixel centres at integers).
+array-index convention of ``skimage.measure.regionprops`` (pixel centres at integers). A nucleus is a GeoJSON
+Polygon, with its holes as further rings, or a MultiPolygon where it is in several pieces.
 """
 
 from __future__ import annotations
@@ -122,22 +123,38 @@ def write_label_tiff(
 
 def _features(nuclei: Nuclei, image_name: str) -> list[str]:
     """One GeoJSON Feature text per nucleus, built from the columns with the json module's number format (the
-    shortest repr), so encoding costs a few string operations per vertex instead of a dict per nucleus."""
+    shortest repr), so encoding costs a few string operations per vertex instead of a dict per nucleus. A nucleus
+    of one ring is a Polygon of its outline; one with holes a Polygon of its exterior and holes, one in several
+    pieces a MultiPolygon (``Nuclei.shapes``)."""
     coords = list(map(repr, np.round(nuclei.vertices, 3).ravel().tolist()))
     points = ["[%s,%s]" % xy for xy in zip(coords[0::2], coords[1::2])]
     starts = nuclei.starts.tolist()
     fragments = [[f'"{name}":{v!r}' if math.isfinite(v) else "" for v in values]
                  for name, values in _measurement_columns(nuclei)]
     measurements = [",".join(filter(None, parts)) for parts in zip(*fragments)]
+    shapes = {k: _geometry(polygons) for k, polygons in nuclei.shapes.items()}
     features = []
     for i, k in enumerate(nuclei.id.tolist()):
-        ring = points[starts[i]:starts[i + 1]]
+        if k in shapes:
+            geometry = shapes[k]
+        else:
+            ring = points[starts[i]:starts[i + 1]]
+            geometry = '{"type":"Polygon","coordinates":[[%s,%s]]}' % (",".join(ring), ring[0])
         features.append(
-            '{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[%s,%s]]},"properties":'
+            '{"type":"Feature","id":"%s","geometry":%s,"properties":'
             '{"objectType":"detection","classification":{"name":"Nucleus"},"measurements":{%s}}}'
-            % (uuid.uuid5(_UUID_NAMESPACE, f"{image_name}/{k}"), ",".join(ring), ring[0], measurements[i])
+            % (uuid.uuid5(_UUID_NAMESPACE, f"{image_name}/{k}"), geometry, measurements[i])
         )
     return features
+
+
+def _geometry(polygons: list[list[np.ndarray]]) -> str:
+    """The GeoJSON geometry text of a nucleus's polygons (closed rings), in the number format of ``_features``."""
+    texts = ["[%s]" % ",".join("[%s]" % ",".join(f"[{x!r},{y!r}]" for x, y in np.round(ring, 3).tolist())
+                               for ring in rings) for rings in polygons]
+    if len(texts) == 1:
+        return '{"type":"Polygon","coordinates":%s}' % texts[0]
+    return '{"type":"MultiPolygon","coordinates":[%s]}' % ",".join(texts)
 
 
 def _measurement_columns(nuclei: Nuclei) -> list[tuple[str, list]]:

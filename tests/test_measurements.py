@@ -8,9 +8,9 @@ from scipy.spatial import ConvexHull
 from skimage.color import rgb2hed
 from skimage.measure import regionprops
 
-from nucleiseg_monai.measurements import haematoxylin, measure_nuclei, outline, trace_outlines
+from nucleiseg_monai.measurements import haematoxylin, measure_nuclei, outline, outline_polygons, trace_outlines
 from nucleiseg_monai.synthetic import make_tile
-from conftest import hand_built_labels
+from conftest import hand_built_labels, inside_polygons, rings_and_pieces_labels
 
 RNG = np.random.default_rng(1)
 COLUMNS = ("centroid_x", "centroid_y", "area_px", "area_um2", "perimeter_px", "eccentricity", "solidity",
@@ -196,6 +196,105 @@ def test_trace_outlines_of_hand_built_map():
     assert ring.tolist() == [[1.5, 1.0], [2.0, 1.5], [1.5, 2.0], [1.0, 1.5]]  # starts on the top side
     assert _signed_area(ring) > 0 and starts.tolist() == [0, 4]
     assert trace_outlines(np.zeros((3, 3), np.int32))[0].size == 0
+
+
+def _octagon(x0, y0, x1, y1):
+    """The vertices of the ring through the side midpoints of the pixels lining a box [x0, x1] x [y0, y1]."""
+    return {(x0 + 0.5, y0), (x1 - 0.5, y0), (x1, y0 + 0.5), (x1, y1 - 0.5), (x1 - 0.5, y1), (x0 + 0.5, y1),
+            (x0, y1 - 0.5), (x0, y0 + 0.5)}
+
+
+@pytest.mark.parametrize("offset, downsample", [((0, 0), 1.0), ((100, 200), 2.0)])
+def test_holes_and_pieces_keep_every_ring(offset, downsample):
+    labels = rings_and_pieces_labels()
+    nuclei = measure_nuclei(labels, np.zeros((*labels.shape, 3), np.uint8), offset, downsample)
+    assert nuclei.id.tolist() == [2, 3, 4, 5, 6, 8, 9]
+    assert nuclei.area_px.tolist() == [n * downsample ** 2 for n in (18, 9, 24, 1, 33, 14, 8)]
+    assert sorted(nuclei.shapes) == [4, 6, 9]  # one ring each for the others: no per-nucleus geometry
+    oy, ox = offset
+
+    def level0(points):
+        return {((x + ox) * downsample, (y + oy) * downsample) for x, y in points}
+
+    def vertex_set(ring):
+        return {tuple(p) for p in ring[:-1].tolist()}
+
+    # the ring: exterior and hole through the side midpoints of its pixels, the hole clockwise
+    (ring,) = nuclei.shapes[4]
+    assert len(ring) == 2 and vertex_set(ring[0]) == level0(_octagon(1, 1, 8, 8))
+    assert vertex_set(ring[1]) == level0(_octagon(2, 2, 7, 7))
+    assert _signed_area(ring[0][:-1]) == 48.5 * downsample ** 2  # 7 x 7 px less 4 corners of 1/8
+    assert _signed_area(ring[1][:-1]) == -24.5 * downsample ** 2
+    # two pieces in raster order of their first pixels, the second with its one-pixel hole
+    small, large = nuclei.shapes[6]
+    assert len(small) == 1 and vertex_set(small[0]) == level0(_octagon(10, 1, 13, 4))
+    assert len(large) == 2 and vertex_set(large[0]) == level0(_octagon(10, 5, 15, 10))
+    assert vertex_set(large[1]) == level0({(12.5, 7), (13, 7.5), (12.5, 8), (12, 7.5)})
+    assert _signed_area(large[1][:-1]) < 0 < _signed_area(large[0][:-1])
+    # pieces meeting at a corner are two: the outlines never cross a corner (4-connected pieces)
+    assert [vertex_set(p[0]) for p in nuclei.shapes[9]] == [level0(_octagon(1, 11, 3, 13)),
+                                                            level0(_octagon(3, 13, 5, 15))]
+    for polygons in nuclei.shapes.values():
+        for rings in polygons:
+            assert all((r[0] == r[-1]).all() and len(r) >= 5 for r in rings)
+    # the outline and its figures: the longest exterior ring, holes and smaller pieces aside
+    i = {k: i for i, k in enumerate(nuclei.id.tolist())}
+    assert same_ring(nuclei.polygon(i[4]), ring[0]) and same_ring(nuclei.polygon(i[6]), large[0])
+    assert nuclei.perimeter_px[i[4]] == pytest.approx((2 * (7 + 7) - 4 * (1 - np.sqrt(0.5))) * downsample)
+    assert nuclei.perimeter_px[i[6]] == pytest.approx((2 * (5 + 5) - 4 * (1 - np.sqrt(0.5))) * downsample)
+    assert nuclei.solidity[i[4]] == nuclei.solidity[i[6]] == 1.0
+    # every nucleus, of one ring or several, covers exactly its pixels' centres
+    rows, cols = np.mgrid[:labels.shape[0], :labels.shape[1]]
+    x, y = (cols + ox + 0.5) * downsample, (rows + oy + 0.5) * downsample
+    for j, k in enumerate(nuclei.id.tolist()):
+        assert np.array_equal(inside_polygons(nuclei.shapes.get(k, [[nuclei.polygon(j)]]), x, y), labels == k), k
+
+
+def test_a_gap_that_meets_the_outside_at_a_corner_is_no_hole():
+    """The background connects across corners (find_contours' default, as ``trace_outlines`` walks), so a gap whose
+    only way out is a corner is part of the outside: one ring, which goes into the gap and turns back before the
+    corner, and the whole-map tracer draws it as any other."""
+    labels = rings_and_pieces_labels()
+    ids, y, x, starts = trace_outlines(labels)
+    assert sorted(ids.tolist()) == [2, 3, 5, 8]
+    j = ids.tolist().index(8)
+    ring = np.stack([x, y], axis=1)[starts[j]:starts[j + 1]]
+    assert {(19.5, 3.0), (19.0, 3.5), (20.5, 4.0), (20.0, 4.5)} <= {tuple(p) for p in ring.tolist()}
+    closed = np.concatenate([ring, ring[:1]])
+    assert not inside_polygons([[closed]], np.array(19.5), np.array(3.5))  # the gap pixel (3, 19) is outside
+    assert _signed_area(ring) == 14 - 7 / 8 + 3 / 8  # 5 outer corners and 2 at the saddle cut, 3 inner ones added
+    (piece,) = outline_polygons(labels[1:5, 17:21] == 8, top=1, left=17)
+    assert len(piece) == 1 and same_ring(piece[0], closed)
+
+
+def test_the_outline_is_the_longest_exterior_ring_even_where_a_hole_has_a_longer_one():
+    """A frame with teeth reaching into its hole: the hole's ring (58 pixel sides) is longer than the exterior's
+    (36), and a longest ring taken whatever it bounds would draw and measure the nucleus as its hole."""
+    labels = np.zeros((11, 11), np.int32)
+    labels[1:10, 1:10] = 1
+    labels[2:9, 2:9] = 0
+    labels[2:7, [3, 5, 7]] = 1
+    nuclei = measure_nuclei(labels, np.zeros((*labels.shape, 3), np.uint8))
+    (exterior, hole), = nuclei.shapes[1]
+    assert {tuple(p) for p in nuclei.polygon(0)[:-1].tolist()} == _octagon(1, 1, 10, 10)
+    assert same_ring(nuclei.polygon(0), exterior) and same_ring(outline(labels == 1, 0, 0), exterior)
+    assert nuclei.perimeter_px[0] == pytest.approx(2 * (9 + 9) - 4 * (1 - np.sqrt(0.5)))
+    assert len(hole) - 1 > len(exterior) - 1 and _signed_area(hole[:-1]) < 0
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_every_nucleus_of_an_awkward_map_covers_exactly_its_pixels(seed):
+    labels = _awkward_labels(seed)[:60, :60]  # a quarter: each nucleus is checked on its whole bounding box
+    nuclei = measure_nuclei(labels, np.zeros((*labels.shape, 3), np.uint8), (3, 5), 2.0)
+    assert any(len(rings) > 1 for polygons in nuclei.shapes.values() for rings in polygons)  # holes
+    assert sum(len(polygons) > 1 for polygons in nuclei.shapes.values()) > 20  # and pieces
+    boxes = ndi.find_objects(labels)
+    for j, k in enumerate(nuclei.id.tolist()):
+        rows, cols = np.mgrid[boxes[k - 1]]
+        polygons = nuclei.shapes.get(k, [[nuclei.polygon(j)]])
+        assert np.array_equal(inside_polygons(polygons, (cols + 5.5) * 2, (rows + 3.5) * 2), labels[rows, cols] == k), k
+        for exterior, *holes in polygons:
+            assert _signed_area(exterior[:-1]) > 0 and all(_signed_area(h[:-1]) < 0 for h in holes)
 
 
 def test_hull_areas_equal_scipy_convex_hull():

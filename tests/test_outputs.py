@@ -28,7 +28,7 @@ from nucleiseg_monai.outputs import (
     write_label_tiff,
 )
 from nucleiseg_monai.synthetic import make_tile
-from conftest import hand_built_labels
+from conftest import hand_built_labels, inside_polygons, rings_and_pieces_labels
 
 RNG = np.random.default_rng(1)
 
@@ -100,7 +100,8 @@ def test_geojson_and_csv_streams():
 
 
 def _reference_feature(nuclei, i, image_name):
-    """The Feature the per-nucleus writer built and gave to json.dumps, from the same measurements."""
+    """The Feature the per-nucleus writer built and gave to json.dumps, from the same measurements; a nucleus with
+    a hole or in pieces (as a window's edge may cut one) with all its rings."""
     measurements = {
         "nucleus_id": int(nuclei.id[i]), "area_px": int(nuclei.area_px[i]),
         "perimeter_px": round(float(nuclei.perimeter_px[i]), 2),
@@ -110,10 +111,15 @@ def _reference_feature(nuclei, i, image_name):
     }
     if nuclei.area_um2 is not None:
         measurements["area_um2"] = round(float(nuclei.area_um2[i]), 3)
+    geometry = {"type": "Polygon", "coordinates": [nuclei.polygon(i).round(3).tolist()]}
+    if (polygons := nuclei.shapes.get(int(nuclei.id[i]))) is not None:
+        coordinates = [[ring.round(3).tolist() for ring in rings] for rings in polygons]
+        geometry = ({"type": "Polygon", "coordinates": coordinates[0]} if len(coordinates) == 1
+                    else {"type": "MultiPolygon", "coordinates": coordinates})
     return {
         "type": "Feature",
         "id": str(uuid.uuid5(uuid.UUID("9a4e2a63-0a5c-4c1e-9d7e-2f4b8f0c6d11"), f"{image_name}/{nuclei.id[i]}")),
-        "geometry": {"type": "Polygon", "coordinates": [nuclei.polygon(i).round(3).tolist()]},
+        "geometry": geometry,
         "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
                        "measurements": {k: v for k, v in measurements.items() if math.isfinite(v)}},
     }
@@ -138,6 +144,40 @@ def test_geojson_text_equals_json_dumps_and_csv_equals_formatted_rows(mpp):
         for b in batches for i in range(len(b))
     ]
     assert [r.split(",") for r in rows[1:]] == expected_rows
+
+
+@pytest.mark.parametrize("offset, downsample", [((0, 0), 1.0), ((3, 5), 2.0)])
+def test_geojson_draws_holes_and_pieces_and_its_polygons_cover_exactly_each_nucleus(offset, downsample):
+    labels = rings_and_pieces_labels()
+    nuclei = measure_nuclei(labels, np.zeros((*labels.shape, 3), np.uint8), offset, downsample)
+    text, _ = _streamed([nuclei], image_name="r")
+    features = json.loads(text)["features"]
+    assert [f["properties"]["measurements"]["nucleus_id"] for f in features] == [2, 3, 4, 5, 6, 8, 9]
+    geometries = {f["properties"]["measurements"]["nucleus_id"]: f["geometry"] for f in features}
+    # Polygon rings (exterior, holes) per piece: the ring with its hole, two pieces the second holed, a gap open
+    # at a corner (no hole), two pieces meeting at a corner
+    kinds = {k: (g["type"], [len(p) for p in (g["coordinates"] if g["type"] == "MultiPolygon"
+                                                  else [g["coordinates"]])]) for k, g in geometries.items()}
+    assert kinds == {2: ("Polygon", [1]), 3: ("Polygon", [1]), 4: ("Polygon", [2]), 5: ("Polygon", [1]),
+                     6: ("MultiPolygon", [1, 2]), 8: ("Polygon", [1]), 9: ("MultiPolygon", [1, 1])}
+    oy, ox = offset
+    rows, cols = np.mgrid[:labels.shape[0], :labels.shape[1]]
+    x, y = (cols + ox + 0.5) * downsample, (rows + oy + 0.5) * downsample  # pixel centres, level 0
+    for k, geometry in geometries.items():
+        polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+        for exterior, *holes in polygons:
+            assert all(ring[0] == ring[-1] and len(ring) >= 5 for ring in [exterior, *holes])  # closed
+            assert _signed_area(exterior) > 0 and all(_signed_area(h) < 0 for h in holes)  # RFC 7946 orientation
+        assert np.array_equal(inside_polygons(polygons, x, y), labels == k), k
+    expected = ",\n".join(json.dumps(_reference_feature(nuclei, i, "r"), separators=(",", ":"))
+                          for i in range(len(nuclei)))
+    assert text == '{"type": "FeatureCollection", "features": [\n' + expected + "\n]}\n"  # byte for byte
+
+
+def _signed_area(ring) -> float:
+    """Shoelace area of a closed ring of (x, y) vertices; positive when counter-clockwise (with y down)."""
+    x, y = np.asarray(ring, np.float64).T
+    return 0.5 * float(x[:-1] @ y[1:] - x[1:] @ y[:-1])
 
 
 def test_overlay_draws_outlines(tmp_path):
