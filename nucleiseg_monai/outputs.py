@@ -15,6 +15,7 @@ Polygon, with its holes as further rings, or a MultiPolygon where it is in sever
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import logging
@@ -76,21 +77,123 @@ def iter_tiles(labels: np.ndarray, tile: int) -> Iterator[np.ndarray]:
             yield block
 
 
+# A label BigTIFF's factor-4 level is buffered in memory up to this size (tiles, regions of interest: no file to
+# write and remove), beyond it in a temporary file: that level of a 100k x 100k px slide is 2.5 GB of uint32
+LEVEL_BUFFER_IN_MEMORY = 64 << 20
+
+
+def label_levels(shape: tuple[int, int], tile: int) -> list[int]:
+    """Downsampling factors of the label BigTIFF's reduced levels: 4, 16, 64, ... while a level's longer side is more
+    than a tile (a map that fits in a few tiles at level 0 gets none)."""
+    factors, factor = [], 4
+    while max(-(-shape[0] // factor), -(-shape[1] // factor)) > tile:
+        factors.append(factor)
+        factor *= 4
+    return factors
+
+
+class _ReducedLevel:
+    """``level0[::4, ::4]`` of a label map, collected from its level-0 tiles as they stream past (``subsample``);
+    every coarser level is read back from it by stride (``level0[::16, ::16] == level0[::4, ::4][::4, ::4]``).
+
+    Level 0 is written first and cannot be read back while the file is open, so the level is buffered until level 0
+    is done. Each row of level-0 tiles completes a band of rows of it, appended to the buffer: in memory up to
+    ``LEVEL_BUFFER_IN_MEMORY``, else in a hidden temporary file beside the output (named as ``AtomicFile`` names
+    them, so ``remove_stale`` deletes one a killed run left), written and read in whole rows, so the process holds
+    a band, never the level. Leaving the ``with`` block removes the file, however it is left.
+    """
+
+    def __init__(self, final: Path, shape: tuple[int, int]):
+        self.level0 = tuple(shape)
+        self.shape = (-(-shape[0] // 4), -(-shape[1] // 4))
+        self._file: AtomicFile | None = None
+        if self.shape[0] * self.shape[1] * 4 <= LEVEL_BUFFER_IN_MEMORY:
+            self.buffer: IO[bytes] = io.BytesIO()
+            return
+        self._file = AtomicFile(final.with_name(f"{final.name}.levels"))
+        try:
+            self.buffer = open(self._file.tmp, "w+b")
+        except BaseException:
+            self._file.discard()
+            raise
+
+    def __enter__(self) -> _ReducedLevel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.buffer.close()
+        if self._file is not None:
+            self._file.discard()
+
+    def subsample(self, tiles: Iterable[np.ndarray], tile: int) -> Iterator[np.ndarray]:
+        """``tiles`` (row-major, (tile, tile)) passed on unchanged, each one's every 4th pixel kept."""
+        height, width = self.shape
+        side, columns = tile // 4, -(-self.level0[1] // tile)
+        band = np.zeros((side, width), np.uint32)
+        for index, block in enumerate(tiles):
+            row, column = divmod(index, columns)
+            x = column * side
+            band[:, x:x + side] = block[::4, ::4][:, :width - x]
+            if column == columns - 1:
+                self.buffer.write(band[:min(side, height - row * side)])
+            yield block
+
+    def tiles(self, factor: int, tile: int) -> Iterator[np.ndarray]:
+        """Row-major (tile, tile) blocks of ``level0[::factor, ::factor]`` (factor 4, 16, 64, ...)."""
+        step = factor // 4
+        height = -(-self.shape[0] // step)
+        for y in range(0, height, tile):
+            yield from iter_tiles(self._rows(range(y * step, min(y + tile, height) * step, step))[:, ::step], tile)
+
+    def _rows(self, rows: range) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), np.uint32)
+        for first, into in [(rows.start, out)] if rows.step == 1 else zip(rows, out):
+            self.buffer.seek(first * out.shape[1] * 4)
+            if self.buffer.readinto(into) != into.nbytes:
+                raise EOFError("the label tiles ended before the label map did")
+        return out
+
+
 def _write_label_tiff(target: Path, tiles: Iterable[np.ndarray], shape: tuple[int, int], tile: int,
-                      mpp: float | None, compression: str) -> None:
+                      mpp: float | None, compression: str, final: Path) -> None:
+    """Writes ``target``, the temporary file that becomes ``final``; ``final`` names the level buffer's temporary
+    file and the OME-XML's UUID."""
     if tile % 16:
         raise ValueError(f"TIFF tiles must be a multiple of 16 pixels, got {tile}")
-    resolution: dict[str, Any] = {}
-    if mpp:
-        pixels_per_cm = 1e4 / mpp
-        resolution = {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+
+    def resolution(factor: int) -> dict[str, Any]:
+        if not mpp:
+            return {}
+        pixels_per_cm = 1e4 / mpp / factor
+        return {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+
     # maxworkers=1: with more, tifffile pulls up to 512 MB of tiles ahead of the writer to compress in threads,
-    # which would drag the whole inference that far ahead and hold those tiles in memory
-    tifffile.imwrite(
-        target, iter(tiles), shape=tuple(shape), dtype=np.uint32, tile=(tile, tile), bigtiff=True,
-        photometric="minisblack", compression=compression, predictor=True, metadata=None, maxworkers=1,
-        **resolution,
-    )
+    # which would drag the whole inference that far ahead and hold those tiles in memory (and, for the reduced
+    # levels, hold that much of them read back from their buffer)
+    options: dict[str, Any] = dict(dtype=np.uint32, tile=(tile, tile), photometric="minisblack",
+                                   compression=compression, predictor=True, maxworkers=1)
+    factors = label_levels(shape, tile)
+    if not factors:
+        tifffile.imwrite(target, iter(tiles), shape=tuple(shape), bigtiff=True, metadata=None, **options,
+                         **resolution(1))
+        return
+    # OME-TIFF, not plain TIFF: Bio-Formats (and so QuPath) takes SubIFDs for sub-resolutions only in its OME-TIFF
+    # reader, chosen by the OME-XML in the first page's ImageDescription, whatever the file's suffix; its plain TIFF
+    # reader lists the main IFDs alone, so it would show level 0 only. Bio-Formats takes the pixel size from the
+    # OME-XML, the resolution tags serve the other readers. The levels sit in SubIFDs of the level-0 page, outside
+    # the chain of main pages, so tifffile.imread and any reader of the first page still get level 0 alone.
+    #
+    # The UUID is made from the file's name, not at random as tifffile would: an image resumed from its kept
+    # regions must get the same bytes as one run whole.
+    metadata: dict[str, Any] = {"axes": "YX", "UUID": str(uuid.uuid5(_UUID_NAMESPACE, f"labels/{final.name}"))}
+    if mpp:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    with _ReducedLevel(final, shape) as level, tifffile.TiffWriter(target, bigtiff=True, ome=True) as tif:
+        tif.write(level.subsample(tiles, tile), shape=tuple(shape), subifds=len(factors), metadata=metadata,
+                  **options, **resolution(1))
+        for factor in factors:
+            tif.write(level.tiles(factor, tile), shape=(-(-shape[0] // factor), -(-shape[1] // factor)),
+                      subfiletype=1, metadata=None, **options, **resolution(factor))
 
 
 def write_label_tiff(
@@ -101,12 +204,18 @@ def write_label_tiff(
     mpp: float | None = None,
     compression: str = "zlib",
 ) -> Path:
-    """Atomically write a tiled, compressed BigTIFF of uint32 instance ids.
+    """Atomically write a tiled, compressed, pyramidal BigTIFF of uint32 instance ids.
 
     ``labels`` is a whole array, or an iterable of (tile, tile) blocks in row-major order (then ``shape`` is
     required) so a slide-sized map never has to be in memory. ``mpp`` sets X/YResolution in pixels per cm.
     Deflate with a horizontal predictor (long runs of equal ids) is read by libtiff, Bio-Formats and QuPath;
     ``compression="zstd"`` is smaller but less widely readable.
+
+    Reduced levels, for viewers to open and pan a slide's map: factors 4, 16, 64, ... while a level's longer side is
+    more than a tile (``label_levels``), each ``labels[::f, ::f]`` (nearest neighbour: every pixel is one of level
+    0's ids, never a blend), built while the tiles stream past. They are SubIFDs of the level-0 page of an
+    OME-TIFF, as Bio-Formats and QuPath read pyramids, with X/YResolution divided by ``f``; ``tifffile.imread``
+    still returns level 0 alone. A map with no reduced level is a plain single-page BigTIFF.
     """
     if isinstance(labels, np.ndarray):
         shape = labels.shape
@@ -114,7 +223,7 @@ def write_label_tiff(
     if shape is None:
         raise ValueError("shape is required when labels is an iterator of tiles")
     with atomic_path(path) as tmp:
-        _write_label_tiff(tmp, labels, shape, tile, mpp, compression)
+        _write_label_tiff(tmp, labels, shape, tile, mpp, compression, Path(path))
     return Path(path)
 
 
@@ -419,8 +528,8 @@ def write_manifest(out_dir: str | os.PathLike, name: str, files: dict[str, Path]
 @dataclass(frozen=True)
 class OutputOptions:
     """How a predictor writes each image's outputs: ``label_tile``, the tile side of the label BigTIFF (a multiple
-    of 16); ``overlay_max_side``, the longer side of the overlay PNG; ``compression``, the label BigTIFF's codec
-    (``write_label_tiff``)."""
+    of 16; its reduced levels go on while one is longer than a tile); ``overlay_max_side``, the longer side of the
+    overlay PNG; ``compression``, the label BigTIFF's codec (``write_label_tiff``)."""
 
     label_tile: int = 512
     overlay_max_side: int = 2048
@@ -486,7 +595,8 @@ class SlideOutputs:
         return added
 
     def write_labels(self, tiles: Iterable[np.ndarray]) -> None:
-        _write_label_tiff(self._files["labels"].tmp, tiles, self.shape, self.label_tile, self.mpp, self.compression)
+        _write_label_tiff(self._files["labels"].tmp, tiles, self.shape, self.label_tile, self.mpp, self.compression,
+                          self.paths["labels"])
         self._labels_written = True
 
     def commit(self, info: dict | None = None) -> dict[str, Path]:

@@ -11,7 +11,8 @@ import pytest
 import tifffile
 from skimage import io as skio
 
-from nucleiseg_monai.atomic import host_name
+from nucleiseg_monai import outputs
+from nucleiseg_monai.atomic import TEMPORARY_NAME, host_name
 from nucleiseg_monai.measurements import measure_nuclei
 from nucleiseg_monai.outputs import (
     PREDICTION_COLOUR,
@@ -23,6 +24,7 @@ from nucleiseg_monai.outputs import (
     Overlay,
     SlideOutputs,
     iter_tiles,
+    label_levels,
     output_paths,
     outputs_complete,
     write_label_tiff,
@@ -65,6 +67,89 @@ def test_label_tiff_failure_leaves_nothing(tmp_path):
         write_label_tiff(tmp_path / "old.labels.tif", broken(), shape=(128, 128), tile=64)
     assert (tmp_path / "old.labels.tif").read_bytes() == b"previous complete file"
     assert _leftovers(tmp_path) == []
+
+
+def _pixel_ids(shape) -> np.ndarray:
+    """Each pixel's id names it: id - 1 = row * width + column, so a reduced level's pixel says where it came from."""
+    return (np.arange(shape[0] * shape[1], dtype=np.uint32) + 1).reshape(shape)
+
+
+def test_label_levels_are_added_while_a_level_is_longer_than_a_tile():
+    assert label_levels((1000, 1000), 512) == []  # 250 px at factor 4: fits a tile
+    assert label_levels((2048, 2048), 512) == []  # 512 px at factor 4: exactly one tile
+    assert label_levels((2049, 10), 512) == [4]
+    assert label_levels((2100, 3300), 256) == [4]  # 825, then 207 px
+    assert label_levels((2100, 3300), 128) == [4, 16]  # 825, 207, then 52 px
+    assert label_levels((100_000, 100_000), 512) == [4, 16, 64]  # 25000, 6250, 1563, then 391 px
+
+
+@pytest.mark.parametrize("tile, shapes", [(256, [(525, 825)]), (128, [(525, 825), (132, 207)])])
+@pytest.mark.parametrize("buffer", ["memory", "file"])
+def test_label_tiff_pyramid_levels_are_level_0_pixels(tmp_path, monkeypatch, tile, shapes, buffer):
+    if buffer == "file":
+        monkeypatch.setattr(outputs, "LEVEL_BUFFER_IN_MEMORY", 0)
+    labels = _pixel_ids((2100, 3300))
+    path = write_label_tiff(tmp_path / "x.labels.tif", iter_tiles(labels, tile), shape=labels.shape, tile=tile,
+                            mpp=0.5)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 1 and tif.is_ome  # the levels are SubIFDs of the level-0 page, not pages
+        [series] = tif.series
+        assert [level.shape for level in series.levels] == [labels.shape, *shapes]
+        np.testing.assert_array_equal(series.levels[0].asarray(), labels)
+        for k, level in enumerate(series.levels[1:], 1):
+            factor = 4**k
+            page = level.keyframe
+            assert page.subfiletype == tifffile.FILETYPE.REDUCEDIMAGE
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (tile, tile)
+            assert page.dtype == np.uint32 and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+            assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
+            assert page.resolution == pytest.approx((2e4 / factor, 2e4 / factor))
+            reduced = level.asarray()
+            # pixel (i, j) holds the id of level-0 pixel (f i, f j): nearest neighbour, aligned at the origin
+            source = np.divmod(reduced.astype(np.int64) - 1, labels.shape[1])
+            np.testing.assert_array_equal(source, np.indices(reduced.shape) * factor)
+            np.testing.assert_array_equal(reduced, labels[::factor, ::factor])
+        assert 'PhysicalSizeX="0.5"' in tif.pages[0].description  # what Bio-Formats reads the pixel size from
+    np.testing.assert_array_equal(tifffile.imread(path), labels)  # level 0 alone, as before
+    first = path.read_bytes()
+    write_label_tiff(path, labels, tile=tile, mpp=0.5)
+    assert path.read_bytes() == first  # an image resumed from kept regions gets the bytes of one run whole
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_label_map_that_fits_a_few_tiles_gets_no_levels(tmp_path):
+    labels = RNG.integers(0, 70_000, (1000, 700)).astype(np.uint32)
+    path = write_label_tiff(tmp_path / "x.labels.tif", labels, tile=512, mpp=0.5)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 1 and tif.pages[0].subifds is None and not tif.is_ome
+        assert tif.pages[0].description == ""  # as before the pyramid: no metadata at all
+        np.testing.assert_array_equal(tif.pages[0].asarray(), labels)
+
+
+@pytest.mark.parametrize("writer, error", [("write_label_tiff", RuntimeError), ("SlideOutputs", KeyboardInterrupt)])
+def test_a_pyramid_stopped_mid_stream_leaves_no_temporary_files(tmp_path, monkeypatch, writer, error):
+    monkeypatch.setattr(outputs, "LEVEL_BUFFER_IN_MEMORY", 0)  # the level goes to a file beside the output
+    labels = _pixel_ids((2100, 3300))
+    seen = []
+
+    def broken():
+        yield from iter_tiles(labels[:1024], 256)
+        seen.extend(_leftovers(tmp_path))
+        raise error("stopped")
+
+    (tmp_path / "x.labels.tif").write_bytes(b"previous complete file")
+    with pytest.raises(error, match="stopped"):
+        if writer == "write_label_tiff":
+            write_label_tiff(tmp_path / "x.labels.tif", broken(), shape=labels.shape, tile=256)
+        else:
+            with SlideOutputs(tmp_path, "x", labels.shape, label_tile=256) as out:
+                out.write_labels(broken())
+    # the level's buffer was there, named as every temporary file here is, so remove_stale would find a killed run's
+    [buffer] = [name for name in seen if ".levels." in name]
+    assert buffer.startswith(".x.labels.tif.levels.pid") and TEMPORARY_NAME.match(buffer)
+    assert _leftovers(tmp_path) == []
+    if writer == "write_label_tiff":
+        assert (tmp_path / "x.labels.tif").read_bytes() == b"previous complete file"
 
 
 def _streamed(batches, image_name: str = "") -> tuple[str, str]:
