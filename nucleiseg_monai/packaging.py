@@ -245,18 +245,27 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
 
 def unlicensed_sources(root: str | os.PathLike) -> list[str]:
     """The sources the bundle's weights learnt from whose license nobody stated (``models/datalist.json``'s
-    ``provenance``): their terms, and so the weights', are unknown."""
+    ``provenance``, and that of the weights they started from): their terms, and so the weights', are unknown."""
     return [source for source, facts in _provenance(Path(root)).items()
             if not ((facts or {}).get("license") or "").strip()]
 
 
+def non_commercial_sources(root: str | os.PathLike) -> list[str]:
+    """The sources behind the bundle's weights whose license rules out commercial use."""
+    return [source for source, facts in _provenance(Path(root)).items() if (facts or {}).get("commercial_use") is False]
+
+
 def _provenance(root: Path) -> dict:
-    """``models/datalist.json``'s ``provenance``; empty where there is none (a datalist made before it was)."""
+    """Every source behind the weights: ``models/datalist.json``'s ``provenance`` and, through ``started_from``,
+    that of the weights the run started from (``sources.provenance_chain``); empty where the datalist records none
+    (one made before it did)."""
+    from .sources import provenance_chain
+
     try:
-        provenance = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8")).get("provenance")
-    except (OSError, ValueError, AttributeError):
+        datalist = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
-    return provenance if isinstance(provenance, dict) else {}
+    return provenance_chain(datalist) if isinstance(datalist, dict) else {}
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -281,11 +290,21 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
                        "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
                        "; ".join(unstated))
     unlicensed = unlicensed_sources(root)
+    unknown = [s for s in unlicensed if s.startswith("weights ")]  # started from weights of unrecorded data
+    unlicensed = [s for s in unlicensed if s not in unknown]
     if unlicensed:
         logger.warning("%s: the weights learnt from source(s) %s, whose license is not stated (models/datalist.json, "
                        "provenance), so neither are the weights' terms; find it, name it in LICENSE and in the "
                        "sources file (license, citation), then train or make the datalist again", root,
                        ", ".join(unlicensed))
+    if unknown:
+        logger.warning("%s: the weights started from %s, whose training data is not recorded (no datalist.json "
+                       "beside them), so their terms are unknown; find out what those weights learnt from and "
+                       "name its license in LICENSE", root, ", ".join(u.removeprefix("weights ") for u in unknown))
+    non_commercial = non_commercial_sources(root)
+    if non_commercial:
+        logger.info("%s: the weights learnt from non-commercial data (%s): not for commercial use, as LICENSE and "
+                    "metadata.json must say", root, ", ".join(non_commercial))
     if Path(zip_path).is_dir() or str(zip_path).endswith(("/", os.sep)):  # a folder to write the zip into
         zip_path = Path(zip_path) / f"{root.name}.zip"
     zip_path = Path(zip_path)

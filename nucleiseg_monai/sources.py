@@ -516,6 +516,57 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
     return datalist
 
 
+def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | os.PathLike | None,
+                 resume: bool | str = False) -> None:
+    """Writes the datalist a new training run uses into its own ``ckpt_dir`` (``datalist.json``), with what its
+    weights start from (``started_from``): the ``pretrained`` weights, and the provenance of the datalist beside
+    them, its own ``started_from`` included.
+
+    Weights carry the terms of all the data behind them: a fine-tune on one's own data under a permissive license
+    from weights that learnt from non-commercial data is not free for commercial use, and ``pack`` must know it
+    (``provenance_chain``). Weights with no datalist beside them are recorded with provenance None: unknown. The
+    run's folder gets the datalist even where ``--datalist_file`` named another, so the weights' record is beside
+    them. A resumed run keeps its own.
+    """
+    from .handlers import parse_bool, weights_path
+
+    if parse_bool(resume, "resume"):
+        return
+    own = Path(ckpt_dir) / "datalist.json"
+    record = {key: value for key, value in datalist.items() if key != "started_from"}
+    weights = weights_path(pretrained)
+    if weights is not None:
+        weights = weights.expanduser().resolve()
+        beside = weights.parent / "datalist.json"
+        start: dict = {"weights": str(weights), "provenance": None}
+        if beside.is_file():
+            before = json.loads(beside.read_text(encoding="utf-8"))
+            start.update(provenance=before.get("provenance"), started_from=before.get("started_from"))
+        else:
+            logger.warning("no datalist.json beside the pretrained weights %s: the data they learnt from, and its "
+                           "license, are unknown, and so are this run's weights' terms", weights)
+        record["started_from"] = start
+    if own.is_file() and json.loads(own.read_text(encoding="utf-8")) == record:
+        return
+    write_json_atomic(record, own)
+
+
+def provenance_chain(datalist: dict) -> dict[str, dict | None]:
+    """Every source the weights of ``datalist``'s run owe to, this run's and those its ``started_from`` weights
+    learnt from, each as ``provenance`` gives it (None: weights whose data is unknown). Inherited ones are named
+    "<source> (through <weights>)"."""
+    chain: dict[str, dict | None] = dict(datalist.get("provenance") or {})
+    start, seen = datalist.get("started_from"), set()
+    while isinstance(start, dict) and start.get("weights") not in seen:
+        seen.add(start.get("weights"))
+        if not isinstance(start.get("provenance"), dict):
+            chain[f"weights {start.get('weights')}"] = None
+            break
+        chain.update({f"{name} (through {start['weights']})": facts for name, facts in start["provenance"].items()})
+        start = start.get("started_from")
+    return chain
+
+
 def resolve(datalist: dict, data_root: str | os.PathLike, part: str, working_mpp: float,
             sources: list[str] | None = None) -> list[dict]:
     """Records of one part with absolute paths and ``scale`` (tile mpp / working mpp), optionally of some sources."""

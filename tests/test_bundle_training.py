@@ -312,6 +312,9 @@ def test_overwrite_keeps_the_earlier_run_until_its_own_data_and_weights_have_loa
     assert f"removed {bundle / 'models' / 'checkpoint_last.pt'}, left by the run that --overwrite replaces" in output
     assert f"started from {bundle / 'models' / 'model.pt'}" in output and "Epoch[0] Metrics" in output
     assert load(bundle / "models" / "checkpoint_last.pt")["trainer"]["iteration"] == iterations_per_epoch(bundle)
+    started = json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]
+    assert started["weights"] == str((bundle / "models" / "model.pt").resolve())
+    assert started["provenance"]["synthetic"]["tiles"]["training"] > 0  # the data the start learnt from
 
 
 def test_resume_without_a_checkpoint_fails_naming_it(dataset, tmp_path):

@@ -153,6 +153,53 @@ def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_p
     assert packaging.unstated_licenses(bundle) == []
 
 
+def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt_from(tmp_path, caplog):
+    from nucleiseg_monai.sources import record_start
+
+    shipped = tmp_path / "shipped" / "models"  # weights that learnt from non-commercial data
+    shipped.mkdir(parents=True)
+    (shipped / "model.pt").write_bytes(b"w")
+    (shipped / "datalist.json").write_text(json.dumps({"provenance": {
+        "cryonuseg": {"license": "CC BY-NC-SA 4.0", "commercial_use": False}}}))
+    mine = {"sources": {}, "training": [], "provenance": {"mine": {"license": "CC0-1.0", "commercial_use": True}}}
+    run = tmp_path / "run" / "models"
+    run.mkdir(parents=True)
+    record_start(mine, run, str(shipped / "model.pt"), "false")
+    recorded = json.loads((run / "datalist.json").read_text())
+    assert recorded["started_from"] == {"weights": str(shipped / "model.pt"), "started_from": None,
+                                        "provenance": {"cryonuseg": {"license": "CC BY-NC-SA 4.0",
+                                                                     "commercial_use": False}}}
+    (run / "model.pt").write_bytes(b"w2")
+    again = tmp_path / "again" / "models"  # a second fine-tune, from the first: the chain goes on
+    again.mkdir(parents=True)
+    record_start(mine, again, str(run / "model.pt"), False)
+    bundle = _bundle(tmp_path / "b")
+    (bundle / "models" / "datalist.json").write_text((again / "datalist.json").read_text())
+    through = f"cryonuseg (through {shipped / 'model.pt'})"
+    assert list(packaging._provenance(bundle)) == ["mine", f"mine (through {run / 'model.pt'})", through]
+    assert packaging.non_commercial_sources(bundle) == [through]
+    (bundle / "LICENSE").write_text("CC0-1.0\n")
+    assert packaging.unstated_licenses(bundle) == [f"CC BY-NC-SA 4.0 ({through})"]
+    with caplog.at_level("INFO", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    assert f"does not name the license of data its weights learnt from: CC BY-NC-SA 4.0 ({through})" in caplog.text
+    assert f"the weights learnt from non-commercial data ({through}): not for commercial use" in caplog.text
+
+    record_start(mine, again, None, True)  # a resumed run keeps its record
+    assert "started_from" in json.loads((again / "datalist.json").read_text())
+    record_start(mine, again, None, False)  # a run from scratch owes nothing to others' weights
+    assert "started_from" not in json.loads((again / "datalist.json").read_text())
+    (tmp_path / "loose.pt").write_bytes(b"w")
+    with caplog.at_level("WARNING"):
+        record_start(mine, again, str(tmp_path / "loose.pt"), False)
+    assert f"no datalist.json beside the pretrained weights {tmp_path / 'loose.pt'}" in caplog.text
+    (bundle / "models" / "datalist.json").write_text((again / "datalist.json").read_text())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    assert f"the weights started from {tmp_path / 'loose.pt'}, whose training data is not recorded" in caplog.text
+
+
 def test_pack_warns_without_a_license_and_writes_into_a_folder_it_is_given(tmp_path, caplog):
     bundle = _bundle(tmp_path / "b")
     (bundle / "LICENSE").unlink()
