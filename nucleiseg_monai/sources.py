@@ -163,17 +163,24 @@ def _mpp(value, where: str) -> float | str:
     if isinstance(value, str) and value.strip().lower() in ("file", UNKNOWN_MPP):
         return value.strip().lower()
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
-        from .wsi import MPP_HINT, PLAUSIBLE_MPP
+        from .wsi import MPP_HINT, PLAUSIBLE_MPP, doubtful_mpp
 
         if not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:  # 40 would resample every tile x160
             raise DataError(f"{where}: mpp {value!r} is outside the plausible pixel sizes {PLAUSIBLE_MPP[0]:g}-"
                             f"{PLAUSIBLE_MPP[1]:g} um/px; {MPP_HINT}")
+        # plausible but unlike a scan: 4 (px/um typed for 0.25 um/px) resamples every tile x16, in hours and memory
+        if (doubt := doubtful_mpp(value, None)) and (where, value) not in _doubted:
+            _doubted.add((where, value))
+            logger.warning("%s: mpp %g is %s; %s", where, value, doubt, MPP_HINT)
         return float(value)
     raise DataError(
         f"{where}: mpp {value!r} is no pixel size; give microns per pixel as a number (0.25 for a 40x scan), "
         "\"file\" to read it from each TIFF's resolution tags, or \"unknown\" (or null) to use the tiles as read, "
         "taken to be at the model's working pixel size"
     )
+
+
+_doubted: set[tuple[str, float]] = set()  # registry pixel sizes already warned about (a registry is read often)
 
 
 def default_data_root(bundle_root: str | os.PathLike) -> str:

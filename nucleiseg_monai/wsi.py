@@ -46,7 +46,9 @@ SCAN_MPP = (0.1, 2.0)
 # smears nuclei to a few pixels (a 10x scan brought to 40x) or multiplies the work by its square, so a wrong size
 # costs hours for nonsense, and a right one deserves a look before that.
 DOUBTFUL_SCALE = 4.0
-MPP_HINT = "it takes microns per pixel, not a magnification: 40x is about 0.25 um/px, 20x about 0.5 um/px"
+MPP_HINT = ("it takes microns per pixel, not a magnification: 40x is about 0.25 um/px, 20x about 0.5 um/px (nor "
+            "pixels per micron: 4 px/um is 0.25 um/px; nor nanometres or millimetres: 250 nm and 0.00025 mm are "
+            "0.25 um)")
 # A level may be at most this much coarser than the requested mpp (scanners' 0.25 vs 0.2525 um/px etc.).
 COARSER_TOLERANCE = 1.2
 WHITE = 255

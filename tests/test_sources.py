@@ -452,6 +452,19 @@ def test_a_missing_required_key_is_named(registry):
         S.load_sources(path)
 
 
+def test_a_registry_pixel_size_unlike_a_scans_is_warned_about_once(registry, caplog):
+    path, _ = registry
+    entries = json.loads(path.read_text())
+    entries["tcga"]["mpp"] = 4  # pixels per micron, typed for 0.25 um/px: every tile resampled x16
+    path.write_text(json.dumps(entries))
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.sources"):
+        S.load_sources(path)
+        S.load_sources(path)
+    [said] = [r.getMessage() for r in caplog.records if "mpp 4 is" in r.getMessage()]
+    assert said.startswith(f"source 'tcga' in {path}: mpp 4 is outside the 0.1-2 um/px of H&E scans")
+    assert "nor pixels per micron: 4 px/um is 0.25 um/px" in said
+
+
 def test_mpp_file_in_any_case_and_unknown_or_null_are_accepted(registry):
     path, data = registry
     entries = json.loads(path.read_text())
