@@ -37,16 +37,25 @@ STATS_NAME = "channel_stats.json"  # what training writes beside its model.pt (t
 _said: set[tuple[str, str]] = set()
 
 
-def _config_files(argv: list[str]) -> list[str]:
+def _argument(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` on a command line; None where it is not given."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--config_file"):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            try:
-                parsed = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                parsed = value
-            return [str(p) for p in parsed] if isinstance(parsed, (list, tuple)) else [str(parsed)]
-    return []
+        if arg == name:
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    value = _argument(argv, "--config_file")
+    if value is None:
+        return []
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return [str(p) for p in parsed] if isinstance(parsed, (list, tuple)) else [str(parsed)]
 
 
 def own_folder(bundle: str | os.PathLike) -> dict[str, str]:
@@ -179,6 +188,24 @@ def weights_stats_file(checkpoint: str | os.PathLike | None, stats_file: str | o
                        STATS_NAME, weights, own, STATS_NAME)
     _said.add(key)
     return str(stats_file)
+
+
+def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -> dict[str, list[float]]:
+    """The channel statistics ``ckpt_export`` puts inside the exported network (export.json's ``export_stats``):
+    those beside its ``--ckpt_file`` weights (``weights_stats_file``: a run's own ``channel_stats.json``, said in
+    one log line; the bundle's, with a warning, where there is none), unless ``--stats_file`` is given.
+
+    ``ckpt_export`` does not show ``--ckpt_file`` to the config, so it is read from the command line, as
+    ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with the bundle's
+    statistics, silently, and the exported network saw every image shifted.
+    """
+    from .data import load_stats
+
+    argv = sys.argv if argv is None else argv
+    checkpoint = _argument(argv, "--ckpt_file")
+    if checkpoint is None or _argument(argv, "--stats_file") is not None:
+        return load_stats(stats_file)
+    return load_stats(weights_stats_file(checkpoint, stats_file))
 
 
 def training_stats(datalist_stats: dict, stats_file: str | os.PathLike, pretrained: str | os.PathLike | None = None,

@@ -102,3 +102,23 @@ def test_export_takes_the_statistics_of_weights_from_elsewhere_from_stats_file(b
     net = parser.get_parsed_content(export["net_id"], instantiate=True, lazy=False)
     assert net.mean.flatten().tolist() == pytest.approx(run["mean"])
     assert net.std.flatten().tolist() == pytest.approx(run["std"])
+
+
+def test_export_takes_the_statistics_beside_the_ckpt_file_it_is_given(tmp_path, caplog):
+    from nucleiseg_monai.bundle import export_stats
+
+    own = {"mean": [126.0, 79.0, 108.0], "std": [40.0, 40.0, 40.0]}
+    run = {"mean": [183.0, 134.0, 169.0], "std": [25.0, 45.0, 30.0]}
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "channel_stats.json").write_text(json.dumps(own))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"")
+    (tmp_path / "run" / "channel_stats.json").write_text(json.dumps(run))
+    stats_file = str(tmp_path / "bundle" / "channel_stats.json")
+    command = ["ckpt_export", "--args_file", "export.json", "--ckpt_file", str(tmp_path / "run" / "model.pt")]
+    with caplog.at_level("INFO", logger="nucleiseg_monai.bundle"):
+        assert export_stats(stats_file, command) == run  # ckpt_export never shows --ckpt_file to the config
+    assert f"channel statistics {tmp_path / 'run' / 'channel_stats.json'}, beside the weights" in caplog.text
+    assert export_stats(stats_file, command + ["--stats_file", stats_file]) == own  # chosen on the command line
+    assert export_stats(stats_file, ["ckpt_export", f"--ckpt_file={tmp_path / 'run' / 'model.pt'}"]) == run
+    assert export_stats(stats_file, ["ckpt_export", "--args_file", "export.json"]) == own  # the bundle's weights
