@@ -156,10 +156,24 @@ LOSSY_LABEL_SUFFIXES = (".jpg", ".jpeg")
 
 
 def _read_labels(path: Path) -> np.ndarray:
+    """A label file's values: a palette PNG's indices (annotation tools write them; imageio would give the
+    palette's colours), and one channel of a map whose three channels agree (ids copied into RGB)."""
     if path.suffix.lower() in LOSSY_LABEL_SUFFIXES:
         raise DataError(f"{path} is a JPEG label map: lossy compression changes the ids along every edge; save "
                         "label maps losslessly, as PNG or TIFF, with one integer id per nucleus")
-    return _read(path)
+    if path.suffix.lower() == ".png" and path.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                if image.mode == "P":
+                    return np.asarray(image)
+        except OSError:
+            pass  # _read names the damage
+    labels = _read(path)
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and (labels[..., :3] == labels[..., :1]).all():
+        labels = labels[..., 0]
+    return labels
 
 
 def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.ndarray:
@@ -169,7 +183,12 @@ def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and kind == "binary":
         labels = labels[..., 0]
     if labels.ndim != 2:
-        raise DataError(f"{path} has shape {labels.shape}; a label map must be a single-channel (H, W) image")
+        colours = (" of different colours per pixel: if it colour-codes the nuclei (one colour each, black "
+                   "background), turn it into ids with np.unique(rgb[..., :3].reshape(-1, 3), axis=0, "
+                   "return_inverse=True)[1].reshape(rgb.shape[:2]) (0 must stay the background)"
+                   if labels.ndim == 3 and labels.shape[-1] in (3, 4) else "")
+        raise DataError(f"{path} has shape {labels.shape}{colours}; a label map must be a single-channel (H, W) "
+                        "image of integer ids: save it as a 16-bit greyscale PNG or a TIFF")
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
         raise DataError(f"{path} has {labels.dtype} values; label maps must hold integer ids")
     if kind == "binary":
@@ -198,8 +217,6 @@ def is_binary_mask(path: str | os.PathLike) -> bool:
     with one nucleus), so it is not counted; an RGB mask counts where its channels agree.
     """
     labels = _read_labels(Path(path))
-    if labels.ndim == 3 and labels.shape[-1] in (3, 4) and (labels[..., :3] == labels[..., :1]).all():
-        labels = labels[..., 0]
     if labels.ndim != 2:
         return False  # read_instance_labels names the shape
     values = np.unique(labels)

@@ -381,8 +381,24 @@ def test_label_map_with_three_dims_refused(tmp_path):
     tifffile.imwrite(stack, np.zeros((2, 16, 16), np.uint16))
     _raises_naming(stack, data.read_instance_labels, stack, match="single-channel")
     rgb = tmp_path / "rgb_label.tif"
-    tifffile.imwrite(rgb, np.zeros((16, 16, 3), np.uint8), photometric="rgb")
-    _raises_naming(rgb, data.read_instance_labels, rgb, "instance", match="single-channel")
+    coded = np.zeros((16, 16, 3), np.uint8)
+    coded[2:6, 2:6] = (255, 0, 0)  # one colour per nucleus
+    coded[8:12, 8:12] = (0, 0, 255)
+    tifffile.imwrite(rgb, coded, photometric="rgb")
+    _raises_naming(rgb, data.read_instance_labels, rgb, "instance", match="if it colour-codes the nuclei (one colour each, black background), turn it into ids with np.unique")
+
+
+def test_palette_pngs_and_ids_copied_into_three_channels_read_as_ids(tmp_path):
+    from PIL import Image
+
+    ids = np.zeros((16, 16), np.uint8)
+    ids[2:6, 2:6], ids[8:12, 8:12] = 1, 2
+    palette = Image.fromarray(ids, mode="P")  # annotation tools write these; imageio gives the palette's colours
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    palette.save(tmp_path / "palette.png")
+    assert np.array_equal(data.read_instance_labels(tmp_path / "palette.png"), ids)
+    imsave(tmp_path / "grey_rgb.png", np.repeat(ids[..., None], 3, axis=2), check_contrast=False)
+    assert np.array_equal(data.read_instance_labels(tmp_path / "grey_rgb.png"), ids)
 
 
 def test_lossy_label_maps_and_negative_ids_are_refused_naming_the_file(tmp_path):
