@@ -540,6 +540,7 @@ class SlidePredictor:
             (("overwrite", overwrite), ("progress", progress), ("prefetch", prefetch), ("keep_regions", keep_regions)))
         self.timings: dict[str, float] = {}  # the last slide's seconds per phase
         self._said_assumed = False  # segment's warning that an array without mpp is at the working pixel size
+        self._said_bits = False  # segment's warning that 16-bit arrays are scaled by the range each reaches
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike, **overrides) -> SlidePredictor:
@@ -736,15 +737,23 @@ class SlidePredictor:
         window, _, probs = self._predict_region(plan, dict.fromkeys(PHASES, 0.0), ij)
         return to_read_grid(self.instances(probs), window[2:], plan.scale)
 
-    def segment(self, rgb: np.ndarray, mpp: float | None = None) -> np.ndarray:
-        """Nuclei of an RGB image held in memory ((H, W, 3), 8 or 16 bit: a tile a notebook has loaded), as (H, W)
-        uint32 instance ids 1..N on the image's own grid: the labels ``predict_slide`` gives the same pixels in a
-        file (regions, resampling to the working pixel size, seams), with nothing written.
+    def segment(self, rgb: np.ndarray, mpp: float | None = None, bits: int | None = None) -> np.ndarray:
+        """Nuclei of an RGB image held in memory ((H, W, 3), 8 or 16 bit, a numpy array, torch tensor or PIL image:
+        a tile a notebook has loaded), as (H, W) uint32 instance ids 1..N on the image's own grid: the labels
+        ``predict_slide`` gives the same pixels in a file (regions, resampling to the working pixel size, seams),
+        with nothing written.
 
         ``mpp``: the image's pixel size in um/px; without it the predictor's ``input_mpp``, else the model's own
-        (a warning says so, once), as for a file that states none. 16-bit samples are scaled as a file's are (by
-        the range the data reach: the log says how), and fully transparent pixels are taken for white.
+        (a warning says so, once), as for a file that states none. ``bits``: the significant bits of 16-bit
+        samples (16: the full range; 12: a 12-bit camera's); without it they are scaled as a file's are, by the
+        range each image reaches, so tiles of one slide reaching different ranges would be scaled differently (a
+        warning says so, once). Fully transparent pixels are taken for white.
         """
+        if isinstance(rgb, (str, os.PathLike)):
+            raise TypeError(f"segment takes pixels, not a file name ({rgb!s}): for a file use predict_slide(path, "
+                            "output_dir), which also reads its pixel size, or pass skimage.io.imread(path)")
+        if hasattr(rgb, "mode") and hasattr(rgb, "convert"):  # a PIL image: palette and CMYK as the RGB they show
+            rgb = np.asarray(rgb if rgb.mode in ("RGB", "RGBA", "L", "LA", "I", "I;16") else rgb.convert("RGB"))
         pixels = convert_to_numpy(rgb)
         if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 1):
             raise ValueError(f"segment: a greyscale image {pixels.shape}; the model segments H&E colour: pass the "
@@ -755,14 +764,19 @@ class SlidePredictor:
             hint = "; a channels-first array goes in as np.moveaxis(image, 0, -1)" if pixels.ndim == 3 else ""
             raise ValueError(f"segment takes an RGB image of shape (height, width, 3), got {pixels.shape}{hint}")
         where = Path("<array>")
-        reader = ArrayReader(where, pixels, base_mpp=None if mpp is None else check_mpp(mpp, "mpp"))
+        reader = ArrayReader(where, pixels, base_mpp=None if mpp is None else check_mpp(mpp, "mpp"), bits=bits)
         if mpp is None:
             reader.base_mpp = self.input_mpp if self.input_mpp is not None else self.mpp
             if self.input_mpp is None and self.mpp is not None and not self._said_assumed:
                 self._said_assumed = True  # once per predictor: a loop over a thousand tiles needs one warning
                 logger.warning("segment: no mpp given, so images are taken to be at the model's %g um/px; pass "
                                "mpp= if they are not", self.mpp)
-        if reader.conversion:
+        if pixels.dtype == np.uint16 and bits is None and not self._said_bits:
+            self._said_bits = True
+            logger.warning("segment: %s, by the range this image reaches; tiles of one slide that reach different "
+                           "ranges would be scaled differently: pass bits= (16 for the full range, 12 for a 12-bit "
+                           "camera)", reader.conversion)
+        elif reader.conversion:
             logger.info("segment: %s", reader.conversion)
         with reader:
             plan = self.planner.plan(reader, reader.thumbnail(self.outputs.overlay_max_side), self.input_mpp)

@@ -279,8 +279,16 @@ def _channels(shape: tuple[int, ...], axes: str) -> int:
 class ArrayReader(SlideReader):
     """A small image held in memory (PNG, JPEG, BMP, WebP): one level. ``cmyk``: the pixels were converted from CMYK."""
 
-    def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None, cmyk: bool = False):
-        maximum = _colour_max(pixels) if pixels.dtype == np.uint16 else None
+    def __init__(self, path: Path, pixels: np.ndarray, base_mpp: float | None = None, cmyk: bool = False,
+                 bits: int | None = None):
+        """``bits``: the significant bits of 16-bit samples (12 for a 12-bit camera, 16 for the full range);
+        default: those of the range the data reach."""
+        if bits is not None and not (isinstance(bits, int) and 8 <= bits <= 16):
+            raise ValueError(f"bits must be a whole number from 8 to 16 (the significant bits of 16-bit samples), "
+                             f"got {bits!r}")
+        maximum = None
+        if pixels.dtype == np.uint16:
+            maximum = (1 << bits) - 1 if bits is not None else _colour_max(pixels)
         self.pixels = rgb_uint8(pixels, path, bits=_significant_bits(maximum) if maximum is not None else 16)
         super().__init__(path, [self.pixels.shape[:2]], base_mpp, source_dtype=pixels.dtype,
                          source_channels=1 if pixels.ndim == 2 else pixels.shape[-1])

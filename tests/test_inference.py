@@ -1042,6 +1042,31 @@ def test_an_image_in_memory_gets_the_labels_its_file_would(tmp_path, caplog):
     hidden[:256, ..., :3], hidden[:256, ..., 3] = 0, 0  # transparent black over the top half
     half = _predictor().segment(hidden, mpp=0.25)
     assert half[:256].max() == 0 and np.array_equal(half[300:] > 0, assumed[300:] > 0)
+    with pytest.raises(TypeError, match=r"not a file name .*predict_slide\(path, output_dir\)"):
+        _predictor().segment(str(tmp_path / "at_0.25.tif"), mpp=0.25)
+    assert np.array_equal(_predictor().segment(Image.fromarray(fine), mpp=0.25), assumed)  # a PIL image
+    assert np.array_equal(_predictor().segment(Image.fromarray(fine).convert("P"), mpp=0.25) > 0,
+                          _predictor().segment(np.asarray(Image.fromarray(fine).convert("P").convert("RGB")),
+                                               mpp=0.25) > 0)
+
+
+def test_16_bit_tiles_are_scaled_alike_when_their_bits_are_given(caplog):
+    """By default a 16-bit array is scaled by the range it reaches, so a tile reaching half the range is read
+    twice as bright as its slide's others; ``bits`` scales every tile alike, and the default says so, once."""
+    tile = _oracle_image(make_slide((256, 256), seed=3).labels())
+    dim = (tile // 2).astype(np.uint16) * 257  # reaches 15 bits of a 16-bit slide
+    predictor = _predictor()
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.inference"):
+        brightened = predictor.segment(dim, mpp=0.25)
+        predictor.segment(dim, mpp=0.25)
+    assert caplog.text.count("pass bits= (16 for the full range") == 1
+    assert re.search(r"segment: 16-bit samples of a 15-bit range \(maximum \d+\) scaled to 8 bit \(value / 128\), by",
+                     caplog.text)
+    assert np.array_equal(brightened, _predictor().segment(np.minimum(dim >> 7, 255).astype(np.uint8), mpp=0.25))
+    as_slide = _predictor().segment(dim, mpp=0.25, bits=16)
+    assert np.array_equal(as_slide, _predictor().segment((dim >> 8).astype(np.uint8), mpp=0.25))
+    with pytest.raises(ValueError, match="bits must be a whole number from 8 to 16"):
+        _predictor().segment(dim, mpp=0.25, bits=24)
 
 
 def test_from_bundle_refuses_a_sealed_bundle_edited_after_it_was_packed(tmp_path):
