@@ -116,8 +116,8 @@ class EvaluationReport:
     ):
         self.output_dir = Path(output_dir)
         self.observers_dir = Path(observers_dir) if observers_dir and Path(observers_dir).is_dir() else None
-        if observers_dir and self.observers_dir is None:
-            logger.warning("observer annotations not found at %s: the report has no human-agreement rows", observers_dir)
+        # said when the observers' source is scored: data without it has no human rows to miss
+        self._missing_observers = observers_dir if observers_dir and self.observers_dir is None else None
         self.observers = tuple(observers)
         self.observers_source = observers_source
         self.pred_key, self.true_key, self.reference_key = pred_key, true_key, reference_key
@@ -168,6 +168,10 @@ class EvaluationReport:
             self._add(source, "model", name, organ, pred, true)
             if self.reference_key:
                 self._add(source, REFERENCE, name, organ, _numpy_labels(output[self.reference_key]), true)
+            if self._missing_observers and source == self.observers_source:
+                logger.warning("observer annotations not found at %s: the report has no human-agreement rows for %s",
+                               self._missing_observers, source)
+                self._missing_observers = None
             if self.observers_dir and source == self.observers_source:
                 for observer in self.observers:
                     path = self.observers_dir / observer / INSTANCE_DIR / f"{name}.tif"

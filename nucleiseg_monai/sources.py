@@ -643,9 +643,13 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
     if split not in parts:  # a typo would otherwise score every source's validation tiles under its name
         raise DataError(f"split {split!r} is none of {', '.join(parts)}")
     for name, mpp in (rescans or {}).items():
-        if name not in datalist["sources"]:  # the bundles' default names CryoNuSeg, which a datalist may lack
-            logger.warning("rescans names %r, which is not a source of this datalist (%s): no rescanned copy of it; "
-                           "pass --rescans \"{}\" to ask for none", name, ", ".join(datalist["sources"]))
+        if name not in datalist["sources"]:
+            # a misspelt source is warned about; one the data lacks is only said (the bundles' default rescans
+            # CryoNuSeg, which one's own data lacks)
+            close = difflib.get_close_matches(name, list(datalist["sources"]), n=1)
+            logger.log(logging.WARNING if close else logging.INFO,
+                       "rescans names %r, which is not a source of this datalist (%s)%s: no rescanned copy of it",
+                       name, ", ".join(datalist["sources"]), f"; did you mean {close[0]!r}?" if close else "")
             continue
         if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not mpp > 0:
             raise DataError(f"rescans gives {name!r} the pixel size {mpp!r}; it takes microns per pixel as a positive "

@@ -145,3 +145,14 @@ def test_the_csv_names_each_sections_part_and_holds_summed_counts_beside_means(t
     pooled = next(r for r in rows if (r["section"], r["method"], r["scope"]) == ("mylab", "model", "pooled"))
     summed = written["sources"]["mylab"]["model"]["pooled"]  # figures of the counts summed over tiles
     assert float(pooled["aji"]) == pytest.approx(summed["aji"]) and float(pooled["pq"]) == pytest.approx(summed["pq"])
+
+
+def test_missing_observer_annotations_are_warned_about_only_where_their_source_is_scored(tmp_path, caplog):
+    missing = tmp_path / "no_observers"
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.evaluation"):
+        EvaluationReport(tmp_path / "a", observers_dir=missing).collect(_engine(tmp_path, [("mylab", "test", "x")]))
+    assert caplog.text == ""  # one's own data: no human rows to miss
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.evaluation"):
+        EvaluationReport(tmp_path / "b", observers_dir=missing).collect(
+            _engine(tmp_path, [("cryonuseg", "test", "y"), ("cryonuseg", "test", "z")]))
+    assert caplog.text.count(f"observer annotations not found at {missing}") == 1

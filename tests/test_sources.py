@@ -212,7 +212,12 @@ def test_a_rescan_of_a_source_the_datalist_lacks_is_named_in_a_warning(registry,
     datalist = S.make_datalist(S.load_sources(path), data)
     with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.sources"):
         records = S.evaluation_records(datalist, data, "test", 0.25, {"kagle": 0.5})
-    assert not any("@" in r["source"] for r in records) and "rescans names 'kagle'" in caplog.text
+    assert not any("@" in r["source"] for r in records) and "did you mean 'kaggle'?" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.sources"):  # the default's CryoNuSeg, on other data
+        S.evaluation_records(datalist, data, "test", 0.25, {"cryonuseg": 0.5})
+    [said] = [r for r in caplog.records if "rescans names 'cryonuseg'" in r.getMessage()]
+    assert said.levelno == logging.INFO
 
 
 def test_load_resamples_to_the_working_scale_and_keeps_the_native_labels(registry):
