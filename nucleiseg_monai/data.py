@@ -238,6 +238,38 @@ def check_sample(sample: Sample) -> bool:
     return bool(labels.any())
 
 
+def check_sizes(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """Refuses (DataError, naming every one) image and label files whose sizes differ, from their headers alone:
+    a fast look at every tile before a long run starts (an evaluation, which replaces its earlier report as it
+    starts), where reading them all would take as long as the run. Files whose header cannot be read are left to
+    the reading that follows, which names their damage."""
+    wrong = []
+    for image, label in pairs:
+        sizes = [_header_size(Path(image)), _header_size(Path(label))]
+        if None not in sizes and sizes[0] != sizes[1]:
+            (ih, iw), (lh, lw) = sizes
+            wrong.append(f"{image} is {iw}x{ih} but {label} is {lw}x{lh}")
+    if wrong:
+        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise DataError(f"size mismatch in {len(wrong)} tile(s): {shown}; an image and its label map must be the "
+                        "same tile")
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of an image file, read from its header; None where it cannot be."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception:  # every decoder raises its own type; the full read names the damage
+        return None
+
+
 def _stable_rank(name: str, seed: int) -> str:
     """An order that is the same on every machine and Python (unlike hash())."""
     return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()

@@ -41,6 +41,7 @@ from .data import (
     _stable_rank,
     channel_stats,
     check_sample,
+    check_sizes,
     discover,
     is_binary_mask,
     split,
@@ -658,6 +659,7 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
     for name in datalist["sources"]:
         part = split if any(r["source"] == name for r in datalist.get(split, [])) else "validation"
         records += [{**r, "part": part} for r in resolve(datalist, data_root, part, working_mpp, [name])]
+    check_sizes((r["image"], r["label"]) for r in records)  # before the evaluation replaces its earlier report
     for name, mpp in (rescans or {}).items():
         for r in [r for r in records if r["source"] == name]:
             if r["mpp"] is None:

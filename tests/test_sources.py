@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from skimage import io as skio
+from skimage.io import imsave
 import torch
 from monai.losses import DiceCELoss
 
@@ -218,6 +220,22 @@ def test_a_rescan_of_a_source_the_datalist_lacks_is_named_in_a_warning(registry,
         S.evaluation_records(datalist, data, "test", 0.25, {"cryonuseg": 0.5})
     [said] = [r for r in caplog.records if "rescans names 'cryonuseg'" in r.getMessage()]
     assert said.levelno == logging.INFO
+
+
+def test_an_evaluation_refuses_tiles_whose_image_and_labels_differ_in_size_before_it_starts(registry):
+    """Found from the files' headers before the evaluation replaces its earlier report, all of them at once."""
+    path, data = registry
+    datalist = S.make_datalist(S.load_sources(path), data)
+    records = S.evaluation_records(datalist, data, "test", 0.25)
+    wrong = records[:2]
+    for r in wrong:  # edited since the split was made: a crop of the label map
+        label = Path(r["label"])
+        if label.suffix.lower() in (".tif", ".tiff"):
+            tifffile.imwrite(label, tifffile.imread(label)[:-3])
+        else:
+            imsave(label, skio.imread(label)[:-3], check_contrast=False)
+    with pytest.raises(DataError, match=r"size mismatch in 2 tile\(s\): .* is \d+x\d+ but .* is \d+x\d+; .*same tile"):
+        S.evaluation_records(datalist, data, "test", 0.25)
 
 
 def test_load_resamples_to_the_working_scale_and_keeps_the_native_labels(registry):
