@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.lr_scheduler import LRScheduler
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -200,35 +200,43 @@ class Resume:
                            "on", self.path, engine.state.epoch, engine.state.epoch)
 
 
-class ReplaceEarlierRun:
-    """With ``overwrite`` (not ``resume``), removes the folder's ``model.pt`` and ``checkpoint_last.pt``, those of
-    the run this one replaces, when training starts (never the ``pretrained`` file itself).
+class BeginRun:
+    """Writes a training run's own files into its folder when training starts, on rank 0 alone: with ``overwrite``
+    (not ``resume``) it first removes the folder's ``model.pt`` and ``checkpoint_last.pt``, those of the run this
+    one replaces (never the ``pretrained`` file itself); then it writes the channel statistics the run normalises
+    with (``stats_file``) and the datalist it uses, with what its weights start from (``sources.record_start``).
 
     Not before: the datalist, the cached tiles and the pretrained weights have all been read by then, so a mistake
-    in any of them leaves the earlier run whole. Not later: a run from scratch writes model.pt only at its first
-    validation, so one killed before it would leave the earlier run's weights beside its own state, and ``predict``
-    would take them for this run's. Attach it after ``InitialWeights`` and before ``ValidateStart``, which writes
-    the new model.pt; in a multi-GPU run only rank 0 removes, so no rank removes what rank 0 has just written.
+    in any of them leaves the earlier run whole, its statistics and datalist included. Not later: a run from scratch
+    writes model.pt only at its first validation, so one killed before it would leave the earlier run's weights
+    beside its own state, and ``predict`` would take them for this run's. Attach it after ``InitialWeights`` and
+    before ``ValidateStart``, which writes the new model.pt; only rank 0 writes, so no rank removes what rank 0 has
+    just written.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, overwrite: bool | str, resume: bool | str = False,
+    def __init__(self, ckpt_dir: str | os.PathLike, stats_file: str | os.PathLike, channel_stats: dict,
+                 datalist: dict, overwrite: bool | str = False, resume: bool | str = False,
                  pretrained: str | os.PathLike | None = None):
-        self.files = [Path(ckpt_dir) / "checkpoint_last.pt", Path(ckpt_dir) / "model.pt"]
-        self.enabled = parse_bool(overwrite, "overwrite") and not parse_bool(resume, "resume")
-        self.pretrained = weights_path(pretrained)
+        self.ckpt_dir, self.stats_file, self.channel_stats, self.datalist = ckpt_dir, stats_file, channel_stats, datalist
+        self.resume = parse_bool(resume, "resume")
+        self.replace = parse_bool(overwrite, "overwrite") and not self.resume
+        self.pretrained = pretrained
 
     def attach(self, engine: Engine) -> None:
-        if self.enabled:
-            engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
+        from .sources import record_start
+
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        for old in self.files:
-            if old.is_file() and not (self.pretrained is not None and self.pretrained.is_file()
-                                      and old.samefile(self.pretrained)):
+        start = weights_path(self.pretrained)
+        for old in (Path(self.ckpt_dir) / "checkpoint_last.pt", Path(self.ckpt_dir) / "model.pt"):
+            if self.replace and old.is_file() and not (start is not None and start.is_file() and old.samefile(start)):
                 old.unlink()
                 logger.info("removed %s, left by the run that --overwrite replaces", old)
+        write_json_atomic(self.channel_stats, self.stats_file)
+        record_start(self.datalist, self.ckpt_dir, self.pretrained, self.resume)
 
 
 class InitialWeights:
@@ -359,7 +367,7 @@ def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bo
     """Refuses a new training run whose folder already holds trained weights, before anything is trained.
 
     A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
-    replace the weights it ships with. With ``overwrite`` they stay until training starts (``ReplaceEarlierRun``).
+    replace the weights it ships with. With ``overwrite`` they stay until training starts (``BeginRun``).
     """
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
     if resume or overwrite:

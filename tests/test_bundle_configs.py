@@ -177,7 +177,7 @@ def test_multi_gpu_ranks_above_zero_keep_only_resume_schedule_and_validation(con
         "$@train#handlers + (@train#rank0_handlers if dist.get_rank() == 0 else [])"
     train = _load(configs / "train.json")["train"]
     assert [h["_target_"] for h in train["handlers"]] == ["nucleiseg_monai.handlers.InitialWeights",
-                                                          "nucleiseg_monai.handlers.ReplaceEarlierRun",
+                                                          "nucleiseg_monai.handlers.BeginRun",
                                                           "nucleiseg_monai.handlers.ValidateStart",
                                                           "nucleiseg_monai.handlers.Resume",
                                                           "nucleiseg_monai.handlers.FreezeBatchNorm",
@@ -582,29 +582,42 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
         handlers.check_new_run(tmp_path, "maybe", False)
 
 
-def test_overwrite_removes_the_replaced_runs_files_when_training_starts_never_the_weights_it_starts_from(
+def test_overwrite_replaces_the_earlier_runs_files_when_training_starts_never_the_weights_it_starts_from(
         tmp_path, caplog, monkeypatch):
-    model, state = tmp_path / "model.pt", tmp_path / "checkpoint_last.pt"
-    model.write_bytes(b"weights")
-    state.write_bytes(b"state")
+    model, state, stats = tmp_path / "model.pt", tmp_path / "checkpoint_last.pt", tmp_path / "channel_stats.json"
+    earlier = {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}
+    mine = {"mean": [7.0, 8.0, 9.0], "std": [1.0, 1.0, 1.0]}
+    datalist = {"sources": {}, "training": [], "provenance": {}}
+
+    def earlier_run():
+        model.write_bytes(b"weights")
+        state.write_bytes(b"state")
+        stats.write_text(json.dumps(earlier))
+
+    def begin(overwrite, resume=False, pretrained=None):
+        engine = Engine(lambda e, b: None)
+        handlers.BeginRun(tmp_path, stats, mine, datalist, overwrite, resume, pretrained).attach(engine)
+        engine.run([0], max_epochs=0)
+
+    earlier_run()
     handlers.check_new_run(tmp_path, False, "true")  # before the data is read: a mistake there must lose nothing
+    assert model.exists() and state.exists() and json.loads(stats.read_text()) == earlier
+    begin("true", resume="true")  # a resume continues the run whose files they are
     assert model.exists() and state.exists()
-    handlers.ReplaceEarlierRun(tmp_path, "true", "true")  # a resume continues the run whose files they are
-    engine = Engine(lambda e, b: None)
-    handlers.ReplaceEarlierRun(tmp_path, "true", "false", pretrained=str(model)).attach(engine)
-    engine.run([0], max_epochs=0)
+    begin("true", pretrained=str(model))
     assert model.read_bytes() == b"weights" and not state.exists()  # fine-tuned from them, in their folder
-    state.write_bytes(b"state")
+    assert json.loads(stats.read_text()) == mine
+    assert json.loads((tmp_path / "datalist.json").read_text())["started_from"]["weights"] == str(model.resolve())
+    earlier_run()
     with monkeypatch.context() as m:  # rank 1 of a multi-GPU run: rank 0 removes them, then writes its own
         m.setattr(torch.distributed, "is_initialized", lambda: True)
         m.setattr(torch.distributed, "get_rank", lambda: 1)
-        handlers.ReplaceEarlierRun(tmp_path, True, False)()
-    assert model.exists() and state.exists()
-    engine = Engine(lambda e, b: None)
-    handlers.ReplaceEarlierRun(tmp_path, True, False, pretrained="null").attach(engine)
+        begin(True)
+    assert model.exists() and state.exists() and json.loads(stats.read_text()) == earlier
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
-        engine.run([0], max_epochs=0)
-    assert not model.exists() and not state.exists()
+        begin(True, pretrained="null")
+    assert not model.exists() and not state.exists() and json.loads(stats.read_text()) == mine
+    assert "started_from" not in json.loads((tmp_path / "datalist.json").read_text())
     assert f"removed {model}, left by the run that --overwrite replaces" in caplog.text
 
 
@@ -614,7 +627,7 @@ def test_the_replaced_run_goes_after_the_starting_weights_load_and_before_they_a
     own model.pt has loaded it before it goes."""
     targets = [h["_target_"].rsplit(".", 1)[-1] for h in _load(BUNDLES / bundle / "configs" / "train.json")
                ["train"]["handlers"]]
-    assert targets[:3] == ["InitialWeights", "ReplaceEarlierRun", "ValidateStart"]
+    assert targets[:3] == ["InitialWeights", "BeginRun", "ValidateStart"]
 
 
 @pytest.mark.parametrize("epochs, interval, validated", [(5, 2, [2, 4, 5]), (4, 2, [2, 4]), (3, 1, [1, 2, 3])])

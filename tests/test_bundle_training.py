@@ -299,12 +299,21 @@ def test_overwrite_keeps_the_earlier_run_until_its_own_data_and_weights_have_loa
     trained, _ = one_epoch
     bundle = tmp_path / trained.name
     shutil.copytree(trained, bundle)
-    before = {name: (bundle / "models" / name).read_bytes() for name in ("model.pt", "checkpoint_last.pt")}
+    files = ("model.pt", "checkpoint_last.pt", "channel_stats.json", "datalist.json")
+    before = {name: (bundle / "models" / name).read_bytes() for name in files}
     mistyped = tiny_args(dataset) + ["--epochs", "1", "--overwrite", "true"]
     mistyped[mistyped.index("--sources_file") + 1] = str(tmp_path / "nosuch.json")
     proc = bundle_run("training", bundle / "configs" / "train.json", mistyped, tmp_path)
     assert proc.returncode != 0 and "nosuch.json" in proc.stdout + proc.stderr
-    assert {name: (bundle / "models" / name).read_bytes() for name in before} == before
+    assert {name: (bundle / "models" / name).read_bytes() for name in files} == before
+    # a start read after the data: the earlier run's statistics and datalist stay too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "channel_stats.json").write_text(json.dumps(OTHER_STATS))
+    proc = bundle_run("training", bundle / "configs" / "train.json", tiny_args(dataset) + [
+        "--epochs", "1", "--overwrite", "true", "--pretrained", str(other / "typo.pt")], tmp_path)
+    assert proc.returncode != 0 and f"no weights at {other / 'typo.pt'}" in proc.stdout + proc.stderr
+    assert {name: (bundle / "models" / name).read_bytes() for name in files} == before
     # fine-tuned from the folder's own weights, which are read before they go
     output = ok(bundle_run("training", bundle / "configs" / "train.json",
                            tiny_args(dataset) + ["--epochs", "1", "--overwrite", "true",
