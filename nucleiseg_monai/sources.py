@@ -524,6 +524,9 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
     return datalist
 
 
+MAX_STARTS = 64  # levels of started_from read: far beyond any lineage, short of JSON's nesting limits
+
+
 def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | os.PathLike | None,
                  resume: bool | str = False) -> None:
     """Writes the datalist a new training run uses into its own ``ckpt_dir`` (``datalist.json``), with what its
@@ -562,15 +565,25 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
 def provenance_chain(datalist: dict) -> dict[str, dict | None]:
     """Every source the weights of ``datalist``'s run owe to, this run's and those its ``started_from`` weights
     learnt from, each as ``provenance`` gives it (None: weights whose data is unknown). Inherited ones are named
-    "<source> (through <weights>)"."""
-    chain: dict[str, dict | None] = dict(datalist.get("provenance") or {})
-    start, seen = datalist.get("started_from"), set()
-    while isinstance(start, dict) and start.get("weights") not in seen:
-        seen.add(start.get("weights"))
+    "<source> (through <weights>)"; a source met again through the same weights (repeated fine-tunes in one folder)
+    is listed once, unless its terms differ there."""
+    def facts_of(provenance) -> dict:
+        return {name: facts if isinstance(facts, dict) else {} for name, facts in provenance.items()}
+
+    own = datalist.get("provenance")
+    chain: dict[str, dict | None] = facts_of(own) if isinstance(own, dict) else {}
+    start = datalist.get("started_from")
+    for _ in range(MAX_STARTS):  # each fine-tune in a folder nests one more level
+        if not isinstance(start, dict):
+            break
         if not isinstance(start.get("provenance"), dict):
             chain[f"weights {start.get('weights')}"] = None
             break
-        chain.update({f"{name} (through {start['weights']})": facts for name, facts in start["provenance"].items()})
+        for name, facts in facts_of(start["provenance"]).items():
+            key, n = f"{name} (through {start.get('weights')})", 2
+            while key in chain and chain[key] != facts:
+                key, n = f"{name} (through {start.get('weights')}, #{n})", n + 1
+            chain[key] = facts
         start = start.get("started_from")
     return chain
 

@@ -185,6 +185,15 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     assert f"does not name the license of data its weights learnt from: CC BY-NC-SA 4.0 ({through})" in caplog.text
     assert f"the weights learnt from non-commercial data ({through}): not for commercial use" in caplog.text
 
+    for _ in range(3):  # fine-tuned again and again in its own folder: the first start's terms stay
+        record_start(mine, run, str(run / "model.pt"), False)
+    (bundle / "models" / "datalist.json").write_text((run / "datalist.json").read_text())
+    assert packaging.non_commercial_sources(bundle) == [through]
+    assert list(packaging._provenance(bundle)) == ["mine", f"mine (through {run / 'model.pt'})", through]
+    for malformed in ({"provenance": ["a list"]}, {"provenance": {"mine": "CC0"}}, {"started_from": "x"}):
+        (bundle / "models" / "datalist.json").write_text(json.dumps(malformed))  # read, never a crash
+        assert packaging.non_commercial_sources(bundle) == [] and packaging.unstated_licenses(bundle) == []
+
     record_start(mine, again, None, True)  # a resumed run keeps its record
     assert "started_from" in json.loads((again / "datalist.json").read_text())
     record_start(mine, again, None, False)  # a run from scratch owes nothing to others' weights
