@@ -121,8 +121,9 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
 
 def _absolute(path: Path) -> str:
     """An absolute path that keeps a link as given (not ``resolve``): the log and the run table name the slide
-    as its list or folder does, not the file a link points at."""
-    return os.path.abspath(path)
+    as its list or folder does, not the file a link points at. ``..`` stays too: after a linked folder it leads
+    where the file system says, which dropping it with the name before it (``os.path.abspath``) need not."""
+    return str(Path(path).absolute())
 
 
 # ---------------------------------------------------------------------------------------------- on the workers

@@ -156,8 +156,10 @@ LOSSY_LABEL_SUFFIXES = (".jpg", ".jpeg")
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    """A label file's values: a palette PNG's indices (annotation tools write them; imageio would give the
-    palette's colours), and one channel of a map whose three channels agree (ids copied into RGB)."""
+    """A label file's values: a palette PNG's indices where its index 0 is black (annotation tools write ids so;
+    imageio would give the palette's colours), and one channel of a map whose three channels agree (ids copied into
+    RGB). A palette whose index 0 is another colour is a colour-coded map saved indexed: its background would read
+    as a nucleus, so it is read as colours (and refused, with the line that turns it into ids)."""
     if path.suffix.lower() in LOSSY_LABEL_SUFFIXES:
         raise DataError(f"{path} is a JPEG label map: lossy compression changes the ids along every edge; save "
                         "label maps losslessly, as PNG or TIFF, with one integer id per nucleus")
@@ -166,7 +168,7 @@ def _read_labels(path: Path) -> np.ndarray:
 
         try:
             with Image.open(path) as image:
-                if image.mode == "P":
+                if image.mode == "P" and (image.getpalette() or [0, 0, 0])[:3] == [0, 0, 0]:
                     return np.asarray(image)
         except OSError:
             pass  # _read names the damage

@@ -753,7 +753,7 @@ class SlidePredictor:
             raise TypeError(f"segment takes pixels, not a file name ({rgb!s}): for a file use predict_slide(path, "
                             "output_dir), which also reads its pixel size, or pass skimage.io.imread(path)")
         if hasattr(rgb, "mode") and hasattr(rgb, "convert"):  # a PIL image: palette and CMYK as the RGB they show
-            rgb = np.asarray(rgb if rgb.mode in ("RGB", "RGBA", "L", "LA", "I", "I;16") else rgb.convert("RGB"))
+            rgb = np.asarray(rgb if rgb.mode in ("RGB", "RGBA", "L", "LA", "I", "I;16", "F") else rgb.convert("RGB"))
         pixels = convert_to_numpy(rgb)
         if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 1):
             raise ValueError(f"segment: a greyscale image {pixels.shape}; the model segments H&E colour: pass the "
@@ -771,6 +771,9 @@ class SlidePredictor:
                 self._said_assumed = True  # once per predictor: a loop over a thousand tiles needs one warning
                 logger.warning("segment: no mpp given, so images are taken to be at the model's %g um/px; pass "
                                "mpp= if they are not", self.mpp)
+        if bits is not None and pixels.dtype != np.uint16:
+            logger.warning("segment: bits=%s applies to 16-bit samples; this image is %s, read as it is", bits,
+                           pixels.dtype)
         if pixels.dtype == np.uint16 and bits is None and not self._said_bits:
             self._said_bits = True
             logger.warning("segment: %s, by the range this image reaches; tiles of one slide that reach different "

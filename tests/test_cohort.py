@@ -425,6 +425,14 @@ def test_slide_list_columns_relative_paths_and_errors(tmp_path):
     assert read_cohort(tmp_path / "imgs") == [Slide(str(tmp_path / "imgs" / "case7.svs"), "case7", None)]
     (tmp_path / "links.csv").write_text("path\nimgs/case7.svs\n")
     assert read_cohort(tmp_path / "links.csv") == [Slide(str(tmp_path / "imgs" / "case7.svs"), "case7", None)]
+    # a list in a linked folder naming ../raw/a.svs: the file system's parent of the link's target, not of the link
+    (tmp_path / "projects" / "cohortA").mkdir(parents=True)
+    (tmp_path / "projects" / "raw").mkdir()
+    (tmp_path / "projects" / "raw" / "a.svs").write_bytes(b"")
+    (tmp_path / "cohort").symlink_to(tmp_path / "projects" / "cohortA")
+    (tmp_path / "cohort" / "slides.csv").write_text("path\n../raw/a.svs\n")
+    [slide] = read_cohort(tmp_path / "cohort" / "slides.csv")
+    assert Path(slide.path).is_file() and Path(slide.path).resolve() == tmp_path / "projects" / "raw" / "a.svs"
 
     (tmp_path / "bad.csv").write_text("file,slide\nx.tif,x\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*'path' column"):

@@ -399,6 +399,12 @@ def test_palette_pngs_and_ids_copied_into_three_channels_read_as_ids(tmp_path):
     assert np.array_equal(data.read_instance_labels(tmp_path / "palette.png"), ids)
     imsave(tmp_path / "grey_rgb.png", np.repeat(ids[..., None], 3, axis=2), check_contrast=False)
     assert np.array_equal(data.read_instance_labels(tmp_path / "grey_rgb.png"), ids)
+    # a colour-coded map saved indexed, black at index 2: its indices are no ids (the background would be one)
+    palette = Image.fromarray((ids + 1) % 3, mode="P")
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 0, 0] + [0] * 759)
+    palette.save(tmp_path / "indexed_colours.png")
+    _raises_naming(tmp_path / "indexed_colours.png", data.read_instance_labels, tmp_path / "indexed_colours.png",
+                   match="if it colour-codes the nuclei")
 
 
 def test_lossy_label_maps_and_negative_ids_are_refused_naming_the_file(tmp_path):
