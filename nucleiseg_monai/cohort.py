@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import csv
 import functools
-import glob
 import importlib.util
 import json
 import logging
@@ -45,7 +44,7 @@ from .errors import root_cause
 from .handlers import parse_bool
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
-from .outputs import MANIFEST_SUFFIX, OUTPUT_SUFFIXES, manifest_path
+from .outputs import manifest_path
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -195,13 +194,6 @@ def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int |
         return _cache[1]
 
 
-def remove_stale_temporaries(output_dir: str | os.PathLike, name: str) -> None:
-    """Delete the hidden temporary files a killed attempt at slide ``name`` left (``atomic.AtomicFile`` names)."""
-    for suffix in (*OUTPUT_SUFFIXES.values(), MANIFEST_SUFFIX):
-        for stale in glob.glob(os.path.join(glob.escape(str(output_dir)), glob.escape(f".{name}{suffix}.") + "*.tmp*")):
-            Path(stale).unlink(missing_ok=True)
-
-
 def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
     return json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
 
@@ -306,7 +298,6 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
                 claim_journal(predictor, plan, output_dir, slide.name)
         if split:
             return {**row, "status": "split", "regions": regions, "megapixels": height * width / 1e6}
-    remove_stale_temporaries(output_dir, slide.name)
     result = predictor.predict_slide(slide.path, output_dir, slide.name, lock_token=_task_key(),
                                      unless_finished=not redo)
     if result is None:  # another run finished it while this task was on its way
@@ -332,7 +323,6 @@ def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
                 labels: FetchedLabels) -> dict:
     """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row)."""
     predictor = slide_predictor(factory, slide, torch_threads)
-    remove_stale_temporaries(output_dir, slide.name)
     result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key())
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address,
            "status": "done", "seconds": result.seconds}

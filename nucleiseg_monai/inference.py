@@ -62,7 +62,7 @@ from .inferers import window_inferer
 from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
-                      outputs_complete, source_fingerprint)
+                      outputs_complete, remove_temporaries, source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, remove_journal
 from .stitching import RegionGrid, RegionStitcher
@@ -812,6 +812,7 @@ class SlidePredictor:
             # asked again under the lock: a run that checked before another one committed would redo its image
             if unless_finished and self.finished(output_dir, name, path):
                 return None
+            remove_temporaries(output_dir, name)  # under the lock: never those of a run still writing them
             return self._predict_slide(path, output_dir, name, labels_from)
 
     def _predict_slide(self, path: Path, output_dir: str | os.PathLike, name: str,

@@ -14,6 +14,7 @@ Polygon, with its holes as further rings, or a MultiPolygon where it is in sever
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -497,6 +498,15 @@ class ImageLock:
         return (f"another run ({who}) is writing this image's outputs in {self.path.parent}; run again when it has "
                 f"finished (a lock untouched for {self.STALE_AFTER_S / 60:.0f} min is taken over), or delete "
                 f"{self.path} if that run is gone")
+
+
+def remove_temporaries(out_dir: str | os.PathLike, name: str) -> None:
+    """Deletes the hidden temporary files of image ``name``'s outputs (``atomic.AtomicFile`` names), whoever wrote
+    them, on whatever machine: call it holding the image's ``ImageLock``, under which no run is writing them (a
+    killed attempt, or a cohort's try whose worker died elsewhere, left them)."""
+    for suffix in (*OUTPUT_SUFFIXES.values(), MANIFEST_SUFFIX):
+        for stale in glob.glob(os.path.join(glob.escape(str(out_dir)), glob.escape(f".{name}{suffix}.") + "*.tmp*")):
+            Path(stale).unlink(missing_ok=True)
 
 
 def remove_outputs(out_dir: str | os.PathLike, name: str) -> list[Path]:

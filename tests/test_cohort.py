@@ -22,8 +22,8 @@ from nucleiseg_monai.cli import main
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary, Slide, cpu_count, dask_client,
                                     failure, host_share, predict_cohort, process_slide, quiet_dask, raise_on_failure,
-                                    read_cohort, read_slide_list, remove_stale_temporaries, run_bundle_cohort,
-                                    run_cohort, slide_task)
+                                    read_cohort, read_slide_list, run_bundle_cohort, run_cohort, slide_task)
+from nucleiseg_monai.outputs import remove_temporaries
 from nucleiseg_monai.region_journal import unpack
 from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
 from nucleiseg_monai.run_table import COLUMNS, RunTable
@@ -469,7 +469,7 @@ def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
     kept = [".s1.x.labels.tif.ab12.tmp.tif", "s1.labels.tif", ".s10.geojson.y.tmp.geojson"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"")
-    remove_stale_temporaries(tmp_path, "s1")
+    remove_temporaries(tmp_path, "s1")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".csv") == sorted(kept)
 
 

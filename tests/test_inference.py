@@ -1208,8 +1208,12 @@ def test_an_image_another_run_is_writing_fails_alone_and_is_left_to_it(tmp_path)
     [(path, error)] = summary.failed
     assert path.endswith("tile1.png") and error.startswith("ImageBusy: another run (process ")
     assert lock.exists() and not (out / "tile1.labels.tif").exists()
+    writing = out / ".tile1.labels.tif.pid1@elsewhere.ab12.tmp.tif"  # that run's file in the making
+    writing.write_bytes(b"")
+    assert _predictor().run(tmp_path / "in", out).failed and writing.exists()  # left to the run holding the lock
     lock.unlink()  # that run is gone
     assert [r.name for r in _predictor().run(tmp_path / "in", out).done] == ["tile1"]
+    assert not writing.exists()  # what the gone run left, removed under the lock
 
 
 def test_an_image_another_run_finished_after_this_one_looked_is_not_done_again(tmp_path, monkeypatch):
