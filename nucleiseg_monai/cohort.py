@@ -320,12 +320,16 @@ def region_band(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
 
 @slide_task
 def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
-                labels: FetchedLabels) -> dict:
-    """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row)."""
+                labels: FetchedLabels, overwrite: bool = False) -> dict:
+    """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row); skipped
+    where another run finished the slide meanwhile, unless ``overwrite``."""
     predictor = slide_predictor(factory, slide, torch_threads)
-    result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key())
-    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address,
-           "status": "done", "seconds": result.seconds}
+    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
+    result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key(),
+                                     unless_finished=not (overwrite or predictor.overwrite))
+    if result is None:
+        return _skipped_row(row, output_dir, slide.name)
+    row.update(status="done", seconds=result.seconds)
     return _finished_row(row, output_dir, slide.name)
 
 
@@ -495,7 +499,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 worker, peak = row.pop("worker"), row.pop("peak_rss_mb", None)
                 if row["status"] == "split":
                     merge, handed = _submit_regions(client, factory, slide, str(output_dir), torch_threads,
-                                                    row["regions"], retries)
+                                                    row["regions"], retries, overwrite)
                     logger.info("%s: %.1f megapixels, above split_above_mpx=%g: %d regions in %d region tasks",
                                 slide.path, row["megapixels"], split_above_mpx, len(row["regions"]), len(handed))
                     summary.region_tasks[slide.name] = len(handed)
@@ -559,7 +563,7 @@ def _key(kind: str, name: str) -> str:
 
 
 def _submit_regions(client, factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
-                    torch_threads: int | None, regions: list, retries: int):
+                    torch_threads: int | None, regions: list, retries: int, overwrite: bool = False):
     """The region tasks of a split slide, two per worker thread so the merge starts early, and its merge task:
     (merge future, the ``Variable`` holding each region task's future for the merge)."""
     parts = bands(regions, 2 * max(1, sum(client.nthreads().values())))
@@ -572,7 +576,7 @@ def _submit_regions(client, factory: Callable[[], SlidePredictor], slide: Slide,
         variable.set(future)
         handed.append(variable)
     labels = FetchedLabels(tuple(v.name for v in handed), tuple(tuple(map(tuple, part)) for part in parts))
-    merge = client.submit(merge_slide, factory, slide, output_dir, torch_threads, labels,
+    merge = client.submit(merge_slide, factory, slide, output_dir, torch_threads, labels, overwrite,
                           key=_key("merge", slide.name), retries=retries, pure=False)
     return merge, handed
 

@@ -21,8 +21,9 @@ from nucleiseg_monai import cohort as cohort_module
 from nucleiseg_monai.cli import main
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary, Slide, cpu_count, dask_client,
-                                    failure, host_share, predict_cohort, process_slide, quiet_dask, raise_on_failure,
-                                    read_cohort, read_slide_list, run_bundle_cohort, run_cohort, slide_task)
+                                    failure, host_share, merge_slide, predict_cohort, process_slide, quiet_dask,
+                                    raise_on_failure, read_cohort, read_slide_list, run_bundle_cohort, run_cohort,
+                                    slide_task)
 from nucleiseg_monai.outputs import remove_temporaries
 from nucleiseg_monai.region_journal import unpack
 from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
@@ -732,6 +733,10 @@ def test_a_slide_another_run_finished_after_the_task_looked_is_not_done_again(co
     row = process_slide(BundlePredictor(str(bundle)), slide, str(out), torch_threads=1)
     assert (row["status"], row["seconds"], row["nuclei"], looks) == ("skipped", None, serial["slide0"].nuclei,
                                                                      ["slide0", "slide0"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # the merge of a split slide likewise, before its region tasks' labels are fetched
+    row = merge_slide(BundlePredictor(str(bundle)), slide, str(out), 1, labels=None)
+    assert (row["status"], row["seconds"], row["nuclei"]) == ("skipped", None, serial["slide0"].nuclei)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
