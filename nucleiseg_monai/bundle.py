@@ -38,13 +38,30 @@ _said: set[tuple[str, str]] = set()
 
 
 def _argument(argv: list[str], name: str) -> str | None:
-    """The value of ``--name VALUE`` or ``--name=VALUE`` on a command line; None where it is not given."""
+    """The value of ``--name VALUE`` or ``--name=VALUE`` on a command line, with ``_`` or ``-`` in the name (Fire
+    takes both); None where it is not given."""
+    spellings = {name, name[:2] + name[2:].replace("_", "-")}
     for i, arg in enumerate(argv):
-        if arg == name:
+        if arg in spellings:
             return argv[i + 1] if i + 1 < len(argv) else ""
-        if arg.startswith(name + "="):
+        if arg.split("=", 1)[0] in spellings and "=" in arg:
             return arg.split("=", 1)[1]
     return None
+
+
+def _monai_argument(argv: list[str], name: str) -> str | None:
+    """An argument of a ``python -m monai.bundle`` command: on the command line, else in its ``--args_file``
+    (JSON or YAML, which MONAI merges under the command line's)."""
+    value = _argument(argv, f"--{name}")
+    args_file = _argument(argv, "--args_file")
+    if value is None and args_file:
+        from monai.bundle import ConfigParser
+
+        try:
+            value = ConfigParser.load_config_file(args_file).get(name)
+        except Exception:  # MONAI reports an unreadable args file itself
+            return None
+    return None if value is None else str(value)
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -195,15 +212,15 @@ def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -
     those beside its ``--ckpt_file`` weights (``weights_stats_file``: a run's own ``channel_stats.json``, said in
     one log line; the bundle's, with a warning, where there is none), unless ``--stats_file`` is given.
 
-    ``ckpt_export`` does not show ``--ckpt_file`` to the config, so it is read from the command line, as
-    ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with the bundle's
+    ``ckpt_export`` does not show ``--ckpt_file`` to the config, so it is read from the command line or its
+    ``--args_file``, as ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with the bundle's
     statistics, silently, and the exported network saw every image shifted.
     """
     from .data import load_stats
 
     argv = sys.argv if argv is None else argv
-    checkpoint = _argument(argv, "--ckpt_file")
-    if checkpoint is None or _argument(argv, "--stats_file") is not None:
+    checkpoint = _monai_argument(argv, "ckpt_file")
+    if checkpoint is None or _monai_argument(argv, "stats_file") is not None:
         return load_stats(stats_file)
     return load_stats(weights_stats_file(checkpoint, stats_file))
 

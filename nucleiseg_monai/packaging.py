@@ -538,8 +538,13 @@ def _signature(root: Path) -> tuple | None:
     """What a change to any bundle file changes (taken before hashing, so a change during it counts as one); None
     while a file was changed in the last seconds, which a change of the same size could follow within one tick of
     the file system's clock, unseen (git's "racy" files)."""
+    if os.name == "nt":  # st_ctime is the creation time there, which a rewrite in place keeps
+        return None
     files, problems = _scan(root)
-    stats = [(rel, (root / rel).stat()) for rel in (MANIFEST, *files)]
+    try:
+        stats = [(rel, (root / rel).stat()) for rel in (MANIFEST, *files)]
+    except OSError:  # a file removed meanwhile: verification names it
+        return None
     if max(max(st.st_mtime, st.st_ctime) for _, st in stats) > time.time() - RACY_S:
         return None
     # the change time too: a file's modification time can be set back, its change time cannot

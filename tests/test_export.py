@@ -122,3 +122,7 @@ def test_export_takes_the_statistics_beside_the_ckpt_file_it_is_given(tmp_path, 
     assert export_stats(stats_file, command + ["--stats_file", stats_file]) == own  # chosen on the command line
     assert export_stats(stats_file, ["ckpt_export", f"--ckpt_file={tmp_path / 'run' / 'model.pt'}"]) == run
     assert export_stats(stats_file, ["ckpt_export", "--args_file", "export.json"]) == own  # the bundle's weights
+    assert export_stats(stats_file, ["ckpt_export", "--ckpt-file", str(tmp_path / "run" / "model.pt")]) == run
+    args = tmp_path / "args.json"  # ckpt_export merges an args file's keys under the command line's
+    args.write_text(json.dumps({"net_id": "export_network", "ckpt_file": str(tmp_path / "run" / "model.pt")}))
+    assert export_stats(stats_file, ["ckpt_export", "--args_file", str(args)]) == run
