@@ -49,6 +49,13 @@ def _argument(argv: list[str], name: str) -> str | None:
     return None
 
 
+def typed(names: list[str], argv: list[str] | None = None) -> list[str]:
+    """Those of the settings ``names`` given on this process's command line (``--name``, ``_`` or ``-``): a config
+    cannot tell a value typed from its default, and some settings mean more when typed (``handlers.Resume``)."""
+    argv = sys.argv if argv is None else argv
+    return [name for name in names if _argument(argv, f"--{name}") is not None]
+
+
 def _monai_argument(argv: list[str], name: str) -> str | None:
     """An argument of a ``python -m monai.bundle`` command: on the command line, else in its ``--args_file``
     (JSON or YAML, which MONAI merges under the command line's)."""

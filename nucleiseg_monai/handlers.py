@@ -152,13 +152,18 @@ class Resume:
     run's start seeded them with ``seed`` alone, so a resumed run would draw the patches and augmentations of its
     first epochs again. The draws go on as a new stream, the same for every resume from one checkpoint; the state
     of data-loading workers cannot be saved, so they are not those an uninterrupted run would have drawn.
+
+    ``given``: the settings of ``epochs`` and ``epoch_length`` the user typed (``bundle.typed``); None: all. A
+    resumed run is lengthened only to ``epochs`` typed, never to the config's default: resuming a 10-epoch run
+    without ``--epochs`` would otherwise train 90, the schedule stretched to them, without a word.
     """
 
     def __init__(self, path: str | os.PathLike, load_dict: dict, enabled: bool | str = True, map_location=None,
-                 seed: int | str | None = None):
+                 seed: int | str | None = None, given: list[str] | None = None):
         self.path, self.load_dict, self.map_location = Path(path), dict(load_dict), map_location
         self.enabled = parse_bool(enabled, "resume")
         self.seed = None if seed is None else int(seed)
+        self.given = None if given is None else set(given)
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
@@ -173,7 +178,17 @@ class Resume:
     def __call__(self, engine: Engine) -> None:
         checkpoint = torch.load(self.path, map_location=self.map_location or "cpu", weights_only=True)
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
-        longer = (max_epochs or 0) > (checkpoint.get("trainer", {}).get("max_epochs") or 0)
+        run_epochs = checkpoint.get("trainer", {}).get("max_epochs") or 0
+        if self.given is not None and "epochs" not in self.given and (max_epochs or 0) > run_epochs:
+            logger.info("the resumed run in %s keeps its %d epochs; pass --epochs N to lengthen it", self.path,
+                        run_epochs)
+            max_epochs = engine.state.max_epochs = run_epochs
+        if self.given is not None and "epoch_length" not in self.given:
+            epoch_length = None  # the config's default, not asked for: the run's own is kept without a word
+        longer = (max_epochs or 0) > run_epochs
+        if longer:
+            logger.warning("the resumed run in %s is lengthened from %d to %d epochs (--epochs), its learning-rate "
+                           "schedule stretched to them", self.path, run_epochs, max_epochs)
         for name, obj in self.load_dict.items():
             if name not in checkpoint and isinstance(obj, BestCheckpoint):
                 # checkpoints written before the best metric was saved with them

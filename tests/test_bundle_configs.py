@@ -18,7 +18,7 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import DEPRECATED_ID_MAPPING
 
 from nucleiseg_monai import handlers, networks
-from nucleiseg_monai.bundle import bundle_root
+from nucleiseg_monai.bundle import bundle_root, typed
 from nucleiseg_monai.networks import REFERENCE_FULL, REFERENCE_SMALL, MixedPrecision, UNet, load_weights
 
 torch.set_num_threads(1)
@@ -366,6 +366,34 @@ def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(
     second.run(data, max_epochs=1)
     assert (second.state.epoch, second.state.iteration) == (2, 4)
     assert lrs == pytest.approx(fresh_lrs[1:]) and schedule.T_max == 2
+
+
+def test_a_resume_lengthens_a_run_only_to_epochs_typed_never_to_the_configs_default(tmp_path, caplog):
+    # a 2-epoch run killed after epoch 1, resumed where the config's default is 4: without --epochs typed it ends
+    # at 2 as started; with --epochs 4 typed it goes on to 4, its schedule stretched, and says so
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    fresh, _, _, fresh_lrs = _toy_training(2)
+    fresh.run(data, max_epochs=2)
+    _stopped_after_one_epoch(path, data, 2)
+    kept, optimizer, schedule, lrs = _toy_training(4)
+    handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}, given=[]).attach(kept)
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        kept.run(data, max_epochs=4)
+    assert (kept.state.epoch, kept.state.iteration) == (2, 4)
+    assert lrs == pytest.approx(fresh_lrs[1:]) and schedule.T_max == 2
+    assert f"the resumed run in {path} keeps its 2 epochs; pass --epochs N to lengthen it" in caplog.text
+    assert "lengthened" not in caplog.text
+    caplog.clear()
+    longer, optimizer, schedule, _ = _toy_training(4)
+    handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}, given=["epochs"]).attach(longer)
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.handlers"):
+        longer.run(data, max_epochs=4)
+    assert longer.state.epoch == 4 and schedule.T_max == 4
+    assert f"the resumed run in {path} is lengthened from 2 to 4 epochs (--epochs)" in caplog.text
+    assert typed(["epochs", "epoch_length"], ["train", "--epochs=4", "--epoch-length", "9"]) == \
+        ["epochs", "epoch_length"]
+    assert typed(["epochs", "epoch_length"], ["train", "--resume", "true"]) == []
 
 
 def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
