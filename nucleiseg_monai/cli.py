@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import traceback
@@ -56,9 +57,13 @@ def _check_bundle(bundle: str) -> None:
 
 
 def cmd_download(args) -> int:
-    from .download import download
+    from .download import KaggleUnavailableError, download
 
-    download(args.dest, archive=args.archive, sha256=args.sha256, force=args.force, log=print)
+    try:
+        download(args.dest, archive=args.archive, sha256=args.sha256, force=args.force, log=print)
+    except KaggleUnavailableError as err:  # what to do instead, without a traceback
+        print(f"nucleiseg download: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -66,7 +71,13 @@ def cmd_datalist(args) -> int:
     from .atomic import write_json_atomic
     from .sources import load_sources, make_datalist
 
-    datalist = make_datalist(load_sources(args.sources_file, args.sources), args.data_root)
+    from .sources import default_data_root
+
+    data_root = args.data_root or default_data_root(os.getcwd())
+    if not args.data_root:
+        logger.info("data root %s ($NUCLEISEG_DATA, else shared/datasets beside the checkout; --data_root DIR chooses)",
+                    data_root)
+    datalist = make_datalist(load_sources(args.sources_file, args.sources), data_root)
     write_json_atomic(datalist, args.output)
     if args.stats:
         write_json_atomic(datalist["channel_stats"], args.stats)
@@ -394,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("datalist", help="write the combined split of every training source and the channel statistics")
-    p.add_argument("--data_root", required=True, help="folder holding each source's folder (e.g. ../shared/datasets)")
+    p.add_argument("--data_root", help="folder holding each source's folder (default: $NUCLEISEG_DATA, else "
+                   "shared/datasets beside the checkout)")
     p.add_argument("--output", required=True, help="datalist JSON to write")
     p.add_argument("--stats", help="also write the channel statistics JSON here")
     p.add_argument("--sources_file", help="source registry JSON (default: the one shipped in nucleiseg_monai)")

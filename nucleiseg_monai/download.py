@@ -42,7 +42,7 @@ To download through the Kaggle API:
   4. Run `nucleiseg download` again.
 Or download the archive by hand:
   1. Sign in to Kaggle, open {KAGGLE_URL} and click Download (a zip file).
-  2. Run: nucleiseg download --archive PATH.zip"""
+  2. Run: nucleiseg download --dest DIR --archive PATH.zip"""
 
 
 class KaggleUnavailableError(RuntimeError):

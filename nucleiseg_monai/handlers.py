@@ -168,7 +168,7 @@ class Resume:
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
         if not self.enabled:
-            if self.path.exists():
+            if self.path.exists() and not _rank():  # another rank may have written this run's own already
                 logger.warning("starting a new run; %s will be overwritten (pass --resume true to continue it)", self.path)
             return
         if not self.path.is_file():
@@ -243,7 +243,7 @@ class BeginRun:
     def __call__(self, engine: Engine | None = None) -> None:
         from .sources import record_start
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if _rank():
             return
         start = weights_path(self.pretrained)
         for old in (Path(self.ckpt_dir) / "checkpoint_last.pt", Path(self.ckpt_dir) / "model.pt"):
@@ -294,6 +294,11 @@ class InitialWeights:
             state[name] = value
         self.network.load_state_dict(state)
         logger.info("started from %s (%d tensors; widened: %s)", self.path, len(loaded), widened or "none")
+
+
+def _rank() -> int:
+    """This process's rank in a multi-GPU run; 0 outside one."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def _say_settings_kept(path: Path, asked_epochs: int | None, asked_length: int | None, state) -> None:

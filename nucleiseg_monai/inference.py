@@ -763,6 +763,9 @@ class SlidePredictor:
         if pixels.ndim != 3 or pixels.shape[-1] not in (3, 4) or 0 in pixels.shape:
             hint = "; a channels-first array goes in as np.moveaxis(image, 0, -1)" if pixels.ndim == 3 else ""
             raise ValueError(f"segment takes an RGB image of shape (height, width, 3), got {pixels.shape}{hint}")
+        if pixels.dtype.kind == "f":
+            raise ValueError(f"segment takes 8- or 16-bit RGB, got {pixels.dtype}: convert floats of 0-1 with "
+                             "skimage.util.img_as_ubyte, floats of 0-255 with np.clip(image, 0, 255).astype(np.uint8)")
         where = Path("<array>")
         reader = ArrayReader(where, pixels, base_mpp=None if mpp is None else check_mpp(mpp, "mpp"), bits=bits)
         if mpp is None:

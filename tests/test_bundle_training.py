@@ -379,6 +379,7 @@ def test_ddp_two_processes_on_cpu(dataset, tmp_path):
                    for line in output.splitlines()), f"rank {rank} did not finish training"
     writes = [line.split() for line in renames.read_text().splitlines()]
     assert {rank for rank, _ in writes} == {"0"}, f"checkpoints written by ranks other than 0: {writes}"
+    assert "will be overwritten" not in output  # rank 1 seeing the checkpoint rank 0 has just written
     assert ["0", "checkpoint_last.pt"] in writes and ["0", "model.pt"] in writes
     # each rank trained on its half of the patches
     trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]

@@ -693,3 +693,19 @@ def test_null_is_none_where_a_setting_takes_none_and_refused_by_name_elsewhere()
     with pytest.raises(SettingError, match=re.escape("--window expects an integer, got 'big'")):
         checked("--window", "big", config=train)
     assert checked("--bundle_root", "none", config=train) == {"bundle_root": "none"}  # a text keeps the word
+
+
+def test_datalist_reads_the_default_data_root_and_says_which(tmp_path, monkeypatch, caplog):
+    from nucleiseg_monai.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data" / "tiles", n_tiles=9, size=64, organs=("Skin", "Thymus", "Lung"), seed=0)
+    (tmp_path / "sources.json").write_text(json.dumps({"tiles": {
+        "root": "tiles", "layout": "kaggle", "mpp": 0.25, "organs": "name",
+        "split": {"kind": "organ_stratified", "val_fraction": 0.15, "test_fraction": 0.3, "seed": 0}}}))
+    monkeypatch.setenv("NUCLEISEG_DATA", str(tmp_path / "data"))
+    with caplog.at_level(logging.INFO, logger="nucleiseg"):
+        assert cli.main(["datalist", "--output", str(tmp_path / "dl.json"),
+                         "--sources_file", str(tmp_path / "sources.json")]) == 0
+    assert f"data root {tmp_path / 'data'} ($NUCLEISEG_DATA" in caplog.text
+    datalist = json.loads((tmp_path / "dl.json").read_text())
+    assert sum(len(datalist[p]) for p in ("training", "validation", "test")) == 9

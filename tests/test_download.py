@@ -181,8 +181,19 @@ def no_credentials(tmp_path, monkeypatch):
 
 def _assert_manual_steps(message: str) -> None:
     for step in ('pip install "nucleiseg-monai[kaggle]"', "Settings > API", "~/.kaggle/kaggle.json",
-                 "chmod 600", dl.KAGGLE_URL, "nucleiseg download --archive PATH.zip"):
+                 "chmod 600", dl.KAGGLE_URL, "nucleiseg download --dest DIR --archive PATH.zip"):
         assert step in message
+
+
+def test_the_command_without_kaggle_says_what_to_do_in_lines_not_a_traceback(tmp_path, monkeypatch, no_credentials,
+                                                                             capsys):
+    from nucleiseg_monai.cli import main
+
+    monkeypatch.setitem(sys.modules, "kaggle", None)
+    assert main(["download", "--dest", str(tmp_path / "dest")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nucleiseg download: ") and "Traceback" not in err
+    _assert_manual_steps(err)
 
 
 def test_without_kaggle_or_credentials_explains_what_to_do(tmp_path, monkeypatch, no_credentials):

@@ -1042,6 +1042,8 @@ def test_an_image_in_memory_gets_the_labels_its_file_would(tmp_path, caplog):
     hidden[:256, ..., :3], hidden[:256, ..., 3] = 0, 0  # transparent black over the top half
     half = _predictor().segment(hidden, mpp=0.25)
     assert half[:256].max() == 0 and np.array_equal(half[300:] > 0, assumed[300:] > 0)
+    with pytest.raises(ValueError, match=r"8- or 16-bit RGB, got float32: convert floats of 0-1 with"):
+        _predictor().segment(fine.astype(np.float32) / 255, mpp=0.25)
     with pytest.raises(TypeError, match=r"not a file name .*predict_slide\(path, output_dir\)"):
         _predictor().segment(str(tmp_path / "at_0.25.tif"), mpp=0.25)
     assert np.array_equal(_predictor().segment(Image.fromarray(fine), mpp=0.25), assumed)  # a PIL image
