@@ -352,15 +352,19 @@ def test_resume_with_more_epochs_continues_the_schedule_of_a_run_that_had_them(t
     assert int(state["optimizer"]["state"][0]["step"]) == 6
 
 
-def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(tmp_path):
-    # a 2-epoch run killed after epoch 1, resumed with the config's default (here 1) epochs: it goes on to 2
+def _two_epochs_stopped_after_one(tmp_path: Path) -> tuple[list[float], Path, list[float]]:
+    """(data, checkpoint, learning rates of the whole run uninterrupted) of a 2-epoch toy run killed after epoch 1."""
     data = [1.0, -1.0]
     path = tmp_path / "checkpoint_last.pt"
     fresh, _, _, fresh_lrs = _toy_training(2)
     fresh.run(data, max_epochs=2)
-
     _stopped_after_one_epoch(path, data, 2)
+    return data, path, fresh_lrs
 
+
+def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(tmp_path):
+    # a 2-epoch run killed after epoch 1, resumed with the config's default (here 1) epochs: it goes on to 2
+    data, path, fresh_lrs = _two_epochs_stopped_after_one(tmp_path)
     second, optimizer, schedule, lrs = _toy_training(1)
     handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}).attach(second)
     second.run(data, max_epochs=1)
@@ -371,11 +375,7 @@ def test_resume_of_a_stopped_run_keeps_its_schedule_when_asked_for_fewer_epochs(
 def test_a_resume_lengthens_a_run_only_to_epochs_typed_never_to_the_configs_default(tmp_path, caplog):
     # a 2-epoch run killed after epoch 1, resumed where the config's default is 4: without --epochs typed it ends
     # at 2 as started; with --epochs 4 typed it goes on to 4, its schedule stretched, and says so
-    data = [1.0, -1.0]
-    path = tmp_path / "checkpoint_last.pt"
-    fresh, _, _, fresh_lrs = _toy_training(2)
-    fresh.run(data, max_epochs=2)
-    _stopped_after_one_epoch(path, data, 2)
+    data, path, fresh_lrs = _two_epochs_stopped_after_one(tmp_path)
     kept, optimizer, schedule, lrs = _toy_training(4)
     handlers.Resume(path, {"optimizer": optimizer, "lr_scheduler": schedule}, given=[]).attach(kept)
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
