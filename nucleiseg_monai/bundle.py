@@ -220,8 +220,8 @@ def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -
     one log line; the bundle's, with a warning, where there is none), unless ``--stats_file`` is given.
 
     ``ckpt_export`` does not show ``--ckpt_file`` to the config, so it is read from the command line or its
-    ``--args_file``, as ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with the bundle's
-    statistics, silently, and the exported network saw every image shifted.
+    ``--args_file``, as ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with
+    the bundle's statistics, silently, and the exported network saw every image shifted.
     """
     from .data import load_stats
 

@@ -69,9 +69,7 @@ def cmd_download(args) -> int:
 
 def cmd_datalist(args) -> int:
     from .atomic import write_json_atomic
-    from .sources import load_sources, make_datalist
-
-    from .sources import default_data_root
+    from .sources import default_data_root, load_sources, make_datalist
 
     data_root = args.data_root or default_data_root(os.getcwd())
     if not args.data_root:

@@ -182,7 +182,7 @@ class Resume:
         if self.given is not None and "epochs" not in self.given and (max_epochs or 0) > run_epochs:
             logger.info("the resumed run in %s keeps its %d epochs; pass --epochs N to lengthen it", self.path,
                         run_epochs)
-            max_epochs = engine.state.max_epochs = run_epochs
+            max_epochs = run_epochs  # the trainer's state, loaded below, holds the run's own
         if self.given is not None and "epoch_length" not in self.given:
             epoch_length = None  # the config's default, not asked for: the run's own is kept without a word
         longer = (max_epochs or 0) > run_epochs

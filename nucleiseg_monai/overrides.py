@@ -303,8 +303,8 @@ def check(pairs: dict[str, str], config: dict, spelling: str = "flag") -> dict[s
         if default is MISSING or _is_code(default):  # computed by the config: typed by its component, if known
             default = _component_default(config, key)
         stand_in, nullable = _typed_by_parameters(_taking_parameters(config, key))
-        if default is None:  # null in the config: typed by what takes it, where that is annotated
-            default, nullable = (None, True) if stand_in is MISSING else (stand_in, True)
+        if default is None:  # null in the config: typed by what takes it, where that is annotated, and nullable
+            default, nullable = (None if stand_in is MISSING else stand_in), True
         settings[SEPARATORS[1].join(_levels(key))] = coerce(key, text, default, spelling, nullable)
     check_patch_size(config, settings)
     return settings
