@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 from skimage import io as skio
 from skimage.measure import label as connected_components
+from skimage.measure import regionprops
 
 from .wsi import ImageError, rgb_uint8
 
@@ -159,7 +160,15 @@ def _read_labels(path: Path) -> np.ndarray:
     """A label file's values: a palette PNG's indices where its index 0 is black (annotation tools write ids so;
     imageio would give the palette's colours), and one channel of a map whose three channels agree (ids copied into
     RGB). A palette whose index 0 is another colour is a colour-coded map saved indexed: its background would read
-    as a nucleus, so it is read as colours (and refused, with the line that turns it into ids)."""
+    as a nucleus, so it is read as colours (and refused, with the line that turns it into ids). An 8-bit map whose
+    ids wrapped past 255 is refused (``_refuse_wrapped_ids``)."""
+    labels = _label_values(path)
+    _refuse_wrapped_ids(path, labels)
+    return labels
+
+
+def _label_values(path: Path) -> np.ndarray:
+    """A label file's values as ``_read_labels`` describes, before the check for wrapped ids."""
     if path.suffix.lower() in LOSSY_LABEL_SUFFIXES:
         raise DataError(f"{path} is a JPEG label map: lossy compression changes the ids along every edge; save "
                         "label maps losslessly, as PNG or TIFF, with one integer id per nucleus")
@@ -176,6 +185,50 @@ def _read_labels(path: Path) -> np.ndarray:
     if labels.ndim == 3 and labels.shape[-1] in (3, 4) and (labels[..., :3] == labels[..., :1]).all():
         labels = labels[..., 0]
     return labels
+
+
+# An 8-bit map of more than 255 nuclei keeps each id modulo 256: nucleus 256 turns background and 257 on share ids
+# 1, 2, ... with nuclei elsewhere in the tile. Real annotations also give an id two pieces, but close together (a
+# nucleus cut by a thin line, a speck beside it): across the 603 16-bit maps of CryoNuSeg (with its observers),
+# MoNuSeg and NuInsSeg no map holds more than one id whose two largest pieces of 10 px or more lie over 4 nucleus
+# diameters apart. Wrapped ids lie wherever the tile put the two nuclei, mostly much further, so 3 such ids mark a
+# map as wrapped and leave room for a real map's quirks; fewer merged nuclei than that pass unseen.
+WRAP_MIN_PIECE = 10  # pixels: smaller pieces are annotation specks, not nuclei
+WRAP_FAR = 4  # nucleus diameters (of the id's largest piece) between the centres of its two largest pieces
+WRAP_MIN_IDS = 3  # ids so shared that refuse a map
+
+
+def _far_apart_ids(labels: np.ndarray) -> int:
+    """How many ids hold two pieces of WRAP_MIN_PIECE pixels or more whose centres lie over WRAP_FAR diameters
+    apart (pieces: 8-connected regions of one id)."""
+    pieces_by_id = defaultdict(list)
+    for piece in regionprops(connected_components(labels, connectivity=2), intensity_image=labels):
+        if piece.area >= WRAP_MIN_PIECE:
+            pieces_by_id[int(piece.intensity_max)].append(piece)
+    far = 0
+    for pieces in pieces_by_id.values():
+        if len(pieces) > 1:
+            largest, second = sorted(pieces, key=lambda piece: piece.area, reverse=True)[:2]
+            distance = np.hypot(*np.subtract(largest.centroid, second.centroid))
+            far += bool(distance > WRAP_FAR * largest.equivalent_diameter_area)
+    return far
+
+
+def _refuse_wrapped_ids(path: Path, labels: np.ndarray) -> None:
+    """Refuses an 8-bit label map whose ids seem to have wrapped at 255. Only a uint8 map whose ids reach 255 can
+    have wrapped, so other maps cost at most one max; a binary 0/255 mask (one id of many pieces) is no wrapped map."""
+    if labels.dtype != np.uint8 or labels.ndim != 2 or labels.max() < 255:
+        return
+    if np.count_nonzero(np.bincount(labels.ravel(), minlength=256)[1:]) < WRAP_MIN_IDS:
+        return
+    if (far := _far_apart_ids(labels)) >= WRAP_MIN_IDS:
+        raise DataError(
+            f"{path} is an 8-bit label map whose ids seem to have wrapped at 255: {far} ids each mark nuclei far "
+            "apart (a map of more than 255 nuclei saved as uint8 keeps each id modulo 256, so distinct nuclei share "
+            "an id and nucleus 256 becomes background). The wrapped file cannot be repaired reliably: save the "
+            "original annotation's ids again as 16-bit, e.g. tifffile.imwrite(\"labels.tif\", ids.astype(np.uint16)) "
+            "or imageio.imwrite(\"labels.png\", ids.astype(np.uint16)), ids being its (H, W) array of ids"
+        )
 
 
 def read_instance_labels(path: str | os.PathLike, kind: str = "instance") -> np.ndarray:

@@ -445,3 +445,48 @@ def test_load_stats_names_a_missing_or_malformed_file(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"mean": [1, 2, 3], "std": [4, 5, 6]}')
     assert data.load_stats(good) == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}
+
+
+def _disc_map(n: int, dtype) -> np.ndarray:
+    """Nuclei 1..n as discs of radius 3 (29 px) on a 20-wide grid 12 px apart, in raster order, their ids cast to
+    ``dtype`` as saving does (uint8 keeps them modulo 256: nucleus 256 becomes background, 257 on reuse ids 1, 2...)."""
+    yy, xx = np.mgrid[-6:6, -6:6]
+    disc = yy**2 + xx**2 <= 9
+    ids = np.zeros((12 * ((n + 19) // 20), 240), np.int64)
+    for k in range(1, n + 1):
+        row, col = divmod(k - 1, 20)
+        ids[12 * row:12 * row + 12, 12 * col:12 * col + 12][disc] = k
+    return ids.astype(dtype)
+
+
+def test_uint8_label_map_whose_ids_wrapped_is_refused(tmp_path):
+    wrapped = _disc_map(300, np.uint8)
+    assert wrapped.max() == 255 and (wrapped == 1).sum() == 2 * 29  # nuclei 1 and 257
+    tifffile.imwrite(tmp_path / "wrapped.tif", wrapped)
+    imsave(tmp_path / "wrapped.png", wrapped, check_contrast=False)
+    for path in (tmp_path / "wrapped.tif", tmp_path / "wrapped.png"):
+        # nuclei 257-300 share ids 1-44 with nuclei 256 places (about 13 grid rows) earlier
+        _raises_naming(path, data.read_instance_labels, path,
+                       match="ids seem to have wrapped at 255: 44 ids each mark nuclei far apart")
+        message = _raises_naming(path, data.is_binary_mask, path)
+        assert "ids again as 16-bit" in message and "ids.astype(np.uint16)" in message
+
+
+def test_uint8_map_of_255_nuclei_and_uint16_map_of_300_pass_the_wrap_check(tmp_path):
+    full = _disc_map(255, np.uint8)
+    tifffile.imwrite(tmp_path / "full.tif", full)
+    assert np.array_equal(data.read_instance_labels(tmp_path / "full.tif"), full)
+    # two ids with a far piece each (in the empty end of the last grid row), as a real annotation's quirks may give:
+    # fewer than wrapping leaves
+    quirks = full.copy()
+    quirks[-6:-2, -6:-2], quirks[-6:-2, -18:-14] = 1, 2
+    assert data._far_apart_ids(quirks) == 2
+    tifffile.imwrite(tmp_path / "quirks.tif", quirks)
+    assert np.array_equal(data.read_instance_labels(tmp_path / "quirks.tif"), quirks)
+    wide = _disc_map(300, np.uint16)
+    tifffile.imwrite(tmp_path / "wide.tif", wide)
+    assert np.array_equal(data.read_instance_labels(tmp_path / "wide.tif"), wide)
+    # a binary 0/255 mask: one id of many pieces, no wrapping
+    mask = np.where(full > 0, 255, 0).astype(np.uint8)
+    imsave(tmp_path / "mask.png", mask, check_contrast=False)
+    assert data.is_binary_mask(tmp_path / "mask.png")
