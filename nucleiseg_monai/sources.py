@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tifffile
 
-from .atomic import write_json_atomic
+from .atomic import sha256_file, write_json_atomic
 from .data import (
     DATASET_IMAGE_SUFFIXES,
     DataError,
@@ -527,11 +527,29 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
 MAX_STARTS = 64  # levels of started_from read: far beyond any lineage, short of JSON's nesting limits
 
 
+def _weights_identity(weights: Path) -> dict:
+    """The weights a run started from, named without the folders they sit in (``pack`` publishes the datalist, and
+    a path would show the trainer's folder names): their SHA-256, and as ``weights`` the bundle's "name version"
+    from its ``configs/metadata.json`` where they sit in a bundle's ``models/``, else the file's name."""
+    name = weights.name
+    meta_file = weights.parent.parent / "configs" / "metadata.json"
+    if weights.parent.name == "models" and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None  # a damaged metadata.json names nothing; the file's name still does
+        if isinstance(meta, dict) and meta.get("name") and meta.get("version"):
+            name = f"{meta['name']} {meta['version']}"
+    return {"weights": name, "sha256": sha256_file(weights)}
+
+
 def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | os.PathLike | None,
                  resume: bool | str = False) -> None:
     """Writes the datalist a new training run uses into its own ``ckpt_dir`` (``datalist.json``), with what its
-    weights start from (``started_from``): the ``pretrained`` weights, and the provenance of the datalist beside
-    them, its own ``started_from`` included.
+    weights start from (``started_from``): the ``pretrained`` weights (``weights``, a name: "name version" of the
+    bundle they come from, else the file's name; ``sha256``, their digest), and the provenance of the datalist
+    beside them, its own ``started_from`` included. Datalists written before recorded ``weights`` as an absolute
+    path; they are read as they are.
 
     Weights carry the terms of all the data behind them: a fine-tune on one's own data under a permissive license
     from weights that learnt from non-commercial data is not free for commercial use, and ``pack`` must know it
@@ -549,7 +567,7 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
     if weights is not None:
         weights = weights.expanduser().resolve()
         beside = weights.parent / "datalist.json"
-        start: dict = {"weights": str(weights), "provenance": None}
+        start: dict = {**_weights_identity(weights), "provenance": None}
         if beside.is_file():
             before = json.loads(beside.read_text(encoding="utf-8"))
             start.update(provenance=before.get("provenance"), started_from=before.get("started_from"))
@@ -565,8 +583,9 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
 def provenance_chain(datalist: dict) -> dict[str, dict | None]:
     """Every source the weights of ``datalist``'s run owe to, this run's and those its ``started_from`` weights
     learnt from, each as ``provenance`` gives it (None: weights whose data is unknown). Inherited ones are named
-    "<source> (through <weights>)"; a source met again through the same weights (repeated fine-tunes in one folder)
-    is listed once, unless its terms differ there."""
+    "<source> (through <weights>)" and weights of unknown data "weights <weights>", with <weights> as
+    ``record_start`` names them (an absolute path in datalists written before it named them so); a source met again
+    through the same weights (repeated fine-tunes in one folder) is listed once, unless its terms differ there."""
     def facts_of(provenance) -> dict:
         return {name: facts if isinstance(facts, dict) else {} for name, facts in provenance.items()}
 

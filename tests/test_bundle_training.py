@@ -4,6 +4,7 @@ dataset. Each run is a subprocess limited to one thread: the machine has two cor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -322,7 +323,9 @@ def test_overwrite_keeps_the_earlier_run_until_its_own_data_and_weights_have_loa
     assert f"started from {bundle / 'models' / 'model.pt'}" in output and "Epoch[0] Metrics" in output
     assert load(bundle / "models" / "checkpoint_last.pt")["trainer"]["iteration"] == iterations_per_epoch(bundle)
     started = json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]
-    assert started["weights"] == str((bundle / "models" / "model.pt").resolve())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert started["weights"] == f"{meta['name']} {meta['version']}"  # the bundle's, never the folder's path
+    assert started["sha256"] == hashlib.sha256(before["model.pt"]).hexdigest()  # the weights it started from
     assert started["provenance"]["synthetic"]["tiles"]["training"] > 0  # the data the start learnt from
 
 

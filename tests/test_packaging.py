@@ -156,9 +156,11 @@ def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_p
 def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt_from(tmp_path, caplog):
     from nucleiseg_monai.sources import record_start
 
-    shipped = tmp_path / "shipped" / "models"  # weights that learnt from non-commercial data
+    shipped = tmp_path / "shipped" / "models"  # a bundle's weights that learnt from non-commercial data
     shipped.mkdir(parents=True)
     (shipped / "model.pt").write_bytes(b"w")
+    (shipped.parent / "configs").mkdir()
+    (shipped.parent / "configs" / "metadata.json").write_text(json.dumps({"name": "Shipped U-Net", "version": "1.2"}))
     (shipped / "datalist.json").write_text(json.dumps({"provenance": {
         "cryonuseg": {"license": "CC BY-NC-SA 4.0", "commercial_use": False}}}))
     mine = {"sources": {}, "training": [], "provenance": {"mine": {"license": "CC0-1.0", "commercial_use": True}}}
@@ -166,7 +168,8 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     run.mkdir(parents=True)
     record_start(mine, run, str(shipped / "model.pt"), "false")
     recorded = json.loads((run / "datalist.json").read_text())
-    assert recorded["started_from"] == {"weights": str(shipped / "model.pt"), "started_from": None,
+    assert recorded["started_from"] == {"weights": "Shipped U-Net 1.2", "sha256": sha256_file(shipped / "model.pt"),
+                                        "started_from": None,
                                         "provenance": {"cryonuseg": {"license": "CC BY-NC-SA 4.0",
                                                                      "commercial_use": False}}}
     (run / "model.pt").write_bytes(b"w2")
@@ -175,8 +178,8 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     record_start(mine, again, str(run / "model.pt"), False)
     bundle = _bundle(tmp_path / "b")
     (bundle / "models" / "datalist.json").write_text((again / "datalist.json").read_text())
-    through = f"cryonuseg (through {shipped / 'model.pt'})"
-    assert list(packaging._provenance(bundle)) == ["mine", f"mine (through {run / 'model.pt'})", through]
+    through = "cryonuseg (through Shipped U-Net 1.2)"  # a bundle's weights by its name, others by the file's
+    assert list(packaging._provenance(bundle)) == ["mine", "mine (through model.pt)", through]
     assert packaging.non_commercial_sources(bundle) == [through]
     (bundle / "LICENSE").write_text("CC0-1.0\n")
     assert packaging.unstated_licenses(bundle) == [f"CC BY-NC-SA 4.0 ({through})"]
@@ -189,7 +192,7 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
         record_start(mine, run, str(run / "model.pt"), False)
     (bundle / "models" / "datalist.json").write_text((run / "datalist.json").read_text())
     assert packaging.non_commercial_sources(bundle) == [through]
-    assert list(packaging._provenance(bundle)) == ["mine", f"mine (through {run / 'model.pt'})", through]
+    assert list(packaging._provenance(bundle)) == ["mine", "mine (through model.pt)", through]
     for malformed in ({"provenance": ["a list"]}, {"provenance": {"mine": "CC0"}}, {"started_from": "x"}):
         (bundle / "models" / "datalist.json").write_text(json.dumps(malformed))  # read, never a crash
         assert packaging.non_commercial_sources(bundle) == [] and packaging.unstated_licenses(bundle) == []
@@ -206,7 +209,37 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     caplog.clear()
     with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
         pack(bundle, tmp_path / "b.zip")
-    assert f"the weights started from {tmp_path / 'loose.pt'}, whose training data is not recorded" in caplog.text
+    assert "the weights started from loose.pt, whose training data is not recorded" in caplog.text
+    # a datalist written when the weights were recorded by their absolute path reads as it did
+    old = {"provenance": {}, "started_from": {"weights": "/home/me/shipped/models/model.pt",
+                                              "provenance": {"cryonuseg": {"commercial_use": False}}}}
+    (bundle / "models" / "datalist.json").write_text(json.dumps(old))
+    assert packaging.non_commercial_sources(bundle) == ["cryonuseg (through /home/me/shipped/models/model.pt)"]
+
+
+def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_path):
+    from nucleiseg_monai.sources import record_start
+
+    private = tmp_path / "alice_private" / "lab_runs"  # folder names pack must not publish
+    private.mkdir(parents=True)
+    (private / "start.pt").write_bytes(b"starting weights")
+    (private / "datalist.json").write_text(json.dumps({"provenance": {"theirs": {"license": "CC0-1.0"}}}))
+    bundle = _bundle(tmp_path / "b")
+    record_start({"training": [], "provenance": {"mine": {"license": "Apache-2.0"}}}, bundle / "models",
+                 str(private / "start.pt"))
+    text = (bundle / "models" / "datalist.json").read_text()
+    # the path, and the folder names in it that are no common word (pytest's tmp_path: /tmp/pytest-of-<user>/...)
+    secrets = [str(private), "alice_private", "lab_runs", tmp_path.name, tmp_path.parents[1].name]
+    assert [part for part in secrets if part in text] == []
+    started = json.loads(text)["started_from"]
+    # sha256sum of a file holding b"starting weights"
+    assert started["sha256"] == "c2135702ceec0ba5213bc243183dc48f4b0b4e7f646b9bd9cac0095ab243abfa"
+    assert started["weights"] == "start.pt"
+    assert list(packaging._provenance(bundle)) == ["mine", "theirs (through start.pt)"]
+    with zipfile.ZipFile(pack(bundle, tmp_path / "b.zip")) as zf:
+        leaks = [(info.filename, part) for info in zf.infolist() for part in secrets
+                 if part.encode() in zf.read(info)]
+    assert leaks == []
 
 
 def test_pack_warns_without_a_license_and_writes_into_a_folder_it_is_given(tmp_path, caplog):
