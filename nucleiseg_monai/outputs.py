@@ -83,11 +83,16 @@ def iter_tiles(labels: np.ndarray, tile: int) -> Iterator[np.ndarray]:
 LEVEL_BUFFER_IN_MEMORY = 64 << 20
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``a / b`` rounded up, in integers: exact for any size, where ``math.ceil(a / b)`` goes through a float."""
+    return -(-a // b)
+
+
 def label_levels(shape: tuple[int, int], tile: int) -> list[int]:
     """Downsampling factors of the label BigTIFF's reduced levels: 4, 16, 64, ... while a level's longer side is more
     than a tile (a map that fits in a few tiles at level 0 gets none)."""
     factors, factor = [], 4
-    while max(-(-shape[0] // factor), -(-shape[1] // factor)) > tile:
+    while max(ceil_div(shape[0], factor), ceil_div(shape[1], factor)) > tile:
         factors.append(factor)
         factor *= 4
     return factors
@@ -106,7 +111,7 @@ class _ReducedLevel:
 
     def __init__(self, final: Path, shape: tuple[int, int]):
         self.level0 = tuple(shape)
-        self.shape = (-(-shape[0] // 4), -(-shape[1] // 4))
+        self.shape = (ceil_div(shape[0], 4), ceil_div(shape[1], 4))
         self._file: AtomicFile | None = None
         if self.shape[0] * self.shape[1] * 4 <= LEVEL_BUFFER_IN_MEMORY:
             self.buffer: IO[bytes] = io.BytesIO()
@@ -129,7 +134,7 @@ class _ReducedLevel:
     def subsample(self, tiles: Iterable[np.ndarray], tile: int) -> Iterator[np.ndarray]:
         """``tiles`` (row-major, (tile, tile)) passed on unchanged, each one's every 4th pixel kept."""
         height, width = self.shape
-        side, columns = tile // 4, -(-self.level0[1] // tile)
+        side, columns = tile // 4, ceil_div(self.level0[1], tile)
         band = np.zeros((side, width), np.uint32)
         for index, block in enumerate(tiles):
             row, column = divmod(index, columns)
@@ -142,7 +147,7 @@ class _ReducedLevel:
     def tiles(self, factor: int, tile: int) -> Iterator[np.ndarray]:
         """Row-major (tile, tile) blocks of ``level0[::factor, ::factor]`` (factor 4, 16, 64, ...)."""
         step = factor // 4
-        height = -(-self.shape[0] // step)
+        height = ceil_div(self.shape[0], step)
         for y in range(0, height, tile):
             yield from iter_tiles(self._rows(range(y * step, min(y + tile, height) * step, step))[:, ::step], tile)
 
@@ -193,7 +198,7 @@ def _write_label_tiff(target: Path, tiles: Iterable[np.ndarray], shape: tuple[in
         tif.write(level.subsample(tiles, tile), shape=tuple(shape), subifds=len(factors), metadata=metadata,
                   **options, **resolution(1))
         for factor in factors:
-            tif.write(level.tiles(factor, tile), shape=(-(-shape[0] // factor), -(-shape[1] // factor)),
+            tif.write(level.tiles(factor, tile), shape=(ceil_div(shape[0], factor), ceil_div(shape[1], factor)),
                       subfiletype=1, metadata=None, **options, **resolution(factor))
 
 

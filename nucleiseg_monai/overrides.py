@@ -286,8 +286,10 @@ def check_patch_size(config: dict, settings: dict) -> None:
     multiple = 2**poolings
     bad = [side for side in patch if side <= 0 or side % multiple]
     if bad:
+        from .outputs import ceil_div  # only for the refusal: outputs pulls in the image libraries
+
         lower = [max(multiple, side // multiple * multiple) for side in patch]
-        upper = [max(multiple, -(-side // multiple) * multiple) for side in patch]
+        upper = [max(multiple, ceil_div(side, multiple) * multiple) for side in patch]
         raise SettingError(
             f"--patch_size {patch}: each side must be a positive multiple of {multiple} (the network pools "
             f"{poolings} times), e.g. --patch_size \"{lower}\" or \"{upper}\""

@@ -23,6 +23,7 @@ from nucleiseg_monai.outputs import (
     ImageLock,
     Overlay,
     SlideOutputs,
+    ceil_div,
     iter_tiles,
     label_levels,
     output_paths,
@@ -72,6 +73,13 @@ def test_label_tiff_failure_leaves_nothing(tmp_path):
 def _pixel_ids(shape) -> np.ndarray:
     """Each pixel's id names it: id - 1 = row * width + column, so a reduced level's pixel says where it came from."""
     return (np.arange(shape[0] * shape[1], dtype=np.uint32) + 1).reshape(shape)
+
+
+def test_ceil_div_rounds_up_exactly_for_any_side():
+    assert [ceil_div(a, 4) for a in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+    assert ceil_div(np.int64(2049), 512) == 5  # sides come from numpy shapes too
+    huge = 2**60 + 1  # past float's 53 bits, where math.ceil(huge / 2) gives 2**59
+    assert ceil_div(huge, 2) == 2**59 + 1
 
 
 def test_label_levels_are_added_while_a_level_is_longer_than_a_tile():
