@@ -255,17 +255,50 @@ def non_commercial_sources(root: str | os.PathLike) -> list[str]:
     return [source for source, facts in _provenance(Path(root)).items() if (facts or {}).get("commercial_use") is False]
 
 
+def _datalist(root: Path) -> dict:
+    """``models/datalist.json``, or {} where it is missing or no JSON object (read, never a crash: it only informs)."""
+    try:
+        datalist = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return datalist if isinstance(datalist, dict) else {}
+
+
 def _provenance(root: Path) -> dict:
     """Every source behind the weights: ``models/datalist.json``'s ``provenance`` and, through ``started_from``,
     that of the weights the run started from (``sources.provenance_chain``); empty where the datalist records none
     (one made before it did)."""
     from .sources import provenance_chain
 
-    try:
-        datalist = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return provenance_chain(datalist) if isinstance(datalist, dict) else {}
+    return provenance_chain(_datalist(root))
+
+
+def _is_local_path(value) -> bool:
+    """An absolute path of a POSIX or Windows machine, or one under a home folder."""
+    return isinstance(value, str) and (value.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", value)
+                                       is not None)
+
+
+def local_paths(root: str | os.PathLike) -> list[str]:
+    """Absolute paths that ``models/datalist.json`` would publish: sources whose ``root`` is an absolute folder,
+    tiles listed by absolute path, and starting weights recorded by path (as datalists did before they were named
+    by bundle and digest). Folder names can tell more than their owner means to share."""
+    from .sources import MAX_STARTS
+
+    datalist = _datalist(Path(root))
+    sources = datalist.get("sources")
+    found = [facts.get("root") for facts in (sources.values() if isinstance(sources, dict) else ())
+             if isinstance(facts, dict)]
+    for part in datalist.values():
+        records = [r for r in part if isinstance(r, dict)] if isinstance(part, list) else []
+        found += [record.get(key) for record in records for key in ("image", "label")]
+    start = datalist.get("started_from")
+    for _ in range(MAX_STARTS):
+        if not isinstance(start, dict):
+            break
+        found.append(start.get("weights"))
+        start = start.get("started_from")
+    return list(dict.fromkeys(path for path in found if _is_local_path(path)))
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -301,6 +334,12 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
         logger.warning("%s: the weights started from %s, whose training data is not recorded (no datalist.json "
                        "beside them), so their terms are unknown; find out what those weights learnt from and "
                        "name its license in LICENSE", root, ", ".join(u.removeprefix("weights ") for u in unknown))
+    if local := local_paths(root):
+        shown = ", ".join(local[:3]) + (f" and {len(local) - 3} more" if len(local) > 3 else "")
+        logger.warning("%s names folders of this machine that the zip will publish: %s; if they should stay "
+                       "private, replace them in that file (a source's root by its folder's name, tiles by their "
+                       "path under it, weights by their file name) before packing", root / "models" / "datalist.json",
+                       shown)
     non_commercial = non_commercial_sources(root)
     if non_commercial:
         logger.info("%s: the weights learnt from non-commercial data (%s): not for commercial use, as LICENSE and "

@@ -242,6 +242,31 @@ def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_pa
     assert leaks == []
 
 
+def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog):
+    bundle = _bundle(tmp_path / "b")
+    datalist = {
+        "sources": {"mine": {"root": "/home/alice/hospital_x"}, "shared": {"root": "cryonuseg"},
+                    "win": {"root": "D:\\scans"}},
+        "training": [{"image": "/data/case_17/tile.png", "label": "labels/tile.png"}, "not a record"],
+        "validation": [{"image": "images/v.png", "label": "~/labels/v.png"}],
+        # written before weights were named by bundle and digest: the old start still shows, at any depth
+        "started_from": {"weights": "Shipped U-Net 1.2",
+                         "started_from": {"weights": "/home/alice/runs/first/model.pt"}},
+    }
+    (bundle / "models" / "datalist.json").write_text(json.dumps(datalist))
+    local = ["/home/alice/hospital_x", "D:\\scans", "/data/case_17/tile.png", "~/labels/v.png",
+             "/home/alice/runs/first/model.pt"]
+    assert packaging.local_paths(bundle) == local
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    assert "names folders of this machine that the zip will publish: /home/alice/hospital_x, D:\\scans, " \
+        "/data/case_17/tile.png and 2 more" in caplog.text
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"sources": {"s": {"root": "s"}}, "training": []}))
+    assert packaging.local_paths(bundle) == []
+    (bundle / "models" / "datalist.json").write_text("[1, 2]")  # not a datalist: nothing to name, no crash
+    assert packaging.local_paths(bundle) == []
+
+
 def test_pack_warns_without_a_license_and_writes_into_a_folder_it_is_given(tmp_path, caplog):
     bundle = _bundle(tmp_path / "b")
     (bundle / "LICENSE").unlink()
