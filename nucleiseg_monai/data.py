@@ -22,7 +22,6 @@ import numpy as np
 import tifffile
 from skimage import io as skio
 from skimage.measure import label as connected_components
-from skimage.measure import regionprops
 
 from .wsi import ImageError, rgb_uint8
 
@@ -200,18 +199,26 @@ WRAP_MIN_IDS = 3  # ids so shared that refuse a map
 
 def _far_apart_ids(labels: np.ndarray) -> int:
     """How many ids hold two pieces of WRAP_MIN_PIECE pixels or more whose centres lie over WRAP_FAR diameters
-    apart (pieces: 8-connected regions of one id)."""
-    pieces_by_id = defaultdict(list)
-    for piece in regionprops(connected_components(labels, connectivity=2), intensity_image=labels):
-        if piece.area >= WRAP_MIN_PIECE:
-            pieces_by_id[int(piece.intensity_max)].append(piece)
-    far = 0
-    for pieces in pieces_by_id.values():
-        if len(pieces) > 1:
-            largest, second = sorted(pieces, key=lambda piece: piece.area, reverse=True)[:2]
-            distance = np.hypot(*np.subtract(largest.centroid, second.centroid))
-            far += bool(distance > WRAP_FAR * largest.equivalent_diameter_area)
-    return far
+    apart (pieces: 8-connected regions of one id). In arrays, not per piece: a greyscale image saved as labels has
+    hundreds of thousands of pieces."""
+    pieces = connected_components(labels, connectivity=2).ravel()
+    area = np.bincount(pieces)
+    rows, cols = np.divmod(np.arange(pieces.size), labels.shape[1])
+    centre_y, centre_x = (np.bincount(pieces, weights=rows) / np.maximum(area, 1),
+                          np.bincount(pieces, weights=cols) / np.maximum(area, 1))
+    id_of = np.zeros(area.size, np.int64)
+    id_of[pieces] = labels.ravel()
+    kept = np.flatnonzero((area >= WRAP_MIN_PIECE) & (id_of > 0))
+    kept = kept[np.lexsort((-area[kept], id_of[kept]))]  # by id, each id's largest piece first
+    ids = id_of[kept]
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # each id's largest piece
+    has_second = first + 1 < kept.size
+    first = first[has_second]
+    first = first[ids[first + 1] == ids[first]]
+    largest, second = kept[first], kept[first + 1]
+    distance = np.hypot(centre_y[largest] - centre_y[second], centre_x[largest] - centre_x[second])
+    diameter = np.sqrt(4 * area[largest] / np.pi)  # of a disc of the largest piece's area
+    return int(np.count_nonzero(distance > WRAP_FAR * diameter))
 
 
 def _refuse_wrapped_ids(path: Path, labels: np.ndarray) -> None:

@@ -481,6 +481,14 @@ def test_uint8_map_of_255_nuclei_and_uint16_map_of_300_pass_the_wrap_check(tmp_p
     quirks = full.copy()
     quirks[-6:-2, -6:-2], quirks[-6:-2, -18:-14] = 1, 2
     assert data._far_apart_ids(quirks) == 2
+    refused = quirks.copy()  # a third such id: as many as a map of 259 nuclei saved as uint8 shares
+    refused[-6:-2, -30:-26] = 3
+    assert data._far_apart_ids(refused) == data.WRAP_MIN_IDS == 3
+    tifffile.imwrite(tmp_path / "refused.tif", refused)
+    _raises_naming(tmp_path / "refused.tif", data.read_instance_labels, tmp_path / "refused.tif",
+                   match="3 ids each mark nuclei far apart")
+    # 257 nuclei saved as uint8: nucleus 256 vanishes and 257 shares id 1, too few shared ids to tell from a quirk
+    assert data._far_apart_ids(_disc_map(257, np.uint8)) == 1
     tifffile.imwrite(tmp_path / "quirks.tif", quirks)
     assert np.array_equal(data.read_instance_labels(tmp_path / "quirks.tif"), quirks)
     wide = _disc_map(300, np.uint16)
