@@ -273,17 +273,12 @@ def _provenance(root: Path) -> dict:
     return provenance_chain(_datalist(root))
 
 
-def _is_local_path(value) -> bool:
-    """An absolute path of a POSIX or Windows machine, or one under a home folder."""
-    return isinstance(value, str) and (value.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", value)
-                                       is not None)
-
-
 def local_paths(root: str | os.PathLike) -> list[str]:
     """Absolute paths that ``models/datalist.json`` would publish: sources whose ``root`` is an absolute folder,
-    tiles listed by absolute path, and starting weights recorded by path (as datalists did before they were named
-    by bundle and digest). Folder names can tell more than their owner means to share."""
-    from .sources import MAX_STARTS
+    tiles listed by absolute path or reaching above their source's folder, and starting weights recorded by path
+    (as datalists did before they were named by bundle and digest). Folder names can tell more than their owner
+    means to share."""
+    from .sources import MAX_STARTS, is_local_path
 
     datalist = _datalist(Path(root))
     sources = datalist.get("sources")
@@ -298,7 +293,7 @@ def local_paths(root: str | os.PathLike) -> list[str]:
             break
         found.append(start.get("weights"))
         start = start.get("started_from")
-    return list(dict.fromkeys(path for path in found if _is_local_path(path)))
+    return list(dict.fromkeys(path for path in found if is_local_path(path)))
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:

@@ -527,6 +527,28 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
 MAX_STARTS = 64  # levels of started_from read: far beyond any lineage, short of JSON's nesting limits
 
 
+def is_local_path(value) -> bool:
+    """A path that names folders of the machine it was written on: absolute (POSIX, a Windows drive, with or
+    without a slash after it, or a share), under a home folder (``~/``, ``~user/``), or reaching above its start
+    (``..``). A plain relative path, or a name with a colon past its first letter (``s3://``), is none."""
+    if not isinstance(value, str):
+        return False
+    if value.startswith(("/", "\\")) or re.match(r"[A-Za-z]:|~[^/\\]*[/\\]", value):
+        return True
+    return ".." in re.split(r"[/\\]", value)
+
+
+def _private_starts(start):
+    """``started_from`` as recorded before, its weights recorded by path (as datalists did before naming them)
+    named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage."""
+    if not isinstance(start, dict):
+        return start
+    weights = start.get("weights")
+    if is_local_path(weights):
+        weights = re.split(r"[/\\]", weights.rstrip("/\\"))[-1]
+    return {**start, "weights": weights, "started_from": _private_starts(start.get("started_from"))}
+
+
 def _weights_identity(weights: Path) -> dict:
     """The weights a run started from, named without the folders they sit in (``pack`` publishes the datalist, and
     a path would show the trainer's folder names): their SHA-256, and as ``weights`` the bundle's "name version"
@@ -570,7 +592,8 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
         start: dict = {**_weights_identity(weights), "provenance": None}
         if beside.is_file():
             before = json.loads(beside.read_text(encoding="utf-8"))
-            start.update(provenance=before.get("provenance"), started_from=before.get("started_from"))
+            start.update(provenance=before.get("provenance"),
+                         started_from=_private_starts(before.get("started_from")))
         else:
             logger.warning("no datalist.json beside the pretrained weights %s: the data they learnt from, and its "
                            "license, are unknown, and so are this run's weights' terms", weights)
@@ -584,8 +607,9 @@ def provenance_chain(datalist: dict) -> dict[str, dict | None]:
     """Every source the weights of ``datalist``'s run owe to, this run's and those its ``started_from`` weights
     learnt from, each as ``provenance`` gives it (None: weights whose data is unknown). Inherited ones are named
     "<source> (through <weights>)" and weights of unknown data "weights <weights>", with <weights> as
-    ``record_start`` names them (an absolute path in datalists written before it named them so); a source met again
-    through the same weights (repeated fine-tunes in one folder) is listed once, unless its terms differ there."""
+    ``record_start`` names them and the first 12 digits of their SHA-256 (an absolute path, and no digest, in
+    datalists written before it named them so); a source met again through the same weights (repeated fine-tunes
+    in one folder) is listed once, unless its terms differ there."""
     def facts_of(provenance) -> dict:
         return {name: facts if isinstance(facts, dict) else {} for name, facts in provenance.items()}
 
@@ -595,13 +619,16 @@ def provenance_chain(datalist: dict) -> dict[str, dict | None]:
     for _ in range(MAX_STARTS):  # each fine-tune in a folder nests one more level
         if not isinstance(start, dict):
             break
+        who = start.get("weights")
+        if isinstance(start.get("sha256"), str):  # names repeat (model.pt, a bundle copied with its metadata)
+            who = f"{who}, sha256 {start['sha256'][:12]}"
         if not isinstance(start.get("provenance"), dict):
-            chain[f"weights {start.get('weights')}"] = None
+            chain[f"weights {who}"] = None
             break
         for name, facts in facts_of(start["provenance"]).items():
-            key, n = f"{name} (through {start.get('weights')})", 2
+            key, n = f"{name} (through {who})", 2
             while key in chain and chain[key] != facts:
-                key, n = f"{name} (through {start.get('weights')}, #{n})", n + 1
+                key, n = f"{name} (through {who}, #{n})", n + 1
             chain[key] = facts
         start = start.get("started_from")
     return chain

@@ -178,8 +178,10 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     record_start(mine, again, str(run / "model.pt"), False)
     bundle = _bundle(tmp_path / "b")
     (bundle / "models" / "datalist.json").write_text((again / "datalist.json").read_text())
-    through = "cryonuseg (through Shipped U-Net 1.2)"  # a bundle's weights by its name, others by the file's
-    assert list(packaging._provenance(bundle)) == ["mine", "mine (through model.pt)", through]
+    # a bundle's weights by its name, others by the file's; each with its digest's first digits, as names repeat
+    through = f"cryonuseg (through Shipped U-Net 1.2, sha256 {sha256_file(shipped / 'model.pt')[:12]})"
+    first = f"mine (through model.pt, sha256 {sha256_file(run / 'model.pt')[:12]})"
+    assert list(packaging._provenance(bundle)) == ["mine", first, through]
     assert packaging.non_commercial_sources(bundle) == [through]
     (bundle / "LICENSE").write_text("CC0-1.0\n")
     assert packaging.unstated_licenses(bundle) == [f"CC BY-NC-SA 4.0 ({through})"]
@@ -192,7 +194,14 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
         record_start(mine, run, str(run / "model.pt"), False)
     (bundle / "models" / "datalist.json").write_text((run / "datalist.json").read_text())
     assert packaging.non_commercial_sources(bundle) == [through]
-    assert list(packaging._provenance(bundle)) == ["mine", "mine (through model.pt)", through]
+    assert list(packaging._provenance(bundle)) == ["mine", first, through]
+    (again / "model.pt").write_bytes(b"w3")  # other weights of the same file name stay apart in the chain
+    third = tmp_path / "third" / "models"
+    third.mkdir(parents=True)
+    record_start(mine, third, str(again / "model.pt"), False)
+    (bundle / "models" / "datalist.json").write_text((third / "datalist.json").read_text())
+    second = f"mine (through model.pt, sha256 {sha256_file(again / 'model.pt')[:12]})"
+    assert list(packaging._provenance(bundle)) == ["mine", second, first, through]
     for malformed in ({"provenance": ["a list"]}, {"provenance": {"mine": "CC0"}}, {"started_from": "x"}):
         (bundle / "models" / "datalist.json").write_text(json.dumps(malformed))  # read, never a crash
         assert packaging.non_commercial_sources(bundle) == [] and packaging.unstated_licenses(bundle) == []
@@ -209,7 +218,8 @@ def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt
     caplog.clear()
     with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
         pack(bundle, tmp_path / "b.zip")
-    assert "the weights started from loose.pt, whose training data is not recorded" in caplog.text
+    assert f"the weights started from loose.pt, sha256 {sha256_file(tmp_path / 'loose.pt')[:12]}, whose training " \
+        "data is not recorded" in caplog.text
     # a datalist written when the weights were recorded by their absolute path reads as it did
     old = {"provenance": {}, "started_from": {"weights": "/home/me/shipped/models/model.pt",
                                               "provenance": {"cryonuseg": {"commercial_use": False}}}}
@@ -223,7 +233,10 @@ def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_pa
     private = tmp_path / "alice_private" / "lab_runs"  # folder names pack must not publish
     private.mkdir(parents=True)
     (private / "start.pt").write_bytes(b"starting weights")
-    (private / "datalist.json").write_text(json.dumps({"provenance": {"theirs": {"license": "CC0-1.0"}}}))
+    older = {"weights": str(private / "older" / "first.pt"),  # recorded by path, as datalists did before
+             "provenance": {"first": {"license": "CC0-1.0"}}}
+    (private / "datalist.json").write_text(json.dumps({"provenance": {"theirs": {"license": "CC0-1.0"}},
+                                                       "started_from": older}))
     bundle = _bundle(tmp_path / "b")
     record_start({"training": [], "provenance": {"mine": {"license": "Apache-2.0"}}}, bundle / "models",
                  str(private / "start.pt"))
@@ -234,8 +247,10 @@ def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_pa
     started = json.loads(text)["started_from"]
     # sha256sum of a file holding b"starting weights"
     assert started["sha256"] == "c2135702ceec0ba5213bc243183dc48f4b0b4e7f646b9bd9cac0095ab243abfa"
-    assert started["weights"] == "start.pt"
-    assert list(packaging._provenance(bundle)) == ["mine", "theirs (through start.pt)"]
+    assert started["weights"] == "start.pt" and started["started_from"]["weights"] == "first.pt"
+    assert list(packaging._provenance(bundle)) == ["mine", "theirs (through start.pt, sha256 c2135702ceec)",
+                                                   "first (through first.pt)"]
+    assert packaging.local_paths(bundle) == []
     with zipfile.ZipFile(pack(bundle, tmp_path / "b.zip")) as zf:
         leaks = [(info.filename, part) for info in zf.infolist() for part in secrets
                  if part.encode() in zf.read(info)]
@@ -265,6 +280,19 @@ def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog)
     assert packaging.local_paths(bundle) == []
     (bundle / "models" / "datalist.json").write_text("[1, 2]")  # not a datalist: nothing to name, no crash
     assert packaging.local_paths(bundle) == []
+
+
+@pytest.mark.parametrize("path, local", [
+    ("/home/a/x", True), ("\\\\server\\share\\x", True), ("//server/share", True), ("c:/x", True),
+    ("C:relative", True), ("D:scans\\t.png", True), ("~/data", True), ("~alice/data", True),
+    ("../../home/alice/data", True), ("images\\..\\..\\x.png", True),
+    ("images/t.png", False), ("cryonuseg", False), ("~$lock.png", False), ("s3://bucket/t.png", False),
+    ("a..b.png", False), (None, False),
+])
+def test_local_paths_are_those_that_name_folders_of_the_machine(path, local):
+    from nucleiseg_monai.sources import is_local_path
+
+    assert is_local_path(path) is local
 
 
 def test_pack_warns_without_a_license_and_writes_into_a_folder_it_is_given(tmp_path, caplog):
