@@ -259,7 +259,7 @@ def _datalist(root: Path) -> dict:
     """``models/datalist.json``, or {} where it is missing or no JSON object (read, never a crash: it only informs)."""
     try:
         datalist = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than JSON readers go
         return {}
     return datalist if isinstance(datalist, dict) else {}
 
@@ -274,9 +274,9 @@ def _provenance(root: Path) -> dict:
 
 
 def local_paths(root: str | os.PathLike) -> list[str]:
-    """Absolute paths that ``models/datalist.json`` would publish: sources whose ``root`` is an absolute folder,
-    tiles listed by absolute path or reaching above their source's folder, and starting weights recorded by path
-    (as datalists did before they were named by bundle and digest). Folder names can tell more than their owner
+    """Local paths (``sources.is_local_path``: absolute, drive-relative, under ``~``, or climbing with ``..``) that
+    ``models/datalist.json`` would publish: sources' ``root``, tiles, and starting weights recorded by path (as
+    datalists did before they were named by bundle and digest). Folder names can tell more than their owner
     means to share."""
     from .sources import MAX_STARTS, is_local_path
 

@@ -540,13 +540,39 @@ def is_local_path(value) -> bool:
 
 def _private_starts(start):
     """``started_from`` as recorded before, its weights recorded by path (as datalists did before naming them)
-    named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage."""
-    if not isinstance(start, dict):
-        return start
-    weights = start.get("weights")
-    if is_local_path(weights):
-        weights = re.split(r"[/\\]", weights.rstrip("/\\"))[-1]
-    return {**start, "weights": weights, "started_from": _private_starts(start.get("started_from"))}
+    named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage. Read
+    to MAX_STARTS levels, as ``provenance_chain`` reads it."""
+    levels = []
+    while isinstance(start, dict) and len(levels) < MAX_STARTS:
+        level = {key: value for key, value in start.items() if key != "started_from"}
+        if is_local_path(level.get("weights")):
+            level["weights"] = re.split(r"[/\\]|^[A-Za-z]:", level["weights"].rstrip("/\\"))[-1]
+        levels.append(level)
+        start = start.get("started_from")
+    chain = None
+    for level in reversed(levels):
+        chain = {**level, "started_from": chain} if chain is not None else level
+    return chain
+
+
+def _beside(weights: Path) -> dict | None:
+    """The datalist beside ``weights`` (their run's record), or None where there is none or it cannot be read:
+    then the data they learnt from is unknown, and a warning says why."""
+    beside = weights.parent / "datalist.json"
+    if not beside.is_file():
+        logger.warning("no datalist.json beside the pretrained weights %s: the data they learnt from, and its "
+                       "license, are unknown, and so are this run's weights' terms", weights)
+        return None
+    try:
+        before = json.loads(beside.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        before = e
+    if not isinstance(before, dict):
+        logger.warning("%s, beside the pretrained weights, is no datalist (%s): the data they learnt from, and its "
+                       "license, are unknown, and so are this run's weights' terms", beside,
+                       before if isinstance(before, Exception) else f"a JSON {type(before).__name__}")
+        return None
+    return before
 
 
 def _weights_identity(weights: Path) -> dict:
@@ -588,19 +614,17 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
     weights = weights_path(pretrained)
     if weights is not None:
         weights = weights.expanduser().resolve()
-        beside = weights.parent / "datalist.json"
         start: dict = {**_weights_identity(weights), "provenance": None}
-        if beside.is_file():
-            before = json.loads(beside.read_text(encoding="utf-8"))
+        if (before := _beside(weights)) is not None:
             start.update(provenance=before.get("provenance"),
                          started_from=_private_starts(before.get("started_from")))
-        else:
-            logger.warning("no datalist.json beside the pretrained weights %s: the data they learnt from, and its "
-                           "license, are unknown, and so are this run's weights' terms", weights)
         record["started_from"] = start
-    if own.is_file() and json.loads(own.read_text(encoding="utf-8")) == record:
-        return
-    write_json_atomic(record, own)
+    try:
+        unchanged = own.is_file() and json.loads(own.read_text(encoding="utf-8")) == record
+    except (ValueError, RecursionError):
+        unchanged = False  # an unreadable record of the folder's earlier run: this run's replaces it
+    if not unchanged:
+        write_json_atomic(record, own)
 
 
 def provenance_chain(datalist: dict) -> dict[str, dict | None]:
@@ -620,7 +644,7 @@ def provenance_chain(datalist: dict) -> dict[str, dict | None]:
         if not isinstance(start, dict):
             break
         who = start.get("weights")
-        if isinstance(start.get("sha256"), str):  # names repeat (model.pt, a bundle copied with its metadata)
+        if isinstance(start.get("sha256"), str) and start["sha256"]:  # names repeat (model.pt, a copied bundle)
             who = f"{who}, sha256 {start['sha256'][:12]}"
         if not isinstance(start.get("provenance"), dict):
             chain[f"weights {who}"] = None

@@ -257,6 +257,50 @@ def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_pa
     assert leaks == []
 
 
+def test_a_received_datalist_of_any_shape_beside_the_starting_weights_is_read_or_named_never_a_crash(tmp_path,
+                                                                                                       caplog):
+    from nucleiseg_monai.sources import MAX_STARTS, record_start
+
+    weights = tmp_path / "received" / "model.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"w")
+    # deeper than Python's JSON reader goes (and its writer: so built as text)
+    deep = '{"weights": "/home/bob/model.pt", "started_from": ' * 2000 + '{"weights": "C:first.pt"}' + "}" * 2000
+    bundle = _bundle(tmp_path / "b")
+    for text, why in (("{not json", "Expecting property name"), ("[1, 2]", "a JSON list"),
+                      (deep, "maximum recursion depth")):
+        (weights.parent / "datalist.json").write_text(text)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nucleiseg_monai.sources"):
+            record_start({"training": []}, bundle / "models", str(weights))
+        assert f"{weights.parent / 'datalist.json'}, beside the pretrained weights, is no datalist" in caplog.text
+        assert why in caplog.text
+        assert json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]["provenance"] is None
+    (bundle / "models" / "datalist.json").write_text(deep)
+    assert packaging.local_paths(bundle) == [] and packaging.non_commercial_sources(bundle) == []
+
+    chain = {"weights": "C:first.pt", "provenance": {"theirs": {"license": "CC0-1.0"}}}
+    for level in range(3):  # inherited: each level keeps only its file's name, a drive's letter gone too
+        chain = {"weights": f"/home/bob/run{level}/model.pt", "provenance": {}, "started_from": chain}
+    (weights.parent / "datalist.json").write_text(json.dumps({"provenance": {}, "started_from": chain}))
+    record_start({"training": []}, bundle / "models", str(weights))
+    assert packaging.local_paths(bundle) == []
+    names, start = [], json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]
+    while start is not None:
+        names.append(start["weights"])
+        start = start.get("started_from")
+    assert names == ["model.pt"] * 4 + ["first.pt"]
+    long = {"weights": "w.pt", "provenance": {}}
+    for _ in range(MAX_STARTS + 10):
+        long = {"weights": "w.pt", "provenance": {}, "started_from": long}
+    (weights.parent / "datalist.json").write_text(json.dumps({"provenance": {}, "started_from": long}))
+    record_start({"training": []}, bundle / "models", str(weights))  # kept to the levels provenance_chain reads
+    start, depth = json.loads((bundle / "models" / "datalist.json").read_text())["started_from"], 0
+    while start is not None:
+        depth, start = depth + 1, start.get("started_from")
+    assert depth == 1 + MAX_STARTS
+
+
 def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog):
     bundle = _bundle(tmp_path / "b")
     datalist = {
