@@ -540,10 +540,10 @@ def is_local_path(value) -> bool:
 
 def _private_starts(start):
     """``started_from`` as recorded before, its weights recorded by path (as datalists did before naming them)
-    named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage. Read
-    to MAX_STARTS levels, as ``provenance_chain`` reads it."""
+    named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage. Kept
+    to the levels ``provenance_chain`` reads below the run's own start (MAX_STARTS in all)."""
     levels = []
-    while isinstance(start, dict) and len(levels) < MAX_STARTS:
+    while isinstance(start, dict) and len(levels) < MAX_STARTS - 1:
         level = {key: value for key, value in start.items() if key != "started_from"}
         if is_local_path(level.get("weights")):
             level["weights"] = re.split(r"[/\\]|^[A-Za-z]:", level["weights"].rstrip("/\\"))[-1]
@@ -596,8 +596,8 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
     """Writes the datalist a new training run uses into its own ``ckpt_dir`` (``datalist.json``), with what its
     weights start from (``started_from``): the ``pretrained`` weights (``weights``, a name: "name version" of the
     bundle they come from, else the file's name; ``sha256``, their digest), and the provenance of the datalist
-    beside them, its own ``started_from`` included. Datalists written before recorded ``weights`` as an absolute
-    path; they are read as they are.
+    beside them, its own ``started_from`` included. Weights that older datalists recorded by path keep only their
+    file's name when inherited so.
 
     Weights carry the terms of all the data behind them: a fine-tune on one's own data under a permissive license
     from weights that learnt from non-commercial data is not free for commercial use, and ``pack`` must know it

@@ -298,7 +298,7 @@ def test_a_received_datalist_of_any_shape_beside_the_starting_weights_is_read_or
     start, depth = json.loads((bundle / "models" / "datalist.json").read_text())["started_from"], 0
     while start is not None:
         depth, start = depth + 1, start.get("started_from")
-    assert depth == 1 + MAX_STARTS
+    assert depth == MAX_STARTS
 
 
 def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog):
