@@ -242,9 +242,13 @@ def training_stats(datalist_stats: dict, stats_file: str | os.PathLike, pretrain
     beside them (one log line says so); where there is none, it takes the training tiles' (``datalist_stats``)
     with a warning that the start's are unknown. A run from scratch takes the training tiles'.
     """
-    from .data import load_stats
+    from .data import DataError, load_stats
     from .handlers import parse_bool, weights_path
 
+    if datalist_stats is None:
+        raise DataError("the datalist holds no training tiles (no source's split leaves any for training), so there "
+                        "is nothing to train on; give a source training tiles in the sources file's split, or pass "
+                        "--datalist_file with a datalist that has them")
     own = Path(stats_file)
     if parse_bool(resume, "resume"):
         if own.is_file():

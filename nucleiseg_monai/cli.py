@@ -69,6 +69,7 @@ def cmd_download(args) -> int:
 
 def cmd_datalist(args) -> int:
     from .atomic import write_json_atomic
+    from .data import DataError
     from .sources import default_data_root, load_sources, make_datalist
 
     data_root = args.data_root or default_data_root(os.getcwd())
@@ -76,6 +77,10 @@ def cmd_datalist(args) -> int:
         logger.info("data root %s ($NUCLEISEG_DATA, else shared/datasets beside the checkout; --data_root DIR chooses)",
                     data_root)
     datalist = make_datalist(load_sources(args.sources_file, args.sources), data_root)
+    if args.stats and datalist["channel_stats"] is None:
+        raise DataError(f"--stats {args.stats}: the split leaves no training tiles to compute channel statistics "
+                        "from; leave --stats out (evaluation takes the weights' statistics), or give a source "
+                        "training tiles in the sources file's split")
     write_json_atomic(datalist, args.output)
     if args.stats:
         write_json_atomic(datalist["channel_stats"], args.stats)

@@ -371,7 +371,12 @@ def make_datalist(sources: dict[str, Source], data_root: str | os.PathLike, chec
     if require_validation:
         check_parts(datalist, sources)
     warn_empty_parts(datalist, sources)
-    datalist["channel_stats"] = channel_stats(train_images)
+    if train_images:
+        datalist["channel_stats"] = channel_stats(train_images)
+    else:  # one's own tiles split for evaluation alone: weights bring the statistics they learnt with
+        datalist["channel_stats"] = None
+        logger.info("no training tiles in these sources' splits: the datalist can serve evaluation and tuning, "
+                    "not training")
     datalist["provenance"] = provenance(datalist, sources)
     log_provenance(datalist["provenance"])
     return datalist
@@ -484,12 +489,17 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
     datalist_file = Path(datalist_file)
     if datalist_file.is_file():
         datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
-        if datalist.get("sources") != wanted:
+        if (made := datalist.get("sources")) != wanted:
+            made = made if isinstance(made, dict) else {}
+            differ = {name: (made.get(name), wanted.get(name)) for name in sorted(set(made) | set(wanted), key=str)
+                      if made.get(name) != wanted.get(name)}
             raise DataError(
-                f"{datalist_file} was made for sources {datalist.get('sources')}, not {wanted}. If it was made "
-                "with another sources file (a resumed run, or a bundle evaluated with --data_root), pass that file "
-                "again with --sources_file FILE; otherwise delete it to make a new split from these sources, or "
-                "point datalist_file at another file"
+                f"{datalist_file} was made for other sources: "
+                + "; ".join(f"{name}: {was} in the file, {now} now" for name, (was, now) in differ.items())
+                + ". If it was made with another sources file (a resumed run), pass that file again with "
+                "--sources_file FILE; for a split of these sources (one's own tiles, say), pass --datalist_file "
+                "with a new file's name, e.g. beside the data (a bundle's models/datalist.json records what its "
+                "weights learnt from: keep it)"
             )
         check_parts(datalist, sources)  # a file written before empty validation parts were refused
         # the registry's terms, as for the records' facts below: files older than the key have none, and a

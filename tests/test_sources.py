@@ -116,7 +116,7 @@ def test_prepare_reads_back_the_split_and_refuses_a_changed_registry(registry, t
     changed = json.loads(path.read_text())
     changed["groups"]["split"]["test"] = ["human_liver"]
     path.write_text(json.dumps(changed))
-    with pytest.raises(DataError, match="delete it to make a new split"):
+    with pytest.raises(DataError, match="pass --datalist_file with a new file.s name"):
         S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
 
 
@@ -557,14 +557,18 @@ def test_a_datalist_file_older_than_the_provenance_key_gets_it_from_the_registry
     assert [r["name"] for r in again["test"]] == [r["name"] for r in old["test"]]
 
 
-def test_a_datalist_for_other_sources_says_to_pass_the_original_sources_file_or_delete_it(registry, tmp_path):
+def test_a_datalist_for_other_sources_says_to_pass_the_original_sources_file_or_another_datalist(registry,
+                                                                                                 tmp_path):
     path, data = registry
     S.prepare(data, tmp_path / "datalist.json", S.load_sources(path))
     with pytest.raises(DataError) as info:  # a resume that forgot --sources_file: the shipped registry
         S.prepare(data, tmp_path / "datalist.json", S.load_sources())
     message = str(info.value)
     assert "pass that file again with --sources_file FILE" in message
-    assert "otherwise delete it to make a new split" in message
+    assert "pass --datalist_file with a new file's name" in message and "delete" not in message
+    # each source that differs, once, by name: here every one of both files
+    assert message.count("in the file,") == 6 and "kaggle: {'root': 'kaggle'" in message
+    assert "cryonuseg: None in the file, {'root': 'cryonuseg'" in message
 
 
 def test_all_zero_label_maps_are_listed_in_one_warning_and_kept(registry, caplog):
@@ -599,3 +603,27 @@ def test_generic_discovery_names_misnamed_extra_and_duplicate_files(registry, ca
     with pytest.raises(DataError, match=f"{labels / 'TCGA-AR-0002.png'} and {labels / 'TCGA-AR-0002.tif'} have the "
                                         "same name 'TCGA-AR-0002'"):
         S.discover_source(sources["tcga"], data)
+
+
+def test_own_tiles_split_for_evaluation_alone_need_no_training_tiles(registry, tmp_path, caplog):
+    from nucleiseg_monai import cli
+    from nucleiseg_monai.bundle import training_stats
+
+    path, data = registry
+    entries = json.loads(path.read_text())
+    own = {"groups": entries["groups"] | {"split": {"kind": "groups", "validation": ["human_brain"],
+                                                    "test": ["mouse_heart", "human_liver"]}}}
+    path.write_text(json.dumps(own))
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.sources"):
+        datalist = S.make_datalist(S.load_sources(path), data)
+    assert datalist["training"] == [] and len(datalist["validation"]) == 2 and len(datalist["test"]) == 6
+    assert datalist["channel_stats"] is None  # the weights evaluated bring the statistics they learnt with
+    assert "no training tiles in these sources' splits: the datalist can serve evaluation" in caplog.text
+    with pytest.raises(S.DataError, match="the datalist holds no training tiles"):  # nothing to train on
+        training_stats(None, tmp_path / "channel_stats.json", None, False)
+    args = ["datalist", "--data_root", str(data), "--sources_file", str(path), "--output", str(tmp_path / "dl.json")]
+    caplog.clear()
+    assert cli.main(args + ["--stats", str(tmp_path / "stats.json")]) == 2
+    assert f"--stats {tmp_path / 'stats.json'}: the split leaves no training tiles" in caplog.text
+    assert not (tmp_path / "stats.json").exists()
+    assert cli.main(args) == 0 and json.loads((tmp_path / "dl.json").read_text())["channel_stats"] is None
