@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = {cmd_predict: "finished images, and the finished regions of an unfinished one, are kept",
                 cmd_train: "checkpoints are kept"}.get(args.func, "finished outputs are kept")
         again = " with --resume true" if args.func is cmd_train else ""
+        if args.func is cmd_predict and args.overwrite:  # which would start every image afresh again
+            again = " without --overwrite"
         logger.error("interrupted: %s; run the same command again%s to go on", kept, again)
         return 130
     except Exception as err:

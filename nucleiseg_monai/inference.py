@@ -64,7 +64,7 @@ from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
                       outputs_complete, remove_temporaries, source_fingerprint)
 from .postprocess import activate, instances_from_probs
-from .region_journal import RegionJournal, remove_journal
+from .region_journal import RegionJournal, journal_folder, remove_journal
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import (IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
                   tissue_mask)
@@ -831,6 +831,9 @@ class SlidePredictor:
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
             if self.overwrite and labels_from is None:  # redone from the first region, as the outputs are
+                if journal_folder(output_dir, name).is_dir():
+                    logger.info("%s: starting afresh (overwrite): the regions kept from an interrupted run are "
+                                "discarded", name)
                 remove_journal(output_dir, name)
             journal = None
             if self.keep_regions and labels_from is None and plan.todo.sum() > 1:  # one region: nothing to go on from

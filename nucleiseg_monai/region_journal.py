@@ -94,7 +94,8 @@ class RegionJournal:
             return None
         done = set(_region_files(folder))
         if done:
-            logger.info("%s: %d regions kept from an interrupted run are taken as they are", name, len(done))
+            logger.info("%s: %d of the regions to process were kept from an interrupted run and are taken as they "
+                        "are", name, len(done))
         return cls(folder, done)
 
     @classmethod

@@ -462,6 +462,16 @@ def test_a_run_ends_an_os_error_or_an_interruption_in_one_line(monkeypatch, capl
     assert said in record.getMessage() and record.exc_info is None
 
 
+def test_an_interrupted_overwrite_says_to_go_on_without_it(monkeypatch, caplog):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_predict", interrupted)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", "--bundle", "b", "--input", "i.tif", "--output_dir", "o", "--overwrite"]) == 130
+    assert "are kept; run the same command again without --overwrite to go on" in caplog.text
+
+
 def test_a_warning_is_one_log_line_without_python_source(monkeypatch, caplog):
     def warns(args):
         warnings.warn("scan.tif: ignoring implausible pixel size 352.8 um/px from the resolution tags", stacklevel=2)

@@ -921,9 +921,22 @@ def test_an_interrupted_image_goes_on_from_its_kept_regions_to_the_same_outputs(
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
         result = again.predict_slide(folder / "slide.tif", out)
     assert len(computed) == 12 - 7 and result.regions_processed == 12  # the network ran only where nothing was kept
-    assert "7 regions kept from an interrupted run" in caplog.text
+    assert "7 of the regions to process were kept from an interrupted run" in caplog.text
     assert not journal.exists()  # gone once the outputs are committed
     _same_outputs(out, folder / "regions")  # byte for byte an uninterrupted run's, nucleus ids included
+
+
+def test_overwrite_starts_an_interrupted_image_afresh_and_says_so(seam_slide, tmp_path, caplog):
+    folder, *_ = seam_slide
+    out = tmp_path / "out"
+    journal = _killed_after(7, folder / "slide.tif", out)
+    again = _predictor(overwrite=True)
+    computed = _counting(again)
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
+        again.predict_slide(folder / "slide.tif", out)
+    assert len(computed) == 12 and not journal.exists()
+    assert "slide: starting afresh (overwrite): the regions kept from an interrupted run are discarded" in caplog.text
+    _same_outputs(out, folder / "regions")
 
 
 def test_kept_regions_of_other_settings_are_discarded_and_unreadable_ones_computed_again(seam_slide, tmp_path,
