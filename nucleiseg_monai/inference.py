@@ -879,9 +879,9 @@ class SlidePredictor:
             return
         if source == "assumed":
             logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
-                           "(input_mpp) if it differs. An assumed size is not a measurement: area_um2 in the CSV, "
-                           "the run table's mpp, nuclei_per_mm2 and median_nucleus_um2 and the label map's "
-                           "resolution stay empty unless --mpp is given; %s", head, reader.mpp, message)
+                           "(input_mpp) if it differs. An assumed size is not a measurement: area_um2 in the CSV, the "
+                           "label map's resolution and, in a cohort's run table, mpp, nuclei_per_mm2 and "
+                           "median_nucleus_um2 stay empty unless --mpp is given; %s", head, reader.mpp, message)
             return
         if plan.scale == 1:
             how = "analysed as read" if mpp is None else f"analysed as read (model: {mpp:g} um/px)"

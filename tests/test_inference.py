@@ -480,8 +480,8 @@ def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tm
     [line] = scale_lines("fine.png")
     assert line.levelname == "WARNING"
     assert "states no pixel size, so 0.25 um/px (the model's) is assumed; pass --mpp" in line.getMessage()
-    assert "area_um2 in the CSV, the run table's mpp, nuclei_per_mm2 and median_nucleus_um2 and the label map's " \
-           "resolution stay empty unless --mpp is given" in line.getMessage()
+    assert "area_um2 in the CSV, the label map's resolution and, in a cohort's run table, mpp, nuclei_per_mm2 and " \
+           "median_nucleus_um2 stay empty unless --mpp is given" in line.getMessage()
     assert (assumed.mpp_source, assumed.scale) == ("assumed", 1.0)
     # an assumption is not written into the outputs as a measurement
     assert all(r["area_um2"] == "" for r in _rows(tmp_path / "a" / "fine.nuclei.csv").values())
