@@ -232,7 +232,7 @@ def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -
     return load_stats(weights_stats_file(checkpoint, stats_file))
 
 
-def training_stats(datalist_stats: dict, stats_file: str | os.PathLike, pretrained: str | os.PathLike | None = None,
+def training_stats(datalist_stats: dict | None, stats_file: str | os.PathLike, pretrained: str | os.PathLike | None = None,
                    resume: bool | str = False) -> dict[str, list[float]]:
     """The channel statistics a training run normalises with (train.json's ``channel_stats``; the run writes them
     to its ``stats_file``, which validation, evaluation and inference then read).
@@ -240,7 +240,8 @@ def training_stats(datalist_stats: dict, stats_file: str | os.PathLike, pretrain
     A resumed run keeps those it started with (its own ``stats_file``), whatever ``pretrained`` says. A new run
     started from ``pretrained`` weights keeps the statistics those weights learnt with, the ``channel_stats.json``
     beside them (one log line says so); where there is none, it takes the training tiles' (``datalist_stats``)
-    with a warning that the start's are unknown. A run from scratch takes the training tiles'.
+    with a warning that the start's are unknown. A run from scratch takes the training tiles'. A datalist without
+    training tiles (None: one made for evaluation alone) is refused.
     """
     from .data import DataError, load_stats
     from .handlers import parse_bool, weights_path
