@@ -232,8 +232,8 @@ def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -
     return load_stats(weights_stats_file(checkpoint, stats_file))
 
 
-def training_stats(datalist_stats: dict | None, stats_file: str | os.PathLike, pretrained: str | os.PathLike | None = None,
-                   resume: bool | str = False) -> dict[str, list[float]]:
+def training_stats(datalist_stats: dict | None, stats_file: str | os.PathLike,
+                   pretrained: str | os.PathLike | None = None, resume: bool | str = False) -> dict[str, list[float]]:
     """The channel statistics a training run normalises with (train.json's ``channel_stats``; the run writes them
     to its ``stats_file``, which validation, evaluation and inference then read).
 
