@@ -472,6 +472,20 @@ def test_an_interrupted_overwrite_says_to_go_on_without_it(monkeypatch, caplog):
     assert "are kept; run the same command again without --overwrite to go on" in caplog.text
 
 
+def test_a_mistyped_input_is_named_before_the_network_is_built(monkeypatch, tmp_path, caplog):
+    from nucleiseg_monai.inference import SlidePredictor
+
+    def built(*args, **kwargs):
+        raise AssertionError("the network was built for an input that does not exist")
+
+    monkeypatch.setattr(SlidePredictor, "from_bundle", built)
+    missing = tmp_path / "slide_typo.svs"
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", "--bundle", str(REPO / "bundles" / "nuclei_unet_small"), "--input", str(missing),
+                         "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"{missing} does not exist; give an image file, a folder of images or a glob" in caplog.text
+
+
 def test_a_warning_is_one_log_line_without_python_source(monkeypatch, caplog):
     def warns(args):
         warnings.warn("scan.tif: ignoring implausible pixel size 352.8 um/px from the resolution tags", stacklevel=2)
