@@ -278,7 +278,7 @@ def local_paths(root: str | os.PathLike) -> list[str]:
     ``models/datalist.json`` would publish: sources' ``root``, tiles, and starting weights recorded by path (as
     datalists did before they were named by bundle and digest). Folder names can tell more than their owner
     means to share."""
-    from .sources import MAX_STARTS, is_local_path
+    from .sources import is_local_path, starts
 
     datalist = _datalist(Path(root))
     sources = datalist.get("sources")
@@ -287,12 +287,7 @@ def local_paths(root: str | os.PathLike) -> list[str]:
     for part in datalist.values():
         records = [r for r in part if isinstance(r, dict)] if isinstance(part, list) else []
         found += [record.get(key) for record in records for key in ("image", "label")]
-    start = datalist.get("started_from")
-    for _ in range(MAX_STARTS):
-        if not isinstance(start, dict):
-            break
-        found.append(start.get("weights"))
-        start = start.get("started_from")
+    found += [start.get("weights") for start in starts(datalist.get("started_from"))]
     return list(dict.fromkeys(path for path in found if is_local_path(path)))
 
 

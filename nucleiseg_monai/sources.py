@@ -537,6 +537,16 @@ def _with_registry_facts(datalist: dict, sources: dict[str, Source], datalist_fi
 MAX_STARTS = 64  # levels of started_from read: far beyond any lineage, short of JSON's nesting limits
 
 
+def starts(start, levels: int = MAX_STARTS):
+    """Each level of a ``started_from`` chain, the run's own start first, to ``levels`` levels (each fine-tune in a
+    folder nests one more); a level that is no mapping ends it, as a received datalist may hold anything."""
+    for _ in range(levels):
+        if not isinstance(start, dict):
+            return
+        yield start
+        start = start.get("started_from")
+
+
 def is_local_path(value) -> bool:
     """A path that names folders of the machine it was written on: absolute (POSIX, a Windows drive, with or
     without a slash after it, or a share), under a home folder (``~/``, ``~user/``), or reaching above its start
@@ -552,13 +562,11 @@ def _private_starts(start):
     """``started_from`` as recorded before, its weights recorded by path (as datalists did before naming them)
     named by their file name only: a run's datalist, which ``pack`` publishes, names no folder of its lineage. Kept
     to the levels ``provenance_chain`` reads below the run's own start (MAX_STARTS in all)."""
-    levels = []
-    while isinstance(start, dict) and len(levels) < MAX_STARTS - 1:
-        level = {key: value for key, value in start.items() if key != "started_from"}
+    levels = [{key: value for key, value in level.items() if key != "started_from"}
+              for level in starts(start, MAX_STARTS - 1)]
+    for level in levels:
         if is_local_path(level.get("weights")):
             level["weights"] = re.split(r"[/\\]|^[A-Za-z]:", level["weights"].rstrip("/\\"))[-1]
-        levels.append(level)
-        start = start.get("started_from")
     chain = None
     for level in reversed(levels):
         chain = {**level, "started_from": chain} if chain is not None else level
@@ -649,10 +657,7 @@ def provenance_chain(datalist: dict) -> dict[str, dict | None]:
 
     own = datalist.get("provenance")
     chain: dict[str, dict | None] = facts_of(own) if isinstance(own, dict) else {}
-    start = datalist.get("started_from")
-    for _ in range(MAX_STARTS):  # each fine-tune in a folder nests one more level
-        if not isinstance(start, dict):
-            break
+    for start in starts(datalist.get("started_from")):
         who = start.get("weights")
         if isinstance(start.get("sha256"), str) and start["sha256"]:  # names repeat (model.pt, a copied bundle)
             who = f"{who}, sha256 {start['sha256'][:12]}"
@@ -664,7 +669,6 @@ def provenance_chain(datalist: dict) -> dict[str, dict | None]:
             while key in chain and chain[key] != facts:
                 key, n = f"{name} (through {who}, #{n})", n + 1
             chain[key] = facts
-        start = start.get("started_from")
     return chain
 
 
