@@ -256,12 +256,11 @@ def non_commercial_sources(root: str | os.PathLike) -> list[str]:
 
 
 def _datalist(root: Path) -> dict:
-    """``models/datalist.json``, or {} where it is missing or no JSON object (read, never a crash: it only informs)."""
-    try:
-        datalist = json.loads((root / "models" / "datalist.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than JSON readers go
-        return {}
-    return datalist if isinstance(datalist, dict) else {}
+    """``models/datalist.json``, or {} where it is missing or no JSON object."""
+    from .sources import read_record
+
+    record = read_record(root / "models" / "datalist.json")
+    return record if isinstance(record, dict) else {}
 
 
 def _provenance(root: Path) -> dict:

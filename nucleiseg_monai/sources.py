@@ -478,12 +478,17 @@ def warn_empty_parts(datalist: dict, sources: dict[str, Source]) -> None:
 
 
 def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
-            sources: dict[str, Source] | None = None) -> dict:
+            sources: dict[str, Source] | None = None, require_validation: bool = True) -> dict:
     """Loads the datalist at ``datalist_file``, or makes and writes it on first use.
 
     The split is made once and read back, so training, evaluation and resumed runs see the same tiles; a registry
     whose sources or split specifications differ from the file's is an error, never a silent re-split.
+    ``require_validation`` False (evaluate.json) admits a split with no validation tiles: one's own tiles held out
+    for testing alone; training, which selects its model on validation, keeps refusing it.
     """
+    from .handlers import parse_bool
+
+    require_validation = parse_bool(require_validation, "require_validation")
     sources = load_sources() if sources is None else sources
     wanted = {s.name: {"root": s.root, "split": s.split} for s in sources.values()}
     datalist_file = Path(datalist_file)
@@ -501,13 +506,14 @@ def prepare(data_root: str | os.PathLike, datalist_file: str | os.PathLike,
                 "with a new file's name, e.g. beside the data (a bundle's models/datalist.json records what its "
                 "weights learnt from: keep it)"
             )
-        check_parts(datalist, sources)  # a file written before empty validation parts were refused
+        if require_validation:
+            check_parts(datalist, sources)  # a file written before empty validation parts were refused
         # the registry's terms, as for the records' facts below: files older than the key have none, and a
         # registry edited since the split takes effect
         datalist["provenance"] = provenance(datalist, sources)
         log_provenance(datalist["provenance"])
         return _with_registry_facts(datalist, sources, datalist_file)
-    datalist = make_datalist(sources, data_root)
+    datalist = make_datalist(sources, data_root, require_validation=require_validation)
     write_json_atomic(datalist, datalist_file)
     logger.info("wrote datalist %s (%s)", datalist_file,
                 ", ".join(f"{p}: {len(datalist[p])}" for p in ("training", "validation", "test")))
@@ -581,16 +587,22 @@ def _beside(weights: Path) -> dict | None:
         logger.warning("no datalist.json beside the pretrained weights %s: the data they learnt from, and its "
                        "license, are unknown, and so are this run's weights' terms", weights)
         return None
-    try:
-        before = json.loads(beside.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        before = e
-    if not isinstance(before, dict):
+    before = read_record(beside)
+    if isinstance(before, str):
         logger.warning("%s, beside the pretrained weights, is no datalist (%s): the data they learnt from, and its "
-                       "license, are unknown, and so are this run's weights' terms", beside,
-                       before if isinstance(before, Exception) else f"a JSON {type(before).__name__}")
+                       "license, are unknown, and so are this run's weights' terms", beside, before)
         return None
     return before
+
+
+def read_record(path: Path) -> dict | str:
+    """A datalist.json that only informs (a bundle's record of its weights, the one beside starting weights), read
+    without a crash: its object, or why there is none."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than JSON readers go
+        return str(e)
+    return record if isinstance(record, dict) else f"a JSON {type(record).__name__}"
 
 
 def _weights_identity(weights: Path) -> dict:
@@ -756,6 +768,13 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
     for name in datalist["sources"]:
         part = split if any(r["source"] == name for r in datalist.get(split, [])) else "validation"
         records += [{**r, "part": part} for r in resolve(datalist, data_root, part, working_mpp, [name])]
+    if not records:
+        counts = part_counts(datalist)
+        wanted = split if split == "validation" else f"{split} or validation"
+        raise DataError(f"no tiles to evaluate: the datalist holds no {wanted} tiles ("
+                        + "; ".join(f"{name}: " + ", ".join(f"{p} {n}" for p, n in c.items())
+                                    for name, c in counts.items())
+                        + "); choose another --split, or a split in the sources file that holds tiles out")
     check_sizes((r["image"], r["label"]) for r in records)  # before the evaluation replaces its earlier report
     for name, mpp in (rescans or {}).items():
         for r in [r for r in records if r["source"] == name]:

@@ -396,6 +396,24 @@ def test_a_datalist_file_without_validation_tiles_is_refused_when_read_back(tmp_
         S.prepare(tmp_path / "data", tmp_path / "datalist.json", sources)
 
 
+def test_an_evaluation_split_may_hold_no_validation_tiles_which_training_then_refuses(tmp_path):
+    """One's own tiles held out for testing alone: evaluate.json's require_validation false (as the command line
+    gives it, a word) writes the datalist; training reading the same file refuses it, and an evaluation of the
+    validation part names the empty split instead of scoring nothing."""
+    path = _pairs_registry(tmp_path)
+    sources, datalist_file = S.load_sources(path), tmp_path / "datalist.json"
+    datalist = S.prepare(tmp_path / "data", datalist_file, sources, require_validation="false")
+    assert [len(datalist[p]) for p in S.PARTS] == [4, 0, 4] and datalist_file.is_file()
+    records = S.evaluation_records(datalist, tmp_path / "data", "test", 0.25)
+    assert sorted(Path(r["image"]).name for r in records) == sorted(Path(r["image"]).name for r in datalist["test"])
+    assert {r["part"] for r in records} == {"test"}
+    with pytest.raises(DataError, match=r"no tiles to evaluate: the datalist holds no validation tiles "
+                                        r"\(mine: training 4, validation 0, test 4\)"):
+        S.evaluation_records(datalist, tmp_path / "data", "validation", 0.25)
+    with pytest.raises(DataError, match="no validation tiles, so training could select no model"):
+        S.prepare(tmp_path / "data", datalist_file, sources)
+
+
 def test_a_source_without_validation_tiles_beside_others_is_warned_about(registry, tmp_path, caplog):
     path, data = registry
     mine = _pairs_registry(tmp_path / "mine")
