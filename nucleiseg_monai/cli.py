@@ -146,7 +146,7 @@ def cmd_predict(args) -> int:
         summary = SlidePredictor.from_bundle(args.bundle, **settings).run(args.input, args.output_dir)
     except FileExistsError as err:  # finished outputs of other settings: refused before any image was read
         print(f"nucleiseg predict: error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a usage error, as the other ones are; 1 says that images failed
     if not summary.ok:  # each failure was already logged with its path
         logger.error("%d image(s) failed (%d done, %d already complete)", len(summary.failed), len(summary.done),
                      len(summary.skipped))
