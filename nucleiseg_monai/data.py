@@ -153,6 +153,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 # Lossy compression turns a label map's edges into new values: each would read as a nucleus of a few pixels.
 LOSSY_LABEL_SUFFIXES = (".jpg", ".jpeg")
+LABEL_SUFFIXES = tuple(s for s in DATASET_IMAGE_SUFFIXES if s not in LOSSY_LABEL_SUFFIXES)
 
 
 def _read_labels(path: Path) -> np.ndarray:

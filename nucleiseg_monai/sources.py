@@ -34,7 +34,7 @@ import tifffile
 
 from .atomic import sha256_file, write_json_atomic
 from .data import (
-    DATASET_IMAGE_SUFFIXES,
+    LABEL_SUFFIXES,
     DataError,
     Sample,
     _files_by_stem,
@@ -208,7 +208,7 @@ def _discover_generic(root: Path) -> list[tuple[str, Path, Path]]:
                   if unmatched else "")
         raise DataError(f"no label in {root / GENERIC_LABELS} for {len(missing)} image(s): "
                         f"{', '.join(str(images[n]) for n in missing)}{others}; a label's file name must be its "
-                        "image's name (any of " + ", ".join(DATASET_IMAGE_SUFFIXES) + ")")
+                        "image's stem with a lossless suffix (" + ", ".join(LABEL_SUFFIXES) + ")")
     if unmatched:  # left out of the datalist, but said: a misnamed tile would otherwise vanish
         logger.warning("%d label(s) in %s have no image in %s and are left out: %s", len(unmatched),
                        root / GENERIC_LABELS, root / GENERIC_IMAGES, ", ".join(labels[n].name for n in unmatched))

@@ -615,7 +615,7 @@ def test_generic_discovery_names_misnamed_extra_and_duplicate_files(registry, ca
     message = str(info.value)
     assert f"no label in {labels} for 1 image(s): {data / 'tcga' / 'images' / 'TCGA-A7-0001.tif'}" in message
     assert "matching no image, e.g. TCGA-A7-0001_mask.tif, TCGA-ZZ-9999.tif" in message
-    assert "a label's file name must be its image's name" in message
+    assert "a label's file name must be its image's stem with a lossless suffix (.tif, .tiff, .png)" in message
     (labels / "TCGA-A7-0001_mask.tif").rename(labels / "TCGA-A7-0001.tif")
     shutil.copy(labels / "TCGA-AR-0002.tif", labels / "TCGA-AR-0002.png")  # two files, one stem
     with pytest.raises(DataError, match=f"{labels / 'TCGA-AR-0002.png'} and {labels / 'TCGA-AR-0002.tif'} have the "
