@@ -216,8 +216,9 @@ def weights_stats_file(checkpoint: str | os.PathLike | None, stats_file: str | o
 
 def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -> dict[str, list[float]]:
     """The channel statistics ``ckpt_export`` puts inside the exported network (export.json's ``export_stats``):
-    those beside its ``--ckpt_file`` weights (``weights_stats_file``: a run's own ``channel_stats.json``, said in
-    one log line; the bundle's, with a warning, where there is none), unless ``--stats_file`` is given.
+    those beside its ``--ckpt_file`` weights (``weights_stats_file``: a run's own ``channel_stats.json``; the
+    bundle's, with a warning, where there is none), unless ``--stats_file`` is given. The file taken is said on
+    stderr.
 
     ``ckpt_export`` does not show ``--ckpt_file`` to the config, so it is read from the command line or its
     ``--args_file``, as ``bundle_root`` reads ``--config_file``: otherwise another run's weights were exported with
@@ -227,9 +228,12 @@ def export_stats(stats_file: str | os.PathLike, argv: list[str] | None = None) -
 
     argv = sys.argv if argv is None else argv
     checkpoint = _monai_argument(argv, "ckpt_file")
-    if checkpoint is None or _monai_argument(argv, "stats_file") is not None:
-        return load_stats(stats_file)
-    return load_stats(weights_stats_file(checkpoint, stats_file))
+    if checkpoint is not None and _monai_argument(argv, "stats_file") is None:
+        stats_file = weights_stats_file(checkpoint, stats_file)
+    # ckpt_export sets up no logging, so an INFO line would be lost; these statistics decide everything the exported
+    # network sees, so the file is said on stderr whatever the logging
+    print(f"nucleiseg-monai: the exported network normalises its input with {stats_file}", file=sys.stderr)
+    return load_stats(stats_file)
 
 
 def training_stats(datalist_stats: dict | None, stats_file: str | os.PathLike,

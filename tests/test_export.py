@@ -104,7 +104,7 @@ def test_export_takes_the_statistics_of_weights_from_elsewhere_from_stats_file(b
     assert net.std.flatten().tolist() == pytest.approx(run["std"])
 
 
-def test_export_takes_the_statistics_beside_the_ckpt_file_it_is_given(tmp_path, caplog):
+def test_export_takes_the_statistics_beside_the_ckpt_file_it_is_given(tmp_path, caplog, capsys):
     from nucleiseg_monai.bundle import export_stats
 
     own = {"mean": [126.0, 79.0, 108.0], "std": [40.0, 40.0, 40.0]}
@@ -119,6 +119,9 @@ def test_export_takes_the_statistics_beside_the_ckpt_file_it_is_given(tmp_path, 
     with caplog.at_level("INFO", logger="nucleiseg_monai.bundle"):
         assert export_stats(stats_file, command) == run  # ckpt_export never shows --ckpt_file to the config
     assert f"channel statistics {tmp_path / 'run' / 'channel_stats.json'}, beside the weights" in caplog.text
+    # said whatever the logging: ckpt_export sets up none
+    assert capsys.readouterr().err == ("nucleiseg-monai: the exported network normalises its input with "
+                                       f"{tmp_path / 'run' / 'channel_stats.json'}\n")
     assert export_stats(stats_file, command + ["--stats_file", stats_file]) == own  # chosen on the command line
     assert export_stats(stats_file, ["ckpt_export", f"--ckpt_file={tmp_path / 'run' / 'model.pt'}"]) == run
     assert export_stats(stats_file, ["ckpt_export", "--args_file", "export.json"]) == own  # the bundle's weights
