@@ -272,22 +272,47 @@ def _provenance(root: Path) -> dict:
     return provenance_chain(_datalist(root))
 
 
-def local_paths(root: str | os.PathLike) -> list[str]:
+def local_paths(root: str | os.PathLike) -> dict[str, list[str]]:
     """Local paths (``sources.is_local_path``: absolute, drive-relative, under ``~``, or climbing with ``..``) that
-    ``models/datalist.json`` would publish: sources' ``root``, tiles, and starting weights recorded by path (as
-    datalists did before they were named by bundle and digest). Folder names can tell more than their owner
-    means to share."""
-    from .sources import is_local_path, starts
+    the bundle would publish, by the bundle file that names them: in ``models/datalist.json`` sources' ``root``,
+    tiles, and starting weights recorded by path (as datalists did before they were named by bundle and digest); in
+    a sources file under ``configs/`` (where a bundle trained on one's own registry keeps it), sources' ``root``.
+    Folder names can tell more than their owner means to share."""
+    from .sources import is_local_path, read_record, starts
 
-    datalist = _datalist(Path(root))
-    sources = datalist.get("sources")
-    found = [facts.get("root") for facts in (sources.values() if isinstance(sources, dict) else ())
-             if isinstance(facts, dict)]
+    root = Path(root)
+    datalist = _datalist(root)
+    found = {"models/datalist.json": _roots(datalist.get("sources"))}
     for part in datalist.values():
         records = [r for r in part if isinstance(r, dict)] if isinstance(part, list) else []
-        found += [record.get(key) for record in records for key in ("image", "label")]
-    found += [start.get("weights") for start in starts(datalist.get("started_from"))]
-    return list(dict.fromkeys(path for path in found if is_local_path(path)))
+        found["models/datalist.json"] += [record.get(key) for record in records for key in ("image", "label")]
+    found["models/datalist.json"] += [start.get("weights") for start in starts(datalist.get("started_from"))]
+    for config in sorted((root / "configs").glob("*.json")):
+        registry = read_record(config)
+        if isinstance(registry, dict) and registry and all(isinstance(e, dict) and "root" in e
+                                                           for e in registry.values()):
+            found[f"configs/{config.name}"] = _roots(registry)
+    local = {name: list(dict.fromkeys(p for p in paths if is_local_path(p))) for name, paths in found.items()}
+    return {name: paths for name, paths in local.items() if paths}
+
+
+def claims_its_start(root: str | os.PathLike) -> str | None:
+    """The "name version" of the bundle's ``configs/metadata.json`` where it is that of the bundle its weights
+    started from (``started_from`` in ``models/datalist.json``): a copy whose weights were trained again still
+    presenting itself as the bundle it was copied from. None otherwise."""
+    from .sources import read_record
+
+    meta = read_record(Path(root) / "configs" / "metadata.json")
+    start = _datalist(Path(root)).get("started_from")
+    if isinstance(meta, dict) and isinstance(start, dict):
+        own = f"{meta.get('name')} {meta.get('version')}"
+        return own if start.get("weights") == own else None
+    return None
+
+
+def _roots(sources) -> list:
+    return [facts.get("root") for facts in (sources.values() if isinstance(sources, dict) else ())
+            if isinstance(facts, dict)]
 
 
 def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -323,12 +348,17 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
         logger.warning("%s: the weights started from %s, whose training data is not recorded (no datalist.json "
                        "beside them), so their terms are unknown; find out what those weights learnt from and "
                        "name its license in LICENSE", root, ", ".join(u.removeprefix("weights ") for u in unknown))
-    if local := local_paths(root):
+    if (claimed := claims_its_start(root)) is not None:
+        logger.warning("%s still names the bundle %s, whose weights these were trained from (models/datalist.json, "
+                       "started_from): give it a name and version of its own, and a changelog entry, before "
+                       "packing, so that receivers can tell the two apart", root / "configs" / "metadata.json", claimed)
+    for name, local in local_paths(root).items():
         shown = ", ".join(local[:3]) + (f" and {len(local) - 3} more" if len(local) > 3 else "")
         logger.warning("%s names folders of this machine that the zip will publish: %s; if they should stay "
-                       "private, replace them in that file (a source's root by its folder's name, tiles by their "
-                       "path under it, weights by their file name) before packing", root / "models" / "datalist.json",
-                       shown)
+                       "private, replace them before packing (tiles by their path under their source's folder, "
+                       "weights by their file name, a source's root by its folder's name in both "
+                       "models/datalist.json and the sources file, which must agree: evaluation then takes "
+                       "--data_root naming the folder above it)", root / name, shown)
     non_commercial = non_commercial_sources(root)
     if non_commercial:
         logger.info("%s: the weights learnt from non-commercial data (%s): not for commercial use, as LICENSE and "

@@ -250,7 +250,7 @@ def test_a_run_and_its_pack_name_no_folder_of_the_weights_it_started_from(tmp_pa
     assert started["weights"] == "start.pt" and started["started_from"]["weights"] == "first.pt"
     assert list(packaging._provenance(bundle)) == ["mine", "theirs (through start.pt, sha256 c2135702ceec)",
                                                    "first (through first.pt)"]
-    assert packaging.local_paths(bundle) == []
+    assert packaging.local_paths(bundle) == {}
     with zipfile.ZipFile(pack(bundle, tmp_path / "b.zip")) as zf:
         leaks = [(info.filename, part) for info in zf.infolist() for part in secrets
                  if part.encode() in zf.read(info)]
@@ -277,14 +277,14 @@ def test_a_received_datalist_of_any_shape_beside_the_starting_weights_is_read_or
         assert why in caplog.text
         assert json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]["provenance"] is None
     (bundle / "models" / "datalist.json").write_text(deep)
-    assert packaging.local_paths(bundle) == [] and packaging.non_commercial_sources(bundle) == []
+    assert packaging.local_paths(bundle) == {} and packaging.non_commercial_sources(bundle) == []
 
     chain = {"weights": "C:first.pt", "provenance": {"theirs": {"license": "CC0-1.0"}}}
     for level in range(3):  # inherited: each level keeps only its file's name, a drive's letter gone too
         chain = {"weights": f"/home/bob/run{level}/model.pt", "provenance": {}, "started_from": chain}
     (weights.parent / "datalist.json").write_text(json.dumps({"provenance": {}, "started_from": chain}))
     record_start({"training": []}, bundle / "models", str(weights))
-    assert packaging.local_paths(bundle) == []
+    assert packaging.local_paths(bundle) == {}
     names, start = [], json.loads((bundle / "models" / "datalist.json").read_text())["started_from"]
     while start is not None:
         names.append(start["weights"])
@@ -313,17 +313,41 @@ def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog)
                          "started_from": {"weights": "/home/alice/runs/first/model.pt"}},
     }
     (bundle / "models" / "datalist.json").write_text(json.dumps(datalist))
+    # the sources file a bundle trained on one's own registry keeps beside its configs names the same root
+    (bundle / "configs" / "sources.json").write_text(json.dumps({"mine": {"root": "/home/alice/hospital_x"},
+                                                                 "shared": {"root": "cryonuseg"}}))
     local = ["/home/alice/hospital_x", "D:\\scans", "/data/case_17/tile.png", "~/labels/v.png",
              "/home/alice/runs/first/model.pt"]
-    assert packaging.local_paths(bundle) == local
+    assert packaging.local_paths(bundle) == {"models/datalist.json": local,
+                                             "configs/sources.json": ["/home/alice/hospital_x"]}
     with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
         pack(bundle, tmp_path / "b.zip")
-    assert "names folders of this machine that the zip will publish: /home/alice/hospital_x, D:\\scans, " \
-        "/data/case_17/tile.png and 2 more" in caplog.text
+    assert f"{bundle / 'models' / 'datalist.json'} names folders of this machine that the zip will publish: " \
+        "/home/alice/hospital_x, D:\\scans, /data/case_17/tile.png and 2 more" in caplog.text
+    assert f"{bundle / 'configs' / 'sources.json'} names folders of this machine that the zip will publish: " \
+        "/home/alice/hospital_x; if they should stay private" in caplog.text
+    assert "in both models/datalist.json and the sources file, which must agree" in caplog.text
+    (bundle / "configs" / "sources.json").unlink()
     (bundle / "models" / "datalist.json").write_text(json.dumps({"sources": {"s": {"root": "s"}}, "training": []}))
-    assert packaging.local_paths(bundle) == []
+    assert packaging.local_paths(bundle) == {}
     (bundle / "models" / "datalist.json").write_text("[1, 2]")  # not a datalist: nothing to name, no crash
-    assert packaging.local_paths(bundle) == []
+    assert packaging.local_paths(bundle) == {}
+
+
+def test_pack_names_a_copy_that_still_presents_itself_as_the_bundle_its_weights_started_from(tmp_path, caplog):
+    bundle = _bundle(tmp_path / "b")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    shipped = f"{meta['name']} {meta['version']}"
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"started_from": {"weights": shipped}}))
+    assert packaging.claims_its_start(bundle) == shipped
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    assert f"still names the bundle {shipped}, whose weights these were trained from" in caplog.text
+    meta["version"] = "0.1.0"  # its own version: nothing to say
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    assert packaging.claims_its_start(bundle) is None
+    (bundle / "models" / "datalist.json").write_text(json.dumps({"started_from": "model.pt"}))  # no mapping
+    assert packaging.claims_its_start(bundle) is None
 
 
 @pytest.mark.parametrize("path, local", [
