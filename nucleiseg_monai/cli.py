@@ -266,6 +266,9 @@ def cmd_tune(args) -> int:
         overrides["data_root"] = args.data_root
     if args.sources_file:
         overrides["sources_file"] = args.sources_file
+    # spelt as train's and evaluate's are; --set bundle_root=DIR still works
+    overrides.update({key: value for key in ("bundle_root", "checkpoint", "datalist_file")
+                      if (value := getattr(args, key)) is not None})
     # another registry or split is other data: what is tuned on it is not the bundle's to keep or write
     own_data = not {"sources_file", "datalist_file"} & set(overrides)
     train = _bundle_config(args.bundle, "train.json")
@@ -465,9 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--data_root", help="folder holding the datasets of the source registry (default: the config's)")
     p.add_argument("--sources_file", help="a source registry of your own (its report goes to eval/, not docs/); "
-                                          "with --set datalist_file=FILE for its split")
+                                          "with --datalist_file FILE for its split")
+    p.add_argument("--datalist_file", help="the split of --sources_file's tiles (made on first use)")
+    p.add_argument("--bundle_root", help="a training run's folder: tune for its weights (models/model.pt there)")
+    p.add_argument("--checkpoint", help="weights to tune for instead of the bundle's models/model.pt")
     p.add_argument("--report", help="JSON report (default: the bundle's docs/postprocess_tuning.json for its own "
-                   "weights; postprocess_tuning.json beside other weights, e.g. those of --set bundle_root=DIR)")
+                   "weights; postprocess_tuning.json beside other weights, e.g. those of --bundle_root DIR)")
     p.add_argument("--grid", help="values to try instead of the default ones, as a dict, e.g. "
                    "\"{'elevation': ['interior'], 'min_size': [15, 25]}\"")
     p.add_argument("--apply", action="store_true",

@@ -609,13 +609,15 @@ def test_remove_stale_of_a_missing_folder_removes_nothing(tmp_path):
     assert atomic.remove_stale(tmp_path / "none") == []
 
 
-@pytest.mark.parametrize("other_weights", ["bundle_root={run}", "checkpoint={run}/models/model.pt"])
+@pytest.mark.parametrize("other_weights", ["--set bundle_root={run}", "--set checkpoint={run}/models/model.pt",
+                                           "--bundle_root {run}", "--checkpoint {run}/models/model.pt"])
 def test_tune_never_writes_another_runs_parameters_into_the_bundle(tmp_path, caplog, other_weights):
     bundle = tiny_bundle(tmp_path / "b", evaluate={"checkpoint": "$os.path.join(@ckpt_dir, 'model.pt')"},
                          postprocess_params={"min_size": 25})
     train = (bundle / "configs" / "train.json").read_text()
     run = tmp_path / "runs" / "mine"
-    assert cli.main(["tune", "--bundle", str(bundle), "--set", other_weights.format(run=run), "--apply"]) == 2
+    # the flags as train and evaluate spell them, or --set as before
+    assert cli.main(["tune", "--bundle", str(bundle), *other_weights.format(run=run).split(), "--apply"]) == 2
     assert (bundle / "configs" / "train.json").read_text() == train
     assert f"tuned for {run / 'models' / 'model.pt'}" in caplog.text and "--bundle COPY --apply" in caplog.text
     assert not (bundle / "docs").exists()
