@@ -383,11 +383,14 @@ class LearningRateLogger:
         self.writer.flush()
 
 
-def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str) -> None:
+def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str,
+                  bundle_dir: str | os.PathLike | None = None) -> None:
     """Refuses a new training run whose folder already holds trained weights, before anything is trained.
 
     A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
     replace the weights it ships with. With ``overwrite`` they stay until training starts (``BeginRun``).
+    ``bundle_dir``: the bundle's folder, whose own ``models/`` holds the weights it ships with: there the refusal
+    sends the user to a folder of their own, not to ``--overwrite``.
     """
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
     if resume or overwrite:
@@ -399,11 +402,22 @@ def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bo
             "or start again with --overwrite true"
         )
     existing = [p for p in (model, state) if p.exists()]
+    shipped = bundle_dir is not None and _same_folder(ckpt_dir, Path(bundle_dir) / "models")
+    if existing and shipped and not state.exists():  # no run was trained here: these are the bundle's own
+        raise FileExistsError(
+            f"{model} holds trained weights, those the bundle {bundle_dir} ships with; train into a folder of your "
+            f"own with --bundle_root runs/NAME (--pretrained {model} starts from them); --overwrite true would "
+            "replace the bundle's own weights"
+        )
     if existing:
         raise FileExistsError(
-            f"{existing[0]} holds trained weights from an earlier run; train into a folder of its own with "
+            f"{existing[0]} holds trained weights from an earlier run; train into a folder of your own with "
             "--bundle_root runs/NAME, continue that run with --resume true, or replace it with --overwrite true"
         )
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _iteration(checkpoint: Path) -> int | None:

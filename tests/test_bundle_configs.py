@@ -610,6 +610,23 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
         handlers.check_new_run(tmp_path, "maybe", False)
 
 
+def test_a_new_run_in_a_bundles_own_folder_is_sent_to_a_folder_of_its_own_not_to_overwrite(tmp_path):
+    # --overwrite there would delete the weights the bundle ships with: the refusal says so, --bundle_root first
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    (models / "model.pt").write_bytes(b"weights")
+    with pytest.raises(FileExistsError) as refused:
+        handlers.check_new_run(models, False, False, tmp_path / "bundle")
+    assert str(refused.value) == (
+        f"{models / 'model.pt'} holds trained weights, those the bundle {tmp_path / 'bundle'} ships with; train into "
+        f"a folder of your own with --bundle_root runs/NAME (--pretrained {models / 'model.pt'} starts from them); "
+        "--overwrite true would replace the bundle's own weights")
+    # a run trained in the bundle's folder (its state beside) is an earlier run: it may be resumed or replaced
+    (models / "checkpoint_last.pt").write_bytes(b"state")
+    with pytest.raises(FileExistsError, match="from an earlier run.*--resume true.*--overwrite true"):
+        handlers.check_new_run(models, False, False, tmp_path / "bundle")
+
+
 def test_overwrite_replaces_the_earlier_runs_files_when_training_starts_never_the_weights_it_starts_from(
         tmp_path, caplog, monkeypatch):
     model, state, stats = tmp_path / "model.pt", tmp_path / "checkpoint_last.pt", tmp_path / "channel_stats.json"
