@@ -122,6 +122,28 @@ class BestCheckpoint:
                         engine.state.best_metric, self.path)
 
 
+class TrainingSummary:
+    """One line when training completes: the best validation score, its epoch and where its weights are
+    (``best``: the run's ``BestCheckpoint``), which ignite's own last line does not say."""
+
+    def __init__(self, best: BestCheckpoint):
+        self.best = best
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        best, evaluator = self.best.state_dict(), self.best.engine
+        if best["best_metric_epoch"] < 0:  # -1: MONAI's "never validated"
+            logger.info("training finished at epoch %d without a validation: no model.pt was written",
+                        engine.state.epoch)
+            return
+        name = getattr(getattr(evaluator, "state", None), "key_metric_name", None) or "metric"
+        start = " (the starting weights)" if best["best_metric_epoch"] == 0 else ""
+        logger.info("training finished at epoch %d: best validation %s %.4f at epoch %d%s, its weights in %s",
+                    engine.state.epoch, name, best["best_metric"], best["best_metric_epoch"], start, self.best.path)
+
+
 class EarlyStopState:
     """Early stopping's patience counter and best score, for the training checkpoint: without them a resumed run
     started its patience afresh. ``handler`` is MONAI's ``EarlyStopHandler``; where it has no trainer (a multi-GPU

@@ -412,6 +412,31 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplo
         f"{path} has finished its 2 epochs: nothing to train; pass --epochs N with N above 2 to go on"]
 
 
+def test_a_finished_training_says_its_best_validation_and_where_its_weights_are(tmp_path, caplog):
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1  # as MONAI's evaluators start
+    best = handlers.BestCheckpoint(tmp_path / "model.pt", torch.nn.Linear(1, 1))
+    best.attach(evaluator)
+
+    def train(epochs: int) -> None:
+        trainer, _, _, _ = _toy_training(epochs)
+        handlers.TrainingSummary(best).attach(trainer)
+        trainer.run([1.0], max_epochs=epochs)
+
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        train(1)  # never validated
+        evaluator.state.key_metric_name, evaluator.state.best_metric, evaluator.state.best_metric_epoch = \
+            "val_aji", 0.6125, 2
+        train(3)
+        evaluator.state.best_metric_epoch = 0
+        train(1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "training finished at epoch 1 without a validation: no model.pt was written",
+        f"training finished at epoch 3: best validation val_aji 0.6125 at epoch 2, its weights in {tmp_path / 'model.pt'}",
+        "training finished at epoch 1: best validation val_aji 0.6125 at epoch 0 (the starting weights), its weights "
+        f"in {tmp_path / 'model.pt'}"]
+
+
 def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = None,
                  num_workers: int = 0) -> list[list[float]]:
     """A run as the bundle's configs make one: seeded at its start, then a loader whose sampler (torch's generator)
