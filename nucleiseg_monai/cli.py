@@ -196,21 +196,69 @@ def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | N
     return folders
 
 
+def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]:
+    """For a resumed training run (``resume`` true): the settings its run was started with that ``settings``, those
+    typed now, leave out, to give it again; and the settings typed now with other values than the run's, each
+    warned of, which win (typed, they were chosen). Both empty for a new run, or one whose state records none
+    (``Resume`` says so). Settings ``handlers.NOT_RECORDED`` keep their own rules."""
+    from .handlers import NOT_RECORDED, as_flags, as_typed, parse_bool, recorded_settings, same_setting
+    from .overrides import CODE_PREFIXES, MISSING, default_of
+
+    if not parse_bool(parser.get_parsed_content("resume") if "resume" in parser else False, "resume"):
+        return {}, []
+    state = Path(parser.get_parsed_content("ckpt_dir")) / "checkpoint_last.pt"
+    recorded = recorded_settings(state)
+    if recorded is None:
+        return {}, []
+    recorded = {k: v for k, v in recorded.items() if k not in NOT_RECORDED}
+    restored = {k: v for k, v in recorded.items() if k not in settings}
+    run = state.parent.parent if state.parent.name == "models" else state.parent
+    if restored:
+        logger.info("resuming %s with its own settings: %s", run, as_flags(restored))
+    changed = {}
+    for key, value in settings.items():
+        if key in NOT_RECORDED:
+            continue
+        if key in recorded:
+            was = recorded[key]
+        else:  # the run had the config's default
+            try:
+                was = default_of(config, key)
+            except ValueError:
+                continue
+            if was is MISSING or isinstance(was, str) and was.startswith(CODE_PREFIXES):
+                continue
+        if not same_setting(was, value):
+            changed[key] = (was, value)
+    if changed:
+        logger.warning("resuming %s with other settings than its own, as typed: %s", run, ", ".join(
+            f"--{key} {as_typed(now)} (the run had {as_typed(was)})" for key, (was, now) in changed.items()))
+    return restored, list(changed)
+
+
 def _run_checked(args, run_id: str) -> None:
     from .atomic import remove_if_empty, remove_stale
+    from .bundle import command
     from .overrides import check, load_config, parse_pairs
 
     _check_bundle(args.bundle)
     files = [_bundle_config(args.bundle, "train.json")] if run_id == "training" else evaluate_configs(args.bundle)
-    settings = check(parse_pairs(args.settings), load_config(files))
+    config = load_config(files)
+    settings = check(parse_pairs(args.settings), config)
     workflow = bundle_workflow(files, run_id, args.bundle, settings)
+    changed: list[str] = []
+    if run_id == "training":
+        restored, changed = own_settings(workflow.parser, settings, config)
+        workflow.parser.update(restored)
+        settings = {**restored, **settings}
     created: list[Path] = []
     try:
         folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id], created)
         if run_id == "training" and "ckpt_dir" in folders:
             for path in remove_stale(folders["ckpt_dir"]):
                 logger.info("removed %s, left by an interrupted checkpoint write", path)
-        run_workflow(workflow)
+        with command(settings, changed):
+            run_workflow(workflow)
     except BaseException:  # a failed run leaves no empty output folder behind (one with results stays)
         remove_if_empty(created)
         raise
