@@ -197,12 +197,11 @@ def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | N
 
 
 def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]:
-    """For a resumed training run (``resume`` true): the settings its run was started with that ``settings``, those
-    typed now, leave out, to give it again; and the settings typed now with other values than the run's, each
-    warned of, which win (typed, they were chosen). Both empty for a new run, or one whose state records none
-    (``Resume`` says so). Settings ``handlers.NOT_RECORDED`` keep their own rules."""
-    from .handlers import NOT_RECORDED, as_flags, as_typed, parse_bool, recorded_settings, same_setting
-    from .overrides import CODE_PREFIXES, MISSING, default_of
+    """For a resumed training run (``resume`` true): the settings its run was started with and ``settings``, those
+    typed now, leave out, to give it again (one log line names them); and the settings typed now otherwise than the
+    run had them, which win, typed (one warning names them). Both empty for a new run, or one whose state records
+    none (``Resume`` says so). ``handlers.NOT_RECORDED`` keep their own rules."""
+    from .handlers import NOT_RECORDED, as_flags, as_typed, parse_bool, recorded_settings
 
     if not parse_bool(parser.get_parsed_content("resume") if "resume" in parser else False, "resume"):
         return {}, []
@@ -211,29 +210,38 @@ def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]
     if recorded is None:
         return {}, []
     recorded = {k: v for k, v in recorded.items() if k not in NOT_RECORDED}
-    restored = {k: v for k, v in recorded.items() if k not in settings}
+    # a part of one typed now (network_def#features, where network_def is typed whole) is replaced with it
+    replaced = [k for k in recorded if any(k.startswith(f"{t}#") for t in settings)]
+    restored = {k: v for k, v in recorded.items() if k not in settings and k not in replaced}
+    changed = _typed_otherwise(recorded, settings, config)
     run = state.parent.parent if state.parent.name == "models" else state.parent
     if restored:
         logger.info("resuming %s with its own settings: %s", run, as_flags(restored))
-    changed = {}
-    for key, value in settings.items():
-        if key in NOT_RECORDED:
-            continue
-        if key in recorded:
-            was = recorded[key]
-        else:  # the run had the config's default
-            try:
-                was = default_of(config, key)
-            except ValueError:
-                continue
-            if was is MISSING or isinstance(was, str) and was.startswith(CODE_PREFIXES):
-                continue
-        if not same_setting(was, value):
-            changed[key] = (was, value)
     if changed:
         logger.warning("resuming %s with other settings than its own, as typed: %s", run, ", ".join(
             f"--{key} {as_typed(now)} (the run had {as_typed(was)})" for key, (was, now) in changed.items()))
-    return restored, list(changed)
+    return restored, [*changed, *replaced]
+
+
+def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, tuple]:
+    """{setting: (the run's value, the one typed now)} where they differ; the run's is the config's default where
+    it recorded none (not known where that is computed)."""
+    from .handlers import NOT_RECORDED, same_setting
+    from .overrides import CODE_PREFIXES, MISSING, default_of
+
+    changed = {}
+    for key, value in settings.items():
+        was = recorded.get(key, MISSING)
+        if was is MISSING:
+            try:
+                was = default_of(config, key)
+            except ValueError:  # SettingError: checked already, so not met here
+                continue
+            if isinstance(was, str) and was.startswith(CODE_PREFIXES):
+                continue
+        if key not in NOT_RECORDED and was is not MISSING and not same_setting(was, value):
+            changed[key] = (was, value)
+    return changed
 
 
 def _run_checked(args, run_id: str) -> None:
@@ -249,8 +257,8 @@ def _run_checked(args, run_id: str) -> None:
     changed: list[str] = []
     if run_id == "training":
         restored, changed = own_settings(workflow.parser, settings, config)
-        workflow.parser.update(restored)
         settings = {**restored, **settings}
+        workflow.parser.update(settings)  # in this order: one typed now wins over a restored part of it
     created: list[Path] = []
     try:
         folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id], created)
