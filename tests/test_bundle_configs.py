@@ -513,7 +513,8 @@ def test_a_finished_training_says_its_best_validation_and_where_its_weights_are(
         train(1)
     assert [r.getMessage() for r in caplog.records] == [
         "training finished at epoch 1 without a validation: no model.pt was written",
-        f"training finished at epoch 3: best validation val_aji 0.6125 at epoch 2, its weights in {tmp_path / 'model.pt'}",
+        f"training finished at epoch 3: best validation val_aji 0.6125 at epoch 2, its weights in "
+        f"{tmp_path / 'model.pt'}",
         "training finished at epoch 1: best validation val_aji 0.6125 at epoch 0 (the starting weights), its weights "
         f"in {tmp_path / 'model.pt'}"]
 
