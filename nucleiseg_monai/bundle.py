@@ -25,6 +25,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .packaging import MANIFEST, BundleIntegrityError, check_bundle, is_bundle_folder
@@ -52,8 +54,74 @@ def _argument(argv: list[str], name: str) -> str | None:
 def typed(names: list[str], argv: list[str] | None = None) -> list[str]:
     """Those of the settings ``names`` given on this process's command line (``--name``, ``_`` or ``-``): a config
     cannot tell a value typed from its default, and some settings mean more when typed (``handlers.Resume``)."""
+    if argv is None and _command is not None:
+        return [name for name in names if name in _command[0]]
     argv = sys.argv if argv is None else argv
     return [name for name in names if _argument(argv, f"--{name}") is not None]
+
+
+# arguments of ``python -m monai.bundle run`` itself, not settings of the config
+MONAI_ARGUMENTS = frozenset({"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
+                             "tracking", "workflow_type", "workflow_name", "properties_path"})
+# what a caller that builds the workflow itself gives it (``command``): (settings, those changed knowingly)
+_command: tuple[dict, frozenset[str]] | None = None
+
+
+@contextmanager
+def command(settings: dict, changed: Iterable[str] = ()) -> Iterator[None]:
+    """The config settings of the command that runs a workflow (``nucleiseg train``), for ``typed`` and
+    ``typed_settings`` while it runs: its process's ``sys.argv`` need not be that command (a test, a notebook).
+    ``changed``: settings given knowingly with other values than those of the run being resumed (it has warned)."""
+    global _command
+    before, _command = _command, (dict(settings), frozenset(changed))
+    try:
+        yield
+    finally:
+        _command = before
+
+
+def typed_settings(argv: list[str] | None = None) -> dict:
+    """Every config setting given on this command line, ``{id: value}`` (``--network_def::features`` as
+    ``network_def#features``, values parsed as MONAI's runner parses them), with those of its ``--args_file`` under
+    them, as MONAI merges them; or those of the ``command`` running. For what a training run records of itself
+    (``handlers.RunSettings``)."""
+    from .overrides import parse_value
+
+    if argv is None and _command is not None:
+        return dict(_command[0])
+    argv = sys.argv if argv is None else argv
+    given, i = {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i < len(argv) and not argv[i].startswith("--"):
+            key, value, i = arg[2:], argv[i], i + 1
+        else:
+            key, value = arg[2:], "True"  # a bare flag, which Fire takes as true
+        given[_setting_id(key)] = parse_value(value)
+    args_file = given.get("args_file")
+    if isinstance(args_file, str):
+        from monai.bundle import ConfigParser
+
+        try:
+            given = {**{_setting_id(k): v for k, v in ConfigParser.load_config_file(args_file).items()}, **given}
+        except Exception:  # MONAI reports an unreadable args file itself
+            pass
+    return {key: value for key, value in given.items() if key not in MONAI_ARGUMENTS}
+
+
+def settings_changed() -> frozenset[str]:
+    """The settings the ``command`` running gives knowingly with other values than the resumed run's; none on
+    ``python -m monai.bundle``'s command line, where a resumed run must be given its own (``handlers.RunSettings``)."""
+    return frozenset() if _command is None else _command[1]
+
+
+def _setting_id(key: str) -> str:
+    """A command-line name as the config id MONAI reads: ``-`` as ``_`` (Fire's), ``::`` as ``#``."""
+    return key.replace("-", "_").replace("::", "#")
 
 
 def _monai_argument(argv: list[str], name: str) -> str | None:

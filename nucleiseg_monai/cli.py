@@ -196,21 +196,77 @@ def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | N
     return folders
 
 
+def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]:
+    """For a resumed training run (``resume`` true): the settings its run was started with and ``settings``, those
+    typed now, leave out, to give it again (one log line names them); and the settings typed now otherwise than the
+    run had them, which win, typed (one warning names them). Both empty for a new run, or one whose state records
+    none (``Resume`` says so). ``handlers.NOT_RECORDED`` keep their own rules."""
+    from .handlers import NOT_RECORDED, as_flags, as_typed, parse_bool, recorded_settings
+
+    if not parse_bool(parser.get_parsed_content("resume") if "resume" in parser else False, "resume"):
+        return {}, []
+    state = Path(parser.get_parsed_content("ckpt_dir")) / "checkpoint_last.pt"
+    recorded = recorded_settings(state)
+    if recorded is None:
+        return {}, []
+    recorded = {k: v for k, v in recorded.items() if k not in NOT_RECORDED}
+    # a part of one typed now (network_def#features, where network_def is typed whole) is replaced with it
+    replaced = [k for k in recorded if any(k.startswith(f"{t}#") for t in settings)]
+    restored = {k: v for k, v in recorded.items() if k not in settings and k not in replaced}
+    changed = _typed_otherwise(recorded, settings, config)
+    run = state.parent.parent if state.parent.name == "models" else state.parent
+    if restored:
+        logger.info("resuming %s with its own settings: %s", run, as_flags(restored))
+    if changed:
+        logger.warning("resuming %s with other settings than its own, as typed: %s", run, ", ".join(
+            f"--{key} {as_typed(now)} (the run had {as_typed(was)})" for key, (was, now) in changed.items()))
+    return restored, [*changed, *replaced]
+
+
+def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, tuple]:
+    """{setting: (the run's value, the one typed now)} where they differ; the run's is the config's default where
+    it recorded none (not known where that is computed)."""
+    from .handlers import NOT_RECORDED, same_setting
+    from .overrides import CODE_PREFIXES, MISSING, default_of
+
+    changed = {}
+    for key, value in settings.items():
+        was = recorded.get(key, MISSING)
+        if was is MISSING:
+            try:
+                was = default_of(config, key)
+            except ValueError:  # SettingError: checked already, so not met here
+                continue
+            if isinstance(was, str) and was.startswith(CODE_PREFIXES):
+                continue
+        if key not in NOT_RECORDED and was is not MISSING and not same_setting(was, value):
+            changed[key] = (was, value)
+    return changed
+
+
 def _run_checked(args, run_id: str) -> None:
     from .atomic import remove_if_empty, remove_stale
+    from .bundle import command
     from .overrides import check, load_config, parse_pairs
 
     _check_bundle(args.bundle)
     files = [_bundle_config(args.bundle, "train.json")] if run_id == "training" else evaluate_configs(args.bundle)
-    settings = check(parse_pairs(args.settings), load_config(files))
+    config = load_config(files)
+    settings = check(parse_pairs(args.settings), config)
     workflow = bundle_workflow(files, run_id, args.bundle, settings)
+    changed: list[str] = []
+    if run_id == "training":
+        restored, changed = own_settings(workflow.parser, settings, config)
+        settings = {**restored, **settings}
+        workflow.parser.update(settings)  # in this order: one typed now wins over a restored part of it
     created: list[Path] = []
     try:
         folders = prepare_output_folders(workflow.parser, OUTPUT_SETTINGS[run_id], created)
         if run_id == "training" and "ckpt_dir" in folders:
             for path in remove_stale(folders["ckpt_dir"]):
                 logger.info("removed %s, left by an interrupted checkpoint write", path)
-        run_workflow(workflow)
+        with command(settings, changed):
+            run_workflow(workflow)
     except BaseException:  # a failed run leaves no empty output folder behind (one with results stays)
         remove_if_empty(created)
         raise

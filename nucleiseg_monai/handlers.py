@@ -122,6 +122,28 @@ class BestCheckpoint:
                         engine.state.best_metric, self.path)
 
 
+class TrainingSummary:
+    """One line when training completes: the best validation score, its epoch and where its weights are
+    (``best``: the run's ``BestCheckpoint``), which ignite's own last line does not say."""
+
+    def __init__(self, best: BestCheckpoint):
+        self.best = best
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        best, evaluator = self.best.state_dict(), self.best.engine
+        if best["best_metric_epoch"] < 0:  # -1: MONAI's "never validated"
+            logger.info("training finished at epoch %d without a validation: no model.pt was written",
+                        engine.state.epoch)
+            return
+        name = getattr(getattr(evaluator, "state", None), "key_metric_name", None) or "metric"
+        start = " (the starting weights)" if best["best_metric_epoch"] == 0 else ""
+        logger.info("training finished at epoch %d: best validation %s %.4f at epoch %d%s, its weights in %s",
+                    engine.state.epoch, name, best["best_metric"], best["best_metric_epoch"], start, self.best.path)
+
+
 class EarlyStopState:
     """Early stopping's patience counter and best score, for the training checkpoint: without them a resumed run
     started its patience afresh. ``handler`` is MONAI's ``EarlyStopHandler``; where it has no trainer (a multi-GPU
@@ -138,6 +160,97 @@ class EarlyStopState:
         inner = getattr(self.handler, "_handler", None)
         if inner is not None and state:
             inner.load_state_dict(state)
+
+
+# settings a training run does not record: where the run is, whether it starts or goes on, what a new run starts
+# from, the lengths Resume has rules of its own for, and the machine it runs on; not what it trains
+NOT_RECORDED = frozenset({"bundle_root", "bundle_dir", "ckpt_dir", "output_dir", "resume", "overwrite", "pretrained",
+                          "epochs", "epoch_length", "device", "num_workers"})
+
+
+class ResumeSettingsError(ValueError):
+    """A resumed run given other settings than those it was started with, where they cannot be restored."""
+
+
+def as_typed(value) -> str:
+    """A setting's value as a command line takes it: booleans and None as words, lists as Python literals, quoted
+    for the shell where it needs it."""
+    import shlex
+
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return shlex.quote(value if isinstance(value, str) else repr(value))
+
+
+def as_flags(settings: dict) -> str:
+    return " ".join(f"--{key} {as_typed(value)}" for key, value in settings.items())
+
+
+def same_setting(a, b) -> bool:
+    """Whether two values of a setting are the same as a config takes them: ``true`` typed on MONAI's command line is
+    the word, ``nucleiseg train`` makes it True; a tuple is a list."""
+    def plain(value):
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(a) == plain(b)
+
+
+def recorded_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a training state's run was started with (``RunSettings``); None where it records none (written
+    before they were kept) or is no file."""
+    if not Path(path).is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the record, not every tensor
+    record = state.get("settings")
+    return None if record is None else dict(record.get("given", {}))
+
+
+class RunSettings:
+    """The settings a training run was given on its command line (``given``: ``bundle.typed_settings``, less
+    ``NOT_RECORDED``), kept in its checkpoint_last.pt so a resumed run goes on with them.
+
+    ``nucleiseg train --resume true`` gives a run its own again (``cli``); on ``python -m monai.bundle``'s command
+    line the config is built before any handler runs, so ``check`` refuses a resume whose settings differ from the
+    run's, naming what to add. ``changed``: settings given knowingly with other values (``nucleiseg train`` warned
+    of each), which are not refused. A resumed run records its own settings with this command's over them.
+    """
+
+    def __init__(self, given: dict | None = None, changed=()):
+        self.given = {k: v for k, v in (given or {}).items() if k not in NOT_RECORDED}
+        self.changed = set(changed)
+
+    def state_dict(self) -> dict:
+        return {"given": dict(self.given)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.given = {**{k: v for k, v in state.get("given", {}).items() if k not in NOT_RECORDED}, **self.given}
+
+    def check(self, path: Path) -> None:
+        """ResumeSettingsError where the run whose state is ``path`` was started with settings this command does not
+        give as they were."""
+        recorded = recorded_settings(path)
+        if not recorded:
+            return
+        differ = {key: value for key, value in recorded.items() if key not in NOT_RECORDED | self.changed
+                  and not (key in self.given and same_setting(value, self.given[key]))}
+        if not differ:
+            return
+        missing = {key: value for key, value in differ.items() if key not in self.given}
+        said = [f"{as_flags(missing)} not given now (the config's defaults would replace them)"] if missing else []
+        said += [f"--{key} {as_typed(self.given[key])} given for the run's {as_typed(value)}"
+                 for key, value in differ.items() if key not in missing]
+        said = "; ".join(said)
+        raise ResumeSettingsError(
+            f"{path} is the state of a run started with other settings than this command's: {said}; give "
+            f"{as_flags(differ)} to go on as it started (nucleiseg train --resume true gives a run its own settings), "
+            "or start afresh without --resume, with --overwrite true"
+        )
 
 
 class Resume:
@@ -173,6 +286,9 @@ class Resume:
             return
         if not self.path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.path}; run without --resume to start training")
+        for obj in self.load_dict.values():
+            if isinstance(obj, RunSettings):  # before anything is written or trained
+                obj.check(self.path)
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -196,6 +312,10 @@ class Resume:
                 continue
             if name not in checkpoint and isinstance(obj, EarlyStopState):  # written before it was saved
                 logger.warning("%s holds no %r state: early stopping's patience starts again", self.path, name)
+                continue
+            if name not in checkpoint and isinstance(obj, RunSettings):  # written before they were kept
+                logger.info("%s does not record the settings its run was started with (it was written before they "
+                            "were kept): it goes on with this command's, recorded from now on", self.path)
                 continue
             if name not in checkpoint:
                 raise KeyError(f"{self.path} holds no {name!r} state (it has {sorted(checkpoint)}); it was written "
@@ -383,11 +503,14 @@ class LearningRateLogger:
         self.writer.flush()
 
 
-def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str) -> None:
+def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bool | str,
+                  bundle_dir: str | os.PathLike | None = None) -> None:
     """Refuses a new training run whose folder already holds trained weights, before anything is trained.
 
     A run writes model.pt at its first validation; without this, a second run in a bundle folder would quietly
     replace the weights it ships with. With ``overwrite`` they stay until training starts (``BeginRun``).
+    ``bundle_dir``: the bundle's folder, whose own ``models/`` holds the weights it ships with: there the refusal
+    sends the user to a folder of their own, not to ``--overwrite``.
     """
     resume, overwrite = parse_bool(resume, "resume"), parse_bool(overwrite, "overwrite")
     if resume or overwrite:
@@ -399,11 +522,22 @@ def check_new_run(ckpt_dir: str | os.PathLike, resume: bool | str, overwrite: bo
             "or start again with --overwrite true"
         )
     existing = [p for p in (model, state) if p.exists()]
+    shipped = bundle_dir is not None and _same_folder(ckpt_dir, Path(bundle_dir) / "models")
+    if existing and shipped and not state.exists():  # no run was trained here: these are the bundle's own
+        raise FileExistsError(
+            f"{model} holds trained weights, those the bundle {bundle_dir} ships with; train into a folder of your "
+            f"own with --bundle_root runs/NAME (--pretrained {model} starts from them); --overwrite true would "
+            "replace the bundle's own weights"
+        )
     if existing:
         raise FileExistsError(
-            f"{existing[0]} holds trained weights from an earlier run; train into a folder of its own with "
+            f"{existing[0]} holds trained weights from an earlier run; train into a folder of your own with "
             "--bundle_root runs/NAME, continue that run with --resume true, or replace it with --overwrite true"
         )
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _iteration(checkpoint: Path) -> int | None:

@@ -396,6 +396,87 @@ def test_a_resume_lengthens_a_run_only_to_epochs_typed_never_to_the_configs_defa
     assert typed(["epochs", "epoch_length"], ["train", "--resume", "true"]) == []
 
 
+def _started_with(path: Path, data: list, given: dict) -> None:
+    """A toy run of 2 epochs started with the settings ``given``, its state saved to ``path``, stopped after one."""
+    first, optimizer, schedule, _ = _toy_training(2)
+    objects = {"optimizer": optimizer, "lr_scheduler": schedule, "settings": handlers.RunSettings(given)}
+    handlers.LastCheckpoint(path, objects).attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    first.run(data, max_epochs=2)
+
+
+def _resumed(path: Path, given: dict, changed=()) -> tuple[Engine, handlers.RunSettings]:
+    again, optimizer, schedule, _ = _toy_training(2)
+    settings = handlers.RunSettings(given, changed)
+    objects = {"optimizer": optimizer, "lr_scheduler": schedule, "settings": settings}
+    handlers.Resume(path, objects).attach(again)
+    handlers.LastCheckpoint(path, objects).attach(again)
+    return again, settings
+
+
+def test_a_run_records_its_typed_settings_and_a_resume_that_gives_others_is_refused_naming_them(tmp_path):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    # what locates the run, starts it or has rules of its own is not recorded
+    _started_with(path, data, {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16],
+                               "bundle_root": "runs/mine", "resume": False, "pretrained": "m.pt", "epochs": 2})
+    assert handlers.recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16]}
+    with pytest.raises(handlers.ResumeSettingsError) as refused:
+        _resumed(path, {"val_interval": 3, "network_def#features": (8, 16), "resume": "true"})
+    assert str(refused.value) == (
+        f"{path} is the state of a run started with other settings than this command's: --batch_size 2 not given now "
+        "(the config's defaults would replace them); --val_interval 3 given for the run's 1; give --batch_size 2 "
+        "--val_interval 1 to go on as it started (nucleiseg train --resume true gives a run its own settings), or "
+        "start afresh without --resume, with --overwrite true")
+    assert handlers.recorded_settings(path)["val_interval"] == 1  # refused before anything was written
+    # its own settings, with one more typed: it goes on, and records them all
+    again, _ = _resumed(path, {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16], "seed": 3})
+    again.run(data, max_epochs=2)
+    assert again.state.epoch == 2
+    assert handlers.recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16],
+                                                "seed": 3}
+
+
+def test_settings_changed_knowingly_are_not_refused_and_become_the_runs(tmp_path):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    _started_with(path, data, {"batch_size": 2, "freeze_batch_norm": True})
+    _resumed(path, {"batch_size": 4, "freeze_batch_norm": "true"}, changed=["batch_size"])[0].run(data, max_epochs=2)
+    assert handlers.recorded_settings(path) == {"batch_size": 4, "freeze_batch_norm": "true"}
+
+
+def test_a_state_written_before_settings_were_recorded_resumes_as_before_saying_so(tmp_path, caplog):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    _stopped_after_one_epoch(path, data, 2)  # no "settings" in its state
+    assert handlers.recorded_settings(path) is None and handlers.recorded_settings(tmp_path / "none.pt") is None
+    again, _ = _resumed(path, {"batch_size": 4})
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        again.run(data, max_epochs=2)
+    assert again.state.epoch == 2
+    assert f"{path} does not record the settings its run was started with (it was written before they were kept): " \
+           "it goes on with this command's, recorded from now on" in caplog.text
+    assert handlers.recorded_settings(path) == {"batch_size": 4}
+
+
+def test_typed_settings_are_read_as_monais_runner_reads_them(tmp_path):
+    from nucleiseg_monai.bundle import command, settings_changed, typed_settings
+
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": "c/train.json", "batch_size": 4, "val_interval": 2}))
+    argv = ["monai.bundle", "run", "training", "--config_file", "c/train.json", "--batch-size", "2",
+            "--network_def::features", "[8,16]", "--resume", "true", "--learning_rate=1e-4", "--amp_dtype", "auto",
+            "--args_file", str(args_file)]
+    assert typed_settings(argv) == {"batch_size": 2, "network_def#features": [8, 16], "resume": "true",
+                                    "learning_rate": 1e-4, "amp_dtype": "auto", "val_interval": 2}
+    with command({"batch_size": 2, "epochs": 3}, ["batch_size"]):
+        assert typed_settings() == {"batch_size": 2, "epochs": 3} and settings_changed() == {"batch_size"}
+        assert typed(["epochs", "epoch_length"]) == ["epochs"]
+    assert settings_changed() == frozenset()
+    assert handlers.as_flags({"a": True, "b": None, "c": [8, 16], "d": "my file.json", "e": 1e-4}) == \
+        "--a true --b null --c '[8, 16]' --d 'my file.json' --e 0.0001"
+
+
 def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
     data = [1.0, -1.0]
     path = tmp_path / "checkpoint_last.pt"
@@ -410,6 +491,32 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplo
     assert lrs == [] and again.state.epoch == 2
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"{path} has finished its 2 epochs: nothing to train; pass --epochs N with N above 2 to go on"]
+
+
+def test_a_finished_training_says_its_best_validation_and_where_its_weights_are(tmp_path, caplog):
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1  # as MONAI's evaluators start
+    best = handlers.BestCheckpoint(tmp_path / "model.pt", torch.nn.Linear(1, 1))
+    best.attach(evaluator)
+
+    def train(epochs: int) -> None:
+        trainer, _, _, _ = _toy_training(epochs)
+        handlers.TrainingSummary(best).attach(trainer)
+        trainer.run([1.0], max_epochs=epochs)
+
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        train(1)  # never validated
+        evaluator.state.key_metric_name, evaluator.state.best_metric, evaluator.state.best_metric_epoch = \
+            "val_aji", 0.6125, 2
+        train(3)
+        evaluator.state.best_metric_epoch = 0
+        train(1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "training finished at epoch 1 without a validation: no model.pt was written",
+        f"training finished at epoch 3: best validation val_aji 0.6125 at epoch 2, its weights in "
+        f"{tmp_path / 'model.pt'}",
+        "training finished at epoch 1: best validation val_aji 0.6125 at epoch 0 (the starting weights), its weights "
+        f"in {tmp_path / 'model.pt'}"]
 
 
 def _drawing_run(path: Path, epochs: int, resume: bool, fail_at: int | None = None,
@@ -608,6 +715,23 @@ def test_a_new_run_never_replaces_trained_weights(tmp_path):
     handlers.check_new_run(tmp_path / "empty", False, False)
     with pytest.raises(ValueError, match="--resume 'maybe' is not a boolean"):
         handlers.check_new_run(tmp_path, "maybe", False)
+
+
+def test_a_new_run_in_a_bundles_own_folder_is_sent_to_a_folder_of_its_own_not_to_overwrite(tmp_path):
+    # --overwrite there would delete the weights the bundle ships with: the refusal says so, --bundle_root first
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    (models / "model.pt").write_bytes(b"weights")
+    with pytest.raises(FileExistsError) as refused:
+        handlers.check_new_run(models, False, False, tmp_path / "bundle")
+    assert str(refused.value) == (
+        f"{models / 'model.pt'} holds trained weights, those the bundle {tmp_path / 'bundle'} ships with; train into "
+        f"a folder of your own with --bundle_root runs/NAME (--pretrained {models / 'model.pt'} starts from them); "
+        "--overwrite true would replace the bundle's own weights")
+    # a run trained in the bundle's folder (its state beside) is an earlier run: it may be resumed or replaced
+    (models / "checkpoint_last.pt").write_bytes(b"state")
+    with pytest.raises(FileExistsError, match="from an earlier run.*--resume true.*--overwrite true"):
+        handlers.check_new_run(models, False, False, tmp_path / "bundle")
 
 
 def test_overwrite_replaces_the_earlier_runs_files_when_training_starts_never_the_weights_it_starts_from(

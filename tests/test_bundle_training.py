@@ -237,6 +237,95 @@ def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
         assert best_after["best_metric"] > best_before["best_metric"]
 
 
+# nucleiseg train, recording the batch size of the trainer's loader in the file named first
+SPIED_TRAIN = textwrap.dedent("""
+    import json, sys
+    from monai.engines import SupervisedTrainer
+
+    _run = SupervisedTrainer.run
+
+    def run(self, *args, **kwargs):
+        with open(sys.argv[1], "w") as f:
+            json.dump({"batch_size": self.data_loader.batch_size}, f)
+        return _run(self, *args, **kwargs)
+
+    SupervisedTrainer.run = run
+    from nucleiseg_monai.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def nucleiseg_train(bundle: Path, args: list[str], cwd: Path) -> tuple[str, int]:
+    """``nucleiseg train --bundle BUNDLE ARGS``: its output and the batch size its trainer drew."""
+    spied = cwd / "batch.json"
+    output = ok(run([sys.executable, "-c", SPIED_TRAIN, str(spied), "train", "--bundle", str(bundle), *args], cwd))
+    return output, json.loads(spied.read_text())["batch_size"]
+
+
+def validated_epochs(bundle: Path) -> list[int]:
+    return sorted(scalars(bundle, "val_aji"))
+
+
+def test_nucleiseg_train_resumes_a_run_with_its_own_settings(dataset, tmp_path):
+    # started with batch 2 and validation every epoch, resumed with the README's short line: both kept
+    bundle = copy_bundle(tmp_path)
+    output, batch = nucleiseg_train(bundle, tiny_args(dataset) + ["--epochs", "1"], tmp_path)
+    assert batch == BATCH != 8 and validated_epochs(bundle) == [1]
+    best = load(bundle / "models" / "checkpoint_last.pt")["best_model"]["best_metric"]
+    assert (f"training finished at epoch 1: best validation val_aji {best:.4f} at epoch 1, its weights in "
+            f"{bundle / 'models' / 'model.pt'}") in output
+
+    output, batch = nucleiseg_train(bundle, ["--resume", "true", "--epochs", "3"], tmp_path)
+    assert (f"resuming {bundle} with its own settings: --data_root {dataset.parent} --sources_file "
+            f"{dataset.parent / 'sources.json'} --patch_size '[64, 64]' --batch_size 2 --val_interval 1 "
+            f"--network_def#features '[8, 16, 32, 64]' --window 128") in output
+    assert batch == BATCH and validated_epochs(bundle) == [1, 2, 3]
+    assert "other settings" not in output
+
+    # one typed now wins, with a warning naming both values; the run records it as its own from then on
+    output, batch = nucleiseg_train(bundle, ["--resume", "true", "--epochs", "4", "--batch_size", "3"], tmp_path)
+    assert f"resuming {bundle} with other settings than its own, as typed: --batch_size 3 (the run had 2)" in output
+    assert batch == 3 and validated_epochs(bundle) == [1, 2, 3, 4]
+    assert load(bundle / "models" / "checkpoint_last.pt")["settings"]["given"]["batch_size"] == 3
+
+
+def test_a_resume_on_monais_command_line_without_the_runs_settings_is_refused_naming_them(one_epoch, dataset,
+                                                                                          tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    checkpoint = bundle / "models" / "checkpoint_last.pt"
+    before = checkpoint.read_bytes()
+    proc = bundle_run("training", bundle / "configs" / "train.json",
+                      data_args(dataset) + ["--epochs", "3", "--resume", "true", "--val_interval", "2"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    flags = "--patch_size '[64, 64]' --batch_size 2 --network_def#features '[8, 16, 32, 64]' --window 128"
+    assert (f"is the state of a run started with other settings than this command's: {flags} not given now (the "
+            "config's defaults would replace them); --val_interval 2 given for the run's 1; give --patch_size "
+            "'[64, 64]' --batch_size 2 --val_interval 1 --network_def#features '[8, 16, 32, 64]' --window 128 to go "
+            "on as it started") in output
+    assert "ResumeSettingsError" in output
+    assert checkpoint.read_bytes() == before  # refused before anything was trained or written
+
+
+def test_a_checkpoint_without_recorded_settings_resumes_as_before(one_epoch, dataset, tmp_path):
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    checkpoint = bundle / "models" / "checkpoint_last.pt"
+    state = load(checkpoint)
+    del state["settings"]  # as written before the settings were recorded
+    torch.save(state, checkpoint)
+    output = ok(bundle_run("training", bundle / "configs" / "train.json",
+                           tiny_args(dataset) + ["--epochs", "2", "--resume", "true"], tmp_path))
+    assert f"{checkpoint} does not record the settings its run was started with" in output
+    assert f"resumed from {checkpoint} at epoch 1" in output
+    after = load(checkpoint)
+    assert after["trainer"]["iteration"] == 2 * iterations_per_epoch(bundle)
+    assert after["settings"]["given"]["batch_size"] == BATCH  # recorded from now on
+
+
 OTHER_STATS = {"mean": [201.0, 151.0, 191.0], "std": [31.0, 41.0, 36.0]}
 
 

@@ -307,6 +307,28 @@ def test_train_runs_the_bundle_with_checked_settings(tmp_path):
         "epochs": 5, "resume": False, "patch_size": [32, 48], "split": "test", "data": [1, 2]}
 
 
+def test_a_resumed_train_gives_the_run_its_own_settings_and_warns_of_those_typed_otherwise(tmp_path, caplog):
+    import torch
+
+    bundle = tiny_bundle(tmp_path / "b")
+    (bundle / "models").mkdir()
+    torch.save({"settings": {"given": {"patch_size": [32, 32], "split": "validation"}}},
+               bundle / "models" / "checkpoint_last.pt")
+    with caplog.at_level(logging.INFO, logger="nucleiseg"):
+        assert cli.main(["train", "--bundle", str(bundle), "--resume", "true", "--split", "training"]) == 0
+    ran = json.loads((bundle / "runs" / "ran.json").read_text())
+    assert (ran["patch_size"], ran["split"], ran["resume"]) == ([32, 32], "training", True)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "nucleiseg"] == [
+        ("INFO", f"resuming {bundle} with its own settings: --patch_size '[32, 32]'"),
+        ("WARNING", f"resuming {bundle} with other settings than its own, as typed: --split training (the run had "
+                    "validation)")]
+    # a new run is given only what is typed
+    caplog.clear()
+    assert cli.main(["train", "--bundle", str(bundle), "--split", "training"]) == 0
+    assert json.loads((bundle / "runs" / "ran.json").read_text())["patch_size"] == [64, 64]
+    assert not [r for r in caplog.records if r.name == "nucleiseg"]
+
+
 def test_a_refused_setting_stops_before_anything_runs(tmp_path, capsys):
     bundle = tiny_bundle(tmp_path / "b")
     assert cli.main(["train", "--bundle", str(bundle), "--epoch", "2"]) == 2
