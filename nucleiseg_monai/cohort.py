@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import resource
 import threading
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
-from distributed import Client, LocalCluster, Variable, as_completed, get_client, get_worker
+from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
 from .errors import root_cause
@@ -423,11 +424,45 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, retrie
             yield client, None
         return
     workers = workers or 1
-    with quiet_dask(), dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+    with quiet_dask(), without_harmless_noise(), dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                          dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
+        client.register_plugin(QuietWorker())
         yield client, max(1, cpu_count() // workers)
 
+
+# Two warnings of a local cluster's end that say nothing wrong, by logger. A worker process with torch and OpenVINO
+# loaded takes seconds to exit after its worker has closed, and on a busy host more than the 4 s its nanny waits
+# (0.8 of Nanny.close's fixed 5 s, which LocalCluster does not let us set): the nanny then kills a process that
+# has nothing left to do. On Ctrl-C, the tasks in flight are cancelled, as asked, and each worker says so.
+HARMLESS = {"distributed.nanny": re.compile(r"Worker process still alive after [\d.]+ seconds, killing"),
+            "distributed.worker.state_machine": re.compile(r"Async instruction for .* ended with CancelledError", re.S)}
+
+
+def _not_harmless(record: logging.LogRecord) -> bool:
+    pattern = HARMLESS.get(record.name)
+    return pattern is None or not pattern.fullmatch(record.getMessage())
+
+
+@contextmanager
+def without_harmless_noise() -> Iterator[None]:
+    """``HARMLESS`` kept out of this process's log for the duration."""
+    loggers = [logging.getLogger(name) for name in HARMLESS]
+    for dask_logger in loggers:
+        dask_logger.addFilter(_not_harmless)
+    try:
+        yield
+    finally:
+        for dask_logger in loggers:
+            dask_logger.removeFilter(_not_harmless)
+
+
+class QuietWorker(WorkerPlugin):
+    """``HARMLESS`` kept out of a worker process's log (it logs to the terminal itself)."""
+
+    def setup(self, worker) -> None:
+        for name in HARMLESS:
+            logging.getLogger(name).addFilter(_not_harmless)
 
 
 @contextmanager

@@ -877,3 +877,15 @@ def test_a_slide_failing_for_outputs_of_other_settings_keeps_their_figures(cohor
                        progress=False).rows
     assert (row["status"], row["nuclei"]) == ("failed", serial["slide0"].nuclei)
     assert row["error"] == f"{error}; its finished outputs on disk are kept, and the figures are theirs"
+
+
+def test_the_two_harmless_warnings_of_a_local_clusters_end_stay_out_of_the_log(caplog):
+    nanny, state = logging.getLogger("distributed.nanny"), logging.getLogger("distributed.worker.state_machine")
+    caplog.set_level(logging.WARNING)
+    with cohort_module.without_harmless_noise():
+        nanny.warning("Worker process still alive after %.1f seconds, killing", 4.0)
+        state.warning("Async instruction for <Task 'execute(slide-a)' coro=<execute()>> ended with CancelledError")
+        nanny.warning("Worker process still alive after a restart")  # not the one known to be harmless
+    nanny.warning("Worker process still alive after %.1f seconds, killing", 4.0)  # filtered only for the duration
+    assert [r.getMessage() for r in caplog.records] == ["Worker process still alive after a restart",
+                                                        "Worker process still alive after 4.0 seconds, killing"]
