@@ -9,8 +9,10 @@ whose worker dies, or that raises, is retried ``retries`` times, then its slide 
 others finish; a slide whose input fails as it would fail again (a missing or unreadable file, an image that cannot
 be used: ``INPUT_ERRORS``) is recorded as failed at once. The client logs each slide's own lines (the pixel size used
 and where it came from, as a single-image run gives them) as the slide finishes, and keeps Dask's INFO messages out
-of the log. Slides whose outputs are complete and were made with the same weights and settings (their completion
-record) are skipped, so re-running the same command resumes a run that was killed at any point: only
+of the log. Before any slide is sent out, the client compares the finished outputs in the folder with the weights and
+settings each slide would run with (``finished_slides``): outputs of others stop the run, as they stop a
+single-process run, and slides whose outputs are finished are skipped unsent (their completion record), so
+re-running the same command resumes a run that was killed at any point: only
 the regions of the slides in flight that had not finished are computed again (each slide's region journal,
 ``region_journal``). A slide above ``split_above_mpx`` megapixels is split into region tasks whose
 labels one merge task stitches exactly as the whole-slide run does (``region_tasks``), so one huge slide can use

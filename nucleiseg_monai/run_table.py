@@ -3,8 +3,9 @@
 Columns: slide (the output name), path, status (pending, done, skipped = outputs already complete, failed), error,
 seconds (this run's time on the slide), mpp (microns per pixel of the analysed level), tissue_mm2 (low-resolution
 tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue) and
-median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure, an image without a
-pixel size) are empty cells, never zeros.
+median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure without finished
+outputs, an image without a pixel size) are empty cells, never zeros; a failed slide whose finished outputs are on
+disk keeps their figures, and its error says so.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ class RunTable:
     """One row per slide in cohort order; ``update`` rewrites the file at most every ``min_interval`` seconds (a
     cohort of thousands would otherwise rewrite megabytes per slide), ``flush`` writes it now.
 
-    A run killed between writes loses only rows of slides whose outputs are complete on disk; the re-run finds
-    those outputs complete and recovers the rows from them.
+    A cohort flushes it when its loop ends, however it ends (Ctrl-C too); a run killed between writes loses only
+    rows of slides whose outputs are complete on disk, and the re-run finds those outputs complete and recovers the
+    rows from them.
     """
 
     def __init__(self, path: str | os.PathLike, rows: list[dict], min_interval: float = 2.0):
