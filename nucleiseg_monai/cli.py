@@ -297,9 +297,14 @@ def _predict_cohort(args, overrides: dict) -> int:
 
     settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
     factory = BundlePredictor(str(Path(args.bundle).resolve()), tuple(settings.items()))
-    summary = predict_cohort(args.input, args.output_dir, factory, workers=args.workers, scheduler=args.scheduler,
-                             retries=args.retries, table=args.run_table, split_above_mpx=args.split_above_mpx,
-                             overwrite=bool(settings.get("predictor#overwrite", False)))
+    try:
+        summary = predict_cohort(args.input, args.output_dir, factory, workers=args.workers,
+                                 scheduler=args.scheduler, retries=args.retries, table=args.run_table,
+                                 split_above_mpx=args.split_above_mpx,
+                                 overwrite=bool(settings.get("predictor#overwrite", False)))
+    except FileExistsError as err:  # finished outputs of other settings: refused before any slide was sent out
+        print(f"nucleiseg predict: error: {err}", file=sys.stderr)
+        return 2  # as a single-process run exits
     return 0 if summary.ok else 1
 
 

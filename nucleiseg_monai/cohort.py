@@ -9,8 +9,10 @@ whose worker dies, or that raises, is retried ``retries`` times, then its slide 
 others finish; a slide whose input fails as it would fail again (a missing or unreadable file, an image that cannot
 be used: ``INPUT_ERRORS``) is recorded as failed at once. The client logs each slide's own lines (the pixel size used
 and where it came from, as a single-image run gives them) as the slide finishes, and keeps Dask's INFO messages out
-of the log. Slides whose outputs are complete and were made with the same weights and settings (their completion
-record) are skipped, so re-running the same command resumes a run that was killed at any point: only
+of the log. Before any slide is sent out, the client compares the finished outputs in the folder with the weights and
+settings each slide would run with (``finished_slides``): outputs of others stop the run, as they stop a
+single-process run, and slides whose outputs are finished are skipped unsent (their completion record), so
+re-running the same command resumes a run that was killed at any point: only
 the regions of the slides in flight that had not finished are computed again (each slide's region journal,
 ``region_journal``). A slide above ``split_above_mpx`` megapixels is split into region tasks whose
 labels one merge task stitches exactly as the whole-slide run does (``region_tasks``), so one huge slide can use
@@ -26,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import resource
 import threading
 import time
@@ -37,14 +40,14 @@ from pathlib import Path
 
 import dask
 import numpy as np
-from distributed import Client, LocalCluster, Variable, as_completed, get_client, get_worker
+from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
 from .errors import root_cause
 from .handlers import parse_bool
-from .inference import SlidePredictor, find_images
+from .inference import SlidePredictor, find_images, finished_outputs
 from .networks import require_weights
-from .outputs import manifest_path
+from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -140,6 +143,11 @@ class BundlePredictor:
         # one region bar per worker process would garble the terminal; the cohort has one bar over slides
         return SlidePredictor.from_bundle(self.bundle, **{"progress": False, **dict(self.overrides)})
 
+    def settings_predictor(self) -> SlidePredictor:
+        """The predictor with its network unprepared (``InferenceNetwork``'s ``prepare``): its ``settings``, which
+        the client compares finished outputs with before any slide is sent out, without building what runs."""
+        return SlidePredictor.from_bundle(self.bundle, **{"progress": False, **dict(self.overrides), "prepare": False})
+
     def check(self) -> None:
         """FileNotFoundError, before any worker starts, where the weights are missing: else every slide would
         fail on its own, each retried."""
@@ -201,11 +209,16 @@ def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
 def slide_predictor(factory: Callable[[], SlidePredictor], slide: Slide, torch_threads: int | None
                     ) -> SlidePredictor:
     """This worker's predictor, with the slide's own ``input_mpp`` where the slide list gives one."""
-    predictor = worker_predictor(factory, torch_threads)
-    if slide.input_mpp is not None:
-        predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
-        predictor.input_mpp = slide.input_mpp
-        predictor.input_mpp_origin = "the slide list's input_mpp column"
+    return for_slide(worker_predictor(factory, torch_threads), slide)
+
+
+def for_slide(predictor: SlidePredictor, slide: Slide) -> SlidePredictor:
+    """``predictor`` with the slide's own ``input_mpp`` where the slide list gives one."""
+    if slide.input_mpp is None:
+        return predictor
+    predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
+    predictor.input_mpp = slide.input_mpp
+    predictor.input_mpp_origin = "the slide list's input_mpp column"
     return predictor
 
 
@@ -283,10 +296,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
     redo = overwrite or predictor.overwrite
     if not redo and predictor.finished(output_dir, slide.name, slide.path):
-        if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
-            remove_journal(output_dir, slide.name)
-            return {**previous, **row, "status": "skipped", "seconds": None, "peak_rss_mb": _peak_rss_mb()}
-        return _skipped_row(row, output_dir, slide.name)
+        return {**_skipped_row(row, output_dir, slide, previous), "peak_rss_mb": _peak_rss_mb()}
     if redo:  # redone from the first region, as its outputs are
         remove_journal(output_dir, slide.name)
     if split_above_mpx is not None:
@@ -301,14 +311,20 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     result = predictor.predict_slide(slide.path, output_dir, slide.name, lock_token=_task_key(),
                                      unless_finished=not redo)
     if result is None:  # another run finished it while this task was on its way
-        return _skipped_row(row, output_dir, slide.name)
+        return {**_skipped_row(row, output_dir, slide), "peak_rss_mb": _peak_rss_mb()}
     row.update(status="done", seconds=result.seconds)
     return _finished_row(row, output_dir, slide.name)
 
 
-def _skipped_row(row: dict, output_dir: str, name: str) -> dict:
-    remove_journal(output_dir, name)  # one a task killed just after committing the outputs left
-    return _finished_row({**row, "status": "skipped", "seconds": None}, output_dir, name)
+def _skipped_row(row: dict, output_dir: str | os.PathLike, slide: Slide, previous: dict | None = None) -> dict:
+    """``row`` of a slide whose outputs are finished, as skipped: with the figures of its ``previous`` run-table
+    row where that row holds them (a resumed cohort of thousands does not read thousands of nuclei tables again),
+    else with those of its outputs."""
+    remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
+    row = {**row, "status": "skipped", "seconds": None}
+    if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
+        return {**previous, **row}
+    return {**row, **_figures(output_dir, slide.name)}
 
 
 def region_band(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
@@ -328,16 +344,20 @@ def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
     result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key(),
                                      unless_finished=not (overwrite or predictor.overwrite))
     if result is None:
-        return _skipped_row(row, output_dir, slide.name)
+        return {**_skipped_row(row, output_dir, slide), "peak_rss_mb": _peak_rss_mb()}
     row.update(status="done", seconds=result.seconds)
     return _finished_row(row, output_dir, slide.name)
 
 
 def _finished_row(row: dict, output_dir: str, name: str) -> dict:
     """``row`` with the figures of the slide's finished outputs and this worker's peak memory."""
+    return {**row, **_figures(output_dir, name), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _figures(output_dir: str | os.PathLike, name: str) -> dict:
+    """The run table's figures of a slide's finished outputs (``run_table.figures``), from its completion record."""
     manifest = _manifest(output_dir, name)
-    row.update(figures(output_dir, name, manifest["nuclei"], _stated_mpp(manifest), _tissue_mm2(manifest)))
-    return {**row, "peak_rss_mb": _peak_rss_mb()}
+    return figures(output_dir, name, manifest["nuclei"], _stated_mpp(manifest), _tissue_mm2(manifest))
 
 
 def _stated_mpp(manifest: dict) -> float | None:
@@ -406,10 +426,45 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, retrie
             yield client, None
         return
     workers = workers or 1
-    with quiet_dask(), dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+    with quiet_dask(), without_harmless_noise(), dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                          dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
+        client.register_plugin(QuietWorker())
         yield client, max(1, cpu_count() // workers)
+
+
+# Two warnings of a local cluster's end that say nothing wrong, by logger. A worker process with torch and OpenVINO
+# loaded takes seconds to exit after its worker has closed, and on a busy host more than the 4 s its nanny waits
+# (0.8 of Nanny.close's fixed 5 s, which LocalCluster does not let us set): the nanny then kills a process that
+# has nothing left to do. On Ctrl-C, the tasks in flight are cancelled, as asked, and each worker says so.
+HARMLESS = {"distributed.nanny": re.compile(r"Worker process still alive after [\d.]+ seconds, killing"),
+            "distributed.worker.state_machine": re.compile(r"Async instruction for .* ended with CancelledError", re.S)}
+
+
+def _not_harmless(record: logging.LogRecord) -> bool:
+    pattern = HARMLESS.get(record.name)
+    return pattern is None or not pattern.fullmatch(record.getMessage())
+
+
+@contextmanager
+def without_harmless_noise() -> Iterator[None]:
+    """``HARMLESS`` kept out of this process's log for the duration."""
+    loggers = [logging.getLogger(name) for name in HARMLESS]
+    for dask_logger in loggers:
+        dask_logger.addFilter(_not_harmless)
+    try:
+        yield
+    finally:
+        for dask_logger in loggers:
+            dask_logger.removeFilter(_not_harmless)
+
+
+class QuietWorker(WorkerPlugin):
+    """``HARMLESS`` kept out of a worker process's log (it logs to the terminal itself)."""
+
+    def setup(self, worker) -> None:
+        for name in HARMLESS:
+            logging.getLogger(name).addFilter(_not_harmless)
 
 
 @contextmanager
@@ -442,7 +497,9 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                progress: bool = True, split_above_mpx: float | None = None) -> CohortSummary:
     """Segment ``slides`` on the cluster of ``client``, one task per slide, recording each in the run table
     (default ``output_dir/run_table.csv``) as it finishes. Slides with finished outputs of the same weights and
-    settings are skipped (unless ``overwrite``), their figures kept from the previous run table.
+    settings are skipped (unless ``overwrite``), their figures kept from the previous run table; where the factory
+    gives its settings (``finished_slides``), they are found here and never sent out, and finished outputs of
+    other weights or settings stop the run before anything is sent out or written, as a single-process run stops.
 
     A slide of more than ``split_above_mpx`` megapixels (None: never) becomes two region tasks per worker thread
     (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
@@ -450,7 +507,6 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     check_factory(factory)
     factory = pin_factory(factory)
     output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
     table_path = Path(table) if table else output_dir / RUN_TABLE
     previous = RunTable.read(table_path)
     rows, futures, names, waiting = [], {}, {}, []
@@ -464,8 +520,17 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             names[slide.name] = slide.path
             waiting.append(i)
         rows.append(row)
+    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for i in [i for i in waiting if slides[i].name in finished]:
+        waiting.remove(i)
+        row = {"slide": slides[i].name, "path": slides[i].path, "error": None}
+        rows[i].update({**_skipped_row(row, output_dir, slides[i], previous.get(slides[i].name)),
+                        "input_mpp": slides[i].input_mpp})
+        logger.info("%s: outputs complete, skipped", slides[i].path)
     run_table = RunTable(table_path, rows)
     run_table.flush()
+    started = time.time_ns()  # outputs written after it are this run's
 
     def send() -> list:
         """Slide tasks up to the cluster's threads: a worker holds only slides it runs, since Dask charges a worker's
@@ -480,13 +545,15 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             sent.append(future)
         return sent
 
-    refused = len(slides) - len(waiting)
-    logger.info("%d slides on %d workers%s; dashboard %s", len(slides), len(client.scheduler_info()["workers"]),
-                f" ({refused} refused before starting)" if refused else "", _dashboard(client))
+    refused = len(slides) - len(waiting) - len(finished)
+    logger.info("%d slides on %d workers%s%s; dashboard %s", len(slides), len(client.scheduler_info()["workers"]),
+                f" ({refused} refused before starting)" if refused else "",
+                f" ({len(finished)} already complete)" if finished else "", _dashboard(client))
     summary = CohortSummary(table_path)
     split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
     pending = as_completed(send())
-    with tqdm(total=len(slides), initial=refused, unit="slide", disable=not progress) as bar:
+    with tqdm(total=len(slides), initial=refused + len(finished), unit="slide", disable=not progress) as bar, \
+            _recorded_at_exit(run_table, output_dir, slides, futures, started):
         for future in pending:
             i = futures.pop(future)
             slide = slides[i]
@@ -513,6 +580,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
                     row["seconds"] = round(time.perf_counter() - split[i][0], 3)
             if row["status"] == "failed":
+                row = _with_kept_outputs(row, output_dir, slide.name)
                 logger.error("failed on %s: %s", slide.path, row["error"])
             elif row["status"] == "done":
                 logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
@@ -524,9 +592,59 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             run_table.update(i, {**row, "input_mpp": slide.input_mpp})
             bar.update(1)
             pending.update(send())
-    run_table.flush()
     summary.rows = run_table.rows
     return summary
+
+
+@contextmanager
+def _recorded_at_exit(run_table: RunTable, output_dir: Path, slides: list[Slide], in_flight: dict, since: int
+                      ) -> Iterator[None]:
+    """The run table written when the cohort's loop ends, however it ends (Ctrl-C too), with the slides still in
+    flight whose outputs were written since ``since`` (ns) as done: their workers finished them, but their results
+    never reached this loop. The table throttles its writes (``RunTable.update``), so it is written here too."""
+    try:
+        yield
+    finally:
+        for i in sorted(set(in_flight.values())):
+            if _written_since(output_dir, slides[i].name, since):
+                run_table.update(i, {**run_table.rows[i], "status": "done", "error": None,
+                                     **_figures(output_dir, slides[i].name)})
+        run_table.flush()
+
+
+def _written_since(output_dir: Path, name: str, since: int) -> bool:
+    """Whether the slide's outputs are complete and their completion record was written since ``since`` (ns)."""
+    try:
+        return outputs_complete(output_dir, name) and manifest_path(output_dir, name).stat().st_mtime_ns >= since
+    except OSError:
+        return False
+
+
+def _with_kept_outputs(row: dict, output_dir: Path, name: str) -> dict:
+    """A failed slide's row with the figures of the finished outputs it has on disk, which the failure left as they
+    were (finished outputs of other settings that appeared after the client's check, a redo that failed): the table
+    says what the folder holds, and its error why the slide failed."""
+    if not outputs_complete(output_dir, name):
+        return row
+    return {**row, **_figures(output_dir, name),
+            "error": f"{row['error']}; its finished outputs on disk are kept, and the figures are theirs"}
+
+
+def finished_slides(factory: Callable[[], SlidePredictor], slides: list[Slide], output_dir: Path,
+                    overwrite: bool = False) -> set[str]:
+    """The names of ``slides`` whose outputs are finished with the weights and settings each would run with (its
+    own pixel size from a slide list), for the client to skip them unsent: a worker builds its network before its
+    first slide, even one it would skip. FileExistsError naming those of other weights or settings, before any
+    slide is sent out, as a single-process run refuses them (``inference.finished_outputs``). Empty with
+    ``overwrite``, and for a factory that cannot give its settings unbuilt (``BundlePredictor.settings_predictor``):
+    its workers check each slide as they take it."""
+    settings_predictor = getattr(factory, "settings_predictor", None)
+    if overwrite or settings_predictor is None:
+        return set()
+    predictor = settings_predictor()
+    if predictor.overwrite:
+        return set()
+    return finished_outputs(output_dir, [(s.name, s.path, for_slide(predictor, s)) for s in slides])
 
 
 def pin_factory(factory: Callable[[], SlidePredictor]) -> Callable[[], SlidePredictor]:

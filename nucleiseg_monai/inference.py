@@ -351,6 +351,9 @@ class InferenceNetwork:
             requires NNCF; the other runtimes refuse it.
         test_time_flips: 1, or 2 or 4 to average the outputs over the region and its flips
             (``inferers.FlipInferer``): that many network passes.
+        prepare: False builds only what ``SlidePredictor.settings`` reads (the weights' hash, the statistics, the
+            options), not the network that runs: a cohort's client compares finished outputs with these settings
+            without the seconds an OpenVINO model takes, nor a GPU's memory. Such a network refuses to run.
     """
 
     def __init__(self, network: torch.nn.Module, channel_mean: Sequence[float] | None = None,
@@ -358,7 +361,7 @@ class InferenceNetwork:
                  checkpoint: str | os.PathLike | None = None, roi_size: int | None = 512, overlap: float = 0.25,
                  sw_batch_size: int = 4, padding_mode: str = "reflect", device: str | torch.device | None = None,
                  amp: bool = False, channels_last: bool = False, runtime: str = "eager", int8: bool = False,
-                 test_time_flips: int = 1):
+                 test_time_flips: int = 1, prepare: bool = True):
         if channel_stats is not None:
             stats = load_stats(channel_stats)
             channel_mean, channel_std = stats["mean"], stats["std"]
@@ -367,15 +370,18 @@ class InferenceNetwork:
         if len(channel_mean) != 3 or len(channel_std) != 3 or min(channel_std) <= 0:
             raise ValueError(f"channel stats must be 3 means and 3 positive stds, got {channel_mean}, {channel_std}")
         # ``monai.bundle run ... --predictor#network#int8 false`` hands over the text 'false', which is truthy
-        amp, channels_last, int8 = (parse_bool(value, f"predictor#network#{name}") for name, value in
-                                    (("amp", amp), ("channels_last", channels_last), ("int8", int8)))
+        amp, channels_last, int8, prepare = (
+            parse_bool(value, f"predictor#network#{name}") for name, value in
+            (("amp", amp), ("channels_last", channels_last), ("int8", int8), ("prepare", prepare)))
         if checkpoint is not None:
             load_weights(network, checkpoint)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights_sha256 = weights_sha256(network)
         self.runtime = runtime
-        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # unprepared, nothing goes to the device: a client on a GPU machine would hold a CUDA context for nothing
+        device = self.device if prepare else torch.device("cpu")
+        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         example = roi_size or EXAMPLE_SIDE
         if int8 and runtime == "auto" and not int8_available(self.device):
             logger.info("int8 needs OpenVINO and NNCF on a CPU (pip install 'nucleiseg-monai[cpu-runtimes]'); "
@@ -384,7 +390,7 @@ class InferenceNetwork:
         calibration = SyntheticCalibration(self.mean, self.std) if int8 else None
         self.network = prepare_network(network.to(self.device).eval(), runtime, amp, channels_last,
                                        (sw_batch_size, 3, example, example), self.weights_sha256, self.device,
-                                       calibration)
+                                       calibration) if prepare else None
         self.inferer = window_inferer(roi_size, overlap, getattr(network, "multiple", 1), sw_batch_size,
                                       padding_mode, self.device, test_time_flips)
         self.roi_size, self.overlap, self.amp, self.int8 = roi_size, overlap, amp, int8
@@ -397,6 +403,9 @@ class InferenceNetwork:
     def probs(self, rgb: np.ndarray, scale: Fraction = Fraction(1)) -> np.ndarray:
         """Probabilities (``postprocess.activate``: 3 or 4, floor(h * scale), floor(w * scale)) float32 of an RGB
         uint8 window (h, w, 3), resampled by ``scale`` first (``to_working_scale``)."""
+        if self.network is None:
+            raise RuntimeError("this InferenceNetwork was built with prepare=False, for its settings only; build it "
+                               "with prepare=True (predictor#network#prepare, the default) to run it")
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
             x = (to_working_scale(x, scale) - self.mean) / self.std
@@ -1039,19 +1048,30 @@ class SlidePredictor:
         first: dict[str, Path] = {}  # the image a name's outputs belong to, as ``run`` takes it; later ones fail there
         for path in images:
             first.setdefault(path.stem, path)
-        differing = {name: self._differing(output_dir, name, path) for name, path in first.items()
-                     if outputs_complete(output_dir, name)}
-        differing = {name: keys for name, keys in differing.items() if keys}
-        if differing:
-            names = list(differing)
-            keys = sorted({k for ks in differing.values() for k in ks})
-            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise FileExistsError(
-                f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
-                f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
-                f"another output_dir{self._region_size_hint(output_dir, names, keys)}"
-                f"{_source_hint(output_dir, names, keys)}"
-            )
+        finished_outputs(output_dir, [(name, path, self) for name, path in first.items()])
+
+
+def finished_outputs(output_dir: str | os.PathLike,
+                     images: Iterable[tuple[str, str | os.PathLike, SlidePredictor]]) -> set[str]:
+    """The names of ``images`` (output name, file, the predictor that would run it) whose outputs in ``output_dir``
+    are complete and made with that predictor's weights and settings; FileExistsError naming all those made with
+    other weights or settings at once, before any image is read. Each image has its own predictor because a
+    cohort's slide list gives each slide its pixel size."""
+    output_dir = Path(output_dir)
+    complete = [(name, path, predictor) for name, path, predictor in images if outputs_complete(output_dir, name)]
+    differing = {name: keys for name, path, predictor in complete
+                 if (keys := predictor._differing(output_dir, name, path))}
+    if differing:
+        names = list(differing)
+        keys = sorted({k for ks in differing.values() for k in ks})
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(
+            f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
+            f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
+            f"another output_dir{SlidePredictor._region_size_hint(output_dir, names, keys)}"
+            f"{_source_hint(output_dir, names, keys)}"
+        )
+    return {name for name, _, _ in complete}
 
 
 def _source_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:

@@ -3,8 +3,9 @@
 Columns: slide (the output name), path, status (pending, done, skipped = outputs already complete, failed), error,
 seconds (this run's time on the slide), mpp (microns per pixel of the analysed level), tissue_mm2 (low-resolution
 tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue) and
-median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure, an image without a
-pixel size) are empty cells, never zeros.
+median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure without finished
+outputs, an image without a pixel size) are empty cells, never zeros; a failed slide whose finished outputs are on
+disk keeps their figures, and its error says so.
 """
 
 from __future__ import annotations
@@ -51,18 +52,20 @@ def _cell(value) -> str:
 
 
 class RunTable:
-    """One row per slide in cohort order; ``update`` rewrites the file at most every ``min_interval`` seconds (a
-    cohort of thousands would otherwise rewrite megabytes per slide), ``flush`` writes it now.
+    """One row per slide in cohort order; ``update`` rewrites the file unless the last write was less than its own
+    duration over ``share`` ago, so writing takes at most that share of the time: a small table records each slide
+    as it finishes, a cohort of thousands does not rewrite megabytes per slide. ``flush`` writes it now.
 
-    A run killed between writes loses only rows of slides whose outputs are complete on disk; the re-run finds
-    those outputs complete and recovers the rows from them.
+    A cohort flushes it when its loop ends, however it ends (Ctrl-C too); a run killed between writes loses only
+    rows of slides whose outputs are complete on disk, and the re-run finds those outputs complete and recovers the
+    rows from them.
     """
 
-    def __init__(self, path: str | os.PathLike, rows: list[dict], min_interval: float = 2.0):
+    def __init__(self, path: str | os.PathLike, rows: list[dict], share: float = 0.05):
         self.path = Path(path)
         self.rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
-        self.min_interval = min_interval
-        self._written = -float("inf")
+        self.share = share
+        self._written, self._cost = -float("inf"), 0.0
 
     @staticmethod
     def read(path: str | os.PathLike) -> dict[str, dict]:
@@ -75,13 +78,15 @@ class RunTable:
 
     def update(self, index: int, row: dict) -> None:
         self.rows[index] = {c: row.get(c) for c in COLUMNS}
-        if time.monotonic() - self._written >= self.min_interval:
+        if time.monotonic() - self._written >= self._cost / self.share:
             self.flush()
 
     def flush(self) -> Path:
+        start = time.monotonic()
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(COLUMNS)
             writer.writerows([_cell(row[c]) for c in COLUMNS] for row in self.rows)
         self._written = time.monotonic()
+        self._cost = self._written - start
         return self.path

@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import json
 import logging
@@ -8,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from nucleiseg_monai.cohort import (REGION_SIZE, BundlePredictor, CohortSummary,
 from nucleiseg_monai.outputs import remove_temporaries
 from nucleiseg_monai.region_journal import unpack
 from nucleiseg_monai.region_tasks import band_labels, bands, claim_journal
-from nucleiseg_monai.run_table import COLUMNS, RunTable
+from nucleiseg_monai.run_table import COLUMNS, RunTable, _cell
 from nucleiseg_monai.synthetic import make_slide, make_tile, write_slide
 from nucleiseg_monai.wsi import ImageError
 from conftest import same_up_to_ids
@@ -284,7 +285,8 @@ def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resu
         resumed = run_cohort(client, slides, root / "retried", factory, torch_threads=threads, progress=False)
         # finished outputs of other settings are neither kept as if they were these nor replaced unasked
         other = BundlePredictor(str(bundle), (("predictor#postprocess_params", {"min_size": 30}),))
-        refused = run_cohort(client, slides, root / "retried", other, retries=0, progress=False)
+        with pytest.raises(FileExistsError, match="slide0, slide1, slide2 made with other weights or settings"):
+            run_cohort(client, slides, root / "retried", other, retries=0, progress=False)
         # workers of a cluster joined by address take their share of the host's cores (2 slots here)
         share = client.submit(host_share, pure=False).result()
     crashed = marker.read_text()
@@ -294,7 +296,6 @@ def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resu
     assert [row["status"] for row in resumed.rows] == ["skipped", "done", "skipped"]
     assert all(row[c] == pytest.approx(first[row["slide"]][c]) for row in resumed.rows
                for c in ("nuclei", "mpp", "tissue_mm2", "nuclei_per_mm2", "median_nucleus_um2"))
-    assert all(row["status"] == "failed" and "other weights or settings" in row["error"] for row in refused.rows)
     assert share == threads == max(1, cpu_count() // 2)
     assert all(100 < mb < 4000 for mb in summary.peak_rss_mb.values())  # per worker process, as in benchmarks
 
@@ -761,3 +762,130 @@ def test_a_workers_share_counts_only_the_workers_that_may_run_on_its_cores(monke
     assert host_share() == 4  # 8 cores, 2 workers on them; the other job's worker and the other node left out
     answers["tcp://10.0.0.5:3"] = OSError("worker gone")  # cannot be asked: counted
     assert host_share() == 2
+
+
+def _stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+class _NothingSent(_Client):
+    def submit(self, *args, **kwargs):
+        pytest.fail("a slide was sent out")
+
+
+def test_a_cohort_meeting_outputs_of_other_settings_stops_before_any_slide_as_a_single_run_does(
+        cohort, tmp_path, monkeypatch, capsys):
+    root, bundle, _ = cohort
+    out = tmp_path / "out"
+    shutil.copytree(root / "serial", out)
+    (out / "slide2.done.json").unlink()  # the one slide a re-run with other settings would do
+    RunTable(out / "run_table.csv", [{"slide": f"slide{i}", "path": "x", "status": "done", "nuclei": 7}
+                                     for i in range(3)]).flush()
+    before = _stamps(out)
+
+    @contextlib.contextmanager
+    def fake_cluster(*args, **kwargs):
+        yield _NothingSent(), 1
+
+    monkeypatch.setattr(cohort_module, "dask_client", fake_cluster)
+    args = ["predict", "--bundle", str(bundle), "--input", str(root / "slides"), "--output_dir", str(out),
+            "--set", "predictor#planner#region_margin=16"]
+    assert main([*args, "--workers", "2"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"nucleiseg predict: error: {out} holds finished outputs of slide0, slide1 made with other "
+                           "weights or settings (differing: region_margin); pass --overwrite")
+    assert _stamps(out) == before  # the run table and the outputs as they were
+    assert main(args) == 2 and capsys.readouterr().err == said  # the single-process run's own words
+
+
+def test_each_slide_of_a_list_is_compared_with_the_pixel_size_its_row_gives(cohort, tmp_path):
+    root, bundle, _ = cohort
+    factory = BundlePredictor(str(bundle))
+    predictor = factory()
+    out = tmp_path / "out"
+    for name, mpp in (("a", 0.25), ("b", 0.5)):  # files that state no pixel size: the row's applies
+        tifffile.imwrite(tmp_path / f"{name}.tif", tifffile.imread(root / "slides" / "slide0.tif"))
+        predictor.input_mpp = mpp
+        predictor.predict_slide(tmp_path / f"{name}.tif", out, name)
+    a, b = Slide(str(tmp_path / "a.tif"), "a", 0.25), Slide(str(tmp_path / "b.tif"), "b", 0.5)
+    assert cohort_module.finished_slides(factory, [a, b], out) == {"a", "b"}
+    with pytest.raises(FileExistsError, match=r"holds finished outputs of b made with other weights or settings "
+                                              r"\(differing: input_mpp\)"):
+        cohort_module.finished_slides(factory, [a, replace(b, input_mpp=0.25)], out)
+    assert cohort_module.finished_slides(factory, [a, replace(b, input_mpp=0.25)], out, overwrite=True) == set()
+
+
+def test_a_rerun_of_finished_slides_sends_none_out_and_builds_no_network(cohort, tmp_path, monkeypatch):
+    root, bundle, serial = cohort
+    out = tmp_path / "out"
+    shutil.copytree(root / "serial", out)
+    built = []
+    monkeypatch.setattr("nucleiseg_monai.inference.prepare_network", lambda *args: built.append(args))
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    slides = read_cohort(root / "slides")
+    first = run_cohort(_NothingSent(), slides, out, BundlePredictor(str(bundle)), progress=False)
+    again = run_cohort(_NothingSent(), slides, out, BundlePredictor(str(bundle)), progress=False)
+    assert built == []
+    for summary in (first, again):  # figures from the outputs, then from the run table
+        assert [row["status"] for row in summary.rows] == ["skipped"] * 3
+        assert [row["nuclei"] for row in summary.rows] in ([r.nuclei for r in serial.values()],
+                                                           [str(r.nuclei) for r in serial.values()])
+    assert _table(out / "run_table.csv") == {row["slide"]: {k: _cell(v) for k, v in row.items()} for row in first.rows}
+
+
+def test_the_run_table_holds_the_slides_finished_when_the_cohort_is_interrupted(cohort, tmp_path, monkeypatch):
+    root, bundle, serial = cohort
+    out = tmp_path / "out"
+    slides = read_cohort(root / "slides")
+
+    class Interrupted(_AsCompleted):
+        def __iter__(self):  # the first slide's result comes back, then Ctrl-C
+            yield self[0]
+            raise KeyboardInterrupt
+
+    class Working(_Client):
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            if slide.name == "slide1":  # its worker writes its outputs; its result never comes back
+                for suffix in OUTPUTS:
+                    shutil.copy(root / "serial" / f"slide1{suffix}", out / f"slide1{suffix}")
+            return _FinishedTask(slide)
+
+    monkeypatch.setattr(cohort_module, "as_completed", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(Working(), slides, out, lambda: None, progress=False)
+    table = _table(out / "run_table.csv")
+    assert [table[n]["status"] for n in ("slide0", "slide1", "slide2")] == ["done", "done", "pending"]
+    assert table["slide1"]["nuclei"] == str(serial["slide1"].nuclei) and table["slide1"]["seconds"] == ""
+
+
+def test_a_slide_failing_for_outputs_of_other_settings_keeps_their_figures(cohort, tmp_path, monkeypatch):
+    """Outputs of other settings a worker meets after the client's check (another run wrote them meanwhile) fail
+    the slide, but the table does not blank the figures of what the folder holds."""
+    root, _, serial = cohort
+    out = tmp_path / "out"
+    shutil.copytree(root / "serial", out)
+    error = "FileExistsError: the finished outputs of slide0 were made with other weights or settings"
+
+    class Refusing(_Client):
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            task = _FinishedTask(slide)
+            task.row.update(status="failed", error=error, nuclei=None, seconds=None)
+            return task
+
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    [row] = run_cohort(Refusing(), read_cohort(root / "slides" / "slide0.tif"), out, lambda: None,
+                       progress=False).rows
+    assert (row["status"], row["nuclei"]) == ("failed", serial["slide0"].nuclei)
+    assert row["error"] == f"{error}; its finished outputs on disk are kept, and the figures are theirs"
+
+
+def test_the_two_harmless_warnings_of_a_local_clusters_end_stay_out_of_the_log(caplog):
+    nanny, state = logging.getLogger("distributed.nanny"), logging.getLogger("distributed.worker.state_machine")
+    caplog.set_level(logging.WARNING)
+    with cohort_module.without_harmless_noise():
+        nanny.warning("Worker process still alive after %.1f seconds, killing", 4.0)
+        state.warning("Async instruction for <Task 'execute(slide-a)' coro=<execute()>> ended with CancelledError")
+        nanny.warning("Worker process still alive after a restart")  # not the one known to be harmless
+    nanny.warning("Worker process still alive after %.1f seconds, killing", 4.0)  # filtered only for the duration
+    assert [r.getMessage() for r in caplog.records] == ["Worker process still alive after a restart",
+                                                        "Worker process still alive after 4.0 seconds, killing"]
