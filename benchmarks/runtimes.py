@@ -49,10 +49,8 @@ sys.path.insert(0, str(REPO))
 from speed import environment, sig  # noqa: E402  (benchmarks/speed.py, next to this file)
 
 from nucleiseg_monai.data import load_stats  # noqa: E402
-from nucleiseg_monai.inference import synthetic_inputs  # noqa: E402
-from nucleiseg_monai.networks import (  # noqa: E402
-    CastNetwork, MixedPrecision, UNet, count_parameters, load_weights, prepare_for_inference,
-)
+from nucleiseg_monai.networks import MixedPrecision, UNet, count_parameters, load_weights  # noqa: E402
+from nucleiseg_monai.runtimes import CastNetwork, prepare_for_inference, synthetic_inputs  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "nuclei_unet_small"
 DEFAULT_FEATURES = ((16, 32, 64, 128, 256), (16, 32, 64, 128))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -59,12 +58,13 @@ from .bundle import own_folder
 from .data import load_stats
 from .handlers import parse_bool
 from .inferers import window_inferer
-from .networks import MixedPrecision, load_weights, prepare_for_inference, resolve_dtype, weights_sha256
+from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
                       outputs_complete, remove_temporaries, source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
+from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import (IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
                   tissue_mask)
@@ -80,12 +80,6 @@ SCALE_TOLERANCE = 0.02
 # per-nucleus measurements with their GeoJSON / CSV lines and overlay drawing, "writing" the label BigTIFF and the
 # final moves into place.
 PHASES = ("read", "tissue_mask", "network", "watershed", "stitching", "measurements", "writing")
-# Runtimes of ``networks.prepare_for_inference``; "eager" runs the network as trained (``MixedPrecision``).
-RUNTIMES = ("auto", "openvino", "torch", "eager")
-# the input side a fast runtime is prepared with when windows are whole regions (its graph takes any multiple of 16)
-EXAMPLE_SIDE = 256
-# int8 ranges come from the synthetic tiles of these seeds, EXAMPLE_SIDE px each
-INT8_CALIBRATION_SEEDS = range(2000, 2008)
 
 
 @dataclass
@@ -244,89 +238,6 @@ def _make_output_dir(output_dir: Path) -> None:
                       "(nucleiseg predict --output_dir) or fix its permissions")
 
 
-_prepared: tuple[tuple, torch.nn.Module] | None = None  # the last network prepare_for_inference made (see below)
-
-
-def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_last: bool,
-                    example_shape: tuple[int, int, int, int], weights: str, device: torch.device,
-                    int8_calibration: SyntheticCalibration | None = None) -> torch.nn.Module:
-    """The network as it runs inference: ``"eager"`` as trained (bf16 autocast with ``amp``, channels-last with
-    ``channels_last``), else ``networks.prepare_for_inference`` with that runtime in bf16 (``amp``) or float32, or
-    quantised to int8 on the inputs ``int8_calibration()`` makes (OpenVINO only; ``int8_calibration.key`` names
-    them in the disk cache's key). bf16 applies only where the device has it natively (``networks.native_bf16``);
-    elsewhere ``amp`` runs float32.
-
-    OpenVINO's export and compilation take seconds per predictor, so the last prepared network is kept and shared
-    by predictors built later in the process with the same weights (``weights``: their SHA-256), runtime, precision,
-    shape, ``device``, thread count and int8 calibration inputs (z-scored with the channel statistics, so other
-    statistics make another model) (a cohort worker, a benchmark, a test module); it is only ever run, never
-    changed. A new process reads the OpenVINO model an earlier one made from the disk cache (``openvino_cache``)
-    instead of making it again.
-    """
-    global _prepared
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r} (predictor#network#runtime)")
-    int8 = int8_calibration is not None
-    if int8 and runtime not in ("auto", "openvino"):
-        raise ValueError(f"int8 runs on OpenVINO: set predictor#network#runtime to 'auto' or 'openvino' "
-                         f"(got {runtime!r}), or int8 to false")
-    # bf16 where native, else float32; not asked where int8 runs, so that its log line does not claim float32
-    precision = resolve_dtype("auto", device) if amp and not int8 else None
-    if runtime == "eager":
-        return MixedPrecision(network, precision, channels_last) if (amp or channels_last) else network
-    dtype = "int8" if int8 else precision or torch.float32
-    # int8's ranges are set on inputs z-scored with the channel statistics: other statistics, another model
-    calibration = int8_calibration.key if int8 else None
-    key = (weights, runtime, str(dtype), example_shape, str(device), torch.get_num_threads(), calibration)
-    if _prepared is None or _prepared[0] != key:
-        _prepared = None  # the old copy goes before the new one is built
-        if int8:
-            logger.info("the network runs in OpenVINO, quantised to int8 (%d threads)", torch.get_num_threads())
-        _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
-                                                example_shape=example_shape,
-                                                calibration=int8_calibration,
-                                                calibration_key=calibration,
-                                                weights_sha256=weights))
-    return _prepared[1]
-
-
-def int8_available(device: torch.device) -> bool:
-    """Whether runtime "auto" can run int8 here: a CPU, with OpenVINO and NNCF installed."""
-    return device.type == "cpu" and all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
-
-
-def synthetic_inputs(mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int] = INT8_CALIBRATION_SEEDS,
-                     side: int = EXAMPLE_SIDE) -> list[torch.Tensor]:
-    """Network inputs made of synthetic H&E tiles (``synthetic.make_tile``, one per seed), z-scored with ``mean``
-    and ``std`` ((1, 3, 1, 1)). By default the inputs int8 ranges are set on: fixed, so that every run of a bundle
-    quantises the same way, whatever slide comes first."""
-    from .synthetic import make_tile
-
-    return [((torch.from_numpy(make_tile(side, seed=int(seed))[0]).permute(2, 0, 1)[None].float() - mean.cpu())
-             / std.cpu()).contiguous() for seed in seeds]
-
-
-class SyntheticCalibration:
-    """The inputs int8 ranges are set on: ``synthetic_inputs`` with a network's channel statistics (``mean``,
-    ``std``). ``key`` names them for the OpenVINO model cache without making them (seconds of rendering), and
-    changes with the code that renders them."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, seeds: Iterable[int] = INT8_CALIBRATION_SEEDS,
-                 side: int = EXAMPLE_SIDE):
-        self.mean, self.std, self.seeds, self.side = mean, std, tuple(int(s) for s in seeds), int(side)
-
-    def __call__(self) -> list[torch.Tensor]:
-        return synthetic_inputs(self.mean, self.std, self.seeds, self.side)
-
-    @property
-    def key(self) -> str:
-        from . import synthetic
-
-        renderer = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()
-        return (f"synthetic tiles {self.seeds} of {self.side} px, mean {self.mean.flatten().tolist()}, "
-                f"std {self.std.flatten().tolist()}, synthetic.py {renderer}")
-
-
 class InferenceNetwork:
     """A network made ready for inference, with the channel statistics it was trained with and its inferer
     (``inferers.window_inferer``): an RGB window in, probabilities at the working scale out.
@@ -343,7 +254,7 @@ class InferenceNetwork:
         amp: bf16 (autocast for "eager", bf16 weights or inference precision for the others), else float32;
             channels_last: channels-last memory layout for "eager" (the other runtimes choose their own).
         runtime: "eager" (the network as trained), or a fast inference copy from
-            ``networks.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
+            ``runtimes.prepare_for_inference``: "openvino" (CPU), "torch" (batch norm folded, any device) or
             "auto" (OpenVINO on a CPU where it is installed, else "torch").
         int8: OpenVINO with int8 weights and activations (NNCF post-training quantisation, its ranges set on fixed
             synthetic tiles: ``synthetic_inputs``). With runtime "auto" it applies where OpenVINO and NNCF

@@ -17,7 +17,7 @@ from skimage import io as skio
 from skimage.measure import label as connected_components
 from skimage.transform import downscale_local_mean, rescale
 
-from nucleiseg_monai import inference
+from nucleiseg_monai import inference, runtimes
 from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
                                        lattice_scale, predictor_ids, raise_on_failure, to_read_grid,
                                        to_working_scale, weights_sha256)
@@ -868,13 +868,13 @@ def test_int8_networks_of_other_statistics_are_not_shared_in_the_process(monkeyp
     """The int8 ranges are set on inputs z-scored with the statistics: the same weights with other statistics are
     another model, in the process as on disk (``SyntheticCalibration.key``)."""
     built = []
-    monkeypatch.setattr(inference, "_prepared", None)
-    monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: built.append(k["calibration_key"]) or
+    monkeypatch.setattr(runtimes, "_prepared", None)
+    monkeypatch.setattr(runtimes, "prepare_for_inference", lambda *a, **k: built.append(k["calibration_key"]) or
                         torch.nn.Identity())
     mean, std = torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 40.0)
     args = ("openvino", False, False, (1, 3, 64, 64), "sha", torch.device("cpu"))
     for m in (mean, mean, mean + 20):
-        inference.prepare_network(torch.nn.Identity(), *args, inference.SyntheticCalibration(m, std))
+        runtimes.prepare_network(torch.nn.Identity(), *args, runtimes.SyntheticCalibration(m, std))
     assert len(built) == 2 and built[0] != built[1]
 
 

@@ -15,8 +15,9 @@ pytest.importorskip("openvino")
 import openvino as ov  # noqa: E402
 import openvino.opset13 as ops  # noqa: E402
 
-from nucleiseg_monai import networks, openvino_cache  # noqa: E402
-from nucleiseg_monai.networks import UNet, prepare_for_inference  # noqa: E402
+from nucleiseg_monai import openvino_cache, runtimes  # noqa: E402
+from nucleiseg_monai.networks import UNet  # noqa: E402
+from nucleiseg_monai.runtimes import prepare_for_inference  # noqa: E402
 
 
 def scale_model(factor: float) -> ov.Model:
@@ -144,14 +145,14 @@ def test_a_network_made_again_comes_from_the_cache_and_computes_the_same(cache, 
     def no_export(*args):
         raise AssertionError("exported again although the model was kept")
 
-    export = networks._export
-    monkeypatch.setattr(networks, "_export", no_export)
+    export = runtimes._export
+    monkeypatch.setattr(runtimes, "_export", no_export)
     for dtype, out in made.items():
         again = prepare_for_inference(net, "openvino", dtype, (2, 3, 128, 128), calibration)  # any multiple of 8
         torch.testing.assert_close(again(x), out, rtol=0, atol=0)
 
     # other weights, or other calibration inputs, are another model
-    monkeypatch.setattr(networks, "_export", export)
+    monkeypatch.setattr(runtimes, "_export", export)
     other = UNet(features=(8, 16, 32, 64)).eval()
     prepare_for_inference(other, "openvino", torch.float32, (1, 3, 64, 64))
     prepare_for_inference(net, "openvino", "int8", (1, 3, 64, 64), calibration[:1])
@@ -171,16 +172,14 @@ def test_a_network_made_again_comes_from_the_cache_and_computes_the_same(cache, 
 
 
 def test_the_predictors_calibration_is_named_without_rendering_it(monkeypatch):
-    from nucleiseg_monai import inference
-
     mean, std = torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 40.0)
-    calibration = inference.SyntheticCalibration(mean, std, seeds=(1, 2), side=32)
-    monkeypatch.setattr(inference, "synthetic_inputs", lambda *a: pytest.fail("rendered for the key"))
+    calibration = runtimes.SyntheticCalibration(mean, std, seeds=(1, 2), side=32)
+    monkeypatch.setattr(runtimes, "synthetic_inputs", lambda *a: pytest.fail("rendered for the key"))
     key = calibration.key
-    assert key == inference.SyntheticCalibration(mean, std, seeds=(1, 2), side=32).key
-    assert key != inference.SyntheticCalibration(mean + 1, std, seeds=(1, 2), side=32).key
-    assert key != inference.SyntheticCalibration(mean, std, seeds=(1, 3), side=32).key
+    assert key == runtimes.SyntheticCalibration(mean, std, seeds=(1, 2), side=32).key
+    assert key != runtimes.SyntheticCalibration(mean + 1, std, seeds=(1, 2), side=32).key
+    assert key != runtimes.SyntheticCalibration(mean, std, seeds=(1, 3), side=32).key
     monkeypatch.undo()
     tiles = calibration()
-    expected = inference.synthetic_inputs(mean, std, (1, 2), 32)
+    expected = runtimes.synthetic_inputs(mean, std, (1, 2), 32)
     assert len(tiles) == 2 and all(torch.equal(a, b) for a, b in zip(tiles, expected))

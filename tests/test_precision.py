@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nucleiseg_monai import networks
-from nucleiseg_monai.inference import prepare_network
-from nucleiseg_monai.networks import CastNetwork, MixedPrecision, UNet, prepare_for_inference, resolve_dtype
+from nucleiseg_monai.networks import MixedPrecision, UNet, resolve_dtype
+from nucleiseg_monai.runtimes import CastNetwork, prepare_for_inference, prepare_network
 
 TINY = (8, 16, 32, 64)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nucleiseg_monai import networks
+from nucleiseg_monai import runtimes
 from nucleiseg_monai.data import load_stats
-from nucleiseg_monai.networks import CastNetwork, UNet, prepare_for_inference, unet_from_checkpoint
+from nucleiseg_monai.networks import UNet, unet_from_checkpoint
+from nucleiseg_monai.runtimes import CastNetwork, prepare_for_inference
 from nucleiseg_monai.synthetic import make_tile
 from conftest import same_up_to_ids
 
@@ -121,7 +122,7 @@ def test_recommended_runtime_warns_about_nothing(trained_network, tile_and_class
 
 def test_auto_falls_back_to_torch_without_openvino(trained_network, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(networks.importlib.util, "find_spec",
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
     assert isinstance(prepare_for_inference(trained_network, "auto"), CastNetwork)
     with pytest.raises(ImportError, match=r"cpu-runtimes"):
@@ -194,7 +195,7 @@ def test_int8_under_auto_gives_way_where_it_cannot_run(monkeypatch, caplog):
 
     tiny = UNet(features=(8, 16, 32, 64)).eval()
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(inference.importlib.util, "find_spec",
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec",
                         lambda name, *a: None if name == "nncf" else real_find_spec(name, *a))
     asked = {}
     # the decision is under test, not OpenVINO's export (seconds to tens of seconds, tested elsewhere)

@@ -22,7 +22,8 @@ VARIANT_FEATURES = ((16, 32, 64, 128), (24, 48, 96, 192), (32, 64, 128, 256), (8
 
 def levers(bundle: Bundle, device: torch.device, args) -> dict:
     """Each inference lever's megapixels per second and gain over the plain float32 forward."""
-    from nucleiseg_monai.networks import MixedPrecision, prepare_for_inference
+    from nucleiseg_monai.networks import MixedPrecision
+    from nucleiseg_monai.runtimes import prepare_for_inference
 
     base_net = bundle.network().to(device)
     x = tiles(args.batch, args.tile, device)
@@ -60,7 +61,7 @@ def levers(bundle: Bundle, device: torch.device, args) -> dict:
             add(f"runtime {runtime}, bf16", None, skipped=f"{type(err).__name__}: {str(err)[:200]}")
 
     try:  # the shipped precision: int8 ranges from the predictor's own synthetic calibration tiles
-        from nucleiseg_monai.inference import synthetic_inputs
+        from nucleiseg_monai.runtimes import synthetic_inputs
 
         mean, std = bundle.stats or DEFAULT_STATS
         calibration = synthetic_inputs(torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
