@@ -66,7 +66,7 @@ from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
 from .stitching import RegionGrid, RegionStitcher
-from .wsi import (IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
+from .wsi import (OPEN_IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
                   tissue_mask)
 
 logger = logging.getLogger(__name__)
@@ -138,18 +138,18 @@ def find_images(source: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"{text} does not exist; give an image file, a folder of images or a glob")
     candidates = [p for p in found if p.is_file()]
     # a link whose target is gone (a slide moved or an unmounted share) would otherwise vanish from the run unsaid
-    broken = sorted(p for p in found if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_SUFFIXES)
+    broken = sorted(p for p in found if p.is_symlink() and not p.exists() and p.suffix.lower() in OPEN_IMAGE_SUFFIXES)
     if broken:
         logger.warning("%d image link(s) at %s point at nothing and are left out: %s", len(broken), text,
                        ", ".join(str(p) for p in broken[:5]) + (" ..." if len(broken) > 5 else ""))
     images = sorted(
         p for p in candidates
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        if p.suffix.lower() in OPEN_IMAGE_SUFFIXES and not p.name.startswith(".")
         and not any(p.name.endswith(s) for s in OUTPUT_SUFFIXES.values())
     )
     if not images:
         raise FileNotFoundError(
-            f"no images found at {text}; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
+            f"no images found at {text}; expected files ending in {', '.join(sorted(OPEN_IMAGE_SUFFIXES))}"
             + (f" (a folder's subfolders are not searched: give a glob such as '{path / '**' / '*.svs'}')"
                if path.is_dir() else "")
         )

@@ -35,7 +35,6 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"}
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 OPEN_IMAGE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES  # what open_image reads
-IMAGE_SUFFIXES = OPEN_IMAGE_SUFFIXES  # the former name, which inference.py still imports
 
 # A level-0 pixel size outside this range is a placeholder (72 dpi, "1 pixel per unit"), not a microscope's.
 PLAUSIBLE_MPP = (0.02, 20.0)
