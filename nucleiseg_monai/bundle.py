@@ -80,15 +80,18 @@ def command(settings: dict, changed: Iterable[str] = ()) -> Iterator[None]:
         _command = before
 
 
-def typed_settings(argv: list[str] | None = None) -> dict:
+def typed_settings(argv: list[str] | None = None) -> dict | None:
     """Every config setting given on this command line, ``{id: value}`` (``--network_def::features`` as
     ``network_def#features``, values parsed as MONAI's runner parses them), with those of its ``--args_file`` under
-    them, as MONAI merges them; or those of the ``command`` running. For what a training run records of itself
-    (``handlers.RunSettings``)."""
+    them, as MONAI merges them; or those of the ``command`` running. None where this process's command line is
+    no workflow's and no ``command`` runs (a workflow built in Python): its settings are not known. For what a
+    training run records of itself (``handlers.RunSettings``)."""
     from .overrides import parse_value
 
     if argv is None and _command is not None:
         return dict(_command[0])
+    if argv is None and _monai_argument(sys.argv, "config_file") is None:
+        return None  # a workflow built in Python (a notebook, a test): what was given is not known
     argv = sys.argv if argv is None else argv
     given, i = {}, 0
     while i < len(argv):

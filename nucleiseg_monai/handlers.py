@@ -208,7 +208,8 @@ def recorded_settings(path: str | os.PathLike) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the record, not every tensor
     record = state.get("settings")
-    return None if record is None else dict(record.get("given", {}))
+    given = None if record is None else record.get("given")
+    return None if given is None else dict(given)
 
 
 class RunSettings:
@@ -222,20 +223,27 @@ class RunSettings:
     """
 
     def __init__(self, given: dict | None = None, changed=()):
-        self.given = {k: v for k, v in (given or {}).items() if k not in NOT_RECORDED}
+        # None: not known (a workflow built in Python), so neither recorded nor compared
+        self.given = None if given is None else {k: v for k, v in given.items() if k not in NOT_RECORDED}
         self.changed = set(changed)
 
     def state_dict(self) -> dict:
-        return {"given": dict(self.given)}
+        return {"given": None if self.given is None else dict(self.given)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.given = {**{k: v for k, v in state.get("given", {}).items() if k not in NOT_RECORDED}, **self.given}
+        recorded = {k: v for k, v in (state.get("given") or {}).items() if k not in NOT_RECORDED}
+        self.given = recorded if self.given is None else {**recorded, **self.given}
 
     def check(self, path: Path) -> None:
         """ResumeSettingsError where the run whose state is ``path`` was started with settings this command does not
         give as they were."""
         recorded = recorded_settings(path)
         if not recorded:
+            return
+        if self.given is None:
+            logger.info("the settings of this resumed run were not compared with those %s records: its workflow was "
+                        "built in Python (run it inside nucleiseg_monai.bundle.command(settings) to compare them)",
+                        path)
             return
         differ = {key: value for key, value in recorded.items() if key not in NOT_RECORDED | self.changed
                   and not (key in self.given and same_setting(value, self.given[key]))}

@@ -459,6 +459,24 @@ def test_a_state_written_before_settings_were_recorded_resumes_as_before_saying_
     assert handlers.recorded_settings(path) == {"batch_size": 4}
 
 
+def test_a_workflow_built_in_python_resumes_unchecked_saying_so_and_keeps_the_runs_record(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """Where the process's command line is no workflow's (a notebook, a test) the settings given are not known:
+    a resume is neither refused nor compared, one line says so, and the run's record stays."""
+    from nucleiseg_monai.bundle import typed_settings
+
+    monkeypatch.setattr("sys.argv", ["python", "my_notebook.py", "--batch_size", "4"])
+    assert typed_settings() is None
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    _started_with(path, data, {"batch_size": 2})
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
+        again, _ = _resumed(path, None)  # compared, or not, as the resume attaches
+        again.run(data, max_epochs=2)
+    assert again.state.epoch == 2 and "its workflow was built in Python" in caplog.text
+    assert handlers.recorded_settings(path) == {"batch_size": 2}
+
+
 def test_typed_settings_are_read_as_monais_runner_reads_them(tmp_path):
     from nucleiseg_monai.bundle import command, settings_changed, typed_settings
 
