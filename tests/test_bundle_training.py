@@ -135,6 +135,14 @@ def one_epoch(tmp_path_factory, dataset) -> tuple[Path, str]:
     return bundle, output
 
 
+def copy_of(one_epoch: tuple[Path, str], tmp_path: Path) -> Path:
+    """A copy of the one-epoch bundle that a test may change."""
+    trained, _ = one_epoch
+    bundle = tmp_path / trained.name
+    shutil.copytree(trained, bundle)
+    return bundle
+
+
 def test_training_smoke(tmp_path, dataset):
     bundle = copy_bundle(tmp_path)
     ok(bundle_run("training", bundle / "configs" / "train.json", tiny_args(dataset) + ["--epochs", "3"], tmp_path))
@@ -172,9 +180,7 @@ def test_run_without_runner_id_trains(one_epoch):
 
 @pytest.mark.parametrize("runner", ["evaluating", None], ids=["evaluating", "default"])
 def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)  # each evaluation writes its own eval/test
+    bundle = copy_of(one_epoch, tmp_path)  # each evaluation writes its own eval/test
     models_before = {p.name: p.read_bytes() for p in (bundle / "models").iterdir()}
     ok(bundle_run(runner, overlay(bundle, "evaluate.json"),
                   eval_args(dataset, tmp_path) + ["--rescans", "{'synthetic': 0.5}"], tmp_path))
@@ -202,9 +208,7 @@ def test_evaluate_writes_the_report(runner, one_epoch, dataset, tmp_path):
 
 
 def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     checkpoint = bundle / "models" / "checkpoint_last.pt"
     before = load(checkpoint)
     model_before = (bundle / "models" / "model.pt").read_bytes()
@@ -291,9 +295,7 @@ def test_nucleiseg_train_resumes_a_run_with_its_own_settings(dataset, tmp_path):
 
 def test_a_resume_on_monais_command_line_without_the_runs_settings_is_refused_naming_them(one_epoch, dataset,
                                                                                           tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     checkpoint = bundle / "models" / "checkpoint_last.pt"
     before = checkpoint.read_bytes()
     proc = bundle_run("training", bundle / "configs" / "train.json",
@@ -310,9 +312,7 @@ def test_a_resume_on_monais_command_line_without_the_runs_settings_is_refused_na
 
 
 def test_a_checkpoint_without_recorded_settings_resumes_as_before(one_epoch, dataset, tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     checkpoint = bundle / "models" / "checkpoint_last.pt"
     state = load(checkpoint)
     del state["settings"]  # as written before the settings were recorded
@@ -368,14 +368,12 @@ def test_pretrained_weights_better_than_every_epoch_stay_model_pt(one_epoch, dat
 
 
 def test_a_resumed_run_keeps_its_own_statistics(one_epoch, dataset, tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     mine = {"mean": [150.0, 120.0, 160.0], "std": [20.0, 25.0, 30.0]}  # as if the run had started from other weights
     (bundle / "models" / "channel_stats.json").write_text(json.dumps(mine))
     pretrained = tmp_path / "pre" / "model.pt"
     pretrained.parent.mkdir()
-    shutil.copy(trained / "models" / "model.pt", pretrained)
+    shutil.copy(one_epoch[0] / "models" / "model.pt", pretrained)
     (pretrained.parent / "channel_stats.json").write_text(json.dumps(OTHER_STATS))
     output = ok(bundle_run("training", bundle / "configs" / "train.json",
                            tiny_args(dataset) + ["--epochs", "2", "--resume", "true", "--pretrained", str(pretrained)],
@@ -386,9 +384,7 @@ def test_a_resumed_run_keeps_its_own_statistics(one_epoch, dataset, tmp_path):
 
 
 def test_overwrite_keeps_the_earlier_run_until_its_own_data_and_weights_have_loaded(one_epoch, dataset, tmp_path):
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     files = ("model.pt", "checkpoint_last.pt", "channel_stats.json", "datalist.json")
     before = {name: (bundle / "models" / name).read_bytes() for name in files}
     mistyped = tiny_args(dataset) + ["--epochs", "1", "--overwrite", "true"]
@@ -487,9 +483,7 @@ def test_workflows_have_the_properties_monai_requires(files, run_id, kind, one_e
 
     from nucleiseg_monai.overrides import parse_value
 
-    trained, _ = one_epoch
-    bundle = tmp_path / trained.name
-    shutil.copytree(trained, bundle)
+    bundle = copy_of(one_epoch, tmp_path)
     workflow = ConfigWorkflow(config_file=[str(bundle / "configs" / f) for f in files],
                               meta_file=str(bundle / "configs" / "metadata.json"), run_id=run_id, workflow_type=kind)
     args = tiny_args(dataset) if run_id == "training" else eval_args(dataset, tmp_path)
