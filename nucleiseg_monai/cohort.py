@@ -520,7 +520,8 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             names[slide.name] = slide.path
             waiting.append(i)
         rows.append(row)
-    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite)
+    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite,
+                               local=isinstance(getattr(client, "cluster", None), LocalCluster))
     output_dir.mkdir(parents=True, exist_ok=True)
     for i in [i for i in waiting if slides[i].name in finished]:
         waiting.remove(i)
@@ -630,21 +631,28 @@ def _with_kept_outputs(row: dict, output_dir: Path, name: str) -> dict:
             "error": f"{row['error']}; its finished outputs on disk are kept, and the figures are theirs"}
 
 
+# Settings a predictor resolves from the machine it runs on (int8: OpenVINO and NNCF installed, a CPU): a client
+# apart from its workers (a remote scheduler, a batch system's nodes) cannot tell what they resolve.
+MACHINE_SETTINGS = ("int8",)
+
+
 def finished_slides(factory: Callable[[], SlidePredictor], slides: list[Slide], output_dir: Path,
-                    overwrite: bool = False) -> set[str]:
+                    overwrite: bool = False, local: bool = True) -> set[str]:
     """The names of ``slides`` whose outputs are finished with the weights and settings each would run with (its
     own pixel size from a slide list), for the client to skip them unsent: a worker builds its network before its
     first slide, even one it would skip. FileExistsError naming those of other weights or settings, before any
     slide is sent out, as a single-process run refuses them (``inference.finished_outputs``). Empty with
     ``overwrite``, and for a factory that cannot give its settings unbuilt (``BundlePredictor.settings_predictor``):
-    its workers check each slide as they take it."""
+    its workers check each slide as they take it. Where the workers are not ``local`` (this machine's processes),
+    a slide whose outputs differ only in ``MACHINE_SETTINGS`` is sent out too, for its worker to decide."""
     settings_predictor = getattr(factory, "settings_predictor", None)
     if overwrite or settings_predictor is None:
         return set()
     predictor = settings_predictor()
     if predictor.overwrite:
         return set()
-    return finished_outputs(output_dir, [(s.name, s.path, for_slide(predictor, s)) for s in slides])
+    return finished_outputs(output_dir, [(s.name, s.path, for_slide(predictor, s)) for s in slides],
+                            undecided=() if local else MACHINE_SETTINGS)
 
 
 def pin_factory(factory: Callable[[], SlidePredictor]) -> Callable[[], SlidePredictor]:

@@ -963,15 +963,20 @@ class SlidePredictor:
 
 
 def finished_outputs(output_dir: str | os.PathLike,
-                     images: Iterable[tuple[str, str | os.PathLike, SlidePredictor]]) -> set[str]:
+                     images: Iterable[tuple[str, str | os.PathLike, SlidePredictor]],
+                     undecided: Iterable[str] = ()) -> set[str]:
     """The names of ``images`` (output name, file, the predictor that would run it) whose outputs in ``output_dir``
     are complete and made with that predictor's weights and settings; FileExistsError naming all those made with
     other weights or settings at once, before any image is read. Each image has its own predictor because a
-    cohort's slide list gives each slide its pixel size."""
+    cohort's slide list gives each slide its pixel size. An image whose outputs differ only in settings named in
+    ``undecided`` is neither: whoever runs it decides (a cohort's client cannot tell what its remote workers
+    resolve)."""
     output_dir = Path(output_dir)
     complete = [(name, path, predictor) for name, path, predictor in images if outputs_complete(output_dir, name)]
     differing = {name: keys for name, path, predictor in complete
                  if (keys := predictor._differing(output_dir, name, path))}
+    later = {name for name, keys in differing.items() if set(keys) <= set(undecided)}
+    differing = {name: keys for name, keys in differing.items() if name not in later}
     if differing:
         names = list(differing)
         keys = sorted({k for ks in differing.values() for k in ks})
@@ -982,7 +987,7 @@ def finished_outputs(output_dir: str | os.PathLike,
             f"another output_dir{SlidePredictor._region_size_hint(output_dir, names, keys)}"
             f"{_source_hint(output_dir, names, keys)}"
         )
-    return {name for name, _, _ in complete}
+    return {name for name, _, _ in complete if name not in later}
 
 
 def _source_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:

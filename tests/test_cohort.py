@@ -815,6 +815,23 @@ def test_each_slide_of_a_list_is_compared_with_the_pixel_size_its_row_gives(coho
     assert cohort_module.finished_slides(factory, [a, replace(b, input_mpp=0.25)], out, overwrite=True) == set()
 
 
+def test_a_client_apart_from_its_workers_leaves_int8_to_them(cohort, tmp_path):
+    """int8 follows the machine (OpenVINO and NNCF installed, a CPU): a client that is not the workers' machine
+    cannot tell what they resolve, so outputs differing in it alone are sent out for a worker to decide; on a local
+    cluster, whose workers are this machine's, they are refused as the single-process run refuses them."""
+    root, bundle, _ = cohort
+    out, slide = tmp_path / "out", Slide(str(root / "slides" / "slide0.tif"), "slide0")
+    BundlePredictor(str(bundle), (("predictor#network#int8", False),))().predict_slide(slide.path, out, slide.name)
+    factory = BundlePredictor(str(bundle), (("predictor#network#int8", True),))
+    if not factory.settings_predictor().network.int8:
+        pytest.skip("int8 does not run here (OpenVINO and NNCF on a CPU)")
+    with pytest.raises(FileExistsError, match=r"\(differing: int8\)"):
+        cohort_module.finished_slides(factory, [slide], out)
+    assert cohort_module.finished_slides(factory, [slide], out, local=False) == set()
+    assert cohort_module.finished_slides(BundlePredictor(str(bundle), (("predictor#network#int8", False),)),
+                                         [slide], out, local=False) == {"slide0"}
+
+
 def test_a_rerun_of_finished_slides_sends_none_out_and_builds_no_network(cohort, tmp_path, monkeypatch):
     root, bundle, serial = cohort
     out = tmp_path / "out"
