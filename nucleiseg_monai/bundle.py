@@ -63,17 +63,21 @@ def typed(names: list[str], argv: list[str] | None = None) -> list[str]:
 # arguments of ``python -m monai.bundle run`` itself, not settings of the config
 MONAI_ARGUMENTS = frozenset({"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
                              "tracking", "workflow_type", "workflow_name", "properties_path"})
-# what a caller that builds the workflow itself gives it (``command``): (settings, those changed knowingly)
-_command: tuple[dict, frozenset[str]] | None = None
+# what a caller that builds the workflow itself gives it (``command``): (settings, those changed knowingly, the
+# names of its config files)
+_command: tuple[dict, frozenset[str], list[str] | None] | None = None
 
 
 @contextmanager
-def command(settings: dict, changed: Iterable[str] = ()) -> Iterator[None]:
+def command(settings: dict, changed: Iterable[str] = (), configs: Iterable[str | os.PathLike] | None = None
+            ) -> Iterator[None]:
     """The config settings of the command that runs a workflow (``nucleiseg train``), for ``typed`` and
     ``typed_settings`` while it runs: its process's ``sys.argv`` need not be that command (a test, a notebook).
-    ``changed``: settings given knowingly with other values than those of the run being resumed (it has warned)."""
+    ``changed``: settings given knowingly with other values than those of the run being resumed (it has warned);
+    ``configs``: its config files (``config_names``)."""
     global _command
-    before, _command = _command, (dict(settings), frozenset(changed))
+    names = None if configs is None else [Path(c).name for c in configs]
+    before, _command = _command, (dict(settings), frozenset(changed), names)
     try:
         yield
     finally:
@@ -114,6 +118,18 @@ def typed_settings(argv: list[str] | None = None) -> dict | None:
         except Exception:  # MONAI reports an unreadable args file itself
             pass
     return {key: value for key, value in given.items() if key not in MONAI_ARGUMENTS}
+
+
+def config_names(argv: list[str] | None = None) -> list[str] | None:
+    """The names of the config files this workflow was built from, in order (``train.json``, an overlay such as
+    ``distill.json``): those of the ``command`` running, else of the command line's ``--config_file`` (or its
+    ``--args_file``'s); None where not known (a workflow built in Python)."""
+    if argv is None and _command is not None:
+        return _command[2]
+    value = _monai_argument(sys.argv if argv is None else argv, "config_file")
+    if value is None:
+        return None
+    return [Path(f).name for f in _config_files(["--config_file", value])]
 
 
 def settings_changed() -> frozenset[str]:

@@ -196,20 +196,21 @@ def prepare_output_folders(parser, ids: tuple[str, ...], created: list[Path] | N
     return folders
 
 
-def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]:
+def own_settings(parser, settings: dict, config: dict, files: list[Path]) -> tuple[dict, list[str]]:
     """For a resumed training run (``resume`` true): the settings its run was started with and ``settings``, those
     typed now, leave out, to give it again (one log line names them); and the settings typed now otherwise than the
     run had them, which win, typed (one warning names them). Both empty for a new run, or one whose state records
     none (``Resume`` says so). ``handlers.NOT_RECORDED`` keep their own rules."""
-    from .handlers import NOT_RECORDED, as_flags, as_typed, parse_bool, recorded_settings
+    from .handlers import NOT_RECORDED, as_flags, as_typed, config_mismatch, parse_bool, run_record
 
     if not parse_bool(parser.get_parsed_content("resume") if "resume" in parser else False, "resume"):
         return {}, []
     state = Path(parser.get_parsed_content("ckpt_dir")) / "checkpoint_last.pt"
-    recorded = recorded_settings(state)
-    if recorded is None:
+    record = run_record(state)
+    if record is None:
         return {}, []
-    recorded = {k: v for k, v in recorded.items() if k not in NOT_RECORDED}
+    config_mismatch(state, record.get("configs"), [f.name for f in files])  # its settings fit its own configs
+    recorded = {k: v for k, v in record["given"].items() if k not in NOT_RECORDED}
     # a part of one typed now (network_def#features, where network_def is typed whole) is replaced with it
     replaced = [k for k in recorded if any(k.startswith(f"{t}#") for t in settings)]
     restored = {k: v for k, v in recorded.items() if k not in settings and k not in replaced}
@@ -226,11 +227,12 @@ def own_settings(parser, settings: dict, config: dict) -> tuple[dict, list[str]]
 def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, tuple]:
     """{setting: (the run's value, the one typed now)} where they differ; the run's is the config's default where
     it recorded none (not known where that is computed)."""
-    from .handlers import NOT_RECORDED, same_setting
+    from .handlers import NOT_RECORDED, recordable, same_setting
     from .overrides import CODE_PREFIXES, MISSING, default_of
 
     changed = {}
     for key, value in settings.items():
+        value = recordable(key, value)  # a path as the run recorded its own: absolute
         was = recorded.get(key, MISSING)
         if was is MISSING:
             try:
@@ -256,7 +258,7 @@ def _run_checked(args, run_id: str) -> None:
     workflow = bundle_workflow(files, run_id, args.bundle, settings)
     changed: list[str] = []
     if run_id == "training":
-        restored, changed = own_settings(workflow.parser, settings, config)
+        restored, changed = own_settings(workflow.parser, settings, config, files)
         settings = {**restored, **settings}
         workflow.parser.update(settings)  # in this order: one typed now wins over a restored part of it
     created: list[Path] = []
@@ -265,7 +267,7 @@ def _run_checked(args, run_id: str) -> None:
         if run_id == "training" and "ckpt_dir" in folders:
             for path in remove_stale(folders["ckpt_dir"]):
                 logger.info("removed %s, left by an interrupted checkpoint write", path)
-        with command(settings, changed):
+        with command(settings, changed, files):
             run_workflow(workflow)
     except BaseException:  # a failed run leaves no empty output folder behind (one with results stays)
         remove_if_empty(created)

@@ -39,6 +39,7 @@ ALLOWED = (
     "nucleiseg_monai.bundle.weights_stats_file", "nucleiseg_monai.bundle.evaluation_dir",
     "nucleiseg_monai.bundle.export_stats", "nucleiseg_monai.bundle.typed",
     "nucleiseg_monai.bundle.typed_settings", "nucleiseg_monai.bundle.settings_changed",
+    "nucleiseg_monai.bundle.config_names",
     *(f"nucleiseg_monai.{m}" for m in (
         "cohort", "data", "distillation", "evaluation", "handlers", "hard_examples", "inference", "inferers", "losses",
         "measurements", "metrics", "networks", "outputs", "postprocess", "sources", "stitching", "synthetic",

@@ -6,6 +6,7 @@ checkpoint; these handlers write to a temporary file and rename it, and the trai
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -201,15 +202,56 @@ def same_setting(a, b) -> bool:
     return plain(a) == plain(b)
 
 
-def recorded_settings(path: str | os.PathLike) -> dict | None:
-    """The settings a training state's run was started with (``RunSettings``); None where it records none (written
-    before they were kept) or is no file."""
+# settings that name files or folders: recorded as absolute paths, since a run may be resumed from another folder
+PATH_SETTINGS = frozenset({"data_root", "dataset_dir", "sources_file", "datalist_file", "stats_file",
+                           "hard_examples_dir", "teacher"})
+
+
+def recordable(key: str, value):
+    """A setting's value as a run records it: plain JSON (``weights_only`` loads refuse other objects, such as a
+    ``Path``, and the whole state with them), and a path setting's relative path made absolute."""
+    value = json.loads(json.dumps(value, default=str))
+    if key in PATH_SETTINGS and isinstance(value, str) and value and not value.startswith(("$", "@", "%")):
+        value = os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def run_record(path: str | os.PathLike) -> dict | None:
+    """What a training state records of its run's start (``RunSettings``: ``given``, ``configs``); None where it
+    records nothing (written before it was kept), is no file, or cannot be read (``Resume`` names why as it
+    loads)."""
     if not Path(path).is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the record, not every tensor
-    record = state.get("settings")
-    given = None if record is None else record.get("given")
-    return None if given is None else dict(given)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the record, not every tensor
+    except RuntimeError:  # a file of torch's legacy format cannot be mapped: read whole, as Resume reads it
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+    except Exception:
+        return None
+    record = state.get("settings") if isinstance(state, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("given"), dict) else None
+
+
+def recorded_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a training state's run was started with (``run_record``'s ``given``)."""
+    record = run_record(path)
+    return None if record is None else dict(record["given"])
+
+
+def config_mismatch(path: str | os.PathLike, recorded: list[str] | None, now: list[str] | None) -> None:
+    """ResumeSettingsError where the run whose state is ``path`` was built from other config files than this
+    command's (an overlay such as distill.json left out, or added): its settings would land in another workflow."""
+    if recorded is None or now is None or list(recorded) == list(now):
+        return
+    raise ResumeSettingsError(
+        f"{path} is the state of a run built from {', '.join(recorded)}, and this command builds "
+        f"{', '.join(now) or 'none'}: resume it from the same config files (python -m monai.bundle run training "
+        "--config_file \"['.../train.json', ...]\" --resume true, as it was started), or start afresh without "
+        "--resume, with --overwrite true"
+    )
 
 
 class RunSettings:
@@ -222,22 +264,28 @@ class RunSettings:
     of each), which are not refused. A resumed run records its own settings with this command's over them.
     """
 
-    def __init__(self, given: dict | None = None, changed=()):
+    def __init__(self, given: dict | None = None, changed=(), configs: list[str] | None = None):
         # None: not known (a workflow built in Python), so neither recorded nor compared
-        self.given = None if given is None else {k: v for k, v in given.items() if k not in NOT_RECORDED}
+        self.given = None if given is None else {k: recordable(k, v) for k, v in given.items()
+                                                 if k not in NOT_RECORDED}
         self.changed = set(changed)
+        self.configs = None if configs is None else [str(c) for c in configs]
 
     def state_dict(self) -> dict:
-        return {"given": None if self.given is None else dict(self.given)}
+        return {"given": None if self.given is None else dict(self.given), "configs": self.configs}
 
     def load_state_dict(self, state: dict) -> None:
         recorded = {k: v for k, v in (state.get("given") or {}).items() if k not in NOT_RECORDED}
         self.given = recorded if self.given is None else {**recorded, **self.given}
+        self.configs = self.configs if self.configs is not None else state.get("configs")
 
     def check(self, path: Path) -> None:
-        """ResumeSettingsError where the run whose state is ``path`` was started with settings this command does not
-        give as they were."""
-        recorded = recorded_settings(path)
+        """ResumeSettingsError where the run whose state is ``path`` was built from other config files, or started
+        with settings this command does not give as they were."""
+        record = run_record(path)
+        if record is not None:
+            config_mismatch(path, record.get("configs"), self.configs)
+        recorded = None if record is None else dict(record["given"])
         if not recorded:
             return
         if self.given is None:

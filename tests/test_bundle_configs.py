@@ -396,18 +396,19 @@ def test_a_resume_lengthens_a_run_only_to_epochs_typed_never_to_the_configs_defa
     assert typed(["epochs", "epoch_length"], ["train", "--resume", "true"]) == []
 
 
-def _started_with(path: Path, data: list, given: dict) -> None:
+def _started_with(path: Path, data: list, given: dict, configs: list[str] | None = None) -> None:
     """A toy run of 2 epochs started with the settings ``given``, its state saved to ``path``, stopped after one."""
     first, optimizer, schedule, _ = _toy_training(2)
-    objects = {"optimizer": optimizer, "lr_scheduler": schedule, "settings": handlers.RunSettings(given)}
+    objects = {"optimizer": optimizer, "lr_scheduler": schedule, "settings": handlers.RunSettings(given, (), configs)}
     handlers.LastCheckpoint(path, objects).attach(first)
     first.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
     first.run(data, max_epochs=2)
 
 
-def _resumed(path: Path, given: dict, changed=()) -> tuple[Engine, handlers.RunSettings]:
+def _resumed(path: Path, given: dict, changed=(), configs: list[str] | None = None
+             ) -> tuple[Engine, handlers.RunSettings]:
     again, optimizer, schedule, _ = _toy_training(2)
-    settings = handlers.RunSettings(given, changed)
+    settings = handlers.RunSettings(given, changed, configs)
     objects = {"optimizer": optimizer, "lr_scheduler": schedule, "settings": settings}
     handlers.Resume(path, objects).attach(again)
     handlers.LastCheckpoint(path, objects).attach(again)
@@ -475,6 +476,63 @@ def test_a_workflow_built_in_python_resumes_unchecked_saying_so_and_keeps_the_ru
         again.run(data, max_epochs=2)
     assert again.state.epoch == 2 and "its workflow was built in Python" in caplog.text
     assert handlers.recorded_settings(path) == {"batch_size": 2}
+
+
+def test_a_run_records_paths_absolute_and_plain_so_it_resumes_from_another_folder(tmp_path, monkeypatch):
+    """Relative paths are read against the folder a command runs in: recorded absolute, a resume from elsewhere
+    gives them back right, and the same file typed absolute is no other setting. A ``Path`` is recorded as text:
+    ``weights_only`` loads refuse other objects, and with them the whole state."""
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    monkeypatch.chdir(tmp_path)
+    _started_with(path, data, {"data_root": "data", "sources_file": Path("my.json"), "datalist_file": "$@x"})
+    assert handlers.recorded_settings(path) == {"data_root": str(tmp_path / "data"),
+                                                "sources_file": str(tmp_path / "my.json"), "datalist_file": "$@x"}
+    monkeypatch.chdir(tmp_path.parent)
+    again, _ = _resumed(path, {"data_root": str(tmp_path / "data"), "sources_file": str(tmp_path / "my.json"),
+                               "datalist_file": "$@x"})
+    again.run(data, max_epochs=2)
+    assert again.state.epoch == 2
+
+
+def test_a_run_resumed_from_other_config_files_is_refused_naming_them(tmp_path):
+    data = [1.0, -1.0]
+    path = tmp_path / "checkpoint_last.pt"
+    _started_with(path, data, {"teacher": "/t.pt"}, configs=["train.json", "distill.json"])
+    with pytest.raises(handlers.ResumeSettingsError, match=r"a run built from train.json, distill.json, and this "
+                                                           r"command builds train.json: resume it from the same"):
+        _resumed(path, {"teacher": "/t.pt"}, configs=["train.json"])
+    again, _ = _resumed(path, {"teacher": "/t.pt"}, configs=["train.json", "distill.json"])
+    again.run(data, max_epochs=2)
+    assert again.state.epoch == 2
+
+
+@pytest.mark.parametrize("state", ["legacy", "empty", "list"])
+def test_a_state_whose_record_cannot_be_read_records_nothing(tmp_path, state):
+    """Read before training (nucleiseg train --resume true): an odd file must not crash there; Resume names what is
+    wrong with it as it loads it."""
+    path = tmp_path / "checkpoint_last.pt"
+    if state == "legacy":  # torch's format before zip files, which cannot be memory-mapped
+        torch.save({"settings": {"given": {"batch_size": 2}}}, path, _use_new_zipfile_serialization=False)
+        assert handlers.recorded_settings(path) == {"batch_size": 2}
+        return
+    path.write_bytes(b"") if state == "empty" else torch.save([1, 2], path)
+    assert handlers.run_record(path) is None and handlers.recorded_settings(path) is None
+
+
+def test_config_names_are_the_workflows_files_in_order(tmp_path):
+    from nucleiseg_monai.bundle import command, config_names
+
+    argv = ["monai.bundle", "run", "training", "--config_file", "['b/configs/train.json','b/configs/distill.json']"]
+    assert config_names(argv) == ["train.json", "distill.json"]
+    assert config_names(["monai.bundle", "run", "--config_file", "b/configs/train.json"]) == ["train.json"]
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": ["x/train.json", "x/multi_gpu_train.json"]}))
+    assert config_names(["monai.bundle", "run", "--args_file", str(args_file)]) == ["train.json",
+                                                                                   "multi_gpu_train.json"]
+    assert config_names(["python", "notebook.py"]) is None
+    with command({}, (), [Path("b/configs/train.json")]):
+        assert config_names() == ["train.json"]
 
 
 def test_typed_settings_are_read_as_monais_runner_reads_them(tmp_path):
