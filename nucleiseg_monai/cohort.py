@@ -607,9 +607,12 @@ def _recorded_at_exit(run_table: RunTable, output_dir: Path, slides: list[Slide]
         yield
     finally:
         for i in sorted(set(in_flight.values())):
-            if _written_since(output_dir, slides[i].name, since):
-                run_table.update(i, {**run_table.rows[i], "status": "done", "error": None,
-                                     **_figures(output_dir, slides[i].name)})
+            try:
+                if _written_since(output_dir, slides[i].name, since):
+                    run_table.update(i, {**run_table.rows[i], "status": "done", "error": None,
+                                         **_figures(output_dir, slides[i].name)})
+            except (OSError, ValueError, KeyError) as err:  # the table is written anyway; the re-run recovers it
+                logger.warning("%s: its outputs could not be read for the run table (%s)", slides[i].path, err)
         run_table.flush()
 
 

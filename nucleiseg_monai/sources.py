@@ -774,7 +774,8 @@ def evaluation_records(datalist: dict, data_root: str | os.PathLike, split: str,
         raise DataError(f"no tiles to evaluate: the datalist holds no {wanted} tiles ("
                         + "; ".join(f"{name}: " + ", ".join(f"{p} {n}" for p, n in c.items())
                                     for name, c in counts.items())
-                        + "); choose another --split, or a split in the sources file that holds tiles out")
+                        + "); evaluate another --split, or give the sources file a split that holds tiles out "
+                          "(tuning scores the validation part)")
     check_sizes((r["image"], r["label"]) for r in records)  # before the evaluation replaces its earlier report
     for name, mpp in (rescans or {}).items():
         for r in [r for r in records if r["source"] == name]:
