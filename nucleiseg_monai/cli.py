@@ -220,20 +220,25 @@ def own_settings(parser, settings: dict, config: dict, files: list[Path]) -> tup
         logger.info("resuming %s with its own settings: %s", run, as_flags(restored))
     if changed:
         logger.warning("resuming %s with other settings than its own, as typed: %s", run, ", ".join(
-            f"--{key} {as_typed(now)} (the run had {as_typed(was)})" for key, (was, now) in changed.items()))
+            f"--{key} {as_typed(now)} (the run had {was})" for key, (was, now) in changed.items()))
     return restored, [*changed, *replaced]
 
 
-def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, tuple]:
-    """{setting: (the run's value, the one typed now)} where they differ; the run's is the config's default where
-    it recorded none (not known where that is computed)."""
-    from .handlers import NOT_RECORDED, recordable, same_setting
+def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, tuple[str, object]]:
+    """{setting: (the run's value as typed, the one typed now)} where they differ; the run's is the parts of the
+    setting it recorded (``network_def#features`` for ``network_def``), else the config's default where it
+    recorded none (not known where that is computed)."""
+    from .handlers import NOT_RECORDED, as_flags, as_typed, recordable, same_setting
     from .overrides import CODE_PREFIXES, MISSING, default_of
 
     changed = {}
     for key, value in settings.items():
         value = recordable(key, value)  # a path as the run recorded its own: absolute
         was = recorded.get(key, MISSING)
+        parts = {k: v for k, v in recorded.items() if k.startswith(f"{key}#")}
+        if was is MISSING and parts and key not in NOT_RECORDED:
+            changed[key] = (as_flags(parts), value)
+            continue
         if was is MISSING:
             try:
                 was = default_of(config, key)
@@ -242,7 +247,7 @@ def _typed_otherwise(recorded: dict, settings: dict, config: dict) -> dict[str, 
             if isinstance(was, str) and was.startswith(CODE_PREFIXES):
                 continue
         if key not in NOT_RECORDED and was is not MISSING and not same_setting(was, value):
-            changed[key] = (was, value)
+            changed[key] = (as_typed(was), value)
     return changed
 
 

@@ -329,6 +329,14 @@ def test_a_resumed_train_gives_the_run_its_own_settings_and_warns_of_those_typed
     assert not [r for r in caplog.records if r.name == "nucleiseg"]
 
 
+def test_a_whole_setting_typed_over_recorded_parts_of_it_names_those_parts():
+    config = {"network_def": {"_target_": "UNet", "features": [4, 8]}, "epochs": 2}
+    recorded = {"network_def#features": [8, 16], "seed": 1}
+    typed = {"network_def": {"_target_": "UNet", "features": [2, 4]}, "seed": 1}
+    assert cli._typed_otherwise(recorded, typed, config) == {
+        "network_def": ("--network_def#features '[8, 16]'", typed["network_def"])}
+
+
 def test_a_refused_setting_stops_before_anything_runs(tmp_path, capsys):
     bundle = tiny_bundle(tmp_path / "b")
     assert cli.main(["train", "--bundle", str(bundle), "--epoch", "2"]) == 2
