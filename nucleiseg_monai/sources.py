@@ -649,11 +649,8 @@ def record_start(datalist: dict, ckpt_dir: str | os.PathLike, pretrained: str | 
             start.update(provenance=before.get("provenance"),
                          started_from=_private_starts(before.get("started_from")))
         record["started_from"] = start
-    try:
-        unchanged = own.is_file() and json.loads(own.read_text(encoding="utf-8")) == record
-    except (ValueError, RecursionError):
-        unchanged = False  # an unreadable record of the folder's earlier run: this run's replaces it
-    if not unchanged:
+    # a missing or unreadable earlier record reads as its reason, never equal: this run's replaces it
+    if read_record(own) != record:
         write_json_atomic(record, own)
 
 
