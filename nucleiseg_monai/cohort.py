@@ -715,9 +715,16 @@ def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, fac
                    table: str | os.PathLike | None = None, overwrite: bool = False,
                    dashboard_address: str | None = ":8787", progress: bool = True,
                    split_above_mpx: float | None = None) -> CohortSummary:
-    """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``."""
+    """``read_cohort(source)`` run by ``run_cohort`` on a new local cluster or the scheduler at ``scheduler``;
+    missing weights and finished outputs of other settings (``finished_slides``) are refused before either."""
     slides = read_cohort(source)
-    check_factory(factory)  # before a local cluster is started in vain
+    # before a cluster is started in vain: on a batch system its jobs would be queued and waited for first
+    check_factory(factory)
+    firsts: dict[str, Slide] = {}
+    for slide in slides:  # a later slide of the same name is refused by run_cohort
+        firsts.setdefault(slide.name, slide)
+    finished_slides(pin_factory(factory), list(firsts.values()), Path(output_dir).resolve(), overwrite,
+                    local=scheduler is None)
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
         summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
                              split_above_mpx)

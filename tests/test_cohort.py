@@ -1,4 +1,3 @@
-import contextlib
 import csv
 import json
 import logging
@@ -782,12 +781,8 @@ def test_a_cohort_meeting_outputs_of_other_settings_stops_before_any_slide_as_a_
     RunTable(out / "run_table.csv", [{"slide": f"slide{i}", "path": "x", "status": "done", "nuclei": 7}
                                      for i in range(3)]).flush()
     before = _stamps(out)
-
-    @contextlib.contextmanager
-    def fake_cluster(*args, **kwargs):
-        yield _NothingSent(), 1
-
-    monkeypatch.setattr(cohort_module, "dask_client", fake_cluster)
+    # refused before a cluster is started: on a batch system its jobs would first wait in the queue
+    monkeypatch.setattr(cohort_module, "dask_client", lambda *a, **k: pytest.fail("a cluster was started"))
     args = ["predict", "--bundle", str(bundle), "--input", str(root / "slides"), "--output_dir", str(out),
             "--set", "predictor#planner#region_margin=16"]
     assert main([*args, "--workers", "2"]) == 2
@@ -796,6 +791,12 @@ def test_a_cohort_meeting_outputs_of_other_settings_stops_before_any_slide_as_a_
                            "weights or settings (differing: region_margin); pass --overwrite")
     assert _stamps(out) == before  # the run table and the outputs as they were
     assert main(args) == 2 and capsys.readouterr().err == said  # the single-process run's own words
+
+    # a cluster of the user's own (dask-jobqueue) passed to run_cohort is refused alike, with nothing sent out
+    with pytest.raises(FileExistsError, match=r"slide0, slide1 made with other weights or settings"):
+        run_cohort(_NothingSent(), read_cohort(root / "slides"), out,
+                   BundlePredictor(str(bundle), (("predictor#planner#region_margin", 16),)), progress=False)
+    assert _stamps(out) == before
 
 
 def test_each_slide_of_a_list_is_compared_with_the_pixel_size_its_row_gives(cohort, tmp_path):
@@ -906,3 +907,24 @@ def test_the_two_harmless_warnings_of_a_local_clusters_end_stay_out_of_the_log(c
     nanny.warning("Worker process still alive after %.1f seconds, killing", 4.0)  # filtered only for the duration
     assert [r.getMessage() for r in caplog.records] == ["Worker process still alive after a restart",
                                                         "Worker process still alive after 4.0 seconds, killing"]
+
+
+def test_the_check_before_a_cluster_leaves_machine_settings_to_a_remote_schedulers_workers(tmp_path, monkeypatch):
+    write_slide(make_slide((128, 128), seed=1), tmp_path / "a.tif", tile=128)
+    (tmp_path / "b").mkdir()
+    write_slide(make_slide((128, 128), seed=2), tmp_path / "b" / "a.tif", tile=128)
+    seen = []
+
+    def finished_slides(factory, slides, output_dir, overwrite, local):
+        seen.append(([s.path for s in slides], local))
+        raise FileExistsError("refused")
+
+    monkeypatch.setattr(cohort_module, "finished_slides", finished_slides)
+    monkeypatch.setattr(cohort_module, "dask_client", lambda *a, **k: pytest.fail("a cluster was started"))
+    slides = tmp_path / "slides.csv"
+    slides.write_text(f"path,slide\n{tmp_path / 'a.tif'},a\n{tmp_path / 'b' / 'a.tif'},a\n")
+    for scheduler, local in ((None, True), ("tcp://10.0.0.1:8786", False)):
+        with pytest.raises(FileExistsError, match="refused"):
+            predict_cohort(slides, tmp_path / "out", lambda: None, scheduler=scheduler)
+        # the first slide of a name only: run_cohort fails the second for its name
+        assert seen.pop() == ([str(tmp_path / "a.tif")], local)
