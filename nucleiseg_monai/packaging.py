@@ -276,8 +276,9 @@ def local_paths(root: str | os.PathLike) -> dict[str, list[str]]:
     """Local paths (``sources.is_local_path``: absolute, drive-relative, under ``~``, or climbing with ``..``) that
     the bundle would publish, by the bundle file that names them: in ``models/datalist.json`` sources' ``root``,
     tiles, and starting weights recorded by path (as datalists did before they were named by bundle and digest); in
-    a sources file under ``configs/`` (where a bundle trained on one's own registry keeps it), sources' ``root``.
-    Folder names can tell more than their owner means to share."""
+    a sources file under ``configs/`` (where a bundle trained on one's own registry keeps it), sources' ``root``;
+    in a config, its settings written as such paths (a ``sources_file`` or ``pretrained`` set to a file of one's
+    own). Folder names can tell more than their owner means to share."""
     from .sources import is_local_path, read_record, starts
 
     root = Path(root)
@@ -292,6 +293,9 @@ def local_paths(root: str | os.PathLike) -> dict[str, list[str]]:
         if isinstance(registry, dict) and registry and all(isinstance(e, dict) and "root" in e
                                                            for e in registry.values()):
             found[f"configs/{config.name}"] = _roots(registry)
+        elif isinstance(registry, dict):  # a config: its expressions ("$...", "@...") name no folder as written
+            found[f"configs/{config.name}"] = [value for value in registry.values()
+                                               if isinstance(value, str) and not value.startswith(("$", "@", "%"))]
     local = {name: list(dict.fromkeys(p for p in paths if is_local_path(p))) for name, paths in found.items()}
     return {name: paths for name, paths in local.items() if paths}
 
@@ -358,7 +362,9 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
                        "private, replace them before packing (tiles by their path under their source's folder, "
                        "weights by their file name, a source's root by its folder's name in both "
                        "models/datalist.json and the sources file, which must agree: evaluation then takes "
-                       "--data_root naming the folder above it)", root / name, shown)
+                       "--data_root naming the folder above it; a config's setting by a path under the bundle, "
+                       "\"$@bundle_root + '/configs/sources.json'\", or left for the command line)", root / name,
+                       shown)
     non_commercial = non_commercial_sources(root)
     if non_commercial:
         logger.info("%s: the weights learnt from non-commercial data (%s): not for commercial use, as LICENSE and "

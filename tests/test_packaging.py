@@ -328,6 +328,16 @@ def test_pack_names_the_local_folders_a_datalist_would_publish(tmp_path, caplog)
         "/home/alice/hospital_x; if they should stay private" in caplog.text
     assert "in both models/datalist.json and the sources file, which must agree" in caplog.text
     (bundle / "configs" / "sources.json").unlink()
+    # a config's own settings written as paths of this machine; its expressions name none as written
+    config = json.loads((bundle / "configs" / "train.json").read_text())
+    (bundle / "configs" / "train.json").write_text(json.dumps({
+        **config, "sources_file": "/tmp/own/sources.json", "pretrained": "~/runs/a/model.pt", "amp_dtype": "auto",
+        "data_root": "$@bundle_root + '/../data'", "stats_file": "@ckpt_dir"}))
+    assert packaging.local_paths(bundle)["configs/train.json"] == ["/tmp/own/sources.json", "~/runs/a/model.pt"]
+    with caplog.at_level("WARNING", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    assert "\"$@bundle_root + '/configs/sources.json'\", or left for the command line" in caplog.text
+    (bundle / "configs" / "train.json").write_text(json.dumps(config))
     (bundle / "models" / "datalist.json").write_text(json.dumps({"sources": {"s": {"root": "s"}}, "training": []}))
     assert packaging.local_paths(bundle) == {}
     (bundle / "models" / "datalist.json").write_text("[1, 2]")  # not a datalist: nothing to name, no crash
