@@ -58,6 +58,12 @@ def _state(objects: dict) -> dict:
     return {name: obj.state_dict() for name, obj in objects.items()}
 
 
+def _not_resuming_from_start(record: logging.LogRecord) -> bool:
+    # ignite calls a run "resuming" whenever the engine's state has max_epochs, which MONAI's workflows set when they
+    # are built: every run said "resuming from iteration 0, epoch 0", before Resume had loaded where it goes on
+    return not record.getMessage().startswith("Engine run resuming from iteration 0, epoch 0 ")
+
+
 class LastCheckpoint:
     """Saves the whole training state (network, optimizer, scheduler, trainer counters) when training starts and
     after every epoch.
@@ -336,6 +342,7 @@ class Resume:
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
+        engine.logger.addFilter(_not_resuming_from_start)  # the line after loading says where the run goes on
         if not self.enabled:
             if self.path.exists() and not _rank():  # another rank may have written this run's own already
                 logger.warning("starting a new run; %s will be overwritten (pass --resume true to continue it)", self.path)

@@ -171,7 +171,8 @@ def test_training_smoke(tmp_path, dataset):
 
 
 def test_run_without_runner_id_trains(one_epoch):
-    bundle, _ = one_epoch
+    bundle, output = one_epoch
+    assert "SupervisedTrainer - INFO - Engine run resuming" not in output  # ignite's, though nothing was resumed
     trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
     assert trainer["max_epochs"] == 1
     assert trainer["iteration"] == trainer["epoch_length"] == iterations_per_epoch(bundle)
@@ -216,6 +217,7 @@ def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
     output = ok(bundle_run("training", bundle / "configs" / "train.json",
                            tiny_args(dataset) + ["--epochs", "3", "--resume", "true"], tmp_path))
     assert f"resumed from {checkpoint} at epoch 1" in output  # so the run started at epoch 2
+    assert "SupervisedTrainer - INFO - Engine run resuming" not in output  # ignite's "from iteration 0, epoch 0"
 
     after = load(checkpoint)
     n = iterations_per_epoch(bundle)
