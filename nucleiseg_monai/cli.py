@@ -612,15 +612,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings_as_log_lines():
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from .handlers import interruption_said
+
         # what is written is written atomically, and stays; temporaries go next run
+        if interruption_said(err):  # the training's LastCheckpoint said which epoch its state holds, and how to go on
+            return 130
         if args.func is cmd_evaluate:  # an evaluation has nothing to go on from: its report is written at its end
             logger.error("interrupted: no report was written (an earlier one in its folder was removed as it "
                          "started); run the same command again to evaluate from the start")
             return 130
-        kept = {cmd_predict: "finished images, and the finished regions of an unfinished one, are kept",
-                cmd_train: "checkpoints are kept"}.get(args.func, "finished outputs are kept")
-        again = " with --resume true" if args.func is cmd_train else ""
+        if args.func is cmd_train:  # before its trainer started: loading the data, caching tiles
+            logger.error("interrupted before training started: nothing was trained; run the same command again")
+            return 130
+        kept = {cmd_predict: "finished images, and the finished regions of an unfinished one, are kept"}.get(
+            args.func, "finished outputs are kept")
+        again = ""
         if args.func is cmd_predict and args.overwrite:  # which would start every image afresh again
             again = " without --overwrite"
         logger.error("interrupted: %s; run the same command again%s to go on", kept, again)

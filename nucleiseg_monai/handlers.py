@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -58,6 +59,44 @@ def _state(objects: dict) -> dict:
     return {name: obj.state_dict() for name, obj in objects.items()}
 
 
+def _not_resuming_from_start(record: logging.LogRecord) -> bool:
+    # ignite calls a run "resuming" whenever the engine's state has max_epochs, which MONAI's workflows set when they
+    # are built: every run said "resuming from iteration 0, epoch 0", before Resume had loaded where it goes on
+    return not record.getMessage().startswith("Engine run resuming from iteration 0, epoch 0 ")
+
+
+def _not_empty_on_interrupt(record: logging.LogRecord) -> bool:
+    # str(KeyboardInterrupt()) is '', so on Ctrl-C ignite's "Engine run is terminating due to exception: " and MONAI
+    # StatsHandler's "Exception: " are ERROR lines that say nothing; LastCheckpoint says what the run left instead.
+    # Both are logged while ignite handles the exception: sys.exc_info() holds it (the CLI strips record.exc_info)
+    return not (record.levelno >= logging.ERROR and record.getMessage().endswith(": ")
+                and isinstance(sys.exc_info()[1], KeyboardInterrupt))
+
+
+STATS_LOGGER = "monai.handlers.StatsHandler"  # MONAI StatsHandler's own logger, shared by the trainer's and evaluator's
+
+
+def quiet_interrupts(engine: Engine) -> None:
+    """No empty ERROR lines from ``engine`` and MONAI's StatsHandlers on Ctrl-C (the filters are added once)."""
+    for log in (engine.logger, logging.getLogger(STATS_LOGGER)):
+        log.addFilter(_not_empty_on_interrupt)
+
+
+SAID = "_nucleiseg_said"  # set on a KeyboardInterrupt whose line LastCheckpoint has logged
+
+
+def interruption_said(err: BaseException) -> bool:
+    """Whether a ``LastCheckpoint`` has logged what the Ctrl-C ``err`` left and how to go on."""
+    return bool(getattr(err, SAID, False))
+
+
+def _handled_after(engine: Engine, handler) -> bool:
+    """Whether another EXCEPTION_RAISED handler follows ``handler`` on ``engine``. Ignite raises an exception again
+    only where no such handler is attached, and has no public way to list them."""
+    handlers = [h for h, _, _ in getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, [])]
+    return bool(handlers) and handlers[-1] != handler
+
+
 class LastCheckpoint:
     """Saves the whole training state (network, optimizer, scheduler, trainer counters) when training starts and
     after every epoch.
@@ -67,19 +106,46 @@ class LastCheckpoint:
     otherwise a fine-tune's model.pt, written by its validation as epoch 0, would be the only file, which a new run
     refuses to replace and a resumed one cannot start from. The engine it is attached to is saved as "trainer" (a
     config cannot name the trainer inside the trainer's own handlers).
+
+    On Ctrl-C it says, in one line, which epoch the file holds and how to go on, in place of the empty ERROR lines
+    of ignite and MONAI's StatsHandler. Attach it before StatsHandler (train.json does): ignite calls the handlers
+    of an exception in the order attached, and StatsHandler's raises it again, which ends them.
     """
 
     def __init__(self, path: str | os.PathLike, save_dict: dict, interval: int = 1):
         self.path, self.save_dict, self.interval = Path(path), dict(save_dict), interval
+        self.saved_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
         engine.add_event_handler(Events.STARTED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.interrupted)
+        quiet_interrupts(engine)
 
     def __call__(self, engine: Engine) -> None:
         save_atomic(_state(self.save_dict), self.path)
+        self.saved_epoch = engine.state.epoch
+
+    def interrupted(self, engine: Engine, err: BaseException) -> None:
+        """Ctrl-C: one line, and the KeyboardInterrupt raised again. Other exceptions are left to the handlers after
+        this one (StatsHandler logs and raises them, as before), or raised again where none follows."""
+        if not isinstance(err, KeyboardInterrupt):
+            if not _handled_after(engine, self.interrupted):  # else ignite would end the run as if nothing happened
+                raise err
+            return
+        epoch, saved = engine.state.epoch, self.saved_epoch
+        if saved is None:  # in a handler of the start that runs before the first save (a resume's loading)
+            logger.warning("interrupted (Ctrl-C) before this run saved its state to %s; run the same command again",
+                           self.path)
+        else:
+            when = f"in epoch {epoch}" if epoch > saved else f"after epoch {epoch}"
+            kept = f"after epoch {saved}" if saved else "as it started, before its first epoch"
+            logger.warning("interrupted (Ctrl-C) %s: %s holds the run %s; run the same command with --resume true to "
+                           "go on from there", when, self.path, kept)
+        setattr(err, SAID, True)
+        raise err
 
 
 class BestCheckpoint:
@@ -97,6 +163,7 @@ class BestCheckpoint:
     def attach(self, engine: Engine) -> None:
         self.engine = engine
         engine.add_event_handler(Events.COMPLETED, self)
+        quiet_interrupts(engine)  # a Ctrl-C during validation ends the evaluator's run first, then the trainer's
         self._apply()
 
     def state_dict(self) -> dict:
@@ -336,6 +403,8 @@ class Resume:
 
     def attach(self, engine: Engine) -> None:
         self.load_dict["trainer"] = engine
+        engine.logger.addFilter(_not_resuming_from_start)  # the line after loading says where the run goes on
+        quiet_interrupts(engine)  # every rank's trainer: rank 0's LastCheckpoint says what a Ctrl-C left
         if not self.enabled:
             if self.path.exists() and not _rank():  # another rank may have written this run's own already
                 logger.warning("starting a new run; %s will be overwritten (pass --resume true to continue it)", self.path)

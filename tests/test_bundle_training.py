@@ -171,7 +171,8 @@ def test_training_smoke(tmp_path, dataset):
 
 
 def test_run_without_runner_id_trains(one_epoch):
-    bundle, _ = one_epoch
+    bundle, output = one_epoch
+    assert "SupervisedTrainer - INFO - Engine run resuming" not in output  # ignite's, though nothing was resumed
     trainer = load(bundle / "models" / "checkpoint_last.pt")["trainer"]
     assert trainer["max_epochs"] == 1
     assert trainer["iteration"] == trainer["epoch_length"] == iterations_per_epoch(bundle)
@@ -216,6 +217,7 @@ def test_resume_continues_the_run(one_epoch, dataset, tmp_path):
     output = ok(bundle_run("training", bundle / "configs" / "train.json",
                            tiny_args(dataset) + ["--epochs", "3", "--resume", "true"], tmp_path))
     assert f"resumed from {checkpoint} at epoch 1" in output  # so the run started at epoch 2
+    assert "SupervisedTrainer - INFO - Engine run resuming" not in output  # ignite's "from iteration 0, epoch 0"
 
     after = load(checkpoint)
     n = iterations_per_epoch(bundle)
@@ -264,6 +266,39 @@ def nucleiseg_train(bundle: Path, args: list[str], cwd: Path) -> tuple[str, int]
     spied = cwd / "batch.json"
     output = ok(run([sys.executable, "-c", SPIED_TRAIN, str(spied), "train", "--bundle", str(bundle), *args], cwd))
     return output, json.loads(spied.read_text())["batch_size"]
+
+
+# nucleiseg train, Ctrl-C pressed in the trainer iteration numbered first
+INTERRUPTED_TRAIN = textwrap.dedent("""
+    import sys
+    from monai.engines import SupervisedTrainer
+
+    _iteration = SupervisedTrainer._iteration
+
+    def iteration(self, engine, batch):
+        if engine.state.iteration == int(sys.argv[1]):
+            raise KeyboardInterrupt
+        return _iteration(self, engine, batch)
+
+    SupervisedTrainer._iteration = iteration
+    from nucleiseg_monai.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_ctrl_c_in_training_ends_in_one_line_naming_the_epoch_to_go_on_from(one_epoch, dataset, tmp_path):
+    bundle = copy_of(one_epoch, tmp_path)
+    checkpoint = bundle / "models" / "checkpoint_last.pt"
+    n = iterations_per_epoch(bundle)
+    proc = run([sys.executable, "-c", INTERRUPTED_TRAIN, str(n + 2), "train", "--bundle", str(bundle),
+                *tiny_args(dataset), "--epochs", "3", "--resume", "true"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 130, output[-6000:]
+    assert f"interrupted (Ctrl-C) in epoch 2: {checkpoint} holds the run after epoch 1; run the same command with " \
+           "--resume true to go on from there" in output
+    assert "ERROR" not in output  # nor ignite's and StatsHandler's lines with nothing after "exception: "
+    assert output.count("interrupted") == 1  # nor the command's own
+    assert load(checkpoint)["trainer"]["iteration"] == n
 
 
 def validated_epochs(bundle: Path) -> list[int]:
