@@ -13,10 +13,13 @@ so callers can say so.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,6 +300,34 @@ class ArrayReader(SlideReader):
         return self.pixels[y0:y1, x0:x1]
 
 
+@contextmanager
+def _tifffile_log_held(path: Path) -> Iterator[None]:
+    """tifffile's own log records of opening ``path`` held back: a file that cannot be opened gets one error naming
+    it, and a damaged one that opens anyway (a copy cut short: tifffile logs "... series raised TiffFileError",
+    naming the file without its folder) one warning that says what it means; other records pass on as they were."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    tifffile_logger = logging.getLogger("tifffile")
+    tifffile_logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        tifffile_logger.removeFilter(hold)
+    damage = [r for r in held if "raised TiffFileError" in r.getMessage()]
+    if damage:
+        cause = damage[0].getMessage().split(" raised ", 1)[1]
+        warnings.warn(f"{path}: part of its TIFF structure cannot be read ({cause}): the file is damaged or a copy "
+                      "cut short in transfer (compare its size with the original's); reading what can be read",
+                      stacklevel=5)
+    for record in held:
+        if record not in damage:
+            tifffile_logger.handle(record)
+
+
 class TiffReader(SlideReader):
     """TIFF / BigTIFF read lazily through tifffile's zarr store, one zarr array per pyramid level.
 
@@ -305,21 +336,22 @@ class TiffReader(SlideReader):
     """
 
     def __init__(self, path: Path):
-        self._tif = tifffile.TiffFile(path)
-        try:
-            self._levels = self._find_levels(path)
-            self._arrays: dict[int, Any] = {}
-            base = self._level(0)
-            _check_dtype(base.dtype, path)
-            _check_not_cmyk(base.keyframe, path)
-            shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
-            mpp, origin = tiff_mpp_and_origin(self._tif, path)
-            super().__init__(path, shapes, mpp, source_dtype=base.dtype,
-                             source_channels=_channels(base.shape, base.axes))
-            self.mpp_origin = origin if mpp is not None else None
-        except BaseException:
-            self._tif.close()
-            raise
+        with _tifffile_log_held(path):
+            self._tif = tifffile.TiffFile(path)
+            try:
+                self._levels = self._find_levels(path)
+                self._arrays: dict[int, Any] = {}
+                base = self._level(0)
+                _check_dtype(base.dtype, path)
+                _check_not_cmyk(base.keyframe, path)
+                shapes = [self._yx_shape(self._level(k), path) for k in range(len(self._levels))]
+                mpp, origin = tiff_mpp_and_origin(self._tif, path)
+                super().__init__(path, shapes, mpp, source_dtype=base.dtype,
+                                 source_channels=_channels(base.shape, base.axes))
+                self.mpp_origin = origin if mpp is not None else None
+            except BaseException:
+                self._tif.close()
+                raise
 
     def _find_levels(self, path: Path) -> list[tuple[Any, int]]:
         """(series, level index within it) for each pyramid level, finest first."""
@@ -693,7 +725,15 @@ def open_image(
                       f"(rename it to .{kind} to silence this)", stacklevel=2)
         suffix = ".tif" if kind == "tiff" else f".{kind}"
     if suffix in OPENSLIDE_SUFFIXES:
-        reader: SlideReader = OpenSlideReader(path)
+        try:
+            reader: SlideReader = OpenSlideReader(path)
+        except ImportError:
+            raise
+        except Exception as err:  # OpenSlide says "Unsupported or missing image file" for a cut copy too
+            raise ImageError(
+                f"cannot read {path} as a {path.suffix} slide (OpenSlide: {type(err).__name__}: {err}): the file is "
+                "damaged, a copy cut short in transfer (compare its size with the original's), or not a format "
+                "OpenSlide reads (https://openslide.org/formats/)") from err
     elif suffix in TIFF_SUFFIXES:
         try:
             reader = TiffReader(path)

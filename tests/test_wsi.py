@@ -1,3 +1,4 @@
+import logging
 import re
 import sys
 import tracemalloc
@@ -188,6 +189,43 @@ def test_openslide_format_without_openslide(tmp_path, monkeypatch):
     slide.write_bytes(b"\x00" * 16)
     with pytest.raises(ImportError, match=r"case\.svs.*pip install 'nucleiseg-monai\[openslide\]'"):
         open_image(slide)
+
+
+def test_a_slide_openslide_cannot_read_is_named_with_the_likely_causes(tmp_path):
+    pytest.importorskip("openslide", exc_type=ImportError)
+    notes, cut = tmp_path / "notes.svs", tmp_path / "cut.svs"
+    notes.write_text("not a slide\n")
+    img = RNG.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "whole.svs", img, tile=(128, 128), photometric="rgb",
+                     description="Aperio Image Library|AppMag = 40|MPP = 0.25")
+    whole = (tmp_path / "whole.svs").read_bytes()
+    cut.write_bytes(whole[:len(whole) // 20])  # a transfer cut short: the first tiles and no directory
+    for path in (notes, cut):
+        with pytest.raises(ImageError, match=rf"cannot read {re.escape(str(path))} as a \.svs slide \(OpenSlide: "
+                                             r".*\): the file is damaged, a copy cut short in transfer"):
+            open_image(path)
+
+
+def test_a_tiff_cut_short_says_so_in_one_warning_naming_the_file_not_in_tifffiles_log_lines(tmp_path, caplog):
+    img = RNG.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "whole.tif", bigtiff=True) as tw:
+        tw.write(img, tile=(256, 256), photometric="rgb", subifds=1)
+        tw.write(img[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    whole = (tmp_path / "whole.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole[:int(len(whole) * 0.6)])  # the directories sit after the tiles: level 0's is lost
+    with caplog.at_level(logging.DEBUG), pytest.warns(UserWarning) as said:
+        reader = open_image(cut)
+    assert len(said) == 1 and re.fullmatch(
+        rf"{re.escape(str(cut))}: part of its TIFF structure cannot be read \(TiffFileError\('corrupted tag list @\d+'"
+        r"\)\): the file is damaged or a copy cut short in transfer \(compare its size with the original's\); "
+        "reading what can be read", str(said[0].message))
+    assert not [r for r in caplog.records if r.name == "tifffile"]
+    with reader, pytest.raises(ImageError, match=r"cut\.tif is damaged at level 0"):
+        reader.read_region(0, 0, 1024, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_image(tmp_path / "whole.tif").close()  # a whole file: nothing said
 
 
 def test_thumbnail_uses_small_level_and_block_means(tmp_path):
