@@ -798,7 +798,7 @@ class SlidePredictor:
             logger.info("%s, pixel size unknown, analysed as read; %s", head, message)
             return
         if source == "assumed":
-            logger.warning("%s: the file states no pixel size, so %g um/px (the model's) is assumed; pass --mpp "
+            logger.warning("%s: the file states no usable pixel size, so %g um/px (the model's) is assumed; pass --mpp "
                            "(input_mpp) if it differs. An assumed size is not a measurement: area_um2 in the CSV, the "
                            "label map's resolution and, in a cohort's run table, mpp, nuclei_per_mm2 and "
                            "median_nucleus_um2 stay empty unless --mpp is given; %s", head, reader.mpp, message)

@@ -94,8 +94,9 @@ class RegionJournal:
             return None
         done = set(_region_files(folder))
         if done:
-            logger.info("%s: %d of the regions to process were kept from an interrupted run and are taken as they "
-                        "are", name, len(done))
+            logger.info("%s: %s kept from an interrupted run and taken as %s", name,
+                        "1 region was" if len(done) == 1 else f"{len(done)} regions were",
+                        "it is" if len(done) == 1 else "they are")
         return cls(folder, done)
 
     @classmethod

@@ -479,7 +479,7 @@ def test_the_pixel_size_used_is_logged_once_per_image_with_where_it_came_from(tm
     assumed = _predictor().predict_slide(tmp_path / "fine.png", tmp_path / "a")
     [line] = scale_lines("fine.png")
     assert line.levelname == "WARNING"
-    assert "states no pixel size, so 0.25 um/px (the model's) is assumed; pass --mpp" in line.getMessage()
+    assert "states no usable pixel size, so 0.25 um/px (the model's) is assumed; pass --mpp" in line.getMessage()
     assert "area_um2 in the CSV, the label map's resolution and, in a cohort's run table, mpp, nuclei_per_mm2 and " \
            "median_nucleus_um2 stay empty unless --mpp is given" in line.getMessage()
     assert (assumed.mpp_source, assumed.scale) == ("assumed", 1.0)
@@ -921,7 +921,7 @@ def test_an_interrupted_image_goes_on_from_its_kept_regions_to_the_same_outputs(
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai"):
         result = again.predict_slide(folder / "slide.tif", out)
     assert len(computed) == 12 - 7 and result.regions_processed == 12  # the network ran only where nothing was kept
-    assert "7 of the regions to process were kept from an interrupted run" in caplog.text
+    assert "7 regions were kept from an interrupted run and taken as they are" in caplog.text
     assert not journal.exists()  # gone once the outputs are committed
     _same_outputs(out, folder / "regions")  # byte for byte an uninterrupted run's, nucleus ids included
 
