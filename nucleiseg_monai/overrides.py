@@ -79,14 +79,20 @@ def _levels(key: str) -> list[str]:
     return key.split(SEPARATORS[0])
 
 
-def _unknown(key: str, levels: list[str], depth: int, known) -> SettingError:
+def _unknown(key: str, levels: list[str], depth: int, known, node: dict | None = None) -> SettingError:
     if key == "set" and "set" not in known:  # predict's and tune's way, typed where settings are --KEY VALUE
         return SettingError("unknown setting 'set': here settings are given as --KEY VALUE (e.g. --bundle_root DIR, "
                             "--postprocess_params#min_size 40); --set ID=VALUE is predict's and tune's")
     known = [str(k) for k in known]
-    close = difflib.get_close_matches(levels[depth], known, n=1)
+    names = {k: k for k in known}
+    if depth > 0 and node is not None:  # a part's setting typed without its part: predictor#regionsize
+        for part, value in node.items():
+            if isinstance(value, dict):
+                for name in [*value, *(_keywords(value.get("_target_")) or ())]:
+                    names.setdefault(str(name), f"{part}{SEPARATORS[1]}{name}")
+    close = difflib.get_close_matches(levels[depth], list(names), n=1)
     if close:
-        hint = f"did you mean {SEPARATORS[1].join([*levels[:depth], close[0]])!r}?"
+        hint = f"did you mean {SEPARATORS[1].join([*levels[:depth], names[close[0]]])!r}?"
     else:
         hint = f"the config has {', '.join(sorted(known))}"
     return SettingError(f"unknown setting {key!r}; {hint}")
@@ -172,9 +178,9 @@ def default_of(config: dict, key: str) -> Any:
             if last and depth > 0:  # a new keyword for a component, as MONAI allows, where its target takes it
                 accepted = _keywords(node.get("_target_"))
                 if accepted is not None and name not in accepted:
-                    raise _unknown(key, levels, depth, accepted)
+                    raise _unknown(key, levels, depth, accepted, node)
                 return MISSING
-            raise _unknown(key, levels, depth, node.keys())
+            raise _unknown(key, levels, depth, node.keys(), node)
         if isinstance(node, list) and name.isdigit() and int(name) < len(node):
             node = node[int(name)]
             continue

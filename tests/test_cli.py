@@ -140,6 +140,9 @@ def test_predict_settings_are_parsed_and_checked_against_the_bundle_config_as_ty
         ("predictor#planner#region_sise=1024", "unknown setting 'predictor#planner#region_sise'; did you mean "
                                                "'predictor#planner#region_size'?"),
         ("predictor#planner#region_size=big", "--set predictor#planner#region_size expects an integer, got 'big'"),
+        # a part's setting mistyped without its part: the part's is the near one, not another of the predictor's
+        ("predictor#regionsize=1024", "unknown setting 'predictor#regionsize'; did you mean "
+                                      "'predictor#planner#region_size'?"),
     ):
         with pytest.raises(SettingError, match=re.escape(message)):
             cli._overrides([pair], files)
