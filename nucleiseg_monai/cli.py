@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores are shared out between them); the default for a .csv/.tsv slide list is 1")
     p.add_argument("--scheduler", help="run on the running Dask cluster at this address (tcp://host:8786)")
     p.add_argument("--retries", type=int, default=2, help="cluster runs: attempts after a slide's first fails "
-                   "or its worker dies, before it is recorded as failed (a missing or unusable input fails at once)")
+                   "or its worker dies, before it is recorded as failed (default 2; a missing or unusable input "
+                   "fails at once)")
     p.add_argument("--run_table", help="cluster runs: the run table CSV (default OUTPUT_DIR/run_table.csv)")
     p.add_argument("--split_above_mpx", type=float,
                    help="cluster runs: split slides larger than this many megapixels into region tasks (default: never)")
