@@ -150,6 +150,9 @@ class EvaluationReport:
         logger.info("the earlier report in %s is replaced", self.output_dir)
 
     def attach(self, engine: Engine) -> None:
+        from .handlers import quiet_interrupts
+
+        quiet_interrupts(engine)  # Ctrl-C: nucleiseg evaluate says what it left, ignite's empty ERROR lines would not
         engine.add_event_handler(Events.STARTED, lambda _: self._clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.write)

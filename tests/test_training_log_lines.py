@@ -160,3 +160,20 @@ def test_nucleiseg_train_adds_no_line_to_that_of_an_interrupted_training(monkeyp
     with caplog.at_level(logging.INFO):
         assert cli.main(["train", "--bundle", "b"]) == 130
     assert [r.getMessage() for r in caplog.records] == said
+
+
+def test_ctrl_c_during_an_evaluation_leaves_no_empty_error_lines(tmp_path, log):
+    from nucleiseg_monai.evaluation import EvaluationReport
+
+    network = torch.nn.Linear(1, 1)
+    loader = DataLoader([{"image": torch.ones(1), "label": torch.zeros(1)} for _ in range(4)], batch_size=2)
+    evaluator = SupervisedEvaluator(device="cpu", val_data_loader=loader, network=network, val_handlers=[
+        StatsHandler(iteration_log=False), EvaluationReport(tmp_path / "report")])
+
+    def pressed(_):
+        raise KeyboardInterrupt
+
+    evaluator.add_event_handler(Events.ITERATION_STARTED(once=1), pressed)  # before the report reads a batch
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.run()
+    assert errors(log) == []
