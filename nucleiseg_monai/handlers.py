@@ -302,12 +302,6 @@ def run_record(path: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("given"), dict) else None
 
 
-def recorded_settings(path: str | os.PathLike) -> dict | None:
-    """The settings a training state's run was started with (``run_record``'s ``given``)."""
-    record = run_record(path)
-    return None if record is None else dict(record["given"])
-
-
 def config_mismatch(path: str | os.PathLike, recorded: list[str] | None, now: list[str] | None) -> None:
     """ResumeSettingsError where the run whose state is ``path`` was built from other config files than this
     command's (an overlay such as distill.json left out, or added): its settings would land in another workflow."""

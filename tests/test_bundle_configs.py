@@ -46,6 +46,12 @@ def _differences(a, b, path: tuple = ()) -> list[tuple]:
     return [] if a == b else [path]
 
 
+def recorded_settings(path: Path) -> dict | None:
+    """The settings a training state's run was started with (``run_record``'s ``given``)."""
+    record = handlers.run_record(path)
+    return None if record is None else dict(record["given"])
+
+
 def _parser(*files: Path) -> ConfigParser:
     """The configs as ``monai.bundle run`` reads them: merged in order, metadata.json beside them as ``_meta_``."""
     parser = ConfigParser()
@@ -421,7 +427,7 @@ def test_a_run_records_its_typed_settings_and_a_resume_that_gives_others_is_refu
     # what locates the run, starts it or has rules of its own is not recorded
     _started_with(path, data, {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16],
                                "bundle_root": "runs/mine", "resume": False, "pretrained": "m.pt", "epochs": 2})
-    assert handlers.recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16]}
+    assert recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16]}
     with pytest.raises(handlers.ResumeSettingsError) as refused:
         _resumed(path, {"val_interval": 3, "network_def#features": (8, 16), "resume": "true"})
     assert str(refused.value) == (
@@ -429,12 +435,12 @@ def test_a_run_records_its_typed_settings_and_a_resume_that_gives_others_is_refu
         "(the config's defaults would replace them); --val_interval 3 given for the run's 1; give --batch_size 2 "
         "--val_interval 1 to go on as it started (nucleiseg train --resume true gives a run its own settings), or "
         "start afresh without --resume, with --overwrite true")
-    assert handlers.recorded_settings(path)["val_interval"] == 1  # refused before anything was written
+    assert recorded_settings(path)["val_interval"] == 1  # refused before anything was written
     # its own settings, with one more typed: it goes on, and records them all
     again, _ = _resumed(path, {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16], "seed": 3})
     again.run(data, max_epochs=2)
     assert again.state.epoch == 2
-    assert handlers.recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16],
+    assert recorded_settings(path) == {"batch_size": 2, "val_interval": 1, "network_def#features": [8, 16],
                                                 "seed": 3}
 
 
@@ -443,21 +449,21 @@ def test_settings_changed_knowingly_are_not_refused_and_become_the_runs(tmp_path
     path = tmp_path / "checkpoint_last.pt"
     _started_with(path, data, {"batch_size": 2, "freeze_batch_norm": True})
     _resumed(path, {"batch_size": 4, "freeze_batch_norm": "true"}, changed=["batch_size"])[0].run(data, max_epochs=2)
-    assert handlers.recorded_settings(path) == {"batch_size": 4, "freeze_batch_norm": "true"}
+    assert recorded_settings(path) == {"batch_size": 4, "freeze_batch_norm": "true"}
 
 
 def test_a_state_written_before_settings_were_recorded_resumes_as_before_saying_so(tmp_path, caplog):
     data = [1.0, -1.0]
     path = tmp_path / "checkpoint_last.pt"
     _stopped_after_one_epoch(path, data, 2)  # no "settings" in its state
-    assert handlers.recorded_settings(path) is None and handlers.recorded_settings(tmp_path / "none.pt") is None
+    assert recorded_settings(path) is None and recorded_settings(tmp_path / "none.pt") is None
     again, _ = _resumed(path, {"batch_size": 4})
     with caplog.at_level(logging.INFO, logger="nucleiseg_monai.handlers"):
         again.run(data, max_epochs=2)
     assert again.state.epoch == 2
     assert f"{path} does not record the settings its run was started with (it was written before they were kept): " \
            "it goes on with this command's, recorded from now on" in caplog.text
-    assert handlers.recorded_settings(path) == {"batch_size": 4}
+    assert recorded_settings(path) == {"batch_size": 4}
 
 
 def test_a_workflow_built_in_python_resumes_unchecked_saying_so_and_keeps_the_runs_record(tmp_path, caplog,
@@ -475,7 +481,7 @@ def test_a_workflow_built_in_python_resumes_unchecked_saying_so_and_keeps_the_ru
         again, _ = _resumed(path, None)  # compared, or not, as the resume attaches
         again.run(data, max_epochs=2)
     assert again.state.epoch == 2 and "its workflow was built in Python" in caplog.text
-    assert handlers.recorded_settings(path) == {"batch_size": 2}
+    assert recorded_settings(path) == {"batch_size": 2}
 
 
 def test_a_run_records_paths_absolute_and_plain_so_it_resumes_from_another_folder(tmp_path, monkeypatch):
@@ -486,7 +492,7 @@ def test_a_run_records_paths_absolute_and_plain_so_it_resumes_from_another_folde
     path = tmp_path / "checkpoint_last.pt"
     monkeypatch.chdir(tmp_path)
     _started_with(path, data, {"data_root": "data", "sources_file": Path("my.json"), "datalist_file": "$@x"})
-    assert handlers.recorded_settings(path) == {"data_root": str(tmp_path / "data"),
+    assert recorded_settings(path) == {"data_root": str(tmp_path / "data"),
                                                 "sources_file": str(tmp_path / "my.json"), "datalist_file": "$@x"}
     monkeypatch.chdir(tmp_path.parent)
     again, _ = _resumed(path, {"data_root": str(tmp_path / "data"), "sources_file": str(tmp_path / "my.json"),
@@ -514,10 +520,10 @@ def test_a_state_whose_record_cannot_be_read_records_nothing(tmp_path, state):
     path = tmp_path / "checkpoint_last.pt"
     if state == "legacy":  # torch's format before zip files, which cannot be memory-mapped
         torch.save({"settings": {"given": {"batch_size": 2}}}, path, _use_new_zipfile_serialization=False)
-        assert handlers.recorded_settings(path) == {"batch_size": 2}
+        assert recorded_settings(path) == {"batch_size": 2}
         return
     path.write_bytes(b"") if state == "empty" else torch.save([1, 2], path)
-    assert handlers.run_record(path) is None and handlers.recorded_settings(path) is None
+    assert handlers.run_record(path) is None and recorded_settings(path) is None
 
 
 def test_config_names_are_the_workflows_files_in_order(tmp_path):
