@@ -21,6 +21,7 @@ the whole cluster. ``run_bundle_cohort`` is the same run for a bundle config's r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import functools
@@ -139,6 +140,10 @@ class BundlePredictor:
     bundle: str
     overrides: tuple[tuple[str, object], ...] = ()
 
+    def __post_init__(self):
+        # workers need not run in the client's folder: a relative path would name another one there
+        object.__setattr__(self, "bundle", _absolute(self.bundle))
+
     def __call__(self) -> SlidePredictor:
         # one region bar per worker process would garble the terminal; the cohort has one bar over slides
         return SlidePredictor.from_bundle(self.bundle, **{"progress": False, **dict(self.overrides)})
@@ -198,7 +203,11 @@ def worker_predictor(factory: Callable[[], SlidePredictor], torch_threads: int |
 
             torch.set_num_threads(torch_threads or host_share())
             _cache = None  # the old network goes before the new one is built
-            _cache = (factory, factory())
+            try:
+                _cache = (factory, factory())
+            except SystemExit as err:  # a bundle refusing this package's version: it would end the worker process,
+                # which Dask counts as a death and restarts, and the reason would stay in the worker's own stderr
+                raise RuntimeError(f"on worker {get_worker().address}: {err.code}") from None
         return _cache[1]
 
 
@@ -281,17 +290,49 @@ def slide_task(task: Callable[..., dict]) -> Callable[..., dict]:
     return run
 
 
+class OutputsNotShared(RuntimeError):
+    """A worker that does not see the output folder the cohort's client sees."""
+
+
+SHARED_MARK = ".nucleiseg-cohort-{}"  # written by the client into the output folder while its cohort runs
+
+
+@contextmanager
+def shared_mark(output_dir: Path) -> Iterator[str]:
+    """The name of a file this client keeps in ``output_dir`` while the cohort runs, for each worker to look for
+    (``check_shared``) before it writes there."""
+    mark = output_dir / SHARED_MARK.format(uuid.uuid4().hex)
+    mark.write_bytes(b"")
+    try:
+        yield mark.name
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def check_shared(output_dir: str | os.PathLike, mark: str | None) -> None:
+    """OutputsNotShared where ``output_dir`` as this process sees it lacks the client's ``mark``: outputs written
+    into a node-local folder of the same name would be reported done and vanish with the job."""
+    if mark is not None and not (Path(output_dir) / mark).exists():
+        worker = get_worker()
+        raise OutputsNotShared(
+            f"the output folder {output_dir} as worker {worker.address} sees it is not the one the cohort's client "
+            f"writes to (it lacks the client's {mark}): --output_dir must be a folder that the client and every "
+            "worker share, not a node-local /tmp, $TMPDIR or /scratch")
+
+
 @slide_task
 def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
                   torch_threads: int | None = None, overwrite: bool = False, previous: dict | None = None,
-                  split_above_mpx: float | None = None) -> dict:
+                  split_above_mpx: float | None = None, mark: str | None = None) -> dict:
     """One task: segment a slide, or find its outputs finished, and return its run-table row.
 
     ``previous``: the slide's row in the last run table; when it holds the figures of the finished outputs they are
     reused (a resumed cohort of thousands does not read thousands of thumbnails again). A slide of more than
     ``split_above_mpx`` megapixels (at the level read) with more than one region to process is not segmented
-    here: the row has status "split" and its ``regions``, for the client to send out as region tasks.
+    here: the row has status "split" and its ``regions``, for the client to send out as region tasks. ``mark``:
+    the client's file in ``output_dir`` (``check_shared``).
     """
+    check_shared(output_dir, mark)
     predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
     redo = overwrite or predictor.overwrite
@@ -328,17 +369,19 @@ def _skipped_row(row: dict, output_dir: str | os.PathLike, slide: Slide, previou
 
 
 def region_band(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
-                regions: list[tuple[int, int]]) -> list:
+                regions: list[tuple[int, int]], mark: str | None = None) -> list:
     """One region task of a split slide: its regions' packed instance labels (``region_tasks.band_labels``), kept
     in the slide's region journal as they are computed."""
+    check_shared(output_dir, mark)
     return band_labels(slide_predictor(factory, slide, torch_threads), slide.path, regions, output_dir, slide.name)
 
 
 @slide_task
 def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str, torch_threads: int | None,
-                labels: FetchedLabels, overwrite: bool = False) -> dict:
+                labels: FetchedLabels, overwrite: bool = False, mark: str | None = None) -> dict:
     """The last task of a split slide: its region tasks' labels stitched and its outputs written (its row); skipped
     where another run finished the slide meanwhile, unless ``overwrite``."""
+    check_shared(output_dir, mark)
     predictor = slide_predictor(factory, slide, torch_threads)
     row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
     result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key(),
@@ -520,8 +563,8 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             names[slide.name] = slide.path
             waiting.append(i)
         rows.append(row)
-    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite,
-                               local=isinstance(getattr(client, "cluster", None), LocalCluster))
+    local = isinstance(getattr(client, "cluster", None), LocalCluster)
+    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite, local=local)
     output_dir.mkdir(parents=True, exist_ok=True)
     for i in [i for i in waiting if slides[i].name in finished]:
         waiting.remove(i)
@@ -532,7 +575,6 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     run_table = RunTable(table_path, rows)
     run_table.flush()
     started = time.time_ns()  # outputs written after it are this run's
-
     def send() -> list:
         """Slide tasks up to the cluster's threads: a worker holds only slides it runs, since Dask charges a worker's
         death to every task it holds, and a slide merely queued there would be failed with the one that killed it."""
@@ -540,21 +582,30 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
         while waiting and len(futures) < max(1, sum(client.nthreads().values())):
             i = waiting.pop(0)
             future = client.submit(process_slide, factory, slides[i], str(output_dir), torch_threads, overwrite,
-                                   previous.get(slides[i].name), split_above_mpx, key=_key("slide", slides[i].name),
-                                   retries=retries, pure=False)
+                                   previous.get(slides[i].name), split_above_mpx, mark,
+                                   key=_key("slide", slides[i].name), retries=retries, pure=False)
             futures[future] = i
             sent.append(future)
         return sent
 
     refused = len(slides) - len(waiting) - len(finished)
-    logger.info("%d slides on %d workers%s%s; dashboard %s", len(slides), len(client.scheduler_info()["workers"]),
+    workers = len(client.scheduler_info()["workers"])
+    logger.info("%d slide%s on %d worker%s%s%s; dashboard %s", len(slides), "s"[:len(slides) != 1], workers,
+                "s"[:workers != 1],
                 f" ({refused} refused before starting)" if refused else "",
                 f" ({len(finished)} already complete)" if finished else "", _dashboard(client))
+    several = sorted(address for address, n in client.nthreads().items() if n > 1)
+    if several:  # as their own scheduler's workers may be started
+        logger.warning("workers %s run several tasks each: slides share their memory, and a worker that dies (out of "
+                       "memory) fails every slide it runs; start workers with --nthreads 1", ", ".join(several[:3])
+                       + (f" and {len(several) - 3} more" if len(several) > 3 else ""))
     summary = CohortSummary(table_path)
     split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
-    pending = as_completed(send())
-    with tqdm(total=len(slides), initial=refused + len(finished), unit="slide", disable=not progress) as bar, \
-            _recorded_at_exit(run_table, output_dir, slides, futures, started):
+    # workers of this machine see its folders; a batch system's may be given a node-local one of the same name
+    with contextlib.nullcontext() if local else shared_mark(output_dir) as mark, \
+            tqdm(total=len(slides), initial=refused + len(finished), unit="slide", disable=not progress) as bar, \
+            _recorded_at_exit(run_table, output_dir, slides, futures, started), _released_at_exit(split):
+        pending = as_completed(send())
         for future in pending:
             i = futures.pop(future)
             slide = slides[i]
@@ -567,7 +618,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 worker, peak = row.pop("worker"), row.pop("peak_rss_mb", None)
                 if row["status"] == "split":
                     merge, handed = _submit_regions(client, factory, slide, str(output_dir), torch_threads,
-                                                    row["regions"], retries, overwrite)
+                                                    row["regions"], retries, overwrite, mark)
                     logger.info("%s: %.1f megapixels, above split_above_mpx=%g: %d regions in %d region tasks",
                                 slide.path, row["megapixels"], split_above_mpx, len(row["regions"]), len(handed))
                     summary.region_tasks[slide.name] = len(handed)
@@ -595,6 +646,21 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             pending.update(send())
     summary.rows = run_table.rows
     return summary
+
+
+@contextmanager
+def _released_at_exit(split: dict[int, tuple[float, list]]) -> Iterator[None]:
+    """The region tasks' variables of the split slides still in flight deleted when the loop ends early (Ctrl-C):
+    on a scheduler that outlives this client, their results would stay in the workers' memory."""
+    try:
+        yield
+    finally:
+        for _, handed in split.values():
+            for variable in handed:
+                try:
+                    variable.delete()
+                except Exception:  # the scheduler gone too: nothing is held
+                    pass
 
 
 @contextmanager
@@ -692,20 +758,21 @@ def _key(kind: str, name: str) -> str:
 
 
 def _submit_regions(client, factory: Callable[[], SlidePredictor], slide: Slide, output_dir: str,
-                    torch_threads: int | None, regions: list, retries: int, overwrite: bool = False):
+                    torch_threads: int | None, regions: list, retries: int, overwrite: bool = False,
+                    mark: str | None = None):
     """The region tasks of a split slide, two per worker thread so the merge starts early, and its merge task:
     (merge future, the ``Variable`` holding each region task's future for the merge)."""
     parts = bands(regions, 2 * max(1, sum(client.nthreads().values())))
     handed = []
     for part in parts:
-        future = client.submit(region_band, factory, slide, output_dir, torch_threads, part,
+        future = client.submit(region_band, factory, slide, output_dir, torch_threads, part, mark,
                                key=_key("regions", slide.name),
                                retries=retries, pure=False)
         variable = Variable(f"nucleiseg-{future.key}", client=client)
         variable.set(future)
         handed.append(variable)
     labels = FetchedLabels(tuple(v.name for v in handed), tuple(tuple(map(tuple, part)) for part in parts))
-    merge = client.submit(merge_slide, factory, slide, output_dir, torch_threads, labels, overwrite,
+    merge = client.submit(merge_slide, factory, slide, output_dir, torch_threads, labels, overwrite, mark,
                           key=_key("merge", slide.name), retries=retries, pure=False)
     return merge, handed
 

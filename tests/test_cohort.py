@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from distributed import LocalCluster
 from monai.bundle import ConfigParser
 
 from nucleiseg_monai import cohort as cohort_module
@@ -928,3 +929,94 @@ def test_the_check_before_a_cluster_leaves_machine_settings_to_a_remote_schedule
             predict_cohort(slides, tmp_path / "out", lambda: None, scheduler=scheduler)
         # the first slide of a name only: run_cohort fails the second for its name
         assert seen.pop() == ([str(tmp_path / "a.tif")], local)
+
+
+class _Remembering(_Client):
+    """A client of workers with two task slots each, remembering each task's arguments and whether the client's
+    mark was in the output folder as the task was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def nthreads(self):
+        return {"tcp://w1:1": 2, "tcp://w2:1": 1}
+
+    def submit(self, fn, factory, slide, output_dir, *args, **kwargs):
+        mark = args[-1]
+        self.sent.append((mark, (Path(output_dir) / mark).exists()))
+        return _FinishedTask(slide)
+
+
+def test_workers_of_a_cluster_apart_are_asked_to_see_the_clients_output_folder(tmp_path, monkeypatch, caplog):
+    """A batch system's worker may be given a node-local folder of the same name: its outputs would be reported
+    done and vanish with the job. The client keeps a mark in the folder while the cohort runs, each task looks."""
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    client, out = _Remembering(), tmp_path / "out"
+    slides = [Slide(str(tmp_path / f"s{i}.tif"), f"s{i}") for i in range(2)]
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.cohort"):
+        summary = run_cohort(client, slides, out, lambda: None, progress=False)
+    assert summary.ok and len(client.sent) == 2
+    assert all(mark.startswith(".nucleiseg-cohort-") and seen for mark, seen in client.sent)
+    assert not list(out.glob(".nucleiseg-cohort-*"))  # gone when the run ends
+    assert "workers tcp://w1:1 run several tasks each" in caplog.text
+    assert "start workers with --nthreads 1" in caplog.text
+    assert "2 slides on 2 workers" in caplog.text
+
+    worker = type("Worker", (), {"address": "tcp://node7:40000"})()
+    monkeypatch.setattr(cohort_module, "get_worker", lambda: worker)
+    (out / "mark").write_bytes(b"")
+    cohort_module.check_shared(out, "mark")
+    cohort_module.check_shared(tmp_path / "elsewhere", None)  # a local cluster's tasks: no mark to look for
+    with pytest.raises(cohort_module.OutputsNotShared, match=re.escape(
+            f"the output folder {tmp_path / 'node'} as worker tcp://node7:40000 sees it is not the one the cohort's "
+            "client writes to (it lacks the client's mark): --output_dir must be a folder that the client and every "
+            "worker share, not a node-local /tmp, $TMPDIR or /scratch")):
+        cohort_module.check_shared(tmp_path / "node", "mark")
+
+
+def test_a_bundle_refusing_a_workers_package_fails_its_task_with_the_reason_not_the_worker(monkeypatch):
+    """require_package's SystemExit would end the worker process, which Dask restarts and counts as a death, and
+    its reason would stay in that worker's stderr."""
+    worker = type("Worker", (), {"address": "tcp://node7:40000"})()
+    monkeypatch.setattr(cohort_module, "get_worker", lambda: worker)
+    monkeypatch.setattr(cohort_module, "_cache", None)
+
+    def old_package():
+        raise SystemExit("the bundle needs nucleiseg-monai 0.3.6 or newer; this is 0.2.0: "
+                         "pip install -U nucleiseg-monai")
+
+    with pytest.raises(RuntimeError, match=r"^on worker tcp://node7:40000: the bundle needs nucleiseg-monai 0\.3\.6 "
+                                           r"or newer; this is 0\.2\.0: pip install -U nucleiseg-monai$"):
+        cohort_module.worker_predictor(old_package, 1)
+
+
+def test_a_bundle_named_by_a_relative_path_is_found_by_workers_running_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert BundlePredictor("bundles/mine").bundle == str(tmp_path / "bundles" / "mine")
+    assert BundlePredictor("bundles/mine") == BundlePredictor(str(tmp_path / "bundles" / "mine"))
+
+
+def test_a_split_slides_region_results_are_released_when_the_loop_ends_early():
+    deleted = []
+    variable = type("Variable", (), {"delete": lambda self: deleted.append(self)})
+    held = {3: (0.0, [variable(), variable()])}
+    with pytest.raises(KeyboardInterrupt), cohort_module._released_at_exit(held):
+        raise KeyboardInterrupt
+    assert len(deleted) == 2
+
+
+@pytest.mark.slow
+def test_a_cluster_joined_by_address_checks_the_clients_mark_on_its_workers(cohort, tmp_path):
+    root, bundle, serial = cohort
+    slides = read_cohort(root / "slides")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            dask_client(scheduler=cluster.scheduler_address) as (client, _):
+        summary = run_cohort(client, slides, tmp_path / "out", BundlePredictor(str(bundle)), progress=False)
+        # a worker that does not see the client's folder (here: one the client never wrote its mark into)
+        blind = client.submit(process_slide, BundlePredictor(str(bundle)), slides[0], str(tmp_path / "node"), 1,
+                              False, None, None, ".nucleiseg-cohort-0", pure=False)
+        with pytest.raises(cohort_module.OutputsNotShared, match="as worker tcp://.* sees it is not the one"):
+            blind.result()
+    assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
+    _assert_same_outputs(tmp_path / "out", root / "serial", serial)
+    assert not list((tmp_path / "out").glob(".nucleiseg-cohort-*"))
