@@ -631,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         again = ""
         if args.func is cmd_predict and args.overwrite:  # which would start every image afresh again
             again = " without --overwrite"
+        if args.func is cmd_predict and args.scheduler:  # Dask runs a started task to its end, client or none
+            kept += ("; the slides already running on the cluster's workers go on until they finish, and a re-run "
+                     "before then reports them busy")
         logger.error("interrupted: %s; run the same command again%s to go on", kept, again)
         return 130
     except Exception as err:

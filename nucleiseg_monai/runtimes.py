@@ -265,7 +265,8 @@ def prepare_network(network: torch.nn.Module, runtime: str, amp: bool, channels_
     if _prepared is None or _prepared[0] != key:
         _prepared = None  # the old copy goes before the new one is built
         if int8:
-            logger.info("the network runs in OpenVINO, quantised to int8 (%d threads)", torch.get_num_threads())
+            threads = torch.get_num_threads()
+            logger.info("the network runs in OpenVINO, quantised to int8 (%d thread%s)", threads, "s"[:threads != 1])
         _prepared = (key, prepare_for_inference(network, "openvino" if int8 else runtime, dtype,
                                                 example_shape=example_shape,
                                                 calibration=int8_calibration,
