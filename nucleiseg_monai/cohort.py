@@ -632,7 +632,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
                     row["seconds"] = round(time.perf_counter() - split[i][0], 3)
             if row["status"] == "failed":
-                row = _with_kept_outputs(row, output_dir, slide.name)
+                row = _with_kept_outputs(_seen_here(row, slide), output_dir, slide.name)
                 logger.error("failed on %s: %s", slide.path, row["error"])
             elif row["status"] == "done":
                 logger.info("%s: %s nuclei in %.1f s", slide.path, row["nuclei"], row["seconds"])
@@ -688,6 +688,15 @@ def _written_since(output_dir: Path, name: str, since: int) -> bool:
         return outputs_complete(output_dir, name) and manifest_path(output_dir, name).stat().st_mtime_ns >= since
     except OSError:
         return False
+
+
+def _seen_here(row: dict, slide: Slide) -> dict:
+    """A failed row whose worker found no slide file, with the file seen here said: the workers' machines see
+    another file system than this one."""
+    if str(row.get("error") or "").startswith("FileNotFoundError") and Path(slide.path).is_file():
+        return {**row, "error": f"{row['error']}; it exists where this command runs, so the workers see another "
+                                "file system: put the slides where every worker sees them, under the same path"}
+    return row
 
 
 def _with_kept_outputs(row: dict, output_dir: Path, name: str) -> dict:

@@ -1020,3 +1020,20 @@ def test_a_cluster_joined_by_address_checks_the_clients_mark_on_its_workers(coho
     assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
     _assert_same_outputs(tmp_path / "out", root / "serial", serial)
     assert not list((tmp_path / "out").glob(".nucleiseg-cohort-*"))
+
+
+def test_a_slide_its_worker_cannot_find_but_this_machine_can_says_the_file_systems_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    (tmp_path / "here.tif").write_bytes(b"")
+    slides = [Slide(str(tmp_path / "here.tif"), "here"), Slide(str(tmp_path / "gone.tif"), "gone")]
+
+    class Blind(_Client):
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            task = _FinishedTask(slide)
+            task.row.update(status="failed", error=f"FileNotFoundError: {slide.path} does not exist or is not a file")
+            return task
+
+    rows = run_cohort(Blind(), slides, tmp_path / "out", lambda: None, progress=False).rows
+    assert rows[0]["error"].endswith("is not a file; it exists where this command runs, so the workers see another "
+                                     "file system: put the slides where every worker sees them, under the same path")
+    assert rows[1]["error"] == f"FileNotFoundError: {slides[1].path} does not exist or is not a file"
