@@ -575,18 +575,19 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     run_table = RunTable(table_path, rows)
     run_table.flush()
     started = time.time_ns()  # outputs written after it are this run's
-    def send() -> list:
+    lock = threading.Lock()  # slides are sent from this loop and from the thread that fills workers joining later
+
+    def send() -> None:
         """Slide tasks up to the cluster's threads: a worker holds only slides it runs, since Dask charges a worker's
         death to every task it holds, and a slide merely queued there would be failed with the one that killed it."""
-        sent = []
-        while waiting and len(futures) < max(1, sum(client.nthreads().values())):
-            i = waiting.pop(0)
-            future = client.submit(process_slide, factory, slides[i], str(output_dir), torch_threads, overwrite,
-                                   previous.get(slides[i].name), split_above_mpx, mark,
-                                   key=_key("slide", slides[i].name), retries=retries, pure=False)
-            futures[future] = i
-            sent.append(future)
-        return sent
+        with lock:  # sent and awaited at once: the loop must not find nothing awaited while slides are on their way
+            while waiting and len(futures) < max(1, sum(client.nthreads().values())):
+                i = waiting.pop(0)
+                future = client.submit(process_slide, factory, slides[i], str(output_dir), torch_threads, overwrite,
+                                       previous.get(slides[i].name), split_above_mpx, mark,
+                                       key=_key("slide", slides[i].name), retries=retries, pure=False)
+                futures[future] = i
+                pending.add(future)
 
     refused = len(slides) - len(waiting) - len(finished)
     workers = len(client.scheduler_info()["workers"])
@@ -601,13 +602,16 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                        + (f" and {len(several) - 3} more" if len(several) > 3 else ""))
     summary = CohortSummary(table_path)
     split: dict[int, tuple[float, list]] = {}  # slide index -> (when it was split, its region tasks' variables)
+    pending = as_completed(loop=getattr(client, "loop", None))
     # workers of this machine see its folders; a batch system's may be given a node-local one of the same name
     with contextlib.nullcontext() if local else shared_mark(output_dir) as mark, \
             tqdm(total=len(slides), initial=refused + len(finished), unit="slide", disable=not progress) as bar, \
-            _recorded_at_exit(run_table, output_dir, slides, futures, started), _released_at_exit(split):
-        pending = as_completed(send())
+            _recorded_at_exit(run_table, output_dir, slides, futures, started), _released_at_exit(split), \
+            _sending_to_workers_as_they_join(client, send, lambda: bool(waiting)):
+        send()
         for future in pending:
-            i = futures.pop(future)
+            with lock:
+                i = futures.pop(future)
             slide = slides[i]
             if future.status != "finished":
                 error = failure(future.exception() if future.status == "error" else f"the task was {future.status}")
@@ -623,10 +627,11 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                                 slide.path, row["megapixels"], split_above_mpx, len(row["regions"]), len(handed))
                     summary.region_tasks[slide.name] = len(handed)
                     split[i] = (time.perf_counter(), handed)
-                    futures[merge] = i
-                    pending.add(merge)
+                    with lock:
+                        futures[merge] = i
+                        pending.add(merge)
                     future.release()
-                    pending.update(send())
+                    send()
                     continue
                 summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
                 if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
@@ -643,9 +648,51 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                 variable.delete()
             run_table.update(i, {**row, "input_mpp": slide.input_mpp})
             bar.update(1)
-            pending.update(send())
+            send()
     summary.rows = run_table.rows
     return summary
+
+
+# how often the client looks for task slots of workers that joined since (a batch system's jobs leaving its queue),
+# and after how long without any worker it says so
+JOIN_POLL_S = 5.0
+NO_WORKERS_WARNING_S = 300.0
+
+
+@contextmanager
+def _sending_to_workers_as_they_join(client, send: Callable[[], None], waiting: Callable[[], bool]
+                                     ) -> Iterator[None]:
+    """A thread that sends slides (``send``) every ``every`` s while some are ``waiting``: the loop sends them as
+    slides finish, so without it a worker that joins later (``cluster.scale(jobs=20)`` with jobs still queued)
+    would wait for one to finish. It warns once when the cluster has had no worker for ``NO_WORKERS_WARNING_S``:
+    workers that cannot run the tasks (this package missing on them) leave at their first one, and the run would
+    wait without a word."""
+    stop, every, no_workers = threading.Event(), JOIN_POLL_S, NO_WORKERS_WARNING_S
+
+    def fill() -> None:
+        since = None
+        while not stop.wait(every) and waiting():
+            try:
+                slots = sum(client.nthreads().values())
+                if slots:
+                    send()
+            except Exception:  # the client closing as the run ends
+                return
+            since = None if slots else (since or time.monotonic())
+            if since is not None and time.monotonic() - since >= no_workers:
+                logger.warning("the cluster has had no worker for %s while slides wait: check that its workers "
+                               "start, and their logs (a worker that cannot import nucleiseg_monai leaves at its "
+                               "first task)",
+                               f"{no_workers:.0f} s" if no_workers < 90 else f"{no_workers / 60:.0f} min")
+                since = float("inf")  # once
+
+    thread = threading.Thread(target=fill, name="nucleiseg-cohort-send", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2 * every)  # not forever where the scheduler has gone: the thread is a daemon
 
 
 @contextmanager

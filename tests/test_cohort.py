@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_every_worker_cuts_a_slide_into_the_regions_chosen_where_the_cohort_star
             raise Submitted(factory)
 
     write_slide(make_slide((128, 128), seed=1), tmp_path / "slide.tif", tile=128)
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
     with pytest.raises(Submitted) as sent:
         run_cohort(Client(), read_cohort(tmp_path / "slide.tif"), tmp_path / "out", BundlePredictor(small))
     assert dict(sent.value.args[0].overrides)[REGION_SIZE] == 1024
@@ -670,6 +672,9 @@ class _Client:
 class _AsCompleted(list):
     """Dask's as_completed for tasks finished at once: futures in the order given, more added as it goes."""
 
+    def __init__(self, futures=(), loop=None):
+        super().__init__(futures)
+
     def update(self, futures):
         self.extend(futures)
 
@@ -1037,3 +1042,40 @@ def test_a_slide_its_worker_cannot_find_but_this_machine_can_says_the_file_syste
     assert rows[0]["error"].endswith("is not a file; it exists where this command runs, so the workers see another "
                                      "file system: put the slides where every worker sees them, under the same path")
     assert rows[1]["error"] == f"FileNotFoundError: {slides[1].path} does not exist or is not a file"
+
+
+def test_workers_joining_after_the_start_get_slides_without_waiting_for_one_to_finish(tmp_path, monkeypatch, caplog):
+    """As with ``cluster.scale(jobs=20)`` while the jobs wait in the queue: no worker at the start, then two."""
+    monkeypatch.setattr(cohort_module, "JOIN_POLL_S", 0.02)
+    monkeypatch.setattr(cohort_module, "NO_WORKERS_WARNING_S", 0.1)
+    slides = [Slide(str(tmp_path / f"s{i}.tif"), f"s{i}") for i in range(3)]
+    joined, running = threading.Event(), []
+
+    class Task(_FinishedTask):
+        status = "pending"
+
+    class Queued(_Client):
+        def nthreads(self):
+            return {"w1": 1, "w2": 1} if joined.is_set() else {}
+
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            running.append(slide.name)
+            return Task(slide)
+
+    class Waiting(_AsCompleted):
+        def __iter__(self):  # no task ends before the workers have joined and taken two slides
+            deadline = time.monotonic() + 10
+            while len(running) < 2:
+                assert time.monotonic() < deadline, "the workers that joined got no slide"
+                time.sleep(0.01)
+            for future in list.__iter__(self):
+                future.status = "finished"
+                yield future
+
+    monkeypatch.setattr(cohort_module, "as_completed", Waiting)
+    threading.Timer(0.3, joined.set).start()
+    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.cohort"):
+        summary = run_cohort(Queued(), slides, tmp_path / "out", lambda: None, progress=False)
+    assert running[:2] == ["s0", "s1"] and sorted(running) == ["s0", "s1", "s2"]
+    assert [row["status"] for row in summary.rows] == ["done"] * 3
+    assert caplog.text.count("the cluster has had no worker for 0 s while slides wait: check that its workers") == 1
