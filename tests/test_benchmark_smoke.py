@@ -6,6 +6,7 @@ ratio is the quotient of the figures it relates.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,12 @@ def _figures_positive(node, path="") -> list[str]:
 def test_quick_benchmark_writes_every_figure(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
-        # overrides reach every predictor and win over --quick's own (128 px regions there: 4; here 16)
+        # overrides reach every predictor and win over --quick's own (128 px regions there: 4; here 16). The small
+        # bundle alone: the full one differs from it only in width, so it repeated every figure at about twice the
+        # cost (about 60 s of a 150 s run); the one branch of its own, random weights where a bundle has none, is
+        # the test below
         [sys.executable, "-m", "benchmarks.speed", "--quick", "--output", str(out),
-         "--predictor-overrides", '{"region_size": 64}'],
+         "--predictor-overrides", '{"region_size": 64}', "--bundles", "nuclei_unet_small"],
         # a guard against a hang, not a speed limit: 6 min alone on an AVX2-only 2-core CPU (its bf16 levers are
         # emulated; OpenVINO compiles for each predictor)
         cwd=REPO, capture_output=True, text=True, timeout=1200,
@@ -123,3 +127,16 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     mem = r["memory"]
     assert _positive(mem["peak_rss_mb"])
     assert mem["peak_rss_mb"] >= max(mem["phase_peak_rss_mb"].values()) * 0.99
+
+
+def test_a_bundle_without_trained_weights_is_benchmarked_with_random_ones(tmp_path, monkeypatch):
+    """The full bundle's configs, without the models/ folder it would have, through the benchmark's loader: random
+    weights of its network_def, saved in the run's folder, and a note saying so."""
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is a folder of the checkout, not of the installed package
+    from benchmarks.speed.bundles import load_bundle
+
+    shutil.copytree(REPO / "bundles" / "nuclei_unet_full" / "configs", tmp_path / "full" / "configs")
+    bundle = load_bundle(tmp_path, "full", tmp_path)
+    assert bundle.weights_note == f"random init (no {tmp_path / 'full' / 'models' / 'model.pt'})"
+    assert bundle.checkpoint == tmp_path / "full_random.pt" and bundle.stats is None
+    bundle.network()  # the saved weights load, strictly, into the bundle's network_def

@@ -440,12 +440,19 @@ def test_the_installed_command_ends_an_error_in_one_line(tmp_path):
     command = [str(Path(sys.executable).with_name("nucleiseg")), "train", "--bundle", str(bundle)]
     line = (f"nucleiseg train: error: {bundle.resolve() / 'data.json'}: No such file or directory; "
             "check the path (or the setting that names it)")
-    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # both at once: each is seconds of imports on one core before the error, and neither writes anything
+    started = subprocess.Popen([*command, "--debug"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        quiet = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        out, err = started.communicate(timeout=300)
+    finally:
+        started.kill()  # nothing once it has ended; a hung one must not outlive the test
+        started.wait()
+    debug = subprocess.CompletedProcess(started.args, started.returncode, out, err)
     assert quiet.returncode == 2
     assert quiet.stderr.splitlines()[-1] == line
     assert "Traceback" not in quiet.stdout + quiet.stderr
     assert "Failed to evaluate" not in quiet.stdout + quiet.stderr
-    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300)
     assert debug.returncode == 2
     assert debug.stderr.splitlines()[-1] == line
     assert "Traceback" in debug.stderr and "Failed to evaluate" in debug.stderr

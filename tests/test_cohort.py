@@ -271,13 +271,32 @@ class CrashOnce:
         return predictor
 
 
-@pytest.mark.slow
-def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resumes(cohort):
-    root, bundle, serial = cohort
-    marker = root / "crashed"
-    factory = CrashOnce(BundlePredictor(str(bundle)), str(marker))
-    slides = read_cohort(root / "slides")
-    with dask_client(workers=2, retries=1, dashboard_address=None) as (client, threads):
+class TestOnOneLocalCluster:
+    """Cohorts on one local cluster of 2 workers, shared because each start and close costs 10-15 s on 2 cores (the
+    workers import torch and MONAI). Class-scoped, so it is closed before any other test runs: its quiet_dask would
+    otherwise hide Dask's messages from the tests that check they stay out."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def shared_cluster(cls):
+        with dask_client(workers=2, retries=1, dashboard_address=None) as (client, threads):
+            yield client, threads
+
+    @pytest.fixture
+    def cluster(self, shared_cluster):
+        """Both workers up: one killed by the test before may still be restarting, and a split slide's region tasks
+        are counted from the workers present."""
+        client, threads = shared_cluster
+        client.wait_for_workers(2, timeout=120)
+        return client, threads
+
+    @pytest.mark.slow
+    def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resumes(self, cohort, cluster):
+        root, bundle, serial = cohort
+        client, threads = cluster  # retries 1: one worker death forgiven
+        marker = root / "crashed"
+        factory = CrashOnce(BundlePredictor(str(bundle)), str(marker))
+        slides = read_cohort(root / "slides")
         summary = run_cohort(client, slides, root / "retried", factory, retries=1, torch_threads=threads,
                              progress=False)
         # without the run table, the workers find complete outputs and recompute their figures from them
@@ -291,15 +310,31 @@ def test_a_slide_whose_worker_dies_is_retried_and_a_rerun_without_the_table_resu
             run_cohort(client, slides, root / "retried", other, retries=0, progress=False)
         # workers of a cluster joined by address take their share of the host's cores (2 slots here)
         share = client.submit(host_share, pure=False).result()
-    crashed = marker.read_text()
-    assert crashed in serial
-    assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
-    _assert_same_outputs(root / "retried", root / "serial", serial)
-    assert [row["status"] for row in resumed.rows] == ["skipped", "done", "skipped"]
-    assert all(row[c] == pytest.approx(first[row["slide"]][c]) for row in resumed.rows
-               for c in ("nuclei", "mpp", "tissue_mm2", "nuclei_per_mm2", "median_nucleus_um2"))
-    assert share == threads == max(1, cpu_count() // 2)
-    assert all(100 < mb < 4000 for mb in summary.peak_rss_mb.values())  # per worker process, as in benchmarks
+        crashed = marker.read_text()
+        assert crashed in serial
+        assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
+        _assert_same_outputs(root / "retried", root / "serial", serial)
+        assert [row["status"] for row in resumed.rows] == ["skipped", "done", "skipped"]
+        assert all(row[c] == pytest.approx(first[row["slide"]][c]) for row in resumed.rows
+                   for c in ("nuclei", "mpp", "tissue_mm2", "nuclei_per_mm2", "median_nucleus_um2"))
+        assert share == threads == max(1, cpu_count() // 2)
+        assert all(100 < mb < 4000 for mb in summary.peak_rss_mb.values())  # per worker process, as in benchmarks
+
+    @pytest.mark.slow
+    def test_slides_split_into_region_tasks_give_the_nuclei_of_the_whole_slide_run(self, cohort, cluster):
+        root, bundle, serial = cohort
+        client, threads = cluster
+        # 384 x 640 px slides are 0.25 megapixels: above 0.2 each goes out as region tasks (256 px cores)
+        summary = run_cohort(client, read_cohort(root / "slides"), root / "split", BundlePredictor(str(bundle)),
+                             torch_threads=threads, progress=False, split_above_mpx=0.2)
+        assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
+        # two region tasks per worker, fewer where a slide has fewer tissue regions
+        assert summary.region_tasks == {name: min(4, result.regions_processed) for name, result in serial.items()}
+        assert all(result.regions_processed > 1 for result in serial.values())
+        for name in serial:
+            _assert_same_nuclei(root / "split", root / "serial", name)
+        # the merge feeds the regions to one stitcher in the whole-slide run's order, so even the ids are the same
+        _assert_same_outputs(root / "split", root / "serial", serial)
 
 
 @dataclass(frozen=True)
@@ -475,23 +510,6 @@ def test_run_table_is_a_slide_list_and_stale_temporaries_go(tmp_path):
         (tmp_path / name).write_bytes(b"")
     remove_temporaries(tmp_path, "s1")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".csv") == sorted(kept)
-
-
-@pytest.mark.slow
-def test_slides_split_into_region_tasks_give_the_nuclei_of_the_whole_slide_run(cohort):
-    root, bundle, serial = cohort
-    with dask_client(workers=2, dashboard_address=None) as (client, threads):
-        # 384 x 640 px slides are 0.25 megapixels: above 0.2 each goes out as region tasks (256 px cores)
-        summary = run_cohort(client, read_cohort(root / "slides"), root / "split", BundlePredictor(str(bundle)),
-                             torch_threads=threads, progress=False, split_above_mpx=0.2)
-    assert summary.ok and [row["status"] for row in summary.rows] == ["done"] * 3
-    # two region tasks per worker, fewer where a slide has fewer tissue regions
-    assert summary.region_tasks == {name: min(4, result.regions_processed) for name, result in serial.items()}
-    assert all(result.regions_processed > 1 for result in serial.values())
-    for name in serial:
-        _assert_same_nuclei(root / "split", root / "serial", name)
-    # the merge feeds the regions to one stitcher in the whole-slide run's order, so even the ids are the same
-    _assert_same_outputs(root / "split", root / "serial", serial)
 
 
 def test_region_tasks_keep_their_regions_in_the_journal_the_slide_task_claimed(cohort, tmp_path, monkeypatch):

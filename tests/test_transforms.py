@@ -416,7 +416,8 @@ def test_scale_jitter_sets_the_range_of_nucleus_sizes_in_training_patches():
 
     none = extents(0.0)
     spread = lambda jitter: (extents(jitter) / none).std(axis=0)  # noqa: E731
-    assert spread([0.1, 0.0])[1] < 0.02 < spread([0.1, 0.0])[0]  # as trained: the rows only
+    rows_only = spread([0.1, 0.0])  # once: each spread is 60 elastic warps, the same every time (seed 0)
+    assert rows_only[1] < 0.02 < rows_only[0]  # as trained: the rows only
     both = spread(0.1)
     assert np.all(both > 0.03) and np.all(both < 0.08)  # uniform on +-0.1: sd 0.058
     assert np.all(spread([0.25, 0.25]) > 2 * both)
