@@ -505,6 +505,15 @@ class ImageLock:
                 f"{self.path} if that run is gone")
 
 
+def remove_stale_lock(out_dir: str | os.PathLike, name: str) -> None:
+    """Deletes image ``name``'s ``ImageLock`` file where its holder is gone: a run killed just after committing the
+    outputs leaves it, and a finished image is skipped without taking its lock, so nothing else would."""
+    lock = ImageLock(out_dir, name)
+    holder = lock._holder()
+    if holder and lock._gone(holder):
+        lock.path.unlink(missing_ok=True)
+
+
 def remove_temporaries(out_dir: str | os.PathLike, name: str) -> None:
     """Deletes the hidden temporary files of image ``name``'s outputs (``atomic.AtomicFile`` names), whoever wrote
     them, on whatever machine: call it holding the image's ``ImageLock``, under which no run is writing them (a

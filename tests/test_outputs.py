@@ -28,6 +28,7 @@ from nucleiseg_monai.outputs import (
     label_levels,
     output_paths,
     outputs_complete,
+    remove_stale_lock,
     write_label_tiff,
 )
 from nucleiseg_monai.synthetic import make_tile
@@ -379,6 +380,20 @@ def test_an_image_lock_refuses_a_live_run_takes_over_a_dead_one_and_removes_only
     with ImageLock(tmp_path, "slide"):
         lock_file.write_text("1 elsewhere 0\n")  # replaced under it: not this run's to remove
     assert lock_file.exists()
+
+
+def test_a_finished_images_lock_left_by_a_killed_run_is_removed_a_live_ones_kept(tmp_path):
+    """A run killed just after committing an image's outputs leaves its lock; the next run skips the image without
+    taking it."""
+    lock_file = tmp_path / ".slide.lock"
+    lock_file.write_text(f"999999999 {host_name()} 0\n")  # its process is gone from this host
+    remove_stale_lock(tmp_path, "slide")
+    assert not lock_file.exists()
+    remove_stale_lock(tmp_path, "slide")  # none: nothing to do
+    for live in (f"{os.getpid()} {host_name()} 0\n", f"{os.getppid()} another_host 0\n"):
+        lock_file.write_text(live)
+        remove_stale_lock(tmp_path, "slide")
+        assert lock_file.read_text() == live
 
 
 def test_a_lock_of_another_machine_is_taken_over_when_idle_or_by_a_later_try_of_its_task(tmp_path, monkeypatch):
