@@ -1090,10 +1090,18 @@ def test_workers_joining_after_the_start_get_slides_without_waiting_for_one_to_f
                 future.status = "finished"
                 yield future
 
+    class JoinOnWarning(logging.Handler):  # the workers join once the client has said it has none
+        def emit(self, record):
+            if "has had no worker" in record.getMessage():
+                joined.set()
+
     monkeypatch.setattr(cohort_module, "as_completed", Waiting)
-    threading.Timer(0.3, joined.set).start()
-    with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.cohort"):
-        summary = run_cohort(Queued(), slides, tmp_path / "out", lambda: None, progress=False)
+    cohort_module.logger.addHandler(handler := JoinOnWarning())
+    try:
+        with caplog.at_level(logging.WARNING, logger="nucleiseg_monai.cohort"):
+            summary = run_cohort(Queued(), slides, tmp_path / "out", lambda: None, progress=False)
+    finally:
+        cohort_module.logger.removeHandler(handler)
     assert running[:2] == ["s0", "s1"] and sorted(running) == ["s0", "s1", "s2"]
     assert [row["status"] for row in summary.rows] == ["done"] * 3
     assert caplog.text.count("the cluster has had no worker for 0 s while slides wait: check that its workers") == 1
