@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import hashlib
 import importlib.util
 import io
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -85,6 +87,49 @@ class OpenVINONetwork(nn.Module):
         with self.lock:
             out = self.request.infer({0: array})[0]  # copied out of the request's buffer (share_outputs=False)
         return torch.from_numpy(out).to(x.device)
+
+
+def _libc_sigaltstack():
+    """libc's ``sigaltstack``, or None where there is none (Windows) or it cannot be found."""
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).sigaltstack
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Puts the calling thread's alternate signal stack back as it was when the block ends.
+
+    OpenVINO's ``compile_model`` gives the compiling thread an alternate signal stack of its own and, when the compiled
+    model is freed, puts back the stack it found. Two models freed in the order they were made leave the thread on a
+    freed stack, and Python runs its signal handlers on that stack (``SA_ONSTACK``): the next Ctrl-C, or the SIGCHLD
+    a DataLoader's worker sends, kills the process with a segmentation fault. With the thread's own stack put back at
+    once, OpenVINO's is never in use, and whatever a freed model puts back is the stack the thread had.
+    """
+    sigaltstack = _libc_sigaltstack()
+    if sigaltstack is None:
+        yield
+        return
+    saved = ctypes.create_string_buffer(64)  # a stack_t (24 bytes on 64-bit Linux and macOS), kept as libc gave it
+    kept = sigaltstack(None, saved) == 0
+    try:
+        yield
+    finally:
+        if kept and sigaltstack(saved, None) != 0:
+            logger.warning("could not restore this thread's signal stack after compiling the OpenVINO model "
+                           "(errno %d); a Ctrl-C after such models are freed may crash the process", ctypes.get_errno())
+
+
+def compile_on_cpu(model, config: dict | None = None):
+    """``openvino.Core().compile_model(model, "CPU", config)``, leaving the calling thread's signal stack as it was
+    (``_signal_stack_kept``). Every OpenVINO model this package, its tests and benchmarks run is compiled here."""
+    import openvino as ov
+
+    with _signal_stack_kept():
+        return ov.Core().compile_model(model, "CPU", config or {})
 
 
 def _dynamic_sides(network: nn.Module, example_shape: Sequence[int]) -> bool:
@@ -165,7 +210,7 @@ def _openvino_network(network: nn.Module, dtype, example_shape: Sequence[int],
     }
     if dtype != "int8":
         config["INFERENCE_PRECISION_HINT"] = "bf16" if dtype == torch.bfloat16 else "f32"
-    return OpenVINONetwork(ov.Core().compile_model(load_or_build(key, build), "CPU", config))
+    return OpenVINONetwork(compile_on_cpu(load_or_build(key, build), config))
 
 
 def prepare_for_inference(

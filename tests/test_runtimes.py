@@ -8,6 +8,9 @@ float32 runtimes differ only by summation order; bf16 rounds activations to 8 bi
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -210,3 +213,50 @@ def test_int8_under_auto_gives_way_where_it_cannot_run(monkeypatch, caplog):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="int8 runs on OpenVINO"):
         inference.InferenceNetwork(tiny, [128] * 3, [40] * 3, roi_size=None, runtime="eager", int8=True)
+
+
+FREED_IN_ORDER_THEN_CTRL_C = """
+import ctypes, os, signal
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import torch
+from nucleiseg_monai import openvino_cache
+from nucleiseg_monai.networks import UNet
+from nucleiseg_monai.runtimes import prepare_for_inference
+
+def signal_stack():
+    state = ctypes.create_string_buffer(64)
+    assert ctypes.CDLL(None).sigaltstack(None, state) == 0
+    return state.raw[:24]
+
+def one_operation(key, build):  # compiled as the network's model would be, without its seconds of conversion
+    x = ops.parameter([-1, 3, -1, -1], np.float32)
+    return ov.Model([ops.multiply(x, ops.constant(np.float32(2)))], [x])
+
+openvino_cache.load_or_build = one_operation
+before = signal_stack()
+first = prepare_for_inference(UNet(features=(4, 8, 16)), "openvino", torch.float32)
+second = prepare_for_inference(UNet(features=(4, 8, 16)), "openvino", torch.float32)
+print("kept after compiling:", signal_stack() == before)
+print("computes:", torch.equal(second(torch.ones(1, 3, 16, 16)), torch.full((1, 3, 16, 16), 2.0)))
+del first, second  # freed in the order they were made, as a predictor's network and a later one's would be
+print("kept after freeing:", signal_stack() == before)
+handled = []
+signal.signal(signal.SIGINT, lambda *_: handled.append(True))
+os.kill(os.getpid(), signal.SIGINT)
+print("Ctrl-C handled:", handled == [True])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None or not sys.platform.startswith("linux"),
+                    reason="needs OpenVINO, and Linux's sigaltstack")
+def test_openvino_networks_freed_in_the_order_made_leave_ctrl_c_working(tmp_path):
+    # OpenVINO 2026.4 left the compiling thread on the freed signal stack of the first network: the Ctrl-C then
+    # ended the process with a segmentation fault (return code -11) instead of reaching its handler
+    env = {**os.environ, "NUCLEISEG_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", FREED_IN_ORDER_THEN_CTRL_C], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["kept after compiling: True", "computes: True", "kept after freeing: True",
+                                        "Ctrl-C handled: True"]
