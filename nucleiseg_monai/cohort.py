@@ -48,7 +48,7 @@ from .errors import root_cause
 from .handlers import parse_bool
 from .inference import SlidePredictor, find_images, finished_outputs
 from .networks import require_weights
-from .outputs import manifest_path, outputs_complete, remove_stale_lock
+from .outputs import ImageLock, manifest_path, outputs_complete
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -362,7 +362,7 @@ def _skipped_row(row: dict, output_dir: str | os.PathLike, slide: Slide, previou
     row where that row holds them (a resumed cohort of thousands does not read thousands of nuclei tables again),
     else with those of its outputs."""
     remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
-    remove_stale_lock(output_dir, slide.name)  # and its lock
+    ImageLock(output_dir, slide.name).remove_if_stale()  # and its lock
     row = {**row, "status": "skipped", "seconds": None}
     if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
         return {**previous, **row}

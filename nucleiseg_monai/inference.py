@@ -61,7 +61,7 @@ from .inferers import window_inferer
 from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
-                      outputs_complete, remove_stale_lock, remove_temporaries, source_fingerprint)
+                      outputs_complete, remove_temporaries, source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
@@ -939,7 +939,7 @@ class SlidePredictor:
             if result is None:
                 logger.info("%s%s: outputs complete in %s, skipped", at, path, output_dir)
                 remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
-                remove_stale_lock(output_dir, name)  # and its lock
+                ImageLock(output_dir, name).remove_if_stale()  # and its lock
                 summary.skipped.append(str(path))
                 continue
             summary.done.append(result)

@@ -472,27 +472,36 @@ class ImageLock:
             return "it was removed"
         return f"it has not been touched for {idle / 60:.0f} min" if idle > self.STALE_AFTER_S else None
 
-    def _take_over(self) -> bool:
-        """Removes a lock whose holder is gone; False where it may still run. The lock is renamed aside first, so
-        that of two runs taking over one stale lock, neither removes the lock the other has just made."""
+    def remove_if_stale(self) -> str | None:
+        """Removes the lock file where its holder is gone, and says whose it was and why it went; None where there
+        is none or its holder may still run. Renamed aside first, so that of two runs removing one stale lock,
+        neither removes the lock the other has just made. A run killed just after committing an image's outputs
+        leaves its lock, and a finished image is skipped without taking it: where it is skipped, this removes it."""
         holder = self._holder()
         why = self._gone(holder)
         if why is None:
-            return False
+            return None
         aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
-            return True
+            return None
         if aside.read_text(encoding="utf-8").split() != holder:  # replaced meanwhile: that lock is not stale
             try:
                 os.link(aside, self.path)
             except FileExistsError:
                 pass
             aside.unlink(missing_ok=True)
-            return False
+            return None
         aside.unlink(missing_ok=True)
-        logger.info("%s: taking over the lock of %s (%s)", self.path, " ".join(holder[:2]) or "a run", why)
+        return f"{' '.join(holder[:2]) or 'a run'} ({why})"
+
+    def _take_over(self) -> bool:
+        """Removes a lock whose holder is gone; False where it may still run."""
+        removed = self.remove_if_stale()
+        if removed is None:
+            return not self.path.exists()  # released meanwhile: try again
+        logger.info("%s: taking over the lock of %s", self.path, removed)
         return True
 
     def _busy(self) -> str:
@@ -503,15 +512,6 @@ class ImageLock:
         return (f"another run ({who}) is writing this image's outputs in {self.path.parent}; run again when it has "
                 f"finished (a lock untouched for {self.STALE_AFTER_S / 60:.0f} min is taken over), or delete "
                 f"{self.path} if that run is gone")
-
-
-def remove_stale_lock(out_dir: str | os.PathLike, name: str) -> None:
-    """Deletes image ``name``'s ``ImageLock`` file where its holder is gone: a run killed just after committing the
-    outputs leaves it, and a finished image is skipped without taking its lock, so nothing else would."""
-    lock = ImageLock(out_dir, name)
-    holder = lock._holder()
-    if holder and lock._gone(holder):
-        lock.path.unlink(missing_ok=True)
 
 
 def remove_temporaries(out_dir: str | os.PathLike, name: str) -> None:

@@ -28,7 +28,6 @@ from nucleiseg_monai.outputs import (
     label_levels,
     output_paths,
     outputs_complete,
-    remove_stale_lock,
     write_label_tiff,
 )
 from nucleiseg_monai.synthetic import make_tile
@@ -387,12 +386,12 @@ def test_a_finished_images_lock_left_by_a_killed_run_is_removed_a_live_ones_kept
     taking it."""
     lock_file = tmp_path / ".slide.lock"
     lock_file.write_text(f"999999999 {host_name()} 0\n")  # its process is gone from this host
-    remove_stale_lock(tmp_path, "slide")
+    assert ImageLock(tmp_path, "slide").remove_if_stale() == f"999999999 {host_name()} (process 999999999 is gone)"
     assert not lock_file.exists()
-    remove_stale_lock(tmp_path, "slide")  # none: nothing to do
+    assert ImageLock(tmp_path, "slide").remove_if_stale() is None  # none: nothing to do
     for live in (f"{os.getpid()} {host_name()} 0\n", f"{os.getppid()} another_host 0\n"):
         lock_file.write_text(live)
-        remove_stale_lock(tmp_path, "slide")
+        assert ImageLock(tmp_path, "slide").remove_if_stale() is None
         assert lock_file.read_text() == live
 
 
