@@ -528,6 +528,21 @@ def quiet_dask() -> Iterator[None]:
         dask_logger.setLevel(level)
 
 
+def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]:
+    """The indices of the slides to run, the first of each output name, and why each later one of a name is refused:
+    two slides would write one set of outputs."""
+    first: dict[str, str] = {}
+    kept, clashes = [], {}
+    for i, slide in enumerate(slides):
+        if slide.name in first:
+            clashes[i] = (f"same output name {slide.name!r} as {first[slide.name]}; give one of them another name "
+                          "(the 'slide' column of a slide list)")
+        else:
+            first[slide.name] = slide.path
+            kept.append(i)
+    return kept, clashes
+
+
 def _dashboard(client) -> str:
     """The dashboard's address, with the fix when this environment cannot serve it (Dask needs bokeh for it)."""
     if importlib.util.find_spec("bokeh") is None:
@@ -538,7 +553,8 @@ def _dashboard(client) -> str:
 def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                factory: Callable[[], SlidePredictor], table: str | os.PathLike | None = None,
                retries: int = 2, torch_threads: int | None = None, overwrite: bool = False,
-               progress: bool = True, split_above_mpx: float | None = None) -> CohortSummary:
+               progress: bool = True, split_above_mpx: float | None = None,
+               finished: set[str] | None = None) -> CohortSummary:
     """Segment ``slides`` on the cluster of ``client``, one task per slide, recording each in the run table
     (default ``output_dir/run_table.csv``) as it finishes. Slides with finished outputs of the same weights and
     settings are skipped (unless ``overwrite``), their figures kept from the previous run table; where the factory
@@ -547,25 +563,26 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
 
     A slide of more than ``split_above_mpx`` megapixels (None: never) becomes two region tasks per worker thread
     (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
+
+    ``finished``: what ``finished_slides`` has just given for these slides' first of each name
+    (``predict_cohort`` asks before it starts a cluster), so that every slide's manifest is not read twice.
     """
     check_factory(factory)
     factory = pin_factory(factory)
     output_dir = Path(output_dir).resolve()
     table_path = Path(table) if table else output_dir / RUN_TABLE
     previous = RunTable.read(table_path)
-    rows, futures, names, waiting = [], {}, {}, []
+    waiting, clashes = _first_of_each_name(slides)
+    rows, futures = [], {}
     for i, slide in enumerate(slides):
         row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "status": "pending"}
-        if slide.name in names:
-            row.update(status="failed", error=f"same output name {slide.name!r} as {names[slide.name]}; give one "
-                                              "of them another name (the 'slide' column of a slide list)")
+        if i in clashes:
+            row.update(status="failed", error=clashes[i])
             logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
-        else:
-            names[slide.name] = slide.path
-            waiting.append(i)
         rows.append(row)
     local = isinstance(getattr(client, "cluster", None), LocalCluster)
-    finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite, local=local)
+    if finished is None:
+        finished = finished_slides(factory, [slides[i] for i in waiting], output_dir, overwrite, local=local)
     output_dir.mkdir(parents=True, exist_ok=True)
     for i in [i for i in waiting if slides[i].name in finished]:
         waiting.remove(i)
@@ -663,7 +680,7 @@ NO_WORKERS_WARNING_S = 300.0
 @contextmanager
 def _sending_to_workers_as_they_join(client, send: Callable[[], None], waiting: Callable[[], bool]
                                      ) -> Iterator[None]:
-    """A thread that sends slides (``send``) every ``every`` s while some are ``waiting``: the loop sends them as
+    """A thread that sends slides (``send``) every ``JOIN_POLL_S`` while some are ``waiting``: the loop sends them as
     slides finish, so without it a worker that joins later (``cluster.scale(jobs=20)`` with jobs still queued)
     would wait for one to finish. It warns once when the cluster has had no worker for ``NO_WORKERS_WARNING_S``:
     workers that cannot run the tasks (this package missing on them) leave at their first one, and the run would
@@ -844,14 +861,12 @@ def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, fac
     slides = read_cohort(source)
     # before a cluster is started in vain: on a batch system its jobs would be queued and waited for first
     check_factory(factory)
-    firsts: dict[str, Slide] = {}
-    for slide in slides:  # a later slide of the same name is refused by run_cohort
-        firsts.setdefault(slide.name, slide)
-    finished_slides(pin_factory(factory), list(firsts.values()), Path(output_dir).resolve(), overwrite,
-                    local=scheduler is None)
+    firsts = [slides[i] for i in _first_of_each_name(slides)[0]]
+    finished = finished_slides(pin_factory(factory), firsts, Path(output_dir).resolve(), overwrite,
+                               local=scheduler is None)
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
         summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
-                             split_above_mpx)
+                             split_above_mpx, finished)
     logger.info("run table %s: %d done, %d skipped, %d failed", summary.table, summary.count("done"),
                 summary.count("skipped"), summary.count("failed"))
     return summary

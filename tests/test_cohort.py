@@ -1,4 +1,5 @@
 import csv
+import contextlib
 import json
 import logging
 import os
@@ -952,6 +953,33 @@ def test_the_check_before_a_cluster_leaves_machine_settings_to_a_remote_schedule
             predict_cohort(slides, tmp_path / "out", lambda: None, scheduler=scheduler)
         # the first slide of a name only: run_cohort fails the second for its name
         assert seen.pop() == ([str(tmp_path / "a.tif")], local)
+
+
+def test_the_check_before_the_cluster_is_the_one_run_cohort_uses(tmp_path, monkeypatch, caplog):
+    """A cohort of thousands would otherwise read every manifest twice, before the cluster and in run_cohort."""
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    for name in ("a", "b"):
+        write_slide(make_slide((128, 128), seed=1), tmp_path / f"{name}.tif", tile=128)
+    asked = []
+
+    def finished_slides(factory, slides, output_dir, overwrite, local):
+        asked.append([s.name for s in slides])
+        return {"a"}
+
+    @contextlib.contextmanager
+    def dask_client(*args):
+        yield _Client(), 1
+
+    monkeypatch.setattr(cohort_module, "finished_slides", finished_slides)
+    monkeypatch.setattr(cohort_module, "dask_client", dask_client)
+    (tmp_path / "out").mkdir()  # the run that finished a: its row gives the skipped slide's figures
+    (tmp_path / "out" / "run_table.csv").write_text(f"slide,path,status,nuclei\na,{tmp_path / 'a.tif'},done,7\n")
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.cohort"):
+        summary = predict_cohort(tmp_path / "*.tif", tmp_path / "out", lambda: None, progress=False)
+    assert asked == [["a", "b"]]
+    assert [(row["slide"], row["status"], row["nuclei"]) for row in summary.rows] == [("a", "skipped", "7"),
+                                                                                     ("b", "done", 3)]
+    assert "2 slides on 2 workers (1 already complete)" in caplog.text
 
 
 class _Remembering(_Client):
