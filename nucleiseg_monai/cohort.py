@@ -544,10 +544,15 @@ def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]
 
 
 def _dashboard(client) -> str:
-    """The dashboard's address, with the fix when this environment cannot serve it (Dask needs bokeh for it)."""
-    if importlib.util.find_spec("bokeh") is None:
-        return f"{client.dashboard_link} once bokeh is installed (pip install nucleiseg-monai[cluster])"
-    return client.dashboard_link
+    """The dashboard's address, with the fix where this environment lacks bokeh (the scheduler serves the dashboard
+    only with bokeh in its own environment). A client without a cluster object joined a scheduler started apart,
+    in an environment this one cannot see; a local or batch-system cluster's scheduler runs in this process."""
+    link = client.dashboard_link
+    if importlib.util.find_spec("bokeh") is not None:
+        return link
+    if getattr(client, "cluster", None) is None:
+        return f"{link} (where the scheduler's environment has bokeh: pip install bokeh there)"
+    return f"{link} once bokeh is installed (pip install nucleiseg-monai[cluster])"
 
 
 def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
@@ -586,7 +591,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     output_dir.mkdir(parents=True, exist_ok=True)
     for i in [i for i in waiting if slides[i].name in finished]:
         waiting.remove(i)
-        row = {"slide": slides[i].name, "path": slides[i].path, "error": None}
+        row = {"slide": slides[i].name, "path": slides[i].path, "error": None, "worker": None}  # none ran it
         rows[i].update({**_skipped_row(row, output_dir, slides[i], previous.get(slides[i].name)),
                         "input_mpp": slides[i].input_mpp})
         logger.info("%s: outputs complete, skipped", slides[i].path)
@@ -637,7 +642,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             else:
                 row = future.result()
                 relay(row.pop("log", []))
-                worker, peak = row.pop("worker"), row.pop("peak_rss_mb", None)
+                worker, peak = row["worker"], row.pop("peak_rss_mb", None)
                 if row["status"] == "split":
                     merge, handed = _submit_regions(client, factory, slide, str(output_dir), torch_threads,
                                                     row["regions"], retries, overwrite, mark)

@@ -2,10 +2,11 @@
 
 Columns: slide (the output name), path, status (pending, done, skipped = outputs already complete, failed), error,
 seconds (this run's time on the slide), mpp (microns per pixel of the analysed level), tissue_mm2 (low-resolution
-tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue) and
-median_nucleus_um2 (from the slide's per-nucleus CSV). Figures a slide does not have (a failure without finished
-outputs, an image without a pixel size) are empty cells, never zeros; a failed slide whose finished outputs are on
-disk keeps their figures, and its error says so.
+tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue),
+median_nucleus_um2 (from the slide's per-nucleus CSV) and worker (the address of the Dask worker that ran the slide's
+task in this run, the merge task of a slide split into regions: on a batch system, which node). Figures a slide does
+not have (a failure without finished outputs, an image without a pixel size, a slide no worker took) are empty
+cells, never zeros; a failed slide whose finished outputs are on disk keeps their figures, and its error says so.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .outputs import output_paths
 
 # input_mpp is the slide list's, so that a run table read back as a slide list gives each slide its pixel size
 COLUMNS = ("slide", "path", "input_mpp", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei",
-           "nuclei_per_mm2", "median_nucleus_um2")
+           "nuclei_per_mm2", "median_nucleus_um2", "worker")
 FINISHED = ("done", "skipped")
 
 

@@ -217,6 +217,8 @@ def test_cli_cohort_matches_serial_records_the_broken_slide_and_resumes(cohort):
     assert list(table) == ["slide0", "slide1", "slide2", "broken"]
     assert table["broken"]["status"] == "failed" and "broken.tif" in table["broken"]["error"]
     assert table["broken"]["nuclei"] == ""
+    workers = {row["worker"] for row in table.values()}  # the local cluster's two
+    assert len(workers) <= 2 and all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", w) for w in workers)
     for name, result in serial.items():
         row = table[name]
         assert row["status"] == "done" and row["error"] == "" and float(row["seconds"]) > 0
@@ -235,6 +237,7 @@ def test_cli_cohort_matches_serial_records_the_broken_slide_and_resumes(cohort):
     assert main(args) == 1  # a re-run sends only the failed slide out again
     again = _table(out / "run_table.csv")
     assert [again[n]["status"] for n in serial] == ["skipped"] * 3 and again["broken"]["status"] == "failed"
+    assert [again[n]["worker"] for n in serial] == [""] * 3  # skipped by the client: no worker took them
     assert all(again[n]["nuclei"] == table[n]["nuclei"] for n in serial)
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.iterdir() if p.name != "run_table.csv")
 
@@ -437,6 +440,25 @@ def test_only_errors_that_would_recur_fail_a_slide_without_a_retry(monkeypatch):
     for err in (RuntimeError("CUDA out of memory"), MemoryError(), OSError(5, "Input/output error")):
         with pytest.raises(type(err)):  # Dask retries these
             raising(err)(None, slide)
+
+
+def test_the_dashboard_line_asks_for_bokeh_where_the_scheduler_would_need_it(monkeypatch):
+    link = "http://node1:8787/status"
+    apart = type("Client", (), {"dashboard_link": link, "cluster": None})()  # Client(address)
+    own = type("Client", (), {"dashboard_link": link, "cluster": object()})()  # LocalCluster, SLURMCluster
+    real_find_spec = cohort_module.importlib.util.find_spec
+    for bokeh in (True, False):
+        monkeypatch.setattr(cohort_module.importlib.util, "find_spec",
+                            lambda name, *a: (real_find_spec(name, *a) if name != "bokeh" else object() if bokeh
+                                              else None))
+        if bokeh:
+            assert cohort_module._dashboard(apart) == cohort_module._dashboard(own) == link
+        else:
+            assert cohort_module._dashboard(own) == f"{link} once bokeh is installed (pip install " \
+                                                   "nucleiseg-monai[cluster])"
+            # the scheduler started apart has an environment of its own, which may well have bokeh
+            assert cohort_module._dashboard(apart) == f"{link} (where the scheduler's environment has bokeh: " \
+                                                     "pip install bokeh there)"
 
 
 def test_dask_info_stays_out_of_the_log_unless_debug_is_asked_for(caplog):
