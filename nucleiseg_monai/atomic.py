@@ -10,7 +10,6 @@ The SHA-256 of a stream (``copy_hashed``, ``sha256_file``) is here too: copies a
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil
 
 
 def umask() -> int:
@@ -45,9 +46,13 @@ class AtomicFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_temporary_prefix(self.path),
                                    suffix=f".tmp{self.path.suffix}")
-        # mkstemp makes the file private (0600); results are meant to be shared like any file this user writes
-        os.fchmod(fd, 0o666 & ~umask())
-        os.close(fd)
+        try:
+            # mkstemp makes the file private (0600) where modes exist; results are meant to be shared like any file
+            # this user writes. Windows has no modes to set, and Python 3.11-3.12 no os.fchmod there
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o666 & ~umask())
+        finally:
+            os.close(fd)
         self.tmp = Path(tmp)
 
     def sync(self) -> None:
@@ -157,14 +162,9 @@ def host_name() -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (anyone's); True where that cannot be asked safely."""
-    if os.name != "posix":  # Windows' os.kill(pid, 0) does not ask: it terminates the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno == errno.EPERM  # exists, owned by someone else
-    return True
+    """Whether process ``pid`` runs on this machine (anyone's), on any system: Windows' ``os.kill(pid, 0)`` would
+    not ask but terminate the process."""
+    return psutil.pid_exists(pid)
 
 
 def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> list[Path]:
@@ -179,6 +179,7 @@ def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> lis
     if not folder.is_dir():
         return []
     now, host, removed = time.time(), host_name(), []
+    uid = os.getuid() if hasattr(os, "getuid") else None  # Windows has no owner ids (st_uid is 0)
     for path in folder.iterdir():
         match = TEMPORARY_NAME.match(path.name)
         if match is None:
@@ -188,7 +189,7 @@ def remove_stale(folder: str | os.PathLike, older_than_s: float = 3600.0) -> lis
         except FileNotFoundError:  # its writer renamed or discarded it meanwhile
             continue
         is_folder = stat.S_ISDIR(info.st_mode)
-        if not (stat.S_ISREG(info.st_mode) or is_folder) or info.st_uid != os.getuid():
+        if not (stat.S_ISREG(info.st_mode) or is_folder) or (uid is not None and info.st_uid != uid):
             continue
         writer_gone = match["pid"] is not None and match["host"] == host and not process_alive(int(match["pid"]))
         if writer_gone or now - info.st_mtime > older_than_s:

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import re
-import resource
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import psutil
 from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
@@ -420,9 +421,15 @@ def _tissue_mm2(manifest: dict) -> float | None:
     return fraction * height * width * mpp**2 / 1e6
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this worker process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this worker process so far, MB; None where the system does not say."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # Windows: its peak working set
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+        return None if peak is None else peak / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------- on the client
@@ -656,7 +663,8 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
                     future.release()
                     send()
                     continue
-                summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
+                if peak is not None:
+                    summary.peak_rss_mb[worker] = max(peak, summary.peak_rss_mb.get(worker, 0.0))
                 if i in split and row["status"] == "done":  # its time from the split to its outputs, region tasks too
                     row["seconds"] = round(time.perf_counter() - split[i][0], 3)
             if row["status"] == "failed":

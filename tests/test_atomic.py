@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -32,3 +34,15 @@ def test_streamed_copies_are_hashed_and_stop_at_the_limit(tmp_path):
     assert dst.getvalue() == data
     (tmp_path / "f").write_bytes(data)
     assert atomic.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_files_are_written_and_stale_ones_found_without_posix_only_calls(tmp_path, monkeypatch):
+    """Windows has no os.getuid, and Python 3.11-3.12 no os.fchmod there: every write went through both."""
+    monkeypatch.delattr(os, "fchmod")
+    monkeypatch.delattr(os, "getuid")
+    path = atomic.write_json_atomic({"n": 1}, tmp_path / "a.json")
+    assert json.loads(path.read_text()) == {"n": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    stale = tmp_path / f".b.json.pid{2**22 + 1}@{atomic.host_name()}-abcd1234.tmp.json"
+    stale.write_bytes(b"")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert atomic.remove_stale(tmp_path) == [stale]
