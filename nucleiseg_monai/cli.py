@@ -602,7 +602,16 @@ def _mpp(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _printable_anywhere() -> None:
+    """Characters the console's encoding lacks (a path in another alphabet) printed as escapes, not an error:
+    Windows encodes output sent to a file or pipe in its ANSI code page, strictly."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_anywhere()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, settings = parser.parse_known_args(argv)

@@ -49,7 +49,8 @@ class Sample:
     label_kind: str  # "instance" or "binary"
 
     def record(self, root: Path | None = None) -> dict:
-        rel = (lambda p: os.path.relpath(p, root)) if root is not None else str
+        # "/" whatever system wrote it: a datalist travels in a bundle, and "\\" is part of a name on Linux and macOS
+        rel = (lambda p: Path(os.path.relpath(p, root)).as_posix()) if root is not None else str
         return {"image": rel(self.image), "label": rel(self.label), "label_kind": self.label_kind,
                 "name": self.name, "organ": self.organ}
 

@@ -214,7 +214,7 @@ class EvaluationReport:
             tmp.write_text(_csv([
                 *((src, m, parts[src], v) for src, ms in sources.items() for m, v in ms.items()),
                 *(("pooled", m, pooled_part, v) for m, v in pooled.items()),
-            ]))
+            ]), encoding="utf-8", newline="")  # the csv module ends its rows; Windows would add a second \r
         for src in originals:
             if parts[src] != self.split:
                 logger.info("%s has no %s tiles: its %s tiles are scored, and reported as %s", src, self.split,

@@ -166,7 +166,7 @@ def _metadata_version(bundle_dir: Path) -> str:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file} is missing: every bundle needs configs/metadata.json (MONAI spec)")
     try:
-        version = json.loads(meta_file.read_text()).get("version")
+        version = json.loads(meta_file.read_text(encoding="utf-8")).get("version")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ValueError(f"{meta_file} is not a JSON object ({e}); fix it before packing") from e
     if not isinstance(version, str) or not version:

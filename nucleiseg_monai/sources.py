@@ -791,8 +791,9 @@ def bundle_records(bundle: str | os.PathLike, data_root: str | os.PathLike | Non
     and its working pixel size (``microns_per_pixel`` of its metadata): the tiles its evaluation reports, for
     scripts that score them outside the evaluating workflow."""
     bundle = Path(bundle)
-    working = float(json.loads((bundle / "configs" / "metadata.json").read_text())["microns_per_pixel"])
-    datalist = json.loads((bundle / "models" / "datalist.json").read_text())
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    working = float(metadata["microns_per_pixel"])
+    datalist = json.loads((bundle / "models" / "datalist.json").read_text(encoding="utf-8"))
     records = evaluation_records(datalist, data_root or default_data_root(bundle), split, working, rescans)
     return records, working
 

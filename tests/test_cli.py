@@ -776,3 +776,17 @@ def test_datalist_reads_the_default_data_root_and_says_which(tmp_path, monkeypat
     assert f"data root {tmp_path / 'data'} ($NUCLEISEG_DATA" in caplog.text
     datalist = json.loads((tmp_path / "dl.json").read_text())
     assert sum(len(datalist[p]) for p in ("training", "validation", "test")) == 9
+
+
+def test_output_the_console_cannot_encode_is_escaped_not_an_error(monkeypatch):
+    # Windows writes output sent to a file or pipe in its ANSI code page, and strictly: a path in another alphabet
+    # ended the command with UnicodeEncodeError
+    raw = io.BytesIO()
+    console = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", console)
+    with pytest.raises(UnicodeEncodeError):
+        print("Łódź/slide.svs", file=console)
+    cli._printable_anywhere()
+    print("Łódź/slide.svs", file=console)
+    console.flush()
+    assert raw.getvalue().endswith(b"\\u0141\xf3d\\u017a/slide.svs\n")
