@@ -110,10 +110,31 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
             if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
                 raise ValueError(f"{path}, line {line}: slide name {name!r} would put outputs outside the output "
                                  "folder or hide them; give a plain file name (no /, \\ or leading .)")
+            if row.get("slide") and (not_portable := _not_portable(name)):  # a name typed, not a file's own
+                raise ValueError(f"{path}, line {line}: slide name {name!r} {not_portable}, so its outputs could not "
+                                 "be written or copied there; give another name in the 'slide' column")
             slides.append(Slide(_absolute(file), name, input_mpp))
     if not slides:
         raise ValueError(f"{path} lists no slides")
     return slides
+
+
+# Windows' file names: none of these characters, none of these device names (with any extension), no trailing dot
+# or space. A name of ':' would even write its outputs into a hidden stream of another file there
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                              *(f"LPT{i}" for i in range(1, 10))})
+
+
+def _not_portable(name: str) -> str | None:
+    """Why output files named ``name`` could not be written on Windows (or copied there), or None."""
+    bad = sorted({c for c in name if c in '<>:"|?*' or ord(c) < 32})
+    if bad:
+        return f"holds {' '.join(repr(c) for c in bad)}, which Windows does not allow in file names"
+    if name.split(".")[0].strip().upper() in WINDOWS_RESERVED:
+        return "is a device name on Windows"
+    if name.endswith((".", " ")):
+        return "ends in a dot or space, which Windows drops from file names"
+    return None
 
 
 def read_cohort(source: str | os.PathLike) -> list[Slide]:
@@ -537,15 +558,17 @@ def quiet_dask() -> Iterator[None]:
 
 def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]:
     """The indices of the slides to run, the first of each output name, and why each later one of a name is refused:
-    two slides would write one set of outputs."""
+    two slides would write one set of outputs. Names that differ only in case are one: macOS's and Windows' file
+    systems ignore case."""
     first: dict[str, str] = {}
     kept, clashes = [], {}
     for i, slide in enumerate(slides):
-        if slide.name in first:
-            clashes[i] = (f"same output name {slide.name!r} as {first[slide.name]}; give one of them another name "
+        key = slide.name.casefold()
+        if key in first:
+            clashes[i] = (f"same output name {slide.name!r} as {first[key]}; give one of them another name "
                           "(the 'slide' column of a slide list)")
         else:
-            first[slide.name] = slide.path
+            first[key] = slide.path
             kept.append(i)
     return kept, clashes
 

@@ -921,12 +921,12 @@ class SlidePredictor:
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
             name = path.stem
-            if name in seen:
-                message = f"same output name {name!r} as {seen[name]}; rename one of them"
+            if name.casefold() in seen:  # one file on macOS's and Windows' file systems, which ignore case
+                message = f"same output name {name!r} as {seen[name.casefold()]}; rename one of them"
                 logger.error("%sfailed on %s: %s", at, path, message)
                 summary.failed.append((str(path), message))
                 continue
-            seen[name] = path
+            seen[name.casefold()] = path
             try:
                 result = None
                 if self.overwrite or not self.finished(output_dir, name, path):
@@ -959,8 +959,8 @@ class SlidePredictor:
         at once (``finished`` names one)."""
         first: dict[str, Path] = {}  # the image a name's outputs belong to, as ``run`` takes it; later ones fail there
         for path in images:
-            first.setdefault(path.stem, path)
-        finished_outputs(output_dir, [(name, path, self) for name, path in first.items()])
+            first.setdefault(path.stem.casefold(), path)
+        finished_outputs(output_dir, [(path.stem, path, self) for path in first.values()])
 
 
 def finished_outputs(output_dir: str | os.PathLike,

@@ -12,6 +12,7 @@ cells, never zeros; a failed slide whose finished outputs are on disk keeps thei
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 
 from .atomic import atomic_path
 from .outputs import output_paths
+
+logger = logging.getLogger(__name__)
 
 # input_mpp is the slide list's, so that a run table read back as a slide list gives each slide its pixel size
 COLUMNS = ("slide", "path", "input_mpp", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei",
@@ -67,6 +70,7 @@ class RunTable:
         self.rows = [{c: row.get(c) for c in COLUMNS} for row in rows]
         self.share = share
         self._written, self._cost = -float("inf"), 0.0
+        self._held_open = False  # the last write failed for another program's hold on the file (said once)
 
     @staticmethod
     def read(path: str | os.PathLike) -> dict[str, dict]:
@@ -80,7 +84,15 @@ class RunTable:
     def update(self, index: int, row: dict) -> None:
         self.rows[index] = {c: row.get(c) for c in COLUMNS}
         if time.monotonic() - self._written >= self._cost / self.share:
-            self.flush()
+            try:
+                self.flush()
+            except PermissionError as err:  # Windows: the table open in Excel cannot be replaced; slides go on
+                if not self._held_open:
+                    logger.warning("%s could not be replaced (%s): close it in the program that holds it open; "
+                                   "it is written again as the next slide finishes", self.path, err)
+                self._held_open = True
+            else:
+                self._held_open = False
 
     def flush(self) -> Path:
         start = time.monotonic()

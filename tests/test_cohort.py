@@ -506,6 +506,16 @@ def test_slide_list_columns_relative_paths_and_errors(tmp_path):
         (tmp_path / "bad.csv").write_text(f"path,slide\nx.tif,{name}\n")
         with pytest.raises(ValueError, match=r"bad\.csv, line 2: slide name .* would put outputs outside"):
             read_slide_list(tmp_path / "bad.csv")
+    # names Windows cannot write: ':' would even hide the outputs in a stream of a file named 'Patient 3'
+    for name, why in (("Patient 3: block A", "holds ':', which Windows does not allow"),
+                      ('a<b>"c"', "holds '\"' '<' '>', which Windows does not allow"),
+                      ("con", "is a device name on Windows"), ("LPT1.case", "is a device name on Windows"),
+                      ("case 7.", "ends in a dot or space")):
+        (tmp_path / "bad.csv").write_text(f"path,slide\nx.tif,{name}\n")
+        with pytest.raises(ValueError, match=re.escape(f"bad.csv, line 2: slide name {name!r} {why}")):
+            read_slide_list(tmp_path / "bad.csv")
+    (tmp_path / "ok.csv").write_text("path,slide\nx.tif,case 7 (block A)\nconsole.svs,\n")
+    assert [s.name for s in read_slide_list(tmp_path / "ok.csv")] == ["case 7 (block A)", "console"]
 
 
 def test_a_slide_list_pixel_size_far_from_any_scans_is_warned_about_when_read(tmp_path, caplog):
@@ -760,6 +770,44 @@ def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_er
                            "of them another name (the 'slide' column of a slide list)") in said
     assert [m.split(";")[0] for _, m in said if " workers" in m] == [
         "2 slides on 2 workers (1 refused before starting)"]
+
+
+def test_output_names_that_differ_only_in_case_are_one_name():
+    # one set of files on macOS's and Windows' file systems: the second slide would overwrite or fight the first
+    slides = [Slide("/a/S01.svs", "S01"), Slide("/b/s01.svs", "s01"), Slide("/c/S02.svs", "S02")]
+    kept, clashes = cohort_module._first_of_each_name(slides)
+    assert kept == [0, 2] and clashes == {1: "same output name 's01' as /a/S01.svs; give one of them another name "
+                                             "(the 'slide' column of a slide list)"}
+
+
+def test_the_package_imports_and_runs_where_there_is_no_resource_module():
+    # Windows has none: every nucleiseg predict imported it through this module
+    # the libraries' own Linux modules import it here (psutil's does); on Windows they have their own
+    code = ("import sys, psutil, torch, monai, distributed\n"
+            "sys.modules['resource'] = None\n"
+            "from nucleiseg_monai import cohort\n"
+            "print(cohort._peak_rss_mb())")  # Linux's psutil has no peak working set: no figure, not a wrong one
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "None\n", done.stderr[-2000:]
+    assert 50 < cohort_module._peak_rss_mb() < 1e5  # here, in MB
+
+
+def test_a_run_table_another_program_holds_open_is_written_when_it_lets_go(tmp_path, monkeypatch, caplog):
+    """Windows cannot replace a file open in Excel: the cohort goes on, and says so once."""
+    table = RunTable(tmp_path / "run_table.csv", [{"slide": "a", "status": "pending"}, {"slide": "b"}], share=1e-9)
+    real_replace = os.replace
+
+    def held(src, dst):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(cohort_module.os, "replace", held)
+    for status in ("done", "failed"):
+        table.update(0, {"slide": "a", "status": status})
+    assert not table.path.exists() and [p.name for p in tmp_path.iterdir()] == []  # no temporary left
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"{table.path} could not be replaced"]
+    monkeypatch.setattr(cohort_module.os, "replace", real_replace)
+    table.update(1, {"slide": "b", "status": "done"})
+    assert [(r["slide"], r["status"]) for r in RunTable.read(table.path).values()] == [("a", "failed"), ("b", "done")]
 
 
 def test_a_slide_another_run_finished_after_the_task_looked_is_not_done_again(cohort, tmp_path, monkeypatch):

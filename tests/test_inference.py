@@ -641,6 +641,12 @@ def test_a_second_image_of_a_finished_name_fails_alone_and_refuses_no_run(tmp_pa
     assert again.skipped == [str(tmp_path / "in" / "tile0.png")]
     assert again.failed == [(str(tmp_path / "z" / "tile0.png"),
                              f"same output name 'tile0' as {tmp_path / 'in' / 'tile0.png'}; rename one of them")]
+    # a name differing only in case is the same files on macOS's and Windows' file systems
+    shutil.copy(tmp_path / "z" / "tile0.png", tmp_path / "z" / "TILE0.png")
+    cased = _predictor().run(str(tmp_path / "*" / "*0.png"), out)
+    assert cased.skipped == [str(tmp_path / "in" / "tile0.png")] and not cased.done
+    assert cased.failed[0] == (str(tmp_path / "z" / "TILE0.png"),
+                               f"same output name 'TILE0' as {tmp_path / 'in' / 'tile0.png'}; rename one of them")
 
 
 def test_mpp_for_files_that_state_none_leaves_outputs_of_files_that_state_theirs_finished(tmp_path):
