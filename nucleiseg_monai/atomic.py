@@ -33,6 +33,11 @@ def umask() -> int:
     return mask
 
 
+# Windows refuses to replace a file another program holds open: an antivirus scanner or the search indexer holds a
+# file just written for a moment, so there a replace is tried again for about 2 s before the error is raised
+REPLACE_WAITS_S = (0.05, 0.1, 0.25, 0.5, 1.0) if os.name == "nt" else ()
+
+
 class AtomicFile:
     """A temporary file beside ``path`` that becomes ``path`` on ``commit`` and vanishes on ``discard``.
 
@@ -60,8 +65,14 @@ class AtomicFile:
             os.fsync(f.fileno())
 
     def replace(self) -> Path:
-        os.replace(self.tmp, self.path)
-        return self.path
+        for wait in (*REPLACE_WAITS_S, None):
+            try:
+                os.replace(self.tmp, self.path)
+                return self.path
+            except PermissionError:
+                if wait is None:
+                    raise
+                time.sleep(wait)
 
     def commit(self) -> Path:
         self.sync()

@@ -84,13 +84,17 @@ class RunTable:
     def update(self, index: int, row: dict) -> None:
         self.rows[index] = {c: row.get(c) for c in COLUMNS}
         if time.monotonic() - self._written >= self._cost / self.share:
+            start = time.monotonic()
             try:
                 self.flush()
             except PermissionError as err:  # Windows: the table open in Excel cannot be replaced; slides go on
                 if not self._held_open:
-                    logger.warning("%s could not be replaced (%s): close it in the program that holds it open; "
-                                   "it is written again as the next slide finishes", self.path, err)
+                    logger.warning("%s could not be replaced (%s): close it in the program that holds it open; it "
+                                   "is tried again as slides finish, and when the cohort ends", self.path, err)
                 self._held_open = True
+                # paced as a write: each try may wait out Windows' retries (atomic.REPLACE_WAITS_S)
+                self._written = time.monotonic()
+                self._cost = max(self._cost, self._written - start)
             else:
                 self._held_open = False
 

@@ -46,3 +46,26 @@ def test_files_are_written_and_stale_ones_found_without_posix_only_calls(tmp_pat
     stale.write_bytes(b"")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert atomic.remove_stale(tmp_path) == [stale]
+
+
+def test_a_replace_windows_refuses_for_a_moment_is_tried_again_and_nowhere_else(tmp_path, monkeypatch):
+    """An antivirus scanner holding a new file: Windows refuses the replace (WinError 32) until it lets go."""
+    real_replace, refusals, waits = os.replace, [], []
+
+    def held_twice(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", held_twice)
+    monkeypatch.setattr(atomic.time, "sleep", waits.append)
+    monkeypatch.setattr(atomic, "REPLACE_WAITS_S", (0.05, 0.1, 0.25, 0.5, 1.0))  # Windows'
+    path = atomic.write_json_atomic({"n": 1}, tmp_path / "a.json")
+    assert json.loads(path.read_text()) == {"n": 1} and waits == [0.05, 0.1]
+    refusals.clear()
+    monkeypatch.setattr(atomic, "REPLACE_WAITS_S", ())  # elsewhere a refusal is no passing hold: raised at once
+    with pytest.raises(PermissionError):
+        atomic.write_json_atomic({"n": 2}, tmp_path / "a.json")
+    assert waits == [0.05, 0.1] and json.loads(path.read_text()) == {"n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left

@@ -809,6 +809,7 @@ def test_a_run_table_another_program_holds_open_is_written_when_it_lets_go(tmp_p
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"{table.path} could not be replaced"]
     monkeypatch.setattr(cohort_module.os, "replace", real_replace)
     table.update(1, {"slide": "b", "status": "done"})
+    table.flush()  # as the cohort's loop ends
     assert [(r["slide"], r["status"]) for r in RunTable.read(table.path).values()] == [("a", "failed"), ("b", "done")]
 
 
