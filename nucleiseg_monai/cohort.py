@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 
 from .errors import root_cause
 from .handlers import parse_bool
-from .inference import SlidePredictor, find_images, finished_outputs
+from .inference import SlidePredictor, find_images, finished_outputs, name_clashes, remove_leftovers_of_finished
 from .networks import require_weights
-from .outputs import ImageLock, manifest_path, outputs_complete
+from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -383,8 +383,7 @@ def _skipped_row(row: dict, output_dir: str | os.PathLike, slide: Slide, previou
     """``row`` of a slide whose outputs are finished, as skipped: with the figures of its ``previous`` run-table
     row where that row holds them (a resumed cohort of thousands does not read thousands of nuclei tables again),
     else with those of its outputs."""
-    remove_journal(output_dir, slide.name)  # one a task killed just after committing the outputs left
-    ImageLock(output_dir, slide.name).remove_if_stale()  # and its lock
+    remove_leftovers_of_finished(output_dir, slide.name)
     row = {**row, "status": "skipped", "seconds": None}
     if previous and previous.get("status") in FINISHED and previous.get("path") == slide.path:
         return {**previous, **row}
@@ -557,20 +556,12 @@ def quiet_dask() -> Iterator[None]:
 
 
 def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]:
-    """The indices of the slides to run, the first of each output name, and why each later one of a name is refused:
-    two slides would write one set of outputs. Names that differ only in case are one: macOS's and Windows' file
-    systems ignore case."""
-    first: dict[str, str] = {}
-    kept, clashes = [], {}
-    for i, slide in enumerate(slides):
-        key = slide.name.casefold()
-        if key in first:
-            clashes[i] = (f"same output name {slide.name!r} as {first[key]}; give one of them another name "
-                          "(the 'slide' column of a slide list)")
-        else:
-            first[key] = slide.path
-            kept.append(i)
-    return kept, clashes
+    """The indices of the slides to run, the first of each output name (``inference.name_clashes``), and why each
+    later one of a name is refused."""
+    clashes = name_clashes([(slide.name, slide.path) for slide in slides])
+    refused = {i: f"same output name {slides[i].name!r} as {first}; give one of them another name (the 'slide' "
+                  "column of a slide list)" for i, first in clashes.items()}
+    return [i for i in range(len(slides)) if i not in clashes], refused
 
 
 def _dashboard(client) -> str:

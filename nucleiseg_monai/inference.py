@@ -912,21 +912,20 @@ class SlidePredictor:
         _make_output_dir(output_dir)
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)
+        clashes = name_clashes([(path.stem, path) for path in images])  # later images of a name fail below
         if not self.overwrite:
-            self._refuse_other_settings(images, output_dir)
+            self._refuse_other_settings([p for i, p in enumerate(images) if i not in clashes], output_dir)
         summary = RunSummary()
-        seen: dict[str, Path] = {}
         start, total, busy = time.perf_counter(), len(images), 0.0
         for index, path in enumerate(images, 1):
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
             name = path.stem
-            if name.casefold() in seen:  # one file on macOS's and Windows' file systems, which ignore case
-                message = f"same output name {name!r} as {seen[name.casefold()]}; rename one of them"
+            if index - 1 in clashes:
+                message = f"same output name {name!r} as {clashes[index - 1]}; rename one of them"
                 logger.error("%sfailed on %s: %s", at, path, message)
                 summary.failed.append((str(path), message))
                 continue
-            seen[name.casefold()] = path
             try:
                 result = None
                 if self.overwrite or not self.finished(output_dir, name, path):
@@ -938,8 +937,7 @@ class SlidePredictor:
                 continue
             if result is None:
                 logger.info("%s%s: outputs complete in %s, skipped", at, path, output_dir)
-                remove_journal(output_dir, name)  # one a run killed just after committing the outputs left
-                ImageLock(output_dir, name).remove_if_stale()  # and its lock
+                remove_leftovers_of_finished(output_dir, name)
                 summary.skipped.append(str(path))
                 continue
             summary.done.append(result)
@@ -955,12 +953,31 @@ class SlidePredictor:
         return summary
 
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
-        """FileExistsError naming the images whose finished outputs record other weights or settings, all of them
-        at once (``finished`` names one)."""
-        first: dict[str, Path] = {}  # the image a name's outputs belong to, as ``run`` takes it; later ones fail there
-        for path in images:
-            first.setdefault(path.stem.casefold(), path)
-        finished_outputs(output_dir, [(path.stem, path, self) for path in first.values()])
+        """FileExistsError naming the images (each the first of its output name) whose finished outputs record other
+        weights or settings, all of them at once (``finished`` names one)."""
+        finished_outputs(output_dir, [(path.stem, path, self) for path in images])
+
+
+def name_clashes(named: Iterable[tuple[str, object]]) -> dict[int, object]:
+    """For each (output name, source) of ``named`` whose name an earlier one has taken: its index -> that earlier
+    one's source. Two images would write one set of outputs; names that differ only in case are one, since macOS's
+    and Windows' file systems ignore case."""
+    first: dict[str, object] = {}
+    clashes = {}
+    for i, (name, source) in enumerate(named):
+        key = name.casefold()
+        if key in first:
+            clashes[i] = first[key]
+        else:
+            first[key] = source
+    return clashes
+
+
+def remove_leftovers_of_finished(output_dir: str | os.PathLike, name: str) -> None:
+    """What a run killed just after committing image ``name``'s outputs left, for a run that skips the finished
+    image (and so takes no lock): its region journal, and its lock where the holder is gone."""
+    remove_journal(output_dir, name)
+    ImageLock(output_dir, name).remove_if_stale()
 
 
 def finished_outputs(output_dir: str | os.PathLike,
