@@ -31,7 +31,8 @@ from benchmarks.past_code import module_at  # noqa: E402
 from nucleiseg_monai import postprocess  # noqa: E402
 from nucleiseg_monai.atomic import write_json_atomic  # noqa: E402
 from nucleiseg_monai.data import read_image, read_instance_labels  # noqa: E402
-from nucleiseg_monai.inference import SlidePredictor, lattice_scale, to_read_grid  # noqa: E402
+from nucleiseg_monai.inference import SlidePredictor  # noqa: E402
+from nucleiseg_monai.scaling import lattice_scale, to_read_grid  # noqa: E402
 from nucleiseg_monai.metrics import instance_metrics  # noqa: E402
 from nucleiseg_monai.sources import bundle_records  # noqa: E402
 

@@ -45,9 +45,10 @@ import psutil
 from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
+from .earlier_outputs import finished_outputs, name_clashes, remove_leftovers_of_finished
 from .errors import root_cause
 from .handlers import parse_bool
-from .inference import SlidePredictor, find_images, finished_outputs, name_clashes, remove_leftovers_of_finished
+from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
@@ -556,7 +557,7 @@ def quiet_dask() -> Iterator[None]:
 
 
 def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]:
-    """The indices of the slides to run, the first of each output name (``inference.name_clashes``), and why each
+    """The indices of the slides to run, the first of each output name (``earlier_outputs.name_clashes``), and why each
     later one of a name is refused."""
     clashes = name_clashes([(slide.name, slide.path) for slide in slides])
     refused = {i: f"same output name {slides[i].name!r} as {first}; give one of them another name (the 'slide' "
@@ -811,7 +812,7 @@ def finished_slides(factory: Callable[[], SlidePredictor], slides: list[Slide], 
     """The names of ``slides`` whose outputs are finished with the weights and settings each would run with (its
     own pixel size from a slide list), for the client to skip them unsent: a worker builds its network before its
     first slide, even one it would skip. FileExistsError naming those of other weights or settings, before any
-    slide is sent out, as a single-process run refuses them (``inference.finished_outputs``). Empty with
+    slide is sent out, as a single-process run refuses them (``earlier_outputs.finished_outputs``). Empty with
     ``overwrite``, and for a factory that cannot give its settings unbuilt (``BundlePredictor.settings_predictor``):
     its workers check each slide as they take it. Where the workers are not ``local`` (this machine's processes),
     a slide whose outputs differ only in ``MACHINE_SETTINGS`` is sent out too, for its worker to decide."""

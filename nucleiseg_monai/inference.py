@@ -14,16 +14,11 @@ by slide area. With ``prefetch`` the network already runs on the next region (in
 thread) while this one is post-processed and written.
 
 One physical scale: the network and the watershed work at the model's pixel size (``mpp``, the *working* scale).
-The level closest to it is read; when its pixel size differs by more than ``SCALE_TOLERANCE``, each whole window
-(core and margin) is resampled to the working scale (bilinear, anti-aliased), analysed there, and its instance
-labels are mapped back (nearest: each read pixel takes the working pixel under its centre) before stitching, which
-then runs exactly as at the working scale on the read level's grid. So the label map, GeoJSON, CSV and overlay are
-all on the input's own grid, with its own pixel size. ``region_size`` and ``region_margin`` are working pixels,
-converted to read pixels per image, so a region costs the same whatever the file's scale and the margin still covers
-the largest nucleus. Seams stay exact: the scale is taken as a fraction p / q (the smallest denominator within
-``SCALE_TOLERANCE`` of the true ratio: 1 for 0.245-0.255 um/px, 2 for a 20x level, 6/5 for 0.3 um/px) and cores
-and margins are multiples of q read pixels, so every window starts on a whole working pixel and resamples exactly as
-the same pixels of the whole image would (``to_working_scale``, ``to_read_grid``).
+The level closest to it is read, and each window resampled to the working scale where the level's pixel size
+differs, its labels mapped back before stitching (``scaling``), so the label map, GeoJSON, CSV and overlay are all on
+the input's own grid, with its own pixel size. ``region_size`` and ``region_margin`` are working pixels, converted
+to read pixels per image, so a region costs the same whatever the file's scale and the margin still covers the
+largest nucleus.
 
 Each slide's result holds the seconds spent per phase (``PHASES``), measured by the predictor itself.
 """
@@ -48,34 +43,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.utils import convert_to_numpy
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, earlier_outputs
 from .atomic import remove_stale
 from .bundle import own_folder
 from .data import load_stats
+from .earlier_outputs import finished_outputs, name_clashes, remove_leftovers_of_finished
 from .handlers import parse_bool
 from .inferers import window_inferer
 from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
-from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, manifest_path,
-                      outputs_complete, remove_temporaries, source_fingerprint)
+from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries,
+                      source_fingerprint)
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
+from .scaling import SCALE_TOLERANCE, lattice_scale, to_read_grid, to_working_scale
 from .stitching import RegionGrid, RegionStitcher
 from .wsi import (OPEN_IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
                   tissue_mask)
 
 logger = logging.getLogger(__name__)
 
-# Resampling scales are fractions within this relative distance of the true ratio (one with a denominator of at
-# most 64 is always within 0.8%, so cores and margins grow by less than 64 read pixels). A read level this close to
-# the working pixel size is analysed as read: no resampling, so the common 40x case costs nothing extra and gives
-# exactly what it gave before resampling existed.
-SCALE_TOLERANCE = 0.02
 # The phases whose seconds each slide's result records: "watershed" is the instance step, "measurements" the
 # per-nucleus measurements with their GeoJSON / CSV lines and overlay drawing, "writing" the label BigTIFF and the
 # final moves into place.
@@ -179,52 +170,6 @@ def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:
             yield pending.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def lattice_scale(ratio: float) -> Fraction:
-    """``ratio`` as the fraction with the smallest denominator within ``SCALE_TOLERANCE`` of it: windows starting at
-    multiples of the denominator start on whole working pixels."""
-    candidates = [Fraction(max(1, round(ratio * q)), q) for q in range(1, 65)]
-    error = [abs(ratio / float(f) - 1.0) for f in candidates]
-    return next((f for f, e in zip(candidates, error) if e <= SCALE_TOLERANCE), candidates[int(np.argmin(error))])
-
-
-def to_working_scale(x: torch.Tensor, scale: Fraction) -> torch.Tensor:
-    """(N, C, h, w) float image -> (N, C, floor(h * scale), floor(w * scale)), bilinear, anti-aliased when shrinking.
-
-    The sample lattice is ``scale`` itself, not the ratio of the rounded sizes, so a window whose origin falls on a
-    whole working pixel is resampled exactly as the same pixels of the whole image.
-    """
-    if scale == 1:
-        return x
-    return F.interpolate(x, scale_factor=float(scale), mode="bilinear", antialias=True, align_corners=False,
-                         recompute_scale_factor=False)
-
-
-def to_read_grid(labels: np.ndarray, shape: tuple[int, int], scale: Fraction) -> np.ndarray:
-    """Working-scale labels -> labels of ``shape`` read pixels: each read pixel takes the working pixel under its
-    centre (nearest; ids are carried, never blended), in integer arithmetic so every window agrees on it."""
-    if scale == 1:
-        return labels
-    p, q = scale.numerator, scale.denominator
-    rows, cols = (np.minimum((2 * np.arange(n, dtype=np.int64) + 1) * p // (2 * q), m - 1)
-                  for n, m in zip(shape, labels.shape))
-    return labels[np.ix_(rows, cols)]
-
-
-def _record(output_dir: Path, name: str) -> dict:
-    """An image's completion record; empty when it cannot be read."""
-    try:
-        record = json.loads(manifest_path(output_dir, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _recorded_settings(output_dir: Path, name: str) -> dict | None:
-    """The settings in an image's completion record, None when it records none (outputs of an older version)."""
-    settings = _record(output_dir, name).get("settings")
-    return settings if isinstance(settings, dict) else None
 
 
 def _make_output_dir(output_dir: Path) -> None:
@@ -559,50 +504,8 @@ class SlidePredictor:
         """True when image ``name`` has complete outputs in ``output_dir`` made with this predictor's weights and
         settings (its completion record), from the file ``path`` when it is given; False when they are missing or
         incomplete; FileExistsError naming what differs when they were made otherwise (only ``overwrite`` replaces
-        them)."""
-        if not outputs_complete(output_dir, name):
-            return False
-        differing = self._differing(output_dir, name, path)
-        if differing:
-            raise FileExistsError(
-                f"{manifest_path(output_dir, name)}: the finished outputs of {name} were made with other weights or "
-                f"settings (differing: {', '.join(differing)}); pass --overwrite (overwrite=true) to replace them, "
-                f"or choose another output_dir{self._region_size_hint(output_dir, [name], differing)}"
-                f"{_source_hint(output_dir, [name], differing)}"
-            )
-        return True
-
-    def _differing(self, output_dir: str | os.PathLike, name: str, path: str | os.PathLike | None = None
-                   ) -> list[str]:
-        """What in the completion record of ``name`` differs from this predictor's settings, and "source file"
-        when ``path`` is not the file the outputs were made from (another image of the same name, or the same
-        one scanned again)."""
-        record = _record(Path(output_dir), name)
-        settings, recorded = self.settings(), record.get("settings")
-        if not isinstance(recorded, dict):
-            return ["not recorded (an older version's outputs)"]
-        differing = {k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k)}
-        if record.get("mpp_source") == "file" and not self.force_mpp:
-            # the file stated its pixel size, so --mpp did not touch these outputs, and without --force_mpp it would
-            # not touch them now
-            differing -= {"input_mpp", "force_mpp"}
-        fingerprint = record.get("source_fingerprint")  # absent in records older than it: not compared
-        if path is not None and fingerprint is not None and Path(path).is_file() and \
-                fingerprint != source_fingerprint(path):
-            differing.add("source file")
-        return sorted(differing)
-
-    @staticmethod
-    def _region_size_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:
-        """How to go on with the recorded region size, when only it differs: the default follows the CPU
-        (``default_region_size``), so outputs begun on another machine differ in it alone."""
-        if list(differing) != ["region_size"]:
-            return ""
-        sizes = sorted({(_recorded_settings(Path(output_dir), n) or {}).get("region_size") for n in names} - {None})
-        if len(sizes) != 1:
-            return ""
-        return (f"; region_size is chosen for this CPU unless set, and these were made with {sizes[0]}: "
-                f"--set predictor#planner#region_size={sizes[0]} goes on with them")
+        them; ``earlier_outputs.finished``)."""
+        return earlier_outputs.finished(self, output_dir, name, path)
 
     # ------------------------------------------------------------------------------------------ one window
 
@@ -956,65 +859,6 @@ class SlidePredictor:
         """FileExistsError naming the images (each the first of its output name) whose finished outputs record other
         weights or settings, all of them at once (``finished`` names one)."""
         finished_outputs(output_dir, [(path.stem, path, self) for path in images])
-
-
-def name_clashes(named: Iterable[tuple[str, object]]) -> dict[int, object]:
-    """For each (output name, source) of ``named`` whose name an earlier one has taken: its index -> that earlier
-    one's source. Two images would write one set of outputs; names that differ only in case are one, since macOS's
-    and Windows' file systems ignore case."""
-    first: dict[str, object] = {}
-    clashes = {}
-    for i, (name, source) in enumerate(named):
-        key = name.casefold()
-        if key in first:
-            clashes[i] = first[key]
-        else:
-            first[key] = source
-    return clashes
-
-
-def remove_leftovers_of_finished(output_dir: str | os.PathLike, name: str) -> None:
-    """What a run killed just after committing image ``name``'s outputs left, for a run that skips the finished
-    image (and so takes no lock): its region journal, and its lock where the holder is gone."""
-    remove_journal(output_dir, name)
-    ImageLock(output_dir, name).remove_if_stale()
-
-
-def finished_outputs(output_dir: str | os.PathLike,
-                     images: Iterable[tuple[str, str | os.PathLike, SlidePredictor]],
-                     undecided: Iterable[str] = ()) -> set[str]:
-    """The names of ``images`` (output name, file, the predictor that would run it) whose outputs in ``output_dir``
-    are complete and made with that predictor's weights and settings; FileExistsError naming all those made with
-    other weights or settings at once, before any image is read. Each image has its own predictor because a
-    cohort's slide list gives each slide its pixel size. An image whose outputs differ only in settings named in
-    ``undecided`` is neither: whoever runs it decides (a cohort's client cannot tell what its remote workers
-    resolve)."""
-    output_dir = Path(output_dir)
-    complete = [(name, path, predictor) for name, path, predictor in images if outputs_complete(output_dir, name)]
-    differing = {name: keys for name, path, predictor in complete
-                 if (keys := predictor._differing(output_dir, name, path))}
-    later = {name for name, keys in differing.items() if set(keys) <= set(undecided)}
-    differing = {name: keys for name, keys in differing.items() if name not in later}
-    if differing:
-        names = list(differing)
-        keys = sorted({k for ks in differing.values() for k in ks})
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise FileExistsError(
-            f"{output_dir} holds finished outputs of {listed} made with other weights or settings "
-            f"(differing: {', '.join(keys)}); pass --overwrite (overwrite=true) to replace them, or choose "
-            f"another output_dir{SlidePredictor._region_size_hint(output_dir, names, keys)}"
-            f"{_source_hint(output_dir, names, keys)}"
-        )
-    return {name for name, _, _ in complete if name not in later}
-
-
-def _source_hint(output_dir: str | os.PathLike, names: list[str], differing: Iterable[str]) -> str:
-    """Which file the outputs were made from, when the input is another (``_differing``'s "source file")."""
-    if "source file" not in differing:
-        return ""
-    sources = [s for s in (_record(Path(output_dir), n).get("source") for n in names) if s][:3]
-    return (f"; the outputs were made from {', '.join(sources)}: another image of the same name, or this one "
-            "changed since" if sources else "")
 
 
 def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.ndarray]

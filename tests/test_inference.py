@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import shutil
-from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,10 +16,9 @@ from skimage import io as skio
 from skimage.measure import label as connected_components
 from skimage.transform import downscale_local_mean, rescale
 
-from nucleiseg_monai import inference, runtimes
+from nucleiseg_monai import inference, runtimes, scaling
 from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
-                                       lattice_scale, predictor_ids, raise_on_failure, to_read_grid,
-                                       to_working_scale, weights_sha256)
+                                       predictor_ids, raise_on_failure, weights_sha256)
 from nucleiseg_monai.inferers import FlipInferer
 from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.outputs import OutputOptions
@@ -527,37 +525,12 @@ def test_at_the_working_scale_nothing_is_resampled(tmp_path, monkeypatch):
     def no_resampling(*args, **kwargs):
         raise AssertionError("resampled at the working scale")
 
-    monkeypatch.setattr(inference, "F", SimpleNamespace(interpolate=no_resampling))
+    monkeypatch.setattr(scaling, "F", SimpleNamespace(interpolate=no_resampling))
     for mpp in (0.25, 0.2527, 0.2451):
         _write_tif(tmp_path / f"{mpp}.tif", rgb, mpp)
         result = predictor.predict_slide(tmp_path / f"{mpp}.tif", tmp_path / "o")
         assert result.scale == 1.0 and result.mpp == pytest.approx(mpp)
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "o" / f"{mpp}.labels.tif"), expected)
-
-
-def test_scales_are_fractions_whose_windows_resample_like_the_whole_image():
-    assert [lattice_scale(r / 0.25) for r in (0.5, 1.0, 0.3, 0.125, 0.2527, 0.2451)] == \
-        [2, 4, Fraction(6, 5), Fraction(1, 2), 1, 1]
-    for ratio in np.exp(np.linspace(np.log(0.1), np.log(40), 2000)):
-        scale = lattice_scale(ratio)
-        if abs(ratio - 1) <= 0.02:
-            assert scale == 1  # analysed as read
-        else:
-            assert abs(ratio / scale - 1) <= 0.02 and scale.denominator <= 64
-    rng = np.random.default_rng(0)
-    image = torch.from_numpy(rng.uniform(0, 255, (1, 3, 150, 180)).astype(np.float32))
-    for scale in (Fraction(2), Fraction(6, 5), Fraction(1, 2), Fraction(17, 16)):
-        p, q = scale.numerator, scale.denominator
-        y, x, h, w = 2 * q, 3 * q, 4 * q, 3 * q  # a window on the lattice: origin a multiple of q
-        whole, part = to_working_scale(image, scale), to_working_scale(image[..., y:y + h, x:x + w], scale)
-        wy, wx, wh, ww = (v * p // q for v in (y, x, h, w))
-        assert part.shape[-2:] == (wh, ww)
-        inner = (..., slice(3, -3), slice(3, -3))  # away from the window's border, where context differs
-        # equal up to float32 rounding of the lattice coordinates (values are on the 0-255 scale)
-        torch.testing.assert_close(part[inner], whole[..., wy:wy + wh, wx:wx + ww][inner], atol=1e-2, rtol=0)
-        labels = rng.integers(0, 50, whole.shape[-2:])
-        np.testing.assert_array_equal(to_read_grid(labels[wy:wy + wh, wx:wx + ww], (h, w), scale),
-                                      to_read_grid(labels, image.shape[-2:], scale)[y:y + h, x:x + w])
 
 
 # ---------------------------------------------------------------------------------------------- honest runs
