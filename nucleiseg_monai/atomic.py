@@ -50,7 +50,7 @@ class AtomicFile:
         if make_folder:  # else a missing folder raises FileNotFoundError
             self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_temporary_prefix(self.path),
-                                   suffix=f".tmp{self.path.suffix}")
+                                   suffix=_temporary_suffix(self.path))
         try:
             # mkstemp makes the file private (0600) where modes exist; results are meant to be shared like any file
             # this user writes. Windows has no modes to set, and Python 3.11-3.12 no os.fchmod there
@@ -163,9 +163,26 @@ def sha256_file(path: str | os.PathLike) -> str:
 TEMPORARY_NAME = re.compile(r"^\..+\.(?:pid(?P<pid>\d+)@(?P<host>\w*)-)?[A-Za-z0-9_]{8}\.tmp(?:\.[^.]*)?$")
 
 
-def _temporary_prefix(path: Path) -> str:
-    """``.<name>.pid<writer pid>@<host>-``: the start of every temporary name here (``TEMPORARY_NAME`` reads it)."""
-    return f".{path.name}.pid{os.getpid()}@{host_name()}-"
+def _temporary_prefix(path: Path, pid: int | None = None) -> str:
+    """``.<name>.pid<writer pid>@<host>-``: the start of every temporary name here (``TEMPORARY_NAME`` reads it);
+    the writer is this process unless ``pid`` is given."""
+    return f".{path.name}.pid{os.getpid() if pid is None else pid}@{host_name()}-"
+
+
+def _temporary_suffix(path: Path) -> str:
+    return f".tmp{path.suffix}"
+
+
+# Linux's process ids stay below 2**22 (4,194,304), Windows' in practice far below: 7 digits
+LONGEST_PID = 9_999_999
+RANDOM_CHARS = 8  # what mkstemp puts between the prefix and the suffix
+
+
+def longest_temporary(path: str | os.PathLike) -> Path:
+    """The longest name ``AtomicFile`` may give the temporary file of ``path`` on this host (its name, a 7-digit
+    process id): what a path limit must allow for besides ``path`` itself (``path_limit``)."""
+    path = Path(path)
+    return path.with_name(f"{_temporary_prefix(path, LONGEST_PID)}{'x' * RANDOM_CHARS}{_temporary_suffix(path)}")
 
 
 def host_name() -> str:

@@ -83,6 +83,12 @@ def iter_tiles(labels: np.ndarray, tile: int) -> Iterator[np.ndarray]:
 LEVEL_BUFFER_IN_MEMORY = 64 << 20
 
 
+def level_buffer(labels: Path) -> Path:
+    """Where ``_ReducedLevel`` buffers a level of label BigTIFF ``labels`` too large for memory: only ever under its
+    temporary name, removed once the BigTIFF is written."""
+    return labels.with_name(f"{labels.name}.levels")
+
+
 def ceil_div(a: int, b: int) -> int:
     """``a / b`` rounded up, in integers: exact for any size, where ``math.ceil(a / b)`` goes through a float."""
     return -(-a // b)
@@ -116,7 +122,7 @@ class _ReducedLevel:
         if self.shape[0] * self.shape[1] * 4 <= LEVEL_BUFFER_IN_MEMORY:
             self.buffer: IO[bytes] = io.BytesIO()
             return
-        self._file = AtomicFile(final.with_name(f"{final.name}.levels"))
+        self._file = AtomicFile(level_buffer(final))
         try:
             self.buffer = open(self._file.tmp, "w+b")
         except BaseException:

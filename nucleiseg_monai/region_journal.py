@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".regions"
 KEY_FILE = "key.json"
+KEY_HASH_CHARS = 16  # of the key's hash, in hex: the name of its folder
 REGION_FILE = re.compile(r"^r(\d+)-(\d+)\.npy\.z$")
 
 Region = tuple[int, int]
@@ -170,7 +171,12 @@ class RegionJournal:
         return packed
 
     def _path(self, ij: Region) -> Path:
-        return self.folder / f"r{int(ij[0])}-{int(ij[1])}.npy.z"
+        return self.folder / region_file(ij)
+
+
+def region_file(ij: Region) -> str:
+    """The name of region ij's file in a key's folder (``REGION_FILE`` reads it)."""
+    return f"r{int(ij[0])}-{int(ij[1])}.npy.z"
 
 
 def _normalised(key: dict) -> dict:
@@ -178,7 +184,7 @@ def _normalised(key: dict) -> dict:
 
 
 def _key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:KEY_HASH_CHARS]
 
 
 def _discard(folder: Path, key: dict, name: str) -> None:
