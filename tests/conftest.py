@@ -1,4 +1,7 @@
+import contextlib
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,38 @@ def openvino_cache_dir(tmp_path_factory) -> Path:
         os.environ.pop("NUCLEISEG_CACHE_DIR", None)
     else:
         os.environ["NUCLEISEG_CACHE_DIR"] = previous
+
+
+class Registry(types.ModuleType):
+    """Windows' ``winreg`` with one key, HKLM\\SYSTEM\\CurrentControlSet\\Control\\FileSystem, holding ``values``
+    (None: the key cannot be opened)."""
+
+    HKEY_LOCAL_MACHINE = 0x80000002
+
+    def __init__(self):
+        super().__init__("winreg")
+        self.values: dict | None = {}
+
+    def OpenKey(self, key, sub_key):
+        if self.values is None or (key, sub_key) != (self.HKEY_LOCAL_MACHINE,
+                                                     r"SYSTEM\CurrentControlSet\Control\FileSystem"):
+            raise PermissionError(13, "Access is denied")
+        return contextlib.nullcontext(sub_key)
+
+    def QueryValueEx(self, key, name):
+        if name not in self.values:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        return self.values[name], 4  # REG_DWORD
+
+
+@pytest.fixture
+def windows(monkeypatch) -> Registry:
+    """This process as ``path_limit`` sees Windows without long paths enabled (the default): sys.platform win32 and
+    a registry whose FileSystem key holds no LongPathsEnabled value until the test sets one."""
+    registry = Registry()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "winreg", registry)
+    return registry
 
 
 @pytest.fixture(scope="session")
