@@ -57,6 +57,7 @@ from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries,
                       source_fingerprint)
+from .path_limit import path_too_long
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
@@ -806,28 +807,33 @@ class SlidePredictor:
 
         Before any image is read, the output folder is created (or the run refused, once) and finished outputs
         there are checked against this predictor's ``settings``: outputs of other weights or settings refuse the
-        run unless ``overwrite``. Images whose outputs are complete are then skipped (unless ``overwrite``); an
-        image that fails is logged with its path and error and the others go on. ``summary.failed`` lists
-        failures, so a caller can exit non-zero.
+        run unless ``overwrite``. An image whose output name an earlier one has taken (``name_clashes``), or whose
+        outputs' paths Windows would refuse here (``path_limit.path_too_long``), fails without being read. Images
+        whose outputs are complete are then skipped (unless ``overwrite``); an image that fails is logged with its
+        path and error and the others go on. ``summary.failed`` lists failures, so a caller can exit non-zero.
         """
         output_dir = Path(output_dir)
         images = find_images(input)
         _make_output_dir(output_dir)
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)
-        clashes = name_clashes([(path.stem, path) for path in images])  # later images of a name fail below
+        # later images of a name, and images whose paths Windows would refuse here, fail below
+        refused = {i: f"same output name {images[i].stem!r} as {first}; rename one of them"
+                   for i, first in name_clashes([(path.stem, path) for path in images]).items()}
+        for i, path in enumerate(images):
+            if i not in refused and (too_long := path_too_long(output_dir, path.stem)):
+                refused[i] = too_long
         if not self.overwrite:
-            self._refuse_other_settings([p for i, p in enumerate(images) if i not in clashes], output_dir)
+            self._refuse_other_settings([p for i, p in enumerate(images) if i not in refused], output_dir)
         summary = RunSummary()
         start, total, busy = time.perf_counter(), len(images), 0.0
         for index, path in enumerate(images, 1):
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
             name = path.stem
-            if index - 1 in clashes:
-                message = f"same output name {name!r} as {clashes[index - 1]}; rename one of them"
-                logger.error("%sfailed on %s: %s", at, path, message)
-                summary.failed.append((str(path), message))
+            if index - 1 in refused:
+                logger.error("%sfailed on %s: %s", at, path, refused[index - 1])
+                summary.failed.append((str(path), refused[index - 1]))
                 continue
             try:
                 result = None

@@ -1,9 +1,12 @@
+import contextlib
 import csv
+import functools
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,12 +19,13 @@ from skimage import io as skio
 from skimage.measure import label as connected_components
 from skimage.transform import downscale_local_mean, rescale
 
-from nucleiseg_monai import inference, runtimes, scaling
+from nucleiseg_monai import inference, outputs, runtimes, scaling
 from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
                                        predictor_ids, raise_on_failure, weights_sha256)
 from nucleiseg_monai.inferers import FlipInferer
 from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.outputs import OutputOptions
+from nucleiseg_monai.path_limit import written_paths
 from nucleiseg_monai.synthetic import make_slide, make_tile
 from nucleiseg_monai.transforms import encode_three_class
 from nucleiseg_monai.wsi import open_image
@@ -660,6 +664,75 @@ def test_an_output_folder_that_cannot_be_created_is_reported_before_any_image_is
     with pytest.raises(OSError, match=r"cannot create the output folder .*taken/out .*--output_dir"):
         _predictor().run(tmp_path / "in", tmp_path / "taken" / "out")
     assert opened == []
+
+
+def test_an_image_whose_paths_windows_would_refuse_fails_before_any_image_is_read(tmp_path, monkeypatch, caplog,
+                                                                                   windows):
+    (tmp_path / "in").mkdir()
+    long = "S" * 200  # as a laboratory system's slide names may be
+    for name in ("a", long):
+        (tmp_path / "in" / f"{name}.png").write_bytes(b"")
+    read = []
+    monkeypatch.setattr(SlidePredictor, "predict_slide", lambda self, path, *args, **kwargs: read.append(path.name))
+    summary = _predictor().run(tmp_path / "in", tmp_path / "out")
+    assert read == ["a.png"]
+    [(path, error)] = summary.failed
+    assert path == str(tmp_path / "in" / f"{long}.png")
+    assert error.startswith(f"output name {long!r} needs paths of up to ") and "LongPathsEnabled" in error
+    assert f"[1/2] failed on {path}: {error}" in caplog.messages
+
+
+_RECORDINGS: list[list[str]] = []  # those of the ``_paths_used`` blocks in progress
+_PATH_ARGUMENTS = {"open": 1, "os.mkdir": 1, "os.rename": 2, "os.replace": 2, "os.link": 2}
+
+
+def _record_paths(event: str, args: tuple) -> None:
+    if _RECORDINGS and event in _PATH_ARGUMENTS:
+        _RECORDINGS[-1] += [os.fsdecode(a) for a in args[:_PATH_ARGUMENTS[event]]
+                            if isinstance(a, (str, bytes, os.PathLike))]
+
+
+@functools.cache
+def _hooked() -> None:
+    sys.addaudithook(_record_paths)  # for the life of the process: a hook cannot be removed
+
+
+@contextlib.contextmanager
+def _paths_used():
+    """The paths opened, made, renamed or linked to in the block, by any thread."""
+    _hooked()
+    _RECORDINGS.append([])
+    try:
+        yield _RECORDINGS[-1]
+    finally:
+        _RECORDINGS.pop()
+
+
+# the parts of the names a run writes that vary, and their longest as ``path_limit.written_paths`` counts them
+VARYING = ((re.compile(r"\.pid\d+@(\w*)-[A-Za-z0-9_]{8}\.tmp"), r".pid9999999@\1-xxxxxxxx.tmp"),
+           (re.compile(r"^(\.?)r\d+-\d+\.npy"), r"\1r99999-99999.npy"), (re.compile(r"^[0-9a-f]{16}$"), "0" * 16))
+
+
+def _at_the_longest(path: str, folder: Path) -> str:
+    parts = Path(path).relative_to(folder).parts
+    for pattern, longest in VARYING:
+        parts = [pattern.sub(longest, part) for part in parts]
+    return str(folder.joinpath(*parts))
+
+
+def test_every_path_a_run_writes_is_one_the_path_limit_counts(tmp_path, monkeypatch):
+    """What a run opens, makes or renames in its output folder, its varying parts (process id, mkstemp's
+    characters, the key's hash, region indices) at their longest, is one of ``path_limit.written_paths`` or a
+    folder of theirs: an output added later cannot escape the check."""
+    monkeypatch.setattr(outputs, "LEVEL_BUFFER_IN_MEMORY", 0)  # the level buffered in a file, as a slide's is
+    _write_tif(tmp_path / "slide.tif", _oracle_image(make_slide((640, 640), seed=3).labels()), 0.25)
+    out = tmp_path / "out"
+    with _paths_used() as used:
+        assert _predictor().run(tmp_path / "slide.tif", out).ok  # 3 x 3 regions: its journal is kept
+    written = {_at_the_longest(p, out) for p in used if p.startswith(f"{out}{os.sep}")}
+    counted = {str(p) for p in written_paths(out, "slide")}
+    assert written - counted - {str(f) for p in written_paths(out, "slide") for f in p.parents} == set()
+    assert counted - written == {str(out / "slide.labels.tif.levels")}  # only ever under its temporary name
 
 
 def test_16_bit_rgb_is_scaled_to_8_bit_and_greyscale_refused(tmp_path, caplog):
