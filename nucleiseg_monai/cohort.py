@@ -51,6 +51,7 @@ from .handlers import parse_bool
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
+from .path_limit import path_too_long
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -556,13 +557,17 @@ def quiet_dask() -> Iterator[None]:
         dask_logger.setLevel(level)
 
 
-def _first_of_each_name(slides: list[Slide]) -> tuple[list[int], dict[int, str]]:
-    """The indices of the slides to run, the first of each output name (``earlier_outputs.name_clashes``), and why each
-    later one of a name is refused."""
+def _runnable(slides: list[Slide], output_dir: Path) -> tuple[list[int], dict[int, str]]:
+    """The indices of the slides to run and why each other one is refused before starting: a later one of an
+    output name (``earlier_outputs.name_clashes``), or one whose outputs' paths in ``output_dir`` Windows would refuse
+    here (``path_limit.path_too_long``)."""
     clashes = name_clashes([(slide.name, slide.path) for slide in slides])
     refused = {i: f"same output name {slides[i].name!r} as {first}; give one of them another name (the 'slide' "
                   "column of a slide list)" for i, first in clashes.items()}
-    return [i for i in range(len(slides)) if i not in clashes], refused
+    for i, slide in enumerate(slides):
+        if i not in refused and (too_long := path_too_long(output_dir, slide.name)):
+            refused[i] = too_long
+    return [i for i in range(len(slides)) if i not in refused], refused
 
 
 def _dashboard(client) -> str:
@@ -587,24 +592,26 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     settings are skipped (unless ``overwrite``), their figures kept from the previous run table; where the factory
     gives its settings (``finished_slides``), they are found here and never sent out, and finished outputs of
     other weights or settings stop the run before anything is sent out or written, as a single-process run stops.
+    A later slide of an output name, and one whose outputs' paths Windows would refuse here, fail unsent
+    (``_runnable``).
 
     A slide of more than ``split_above_mpx`` megapixels (None: never) becomes two region tasks per worker thread
     (contiguous bands of its regions) and one merge task that stitches and writes it (``region_tasks``).
 
-    ``finished``: what ``finished_slides`` has just given for these slides' first of each name
-    (``predict_cohort`` asks before it starts a cluster), so that every slide's manifest is not read twice.
+    ``finished``: what ``finished_slides`` has just given for the slides to run (``_runnable``; ``predict_cohort``
+    asks before it starts a cluster), so that every slide's manifest is not read twice.
     """
     check_factory(factory)
     factory = pin_factory(factory)
     output_dir = Path(output_dir).resolve()
     table_path = Path(table) if table else output_dir / RUN_TABLE
     previous = RunTable.read(table_path)
-    waiting, clashes = _first_of_each_name(slides)
+    waiting, refusals = _runnable(slides, output_dir)
     rows, futures = [], {}
     for i, slide in enumerate(slides):
         row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "status": "pending"}
-        if i in clashes:
-            row.update(status="failed", error=clashes[i])
+        if i in refusals:
+            row.update(status="failed", error=refusals[i])
             logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
         rows.append(row)
     local = isinstance(getattr(client, "cluster", None), LocalCluster)
@@ -889,9 +896,9 @@ def predict_cohort(source: str | os.PathLike, output_dir: str | os.PathLike, fac
     slides = read_cohort(source)
     # before a cluster is started in vain: on a batch system its jobs would be queued and waited for first
     check_factory(factory)
-    firsts = [slides[i] for i in _first_of_each_name(slides)[0]]
-    finished = finished_slides(pin_factory(factory), firsts, Path(output_dir).resolve(), overwrite,
-                               local=scheduler is None)
+    output_dir = Path(output_dir).resolve()
+    runnable = [slides[i] for i in _runnable(slides, output_dir)[0]]
+    finished = finished_slides(pin_factory(factory), runnable, output_dir, overwrite, local=scheduler is None)
     with dask_client(workers, scheduler, retries, dashboard_address) as (client, torch_threads):
         summary = run_cohort(client, slides, output_dir, factory, table, retries, torch_threads, overwrite, progress,
                              split_above_mpx, finished)

@@ -776,7 +776,7 @@ def test_two_slides_of_one_output_name_count_both_and_the_refused_one_logs_an_er
 def test_output_names_that_differ_only_in_case_are_one_name():
     # one set of files on macOS's and Windows' file systems: the second slide would overwrite or fight the first
     slides = [Slide("/a/S01.svs", "S01"), Slide("/b/s01.svs", "s01"), Slide("/c/S02.svs", "S02")]
-    kept, clashes = cohort_module._first_of_each_name(slides)
+    kept, clashes = cohort_module._runnable(slides, Path("/out"))
     assert kept == [0, 2] and clashes == {1: "same output name 's01' as /a/S01.svs; give one of them another name "
                                              "(the 'slide' column of a slide list)"}
 
@@ -1053,6 +1053,38 @@ def test_the_check_before_the_cluster_is_the_one_run_cohort_uses(tmp_path, monke
     assert [(row["slide"], row["status"], row["nuclei"]) for row in summary.rows] == [("a", "skipped", "7"),
                                                                                      ("b", "done", 3)]
     assert "2 slides on 2 workers (1 already complete)" in caplog.text
+
+
+def test_a_slide_whose_paths_windows_would_refuse_fails_before_anything_is_sent_out(tmp_path, monkeypatch, caplog,
+                                                                                     windows):
+    monkeypatch.setattr(cohort_module, "as_completed", _AsCompleted)
+    asked, sent = [], []
+
+    def finished_slides(factory, slides, output_dir, overwrite, local):
+        asked.append([s.name for s in slides])
+        return set()
+
+    class Sending(_Client):
+        def submit(self, fn, factory, slide, *args, **kwargs):
+            sent.append(slide.name)
+            return super().submit(fn, factory, slide, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def dask_client(*args):
+        yield Sending(), 1
+
+    monkeypatch.setattr(cohort_module, "finished_slides", finished_slides)
+    monkeypatch.setattr(cohort_module, "dask_client", dask_client)
+    long = "S" * 200  # as a laboratory system's slide names may be
+    (tmp_path / "slides.csv").write_text(f"path,slide\na.tif,short\nb.tif,{long}\n")
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.cohort"):
+        summary = predict_cohort(tmp_path / "slides.csv", tmp_path / "out", lambda: None, progress=False)
+    assert asked == [["short"]] and sent == ["short"]
+    assert [row["status"] for row in summary.rows] == ["done", "failed"]
+    error = summary.rows[1]["error"]
+    assert error.startswith(f"output name {long!r} needs paths of up to ") and "LongPathsEnabled" in error
+    assert f"failed on {tmp_path / 'b.tif'}: {error}" in caplog.messages
+    assert "2 slides on 2 workers (1 refused before starting)" in caplog.text
 
 
 class _Remembering(_Client):
