@@ -45,13 +45,12 @@ import psutil
 from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
-from .earlier_outputs import finished_outputs, name_clashes, remove_leftovers_of_finished
+from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .errors import root_cause
 from .handlers import parse_bool
 from .inference import SlidePredictor, find_images
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
-from .path_limit import path_too_long
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
 from .run_table import FINISHED, RunTable, figures
@@ -559,14 +558,10 @@ def quiet_dask() -> Iterator[None]:
 
 def _runnable(slides: list[Slide], output_dir: Path) -> tuple[list[int], dict[int, str]]:
     """The indices of the slides to run and why each other one is refused before starting: a later one of an
-    output name (``earlier_outputs.name_clashes``), or one whose outputs' paths in ``output_dir`` Windows would refuse
-    here (``path_limit.path_too_long``)."""
-    clashes = name_clashes([(slide.name, slide.path) for slide in slides])
-    refused = {i: f"same output name {slides[i].name!r} as {first}; give one of them another name (the 'slide' "
-                  "column of a slide list)" for i, first in clashes.items()}
-    for i, slide in enumerate(slides):
-        if i not in refused and (too_long := path_too_long(output_dir, slide.name)):
-            refused[i] = too_long
+    output name, or one whose outputs' paths in ``output_dir`` Windows would refuse here
+    (``earlier_outputs.refusals``)."""
+    refused = refusals([(slide.name, slide.path) for slide in slides], output_dir,
+                       "give one of them another name (the 'slide' column of a slide list)")
     return [i for i in range(len(slides)) if i not in refused], refused
 
 

@@ -1,8 +1,9 @@
 """What an output folder holds of earlier runs, and what a run makes of it: an image's outputs are finished when
 they are complete and their completion record (``outputs.manifest_path``) names the settings a run would use now;
 finished outputs of other weights or settings are refused, never silently kept or replaced (only ``overwrite``
-replaces them). Output names that differ only in case are one, and what a killed run left beside a finished image
-is cleaned up by whoever skips it."""
+replaces them). Output names that differ only in case are one, and an image whose name another has taken, or whose
+paths Windows would refuse, is refused before any is read; what a killed run left beside a finished image is cleaned
+up by whoever skips it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .outputs import ImageLock, manifest_path, outputs_complete, source_fingerprint
+from .path_limit import path_too_long
 from .region_journal import remove_journal
 
 if TYPE_CHECKING:
@@ -132,6 +134,17 @@ def name_clashes(named: Iterable[tuple[str, object]]) -> dict[int, object]:
         else:
             first[key] = source
     return clashes
+
+
+def refusals(named: list[tuple[str, object]], output_dir: str | os.PathLike, rename: str) -> dict[int, str]:
+    """For each (output name, source) of ``named`` that a run refuses before reading any image: its index -> why.
+    A later one of a name taken (``name_clashes``; ``rename`` says how to give it another), and one whose paths in
+    ``output_dir`` Windows here would refuse (``path_limit.path_too_long``)."""
+    refused = {i: f"same output name {named[i][0]!r} as {first}; {rename}" for i, first in name_clashes(named).items()}
+    for i, (name, _) in enumerate(named):
+        if i not in refused and (too_long := path_too_long(output_dir, name)):
+            refused[i] = too_long
+    return refused
 
 
 def remove_leftovers_of_finished(output_dir: str | os.PathLike, name: str) -> None:

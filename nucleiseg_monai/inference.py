@@ -50,14 +50,13 @@ from . import __version__, earlier_outputs
 from .atomic import remove_stale
 from .bundle import own_folder
 from .data import load_stats
-from .earlier_outputs import finished_outputs, name_clashes, remove_leftovers_of_finished
+from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .handlers import parse_bool
 from .inferers import window_inferer
 from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries,
                       source_fingerprint)
-from .path_limit import path_too_long
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
@@ -807,8 +806,8 @@ class SlidePredictor:
 
         Before any image is read, the output folder is created (or the run refused, once) and finished outputs
         there are checked against this predictor's ``settings``: outputs of other weights or settings refuse the
-        run unless ``overwrite``. An image whose output name an earlier one has taken (``name_clashes``), or whose
-        outputs' paths Windows would refuse here (``path_limit.path_too_long``), fails without being read. Images
+        run unless ``overwrite``. An image whose output name an earlier one has taken, or whose outputs' paths
+        Windows would refuse here, fails without being read (``earlier_outputs.refusals``). Images
         whose outputs are complete are then skipped (unless ``overwrite``); an image that fails is logged with its
         path and error and the others go on. ``summary.failed`` lists failures, so a caller can exit non-zero.
         """
@@ -818,11 +817,7 @@ class SlidePredictor:
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)
         # later images of a name, and images whose paths Windows would refuse here, fail below
-        refused = {i: f"same output name {images[i].stem!r} as {first}; rename one of them"
-                   for i, first in name_clashes([(path.stem, path) for path in images]).items()}
-        for i, path in enumerate(images):
-            if i not in refused and (too_long := path_too_long(output_dir, path.stem)):
-                refused[i] = too_long
+        refused = refusals([(path.stem, path) for path in images], output_dir, "rename one of them")
         if not self.overwrite:
             self._refuse_other_settings([p for i, p in enumerate(images) if i not in refused], output_dir)
         summary = RunSummary()
