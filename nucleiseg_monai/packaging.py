@@ -225,12 +225,13 @@ def write_manifest(bundle_dir: str | os.PathLike) -> Path:
     return write_json_atomic(manifest, root / MANIFEST)
 
 
-def unstated_licenses(root: str | os.PathLike) -> list[str]:
+def unstated_licenses(root: str | os.PathLike, datalist: dict | None = None) -> list[str]:
     """The data licenses the bundle's weights learnt under (``models/datalist.json``'s ``provenance``, one per
     source) that its LICENSE does not name: weights carry their training data's terms, and a bundle shared without
-    them misleads whoever uses it. Empty when the datalist records no provenance (one made before it did)."""
+    them misleads whoever uses it. Empty when the datalist records no provenance (one made before it did).
+    ``datalist``: that file as the caller read it already (``pack`` reads it once for all its checks)."""
     root = Path(root)
-    provenance = _provenance(root)
+    provenance = _provenance(root, datalist)
     try:
         text = (root / "LICENSE").read_text(encoding="utf-8")
     except OSError:
@@ -243,46 +244,49 @@ def unstated_licenses(root: str | os.PathLike) -> list[str]:
     return [f"{license_} ({', '.join(sources)})" for license_, sources in missing.items()]
 
 
-def unlicensed_sources(root: str | os.PathLike) -> list[str]:
+def unlicensed_sources(root: str | os.PathLike, datalist: dict | None = None) -> list[str]:
     """The sources the bundle's weights learnt from whose license nobody stated (``models/datalist.json``'s
     ``provenance``, and that of the weights they started from): their terms, and so the weights', are unknown."""
-    return [source for source, facts in _provenance(Path(root)).items()
+    return [source for source, facts in _provenance(Path(root), datalist).items()
             if not ((facts or {}).get("license") or "").strip()]
 
 
-def non_commercial_sources(root: str | os.PathLike) -> list[str]:
+def non_commercial_sources(root: str | os.PathLike, datalist: dict | None = None) -> list[str]:
     """The sources behind the bundle's weights whose license rules out commercial use."""
-    return [source for source, facts in _provenance(Path(root)).items() if (facts or {}).get("commercial_use") is False]
+    return [source for source, facts in _provenance(Path(root), datalist).items()
+            if (facts or {}).get("commercial_use") is False]
 
 
-def _datalist(root: Path) -> dict:
-    """``models/datalist.json``, or {} where it is missing or no JSON object."""
+def _datalist(root: Path, read: dict | None = None) -> dict:
+    """``models/datalist.json``, or {} where it is missing or no JSON object; ``read`` where the caller has it."""
     from .sources import read_record
 
+    if read is not None:
+        return read
     record = read_record(root / "models" / "datalist.json")
     return record if isinstance(record, dict) else {}
 
 
-def _provenance(root: Path) -> dict:
+def _provenance(root: Path, datalist: dict | None = None) -> dict:
     """Every source behind the weights: ``models/datalist.json``'s ``provenance`` and, through ``started_from``,
     that of the weights the run started from (``sources.provenance_chain``); empty where the datalist records none
     (one made before it did)."""
     from .sources import provenance_chain
 
-    return provenance_chain(_datalist(root))
+    return provenance_chain(_datalist(root, datalist))
 
 
-def local_paths(root: str | os.PathLike) -> dict[str, list[str]]:
+def local_paths(root: str | os.PathLike, datalist: dict | None = None) -> dict[str, list[str]]:
     """Local paths (``sources.is_local_path``: absolute, drive-relative, under ``~``, or climbing with ``..``) that
     the bundle would publish, by the bundle file that names them: in ``models/datalist.json`` sources' ``root``,
     tiles, and starting weights recorded by path (as datalists did before they were named by bundle and digest); in
     a sources file under ``configs/`` (where a bundle trained on one's own registry keeps it), sources' ``root``;
     in a config, its settings written as such paths (a ``sources_file`` or ``pretrained`` set to a file of one's
-    own). Folder names can tell more than their owner means to share."""
+    own). Folder names can tell more than their owner means to share. ``datalist``: as ``unstated_licenses``."""
     from .sources import is_local_path, read_record, starts
 
     root = Path(root)
-    datalist = _datalist(root)
+    datalist = _datalist(root, datalist)
     found = {"models/datalist.json": _roots(datalist.get("sources"))}
     for part in datalist.values():
         records = [r for r in part if isinstance(r, dict)] if isinstance(part, list) else []
@@ -300,14 +304,14 @@ def local_paths(root: str | os.PathLike) -> dict[str, list[str]]:
     return {name: paths for name, paths in local.items() if paths}
 
 
-def claims_its_start(root: str | os.PathLike) -> str | None:
+def claims_its_start(root: str | os.PathLike, datalist: dict | None = None) -> str | None:
     """The "name version" of the bundle's ``configs/metadata.json`` where it is that of the bundle its weights
     started from (``started_from`` in ``models/datalist.json``): a copy whose weights were trained again still
-    presenting itself as the bundle it was copied from. None otherwise."""
+    presenting itself as the bundle it was copied from. None otherwise. ``datalist``: as ``unstated_licenses``."""
     from .sources import read_record
 
     meta = read_record(Path(root) / "configs" / "metadata.json")
-    start = _datalist(Path(root)).get("started_from")
+    start = _datalist(Path(root), datalist).get("started_from")
     if isinstance(meta, dict) and isinstance(start, dict):
         own = f"{meta.get('name')} {meta.get('version')}"
         return own if start.get("weights") == own else None
@@ -331,7 +335,8 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
     files = _check_packable(root)
     _warn_findings(root, config_findings(root), "its configs reach beyond what a bundle needs; receivers will "
                    "see this when they unpack it")
-    unstated = unstated_licenses(root)
+    datalist = _datalist(root)  # once for every check below: each would read it again
+    unstated = unstated_licenses(root, datalist)
     if not (root / "LICENSE").is_file():  # one warning, naming the data's licenses where they are known
         logger.warning("%s has no LICENSE: receivers cannot know the terms of its weights and configs; add one "
                        "naming them and the license and citation of the data the weights learnt from%s", root,
@@ -340,7 +345,7 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
         logger.warning("%s does not name the license of data its weights learnt from: %s (models/datalist.json, "
                        "provenance); state it, with the data's citation, before sharing the zip", root / "LICENSE",
                        "; ".join(unstated))
-    unlicensed = unlicensed_sources(root)
+    unlicensed = unlicensed_sources(root, datalist)
     unknown = [s for s in unlicensed if s.startswith("weights ")]  # started from weights of unrecorded data
     unlicensed = [s for s in unlicensed if s not in unknown]
     if unlicensed:
@@ -352,11 +357,11 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
         logger.warning("%s: the weights started from %s, whose training data is not recorded (no datalist.json "
                        "beside them), so their terms are unknown; find out what those weights learnt from and "
                        "name its license in LICENSE", root, ", ".join(u.removeprefix("weights ") for u in unknown))
-    if (claimed := claims_its_start(root)) is not None:
+    if (claimed := claims_its_start(root, datalist)) is not None:
         logger.warning("%s still names the bundle %s, whose weights these were trained from (models/datalist.json, "
                        "started_from): give it a name and version of its own, and a changelog entry, before "
                        "packing, so that receivers can tell the two apart", root / "configs" / "metadata.json", claimed)
-    for name, local in local_paths(root).items():
+    for name, local in local_paths(root, datalist).items():
         shown = ", ".join(local[:3]) + (f" and {len(local) - 3} more" if len(local) > 3 else "")
         logger.warning("%s names folders of this machine that the zip will publish: %s; if they should stay "
                        "private, replace them before packing (tiles by their path under their source's folder, "
@@ -365,7 +370,7 @@ def pack(bundle_dir: str | os.PathLike, zip_path: str | os.PathLike, overwrite: 
                        "--data_root naming the folder above it; a config's setting by a path under the bundle, "
                        "\"$@bundle_root + '/configs/sources.json'\", or left for the command line)", root / name,
                        shown)
-    non_commercial = non_commercial_sources(root)
+    non_commercial = non_commercial_sources(root, datalist)
     if non_commercial:
         logger.info("%s: the weights learnt from non-commercial data (%s): not for commercial use, as LICENSE and "
                     "metadata.json must say", root, ", ".join(non_commercial))

@@ -153,6 +153,24 @@ def test_pack_warns_when_the_license_misses_a_license_of_the_training_data(tmp_p
     assert packaging.unstated_licenses(bundle) == []
 
 
+def test_pack_reads_the_datalist_once_for_all_its_checks(tmp_path, monkeypatch, caplog):
+    from nucleiseg_monai import sources
+
+    bundle = _bundle(tmp_path / "b")
+    datalist = bundle / "models" / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "/home/me/a.tif"}], "provenance": {
+        "mine": {"license": "CC BY-NC 4.0", "commercial_use": False}, "unsure": {"license": ""}}}))
+    reads = []
+    read = sources.read_record
+    monkeypatch.setattr(sources, "read_record", lambda path: reads.append(Path(path)) or read(path))
+    with caplog.at_level("INFO", logger="nucleiseg_monai.packaging"):
+        pack(bundle, tmp_path / "b.zip")
+    said = caplog.text  # each check that reads the datalist said what it found
+    assert "CC BY-NC 4.0 (mine)" in said and "source(s) unsure" in said and "/home/me/a.tif" in said
+    assert "non-commercial data (mine)" in said
+    assert reads.count(datalist.resolve()) == 1  # pack reads the bundle by its resolved path
+
+
 def test_weights_fine_tuned_from_others_carry_the_terms_of_the_data_those_learnt_from(tmp_path, caplog):
     from nucleiseg_monai.sources import record_start
 
