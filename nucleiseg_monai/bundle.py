@@ -51,13 +51,31 @@ def _argument(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _flags(argv: list[str]) -> list[tuple[str, str]]:
+    """The ``(name, value)`` of each ``--name value`` and ``--name=value`` on a command line, as typed; a flag
+    followed by another flag, or last, is bare, and Fire takes it as true."""
+    flags, i = [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--") or len(arg) == 2:
+            continue
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i < len(argv) and not argv[i].startswith("--"):
+            key, value, i = arg[2:], argv[i], i + 1
+        else:
+            key, value = arg[2:], "True"
+        flags.append((key, value))
+    return flags
+
+
 def typed(names: list[str], argv: list[str] | None = None) -> list[str]:
     """Those of the settings ``names`` given on this process's command line (``--name``, ``_`` or ``-``): a config
     cannot tell a value typed from its default, and some settings mean more when typed (``handlers.Resume``)."""
     if argv is None and _command is not None:
         return [name for name in names if name in _command[0]]
-    argv = sys.argv if argv is None else argv
-    return [name for name in names if _argument(argv, f"--{name}") is not None]
+    given = {key for key, _ in _flags(sys.argv if argv is None else argv)}
+    return [name for name in names if {name, name.replace("_", "-")} & given]
 
 
 # arguments of ``python -m monai.bundle run`` itself, not settings of the config
@@ -96,19 +114,7 @@ def typed_settings(argv: list[str] | None = None) -> dict | None:
         return dict(_command[0])
     if argv is None and _monai_argument(sys.argv, "config_file") is None:
         return None  # a workflow built in Python (a notebook, a test): what was given is not known
-    argv = sys.argv if argv is None else argv
-    given, i = {}, 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        if not arg.startswith("--") or len(arg) == 2:
-            continue
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i < len(argv) and not argv[i].startswith("--"):
-            key, value, i = arg[2:], argv[i], i + 1
-        else:
-            key, value = arg[2:], "True"  # a bare flag, which Fire takes as true
-        given[_setting_id(key)] = parse_value(value)
+    given = {_setting_id(key): parse_value(value) for key, value in _flags(sys.argv if argv is None else argv)}
     args_file = given.get("args_file")
     if isinstance(args_file, str):
         from monai.bundle import ConfigParser

@@ -541,6 +541,20 @@ def test_config_names_are_the_workflows_files_in_order(tmp_path):
         assert config_names() == ["train.json"]
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--epochs=4", "--epoch-length", "9"], ["epochs", "epoch_length"]),
+    (["train", "--epochs", "--resume", "true"], ["epochs", "resume"]),  # a bare flag, before another or last
+    (["train", "--resume", "true", "--epoch_length"], ["epoch_length", "resume"]),
+    (["train", "--note", "--", "--epochs", "2", "epoch_length"], ["epochs"]),
+    (["train", "--network_def::features", "[8]", "--epochs_x", "1"], []),  # a part, a longer name: not the setting
+])
+def test_typed_names_those_of_the_settings_typed_settings_reads(argv, expected):
+    from nucleiseg_monai.bundle import typed_settings
+
+    names = ["epochs", "epoch_length", "resume", "network_def"]
+    assert typed(names, argv) == expected == [name for name in names if name in typed_settings(argv)]
+
+
 def test_typed_settings_are_read_as_monais_runner_reads_them(tmp_path):
     from nucleiseg_monai.bundle import command, settings_changed, typed_settings
 
