@@ -2,8 +2,9 @@
 
 TIFF / BigTIFF (tiled, pyramidal or not) is read through tifffile's zarr store, which decodes only the chunks a
 region touches; MONAI's TiffFileWSIReader decodes the whole pyramid level for every patch, so one patch of a large
-slide costs seconds and gigabytes. Vendor formats (.svs, .ndpi, .mrxs, ...) go through OpenSlide, an optional
-extra. PNG / JPEG / BMP / WebP tiles are small and are loaded whole.
+slide costs seconds and gigabytes. Vendor formats (.svs, .ndpi, .mrxs, ...) and DICOM whole-slide images (a series
+of .dcm files: ``dicom``) go through OpenSlide, an optional extra. PNG / JPEG / BMP / WebP tiles are small and are
+loaded whole.
 
 All readers return RGB uint8 at one chosen pyramid level; pixels outside the image read as white (255), which is
 background in H&E, so context padding never invents dark tissue. What a reader had to convert to get there (16-bit
@@ -34,8 +35,10 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import label as connected_components
 from skimage.morphology import dilation as grey_dilation, disk
 
+from .dicom import DICOM_SUFFIXES, not_a_slide
+
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
-OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"}
+OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"} | DICOM_SUFFIXES
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 OPEN_IMAGE_SUFFIXES = TIFF_SUFFIXES | OPENSLIDE_SUFFIXES | PLAIN_SUFFIXES  # what open_image reads
 
@@ -559,7 +562,8 @@ def doubtful_mpp(stated: float, working: float | None) -> str | None:
 
 
 class OpenSlideReader(SlideReader):
-    """Vendor formats (.svs, .ndpi, .mrxs, ...) through OpenSlide (``pip install nucleiseg-monai[openslide]``)."""
+    """Vendor formats (.svs, .ndpi, .mrxs, ...) and DICOM slides through OpenSlide (``pip install
+    nucleiseg-monai[openslide]``)."""
 
     def __init__(self, path: Path):
         openslide = _import_openslide(path)
@@ -593,8 +597,45 @@ class OpenSlideReader(SlideReader):
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0
         return (rgba[..., :3] * alpha + WHITE * (1.0 - alpha)).round().astype(np.uint8)
 
+    @property
+    def properties(self) -> Any:
+        """OpenSlide's properties of the slide (``openslide.*`` and the format's own, e.g. ``dicom.*``)."""
+        return self._slide.properties
+
     def close(self) -> None:
         self._slide.close()
+
+
+def _open_with_openslide(path: Path, suffix: str) -> OpenSlideReader:
+    try:
+        reader = OpenSlideReader(path)
+    except ImportError:
+        raise
+    except Exception as err:  # OpenSlide says "Unsupported or missing image file" for a cut copy too
+        if suffix in DICOM_SUFFIXES and (why := not_a_slide(path)):
+            raise ImageError(f"{path} {why} (OpenSlide: {err})") from err
+        raise ImageError(
+            f"cannot read {path} as a {path.suffix} slide (OpenSlide: {type(err).__name__}: {err}): the file is "
+            "damaged, a copy cut short in transfer (compare its size with the original's), or not a format "
+            "OpenSlide reads (https://openslide.org/formats/)") from err
+    if suffix in DICOM_SUFFIXES:
+        try:
+            _check_finest_level(reader)
+        except BaseException:
+            reader.close()
+            raise
+    return reader
+
+
+def _check_finest_level(reader: OpenSlideReader) -> None:
+    """ImageError where a DICOM slide's finest level present is marked as downsampled from a finer one (ImageType
+    RESAMPLED): that level's file is missing, and OpenSlide would silently read the slide at a coarser scale."""
+    if reader.properties.get("dicom.ImageType[3]") == "RESAMPLED":
+        height, width = reader.level_shapes[0]
+        raise ImageError(
+            f"{reader.path}: the finest level of its DICOM series ({width} x {height} px) is marked RESAMPLED, "
+            f"downsampled from a finer level whose file is not in {reader.path.parent}: copy or export all of the "
+            "slide's .dcm files into that folder again")
 
 
 def _import_openslide(path: Path) -> Any:
@@ -697,7 +738,7 @@ def open_image(
 
     Args:
         path: PNG / JPEG / BMP / WebP (loaded whole), TIFF / BigTIFF (lazy, via tifffile's zarr store) or an
-            OpenSlide format.
+            OpenSlide format (a DICOM slide: any .dcm file of its series).
         level: explicit pyramid level (0 = full resolution).
         mpp: target microns per pixel; picks the closest level no coarser than 1.2x it (ignored if ``level``).
         input_mpp: level-0 microns per pixel to use when the file states none (a size the file states wins;
@@ -725,15 +766,7 @@ def open_image(
                       f"(rename it to .{kind} to silence this)", stacklevel=2)
         suffix = ".tif" if kind == "tiff" else f".{kind}"
     if suffix in OPENSLIDE_SUFFIXES:
-        try:
-            reader: SlideReader = OpenSlideReader(path)
-        except ImportError:
-            raise
-        except Exception as err:  # OpenSlide says "Unsupported or missing image file" for a cut copy too
-            raise ImageError(
-                f"cannot read {path} as a {path.suffix} slide (OpenSlide: {type(err).__name__}: {err}): the file is "
-                "damaged, a copy cut short in transfer (compare its size with the original's), or not a format "
-                "OpenSlide reads (https://openslide.org/formats/)") from err
+        reader: SlideReader = _open_with_openslide(path, suffix)
     elif suffix in TIFF_SUFFIXES:
         try:
             reader = TiffReader(path)
