@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment images or whole slides with a bundle")
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, BMP, WebP, TIFF, "
-                   "pyramidal BigTIFF, ...), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
+                   "pyramidal BigTIFF, .svs and other OpenSlide formats, DICOM slides: one image per series of .dcm "
+                   "files), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--mpp", type=_mpp, help="pixel size (um/px) of input files that state none; a size the file "

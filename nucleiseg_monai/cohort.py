@@ -45,10 +45,11 @@ import psutil
 from distributed import Client, LocalCluster, Variable, WorkerPlugin, as_completed, get_client, get_worker
 from tqdm.auto import tqdm
 
+from .dicom import folder_slides
 from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .errors import root_cause
 from .handlers import parse_bool
-from .inference import SlidePredictor, find_images
+from .inference import SlidePredictor, dicom_slide_file, find_images, image_name
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
@@ -83,9 +84,10 @@ def is_slide_list(source: str | os.PathLike) -> bool:
 
 
 def read_slide_list(path: str | os.PathLike) -> list[Slide]:
-    """A CSV (.csv) or TSV (.tsv) with a header: ``path`` (relative paths are relative to the list), optional
-    ``slide`` (the output name; default the file stem) and ``input_mpp`` (level-0 microns per pixel for a file
-    that states none). Other columns are ignored, so a run table is itself a slide list."""
+    """A CSV (.csv) or TSV (.tsv) with a header: ``path`` (relative paths are relative to the list; a DICOM slide's
+    folder, or any .dcm file of it), optional ``slide`` (the output name; default ``inference.image_name``) and
+    ``input_mpp`` (level-0 microns per pixel for a file that states none). Other columns are ignored, so a run table
+    is itself a slide list."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=SLIDE_LIST_SUFFIXES[path.suffix.lower()])
@@ -97,7 +99,7 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
             if not (row["path"] or "").strip():
                 raise ValueError(f"{path}, line {line}: empty path")
             file = Path(row["path"].strip()).expanduser()
-            file = file if file.is_absolute() else path.parent / file
+            file = _slide_file(file if file.is_absolute() else path.parent / file, f"{path}, line {line}")
             mpp = (row.get("input_mpp") or "").strip()
             try:
                 input_mpp = float(mpp) if mpp else None
@@ -107,7 +109,7 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
                 logger.warning("%s, line %d: input_mpp %g is %s; a wrong size costs hours of resampling and gives "
                                "wrong nuclei: give the scan's microns per pixel (about 0.25 at 40x, 0.5 at 20x)",
                                path, line, input_mpp, doubt)
-            name = (row.get("slide") or "").strip() or file.stem
+            name = (row.get("slide") or "").strip() or image_name(file)
             if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
                 raise ValueError(f"{path}, line {line}: slide name {name!r} would put outputs outside the output "
                                  "folder or hide them; give a plain file name (no /, \\ or leading .)")
@@ -142,7 +144,19 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
     """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inference.find_images``)."""
     if is_slide_list(source):
         return read_slide_list(source)
-    return [Slide(_absolute(p), p.stem) for p in find_images(source)]
+    return [Slide(_absolute(p), image_name(p)) for p in find_images(source)]
+
+
+def _slide_file(path: Path, where: str) -> Path:
+    """The file a slide list's ``path`` stands for: a DICOM slide's folder, or any of its .dcm files, stands for
+    the file of its finest level (``inference.dicom_slide_file``); other paths for themselves."""
+    if not path.is_dir():
+        return dicom_slide_file(path) if path.is_file() else path  # a missing file fails as such when opened
+    slides = folder_slides(path)
+    if len(slides) != 1:
+        raise ValueError(f"{where}: {path} is a folder holding {len(slides)} DICOM slides; a slide list's path is one "
+                         "image file or the folder of one DICOM slide: list one .dcm file of each slide instead")
+    return slides[0].base
 
 
 def _absolute(path: Path) -> str:

@@ -46,7 +46,7 @@ import torch
 from monai.utils import convert_to_numpy
 from tqdm.auto import tqdm
 
-from . import __version__, earlier_outputs
+from . import __version__, dicom, earlier_outputs
 from .atomic import remove_stale
 from .bundle import own_folder
 from .data import load_stats
@@ -115,12 +115,13 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     """One image path, a folder (its images, not recursive) or a glob -> sorted image paths.
 
     Files that are outputs of this module (``*.labels.tif``, ``*.overlay.png``) are left out, so an output folder
-    inside the input folder is not segmented on the next run.
+    inside the input folder is not segmented on the next run. A DICOM slide is one image however many .dcm files
+    it has: the file of its finest level stands for it (``dicom``).
     """
     text = str(source)
     path = Path(text)
     if path.is_file():
-        return [path]
+        return [dicom_slide_file(path)]
     if path.is_dir():
         found = list(path.iterdir())
     elif any(c in text for c in "*?["):
@@ -138,6 +139,7 @@ def find_images(source: str | os.PathLike) -> list[Path]:
         if p.suffix.lower() in OPEN_IMAGE_SUFFIXES and not p.name.startswith(".")
         and not any(p.name.endswith(s) for s in OUTPUT_SUFFIXES.values())
     )
+    images = _one_per_dicom_slide(images, text)
     if not images:
         raise FileNotFoundError(
             f"no images found at {text}; expected files ending in {', '.join(sorted(OPEN_IMAGE_SUFFIXES))}"
@@ -145,6 +147,35 @@ def find_images(source: str | os.PathLike) -> list[Path]:
                if path.is_dir() else "")
         )
     return images
+
+
+def dicom_slide_file(path: Path) -> Path:
+    """The file that stands for the DICOM slide the .dcm file ``path`` belongs to: its finest level's; ``path``
+    itself for any other file, and for a .dcm in no slide, whose opening then says what it is."""
+    slide = dicom.slide_of(path) if dicom.is_dicom(path) else None
+    return path if slide is None else slide.base
+
+
+def _one_per_dicom_slide(paths: list[Path], where: str) -> list[Path]:
+    """``paths`` with the .dcm files of each DICOM slide replaced by the file that stands for it, once; a .dcm file
+    of no slide (another kind of DICOM image, a label or overview alone) is left out, and said."""
+    slides = {}  # each file of a DICOM slide in the folders of paths -> the slide
+    for folder in {p.parent for p in paths if dicom.is_dicom(p)}:
+        slides |= {file: slide for slide in dicom.folder_slides(folder) for file in slide.files}
+    kept = {slides[p].base if p in slides else p for p in paths if p in slides or not dicom.is_dicom(p)}
+    left_out = [p for p in paths if dicom.is_dicom(p) and p not in slides]
+    if left_out:
+        logger.warning("%d DICOM file(s) at %s belong to no whole-slide image and are left out: %s %s%s", len(left_out),
+                       where, left_out[0], dicom.not_a_slide(left_out[0]) or "",
+                       f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else "")
+    return sorted(kept)
+
+
+def image_name(path: Path) -> str:
+    """The output name of the image at ``path``: the file's stem, or a DICOM slide's name (``dicom``): a series' files
+    are named by UIDs or numbers."""
+    slide = dicom.slide_of(path) if dicom.is_dicom(path) and path.is_file() else None
+    return path.stem if slide is None else slide.name
 
 
 def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:
@@ -623,7 +654,7 @@ class SlidePredictor:
     def predict_slide(self, path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None,
                       labels_from: Callable[[Plan, list[tuple[int, int]]], Iterator[np.ndarray]] | None = None,
                       lock_token: str | None = None, unless_finished: bool = False) -> SlideResult | None:
-        """Segment one image and write its outputs under ``output_dir`` (named after the file stem).
+        """Segment one image and write its outputs under ``output_dir`` (named ``name``, by default ``image_name``).
 
         ``labels_from(plan, regions)``: each region's ``region_labels``, in the order given, computed elsewhere (a
         cohort's region tasks) instead of here; the windows of nuclei kept are read again for their measurements.
@@ -633,7 +664,7 @@ class SlidePredictor:
         are found finished once the lock is held (``finished``).
         """
         path = Path(path)
-        name = name or path.stem
+        name = name or image_name(path)
         with ImageLock(output_dir, name, lock_token):
             # asked again under the lock: a run that checked before another one committed would redo its image
             if unless_finished and self.finished(output_dir, name, path):
@@ -817,7 +848,7 @@ class SlidePredictor:
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)
         # later images of a name, and images whose paths Windows would refuse here, fail below
-        refused = refusals([(path.stem, path) for path in images], output_dir, "rename one of them")
+        refused = refusals([(image_name(path), path) for path in images], output_dir, "rename one of them")
         if not self.overwrite:
             self._refuse_other_settings([p for i, p in enumerate(images) if i not in refused], output_dir)
         summary = RunSummary()
@@ -825,7 +856,7 @@ class SlidePredictor:
         for index, path in enumerate(images, 1):
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
-            name = path.stem
+            name = image_name(path)
             if index - 1 in refused:
                 logger.error("%sfailed on %s: %s", at, path, refused[index - 1])
                 summary.failed.append((str(path), refused[index - 1]))
@@ -859,7 +890,7 @@ class SlidePredictor:
     def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
         """FileExistsError naming the images (each the first of its output name) whose finished outputs record other
         weights or settings, all of them at once (``finished`` names one)."""
-        finished_outputs(output_dir, [(path.stem, path, self) for path in images])
+        finished_outputs(output_dir, [(image_name(path), path, self) for path in images])
 
 
 def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.ndarray]
