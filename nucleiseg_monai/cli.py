@@ -138,7 +138,8 @@ def cmd_predict(args) -> int:
         overrides["test_time_flips"] = args.test_time_flips
     if args.workers or args.scheduler or is_slide_list(args.input):
         return _predict_cohort(args, overrides)
-    from .inference import SlidePredictor, find_images
+    from .inference import SlidePredictor
+    from .inputs import find_images
 
     find_images(args.input)  # a mistyped input is named before seconds go into building the network
     settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}

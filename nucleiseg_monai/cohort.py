@@ -49,7 +49,8 @@ from .dicom import folder_slides
 from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .errors import root_cause
 from .handlers import parse_bool
-from .inference import SlidePredictor, dicom_slide_file, find_images, image_name
+from .inference import SlidePredictor
+from .inputs import dicom_slide_file, find_images, image_name
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
@@ -85,7 +86,7 @@ def is_slide_list(source: str | os.PathLike) -> bool:
 
 def read_slide_list(path: str | os.PathLike) -> list[Slide]:
     """A CSV (.csv) or TSV (.tsv) with a header: ``path`` (relative paths are relative to the list; a DICOM slide's
-    folder, or any .dcm file of it), optional ``slide`` (the output name; default ``inference.image_name``) and
+    folder, or any .dcm file of it), optional ``slide`` (the output name; default ``inputs.image_name``) and
     ``input_mpp`` (level-0 microns per pixel for a file that states none). Other columns are ignored, so a run table
     is itself a slide list."""
     path = Path(path)
@@ -141,7 +142,7 @@ def _not_portable(name: str) -> str | None:
 
 
 def read_cohort(source: str | os.PathLike) -> list[Slide]:
-    """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inference.find_images``)."""
+    """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inputs.find_images``)."""
     if is_slide_list(source):
         return read_slide_list(source)
     return [Slide(_absolute(p), image_name(p)) for p in find_images(source)]
@@ -149,7 +150,7 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
 
 def _slide_file(path: Path, where: str) -> Path:
     """The file a slide list's ``path`` stands for: a DICOM slide's folder, or any of its .dcm files, stands for
-    the file of its finest level (``inference.dicom_slide_file``); other paths for themselves."""
+    the file of its finest level (``inputs.dicom_slide_file``); other paths for themselves."""
     if not path.is_dir():
         return dicom_slide_file(path) if path.is_file() else path  # a missing file fails as such when opened
     slides = folder_slides(path)

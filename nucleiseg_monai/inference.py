@@ -26,7 +26,6 @@ Each slide's result holds the seconds spent per phase (``PHASES``), measured by 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import inspect
 import json
@@ -46,24 +45,23 @@ import torch
 from monai.utils import convert_to_numpy
 from tqdm.auto import tqdm
 
-from . import __version__, dicom, earlier_outputs
+from . import __version__, earlier_outputs
 from .atomic import remove_stale
 from .bundle import own_folder
 from .data import load_stats
 from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .handlers import parse_bool
 from .inferers import window_inferer
+from .inputs import find_images, image_name
 from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
-from .outputs import (OUTPUT_SUFFIXES, ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries,
-                      source_fingerprint)
+from .outputs import ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries, source_fingerprint
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
 from .scaling import SCALE_TOLERANCE, lattice_scale, to_read_grid, to_working_scale
 from .stitching import RegionGrid, RegionStitcher
-from .wsi import (OPEN_IMAGE_SUFFIXES, ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image,
-                  tissue_mask)
+from .wsi import ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image, tissue_mask
 
 logger = logging.getLogger(__name__)
 
@@ -109,73 +107,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def find_images(source: str | os.PathLike) -> list[Path]:
-    """One image path, a folder (its images, not recursive) or a glob -> sorted image paths.
-
-    Files that are outputs of this module (``*.labels.tif``, ``*.overlay.png``) are left out, so an output folder
-    inside the input folder is not segmented on the next run. A DICOM slide is one image however many .dcm files
-    it has: the file of its finest level stands for it (``dicom``).
-    """
-    text = str(source)
-    path = Path(text)
-    if path.is_file():
-        return [dicom_slide_file(path)]
-    if path.is_dir():
-        found = list(path.iterdir())
-    elif any(c in text for c in "*?["):
-        found = [Path(p) for p in glob.glob(text, recursive=True)]
-    else:
-        raise FileNotFoundError(f"{text} does not exist; give an image file, a folder of images or a glob")
-    candidates = [p for p in found if p.is_file()]
-    # a link whose target is gone (a slide moved or an unmounted share) would otherwise vanish from the run unsaid
-    broken = sorted(p for p in found if p.is_symlink() and not p.exists() and p.suffix.lower() in OPEN_IMAGE_SUFFIXES)
-    if broken:
-        logger.warning("%d image link(s) at %s point at nothing and are left out: %s", len(broken), text,
-                       ", ".join(str(p) for p in broken[:5]) + (" ..." if len(broken) > 5 else ""))
-    images = sorted(
-        p for p in candidates
-        if p.suffix.lower() in OPEN_IMAGE_SUFFIXES and not p.name.startswith(".")
-        and not any(p.name.endswith(s) for s in OUTPUT_SUFFIXES.values())
-    )
-    images = _one_per_dicom_slide(images, text)
-    if not images:
-        raise FileNotFoundError(
-            f"no images found at {text}; expected files ending in {', '.join(sorted(OPEN_IMAGE_SUFFIXES))}"
-            + (f" (a folder's subfolders are not searched: give a glob such as '{path / '**' / '*.svs'}')"
-               if path.is_dir() else "")
-        )
-    return images
-
-
-def dicom_slide_file(path: Path) -> Path:
-    """The file that stands for the DICOM slide the .dcm file ``path`` belongs to: its finest level's; ``path``
-    itself for any other file, and for a .dcm in no slide, whose opening then says what it is."""
-    slide = dicom.slide_of(path) if dicom.is_dicom(path) else None
-    return path if slide is None else slide.base
-
-
-def _one_per_dicom_slide(paths: list[Path], where: str) -> list[Path]:
-    """``paths`` with the .dcm files of each DICOM slide replaced by the file that stands for it, once; a .dcm file
-    of no slide (another kind of DICOM image, a label or overview alone) is left out, and said."""
-    slides = {}  # each file of a DICOM slide in the folders of paths -> the slide
-    for folder in {p.parent for p in paths if dicom.is_dicom(p)}:
-        slides |= {file: slide for slide in dicom.folder_slides(folder) for file in slide.files}
-    kept = {slides[p].base if p in slides else p for p in paths if p in slides or not dicom.is_dicom(p)}
-    left_out = [p for p in paths if dicom.is_dicom(p) and p not in slides]
-    if left_out:
-        logger.warning("%d DICOM file(s) at %s belong to no whole-slide image and are left out: %s %s%s", len(left_out),
-                       where, left_out[0], dicom.not_a_slide(left_out[0]) or "",
-                       f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else "")
-    return sorted(kept)
-
-
-def image_name(path: Path) -> str:
-    """The output name of the image at ``path``: the file's stem, or a DICOM slide's name (``dicom``): a series' files
-    are named by UIDs or numbers."""
-    slide = dicom.slide_of(path) if dicom.is_dicom(path) and path.is_file() else None
-    return path.stem if slide is None else slide.name
 
 
 def lookahead(fn: Callable, items: Iterable, enabled: bool = True) -> Iterator:

@@ -28,7 +28,7 @@ from wsidicom.metadata.schema.dicom import WsiMetadataDicomSchema  # noqa: E402
 from wsidicom.source import Source  # noqa: E402
 
 from nucleiseg_monai.cohort import read_cohort  # noqa: E402
-from nucleiseg_monai.inference import find_images, image_name  # noqa: E402
+from nucleiseg_monai.inputs import find_images, image_name  # noqa: E402
 from nucleiseg_monai.outputs import manifest_path, source_fingerprint  # noqa: E402
 from nucleiseg_monai.synthetic import make_slide  # noqa: E402
 from nucleiseg_monai.wsi import ImageError, open_image  # noqa: E402

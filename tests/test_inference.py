@@ -20,9 +20,10 @@ from skimage.measure import label as connected_components
 from skimage.transform import downscale_local_mean, rescale
 
 from nucleiseg_monai import inference, outputs, runtimes, scaling
-from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, find_images,
-                                       predictor_ids, raise_on_failure, weights_sha256)
+from nucleiseg_monai.inference import (InferenceNetwork, RegionPlanner, SlidePredictor, config_id, predictor_ids,
+                                       raise_on_failure, weights_sha256)
 from nucleiseg_monai.inferers import FlipInferer
+from nucleiseg_monai.inputs import find_images
 from nucleiseg_monai.networks import UNet
 from nucleiseg_monai.outputs import OutputOptions
 from nucleiseg_monai.path_limit import written_paths
