@@ -51,10 +51,19 @@ def find_images(source: str | os.PathLike) -> list[Path]:
     if not images:
         raise FileNotFoundError(
             f"no images found at {text}; expected files ending in {', '.join(sorted(OPEN_IMAGE_SUFFIXES))}"
-            + (f" (a folder's subfolders are not searched: give a glob such as '{path / '**' / '*.svs'}')"
+            + (f" (a folder's subfolders are not searched: give a glob such as '{_glob_hint(path)}')"
                if path.is_dir() else "")
         )
     return images
+
+
+def _glob_hint(folder: Path) -> Path:
+    """A glob that finds the images below ``folder``: its slides' .dcm files where its subfolders hold DICOM
+    slides, as archives keep them (one folder per slide), else any .svs below it."""
+    subfolders = (p for p in folder.iterdir() if p.is_dir())
+    if any(dicom.is_dicom(f) for sub in subfolders for f in sub.iterdir()):
+        return folder / "*" / "*.dcm"
+    return folder / "**" / "*.svs"
 
 
 def dicom_slide_file(path: Path) -> Path:

@@ -238,3 +238,12 @@ def test_dicom_without_pydicom_or_openslide_names_the_extra(tmp_path, oracle, mo
     (tmp_path / "s" / "copy.dcm").write_bytes(files["level0"].read_bytes())  # a new file: headers read again
     with pytest.raises(ImportError, match=r"needs OpenSlide and pydicom: pip install 'nucleiseg-monai\[openslide\]'"):
         find_images(tmp_path / "s")
+
+
+def test_a_folder_of_dicom_slide_folders_is_answered_with_the_glob_that_finds_them(tmp_path, oracle):
+    for name in ("case-1", "case-2"):
+        (tmp_path / "archive" / name).mkdir(parents=True)
+        write_slide(tmp_path / "archive" / name, oracle, levels=1)
+    with pytest.raises(FileNotFoundError, match=r"not searched: give a glob such as '.*archive/\*/\*\.dcm'"):
+        find_images(tmp_path / "archive")
+    assert [image_name(p) for p in find_images(str(tmp_path / "archive" / "*" / "*.dcm"))] == ["case-1", "case-2"]
