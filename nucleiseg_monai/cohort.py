@@ -50,7 +50,7 @@ from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_fin
 from .errors import root_cause
 from .handlers import parse_bool
 from .inference import SlidePredictor
-from .inputs import dicom_slide_file, find_images, image_name
+from .inputs import dicom_slide_file, find_images, image_name, image_names
 from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
@@ -145,7 +145,8 @@ def read_cohort(source: str | os.PathLike) -> list[Slide]:
     """The slides of a slide list (CSV/TSV), an image, a folder or a glob (``inputs.find_images``)."""
     if is_slide_list(source):
         return read_slide_list(source)
-    return [Slide(_absolute(p), image_name(p)) for p in find_images(source)]
+    images = find_images(source)
+    return [Slide(_absolute(p), name) for p, name in zip(images, image_names(images))]
 
 
 def _slide_file(path: Path, where: str) -> Path:
@@ -154,7 +155,10 @@ def _slide_file(path: Path, where: str) -> Path:
     if not path.is_dir():
         return dicom_slide_file(path) if path.is_file() else path  # a missing file fails as such when opened
     slides = folder_slides(path)
-    if len(slides) != 1:
+    if not slides:
+        raise ValueError(f"{where}: {path} is a folder holding no DICOM slide; a slide list's path is one image file "
+                         "or the folder of one DICOM slide: give the image file itself")
+    if len(slides) > 1:
         raise ValueError(f"{where}: {path} is a folder holding {len(slides)} DICOM slides; a slide list's path is one "
                          "image file or the folder of one DICOM slide: list one .dcm file of each slide instead")
     return slides[0].base

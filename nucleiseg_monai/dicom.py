@@ -8,10 +8,9 @@ of .dcm files holds as many images as it holds series with pyramid levels. Heade
 ``openslide`` extra installs.
 
 Each slide is opened, and fingerprinted (``outputs.source_fingerprint``), from the file of its finest level, so a run
-names the same file whichever of the series' files it was given. A folder holding one slide names its outputs (the
-series' files are named by UIDs or numbers); a folder holding several names each after its slide identifier
-(ContainerIdentifier: the barcode or ID of the glass slide), or after its SeriesInstanceUID where slides share one
-or have none.
+names the same file whichever of the series' files it was given. Its outputs are named after its slide identifier
+(ContainerIdentifier: the barcode or ID of the glass slide), or its SeriesInstanceUID where it has none: the series'
+files are named by UIDs or numbers, and a name taken from the folder would change as slides are added to it.
 """
 
 from __future__ import annotations
@@ -90,11 +89,13 @@ def _header(path: Path) -> _Header | None:
 
 def folder_slides(folder: Path) -> tuple[DicomSlide, ...]:
     """The whole-slide images among the .dcm files of ``folder`` (not its subfolders), one per series with pyramid
-    levels, in the order of their names. Series of a label or overview alone, and other DICOM images (CT, MR,
-    ...), are none."""
+    levels, in the order of their names; their paths under ``folder`` as given. Series of a label or overview
+    alone, and other DICOM images (CT, MR, ...), are none."""
     files = sorted(p for p in folder.iterdir() if is_dicom(p) and not p.name.startswith(".") and p.is_file())
     # a file added, replaced or removed since changes the key: the headers are read again
-    return _folder_slides(folder, tuple(_stamp(p) for p in files))
+    found = _folder_slides(Path(os.path.abspath(folder)), tuple(_stamp(p) for p in files))
+    return tuple(DicomSlide(s.uid, folder / s.base.name, tuple(folder / f.name for f in s.files), s.name)
+                 for s in found)
 
 
 def _stamp(path: Path) -> tuple[str, int, int]:
@@ -108,24 +109,26 @@ def _folder_slides(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> tup
     series: dict[str, list[_Header]] = {}
     for h in headers:
         series.setdefault(h.series, []).append(h)
-    series = {uid: hs for uid, hs in series.items() if any(h.level for h in hs)}
-    names = _names(folder, {uid: {h.slide_id for h in hs if h.level} for uid, hs in series.items()})
     slides = []
     for uid, hs in series.items():
-        base = max((h for h in hs if h.level), key=lambda h: h.pixels)  # the first in name order among equals
-        slides.append(DicomSlide(uid, base.path, tuple(h.path for h in hs), names[uid]))
+        levels = [h for h in hs if h.level]
+        if not levels:
+            continue
+        base = max(levels, key=lambda h: h.pixels)  # the first in name order among equals
+        slides.append(DicomSlide(uid, base.path, tuple(h.path for h in hs), _name(uid, {h.slide_id for h in levels})))
     return tuple(sorted(slides, key=lambda s: (s.name, s.uid)))
 
 
-def _names(folder: Path, slide_ids: dict[str, set[str]]) -> dict[str, str]:
-    """Each series' output name: the folder's when it holds one slide; else the slide identifier where the series
-    has one that no other series of the folder shares, else the SeriesInstanceUID."""
-    folder_name = Path(os.path.abspath(folder)).name  # "." and ".." named as the folder they are
-    if len(slide_ids) == 1 and folder_name:
-        return {uid: folder_name for uid in slide_ids}
-    readable = {uid: _file_name(next(iter(ids))) if len(ids) == 1 else "" for uid, ids in slide_ids.items()}
-    taken = [name.casefold() for name in readable.values()]
-    return {uid: name if name and taken.count(name.casefold()) == 1 else uid for uid, name in readable.items()}
+# what converters write where the slide identifier, which DICOM requires, was not known
+PLACEHOLDER_IDS = frozenset({"", "unknown", "none", "null", "n_a", "na", "_"})
+
+
+def _name(uid: str, slide_ids: set[str]) -> str:
+    """A series' output name, from the slide alone, so that it never changes with what else its folder holds: its
+    slide identifier (the glass slide's barcode or ID) made a file name, else its SeriesInstanceUID. Two scans of
+    one glass slide share the name, and a run refuses the second as it refuses any name taken."""
+    ids = {name for i in slide_ids if (name := _file_name(i)).casefold() not in PLACEHOLDER_IDS}
+    return ids.pop() if len(ids) == 1 else uid
 
 
 def _file_name(text: str) -> str:

@@ -52,7 +52,7 @@ from .data import load_stats
 from .earlier_outputs import finished_outputs, refusals, remove_leftovers_of_finished
 from .handlers import parse_bool
 from .inferers import window_inferer
-from .inputs import find_images, image_name
+from .inputs import dicom_slide_file, find_images, image_name, image_names
 from .networks import load_weights, weights_sha256
 from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries, source_fingerprint
@@ -594,7 +594,7 @@ class SlidePredictor:
         whose later tries may take the lock over. ``unless_finished``: None, nothing done, when the image's outputs
         are found finished once the lock is held (``finished``).
         """
-        path = Path(path)
+        path = dicom_slide_file(Path(path))  # a DICOM slide is opened and recorded from its finest level's file
         name = name or image_name(path)
         with ImageLock(output_dir, name, lock_token):
             # asked again under the lock: a run that checked before another one committed would redo its image
@@ -778,16 +778,19 @@ class SlidePredictor:
         _make_output_dir(output_dir)
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)
+        # each image's name once: the checks and the loop must agree on it, while a DICOM folder may change
+        named = list(zip(image_names(images), images))
         # later images of a name, and images whose paths Windows would refuse here, fail below
-        refused = refusals([(image_name(path), path) for path in images], output_dir, "rename one of them")
+        refused = refusals(named, output_dir, "rename one of them, or give nucleiseg predict a slide list that names "
+                           "them (a CSV with columns path and slide)")
         if not self.overwrite:
-            self._refuse_other_settings([p for i, p in enumerate(images) if i not in refused], output_dir)
+            finished_outputs(output_dir, [(name, path, self) for i, (name, path) in enumerate(named)
+                                          if i not in refused])
         summary = RunSummary()
         start, total, busy = time.perf_counter(), len(images), 0.0
-        for index, path in enumerate(images, 1):
+        for index, (name, path) in enumerate(named, 1):
             # with many images, each line says how far the run is (the region bar covers one image)
             at = f"[{index}/{total}] " if total > 1 else ""
-            name = image_name(path)
             if index - 1 in refused:
                 logger.error("%sfailed on %s: %s", at, path, refused[index - 1])
                 summary.failed.append((str(path), refused[index - 1]))
@@ -817,11 +820,6 @@ class SlidePredictor:
                         _duration(time.perf_counter() - start), len(summary.done), len(summary.skipped),
                         len(summary.failed))
         return summary
-
-    def _refuse_other_settings(self, images: list[Path], output_dir: Path) -> None:
-        """FileExistsError naming the images (each the first of its output name) whose finished outputs record other
-        weights or settings, all of them at once (``finished`` names one)."""
-        finished_outputs(output_dir, [(image_name(path), path, self) for path in images])
 
 
 def _windows_of(plan: Plan, todo: list[tuple[int, int]], labels: Iterator[np.ndarray]

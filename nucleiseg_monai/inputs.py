@@ -58,12 +58,14 @@ def find_images(source: str | os.PathLike) -> list[Path]:
 
 
 def _glob_hint(folder: Path) -> Path:
-    """A glob that finds the images below ``folder``: its slides' .dcm files where its subfolders hold DICOM
+    """A glob that finds the images below ``folder``: its slides' DICOM files where its subfolders hold DICOM
     slides, as archives keep them (one folder per slide), else any .svs below it."""
-    subfolders = (p for p in folder.iterdir() if p.is_dir())
-    if any(dicom.is_dicom(f) for sub in subfolders for f in sub.iterdir()):
-        return folder / "*" / "*.dcm"
-    return folder / "**" / "*.svs"
+    try:
+        dicom_files = (f for sub in folder.iterdir() if sub.is_dir() for f in sub.iterdir() if dicom.is_dicom(f))
+        found = next(dicom_files, None)
+    except OSError:  # an unreadable subfolder (lost+found): the hint is not worth an error of its own
+        found = None
+    return folder / "*" / f"*{found.suffix}" if found else folder / "**" / "*.svs"
 
 
 def dicom_slide_file(path: Path) -> Path:
@@ -75,10 +77,16 @@ def dicom_slide_file(path: Path) -> Path:
 
 def _one_per_dicom_slide(paths: list[Path], where: str) -> list[Path]:
     """``paths`` with the .dcm files of each DICOM slide replaced by the file that stands for it, once; a .dcm file
-    of no slide (another kind of DICOM image, a label or overview alone) is left out, and said."""
-    slides = {}  # each file of a DICOM slide in the folders of paths -> the slide
-    for folder in {p.parent for p in paths if dicom.is_dicom(p)}:
-        slides |= {file: slide for slide in dicom.folder_slides(folder) for file in slide.files}
+    of no slide (another kind of DICOM image, a label or overview alone) is left out, and said. Without pydicom,
+    DICOM files beside other images are left out, and said, rather than stopping the run."""
+    try:
+        slides = _dicom_slides(paths)
+    except ImportError as err:
+        if all(dicom.is_dicom(p) for p in paths):
+            raise
+        left_out = [p for p in paths if dicom.is_dicom(p)]
+        logger.warning("%d DICOM file(s) at %s are left out: %s", len(left_out), where, err)
+        return [p for p in paths if not dicom.is_dicom(p)]
     kept = {slides[p].base if p in slides else p for p in paths if p in slides or not dicom.is_dicom(p)}
     left_out = [p for p in paths if dicom.is_dicom(p) and p not in slides]
     if left_out:
@@ -88,8 +96,22 @@ def _one_per_dicom_slide(paths: list[Path], where: str) -> list[Path]:
     return sorted(kept)
 
 
+def image_names(paths: list[Path]) -> list[str]:
+    """The output name of each image of ``paths``: the file's stem, or a DICOM slide's name (``dicom``), the headers
+    of each folder's .dcm files read once for all of its slides."""
+    slides = _dicom_slides([p for p in paths if p.is_file()])
+    return [slides[p].name if p in slides else p.stem for p in paths]
+
+
+def _dicom_slides(paths: list[Path]) -> dict[Path, dicom.DicomSlide]:
+    """Each file of a DICOM slide in the folders of the .dcm files of ``paths`` -> the slide, each folder's headers
+    read once."""
+    slides = {}
+    for folder in {p.parent for p in paths if dicom.is_dicom(p)}:
+        slides |= {file: slide for slide in dicom.folder_slides(folder) for file in slide.files}
+    return slides
+
+
 def image_name(path: Path) -> str:
-    """The output name of the image at ``path``: the file's stem, or a DICOM slide's name (``dicom``): a series' files
-    are named by UIDs or numbers."""
-    slide = dicom.slide_of(path) if dicom.is_dicom(path) and path.is_file() else None
-    return path.stem if slide is None else slide.name
+    """The output name of the image at ``path`` (``image_names``)."""
+    return image_names([path])[0]

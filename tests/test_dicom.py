@@ -28,7 +28,8 @@ from wsidicom.metadata.schema.dicom import WsiMetadataDicomSchema  # noqa: E402
 from wsidicom.source import Source  # noqa: E402
 
 from nucleiseg_monai.cohort import read_cohort  # noqa: E402
-from nucleiseg_monai.inputs import find_images, image_name  # noqa: E402
+from nucleiseg_monai.earlier_outputs import refusals  # noqa: E402
+from nucleiseg_monai.inputs import find_images, image_name, image_names  # noqa: E402
 from nucleiseg_monai.outputs import manifest_path, source_fingerprint  # noqa: E402
 from nucleiseg_monai.synthetic import make_slide  # noqa: E402
 from nucleiseg_monai.wsi import ImageError, open_image  # noqa: E402
@@ -75,7 +76,7 @@ class _Pixels(ImageData):
 class _Scan(Source):
     """A slide of levels ``rgb``, ``rgb[::2, ::2]``, ... (each but the first marked RESAMPLED) and a grey label."""
 
-    def __init__(self, rgb: np.ndarray, mpp: float, levels: int, slide_id: str):
+    def __init__(self, rgb: np.ndarray, mpp: float, levels: int, slide_id: str | None):
         super().__init__()
         metadata = WsiMetadata(
             study=Study(uid=generate_uid()), series=Series(uid=generate_uid()), patient=Patient(),
@@ -101,7 +102,7 @@ class _Scan(Source):
         pass
 
 
-def write_slide(folder: Path, rgb: np.ndarray, mpp: float = 0.25, levels: int = 3, slide_id: str = "S1",
+def write_slide(folder: Path, rgb: np.ndarray, mpp: float = 0.25, levels: int = 3, slide_id: str | None = "S1",
                 label_only: bool = False) -> dict[str, Path]:
     """``rgb`` as one DICOM series in ``folder`` (which may hold others): its files by kind, "level0", "level1",
     ... and "label"; ``label_only``: only the label's file, as a series of its own."""
@@ -124,14 +125,18 @@ def oracle() -> np.ndarray:
     return _oracle_image(make_slide(SHAPE, seed=5).labels())
 
 
-def test_a_folder_of_one_dicom_slide_is_one_image_named_after_the_folder_and_read_exactly(tmp_path, oracle):
-    folder = tmp_path / "case-17"
+def test_a_dicom_slide_is_one_image_named_after_its_slide_identifier_and_read_exactly(tmp_path, oracle):
+    folder = tmp_path / "scans"
     folder.mkdir()
-    files = write_slide(folder, oracle, mpp=0.2425)
+    files = write_slide(folder, oracle, mpp=0.2425, slide_id="case-17")
     assert sorted(files) == ["label", "level0", "level1", "level2"]
     assert find_images(folder) == [files["level0"]]
     for file in files.values():  # any file of the series stands for the slide: its finest level's
         assert find_images(file) == [files["level0"]] and image_name(file) == "case-17"
+    write_slide(folder, oracle, levels=1, slide_id="case-18")  # another scan exported beside it
+    assert image_name(files["level0"]) == "case-17"  # its name, and so its finished outputs, stay
+    no_id = write_slide(tmp_path, oracle, levels=1, slide_id=None)["level0"]
+    assert image_name(no_id) == pydicom.dcmread(no_id).SeriesInstanceUID
     with open_image(files["level2"]) as reader:  # OpenSlide reads the whole series from any of its files
         assert type(reader).__name__ == "OpenSlideReader"
         assert reader.level_shapes == [(300, 420), (150, 210), (75, 105)]
@@ -147,9 +152,9 @@ def test_a_folder_of_one_dicom_slide_is_one_image_named_after_the_folder_and_rea
 def test_a_dicom_slide_segments_as_the_same_pixels_in_a_tiff(tmp_path, oracle):
     """A run on the slide's folder writes outputs named after it, on the slide's grid, with the labels of the same
     pixels as a TIFF; a later run given another file of the slide finds them finished."""
-    folder = tmp_path / "case-17"
+    folder = tmp_path / "scans"
     folder.mkdir()
-    files = write_slide(folder, oracle)
+    files = write_slide(folder, oracle, slide_id="case-17")
     _write_tif(tmp_path / "case-17.tif", oracle, 0.25)
     summary = _predictor().run(folder, tmp_path / "out")
     assert summary.ok and [r.name for r in summary.done] == ["case-17"]
@@ -164,6 +169,9 @@ def test_a_dicom_slide_segments_as_the_same_pixels_in_a_tiff(tmp_path, oracle):
 
     again = _predictor().run(files["label"], tmp_path / "out")
     assert again.ok and again.skipped == [str(files["level0"])] and not again.done
+    # given one of the slide's other files directly, the predictor still opens and records the finest level's
+    assert _predictor().predict_slide(files["label"], tmp_path / "api").path == str(files["level0"])
+    assert json.loads(manifest_path(tmp_path / "api", "case-17").read_text())["source"] == str(files["level0"])
 
 
 def test_a_folder_of_several_dicom_slides_gives_one_image_each_and_leaves_other_dicom_out(tmp_path, oracle, caplog):
@@ -180,27 +188,33 @@ def test_a_folder_of_several_dicom_slides_gives_one_image_each_and_leaves_other_
     assert sorted(s.name for s in read_cohort(folder)) == ["H-22_A_1", "H-22_B"]
     assert image_name(second["label"]) == "H-22_B"
 
-    same = tmp_path / "same"  # two scans of one glass slide share its identifier: their series UIDs name them
+    same = tmp_path / "same"  # two scans of one glass slide share its identifier, so the run refuses the second
     same.mkdir()
-    scans = [write_slide(same, oracle, levels=1)["level0"] for _ in range(2)]
-    names = [image_name(scan) for scan in scans]
-    assert names == [pydicom.dcmread(scan).SeriesInstanceUID for scan in scans] and names[0] != names[1]
+    for _ in range(2):
+        write_slide(same, oracle, levels=1)
+    scans = find_images(same)
+    refused = refusals(list(zip(image_names(scans), scans)), tmp_path / "out", "name them")
+    assert refused == {1: f"same output name 'S1' as {scans[0]}; name them"}
 
 
 def test_a_slide_list_takes_a_dicom_slide_s_folder_or_any_of_its_files(tmp_path, oracle):
     for name in ("a", "b", "two"):
         (tmp_path / name).mkdir()
-    a = write_slide(tmp_path / "a", oracle, levels=2)
+    a = write_slide(tmp_path / "a", oracle, levels=2, slide_id="A-1")
     b = write_slide(tmp_path / "b", oracle, levels=2)
     listed = tmp_path / "slides.csv"
     listed.write_text(f"path,slide\na,\n{b['label']},bee\n")
     slides = read_cohort(listed)
-    assert [(s.path, s.name) for s in slides] == [(str(a["level0"]), "a"), (str(b["level0"]), "bee")]
+    assert [(s.path, s.name) for s in slides] == [(str(a["level0"]), "A-1"), (str(b["level0"]), "bee")]
 
     write_slide(tmp_path / "two", oracle, levels=1, slide_id="X")
     write_slide(tmp_path / "two", oracle, levels=1, slide_id="Y")
     listed.write_text("path\ntwo\n")
     with pytest.raises(ValueError, match=r"slides\.csv, line 2: .*two is a folder holding 2 DICOM slides.*one \.dcm"):
+        read_cohort(listed)
+    (tmp_path / "none").mkdir()
+    listed.write_text("path\nnone\n")
+    with pytest.raises(ValueError, match=r"none is a folder holding no DICOM slide.*give the image file itself"):
         read_cohort(listed)
 
 
@@ -243,7 +257,18 @@ def test_dicom_without_pydicom_or_openslide_names_the_extra(tmp_path, oracle, mo
 def test_a_folder_of_dicom_slide_folders_is_answered_with_the_glob_that_finds_them(tmp_path, oracle):
     for name in ("case-1", "case-2"):
         (tmp_path / "archive" / name).mkdir(parents=True)
-        write_slide(tmp_path / "archive" / name, oracle, levels=1)
+        write_slide(tmp_path / "archive" / name, oracle, levels=1, slide_id=name)
     with pytest.raises(FileNotFoundError, match=r"not searched: give a glob such as '.*archive/\*/\*\.dcm'"):
         find_images(tmp_path / "archive")
     assert [image_name(p) for p in find_images(str(tmp_path / "archive" / "*" / "*.dcm"))] == ["case-1", "case-2"]
+
+
+def test_without_pydicom_dicom_files_beside_other_images_are_left_out_not_fatal(tmp_path, oracle, monkeypatch,
+                                                                                caplog):
+    """Before DICOM was read, a stray .dcm among tiles was ignored; without the extra it must not stop the run."""
+    write_slide(tmp_path, oracle, levels=1)
+    tifffile.imwrite(tmp_path / "tile.tif", oracle)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with caplog.at_level(logging.WARNING):
+        assert find_images(tmp_path) == [tmp_path / "tile.tif"]
+    assert "2 DICOM file(s)" in caplog.text and "pip install 'nucleiseg-monai[openslide]'" in caplog.text

@@ -608,6 +608,11 @@ def test_outputs_of_another_file_of_the_same_name_are_not_taken_for_finished(tmp
     assert [r.nuclei for r in redone.done] == [len(np.unique(labels)) - 1]
 
 
+# how a run says to part two images of one output name
+RENAME = ("rename one of them, or give nucleiseg predict a slide list that names them (a CSV with columns path and "
+          "slide)")
+
+
 def test_a_second_image_of_a_finished_name_fails_alone_and_refuses_no_run(tmp_path):
     _write_tiles(tmp_path / "in", n=1)
     (tmp_path / "z").mkdir()
@@ -618,13 +623,13 @@ def test_a_second_image_of_a_finished_name_fails_alone_and_refuses_no_run(tmp_pa
     again = _predictor().run(str(tmp_path / "*" / "tile0.png"), out)  # in/tile0.png first, then z/tile0.png
     assert again.skipped == [str(tmp_path / "in" / "tile0.png")]
     assert again.failed == [(str(tmp_path / "z" / "tile0.png"),
-                             f"same output name 'tile0' as {tmp_path / 'in' / 'tile0.png'}; rename one of them")]
+                             f"same output name 'tile0' as {tmp_path / 'in' / 'tile0.png'}; {RENAME}")]
     # a name differing only in case is the same files on macOS's and Windows' file systems
     shutil.copy(tmp_path / "z" / "tile0.png", tmp_path / "z" / "TILE0.png")
     cased = _predictor().run(str(tmp_path / "*" / "*0.png"), out)
     assert cased.skipped == [str(tmp_path / "in" / "tile0.png")] and not cased.done
     assert cased.failed[0] == (str(tmp_path / "z" / "TILE0.png"),
-                               f"same output name 'TILE0' as {tmp_path / 'in' / 'tile0.png'}; rename one of them")
+                               f"same output name 'TILE0' as {tmp_path / 'in' / 'tile0.png'}; {RENAME}")
 
 
 def test_mpp_for_files_that_state_none_leaves_outputs_of_files_that_state_theirs_finished(tmp_path):
