@@ -58,10 +58,12 @@ from .openvino_cache import RUNTIME_LIBRARIES, library_version
 from .outputs import ImageLock, OutputOptions, Overlay, SlideOutputs, remove_temporaries, source_fingerprint
 from .postprocess import activate, instances_from_probs
 from .region_journal import RegionJournal, journal_folder, remove_journal
+from .roi import Roi, read_roi
 from .runtimes import EXAMPLE_SIDE, SyntheticCalibration, int8_available, prepare_network
 from .scaling import SCALE_TOLERANCE, lattice_scale, to_read_grid, to_working_scale
 from .stitching import RegionGrid, RegionStitcher
-from .wsi import ArrayReader, ImageError, SlideReader, check_mpp, doubtful_mpp, open_image, tissue_mask
+from .wsi import (ArrayReader, ImageError, SlideReader, TissueMask, check_mpp, doubtful_mpp, open_image,
+                  tissue_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +236,9 @@ class InferenceNetwork:
 @dataclass(frozen=True)
 class Plan:
     """One image as the predictor walks it: its reader, working pixels per read pixel (``scale``), the region grid
-    in read pixels, the regions to process (``todo``), the share of the image that is tissue, and where the pixel
-    size came from ("file", "input_mpp", "assumed" or "unknown")."""
+    in read pixels, the regions to process (``todo``), the share of the image that is tissue, where the pixel
+    size came from ("file", "input_mpp", "assumed" or "unknown"), and with an ROI the shares of the image inside it
+    and of tissue inside it (at the tissue mask's resolution)."""
 
     reader: SlideReader
     scale: Fraction
@@ -243,6 +246,8 @@ class Plan:
     todo: np.ndarray
     tissue_fraction: float
     mpp_source: str
+    roi_fraction: float | None = None
+    roi_tissue_fraction: float | None = None
 
 
 def default_region_size(device: torch.device | str) -> int:
@@ -282,10 +287,12 @@ class RegionPlanner:
         self.mpp = None if mpp is None else float(mpp)
         self.tissue_threshold, self.max_regions = tissue_threshold, max_regions
 
-    def plan(self, reader: SlideReader, thumbnail: np.ndarray, input_mpp: float | None) -> Plan:
+    def plan(self, reader: SlideReader, thumbnail: np.ndarray, input_mpp: float | None, roi: Roi | None = None
+             ) -> Plan:
         """The image's scale against the working pixel size, its region grid in read pixels (multiples of the
         scale's denominator: every window starts on a whole working pixel) and the regions to process: tissue
-        present (for multi-region images; the mask is built from ``thumbnail``), at most ``max_regions``."""
+        present (for multi-region images; the mask is built from ``thumbnail``), touching the ``roi`` where one is
+        given, at most ``max_regions``."""
         if reader.base_mpp is None:
             source = "unknown"
         elif reader.stated_mpp is not None and reader.base_mpp == reader.stated_mpp:
@@ -303,11 +310,34 @@ class RegionPlanner:
         if self.tissue_threshold is not None and todo.size > 1:
             for i, j in np.ndindex(*todo.shape):
                 todo[i, j] = mask.fraction(i * size, j * size, size, size) > self.tissue_threshold
+        roi_fraction = roi_tissue_fraction = None
+        if roi is not None:
+            todo &= _touching(roi, reader, mask, grid)
+            per_pixel = (mask.downsample[0] * reader.downsample, mask.downsample[1] * reader.downsample)
+            inside = roi.mask(mask.mask.shape, per_pixel)
+            roi_fraction, roi_tissue_fraction = float(inside.mean()), float((inside & mask.mask).mean())
         if self.max_regions is not None:
             keep = np.flatnonzero(todo.ravel())[: self.max_regions]
             todo = np.zeros_like(todo)
             todo.ravel()[keep] = True
-        return Plan(reader, scale, grid, todo, mask.fraction(0, 0, *reader.shape), source)
+        return Plan(reader, scale, grid, todo, mask.fraction(0, 0, *reader.shape), source, roi_fraction,
+                    roi_tissue_fraction)
+
+
+def _touching(roi: Roi, reader: SlideReader, mask: TissueMask, grid: RegionGrid) -> np.ndarray:
+    """Which regions of ``grid`` have a core the ROI may reach, from a generous mask at the tissue mask's
+    resolution: a region kept for nothing costs its seconds, one left out would lose nuclei. ImageError where the
+    ROI misses the image altogether (coordinates of another image, or of another level than level 0)."""
+    per_pixel = (mask.downsample[0] * reader.downsample, mask.downsample[1] * reader.downsample)
+    near = TissueMask(roi.mask(mask.mask.shape, per_pixel, touched=True), mask.downsample)
+    if not near.mask.any():
+        height, width = reader.level_shapes[0]
+        raise ImageError(f"{reader.path}: the ROI ({roi.describe()}) lies outside the image ({width} x {height} "
+                         "level-0 px); its coordinates must be this image's level-0 pixels, as QuPath exports "
+                         "annotations drawn on it")
+    size = grid.size
+    return np.array([[near.contains(i * size, j * size, size, size) for j in range(grid.rows_cols[1])]
+                     for i in range(grid.rows_cols[0])], bool)
 
 
 class SlidePredictor:
@@ -338,7 +368,17 @@ class SlidePredictor:
             and written (see ``lookahead``); holds one more region's probabilities in memory.
         keep_regions: keep each finished region's labels in the output folder until the image's outputs are
             written (``region_journal``), so that an interrupted image goes on from its last region when run again.
+
+    ``roi``, an attribute as ``input_mpp`` is an argument, since both belong to one image: the region of interest
+    (``roi.Roi``, or a GeoJSON file's path, read on assignment) whose nuclei alone are wanted, or None (the default)
+    for the whole image. It is per image data, not a model setting, so a bundle's config has none; a cohort's slide
+    list gives each slide its own (``cohort.for_slide``), and ``run`` refuses it for more than one image. Regions
+    its generous low-resolution mask does not touch are skipped, and nuclei whose centroid lies outside its
+    polygons (a hole is outside) are left out of every output (``stitching.RegionStitcher``'s ``where``). It applies
+    to files, not to ``segment``'s arrays.
     """
+
+    _roi: Roi | None = None  # also for a predictor made without __init__, as some tests make a bare one
 
     def __init__(
         self,
@@ -441,6 +481,14 @@ class SlidePredictor:
         return self.planner.mpp
 
     @property
+    def roi(self) -> Roi | None:
+        return self._roi
+
+    @roi.setter
+    def roi(self, value: Roi | str | os.PathLike | None) -> None:
+        self._roi = value if value is None or isinstance(value, Roi) else read_roi(value)
+
+    @property
     def weights_sha256(self) -> str:
         return self.network.weights_sha256
 
@@ -460,6 +508,8 @@ class SlidePredictor:
             record["test_time_flips"] = net.test_time_flips
         if self.force_mpp:  # the same: only when set
             record["force_mpp"] = True
+        if self.roi is not None:  # the same; the geometry's digest, so a renamed file of the same areas still counts
+            record["roi"] = self.roi.sha256
         return json.loads(json.dumps(record, sort_keys=True, default=str))  # as it reads back from the record
 
     def finished(self, output_dir: str | os.PathLike, name: str, path: str | os.PathLike | None = None) -> bool:
@@ -497,7 +547,7 @@ class SlidePredictor:
             with clock("read"):
                 thumb = reader.thumbnail(self.outputs.overlay_max_side)
             with clock("tissue_mask"):
-                plan = self.planner.plan(reader, thumb, self.input_mpp)
+                plan = self.planner.plan(reader, thumb, self.input_mpp, self.roi)
             yield plan, thumb
 
     def journal_key(self, plan: Plan, fingerprint: str) -> dict:
@@ -615,6 +665,11 @@ class SlidePredictor:
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
+            where = None
+            if self.roi is not None:
+                logger.info("%s: ROI of %s, %.1f%% of the image; nuclei outside it are left out", path,
+                            self.roi.describe(), 100 * plan.roi_fraction)
+                where = self.roi.keeps(reader.downsample)
             if self.overwrite and labels_from is None:  # redone from the first region, as the outputs are
                 if journal_folder(output_dir, name).is_dir():
                     logger.info("%s: starting afresh (overwrite): the regions kept from an interrupted run are "
@@ -627,7 +682,7 @@ class SlidePredictor:
             out_mpp = reader.mpp if plan.mpp_source != "assumed" else None
             with SlideOutputs(output_dir, name, reader.shape, out_mpp, reader.downsample, overlay,
                               self.outputs.label_tile, self.outputs.compression) as out:
-                stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile)
+                stitcher = RegionStitcher(plan.grid, plan.todo, self.outputs.label_tile, where)
                 out.write_labels(self._label_tiles(plan, stitcher, out, name, timings, labels_from, journal))
                 info = {
                     "source": str(path), "source_fingerprint": fingerprint, "level": reader.level,
@@ -638,6 +693,9 @@ class SlidePredictor:
                     "tissue_fraction": plan.tissue_fraction, "region_size": self.planner.region_size,
                     "region_margin": self.planner.region_margin, "settings": self.settings(),
                 }
+                if self.roi is not None:
+                    info["roi"] = {"file": self.roi.path, "sha256": self.roi.sha256, "polygons": len(self.roi),
+                                   "fraction": plan.roi_fraction, "tissue_fraction": plan.roi_tissue_fraction}
                 with clock("writing"):
                     paths = out.commit(info)
         remove_journal(output_dir, name)  # also one a cohort's region tasks filled, or an earlier run left
@@ -775,6 +833,9 @@ class SlidePredictor:
         """
         output_dir = Path(output_dir)
         images = find_images(input)
+        if self.roi is not None and len(images) > 1:
+            raise ValueError(f"an ROI belongs to one image, and {input} holds {len(images)}: give each slide its own "
+                             "in the roi column of a slide list (a CSV with columns path, roi)")
         _make_output_dir(output_dir)
         for path in remove_stale(output_dir):
             logger.info("removed %s, left by an interrupted earlier run", path)

@@ -25,7 +25,7 @@ Stitching rule (exact and order-independent for consistent windows):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,13 +128,20 @@ class RegionStitcher:
     done with nothing in them). Add them in raster order with ``add``; ``tiles`` yields the tiles no later window can
     change, and every remaining one once all regions are added. ``nuclei``: nuclei kept so far (ids 1..nuclei);
     ``truncated``: kept nuclei that touch a window side inside the image (the margin may be too small).
+
+    ``where``: optional test of the nuclei a region would keep, given their centroids (y, x) in the image's pixels
+    (pixel centres at integers) -> bool; those it fails are dropped, their pixels left to the nuclei after them
+    (an ROI: ``roi.Roi``). The centroids come from the same integer sums as the anchors, so every window that sees
+    a nucleus tests the same point and the answer does not depend on which region keeps it.
     """
 
-    def __init__(self, grid: RegionGrid, todo: np.ndarray | None = None, tile: int = 512):
+    def __init__(self, grid: RegionGrid, todo: np.ndarray | None = None, tile: int = 512,
+                 where: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
         todo = np.ones(grid.rows_cols, bool) if todo is None else np.asarray(todo, bool)
         if todo.shape != grid.rows_cols:
             raise ValueError(f"todo has shape {todo.shape}, the region grid {grid.rows_cols}")
         self.grid = grid
+        self.where = where
         self.band = _TileBand(grid.shape, tile)
         self.done = ~todo
         self.nuclei = 0
@@ -190,6 +197,9 @@ class RegionStitcher:
         rescue = present & ~own & anchor_done & (gap <= RESCUE_PX) & ~edge
         keep = (own | rescue) & (owned < DUPLICATE_FRACTION * count)
         keep[0] = False
+        if self.where is not None and keep.any():
+            candidates = np.flatnonzero(keep)
+            keep[candidates] = self.where(sum_y[candidates] / count[candidates], sum_x[candidates] / count[candidates])
         kept = int(keep.sum())
         if kept == 0:
             return None

@@ -2,13 +2,17 @@
 inside, in every output, across region seams; regions the ROI misses are not analysed; finished outputs of another
 ROI are refused; QuPath's GeoJSON forms are read and what is not an ROI is refused."""
 
+import csv
 import json
 import logging
 
+import numpy as np
 import pytest
+import tifffile
 
-from nucleiseg_monai.roi import RoiError, read_roi
+from nucleiseg_monai.roi import Roi, RoiError, read_roi
 from nucleiseg_monai.synthetic import make_slide, make_tile
+from nucleiseg_monai.wsi import ImageError
 from test_inference import _oracle_image, _predictor, _write_tif
 
 # corners off the pixel grid and off its centres: no centroid lies on an outline
@@ -84,3 +88,118 @@ def test_malformed_files_are_refused_naming_them(tmp_path, text, said):
     path.write_text(text)
     with pytest.raises(RoiError, match=f"bad.geojson.*{said}.*Export objects as GeoJSON"):
         read_roi(path)
+
+
+
+# ------------------------------------------------------------------------------------------- segmenting within it
+
+
+def _outputs(folder, name):
+    labels = tifffile.imread(folder / f"{name}.labels.tif")
+    rows = list(csv.DictReader((folder / f"{name}.nuclei.csv").open()))
+    features = json.loads((folder / f"{name}.geojson").read_text())["features"]
+    return labels, rows, features
+
+
+def _whole_filtered(folder, name, roi):
+    """The whole run's label map with the nuclei whose centroid lies outside ``roi`` removed and the others
+    numbered on in their order, and how many were kept and left out. CSV centroids are level-0 pixel indices;
+    the ROI's coordinates put pixel i on [i, i + 1)."""
+    labels, rows, _ = _outputs(folder / "whole", name)
+    ids = np.array([int(r["id"]) for r in rows])
+    inside = roi.contains(np.array([float(r["centroid_x_px"]) for r in rows]) + 0.5,
+                          np.array([float(r["centroid_y_px"]) for r in rows]) + 0.5)
+    renumber = np.zeros(labels.max() + 1, np.uint32)
+    renumber[ids[inside]] = np.arange(1, inside.sum() + 1)
+    return renumber[labels], int(inside.sum()), int((~inside).sum())
+
+
+def _check_same_nuclei(images, name, roi, out):
+    expected, kept, left_out = _whole_filtered(images, name, roi)
+    labels, rows, features = _outputs(out, name)
+    np.testing.assert_array_equal(labels, expected)
+    assert len(rows) == len(features) == kept == json.loads((out / f"{name}.done.json").read_text())["nuclei"]
+    assert kept > 10 and left_out > 5
+    return labels
+
+
+def test_a_polygon_over_half_a_tile_keeps_exactly_the_nuclei_centred_inside(images):
+    roi = Roi([[np.array(HALF)]], "half.geojson")
+    predictor = _predictor()
+    predictor.roi = roi
+    result = predictor.predict_slide(images / "tile.tif", images / "half")
+    _check_same_nuclei(images, "tile", roi, images / "half")
+    assert result.regions == result.regions_processed == 1
+    record = json.loads((images / "half" / "tile.done.json").read_text())
+    assert record["roi"] == {"file": "half.geojson", "sha256": roi.sha256, "polygons": 1,
+                             "fraction": pytest.approx(128.37 / 256, abs=0.01),
+                             "tissue_fraction": pytest.approx(record["tissue_fraction"] / 2, abs=0.05)}
+    assert record["settings"]["roi"] == roi.sha256
+
+
+def test_a_hole_leaves_its_nuclei_out(images):
+    roi = Roi([[np.array(FRAME), np.array(HOLE)]], "frame.geojson")
+    predictor = _predictor()
+    predictor.roi = roi
+    predictor.predict_slide(images / "tile.tif", images / "frame")
+    labels = _check_same_nuclei(images, "tile", roi, images / "frame")
+    assert not labels[100:150, 100:150].any()  # well inside the hole, whatever nucleus reaches in from its edge
+
+
+def test_only_the_regions_an_roi_touches_are_analysed_and_seams_stay_exact(images, caplog):
+    roi = Roi([[np.array(CORNER)]], "corner.geojson")
+    predictor = _predictor()
+    predictor.roi = roi
+    with caplog.at_level(logging.INFO, logger="nucleiseg_monai.inference"):
+        result = predictor.predict_slide(images / "slide.tif", images / "corner")
+    assert result.regions == 6 and result.regions_processed == 2  # cores (0, 0) and (0, 1): x to 300, y to 200
+    labels = _check_same_nuclei(images, "slide", roi, images / "corner")
+    # some nucleus kept lies across the seam between the two regions, at x = 256
+    assert np.intersect1d(np.unique(labels[:, 250:256]), np.unique(labels[:, 256:262])).size > 1
+    assert any("ROI of 1 polygon from corner.geojson, 15.3% of the image" in r.getMessage() for r in caplog.records)
+
+
+def test_an_roi_outside_the_image_is_refused(images):
+    predictor = _predictor()
+    predictor.roi = Roi([[np.array([[5000.0, 5000.0], [6000.0, 5000.0], [6000.0, 6000.0]])]], "elsewhere.geojson")
+    with pytest.raises(ImageError, match="lies outside the image .*level-0 pixels"):
+        predictor.predict_slide(images / "tile.tif", images / "elsewhere")
+
+
+def test_finished_outputs_of_another_roi_are_refused_and_of_the_same_kept(images, tmp_path):
+    half = _write_roi(tmp_path / "half.geojson", {"type": "FeatureCollection", "features": [_feature(HALF)]})
+    renamed = _write_roi(tmp_path / "same.geojson", [_feature(HALF, name="renamed")])
+    corner = _write_roi(tmp_path / "corner.geojson", _feature(CORNER))
+    out = tmp_path / "out"
+
+    def run(roi, folder=out):
+        predictor = _predictor()
+        predictor.roi = roi
+        return predictor.run(images / "tile.tif", folder)
+
+    assert len(run(half).done) == 1
+    assert run(renamed).skipped == [str(images / "tile.tif")]  # the same areas, whatever the file
+    for other in (corner, None):
+        with pytest.raises(FileExistsError, match="differing: roi"):
+            run(other)
+    # outputs made without an ROI still count as finished without one
+    assert "roi" not in _predictor().settings()
+    assert run(None, images / "whole").skipped == [str(images / "tile.tif")]
+
+
+def test_the_region_journal_key_changes_with_the_roi(images):
+    predictor = _predictor()
+    with predictor.planned(images / "slide.tif") as (plan, _):
+        without = predictor.journal_key(plan, "fingerprint")
+    predictor.roi = Roi([[np.array(CORNER)]])
+    with predictor.planned(images / "slide.tif") as (plan, _):
+        within = predictor.journal_key(plan, "fingerprint")
+    assert within["settings"]["roi"] == predictor.roi.sha256 and "roi" not in without["settings"]
+    assert within["regions"] != without["regions"]
+
+
+def test_run_refuses_an_roi_for_many_images(images):
+    predictor = _predictor()
+    predictor.roi = Roi([[np.array(HALF)]])
+    with pytest.raises(ValueError, match="roi column of a slide list"):
+        predictor.run(images / "*.tif", images / "many")
