@@ -116,6 +116,18 @@ def run_workflow(workflow):
 
 
 def cmd_predict(args) -> int:
+    from .cohort import is_slide_list
+
+    roi = None
+    if args.roi:
+        # one image's areas: a folder's or a list's slides each need their own, which only a slide list can give
+        if is_slide_list(args.input) or not Path(args.input).is_file() or args.workers or args.scheduler:
+            raise SystemExit("nucleiseg predict: error: --roi belongs to one image file (--input IMAGE), run in this "
+                             "process; for many slides give each its ROI in the roi column of a slide list (a CSV "
+                             "with columns path, roi: --input slides.csv)")
+        from .roi import read_roi
+
+        roi = read_roi(args.roi)  # a wrong file is named before seconds go into building the network
     _check_bundle(args.bundle)
     from .inference import inference_configs
 
@@ -125,8 +137,6 @@ def cmd_predict(args) -> int:
         overrides["checkpoint"] = args.checkpoint
     if args.mpp is not None:
         overrides["predictor#input_mpp"] = args.mpp
-    from .cohort import is_slide_list
-
     if args.force_mpp:
         if args.mpp is None and not is_slide_list(args.input):  # a slide list's input_mpp column may give it
             raise SystemExit("nucleiseg predict: error: --force_mpp needs the pixel size to force: pass --mpp X "
@@ -144,7 +154,9 @@ def cmd_predict(args) -> int:
     find_images(args.input)  # a mistyped input is named before seconds go into building the network
     settings = {k: v for k, v in overrides.items() if k not in ("input", "output_dir")}
     try:
-        summary = SlidePredictor.from_bundle(args.bundle, **settings).run(args.input, args.output_dir)
+        predictor = SlidePredictor.from_bundle(args.bundle, **settings)
+        predictor.roi = roi
+        summary = predictor.run(args.input, args.output_dir)
     except FileExistsError as err:  # finished outputs of other settings: refused before any image was read
         print(f"nucleiseg predict: error: {err}", file=sys.stderr)
         return 2  # a usage error, as the other ones are; 1 says that images failed
@@ -493,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle folder, e.g. bundles/nuclei_unet_small")
     p.add_argument("--input", required=True, help="an image, a folder or a glob (PNG, JPEG, BMP, WebP, TIFF, "
                    "pyramidal BigTIFF, .svs and other OpenSlide formats, DICOM slides: one image per series of .dcm "
-                   "files), or a .csv/.tsv slide list (columns path, slide, input_mpp)")
+                   "files), or a .csv/.tsv slide list (columns path, slide, input_mpp, roi)")
     p.add_argument("--output_dir", required=True, help="folder for the label maps, GeoJSON, CSV and overlays")
     p.add_argument("--checkpoint", help="weights to use instead of the bundle's models/model.pt")
     p.add_argument("--mpp", type=_mpp, help="pixel size (um/px) of input files that state none; a size the file "
@@ -502,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force_mpp", action="store_true", help="apply --mpp (or a slide list's input_mpp) to every "
                    "input, also files that state a pixel size: for files that state a wrong one (a print "
                    "resolution such as 2400 dpi, which reads as 10.6 um/px)")
+    p.add_argument("--roi", metavar="FILE.geojson", help="segment only within these areas of a single image: "
+                   "QuPath's File > Export objects as GeoJSON of annotations drawn on it (polygons, holes left out); "
+                   "nuclei whose centroid lies outside are left out of every output. For many slides: a slide list's "
+                   "roi column")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
     p.add_argument("--test_time_flips", type=int, choices=(1, 2, 4), help="average the network over the image and "

@@ -55,6 +55,7 @@ from .networks import require_weights
 from .outputs import manifest_path, outputs_complete
 from .region_journal import remove_journal
 from .region_tasks import FetchedLabels, band_labels, bands, claim_journal
+from .roi import RoiError, read_roi
 from .run_table import FINISHED, RunTable, figures
 from .wsi import doubtful_mpp
 
@@ -72,11 +73,12 @@ INPUT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, ValueError)
 class Slide:
     """One slide of a cohort: its file, output name and, optionally, the level-0 microns per pixel to use when the
     file states none, or always with the predictor's ``force_mpp`` (the predictor's ``input_mpp`` for this
-    slide)."""
+    slide), and the GeoJSON file of its region of interest (the predictor's ``roi`` for this slide)."""
 
     path: str
     name: str
     input_mpp: float | None = None
+    roi: str | None = None
 
 
 def is_slide_list(source: str | os.PathLike) -> bool:
@@ -86,15 +88,16 @@ def is_slide_list(source: str | os.PathLike) -> bool:
 
 def read_slide_list(path: str | os.PathLike) -> list[Slide]:
     """A CSV (.csv) or TSV (.tsv) with a header: ``path`` (relative paths are relative to the list; a DICOM slide's
-    folder, or any .dcm file of it), optional ``slide`` (the output name; default ``inputs.image_name``) and
-    ``input_mpp`` (level-0 microns per pixel for a file that states none). Other columns are ignored, so a run table
-    is itself a slide list."""
+    folder, or any .dcm file of it), optional ``slide`` (the output name; default ``inputs.image_name``),
+    ``input_mpp`` (level-0 microns per pixel for a file that states none) and ``roi`` (a GeoJSON file of the
+    slide's region of interest, ``roi.read_roi``; relative to the list too; read here, so a wrong one stops the run
+    before any slide is sent out). Other columns are ignored, so a run table is itself a slide list."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=SLIDE_LIST_SUFFIXES[path.suffix.lower()])
         if "path" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: a slide list needs a header with a 'path' column (optional: 'slide', "
-                             f"'input_mpp'); found {reader.fieldnames}")
+                             f"'input_mpp', 'roi'); found {reader.fieldnames}")
         slides = []
         for line, row in enumerate(reader, start=2):
             if not (row["path"] or "").strip():
@@ -117,7 +120,7 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
             if row.get("slide") and (not_portable := _not_portable(name)):  # a name typed, not a file's own
                 raise ValueError(f"{path}, line {line}: slide name {name!r} {not_portable}, so its outputs could not "
                                  "be written or copied there; give another name in the 'slide' column")
-            slides.append(Slide(_absolute(file), name, input_mpp))
+            slides.append(Slide(_absolute(file), name, input_mpp, _roi_file(row, path, line)))
     if not slides:
         raise ValueError(f"{path} lists no slides")
     return slides
@@ -127,6 +130,20 @@ def read_slide_list(path: str | os.PathLike) -> list[Slide]:
 # or space. A name of ':' would even write its outputs into a hidden stream of another file there
 WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                               *(f"LPT{i}" for i in range(1, 10))})
+
+
+def _roi_file(row: dict, slide_list: Path, line: int) -> str | None:
+    """The absolute path of a slide list row's ``roi`` file, checked by reading it; None where it gives none."""
+    given = (row.get("roi") or "").strip()
+    if not given:
+        return None
+    file = Path(given).expanduser()
+    file = _absolute(file if file.is_absolute() else slide_list.parent / file)
+    try:
+        read_roi(file)
+    except RoiError as err:
+        raise RoiError(f"{slide_list}, line {line}: {err}") from None
+    return file
 
 
 def _not_portable(name: str) -> str | None:
@@ -259,17 +276,20 @@ def _manifest(output_dir: str | os.PathLike, name: str) -> dict:
 
 def slide_predictor(factory: Callable[[], SlidePredictor], slide: Slide, torch_threads: int | None
                     ) -> SlidePredictor:
-    """This worker's predictor, with the slide's own ``input_mpp`` where the slide list gives one."""
+    """This worker's predictor, with the slide's own ``input_mpp`` and ``roi`` where the slide list gives them."""
     return for_slide(worker_predictor(factory, torch_threads), slide)
 
 
 def for_slide(predictor: SlidePredictor, slide: Slide) -> SlidePredictor:
-    """``predictor`` with the slide's own ``input_mpp`` where the slide list gives one."""
-    if slide.input_mpp is None:
+    """``predictor`` with the slide's own ``input_mpp`` and ``roi`` where the slide list gives them."""
+    if slide.input_mpp is None and slide.roi is None:
         return predictor
-    predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size differs
-    predictor.input_mpp = slide.input_mpp
-    predictor.input_mpp_origin = "the slide list's input_mpp column"
+    predictor = copy.copy(predictor)  # shares the network; only this slide's pixel size and ROI differ
+    if slide.input_mpp is not None:
+        predictor.input_mpp = slide.input_mpp
+        predictor.input_mpp_origin = "the slide list's input_mpp column"
+    if slide.roi is not None:
+        predictor.roi = slide.roi
     return predictor
 
 
@@ -453,8 +473,9 @@ def _stated_mpp(manifest: dict) -> float | None:
 
 def _tissue_mm2(manifest: dict) -> float | None:
     """Tissue area of a slide from its completion record: the share the predictor's tissue mask covered (the mask
-    it skipped background by) of the level it read; None without a pixel size or in an older version's record."""
-    fraction, mpp = manifest.get("tissue_fraction"), _stated_mpp(manifest)
+    it skipped background by) of the level it read, within the slide's ROI where it had one (its nuclei are those
+    of that area); None without a pixel size or in an older version's record."""
+    fraction, mpp = (manifest.get("roi") or manifest).get("tissue_fraction"), _stated_mpp(manifest)
     if fraction is None or mpp is None:
         return None
     height, width = manifest["shape"]
@@ -623,7 +644,8 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     waiting, refusals = _runnable(slides, output_dir)
     rows, futures = [], {}
     for i, slide in enumerate(slides):
-        row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "status": "pending"}
+        row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "roi": slide.roi,
+               "status": "pending"}
         if i in refusals:
             row.update(status="failed", error=refusals[i])
             logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
@@ -636,7 +658,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
         waiting.remove(i)
         row = {"slide": slides[i].name, "path": slides[i].path, "error": None, "worker": None}  # none ran it
         rows[i].update({**_skipped_row(row, output_dir, slides[i], previous.get(slides[i].name)),
-                        "input_mpp": slides[i].input_mpp})
+                        "input_mpp": slides[i].input_mpp, "roi": slides[i].roi})
         logger.info("%s: outputs complete, skipped", slides[i].path)
     run_table = RunTable(table_path, rows)
     run_table.flush()
@@ -713,7 +735,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             future.release()
             for variable in split.pop(i, (0.0, []))[1]:  # the region tasks' results go with their variables
                 variable.delete()
-            run_table.update(i, {**row, "input_mpp": slide.input_mpp})
+            run_table.update(i, {**row, "input_mpp": slide.input_mpp, "roi": slide.roi})
             bar.update(1)
             send()
     summary.rows = run_table.rows

@@ -1,12 +1,13 @@
 """A cohort's run table: one CSV row per slide, rewritten atomically as slides finish.
 
-Columns: slide (the output name), path, status (pending, done, skipped = outputs already complete, failed), error,
-seconds (this run's time on the slide), mpp (microns per pixel of the analysed level), tissue_mm2 (low-resolution
-tissue mask, the one the predictor skips background with), nuclei, nuclei_per_mm2 (of tissue),
-median_nucleus_um2 (from the slide's per-nucleus CSV) and worker (the address of the Dask worker that ran the slide's
-task in this run, the merge task of a slide split into regions: on a batch system, which node). Figures a slide does
-not have (a failure without finished outputs, an image without a pixel size, a slide no worker took) are empty
-cells, never zeros; a failed slide whose finished outputs are on disk keeps their figures, and its error says so.
+Columns: slide (the output name), path, input_mpp and roi (the slide list's), status (pending, done, skipped =
+outputs already complete, failed), error, seconds (this run's time on the slide), mpp (microns per pixel of the
+analysed level), tissue_mm2 (low-resolution tissue mask, the one the predictor skips background with; within the
+slide's ROI where it has one), nuclei, nuclei_per_mm2 (of tissue), median_nucleus_um2 (from the slide's per-nucleus
+CSV) and worker (the address of the Dask worker that ran the slide's task in this run, the merge task of a slide
+split into regions: on a batch system, which node). Figures a slide does not have (a failure without finished
+outputs, an image without a pixel size, a slide no worker took) are empty cells, never zeros; a failed slide whose
+finished outputs are on disk keeps their figures, and its error says so.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .outputs import output_paths
 
 logger = logging.getLogger(__name__)
 
-# input_mpp is the slide list's, so that a run table read back as a slide list gives each slide its pixel size
-COLUMNS = ("slide", "path", "input_mpp", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei",
+# input_mpp and roi are the slide list's, so that a run table read back as a slide list gives each slide its own
+COLUMNS = ("slide", "path", "input_mpp", "roi", "status", "error", "seconds", "mpp", "tissue_mm2", "nuclei",
            "nuclei_per_mm2", "median_nucleus_um2", "worker")
 FINISHED = ("done", "skipped")
 

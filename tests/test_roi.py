@@ -5,16 +5,22 @@ ROI are refused; QuPath's GeoJSON forms are read and what is not an ROI is refus
 import csv
 import json
 import logging
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tifffile
 
+from nucleiseg_monai import cli, cohort
+from nucleiseg_monai.cohort import for_slide, read_slide_list
+from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.roi import Roi, RoiError, read_roi
 from nucleiseg_monai.synthetic import make_slide, make_tile
 from nucleiseg_monai.wsi import ImageError
 from test_inference import _oracle_image, _predictor, _write_tif
 
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei_unet_small"
 # corners off the pixel grid and off its centres: no centroid lies on an outline
 HALF = [[-5.0, -5.0], [128.37, -5.0], [128.37, 261.2], [-5.0, 261.2], [-5.0, -5.0]]
 CORNER = [[0.0, 0.0], [300.37, 0.0], [300.37, 200.61], [0.0, 200.61], [0.0, 0.0]]
@@ -203,3 +209,48 @@ def test_run_refuses_an_roi_for_many_images(images):
     predictor.roi = Roi([[np.array(HALF)]])
     with pytest.raises(ValueError, match="roi column of a slide list"):
         predictor.run(images / "*.tif", images / "many")
+
+
+# ---------------------------------------------------------------------------------------------- how users give it
+
+
+def test_the_cli_segments_one_image_within_its_roi(images, tmp_path, monkeypatch):
+    roi = _write_roi(tmp_path / "half.geojson", _feature(HALF))
+    monkeypatch.setattr(cli, "_check_bundle", lambda bundle: None)
+    monkeypatch.setattr(SlidePredictor, "from_bundle", classmethod(lambda cls, bundle, **settings: _predictor()))
+    assert cli.main(["predict", "--bundle", str(BUNDLE), "--input", str(images / "tile.tif"), "--output_dir",
+                     str(tmp_path / "out"), "--roi", str(roi)]) == 0
+    record = json.loads((tmp_path / "out" / "tile.done.json").read_text())
+    assert record["roi"]["file"] == str(roi) and record["nuclei"] == _whole_filtered(images, "tile", read_roi(roi))[1]
+
+
+def test_the_cli_refuses_roi_with_a_folder_input(images, tmp_path):
+    roi = _write_roi(tmp_path / "roi.geojson", _feature(HALF))
+    with pytest.raises(SystemExit, match="--roi belongs to one image file.*roi column of a slide list"):
+        cli.main(["predict", "--bundle", "b", "--input", str(images), "--output_dir", str(tmp_path / "o"),
+                  "--roi", str(roi)])
+
+
+def test_a_slide_lists_roi_column_reaches_each_slide(images, tmp_path, monkeypatch):
+    (tmp_path / "rois").mkdir()
+    _write_roi(tmp_path / "rois" / "half.geojson", _feature(HALF))
+    listed = tmp_path / "slides.csv"
+    listed.write_text(f"path,slide,roi\n{images / 'tile.tif'},a,rois/half.geojson\n{images / 'slide.tif'},b,\n")
+    first, second = read_slide_list(listed)
+    assert first.roi == str(tmp_path / "rois" / "half.geojson") and second.roi is None
+    predictor = _predictor()
+    assert for_slide(predictor, first).roi.sha256 == Roi([[np.array(HALF)]]).sha256
+    assert for_slide(predictor, second).roi is None and predictor.roi is None
+
+    # a worker's slide task: the slide's ROI decides its nuclei, and its tissue area is the ROI's
+    worker = SimpleNamespace(address="w1", get_current_task=lambda: "process_slide-a")
+    monkeypatch.setattr(cohort, "get_worker", lambda: worker)
+    row = cohort.process_slide(_predictor, first, str(tmp_path / "out"), torch_threads=1)
+    record = json.loads((tmp_path / "out" / "a.done.json").read_text())
+    assert row["status"] == "done" and row["nuclei"] == _whole_filtered(images, "tile", read_roi(first.roi))[1]
+    assert record["roi"]["file"] == first.roi
+    assert row["tissue_mm2"] == pytest.approx(record["roi"]["tissue_fraction"] * 256 * 256 * 0.25**2 / 1e6)
+
+    listed.write_text(f"path,roi\n{images / 'tile.tif'},rois/missing.geojson\n")
+    with pytest.raises(RoiError, match=r"slides\.csv, line 2: ROI file .*missing\.geojson not found"):
+        read_slide_list(listed)
