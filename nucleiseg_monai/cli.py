@@ -515,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "input, also files that state a pixel size: for files that state a wrong one (a print "
                    "resolution such as 2400 dpi, which reads as 10.6 um/px)")
     p.add_argument("--roi", metavar="FILE.geojson", help="segment only within these areas of a single image: "
-                   "QuPath's File > Export objects as GeoJSON of annotations drawn on it (polygons, holes left out); "
-                   "nuclei whose centroid lies outside are left out of every output. For many slides: a slide list's "
-                   "roi column")
+                   "QuPath's File > Export objects as GeoJSON of annotations drawn on it (polygons; their holes are "
+                   "outside); nuclei whose centroid lies outside are left out of every output. For many slides: a "
+                   "slide list's roi column")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs in --output_dir are finished, "
                    "also those made with other weights or settings (a run meeting those stops otherwise)")
     p.add_argument("--test_time_flips", type=int, choices=(1, 2, 4), help="average the network over the image and "

@@ -165,6 +165,24 @@ def test_only_the_regions_an_roi_touches_are_analysed_and_seams_stay_exact(image
     assert any("ROI of 1 polygon from corner.geojson, 15.3% of the image" in r.getMessage() for r in caplog.records)
 
 
+def test_an_roi_in_level_0_pixels_applies_to_the_pyramid_level_read(images, tmp_path):
+    """Level 0 at 0.125 um/px, every pixel of the slide doubled; level 1 the slide itself, read for the model's
+    0.25 um/px: the ROI drawn on level 0 keeps the nuclei the corner keeps on the slide."""
+    rgb = tifffile.imread(images / "slide.tif")
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(np.kron(rgb, np.ones((2, 2, 1), np.uint8)), tile=(128, 128), subifds=1, photometric="rgb",
+                 resolution=(8e4, 8e4), resolutionunit="CENTIMETER")
+        tw.write(rgb, tile=(128, 128), subfiletype=1, photometric="rgb")
+    predictor = _predictor()
+    predictor.roi = Roi([[2 * np.array(CORNER)]])
+    result = predictor.predict_slide(path, tmp_path / "out")
+    assert result.level == 1 and result.regions_processed == 2
+    expected, kept, _ = _whole_filtered(images, "slide", Roi([[np.array(CORNER)]]))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "slide.labels.tif"), expected)
+    assert result.nuclei == kept
+
+
 def test_an_roi_outside_the_image_is_refused(images):
     predictor = _predictor()
     predictor.roi = Roi([[np.array([[5000.0, 5000.0], [6000.0, 5000.0], [6000.0, 6000.0]])]], "elsewhere.geojson")
