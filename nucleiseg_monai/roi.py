@@ -44,6 +44,7 @@ class Roi:
 
     def __init__(self, polygons: list[list[np.ndarray]], path: str | os.PathLike = "<roi>"):
         self.polygons = [[np.asarray(ring, np.float64) for ring in rings] for rings in polygons]
+        self._boxes = [(rings[0].min(axis=0), rings[0].max(axis=0)) for rings in self.polygons]
         self.path = str(path)
         geometry = json.dumps([[ring.tolist() for ring in rings] for rings in self.polygons])
         self.sha256 = hashlib.sha256(geometry.encode()).hexdigest()
@@ -55,11 +56,15 @@ class Roi:
         """Which level-0 points (x, y) lie inside the ROI: inside an exterior ring and in none of its holes."""
         points = np.column_stack([np.ravel(x), np.ravel(y)]).astype(np.float64)
         inside = np.zeros(len(points), bool)
-        for exterior, *holes in self.polygons:
-            here = points_in_poly(points, exterior)
+        # a slide's annotations are often many, each of thousands of vertices: only points in its box are tested
+        for (exterior, *holes), (low, high) in zip(self.polygons, self._boxes):
+            near = np.flatnonzero(~inside & (points >= low).all(axis=1) & (points <= high).all(axis=1))
+            if near.size == 0:
+                continue
+            here = points_in_poly(points[near], exterior)
             for hole in holes:
-                here &= ~points_in_poly(points, hole)
-            inside |= here
+                here &= ~points_in_poly(points[near], hole)
+            inside[near] = here
         return inside
 
     def mask(self, shape: tuple[int, int], per_pixel: tuple[float, float], touched: bool = False) -> np.ndarray:
