@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 POLYGON_TYPES = ("Polygon", "MultiPolygon")
 # QuPath's object types of what it found itself, not what a person drew: this package writes its nuclei as detections
 DETECTION_TYPES = ("detection", "cell", "tile")
+# QuPath 0.2 named an object's kind in its feature's id instead of an objectType property
+LEGACY_IDS = {"PathDetectionObject": "detection", "PathCellObject": "cell", "PathTileObject": "tile"}
 EXPORT_HINT = "draw the region in QuPath and export it with File > Export objects as GeoJSON, annotations only"
 
 
@@ -120,9 +122,9 @@ def read_roi(path: str | os.PathLike) -> Roi:
     features = _features(data, path)
     detections = sum(_object_type(f) in DETECTION_TYPES for f in features)
     if detections:
-        raise RoiError(f"{path} holds {detections} detections (objects QuPath or nucleiseg found, such as nuclei: "
-                       "this package's own <name>.geojson), not drawn regions; an ROI is made of annotations: "
-                       f"{EXPORT_HINT}")
+        raise RoiError(f"{path} holds {detections} detection{'s' if detections != 1 else ''} (objects QuPath or "
+                       "nucleiseg found, such as nuclei: this package's own <name>.geojson), not drawn regions; an "
+                       f"ROI is made of annotations: {EXPORT_HINT}")
     polygons, others = [], Counter()
     for index, feature in enumerate(features):
         geometry = feature.get("geometry")
@@ -164,7 +166,9 @@ def _features(data: object, path: Path) -> list[dict]:
 def _object_type(feature: dict) -> str | None:
     properties = feature.get("properties")
     kind = properties.get("objectType") if isinstance(properties, dict) else None
-    return kind.lower() if isinstance(kind, str) else None
+    if isinstance(kind, str):
+        return kind.lower()
+    return LEGACY_IDS.get(feature.get("id")) if isinstance(feature.get("id"), str) else None
 
 
 def _rings(rings: object, where: str) -> list[np.ndarray]:

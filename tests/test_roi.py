@@ -81,9 +81,12 @@ def test_a_file_without_polygons_is_refused_naming_it(tmp_path):
         read_roi(path)
 
 
-def test_the_packages_own_nuclei_are_not_an_roi(images):
+def test_the_packages_own_nuclei_are_not_an_roi(images, tmp_path):
     with pytest.raises(RoiError, match=r"tile\.geojson holds \d+ detections .*annotations"):
         read_roi(images / "whole" / "tile.geojson")
+    cells = {"type": "Feature", "id": "PathCellObject", "geometry": _feature(HALF)["geometry"]}  # QuPath 0.2's
+    with pytest.raises(RoiError, match=r"holds 1 detection \(objects"):
+        read_roi(_write_roi(tmp_path / "cells.geojson", [_feature(CORNER), cells]))
 
 
 @pytest.mark.parametrize("text, said", [("{not json", "is not a GeoJSON file"),
