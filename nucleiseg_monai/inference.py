@@ -13,6 +13,10 @@ rows of the label map are streamed to the BigTIFF writer, so memory is bounded b
 by slide area. With ``prefetch`` the network already runs on the next region (in a second
 thread) while this one is post-processed and written.
 
+Within a region of interest (the predictor's ``roi``, from QuPath's GeoJSON: ``roi``), only the regions whose core
+it may reach are analysed, and the stitcher keeps only the nuclei whose centroid lies inside it, so every output
+holds the whole-image run's nuclei of that area and no others.
+
 One physical scale: the network and the watershed work at the model's pixel size (``mpp``, the *working* scale).
 The level closest to it is read, and each window resampled to the working scale where the level's pixel size
 differs, its labels mapped back before stitching (``scaling``), so the label map, GeoJSON, CSV and overlay are all on
