@@ -186,6 +186,20 @@ def test_an_roi_in_level_0_pixels_applies_to_the_pyramid_level_read(images, tmp_
     assert result.nuclei == kept
 
 
+def test_an_roi_applies_on_the_files_grid_when_the_network_works_at_another_scale(images, tmp_path):
+    """The slide scanned at 0.5 um/px, resampled x2 for the model's 0.25: centroids are tested on the file's
+    grid, where the ROI is drawn, never on the network's."""
+    path = tmp_path / "coarse.tif"
+    _write_tif(path, tifffile.imread(images / "slide.tif")[::2, ::2], 0.5)
+    _predictor().predict_slide(path, tmp_path / "whole")
+    roi = Roi([[np.array(CORNER) / 2]])
+    predictor = _predictor()
+    predictor.roi = roi
+    result = predictor.predict_slide(path, tmp_path / "corner")
+    assert result.scale == 2 and result.regions == 6 and result.regions_processed == 2
+    _check_same_nuclei(tmp_path, "coarse", roi, tmp_path / "corner")
+
+
 def test_an_roi_outside_the_image_is_refused(images):
     predictor = _predictor()
     predictor.roi = Roi([[np.array([[5000.0, 5000.0], [6000.0, 5000.0], [6000.0, 6000.0]])]], "elsewhere.geojson")
