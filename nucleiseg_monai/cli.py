@@ -120,12 +120,14 @@ def cmd_predict(args) -> int:
 
     roi = None
     if args.roi:
-        # one image's areas: a folder's or a list's slides each need their own, which only a slide list can give
-        if is_slide_list(args.input) or not Path(args.input).is_file() or args.workers or args.scheduler:
-            raise SystemExit("nucleiseg predict: error: --roi belongs to one image file (--input IMAGE), run in this "
-                             "process; for many slides give each its ROI in the roi column of a slide list (a CSV "
-                             "with columns path, roi: --input slides.csv)")
+        from .inputs import find_images
         from .roi import read_roi
+
+        # one image's areas: a folder's or a list's slides each need their own, which only a slide list can give
+        if is_slide_list(args.input) or args.workers or args.scheduler or len(find_images(args.input)) != 1:
+            raise SystemExit("nucleiseg predict: error: --roi belongs to one image (--input IMAGE, or a DICOM slide's "
+                             "folder), run in this process; for many slides give each its ROI in the roi column of a "
+                             "slide list (a CSV with columns path, roi: --input slides.csv)")
 
         roi = read_roi(args.roi)  # a wrong file is named before seconds go into building the network
     _check_bundle(args.bundle)

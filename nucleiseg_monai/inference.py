@@ -332,6 +332,12 @@ def _touching(roi: Roi, reader: SlideReader, mask: TissueMask, grid: RegionGrid)
     """Which regions of ``grid`` have a core the ROI may reach, from a generous mask at the tissue mask's
     resolution: a region kept for nothing costs its seconds, one left out would lose nuclei. ImageError where the
     ROI misses the image altogether (coordinates of another image, or of another level than level 0)."""
+    if reader.bounds is not None:
+        x, y, width, height = reader.bounds
+        raise ImageError(f"{reader.path} states a scanned area of {width} x {height} px at ({x}, {y}) within level 0 "
+                         "(OpenSlide's bounds), and QuPath shows such a slide cropped to it, so an ROI drawn there is "
+                         f"offset by ({x}, {y}) px from this file's pixels: ROIs on such slides are not supported yet; "
+                         "run without --roi (the roi column)")
     per_pixel = (mask.downsample[0] * reader.downsample, mask.downsample[1] * reader.downsample)
     near = TissueMask(roi.mask(mask.mask.shape, per_pixel, touched=True), mask.downsample)
     if not near.mask.any():

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation
-from skimage.draw import line, polygon
+from skimage.draw import line
 from skimage.measure import points_in_poly
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ class RoiError(ValueError):
 
 class Roi:
     """Polygons in an image's level-0 pixels: each an exterior ring then its holes, rings (n, 2) float arrays of
-    x, y. ``path``: the file they came from; ``sha256``: a digest of the geometry alone, so the same areas give the
-    same digest whatever the file is called or which properties it carries."""
+    x, y. ``path``: the file they came from; ``sha256``: a digest of the geometry alone, as written (its polygons,
+    rings and vertices in their order), so the same file gives the same digest whatever it is called or which
+    properties it carries; the same areas exported otherwise may not."""
 
     def __init__(self, polygons: list[list[np.ndarray]], path: str | os.PathLike = "<roi>"):
         self.polygons = [[np.asarray(ring, np.float64) for ring in rings] for rings in polygons]
@@ -76,11 +78,12 @@ class Roi:
         out = np.zeros(shape, bool)
         sy, sx = per_pixel
         for exterior, *holes in self.polygons:
-            area = np.zeros(shape, bool)
+            # PIL's scan-line fill: skimage's costs vertices x box pixels, minutes for a brush annotation's outline
+            area = Image.new("1", (shape[1], shape[0]))
+            draw = ImageDraw.Draw(area)
             for k, ring in enumerate([exterior, *holes]):
-                rows, cols = polygon(ring[:, 1] / sy - 0.5, ring[:, 0] / sx - 0.5, shape)
-                area[rows, cols] = k == 0  # a hole clears what its exterior filled
-            out |= area
+                draw.polygon(list(zip(ring[:, 0] / sx - 0.5, ring[:, 1] / sy - 0.5)), fill=int(k == 0))
+            out |= np.asarray(area, bool)
         if not touched:
             return out
         for rings in self.polygons:
@@ -117,6 +120,9 @@ def read_roi(path: str | os.PathLike) -> Roi:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise RoiError(f"ROI file {path} not found; give the GeoJSON file exported from QuPath") from None
+    except OSError as err:  # a folder, a file this user cannot read
+        raise RoiError(f"cannot read the ROI file {path} ({err.strerror or err}); give the GeoJSON file exported "
+                       "from QuPath") from None
     except (UnicodeDecodeError, ValueError) as err:
         raise RoiError(f"{path} is not a GeoJSON file ({err}); {EXPORT_HINT}") from None
     features = _features(data, path)
@@ -127,17 +133,17 @@ def read_roi(path: str | os.PathLike) -> Roi:
                        f"ROI is made of annotations: {EXPORT_HINT}")
     polygons, others = [], Counter()
     for index, feature in enumerate(features):
-        geometry = feature.get("geometry")
-        kind = geometry.get("type") if isinstance(geometry, dict) else None
-        if kind not in POLYGON_TYPES:
-            others[str(kind)] += 1
-            continue
-        parts = geometry.get("coordinates")
-        where = f"{path}, feature {index}"
-        parts = [parts] if kind == "Polygon" else parts
-        if not isinstance(parts, list) or not parts:
-            raise RoiError(f"{where}: a {kind} without coordinates; {EXPORT_HINT}")
-        polygons += [_rings(rings, where) for rings in parts]
+        for geometry in _geometries(feature.get("geometry")):
+            kind = geometry.get("type") if isinstance(geometry, dict) else None
+            if kind not in POLYGON_TYPES:
+                others["feature without geometry" if geometry is None else str(kind)] += 1
+                continue
+            parts = geometry.get("coordinates")
+            where = f"{path}, feature {index}"
+            parts = [parts] if kind == "Polygon" else parts
+            if not isinstance(parts, list) or not parts:
+                raise RoiError(f"{where}: a {kind} without coordinates; {EXPORT_HINT}")
+            polygons += [_rings(rings, where) for rings in parts]
     if others:
         listed = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
         if not polygons:
@@ -147,6 +153,14 @@ def read_roi(path: str | os.PathLike) -> Roi:
     if not polygons:
         raise RoiError(f"{path} holds no Polygon or MultiPolygon; {EXPORT_HINT}")
     return Roi(polygons, path)
+
+
+def _geometries(geometry: object) -> list:
+    """A feature's geometry, or the members of a GeometryCollection (an annotation of mixed kinds), nested or not."""
+    if isinstance(geometry, dict) and geometry.get("type") == "GeometryCollection":
+        members = geometry.get("geometries")
+        return [g for member in (members if isinstance(members, list) else []) for g in _geometries(member)]
+    return [geometry]
 
 
 def _features(data: object, path: Path) -> list[dict]:

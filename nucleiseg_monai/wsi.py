@@ -95,6 +95,12 @@ class SlideReader:
         self.level = 0
 
     @property
+    def bounds(self) -> tuple[int, int, int, int] | None:
+        """The scanned area (x, y, width, height in level-0 pixels) where the file states one smaller than level 0:
+        QuPath shows such a slide cropped to it, so its coordinates are offset from this reader's. None elsewhere."""
+        return None
+
+    @property
     def greyscale(self) -> bool:
         """The file stores one grey channel (with or without alpha), repeated into RGB on reading."""
         return self.source_channels in (1, 2)
@@ -601,6 +607,16 @@ class OpenSlideReader(SlideReader):
     def properties(self) -> Any:
         """OpenSlide's properties of the slide (``openslide.*`` and the format's own, e.g. ``dicom.*``)."""
         return self._slide.properties
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int] | None:
+        # MIRAX and some other formats state the scanned area within a larger level 0 (openslide.bounds-*)
+        names = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
+        try:
+            x, y, width, height = (int(self.properties[name]) for name in names)
+        except (KeyError, ValueError):
+            return None
+        return None if (x, y, height, width) == (0, 0, *self.level_shapes[0]) else (x, y, width, height)
 
     def close(self) -> None:
         self._slide.close()

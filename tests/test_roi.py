@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from nucleiseg_monai import cli, cohort
+from nucleiseg_monai import cli, cohort, wsi
 from nucleiseg_monai.cohort import for_slide, read_slide_list
 from nucleiseg_monai.inference import SlidePredictor
 from nucleiseg_monai.roi import Roi, RoiError, read_roi
@@ -261,7 +261,7 @@ def test_the_cli_segments_one_image_within_its_roi(images, tmp_path, monkeypatch
 
 def test_the_cli_refuses_roi_with_a_folder_input(images, tmp_path):
     roi = _write_roi(tmp_path / "roi.geojson", _feature(HALF))
-    with pytest.raises(SystemExit, match="--roi belongs to one image file.*roi column of a slide list"):
+    with pytest.raises(SystemExit, match="--roi belongs to one image .*roi column of a slide list"):
         cli.main(["predict", "--bundle", "b", "--input", str(images), "--output_dir", str(tmp_path / "o"),
                   "--roi", str(roi)])
 
@@ -289,3 +289,32 @@ def test_a_slide_lists_roi_column_reaches_each_slide(images, tmp_path, monkeypat
     listed.write_text(f"path,roi\n{images / 'tile.tif'},rois/missing.geojson\n")
     with pytest.raises(RoiError, match=r"slides\.csv, line 2: ROI file .*missing\.geojson not found"):
         read_slide_list(listed)
+
+
+def test_polygons_in_a_geometry_collection_count_and_unreadable_files_are_named(tmp_path):
+    mixed = {"type": "Feature", "properties": {"objectType": "annotation"},
+             "geometry": {"type": "GeometryCollection", "geometries": [
+                 {"type": "Polygon", "coordinates": [HALF]}, {"type": "LineString", "coordinates": HALF[:2]}]}}
+    roi = read_roi(_write_roi(tmp_path / "mixed.geojson", [mixed, {"type": "Feature", "geometry": None}]))
+    assert len(roi) == 1 and roi.sha256 == Roi([[np.array(HALF)]]).sha256
+    (tmp_path / "rois").mkdir()
+    with pytest.raises(RoiError, match=r"cannot read the ROI file .*rois"):
+        read_roi(tmp_path / "rois")
+
+
+def test_an_roi_on_a_slide_that_qupath_shows_cropped_to_its_scanned_area_is_refused(images, monkeypatch):
+    """MIRAX slides state a scanned area within a larger level 0, and QuPath's coordinates start at its corner."""
+    reader = wsi.OpenSlideReader.__new__(wsi.OpenSlideReader)
+    reader.level_shapes = [(4000, 3000)]
+    reader._slide = SimpleNamespace(properties={"openslide.bounds-x": "100", "openslide.bounds-y": "250",
+                                                "openslide.bounds-width": "2000", "openslide.bounds-height": "3000"})
+    assert reader.bounds == (100, 250, 2000, 3000)
+    reader._slide.properties.update({"openslide.bounds-x": "0", "openslide.bounds-y": "0",
+                                     "openslide.bounds-width": "3000", "openslide.bounds-height": "4000"})
+    assert reader.bounds is None  # the scanned area is the whole of level 0
+    monkeypatch.setattr(wsi.TiffReader, "bounds", property(lambda self: (100, 250, 200, 200)))
+    predictor = _predictor()
+    predictor.roi = Roi([[np.array(HALF)]])
+    with pytest.raises(ImageError, match=r"scanned area of 200 x 200 px at \(100, 250\).*offset by \(100, 250\) px"):
+        predictor.predict_slide(images / "tile.tif", images / "cropped")
+    assert _predictor().predict_slide(images / "tile.tif", images / "cropped_whole").nuclei > 0  # without an ROI
