@@ -675,6 +675,12 @@ class SlidePredictor:
             height, width = reader.shape
             overlay = Overlay(thumb, (thumb.shape[0] / height, thumb.shape[1] / width))
             self._log_scale(path, plan, f"{int(plan.todo.sum())} of {plan.todo.size} regions to process")
+            if reader.bounds is not None:
+                x, y, width, height = reader.bounds
+                logger.warning("%s states a scanned area of %d x %d px at (%d, %d) within level 0, and QuPath shows "
+                               "such a slide cropped to it: the outputs are in this file's level-0 pixels, so the "
+                               "GeoJSON lands (%d, %d) px off in QuPath unless shifted by (-%d, -%d)", path, width,
+                               height, x, y, x, y, x, y)
             where = None
             if self.roi is not None:
                 logger.info("%s: ROI of %s, %.1f%% of the image; nuclei outside it are left out", path,

@@ -302,7 +302,7 @@ def test_polygons_in_a_geometry_collection_count_and_unreadable_files_are_named(
         read_roi(tmp_path / "rois")
 
 
-def test_an_roi_on_a_slide_that_qupath_shows_cropped_to_its_scanned_area_is_refused(images, monkeypatch):
+def test_an_roi_on_a_slide_that_qupath_shows_cropped_to_its_scanned_area_is_refused(images, monkeypatch, caplog):
     """MIRAX slides state a scanned area within a larger level 0, and QuPath's coordinates start at its corner."""
     reader = wsi.OpenSlideReader.__new__(wsi.OpenSlideReader)
     reader.level_shapes = [(4000, 3000)]
@@ -317,4 +317,6 @@ def test_an_roi_on_a_slide_that_qupath_shows_cropped_to_its_scanned_area_is_refu
     predictor.roi = Roi([[np.array(HALF)]])
     with pytest.raises(ImageError, match=r"scanned area of 200 x 200 px at \(100, 250\).*offset by \(100, 250\) px"):
         predictor.predict_slide(images / "tile.tif", images / "cropped")
-    assert _predictor().predict_slide(images / "tile.tif", images / "cropped_whole").nuclei > 0  # without an ROI
+    with caplog.at_level(logging.WARNING):  # without an ROI it runs, and says where its GeoJSON lands in QuPath
+        assert _predictor().predict_slide(images / "tile.tif", images / "cropped_whole").nuclei > 0
+    assert "GeoJSON lands (100, 250) px off in QuPath unless shifted by (-100, -250)" in caplog.text
