@@ -80,6 +80,11 @@ class Slide:
     input_mpp: float | None = None
     roi: str | None = None
 
+    def columns(self) -> dict:
+        """The slide list's columns of this slide, as every run-table row of it holds them (a run table is itself a
+        slide list)."""
+        return {"slide": self.name, "path": self.path, "input_mpp": self.input_mpp, "roi": self.roi}
+
 
 def is_slide_list(source: str | os.PathLike) -> bool:
     path = Path(source)
@@ -345,8 +350,8 @@ def slide_task(task: Callable[..., dict]) -> Callable[..., dict]:
             except Exception as err:
                 if not isinstance(root_cause(err), INPUT_ERRORS):
                     raise
-                row = {"slide": slide.name, "path": slide.path, "status": "failed", "error": failure(err),
-                       "worker": get_worker().address, "peak_rss_mb": _peak_rss_mb()}
+                row = {**slide.columns(), "status": "failed", "error": failure(err), "worker": get_worker().address,
+                       "peak_rss_mb": _peak_rss_mb()}
         return {**row, "log": lines}
 
     return run
@@ -396,7 +401,7 @@ def process_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_di
     """
     check_shared(output_dir, mark)
     predictor = slide_predictor(factory, slide, torch_threads)
-    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
+    row = {**slide.columns(), "error": None, "worker": get_worker().address}
     redo = overwrite or predictor.overwrite
     if not redo and predictor.finished(output_dir, slide.name, slide.path):
         return {**_skipped_row(row, output_dir, slide, previous), "peak_rss_mb": _peak_rss_mb()}
@@ -445,7 +450,7 @@ def merge_slide(factory: Callable[[], SlidePredictor], slide: Slide, output_dir:
     where another run finished the slide meanwhile, unless ``overwrite``."""
     check_shared(output_dir, mark)
     predictor = slide_predictor(factory, slide, torch_threads)
-    row = {"slide": slide.name, "path": slide.path, "error": None, "worker": get_worker().address}
+    row = {**slide.columns(), "error": None, "worker": get_worker().address}
     result = predictor.predict_slide(slide.path, output_dir, slide.name, labels_from=labels, lock_token=_task_key(),
                                      unless_finished=not (overwrite or predictor.overwrite))
     if result is None:
@@ -644,8 +649,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     waiting, refusals = _runnable(slides, output_dir)
     rows, futures = [], {}
     for i, slide in enumerate(slides):
-        row = {"slide": slide.name, "path": slide.path, "input_mpp": slide.input_mpp, "roi": slide.roi,
-               "status": "pending"}
+        row = {**slide.columns(), "status": "pending"}
         if i in refusals:
             row.update(status="failed", error=refusals[i])
             logger.error("failed on %s: %s", slide.path, row["error"])  # one line per failure, as the others get
@@ -656,9 +660,8 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
     output_dir.mkdir(parents=True, exist_ok=True)
     for i in [i for i in waiting if slides[i].name in finished]:
         waiting.remove(i)
-        row = {"slide": slides[i].name, "path": slides[i].path, "error": None, "worker": None}  # none ran it
-        rows[i].update({**_skipped_row(row, output_dir, slides[i], previous.get(slides[i].name)),
-                        "input_mpp": slides[i].input_mpp, "roi": slides[i].roi})
+        row = {**slides[i].columns(), "error": None, "worker": None}  # none ran it
+        rows[i].update(_skipped_row(row, output_dir, slides[i], previous.get(slides[i].name)))
         logger.info("%s: outputs complete, skipped", slides[i].path)
     run_table = RunTable(table_path, rows)
     run_table.flush()
@@ -735,7 +738,7 @@ def run_cohort(client, slides: list[Slide], output_dir: str | os.PathLike,
             future.release()
             for variable in split.pop(i, (0.0, []))[1]:  # the region tasks' results go with their variables
                 variable.delete()
-            run_table.update(i, {**row, "input_mpp": slide.input_mpp, "roi": slide.roi})
+            run_table.update(i, row)
             bar.update(1)
             send()
     summary.rows = run_table.rows
