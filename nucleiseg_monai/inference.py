@@ -316,8 +316,9 @@ class RegionPlanner:
                 todo[i, j] = mask.fraction(i * size, j * size, size, size) > self.tissue_threshold
         roi_fraction = roi_tissue_fraction = None
         if roi is not None:
-            todo &= _touching(roi, reader, mask, grid)
+            # level-0 pixels per pixel of the tissue mask, the grid both ROI masks are drawn on
             per_pixel = (mask.downsample[0] * reader.downsample, mask.downsample[1] * reader.downsample)
+            todo &= _touching(roi, reader, mask, per_pixel, grid)
             inside = roi.mask(mask.mask.shape, per_pixel)
             roi_fraction, roi_tissue_fraction = float(inside.mean()), float((inside & mask.mask).mean())
         if self.max_regions is not None:
@@ -328,7 +329,8 @@ class RegionPlanner:
                     roi_tissue_fraction)
 
 
-def _touching(roi: Roi, reader: SlideReader, mask: TissueMask, grid: RegionGrid) -> np.ndarray:
+def _touching(roi: Roi, reader: SlideReader, mask: TissueMask, per_pixel: tuple[float, float], grid: RegionGrid
+              ) -> np.ndarray:
     """Which regions of ``grid`` have a core the ROI may reach, from a generous mask at the tissue mask's
     resolution: a region kept for nothing costs its seconds, one left out would lose nuclei. ImageError where the
     ROI misses the image altogether (coordinates of another image, or of another level than level 0)."""
@@ -338,7 +340,6 @@ def _touching(roi: Roi, reader: SlideReader, mask: TissueMask, grid: RegionGrid)
                          "(OpenSlide's bounds), and QuPath shows such a slide cropped to it, so an ROI drawn there is "
                          f"offset by ({x}, {y}) px from this file's pixels: ROIs on such slides are not supported yet; "
                          "run without --roi (the roi column)")
-    per_pixel = (mask.downsample[0] * reader.downsample, mask.downsample[1] * reader.downsample)
     near = TissueMask(roi.mask(mask.mask.shape, per_pixel, touched=True), mask.downsample)
     if not near.mask.any():
         height, width = reader.level_shapes[0]
